@@ -1,0 +1,751 @@
+//! Configuration: a TOML file parsed once into types.
+//!
+//! Every key has a default, so a file gives only what it changes, and no file at all is
+//! the embedded default (listen on 127.0.0.1:2525). Unknown keys are errors. Loading
+//! reports every problem at once, each with file, line and key, and a config with any
+//! problem is not used. Paths are relative to the config file's folder.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::access::Action;
+use crate::problem::{Problem, Problems};
+use crate::template::{MAX_REPLY_LEN, ReplyTemplate};
+use crate::units::{parse_duration, parse_size};
+
+/// The default reply to a denied or banned peer.
+pub const DEFAULT_DENY_REPLY: &str = "530 5.7.1 {hostname} ESMTP denied access at {time}";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from; `None` for the embedded default.
+    pub file: Option<PathBuf>,
+    /// Our name in the banner, replies and `Received:` headers.
+    pub hostname: String,
+    pub listen: Listen,
+    pub access: Access,
+    pub abuse: Abuse,
+    pub smtp: Smtp,
+    pub relay: Relay,
+    pub tls: Option<Tls>,
+    pub control: Option<Control>,
+    pub metrics: Option<Metrics>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring, or epoll where the kernel refuses io_uring.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "uring" => Ok(IoMode::Uring),
+            "epoll" => Ok(IoMode::Epoll),
+            _ => Err(format!(
+                "`{s}` is not an I/O driver: use \"auto\", \"uring\" or \"epoll\""
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub addresses: Vec<SocketAddr>,
+    /// Acceptor threads; 0 means one per core.
+    pub threads: usize,
+    pub io: IoMode,
+    pub max_connections: u32,
+    pub drain_timeout: Duration,
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub default: Action,
+    pub list: Option<PathBuf>,
+    pub deny_reply: ReplyTemplate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Abuse {
+    pub max_failed_commands: u32,
+    pub max_failed_recipients: u32,
+    pub ban_on_drop: bool,
+    pub whitelist: Option<PathBuf>,
+    pub ban_file: Option<PathBuf>,
+    pub failure_threshold: u32,
+    pub failure_window: Duration,
+    pub ban_duration: Duration,
+    pub max_ban_duration: Duration,
+    pub ipv6_prefix: u8,
+    pub escalate_after: u32,
+    pub ban_reply: ReplyTemplate,
+    pub max_connections_per_ip: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Smtp {
+    pub max_recipients: u32,
+    pub max_message_size: u64,
+    /// Longest wait for the next command.
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Relay {
+    /// Lower-case domains; a leading `.` also matches every subdomain.
+    pub domains: Vec<String>,
+    pub next_hops: Vec<SocketAddr>,
+    pub reply_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Control {
+    pub socket: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub listen: SocketAddr,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "hostname", "listen", "access", "abuse", "smtp", "relay", "tls", "control", "metrics",
+];
+const LISTEN_KEYS: &[&str] = &[
+    "addresses",
+    "threads",
+    "io",
+    "max_connections",
+    "drain_timeout",
+    "proxy_protocol_from",
+];
+const ACCESS_KEYS: &[&str] = &["default", "list", "deny_reply"];
+const ABUSE_KEYS: &[&str] = &[
+    "max_failed_commands",
+    "max_failed_recipients",
+    "ban_on_drop",
+    "whitelist",
+    "ban_file",
+    "failure_threshold",
+    "failure_window",
+    "ban_duration",
+    "max_ban_duration",
+    "ipv6_prefix",
+    "escalate_after",
+    "ban_reply",
+    "max_connections_per_ip",
+];
+const SMTP_KEYS: &[&str] = &[
+    "max_recipients",
+    "max_message_size",
+    "command_timeout",
+    "data_timeout",
+];
+const RELAY_KEYS: &[&str] = &["domains", "next_hops", "reply_timeout"];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const CONTROL_KEYS: &[&str] = &["socket"];
+const METRICS_KEYS: &[&str] = &["listen"];
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded() -> Self {
+        // The empty document is valid: every key takes its default.
+        match Config::parse("", Path::new("<embedded>"), Path::new(".")) {
+            Ok(c) => c,
+            Err(p) => unreachable!("the embedded default is valid: {p}"),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Self, Problems> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Problems(vec![Problem::in_file(
+                file,
+                format!("cannot read the config file: {e}"),
+            )])
+        })?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = Config::parse(&text, file, &base)?;
+        config.file = Some(file.to_owned());
+        Ok(config)
+    }
+
+    /// Validates config text as if read from `file`; relative paths are resolved
+    /// against `base`.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Self, Problems> {
+        let mut r = Reader {
+            file,
+            line_starts: line_starts(text),
+            base,
+            problems: Vec::new(),
+        };
+        let (root, syntax) = DeTable::parse_recoverable(text);
+        for e in syntax {
+            r.problem(e.span(), "", format!("TOML syntax: {}", e.message()));
+        }
+        if !r.problems.is_empty() {
+            return Err(Problems(r.problems));
+        }
+        let root = Some(root.get_ref());
+        r.unknown_keys(root, "", TOP_KEYS);
+
+        let hostname = r
+            .value(root, "", "hostname", |v| valid_hostname(str_of(v)?))
+            .unwrap_or_else(default_hostname);
+
+        let t = r.section(root, "listen", LISTEN_KEYS);
+        let listen = Listen {
+            addresses: r
+                .value(t, "listen", "addresses", socket_addrs)
+                .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2525))]),
+            threads: r
+                .value(t, "listen", "threads", |v| int_in(v, 0, 1024))
+                .unwrap_or(0) as usize,
+            io: r
+                .value(t, "listen", "io", |v| str_of(v)?.parse())
+                .unwrap_or(IoMode::Auto),
+            max_connections: r
+                .value(t, "listen", "max_connections", |v| int_in(v, 1, 10_000_000))
+                .unwrap_or(10_000) as u32,
+            drain_timeout: r
+                .value(t, "listen", "drain_timeout", duration)
+                .unwrap_or(Duration::from_secs(30)),
+            proxy_protocol_from: r
+                .value(t, "listen", "proxy_protocol_from", prefixes)
+                .unwrap_or_default(),
+        };
+
+        let t = r.section(root, "access", ACCESS_KEYS);
+        let access = Access {
+            default: r
+                .value(t, "access", "default", |v| match str_of(v)? {
+                    "allow" => Ok(Action::Allow),
+                    "deny" => Ok(Action::Deny),
+                    s => Err(format!("`{s}` is not an action: use \"allow\" or \"deny\"")),
+                })
+                .unwrap_or(Action::Allow),
+            list: r.path(t, "access", "list"),
+            deny_reply: r.reply(t, "access", "deny_reply", &hostname),
+        };
+
+        let t = r.section(root, "abuse", ABUSE_KEYS);
+        let abuse = Abuse {
+            max_failed_commands: r
+                .value(t, "abuse", "max_failed_commands", |v| {
+                    int_in(v, 1, 1_000_000)
+                })
+                .unwrap_or(20) as u32,
+            max_failed_recipients: r
+                .value(t, "abuse", "max_failed_recipients", |v| {
+                    int_in(v, 1, 1_000_000)
+                })
+                .unwrap_or(10) as u32,
+            ban_on_drop: r.value(t, "abuse", "ban_on_drop", boolean).unwrap_or(false),
+            whitelist: r.path(t, "abuse", "whitelist"),
+            ban_file: r
+                .value(t, "abuse", "ban_file", |v| Ok(PathBuf::from(str_of(v)?)))
+                .map(|p| base.join(p)),
+            failure_threshold: r
+                .value(t, "abuse", "failure_threshold", |v| int_in(v, 1, 1_000_000))
+                .unwrap_or(30) as u32,
+            failure_window: r
+                .value(t, "abuse", "failure_window", duration)
+                .unwrap_or(Duration::from_secs(600)),
+            ban_duration: r
+                .value(t, "abuse", "ban_duration", duration)
+                .unwrap_or(Duration::from_secs(3600)),
+            max_ban_duration: r
+                .value(t, "abuse", "max_ban_duration", duration)
+                .unwrap_or(Duration::from_secs(7 * 86_400)),
+            ipv6_prefix: r
+                .value(t, "abuse", "ipv6_prefix", |v| int_in(v, 1, 128))
+                .unwrap_or(64) as u8,
+            escalate_after: r
+                .value(t, "abuse", "escalate_after", |v| int_in(v, 0, 65_536))
+                .unwrap_or(8) as u32,
+            ban_reply: r.reply(t, "abuse", "ban_reply", &hostname),
+            max_connections_per_ip: r
+                .value(t, "abuse", "max_connections_per_ip", |v| {
+                    int_in(v, 1, 10_000_000)
+                })
+                .unwrap_or(20) as u32,
+        };
+        if abuse.ban_duration > abuse.max_ban_duration {
+            r.problem(
+                None,
+                "abuse.ban_duration",
+                "is longer than abuse.max_ban_duration".into(),
+            );
+        }
+
+        let t = r.section(root, "smtp", SMTP_KEYS);
+        let smtp = Smtp {
+            max_recipients: r
+                .value(t, "smtp", "max_recipients", |v| int_in(v, 1, 100_000))
+                .unwrap_or(100) as u32,
+            max_message_size: r
+                .value(t, "smtp", "max_message_size", size)
+                .unwrap_or(50 << 20),
+            command_timeout: r
+                .value(t, "smtp", "command_timeout", positive_duration)
+                .unwrap_or(Duration::from_secs(300)),
+            data_timeout: r
+                .value(t, "smtp", "data_timeout", positive_duration)
+                .unwrap_or(Duration::from_secs(180)),
+        };
+
+        let t = r.section(root, "relay", RELAY_KEYS);
+        let relay = Relay {
+            domains: r.value(t, "relay", "domains", domains).unwrap_or_default(),
+            next_hops: r
+                .value(t, "relay", "next_hops", socket_addrs)
+                .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2526))]),
+            reply_timeout: r
+                .value(t, "relay", "reply_timeout", positive_duration)
+                .unwrap_or(Duration::from_secs(120)),
+        };
+
+        let t = r.section(root, "tls", TLS_KEYS);
+        let given = |key| t.and_then(|t| find(t, key)).is_some();
+        if given("cert") != given("key") {
+            r.problem(
+                None,
+                "tls",
+                "give both `cert` and `key`, or neither (no STARTTLS)".into(),
+            );
+        }
+        let tls = match (r.path(t, "tls", "cert"), r.path(t, "tls", "key")) {
+            (Some(cert), Some(key)) => Some(Tls { cert, key }),
+            _ => None,
+        };
+        let t = r.section(root, "control", CONTROL_KEYS);
+        let control = r
+            .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
+            .map(|p| Control {
+                socket: base.join(p),
+            });
+        let t = r.section(root, "metrics", METRICS_KEYS);
+        let metrics = t.map(|_| Metrics {
+            listen: r
+                .value(t, "metrics", "listen", |v| socket_addr(str_of(v)?))
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9425))),
+        });
+
+        if !r.problems.is_empty() {
+            r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
+            return Err(Problems(r.problems));
+        }
+        Ok(Config {
+            file: None,
+            hostname,
+            listen,
+            access,
+            abuse,
+            smtp,
+            relay,
+            tls,
+            control,
+            metrics,
+        })
+    }
+
+    /// Where this config came from, for messages.
+    pub fn describe(&self) -> String {
+        match &self.file {
+            Some(f) => f.display().to_string(),
+            None => "the embedded default configuration".into(),
+        }
+    }
+}
+
+/// Walks the spanned TOML tree, collecting problems instead of stopping at the first.
+struct Reader<'a> {
+    file: &'a Path,
+    line_starts: Vec<usize>,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+type Table<'t> = DeTable<'t>;
+type Value<'t> = Spanned<DeValue<'t>>;
+
+impl Reader<'_> {
+    fn problem(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
+        let line = span.map(|s| self.line_starts.partition_point(|&start| start <= s.start) as u32);
+        let key = (!key.is_empty()).then(|| key.to_owned());
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            key,
+            message,
+        });
+    }
+
+    /// A sub-table of the root, checked for unknown keys.
+    fn section<'t>(
+        &mut self,
+        root: Option<&'t Table<'t>>,
+        name: &str,
+        known: &[&str],
+    ) -> Option<&'t Table<'t>> {
+        let value = root.and_then(|t| find(t, name))?;
+        match value.get_ref() {
+            DeValue::Table(t) => {
+                self.unknown_keys(Some(t), name, known);
+                Some(t)
+            }
+            other => {
+                self.problem(
+                    Some(value.span()),
+                    name,
+                    format!("expected a table `[{name}]`, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn unknown_keys(&mut self, table: Option<&Table<'_>>, section: &str, known: &[&str]) {
+        for (key, _) in table.into_iter().flatten() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                let full = join(section, key.get_ref());
+                self.problem(
+                    Some(key.span()),
+                    &full,
+                    format!("unknown key; known keys here: {}", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    /// The value of `key`, converted; `None` when absent or invalid (then a problem is
+    /// recorded at the value's line).
+    fn value<'t, T>(
+        &mut self,
+        table: Option<&'t Table<'t>>,
+        section: &str,
+        key: &str,
+        convert: impl FnOnce(&Value<'t>) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = table.and_then(|t| find(t, key))?;
+        match convert(value) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.problem(Some(value.span()), &join(section, key), message);
+                None
+            }
+        }
+    }
+
+    /// A file that must exist, relative to the config's folder.
+    fn path<'t>(
+        &mut self,
+        table: Option<&'t Table<'t>>,
+        section: &str,
+        key: &str,
+    ) -> Option<PathBuf> {
+        let base = self.base;
+        self.value(table, section, key, |v| {
+            let path = base.join(PathBuf::from(str_of(v)?));
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("`{}` is not a readable file", path.display()))
+            }
+        })
+    }
+
+    fn reply<'t>(
+        &mut self,
+        table: Option<&'t Table<'t>>,
+        section: &str,
+        key: &str,
+        hostname: &str,
+    ) -> ReplyTemplate {
+        let parsed = self.value(table, section, key, |v| {
+            let t = ReplyTemplate::parse(str_of(v)?)?;
+            if t.max_len(hostname) > MAX_REPLY_LEN {
+                return Err(format!(
+                    "the reply can be longer than {MAX_REPLY_LEN} octets"
+                ));
+            }
+            Ok(t)
+        });
+        parsed.unwrap_or_else(|| {
+            ReplyTemplate::parse(DEFAULT_DENY_REPLY).unwrap_or_else(|e| unreachable!("{e}"))
+        })
+    }
+}
+
+fn find<'t>(table: &'t Table<'t>, key: &str) -> Option<&'t Value<'t>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(_, v)| v)
+}
+
+fn join(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
+fn str_of<'v>(v: &'v Value<'_>) -> Result<&'v str, String> {
+    match v.get_ref() {
+        DeValue::String(s) => Ok(s.as_ref()),
+        other => Err(format!("expected a string, found {}", other.type_str())),
+    }
+}
+
+fn boolean(v: &Value<'_>) -> Result<bool, String> {
+    v.get_ref()
+        .as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", v.get_ref().type_str()))
+}
+
+fn int_in(v: &Value<'_>, min: i64, max: i64) -> Result<i64, String> {
+    let n = match v.get_ref() {
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
+        other => {
+            return Err(format!(
+                "expected a whole number, found {}",
+                other.type_str()
+            ));
+        }
+    };
+    n.filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("must be a whole number from {min} to {max}"))
+}
+
+fn duration(v: &Value<'_>) -> Result<Duration, String> {
+    parse_duration(str_of(v)?)
+}
+
+fn positive_duration(v: &Value<'_>) -> Result<Duration, String> {
+    duration(v).and_then(|d| {
+        if d.is_zero() {
+            Err("must be longer than zero".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+fn size(v: &Value<'_>) -> Result<u64, String> {
+    parse_size(str_of(v)?).and_then(|s| {
+        if s == 0 {
+            Err("must be larger than zero".into())
+        } else {
+            Ok(s)
+        }
+    })
+}
+
+/// An array of strings, each converted; the first bad element is named.
+fn list_of<T>(
+    v: &Value<'_>,
+    convert: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let DeValue::Array(items) = v.get_ref() else {
+        return Err(format!(
+            "expected an array of strings, found {}",
+            v.get_ref().type_str()
+        ));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            str_of(item)
+                .and_then(&convert)
+                .map_err(|e| format!("element {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")")
+    })
+}
+
+fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, String> {
+    let addrs = list_of(v, socket_addr)?;
+    if addrs.is_empty() {
+        return Err("give at least one address".into());
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        if addrs[..i].contains(a) {
+            return Err(format!("`{a}` is given twice"));
+        }
+    }
+    Ok(addrs)
+}
+
+fn prefixes(v: &Value<'_>) -> Result<Vec<IpNet>, String> {
+    list_of(v, crate::access::list::parse_net)
+}
+
+fn domains(v: &Value<'_>) -> Result<Vec<String>, String> {
+    list_of(v, |s| {
+        let name = s.strip_prefix('.').unwrap_or(s).trim_end_matches('.');
+        valid_hostname(name).map(|_| s.trim_end_matches('.').to_ascii_lowercase())
+    })
+}
+
+/// A domain name fit to appear in replies: letters, digits and hyphens in dot-separated
+/// labels (RFC 1035 §2.3.1, RFC 5321 §4.1.2).
+fn valid_hostname(s: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
+        return Err(format!(
+            "`{s}` is not a domain name (letters, digits and hyphens in labels separated by dots)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// This machine's name when it is a valid domain name, else `localhost`.
+fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, which is what we pass.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    valid_hostname(&name).unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Problems> {
+        Config::parse(text, Path::new("m.toml"), Path::new("/nonexistent"))
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.listen.addresses,
+            [SocketAddr::from(([127, 0, 0, 1], 2525))]
+        );
+        assert_eq!(c.listen.io, IoMode::Auto);
+        assert_eq!(c.access.default, Action::Allow);
+        assert_eq!(c.access.list, None);
+        assert_eq!(c.smtp.command_timeout, Duration::from_secs(300));
+        assert_eq!(c.abuse.ipv6_prefix, 64);
+        assert!(c.tls.is_none() && c.control.is_none() && c.metrics.is_none());
+    }
+
+    #[test]
+    fn values_are_typed() {
+        let c = parse(
+            "hostname = \"mx.example.com\"\n[listen]\naddresses = [\"127.0.0.1:25\", \"[::]:25\"]\nthreads = 4\nio = \"epoll\"\ndrain_timeout = \"1m\"\n\
+             [smtp]\nmax_message_size = \"10MiB\"\ncommand_timeout = \"2s\"\n[relay]\ndomains = [\"Example.COM.\", \".example.org\"]\n[metrics]\n",
+        )
+        .unwrap();
+        assert_eq!(c.hostname, "mx.example.com");
+        assert_eq!(c.listen.addresses.len(), 2);
+        assert_eq!((c.listen.threads, c.listen.io), (4, IoMode::Epoll));
+        assert_eq!(c.listen.drain_timeout, Duration::from_secs(60));
+        assert_eq!(c.smtp.max_message_size, 10 << 20);
+        assert_eq!(c.smtp.command_timeout, Duration::from_secs(2));
+        assert_eq!(c.relay.domains, ["example.com", ".example.org"]);
+        assert_eq!(
+            c.metrics.unwrap().listen,
+            SocketAddr::from(([127, 0, 0, 1], 9425))
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_and_key() {
+        let text = "hostname = \"bad host\"\n[listen]\nthreads = \"4\"\nio = \"kqueue\"\nbogus = 1\n\
+                    [access]\ndeny_reply = \"250 ok\"\nlist = \"missing.list\"\n[smtp]\ncommand_timeout = \"5 minutes\"\n[tls]\ncert = \"c.pem\"\n";
+        let problems = parse(text).unwrap_err().0;
+        let got: Vec<(Option<u32>, Option<&str>)> = problems
+            .iter()
+            .map(|p| (p.line, p.key.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1), Some("hostname")),
+                (Some(3), Some("listen.threads")),
+                (Some(4), Some("listen.io")),
+                (Some(5), Some("listen.bogus")),
+                (Some(7), Some("access.deny_reply")),
+                (Some(8), Some("access.list")),
+                (Some(10), Some("smtp.command_timeout")),
+                (Some(12), Some("tls.cert")),
+                (None, Some("tls")),
+            ],
+            "{}",
+            Problems(problems.clone())
+        );
+        assert!(
+            problems[3]
+                .to_string()
+                .starts_with("m.toml:5: listen.bogus: unknown key"),
+            "{}",
+            problems[3]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_their_line() {
+        let problems = parse("[listen]\nthreads = = 4\n").unwrap_err().0;
+        assert_eq!(problems[0].line, Some(2), "{}", problems[0]);
+        assert!(problems[0].message.contains("TOML syntax"));
+    }
+
+    #[test]
+    fn unknown_top_level_keys_and_wrong_shapes() {
+        let problems = parse("listen = 3\nfoo = 1\n").unwrap_err().0;
+        let keys: Vec<_> = problems.iter().map(|p| p.key.clone().unwrap()).collect();
+        assert_eq!(keys, ["listen", "foo"]);
+        let problems = parse("[listen]\naddresses = []\n[relay]\nnext_hops = [\"x\"]\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(problems.len(), 2);
+        assert!(problems[1].message.contains("element 1"), "{}", problems[1]);
+    }
+}

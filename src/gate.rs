@@ -1,0 +1,104 @@
+//! The gate: the decision made on a peer's address before anything else exists for it
+//! (no buffer, no session, no banner), and the one line a denied peer gets.
+
+use std::net::IpAddr;
+
+use crate::access::Action;
+use crate::datetime::UnixTime;
+use crate::snapshot::Snapshot;
+use crate::template::MAX_REPLY_LEN;
+
+/// Judges a peer. The address is canonicalised first, so `::ffff:a.b.c.d` is judged
+/// by the IPv4 rules.
+#[inline]
+pub fn judge(snapshot: &Snapshot, peer: IpAddr) -> Action {
+    snapshot.access.action(peer.to_canonical())
+}
+
+/// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.
+const SLOTS: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    second: i64,
+    generation: u64,
+    len: usize,
+    bytes: [u8; MAX_REPLY_LEN],
+}
+
+/// The rendered deny line, per worker thread: `{time}` changes once a second, so the
+/// line is rendered once a second, not once a connection, and a denied connection
+/// costs no allocation.
+///
+/// Lines live in `SLOTS` slots chosen by the second, in memory that is never freed, so
+/// that an io_uring send may still read a line after the call that asked for it: a slot
+/// is only rewritten `SLOTS` seconds later, and a send of one short line on a fresh
+/// connection completes when it is submitted (the socket's send buffer is empty).
+pub struct DenyLines {
+    slots: &'static mut [Slot; SLOTS],
+}
+
+impl Default for DenyLines {
+    fn default() -> Self {
+        let empty = Slot {
+            second: i64::MIN,
+            generation: 0,
+            len: 0,
+            bytes: [0; MAX_REPLY_LEN],
+        };
+        // One leak per worker thread, bounded by the number of workers ever started.
+        DenyLines {
+            slots: Box::leak(Box::new([empty; SLOTS])),
+        }
+    }
+}
+
+impl DenyLines {
+    /// The deny line (CRLF included) for this snapshot at this time. Its memory stays
+    /// valid for the life of the process (for a pointer handed to the kernel).
+    pub fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
+        let slot = &mut self.slots[now.0.rem_euclid(SLOTS as i64) as usize];
+        if slot.second != now.0 || slot.generation != snapshot.generation {
+            let deny = &snapshot.config.access.deny_reply;
+            slot.len = deny.render(&snapshot.config.hostname, now, &mut slot.bytes);
+            slot.second = now.0;
+            slot.generation = snapshot.generation;
+        }
+        &slot.bytes[..slot.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn deny_line_follows_the_second_and_the_snapshot() {
+        let config = |host: &str| {
+            Config::parse(
+                &format!("hostname = \"{host}\""),
+                Path::new("t"),
+                Path::new("."),
+            )
+            .unwrap()
+        };
+        let a = Snapshot::without_lists(config("mx.a.example"));
+        let b = Snapshot::without_lists(config("mx.b.example"));
+        let mut lines = DenyLines::default();
+        let t = UnixTime(1_795_894_760);
+        assert_eq!(
+            lines.line(&a, t),
+            b"530 5.7.1 mx.a.example ESMTP denied access at Sat, 28 Nov 2026 19:39:20 +0000\r\n"
+        );
+        assert_eq!(
+            lines.line(&a, UnixTime(t.0 + 1)),
+            b"530 5.7.1 mx.a.example ESMTP denied access at Sat, 28 Nov 2026 19:39:21 +0000\r\n"
+        );
+        assert_eq!(
+            lines.line(&b, UnixTime(t.0 + 1)),
+            b"530 5.7.1 mx.b.example ESMTP denied access at Sat, 28 Nov 2026 19:39:21 +0000\r\n"
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! mxgate: an SMTP edge relay that judges every peer before the banner.
+//!
+//! Layers, from the wire in:
+//! - [`net`]: per-core drivers (io_uring, epoll) that accept, run the [`gate`] and move
+//!   bytes for [`smtp::Session`]s; the only code that touches sockets.
+//! - [`gate`]: the access decision and the deny line, before any session exists.
+//! - [`smtp`]: the sans-IO protocol state machine.
+//! - [`snapshot`]: config and lists loaded as one immutable value ([`config`], [`access`]).
+
+pub mod access;
+pub mod config;
+pub mod datetime;
+pub mod gate;
+pub mod net;
+pub mod problem;
+pub mod smtp;
+pub mod snapshot;
+pub mod template;
+pub mod units;

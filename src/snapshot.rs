@@ -1,0 +1,75 @@
+//! Everything a connection is judged and served by, loaded and checked as one immutable
+//! value. The server holds the current one in an `ArcSwap`; a connection loads it once
+//! at accept and keeps it for its whole life.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::access::{AccessList, Action};
+use crate::config::Config;
+use crate::problem::{Problem, Problems};
+use crate::smtp;
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Distinct for every snapshot made by this process, so caches can tell them apart.
+    pub generation: u64,
+    pub config: Config,
+    pub access: AccessList,
+    /// Peers that are never counted or banned: an entry matching is `Action::Allow`.
+    pub whitelist: AccessList,
+    pub smtp: smtp::Params,
+}
+
+impl Snapshot {
+    /// Loads every list file the config names; any problem anywhere rejects the whole.
+    pub fn load(config: Config) -> Result<Self, Problems> {
+        let mut problems = Vec::new();
+        let access = match &config.access.list {
+            Some(file) => AccessList::load(file, config.access.default, &mut problems),
+            None => AccessList::empty(config.access.default),
+        };
+        let whitelist = match &config.abuse.whitelist {
+            Some(file) => load_whitelist(file, &mut problems),
+            None => AccessList::empty(Action::Deny),
+        };
+        if !problems.is_empty() {
+            return Err(Problems(problems));
+        }
+        Ok(Snapshot::new(config, access, whitelist))
+    }
+
+    /// A snapshot from parts already loaded.
+    pub fn new(config: Config, access: AccessList, whitelist: AccessList) -> Self {
+        let smtp = smtp::Params::new(&config);
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        Snapshot {
+            generation,
+            config,
+            access,
+            whitelist,
+            smtp,
+        }
+    }
+
+    /// A snapshot of `config` with empty lists.
+    pub fn without_lists(config: Config) -> Self {
+        let access = AccessList::empty(config.access.default);
+        Snapshot::new(config, access, AccessList::empty(Action::Deny))
+    }
+}
+
+/// The whitelist has the list syntax with bare entries only.
+fn load_whitelist(file: &Path, problems: &mut Vec<Problem>) -> AccessList {
+    let list = AccessList::load(file, Action::Deny, problems);
+    for rule in list.rules().iter().filter(|r| r.action == Action::Deny) {
+        problems.push(Problem::at_line(
+            file,
+            rule.line,
+            "the whitelist takes bare entries only: `deny` has no meaning here",
+        ));
+    }
+    list
+}

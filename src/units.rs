@@ -1,0 +1,89 @@
+//! Durations (`30s`, `10m`, `1h`, `7d`) and sizes (`50MiB`) as written in the config file.
+
+use std::time::Duration;
+
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let hint = || {
+        format!(
+            "`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s` or `10m`"
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| hint())?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => return Err(hint()),
+    };
+    d.ok_or_else(|| format!("`{text}` is too long a duration"))
+}
+
+/// Parses `<integer>[unit]` with unit `B`, `KiB`, `MiB` or `GiB` (no unit: bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let hint = || {
+        format!(
+            "`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`"
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| hint())?;
+    let mult: u64 = match unit.trim_start() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(hint()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{text}` is too large a size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in [
+            "",
+            "10",
+            "m",
+            "1.5h",
+            "-1s",
+            "10 minutes",
+            "10M",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("50MiB"), Ok(50 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        for bad in ["", "MiB", "5MB", "1.5MiB", "-1B", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}
