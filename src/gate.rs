@@ -1,18 +1,46 @@
 //! The gate: the decision made on a peer's address before anything else exists for it
 //! (no buffer, no session, no banner), and the one line a denied peer gets.
 
-use std::net::IpAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::snapshot::Snapshot;
 use crate::template::MAX_REPLY_LEN;
 
-/// Judges a peer. The address is canonicalised first, so `::ffff:a.b.c.d` is judged
-/// by the IPv4 rules.
+/// A peer's address in canonical form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+/// what a dual-stack listener reports for IPv4 peers) is the IPv4 address, so it is
+/// judged, counted and logged by its IPv4 rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIp(IpAddr);
+
+impl PeerIp {
+    pub fn new(ip: IpAddr) -> Self {
+        PeerIp(ip.to_canonical())
+    }
+
+    pub fn ip(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl From<SocketAddr> for PeerIp {
+    fn from(addr: SocketAddr) -> Self {
+        PeerIp::new(addr.ip())
+    }
+}
+
+impl fmt::Display for PeerIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Judges a peer by the access list.
 #[inline]
-pub fn judge(snapshot: &Snapshot, peer: IpAddr) -> Action {
-    snapshot.access.action(peer.to_canonical())
+pub fn judge(snapshot: &Snapshot, peer: PeerIp) -> Action {
+    snapshot.access.action(peer.0)
 }
 
 /// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.

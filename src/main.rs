@@ -1,1 +1,238 @@
-fn main() {}
+//! The `mxgate` command: run the server, check a configuration, explain a verdict.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mxgate::access::Action;
+use mxgate::config::{Config, IoMode};
+use mxgate::datetime::UnixTime;
+use mxgate::gate::PeerIp;
+use mxgate::net::{Server, Shared};
+use mxgate::problem::Problems;
+use mxgate::snapshot::Snapshot;
+
+#[derive(Parser)]
+#[command(
+    name = "mxgate",
+    version,
+    about = "SMTP edge relay: judges every peer before the banner"
+)]
+struct Cli {
+    /// TOML configuration file; without it, the embedded default (127.0.0.1:2525).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// I/O driver, overriding `[listen] io`: auto, uring or epoll.
+    #[arg(long, value_name = "DRIVER")]
+    io: Option<IoMode>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and every list file; print every problem.
+    Check,
+    /// Print the verdict for an address and why.
+    Explain {
+        /// An IPv4 or IPv6 address.
+        ip: IpAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let config = match &cli.config {
+        Some(file) => Config::load(file),
+        None => Ok(Config::embedded()),
+    };
+    let snapshot = config.and_then(Snapshot::load);
+    match cli.command {
+        Some(Command::Check) => check(snapshot),
+        Some(Command::Explain { ip }) => explain(snapshot, ip),
+        None => run(snapshot, cli.io),
+    }
+}
+
+fn init_logging() {
+    let filter = std::env::var("MXGATE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn check(snapshot: Result<Snapshot, Problems>) -> ExitCode {
+    match snapshot {
+        Ok(s) => {
+            println!(
+                "{}: valid ({} access entries, {} whitelist entries)",
+                s.config.describe(),
+                s.access.len(),
+                s.whitelist.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            println!("{problems}");
+            println!("{} problem(s); nothing was changed", problems.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
+    let s = match snapshot {
+        Ok(s) => s,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let peer = PeerIp::new(ip);
+    if peer.ip() != ip {
+        println!("{ip} is IPv4-mapped: judged as {peer}");
+    }
+    let verdict = s.access.verdict(peer.ip());
+    println!("{peer}: {}", verdict.action);
+    match (verdict.rule, s.access.file()) {
+        (Some(rule), Some(file)) => println!(
+            "  rule: {} {} at {}:{}",
+            rule.action,
+            rule.net,
+            file.display(),
+            rule.line
+        ),
+        _ => println!(
+            "  no list entry matches: [access] default = \"{}\"",
+            s.access.default_action()
+        ),
+    }
+    if verdict.action == Action::Deny {
+        println!(
+            "  reply: {}",
+            s.config
+                .access
+                .deny_reply
+                .to_line(&s.config.hostname, UnixTime::now())
+        );
+    }
+    let white = s.whitelist.verdict(peer.ip());
+    match (white.rule, s.whitelist.file()) {
+        (Some(rule), Some(file)) => println!(
+            "  whitelisted: {} at {}:{}",
+            rule.net,
+            file.display(),
+            rule.line
+        ),
+        _ => println!("  not whitelisted"),
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
+    let snapshot = match snapshot {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems.0 {
+                tracing::error!("{p}");
+            }
+            tracing::error!(
+                "{} problem(s) in the configuration; not started",
+                problems.0.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    // Before any thread starts, so that every thread inherits the mask and the
+    // signals wait for `sigwait` below.
+    let signals = signals::block();
+    signals::raise_fd_limit();
+    let io = io.unwrap_or(snapshot.config.listen.io);
+    let (access_entries, whitelist_entries) = (snapshot.access.len(), snapshot.whitelist.len());
+    let server = match Server::start(Shared::new(snapshot), io) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addresses: Vec<String> = server
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        addresses = %addresses.join(","),
+        threads = server.threads(),
+        io = %server.driver(),
+        access_entries,
+        whitelist_entries,
+        "mxgate listening"
+    );
+    loop {
+        match signals::wait(&signals) {
+            libc::SIGHUP => {
+                tracing::warn!("SIGHUP: reloading is not implemented yet; nothing changed")
+            }
+            sig => {
+                tracing::info!(
+                    "signal {sig}: draining connections, then exiting (send it again to exit at once)"
+                );
+                server.shutdown();
+                break;
+            }
+        }
+    }
+    std::thread::spawn(move || {
+        server.join();
+        tracing::info!("mxgate stopped");
+        std::process::exit(0);
+    });
+    let sig = signals::wait(&signals);
+    tracing::warn!("signal {sig} while draining: exiting now");
+    ExitCode::FAILURE
+}
+
+mod signals {
+    /// Blocks SIGTERM, SIGINT and SIGHUP for this thread and the threads it starts.
+    pub fn block() -> libc::sigset_t {
+        // SAFETY: sigset_t is plain data; every call gets valid pointers to it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        }
+    }
+
+    /// Waits for one of the blocked signals.
+    pub fn wait(set: &libc::sigset_t) -> i32 {
+        let mut sig = 0;
+        // SAFETY: valid pointers to a sigset_t and an int.
+        while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+        sig
+    }
+
+    /// Each connection is a descriptor: use all the kernel allows us.
+    pub fn raise_fd_limit() {
+        // SAFETY: valid pointers to an rlimit.
+        unsafe {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}

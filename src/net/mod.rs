@@ -1,1 +1,258 @@
+//! Per-core drivers: N threads, each with its own SO_REUSEPORT listener per configured
+//! address and its own event loop, sharing nothing but the snapshot and a stop flag.
+//!
+//! Two drivers of one shape: `uring` (io_uring, the default) and `epoll` (mio, where the
+//! kernel or a seccomp policy refuses io_uring). Each is a thin loop: accept, run the
+//! [`gate`](crate::gate) on the peer's address, then either send the deny line and close,
+//! or move bytes for an [`smtp::Session`](crate::smtp::Session) as it asks.
+//! Nothing about SMTP or access lives in a driver.
 
+mod epoll;
+mod listen;
+mod timers;
+mod uring;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::config::IoMode;
+use crate::snapshot::Snapshot;
+
+/// Bytes one read takes from a peer. A command line is at most 512 octets; this bounds
+/// what one read can make a session answer (see `smtp`).
+pub const READ_LEN: usize = 4096;
+
+/// The driver a server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    Uring,
+    Epoll,
+}
+
+impl fmt::Display for Driver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Driver::Uring => "uring",
+            Driver::Epoll => "epoll",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("io_uring is not usable here ({0}); use `io = \"epoll\"` or `io = \"auto\"`")]
+    UringUnavailable(String),
+    #[error("cannot start worker thread {thread}: {source}")]
+    Worker { thread: usize, source: io::Error },
+}
+
+/// What every worker shares.
+pub struct Shared {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        Arc::new(Shared {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Makes `snapshot` current for new connections; existing ones keep theirs.
+    pub fn store(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// For a worker's `arc_swap::Cache`.
+    fn snapshot_cell(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// A running server: its workers and how to stop them.
+pub struct Server {
+    shared: Arc<Shared>,
+    local_addrs: Vec<SocketAddr>,
+    driver: Driver,
+    wakers: Vec<Waker>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Wakes one worker out of its wait.
+enum Waker {
+    Uring(uring::Waker),
+    Epoll(mio::Waker),
+}
+
+impl Server {
+    /// Binds every listener, starts the workers and returns once all of them serve.
+    pub fn start(shared: Arc<Shared>, io: IoMode) -> Result<Server, StartError> {
+        let snapshot = shared.snapshot();
+        let driver = match io {
+            IoMode::Epoll => Driver::Epoll,
+            IoMode::Uring => {
+                uring::probe().map_err(StartError::UringUnavailable)?;
+                Driver::Uring
+            }
+            IoMode::Auto => match uring::probe() {
+                Ok(()) => Driver::Uring,
+                Err(why) => {
+                    tracing::warn!("io_uring is not usable here ({why}); using epoll");
+                    Driver::Epoll
+                }
+            },
+        };
+        let threads = match snapshot.config.listen.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (per_thread, local_addrs) = listen::bind(&snapshot.config.listen.addresses, threads)?;
+
+        let mut server = Server {
+            shared: shared.clone(),
+            local_addrs,
+            driver,
+            wakers: Vec::new(),
+            threads: Vec::new(),
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        for (i, listeners) in per_thread.into_iter().enumerate() {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("mxgate-{driver}-{i}"))
+                .spawn(move || {
+                    let result = match driver {
+                        Driver::Uring => uring::Worker::new(shared, listeners)
+                            .map(|w| (Waker::Uring(w.waker()), Worker::Uring(Box::new(w)))),
+                        Driver::Epoll => epoll::Worker::new(shared, listeners)
+                            .and_then(|w| Ok((Waker::Epoll(w.waker()?), Worker::Epoll(w)))),
+                    };
+                    match result {
+                        Ok((waker, worker)) => {
+                            let _ = ready.send(Ok(waker));
+                            worker.run();
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                });
+            let handle = spawned.map_err(|source| StartError::Worker { thread: i, source })?;
+            server.threads.push(handle);
+            match ready_rx.recv() {
+                Ok(Ok(waker)) => server.wakers.push(waker),
+                Ok(Err(source)) => return Err(StartError::Worker { thread: i, source }),
+                Err(_) => {
+                    return Err(StartError::Worker {
+                        thread: i,
+                        source: io::Error::other("worker exited while starting"),
+                    });
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// The addresses listened on (with the ports the kernel chose for port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Stops accepting, tells every session the service is shutting down, and lets
+    /// them finish within `[listen] drain_timeout`. Returns at once; `join` waits.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let woken = match w {
+                Waker::Uring(w) => w.wake(),
+                Waker::Epoll(w) => w.wake(),
+            };
+            if let Err(e) = woken {
+                tracing::error!("cannot wake a worker to stop it: {e}");
+            }
+        }
+    }
+
+    /// Waits for every worker to finish.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shutdown();
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A worker's stage on the way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    Serving,
+    /// Not accepting; sessions were told to close and have until `deadline`.
+    Draining {
+        deadline: Instant,
+    },
+    /// The deadline passed: every connection is being closed.
+    Aborting,
+}
+
+impl Drain {
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Drain::Draining { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+}
+
+enum Worker {
+    Uring(Box<uring::Worker>),
+    Epoll(epoll::Worker),
+}
+
+impl Worker {
+    fn run(self) {
+        match self {
+            Worker::Uring(w) => w.run(),
+            Worker::Epoll(w) => w.run(),
+        }
+    }
+}

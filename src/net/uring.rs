@@ -1,0 +1,571 @@
+//! The io_uring driver: one ring per worker thread, built on the `io-uring` crate.
+//!
+//! - A multishot accept per listener yields accepted sockets without a new submission
+//!   per connection.
+//! - A denied peer costs one `getpeername`, the table lookup and two linked entries,
+//!   send-the-deny-line then close, both silent on success: one completion (the accept)
+//!   per denied connection and no allocation.
+//! - An allowed peer gets a [`Session`]; a connection has at most one operation (a recv
+//!   or a send) in flight, so the session's buffers are never touched while the kernel
+//!   uses them. Timeouts and shutdown cancel that operation and act once it completes.
+//!
+//! Memory handed to the kernel outlives the operation: a connection's read buffer and
+//! session live until its last operation completes, the deny lines and the wake buffer
+//! are never freed.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+use slab::Slab;
+use socket2::SockRef;
+
+use super::timers::{self, ConnId, Timers};
+use super::{Drain, READ_LEN, Shared};
+use crate::access::Action;
+use crate::datetime::UnixTime;
+use crate::gate::{self, DenyLines, PeerIp};
+use crate::smtp::{Session, Transmit};
+use crate::snapshot::Snapshot;
+
+/// Submission queue entries per ring; completions get twice as many.
+const RING_ENTRIES: u32 = 4096;
+/// Wait before accepting again after the process ran out of file descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+// user_data: tag in the top byte; for connection operations, the connection's
+// generation in the next 24 bits and its slab key in the low 32.
+const TAG_ACCEPT: u8 = 1;
+const TAG_RECV: u8 = 2;
+const TAG_SEND: u8 = 3;
+const TAG_CLOSE: u8 = 4;
+const TAG_DENY_SEND: u8 = 5;
+const TAG_WAKE: u8 = 6;
+const TAG_CANCEL: u8 = 7;
+
+fn user_data(tag: u8, key: usize, generation: u32) -> u64 {
+    (u64::from(tag) << 56) | (u64::from(generation & 0xff_ffff) << 32) | (key as u64 & 0xffff_ffff)
+}
+
+fn split_user_data(ud: u64) -> (u8, usize, u32) {
+    (
+        (ud >> 56) as u8,
+        (ud & 0xffff_ffff) as usize,
+        ((ud >> 32) & 0xff_ffff) as u32,
+    )
+}
+
+fn new_ring() -> io::Result<IoUring> {
+    // Fewer kernel-to-user interruptions first (Linux 6.1, 5.19), plain last.
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+}
+
+/// Checks that this kernel and its seccomp policy give us what the driver needs.
+pub fn probe() -> Result<(), String> {
+    let mut ring = new_ring().map_err(|e| format!("cannot create a ring: {e}"))?;
+    if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_skip_cqe_on_success() {
+        return Err("the kernel's io_uring is too old (needs Linux 5.19 or later)".into());
+    }
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("cannot probe io_uring: {e}"))?;
+    let needed = [
+        opcode::Accept::CODE,
+        opcode::Send::CODE,
+        opcode::Recv::CODE,
+        opcode::Close::CODE,
+        opcode::AsyncCancel::CODE,
+        opcode::Read::CODE,
+    ];
+    if let Some(op) = needed.iter().find(|&&op| !probe.is_supported(op)) {
+        return Err(format!("io_uring opcode {op} is not allowed"));
+    }
+    // Multishot accept (Linux 5.19): arm one on a throwaway listener, then cancel it.
+    let Ok(listener) = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
+        return Ok(());
+    };
+    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+        .build()
+        .user_data(1);
+    let cancel = opcode::AsyncCancel::new(1).build().user_data(2);
+    push(&mut ring, &[accept, cancel]);
+    ring.submit_and_wait(2)
+        .map_err(|e| format!("io_uring submit failed: {e}"))?;
+    match ring
+        .completion()
+        .find(|c| c.user_data() == 1)
+        .map(|c| c.result())
+    {
+        Some(r) if r == -libc::EINVAL => {
+            Err("multishot accept is not supported (needs Linux 5.19 or later)".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Pushes entries as one batch, submitting first if the queue lacks room; linked
+/// entries must not be split across submissions.
+fn push(ring: &mut IoUring, entries: &[squeue::Entry]) {
+    loop {
+        let mut sq = ring.submission();
+        if sq.capacity() - sq.len() >= entries.len() {
+            // SAFETY: every entry's buffers outlive its operation (see the module docs).
+            let pushed = unsafe { sq.push_multiple(entries) };
+            debug_assert!(pushed.is_ok());
+            return;
+        }
+        drop(sq);
+        if let Err(e) = ring.submit() {
+            tracing::error!("io_uring submit failed: {e}");
+        }
+    }
+}
+
+/// Wakes a worker: a write to the eventfd its ring reads.
+pub struct Waker(Arc<OwnedFd>);
+
+impl Waker {
+    pub fn wake(&self) -> io::Result<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    None,
+    Recv,
+    Send,
+}
+
+/// What to tell a session once its operation in flight has completed; later variants
+/// override earlier ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Pending {
+    Timeout,
+    Stop,
+    Abort,
+}
+
+struct Conn {
+    fd: RawFd,
+    generation: u32,
+    session: Session,
+    read_buf: Box<[u8]>,
+    op: Op,
+    pending: Option<Pending>,
+    armed: Option<Instant>,
+}
+
+struct Listener {
+    socket: TcpListener,
+    armed: bool,
+    /// When to arm the accept again after a resource error.
+    retry_at: Option<Instant>,
+    closing: bool,
+}
+
+pub struct Worker {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    snapshot: arc_swap::Cache<Arc<arc_swap::ArcSwap<Snapshot>>, Arc<Snapshot>>,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    timers: Timers,
+    deny: DenyLines,
+    generation: u32,
+    wake_fd: Arc<OwnedFd>,
+    /// Never freed: the kernel may write to it until the ring is gone.
+    wake_buf: &'static mut [u8; 8],
+    drain: Drain,
+}
+
+impl Worker {
+    /// Creates the ring on the calling thread (it is the ring's only submitter) and
+    /// arms the accepts.
+    pub fn new(shared: Arc<Shared>, sockets: Vec<TcpListener>) -> io::Result<Self> {
+        let ring = new_ring()?;
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let listeners = sockets
+            .into_iter()
+            .map(|socket| Listener {
+                socket,
+                armed: false,
+                retry_at: None,
+                closing: false,
+            })
+            .collect();
+        let mut w = Worker {
+            ring,
+            snapshot: arc_swap::Cache::new(shared.snapshot_cell()),
+            shared,
+            listeners,
+            conns: Slab::new(),
+            timers: Timers::default(),
+            deny: DenyLines::default(),
+            generation: 0,
+            wake_fd,
+            wake_buf: Box::leak(Box::new([0; 8])),
+            drain: Drain::Serving,
+        };
+        w.arm_wake();
+        for i in 0..w.listeners.len() {
+            w.arm_accept(i);
+        }
+        w.ring.submit()?;
+        Ok(w)
+    }
+
+    pub fn waker(&self) -> Waker {
+        Waker(self.wake_fd.clone())
+    }
+
+    pub fn run(mut self) {
+        let mut completions: Vec<cqueue::Entry> = Vec::with_capacity(RING_ENTRIES as usize);
+        loop {
+            let now = Instant::now();
+            self.fire_timers(now);
+            self.retry_accepts(now);
+            if self.finished() {
+                break;
+            }
+            let waited = match self
+                .next_wakeup()
+                .map(|at| at.saturating_duration_since(now))
+            {
+                Some(wait) => {
+                    let ts = types::Timespec::from(wait);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            if let Err(e) = waited
+                && !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                )
+            {
+                tracing::error!("io_uring wait failed: {e}; this worker stops");
+                break;
+            }
+            completions.extend(self.ring.completion());
+            let now = Instant::now();
+            let unix = UnixTime::now();
+            for c in completions.drain(..) {
+                self.complete(c.user_data(), c.result(), c.flags(), now, unix);
+            }
+        }
+        // Anything still queued (closes of denied sockets) goes before the ring does.
+        let _ = self.ring.submit();
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32, now: Instant, unix: UnixTime) {
+        let (tag, key, generation) = split_user_data(ud);
+        match tag {
+            TAG_ACCEPT => self.accepted(key, res, flags, now, unix),
+            TAG_RECV | TAG_SEND => self.op_done(tag, (key, generation), res, now),
+            TAG_WAKE => self.woken(now),
+            TAG_CLOSE if res == -libc::ECANCELED => {
+                // SAFETY: the close was cancelled before it ran, so we still own `key` (the fd).
+                unsafe { libc::close(key as RawFd) };
+            }
+            // Failed deny sends (the peer left; the linked close still runs), failed
+            // closes and cancels that found nothing: nothing to do.
+            _ => {}
+        }
+    }
+
+    fn accepted(&mut self, index: usize, res: i32, flags: u32, now: Instant, unix: UnixTime) {
+        if !cqueue::more(flags) {
+            self.listeners[index].armed = false;
+        }
+        if res < 0 {
+            match -res {
+                libc::ECANCELED => {}
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    tracing::warn!(
+                        "accept: {}; pausing accepts for {ACCEPT_BACKOFF:?}",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                    self.listeners[index].retry_at = Some(now + ACCEPT_BACKOFF);
+                }
+                e => tracing::debug!("accept: {}", io::Error::from_raw_os_error(e)),
+            }
+            return;
+        }
+        let fd: RawFd = res;
+        let Some(peer) = peer_addr(fd).map(PeerIp::from) else {
+            // the peer already left (ENOTCONN)
+            push(&mut self.ring, &[close_entry(fd)]);
+            return;
+        };
+        let snapshot = self.snapshot.load();
+        if gate::judge(snapshot, peer) == Action::Deny {
+            let line = self.deny.line(snapshot, unix);
+            let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                .user_data(user_data(TAG_DENY_SEND, 0, 0));
+            push(&mut self.ring, &[send, close_entry(fd)]);
+            tracing::debug!(%peer, "denied");
+            return;
+        }
+        let mut session = Session::new(snapshot.clone(), now);
+        if self.drain != Drain::Serving {
+            session.shutdown(now);
+        }
+        tracing::debug!(%peer, "allowed");
+        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
+        let conn = Conn {
+            fd,
+            generation: self.generation,
+            session,
+            read_buf: vec![0; READ_LEN].into_boxed_slice(),
+            op: Op::None,
+            pending: None,
+            armed: None,
+        };
+        let key = self.conns.insert(conn);
+        self.advance(key, now);
+    }
+
+    /// A connection's recv or send completed.
+    fn op_done(&mut self, tag: u8, (key, generation): ConnId, res: i32, now: Instant) {
+        let Some(conn) = self
+            .conns
+            .get_mut(key)
+            .filter(|c| c.generation == generation)
+        else {
+            return;
+        };
+        conn.op = Op::None;
+        match (tag, res) {
+            (_, r) if r == -libc::ECANCELED => {}
+            (TAG_RECV, 0) => conn.session.handle_eof(),
+            (TAG_RECV, n) if n > 0 => conn.session.handle_input(&conn.read_buf[..n as usize], now),
+            (TAG_SEND, n) if n >= 0 => conn.session.consume_output(n as usize),
+            (_, e) => {
+                tracing::debug!("connection error: {}", io::Error::from_raw_os_error(-e));
+                conn.session.handle_eof();
+            }
+        }
+        self.advance(key, now);
+    }
+
+    /// Starts the connection's next operation, or closes it, as its session asks.
+    fn advance(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.op != Op::None {
+            return;
+        }
+        match conn.pending.take() {
+            Some(Pending::Timeout) => conn.session.handle_timeout(now),
+            Some(Pending::Stop) => conn.session.shutdown(now),
+            Some(Pending::Abort) => conn.session.handle_eof(),
+            None => {}
+        }
+        let id = (key, conn.generation);
+        let entry = match conn.session.poll_transmit() {
+            Transmit::Send(bytes) => {
+                conn.op = Op::Send;
+                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                opcode::Send::new(types::Fd(conn.fd), bytes.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data(TAG_SEND, key, id.1))
+            }
+            Transmit::Receive => {
+                conn.op = Op::Recv;
+                let len = conn.read_buf.len() as u32;
+                opcode::Recv::new(types::Fd(conn.fd), conn.read_buf.as_mut_ptr(), len)
+                    .build()
+                    .user_data(user_data(TAG_RECV, key, id.1))
+            }
+            Transmit::Close => {
+                let fd = conn.fd;
+                self.conns.remove(key);
+                push(&mut self.ring, &[close_entry(fd)]);
+                return;
+            }
+        };
+        push(&mut self.ring, &[entry]);
+        self.timers
+            .arm(&mut conn.armed, conn.session.poll_timeout(), id);
+    }
+
+    /// Asks a connection's operation to stop early so that `pending` can act.
+    fn interrupt(&mut self, key: usize, pending: Pending) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.pending = conn.pending.max(Some(pending));
+        let tag = match conn.op {
+            Op::Recv => TAG_RECV,
+            Op::Send => TAG_SEND,
+            Op::None => return self.advance(key, Instant::now()),
+        };
+        let target = user_data(tag, key, conn.generation);
+        let cancel = opcode::AsyncCancel::new(target)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(user_data(TAG_CANCEL, 0, 0));
+        push(&mut self.ring, &[cancel]);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some((at, (key, generation))) = self.timers.pop_due(now) {
+            let Some(conn) = self
+                .conns
+                .get_mut(key)
+                .filter(|c| c.generation == generation)
+            else {
+                continue;
+            };
+            timers::disarm(&mut conn.armed, at);
+            match conn.session.poll_timeout() {
+                Some(due) if due <= now => self.interrupt(key, Pending::Timeout),
+                later => self.timers.arm(&mut conn.armed, later, (key, generation)),
+            }
+        }
+        if let Drain::Draining { deadline } = self.drain
+            && deadline <= now
+        {
+            self.drain = Drain::Aborting;
+            tracing::warn!("drain timeout: closing {} connections", self.conns.len());
+            let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.interrupt(key, Pending::Abort);
+            }
+        }
+    }
+
+    fn woken(&mut self, now: Instant) {
+        if !self.shared.stopping() {
+            return self.arm_wake();
+        }
+        if self.drain != Drain::Serving {
+            return;
+        }
+        self.drain = Drain::Draining {
+            deadline: now + self.snapshot.load().config.listen.drain_timeout,
+        };
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            l.closing = true;
+            if l.armed {
+                let cancel = opcode::AsyncCancel::new(user_data(TAG_ACCEPT, i, 0))
+                    .build()
+                    .user_data(user_data(TAG_CANCEL, 0, 0));
+                push(&mut self.ring, &[cancel]);
+            }
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.interrupt(key, Pending::Stop);
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let read = opcode::Read::new(
+            types::Fd(self.wake_fd.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(user_data(TAG_WAKE, 0, 0));
+        push(&mut self.ring, &[read]);
+    }
+
+    fn arm_accept(&mut self, index: usize) {
+        let fd = self.listeners[index].socket.as_raw_fd();
+        let accept = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(TAG_ACCEPT, index, 0));
+        push(&mut self.ring, &[accept]);
+        self.listeners[index].armed = true;
+    }
+
+    fn retry_accepts(&mut self, now: Instant) {
+        for i in 0..self.listeners.len() {
+            let l = &mut self.listeners[i];
+            if !l.armed && !l.closing && l.retry_at.is_none_or(|t| t <= now) {
+                l.retry_at = None;
+                self.arm_accept(i);
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let retries = self
+            .listeners
+            .iter()
+            .filter(|l| !l.armed && !l.closing)
+            .filter_map(|l| l.retry_at);
+        retries
+            .chain(self.timers.next())
+            .chain(self.drain.deadline())
+            .min()
+    }
+
+    /// Draining is done: no connection left and no accept armed.
+    fn finished(&self) -> bool {
+        self.drain != Drain::Serving
+            && self.conns.is_empty()
+            && self.listeners.iter().all(|l| !l.armed)
+    }
+}
+
+fn close_entry(fd: RawFd) -> squeue::Entry {
+    opcode::Close::new(types::Fd(fd))
+        .build()
+        .flags(squeue::Flags::SKIP_SUCCESS)
+        .user_data(user_data(TAG_CLOSE, fd as usize, 0))
+}
+
+fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: `fd` is an accepted socket this worker owns and has not closed.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    SockRef::from(&fd).peer_addr().ok()?.as_socket()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        assert_eq!(
+            split_user_data(user_data(TAG_SEND, 123_456, 0xab_cdef)),
+            (TAG_SEND, 123_456, 0xab_cdef)
+        );
+        assert_eq!(
+            split_user_data(user_data(TAG_CLOSE, 7, 0)),
+            (TAG_CLOSE, 7, 0)
+        );
+    }
+}

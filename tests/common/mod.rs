@@ -1,0 +1,223 @@
+//! Runs the real `mxgate` binary on ephemeral loopback ports and talks to it as many
+//! peers: each client socket is bound to its own source address in 127.0.0.0/8 (or ::1).
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+/// Longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn mxgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mxgate")
+}
+
+/// A folder holding a config file and its list files.
+pub struct Files {
+    pub dir: tempfile::TempDir,
+}
+
+impl Files {
+    pub fn new(config: &str, lists: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("mxgate.toml"), config).expect("write config");
+        for (name, text) in lists {
+            std::fs::write(dir.path().join(name), text).expect("write list");
+        }
+        Files { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("mxgate.toml")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A running `mxgate`, killed when dropped.
+pub struct Mxgate {
+    child: Child,
+    pub addrs: Vec<SocketAddr>,
+    log: mpsc::Receiver<String>,
+    pub files: Files,
+}
+
+impl Mxgate {
+    /// Starts `mxgate --config <config> --io <io>` and waits until it listens.
+    pub fn start(config: &str, lists: &[(&str, &str)], io: &str) -> Self {
+        let files = Files::new(config, lists);
+        let mut child = Command::new(mxgate_bin())
+            .arg("--config")
+            .arg(files.config())
+            .args(["--io", io])
+            .env("MXGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mxgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[mxgate] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut m = Mxgate {
+            child,
+            addrs: Vec::new(),
+            log,
+            files,
+        };
+        let line = m.wait_for_log("mxgate listening");
+        let addrs = line
+            .split("addresses=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("addresses= in the start-up line");
+        m.addrs = addrs
+            .split(',')
+            .map(|a| a.parse().expect("a socket address"))
+            .collect();
+        assert!(
+            line.contains(&format!("io={io}")),
+            "driver {io} expected: {line}"
+        );
+        m
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Waits (bounded) for a log line containing `text`.
+    pub fn wait_for_log(&mut self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no log line with {text:?} within {WAIT:?} (exited: {:?})",
+                    self.child.try_wait()
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mxgate did not exit within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Mxgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection from `source` (any port) to `to`, with bounded reads and writes.
+pub fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let source: IpAddr = source.parse().expect("source address");
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .expect("bind the source address");
+    socket.connect_timeout(&to.into(), WAIT).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream.set_write_timeout(Some(WAIT)).expect("write timeout");
+    stream
+}
+
+/// How a read of everything up to the end ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Eof,
+    Error(std::io::ErrorKind),
+}
+
+/// Reads until the peer closes (or an error, or WAIT).
+pub fn read_to_end(stream: &mut TcpStream) -> (String, End) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break End::Eof,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break End::Error(e.kind()),
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), end)
+}
+
+/// Reads until `want` replies (lines whose 4th byte is a space) have arrived.
+pub fn read_replies(stream: &mut TcpStream, want: usize) -> String {
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while got
+        .split("\r\n")
+        .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+        .count()
+        < want
+    {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("connection closed after {got:?}"),
+            Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("read failed ({e}) after {got:?}"),
+        }
+    }
+    got
+}
+
+pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).expect("write");
+}
+
+/// `mxgate <args>`: exit code and stdout+stderr.
+pub fn run_cli(args: &[&str], config: &Path) -> (i32, String) {
+    let out = Command::new(mxgate_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run mxgate");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
