@@ -53,9 +53,7 @@ impl std::str::FromStr for IoMode {
             "auto" => Ok(IoMode::Auto),
             "uring" => Ok(IoMode::Uring),
             "epoll" => Ok(IoMode::Epoll),
-            _ => Err(format!(
-                "`{s}` is not an I/O driver: use \"auto\", \"uring\" or \"epoll\""
-            )),
+            _ => Err(format!("`{s}` is not an I/O driver: use \"auto\", \"uring\" or \"epoll\"")),
         }
     }
 }
@@ -128,17 +126,8 @@ pub struct Metrics {
     pub listen: SocketAddr,
 }
 
-const TOP_KEYS: &[&str] = &[
-    "hostname", "listen", "access", "abuse", "smtp", "relay", "tls", "control", "metrics",
-];
-const LISTEN_KEYS: &[&str] = &[
-    "addresses",
-    "threads",
-    "io",
-    "max_connections",
-    "drain_timeout",
-    "proxy_protocol_from",
-];
+const TOP_KEYS: &[&str] = &["hostname", "listen", "access", "abuse", "smtp", "relay", "tls", "control", "metrics"];
+const LISTEN_KEYS: &[&str] = &["addresses", "threads", "io", "max_connections", "drain_timeout", "proxy_protocol_from"];
 const ACCESS_KEYS: &[&str] = &["default", "list", "deny_reply"];
 const ABUSE_KEYS: &[&str] = &[
     "max_failed_commands",
@@ -155,12 +144,7 @@ const ABUSE_KEYS: &[&str] = &[
     "ban_reply",
     "max_connections_per_ip",
 ];
-const SMTP_KEYS: &[&str] = &[
-    "max_recipients",
-    "max_message_size",
-    "command_timeout",
-    "data_timeout",
-];
+const SMTP_KEYS: &[&str] = &["max_recipients", "max_message_size", "command_timeout", "data_timeout"];
 const RELAY_KEYS: &[&str] = &["domains", "next_hops", "reply_timeout"];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const CONTROL_KEYS: &[&str] = &["socket"];
@@ -178,12 +162,8 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Self, Problems> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            Problems(vec![Problem::in_file(
-                file,
-                format!("cannot read the config file: {e}"),
-            )])
-        })?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Problems(vec![Problem::in_file(file, format!("cannot read the config file: {e}"))]))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::parse(&text, file, &base)?;
         config.file = Some(file.to_owned());
@@ -193,12 +173,7 @@ impl Config {
     /// Validates config text as if read from `file`; relative paths are resolved
     /// against `base`.
     pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Self, Problems> {
-        let mut r = Reader {
-            file,
-            line_starts: line_starts(text),
-            base,
-            problems: Vec::new(),
-        };
+        let mut r = Reader { file, line_starts: line_starts(text), base, problems: Vec::new() };
         let (root, syntax) = DeTable::parse_recoverable(text);
         for e in syntax {
             r.problem(e.span(), "", format!("TOML syntax: {}", e.message()));
@@ -209,30 +184,19 @@ impl Config {
         let root = Some(root.get_ref());
         r.unknown_keys(root, "", TOP_KEYS);
 
-        let hostname = r
-            .value(root, "", "hostname", |v| valid_hostname(str_of(v)?))
-            .unwrap_or_else(default_hostname);
+        let hostname = r.value(root, "", "hostname", |v| valid_hostname(str_of(v)?)).unwrap_or_else(default_hostname);
 
         let t = r.section(root, "listen", LISTEN_KEYS);
         let listen = Listen {
             addresses: r
                 .value(t, "listen", "addresses", socket_addrs)
                 .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2525))]),
-            threads: r
-                .value(t, "listen", "threads", |v| int_in(v, 0, 1024))
-                .unwrap_or(0) as usize,
-            io: r
-                .value(t, "listen", "io", |v| str_of(v)?.parse())
-                .unwrap_or(IoMode::Auto),
-            max_connections: r
-                .value(t, "listen", "max_connections", |v| int_in(v, 1, 10_000_000))
-                .unwrap_or(10_000) as u32,
-            drain_timeout: r
-                .value(t, "listen", "drain_timeout", duration)
-                .unwrap_or(Duration::from_secs(30)),
-            proxy_protocol_from: r
-                .value(t, "listen", "proxy_protocol_from", prefixes)
-                .unwrap_or_default(),
+            threads: r.value(t, "listen", "threads", |v| int_in(v, 0, 1024)).unwrap_or(0) as usize,
+            io: r.value(t, "listen", "io", |v| str_of(v)?.parse()).unwrap_or(IoMode::Auto),
+            max_connections: r.value(t, "listen", "max_connections", |v| int_in(v, 1, 10_000_000)).unwrap_or(10_000)
+                as u32,
+            drain_timeout: r.value(t, "listen", "drain_timeout", duration).unwrap_or(Duration::from_secs(30)),
+            proxy_protocol_from: r.value(t, "listen", "proxy_protocol_from", prefixes).unwrap_or_default(),
         };
 
         let t = r.section(root, "access", ACCESS_KEYS);
@@ -250,68 +214,40 @@ impl Config {
 
         let t = r.section(root, "abuse", ABUSE_KEYS);
         let abuse = Abuse {
-            max_failed_commands: r
-                .value(t, "abuse", "max_failed_commands", |v| {
-                    int_in(v, 1, 1_000_000)
-                })
-                .unwrap_or(20) as u32,
+            max_failed_commands: r.value(t, "abuse", "max_failed_commands", |v| int_in(v, 1, 1_000_000)).unwrap_or(20)
+                as u32,
             max_failed_recipients: r
-                .value(t, "abuse", "max_failed_recipients", |v| {
-                    int_in(v, 1, 1_000_000)
-                })
+                .value(t, "abuse", "max_failed_recipients", |v| int_in(v, 1, 1_000_000))
                 .unwrap_or(10) as u32,
             ban_on_drop: r.value(t, "abuse", "ban_on_drop", boolean).unwrap_or(false),
             whitelist: r.path(t, "abuse", "whitelist"),
-            ban_file: r
-                .value(t, "abuse", "ban_file", |v| Ok(PathBuf::from(str_of(v)?)))
-                .map(|p| base.join(p)),
-            failure_threshold: r
-                .value(t, "abuse", "failure_threshold", |v| int_in(v, 1, 1_000_000))
-                .unwrap_or(30) as u32,
-            failure_window: r
-                .value(t, "abuse", "failure_window", duration)
-                .unwrap_or(Duration::from_secs(600)),
-            ban_duration: r
-                .value(t, "abuse", "ban_duration", duration)
-                .unwrap_or(Duration::from_secs(3600)),
+            ban_file: r.value(t, "abuse", "ban_file", |v| Ok(PathBuf::from(str_of(v)?))).map(|p| base.join(p)),
+            failure_threshold: r.value(t, "abuse", "failure_threshold", |v| int_in(v, 1, 1_000_000)).unwrap_or(30)
+                as u32,
+            failure_window: r.value(t, "abuse", "failure_window", duration).unwrap_or(Duration::from_secs(600)),
+            ban_duration: r.value(t, "abuse", "ban_duration", duration).unwrap_or(Duration::from_secs(3600)),
             max_ban_duration: r
                 .value(t, "abuse", "max_ban_duration", duration)
                 .unwrap_or(Duration::from_secs(7 * 86_400)),
-            ipv6_prefix: r
-                .value(t, "abuse", "ipv6_prefix", |v| int_in(v, 1, 128))
-                .unwrap_or(64) as u8,
-            escalate_after: r
-                .value(t, "abuse", "escalate_after", |v| int_in(v, 0, 65_536))
-                .unwrap_or(8) as u32,
+            ipv6_prefix: r.value(t, "abuse", "ipv6_prefix", |v| int_in(v, 1, 128)).unwrap_or(64) as u8,
+            escalate_after: r.value(t, "abuse", "escalate_after", |v| int_in(v, 0, 65_536)).unwrap_or(8) as u32,
             ban_reply: r.reply(t, "abuse", "ban_reply", &hostname),
             max_connections_per_ip: r
-                .value(t, "abuse", "max_connections_per_ip", |v| {
-                    int_in(v, 1, 10_000_000)
-                })
+                .value(t, "abuse", "max_connections_per_ip", |v| int_in(v, 1, 10_000_000))
                 .unwrap_or(20) as u32,
         };
         if abuse.ban_duration > abuse.max_ban_duration {
-            r.problem(
-                None,
-                "abuse.ban_duration",
-                "is longer than abuse.max_ban_duration".into(),
-            );
+            r.problem(None, "abuse.ban_duration", "is longer than abuse.max_ban_duration".into());
         }
 
         let t = r.section(root, "smtp", SMTP_KEYS);
         let smtp = Smtp {
-            max_recipients: r
-                .value(t, "smtp", "max_recipients", |v| int_in(v, 1, 100_000))
-                .unwrap_or(100) as u32,
-            max_message_size: r
-                .value(t, "smtp", "max_message_size", size)
-                .unwrap_or(50 << 20),
+            max_recipients: r.value(t, "smtp", "max_recipients", |v| int_in(v, 1, 100_000)).unwrap_or(100) as u32,
+            max_message_size: r.value(t, "smtp", "max_message_size", size).unwrap_or(50 << 20),
             command_timeout: r
                 .value(t, "smtp", "command_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(300)),
-            data_timeout: r
-                .value(t, "smtp", "data_timeout", positive_duration)
-                .unwrap_or(Duration::from_secs(180)),
+            data_timeout: r.value(t, "smtp", "data_timeout", positive_duration).unwrap_or(Duration::from_secs(180)),
         };
 
         let t = r.section(root, "relay", RELAY_KEYS);
@@ -320,19 +256,13 @@ impl Config {
             next_hops: r
                 .value(t, "relay", "next_hops", socket_addrs)
                 .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2526))]),
-            reply_timeout: r
-                .value(t, "relay", "reply_timeout", positive_duration)
-                .unwrap_or(Duration::from_secs(120)),
+            reply_timeout: r.value(t, "relay", "reply_timeout", positive_duration).unwrap_or(Duration::from_secs(120)),
         };
 
         let t = r.section(root, "tls", TLS_KEYS);
         let given = |key| t.and_then(|t| find(t, key)).is_some();
         if given("cert") != given("key") {
-            r.problem(
-                None,
-                "tls",
-                "give both `cert` and `key`, or neither (no STARTTLS)".into(),
-            );
+            r.problem(None, "tls", "give both `cert` and `key`, or neither (no STARTTLS)".into());
         }
         let tls = match (r.path(t, "tls", "cert"), r.path(t, "tls", "key")) {
             (Some(cert), Some(key)) => Some(Tls { cert, key }),
@@ -341,9 +271,7 @@ impl Config {
         let t = r.section(root, "control", CONTROL_KEYS);
         let control = r
             .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
-            .map(|p| Control {
-                socket: base.join(p),
-            });
+            .map(|p| Control { socket: base.join(p) });
         let t = r.section(root, "metrics", METRICS_KEYS);
         let metrics = t.map(|_| Metrics {
             listen: r
@@ -355,18 +283,7 @@ impl Config {
             r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
             return Err(Problems(r.problems));
         }
-        Ok(Config {
-            file: None,
-            hostname,
-            listen,
-            access,
-            abuse,
-            smtp,
-            relay,
-            tls,
-            control,
-            metrics,
-        })
+        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, control, metrics })
     }
 
     /// Where this config came from, for messages.
@@ -393,21 +310,11 @@ impl Reader<'_> {
     fn problem(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
         let line = span.map(|s| self.line_starts.partition_point(|&start| start <= s.start) as u32);
         let key = (!key.is_empty()).then(|| key.to_owned());
-        self.problems.push(Problem {
-            file: self.file.to_owned(),
-            line,
-            key,
-            message,
-        });
+        self.problems.push(Problem { file: self.file.to_owned(), line, key, message });
     }
 
     /// A sub-table of the root, checked for unknown keys.
-    fn section<'t>(
-        &mut self,
-        root: Option<&'t Table<'t>>,
-        name: &str,
-        known: &[&str],
-    ) -> Option<&'t Table<'t>> {
+    fn section<'t>(&mut self, root: Option<&'t Table<'t>>, name: &str, known: &[&str]) -> Option<&'t Table<'t>> {
         let value = root.and_then(|t| find(t, name))?;
         match value.get_ref() {
             DeValue::Table(t) => {
@@ -429,11 +336,7 @@ impl Reader<'_> {
         for (key, _) in table.into_iter().flatten() {
             if !known.contains(&key.get_ref().as_ref()) {
                 let full = join(section, key.get_ref());
-                self.problem(
-                    Some(key.span()),
-                    &full,
-                    format!("unknown key; known keys here: {}", known.join(", ")),
-                );
+                self.problem(Some(key.span()), &full, format!("unknown key; known keys here: {}", known.join(", ")));
             }
         }
     }
@@ -458,64 +361,36 @@ impl Reader<'_> {
     }
 
     /// A file that must exist, relative to the config's folder.
-    fn path<'t>(
-        &mut self,
-        table: Option<&'t Table<'t>>,
-        section: &str,
-        key: &str,
-    ) -> Option<PathBuf> {
+    fn path<'t>(&mut self, table: Option<&'t Table<'t>>, section: &str, key: &str) -> Option<PathBuf> {
         let base = self.base;
         self.value(table, section, key, |v| {
             let path = base.join(PathBuf::from(str_of(v)?));
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(format!("`{}` is not a readable file", path.display()))
-            }
+            if path.is_file() { Ok(path) } else { Err(format!("`{}` is not a readable file", path.display())) }
         })
     }
 
-    fn reply<'t>(
-        &mut self,
-        table: Option<&'t Table<'t>>,
-        section: &str,
-        key: &str,
-        hostname: &str,
-    ) -> ReplyTemplate {
+    fn reply<'t>(&mut self, table: Option<&'t Table<'t>>, section: &str, key: &str, hostname: &str) -> ReplyTemplate {
         let parsed = self.value(table, section, key, |v| {
             let t = ReplyTemplate::parse(str_of(v)?)?;
             if t.max_len(hostname) > MAX_REPLY_LEN {
-                return Err(format!(
-                    "the reply can be longer than {MAX_REPLY_LEN} octets"
-                ));
+                return Err(format!("the reply can be longer than {MAX_REPLY_LEN} octets"));
             }
             Ok(t)
         });
-        parsed.unwrap_or_else(|| {
-            ReplyTemplate::parse(DEFAULT_DENY_REPLY).unwrap_or_else(|e| unreachable!("{e}"))
-        })
+        parsed.unwrap_or_else(|| ReplyTemplate::parse(DEFAULT_DENY_REPLY).unwrap_or_else(|e| unreachable!("{e}")))
     }
 }
 
 fn find<'t>(table: &'t Table<'t>, key: &str) -> Option<&'t Value<'t>> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref() == key)
-        .map(|(_, v)| v)
+    table.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
 }
 
 fn join(section: &str, key: &str) -> String {
-    if section.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{section}.{key}")
-    }
+    if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") }
 }
 
 fn line_starts(text: &str) -> Vec<usize> {
-    std::iter::once(0)
-        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-        .collect()
+    std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect()
 }
 
 fn str_of<'v>(v: &'v Value<'_>) -> Result<&'v str, String> {
@@ -526,23 +401,17 @@ fn str_of<'v>(v: &'v Value<'_>) -> Result<&'v str, String> {
 }
 
 fn boolean(v: &Value<'_>) -> Result<bool, String> {
-    v.get_ref()
-        .as_bool()
-        .ok_or_else(|| format!("expected true or false, found {}", v.get_ref().type_str()))
+    v.get_ref().as_bool().ok_or_else(|| format!("expected true or false, found {}", v.get_ref().type_str()))
 }
 
 fn int_in(v: &Value<'_>, min: i64, max: i64) -> Result<i64, String> {
     let n = match v.get_ref() {
         DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
         other => {
-            return Err(format!(
-                "expected a whole number, found {}",
-                other.type_str()
-            ));
+            return Err(format!("expected a whole number, found {}", other.type_str()));
         }
     };
-    n.filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| format!("must be a whole number from {min} to {max}"))
+    n.filter(|n| (min..=max).contains(n)).ok_or_else(|| format!("must be a whole number from {min} to {max}"))
 }
 
 fn duration(v: &Value<'_>) -> Result<Duration, String> {
@@ -550,51 +419,27 @@ fn duration(v: &Value<'_>) -> Result<Duration, String> {
 }
 
 fn positive_duration(v: &Value<'_>) -> Result<Duration, String> {
-    duration(v).and_then(|d| {
-        if d.is_zero() {
-            Err("must be longer than zero".into())
-        } else {
-            Ok(d)
-        }
-    })
+    duration(v).and_then(|d| if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) })
 }
 
 fn size(v: &Value<'_>) -> Result<u64, String> {
-    parse_size(str_of(v)?).and_then(|s| {
-        if s == 0 {
-            Err("must be larger than zero".into())
-        } else {
-            Ok(s)
-        }
-    })
+    parse_size(str_of(v)?).and_then(|s| if s == 0 { Err("must be larger than zero".into()) } else { Ok(s) })
 }
 
 /// An array of strings, each converted; the first bad element is named.
-fn list_of<T>(
-    v: &Value<'_>,
-    convert: impl Fn(&str) -> Result<T, String>,
-) -> Result<Vec<T>, String> {
+fn list_of<T>(v: &Value<'_>, convert: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
     let DeValue::Array(items) = v.get_ref() else {
-        return Err(format!(
-            "expected an array of strings, found {}",
-            v.get_ref().type_str()
-        ));
+        return Err(format!("expected an array of strings, found {}", v.get_ref().type_str()));
     };
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            str_of(item)
-                .and_then(&convert)
-                .map_err(|e| format!("element {}: {e}", i + 1))
-        })
+        .map(|(i, item)| str_of(item).and_then(&convert).map_err(|e| format!("element {}: {e}", i + 1)))
         .collect()
 }
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")")
-    })
+    s.parse().map_err(|_| format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")"))
 }
 
 fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, String> {
@@ -632,9 +477,7 @@ fn valid_hostname(s: &str) -> Result<String, String> {
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
-        return Err(format!(
-            "`{s}` is not a domain name (letters, digits and hyphens in labels separated by dots)"
-        ));
+        return Err(format!("`{s}` is not a domain name (letters, digits and hyphens in labels separated by dots)"));
     }
     Ok(s.to_owned())
 }
@@ -664,10 +507,7 @@ mod tests {
     #[test]
     fn empty_file_is_the_default() {
         let c = parse("").unwrap();
-        assert_eq!(
-            c.listen.addresses,
-            [SocketAddr::from(([127, 0, 0, 1], 2525))]
-        );
+        assert_eq!(c.listen.addresses, [SocketAddr::from(([127, 0, 0, 1], 2525))]);
         assert_eq!(c.listen.io, IoMode::Auto);
         assert_eq!(c.access.default, Action::Allow);
         assert_eq!(c.access.list, None);
@@ -690,10 +530,7 @@ mod tests {
         assert_eq!(c.smtp.max_message_size, 10 << 20);
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(2));
         assert_eq!(c.relay.domains, ["example.com", ".example.org"]);
-        assert_eq!(
-            c.metrics.unwrap().listen,
-            SocketAddr::from(([127, 0, 0, 1], 9425))
-        );
+        assert_eq!(c.metrics.unwrap().listen, SocketAddr::from(([127, 0, 0, 1], 9425)));
     }
 
     #[test]
@@ -701,10 +538,7 @@ mod tests {
         let text = "hostname = \"bad host\"\n[listen]\nthreads = \"4\"\nio = \"kqueue\"\nbogus = 1\n\
                     [access]\ndeny_reply = \"250 ok\"\nlist = \"missing.list\"\n[smtp]\ncommand_timeout = \"5 minutes\"\n[tls]\ncert = \"c.pem\"\n";
         let problems = parse(text).unwrap_err().0;
-        let got: Vec<(Option<u32>, Option<&str>)> = problems
-            .iter()
-            .map(|p| (p.line, p.key.as_deref()))
-            .collect();
+        let got: Vec<(Option<u32>, Option<&str>)> = problems.iter().map(|p| (p.line, p.key.as_deref())).collect();
         assert_eq!(
             got,
             [
@@ -721,13 +555,7 @@ mod tests {
             "{}",
             Problems(problems.clone())
         );
-        assert!(
-            problems[3]
-                .to_string()
-                .starts_with("m.toml:5: listen.bogus: unknown key"),
-            "{}",
-            problems[3]
-        );
+        assert!(problems[3].to_string().starts_with("m.toml:5: listen.bogus: unknown key"), "{}", problems[3]);
     }
 
     #[test]
@@ -742,9 +570,7 @@ mod tests {
         let problems = parse("listen = 3\nfoo = 1\n").unwrap_err().0;
         let keys: Vec<_> = problems.iter().map(|p| p.key.clone().unwrap()).collect();
         assert_eq!(keys, ["listen", "foo"]);
-        let problems = parse("[listen]\naddresses = []\n[relay]\nnext_hops = [\"x\"]\n")
-            .unwrap_err()
-            .0;
+        let problems = parse("[listen]\naddresses = []\n[relay]\nnext_hops = [\"x\"]\n").unwrap_err().0;
         assert_eq!(problems.len(), 2);
         assert!(problems[1].message.contains("element 1"), "{}", problems[1]);
     }

@@ -31,25 +31,18 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468; // days since 0000-03-01
     let era = z.div_euclid(DAYS_PER_ERA);
     let day_of_era = z.rem_euclid(DAYS_PER_ERA); // [0, 146096]
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_from_march = (5 * day_of_year + 2) / 153; // [0, 11]
     let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
+    let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     // month is in 1..=12 and day in 1..=31 by construction
     (year, month as u32, day as u32)
 }
 
 const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]; // 1970-01-01 was a Thursday
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
 impl fmt::Display for UnixTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -58,13 +51,7 @@ impl fmt::Display for UnixTime {
         let (year, month, day) = civil_from_days(days);
         let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
         let month = MONTHS[(month - 1) as usize];
-        write!(
-            f,
-            "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} +0000",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60
-        )
+        write!(f, "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} +0000", secs / 3600, secs / 60 % 60, secs % 60)
     }
 }
 
@@ -75,22 +62,10 @@ mod tests {
     #[test]
     fn known_dates() {
         assert_eq!(UnixTime(0).to_string(), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(
-            UnixTime(951_782_400).to_string(),
-            "Tue, 29 Feb 2000 00:00:00 +0000"
-        );
-        assert_eq!(
-            UnixTime(1_795_894_760).to_string(),
-            "Sat, 28 Nov 2026 19:39:20 +0000"
-        );
-        assert_eq!(
-            UnixTime(4_107_542_399).to_string(),
-            "Sun, 28 Feb 2100 23:59:59 +0000"
-        );
-        assert_eq!(
-            UnixTime(4_107_542_400).to_string(),
-            "Mon, 01 Mar 2100 00:00:00 +0000"
-        );
+        assert_eq!(UnixTime(951_782_400).to_string(), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(UnixTime(1_795_894_760).to_string(), "Sat, 28 Nov 2026 19:39:20 +0000");
+        assert_eq!(UnixTime(4_107_542_399).to_string(), "Sun, 28 Feb 2100 23:59:59 +0000");
+        assert_eq!(UnixTime(4_107_542_400).to_string(), "Mon, 01 Mar 2100 00:00:00 +0000");
         assert_eq!(UnixTime(-1).to_string(), "Wed, 31 Dec 1969 23:59:59 +0000");
     }
 
@@ -101,9 +76,8 @@ mod tests {
         for days in -135_080..157_100 {
             let (y, m, d) = civil_from_days(days);
             let next_in_month = (y, m, d) == (prev.0, prev.1, prev.2 + 1);
-            let next_month = d == 1
-                && ((y == prev.0 && m == prev.1 + 1)
-                    || (y == prev.0 + 1 && m == 1 && prev.1 == 12));
+            let next_month =
+                d == 1 && ((y == prev.0 && m == prev.1 + 1) || (y == prev.0 + 1 && m == 1 && prev.1 == 12));
             assert!(next_in_month || next_month, "{prev:?} -> {:?}", (y, m, d));
             prev = (y, m, d);
         }

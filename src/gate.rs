@@ -68,16 +68,9 @@ pub struct DenyLines {
 
 impl Default for DenyLines {
     fn default() -> Self {
-        let empty = Slot {
-            second: i64::MIN,
-            generation: 0,
-            len: 0,
-            bytes: [0; MAX_REPLY_LEN],
-        };
+        let empty = Slot { second: i64::MIN, generation: 0, len: 0, bytes: [0; MAX_REPLY_LEN] };
         // One leak per worker thread, bounded by the number of workers ever started.
-        DenyLines {
-            slots: Box::leak(Box::new([empty; SLOTS])),
-        }
+        DenyLines { slots: Box::leak(Box::new([empty; SLOTS])) }
     }
 }
 
@@ -104,14 +97,8 @@ mod tests {
 
     #[test]
     fn deny_line_follows_the_second_and_the_snapshot() {
-        let config = |host: &str| {
-            Config::parse(
-                &format!("hostname = \"{host}\""),
-                Path::new("t"),
-                Path::new("."),
-            )
-            .unwrap()
-        };
+        let config =
+            |host: &str| Config::parse(&format!("hostname = \"{host}\""), Path::new("t"), Path::new(".")).unwrap();
         let a = Snapshot::without_lists(config("mx.a.example"));
         let b = Snapshot::without_lists(config("mx.b.example"));
         let mut lines = DenyLines::default();

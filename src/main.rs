@@ -15,11 +15,7 @@ use mxgate::problem::Problems;
 use mxgate::snapshot::Snapshot;
 
 #[derive(Parser)]
-#[command(
-    name = "mxgate",
-    version,
-    about = "SMTP edge relay: judges every peer before the banner"
-)]
+#[command(name = "mxgate", version, about = "SMTP edge relay: judges every peer before the banner")]
 struct Cli {
     /// TOML configuration file; without it, the embedded default (127.0.0.1:2525).
     #[arg(long, global = true, value_name = "FILE")]
@@ -58,9 +54,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = std::env::var("MXGATE_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+    let filter = std::env::var("MXGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -103,35 +97,17 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
     let verdict = s.access.verdict(peer.ip());
     println!("{peer}: {}", verdict.action);
     match (verdict.rule, s.access.file()) {
-        (Some(rule), Some(file)) => println!(
-            "  rule: {} {} at {}:{}",
-            rule.action,
-            rule.net,
-            file.display(),
-            rule.line
-        ),
-        _ => println!(
-            "  no list entry matches: [access] default = \"{}\"",
-            s.access.default_action()
-        ),
+        (Some(rule), Some(file)) => {
+            println!("  rule: {} {} at {}:{}", rule.action, rule.net, file.display(), rule.line)
+        }
+        _ => println!("  no list entry matches: [access] default = \"{}\"", s.access.default_action()),
     }
     if verdict.action == Action::Deny {
-        println!(
-            "  reply: {}",
-            s.config
-                .access
-                .deny_reply
-                .to_line(&s.config.hostname, UnixTime::now())
-        );
+        println!("  reply: {}", s.config.access.deny_reply.to_line(&s.config.hostname, UnixTime::now()));
     }
     let white = s.whitelist.verdict(peer.ip());
     match (white.rule, s.whitelist.file()) {
-        (Some(rule), Some(file)) => println!(
-            "  whitelisted: {} at {}:{}",
-            rule.net,
-            file.display(),
-            rule.line
-        ),
+        (Some(rule), Some(file)) => println!("  whitelisted: {} at {}:{}", rule.net, file.display(), rule.line),
         _ => println!("  not whitelisted"),
     }
     ExitCode::SUCCESS
@@ -144,10 +120,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             for p in &problems.0 {
                 tracing::error!("{p}");
             }
-            tracing::error!(
-                "{} problem(s) in the configuration; not started",
-                problems.0.len()
-            );
+            tracing::error!("{} problem(s) in the configuration; not started", problems.0.len());
             return ExitCode::FAILURE;
         }
     };
@@ -164,11 +137,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addresses: Vec<String> = server
-        .local_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let addresses: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
     tracing::info!(
         addresses = %addresses.join(","),
         threads = server.threads(),
@@ -183,9 +152,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
                 tracing::warn!("SIGHUP: reloading is not implemented yet; nothing changed")
             }
             sig => {
-                tracing::info!(
-                    "signal {sig}: draining connections, then exiting (send it again to exit at once)"
-                );
+                tracing::info!("signal {sig}: draining connections, then exiting (send it again to exit at once)");
                 server.shutdown();
                 break;
             }

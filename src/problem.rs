@@ -17,19 +17,11 @@ pub struct Problem {
 
 impl Problem {
     pub fn in_file(file: &Path, message: impl Into<String>) -> Self {
-        Problem {
-            file: file.to_owned(),
-            line: None,
-            key: None,
-            message: message.into(),
-        }
+        Problem { file: file.to_owned(), line: None, key: None, message: message.into() }
     }
 
     pub fn at_line(file: &Path, line: u32, message: impl Into<String>) -> Self {
-        Problem {
-            line: Some(line),
-            ..Problem::in_file(file, message)
-        }
+        Problem { line: Some(line), ..Problem::in_file(file, message) }
     }
 }
 

@@ -45,13 +45,7 @@ impl Snapshot {
     pub fn new(config: Config, access: AccessList, whitelist: AccessList) -> Self {
         let smtp = smtp::Params::new(&config);
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot {
-            generation,
-            config,
-            access,
-            whitelist,
-            smtp,
-        }
+        Snapshot { generation, config, access, whitelist, smtp }
     }
 
     /// A snapshot of `config` with empty lists.

@@ -30,9 +30,7 @@ impl ReplyTemplate {
             && text.as_bytes()[1..3].iter().all(u8::is_ascii_digit)
             && text.as_bytes().get(3).is_none_or(|&b| b == b' ');
         if !code_ok {
-            return Err(format!(
-                "`{text}` must start with a 4xx or 5xx reply code and a space, e.g. `530 5.7.1 ...`"
-            ));
+            return Err(format!("`{text}` must start with a 4xx or 5xx reply code and a space, e.g. `530 5.7.1 ...`"));
         }
         if let Some(c) = text.chars().find(|c| c.is_control()) {
             return Err(format!("control character {c:?} in a reply line"));
@@ -46,10 +44,7 @@ impl ReplyTemplate {
             if rest.as_bytes()[open] == b'}' {
                 return Err(format!("unmatched `}}` in `{text}`"));
             }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("unmatched `{{` in `{text}`"))?
-                + open;
+            let close = rest[open..].find('}').ok_or_else(|| format!("unmatched `{{` in `{text}`"))? + open;
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_owned()));
             }
@@ -57,9 +52,7 @@ impl ReplyTemplate {
                 "hostname" => Part::Hostname,
                 "time" => Part::Time,
                 other => {
-                    return Err(format!(
-                        "unknown placeholder `{{{other}}}`: known are {{hostname}} and {{time}}"
-                    ));
+                    return Err(format!("unknown placeholder `{{{other}}}`: known are {{hostname}} and {{time}}"));
                 }
             });
             rest = &rest[close + 1..];
@@ -112,17 +105,9 @@ mod tests {
     fn renders_placeholders() {
         let t = ReplyTemplate::parse("530 5.7.1 {hostname} ESMTP denied access at {time}").unwrap();
         let line = t.to_line("mx.example.com", UnixTime(0));
-        assert_eq!(
-            line,
-            "530 5.7.1 mx.example.com ESMTP denied access at Thu, 01 Jan 1970 00:00:00 +0000"
-        );
+        assert_eq!(line, "530 5.7.1 mx.example.com ESMTP denied access at Thu, 01 Jan 1970 00:00:00 +0000");
         assert!(t.max_len("mx.example.com") >= line.len() + 2);
-        assert_eq!(
-            ReplyTemplate::parse("554")
-                .unwrap()
-                .to_line("h", UnixTime(0)),
-            "554"
-        );
+        assert_eq!(ReplyTemplate::parse("554").unwrap().to_line("h", UnixTime(0)), "554");
     }
 
     #[test]

@@ -5,15 +5,10 @@ use std::time::Duration;
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let hint = || {
-        format!(
-            "`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s` or `10m`"
-        )
-    };
+    let hint =
+        || format!("`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s` or `10m`");
     let n: u64 = number.parse().map_err(|_| hint())?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
@@ -30,15 +25,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses `<integer>[unit]` with unit `B`, `KiB`, `MiB` or `GiB` (no unit: bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let hint = || {
-        format!(
-            "`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`"
-        )
-    };
+    let hint = || format!("`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`");
     let n: u64 = number.parse().map_err(|_| hint())?;
     let mult: u64 = match unit.trim_start() {
         "" | "B" => 1,
@@ -47,8 +36,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "GiB" => 1 << 30,
         _ => return Err(hint()),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{text}` is too large a size"))
+    n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large a size"))
 }
 
 #[cfg(test)]
@@ -62,16 +50,7 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        for bad in [
-            "",
-            "10",
-            "m",
-            "1.5h",
-            "-1s",
-            "10 minutes",
-            "10M",
-            "99999999999999999999d",
-        ] {
+        for bad in ["", "10", "m", "1.5h", "-1s", "10 minutes", "10M", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
         }
     }

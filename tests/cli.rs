@@ -7,41 +7,26 @@ use common::{Files, run_cli};
 #[test]
 fn check_names_every_bad_line_and_fails() {
     let list = "deny 10.0.0.0/8\nnot-an-address\n\n10.1.2.3/8 # host bits\nallow 192.0.2.1\ndeny 2001:db8::/129\n";
-    let f = Files::new(
-        "[access]\nlist = \"access.list\"\n",
-        &[("access.list", list)],
-    );
+    let f = Files::new("[access]\nlist = \"access.list\"\n", &[("access.list", list)]);
     let (code, out) = run_cli(&["check"], &f.config());
     assert_eq!(code, 1, "{out}");
     let file = f.path("access.list").display().to_string();
     for line in [2, 4, 6] {
-        assert!(
-            out.contains(&format!("{file}:{line}: ")),
-            "line {line} must be named: {out}"
-        );
+        assert!(out.contains(&format!("{file}:{line}: ")), "line {line} must be named: {out}");
     }
     for line in [1, 3, 5] {
-        assert!(
-            !out.contains(&format!("{file}:{line}: ")),
-            "line {line} is fine: {out}"
-        );
+        assert!(!out.contains(&format!("{file}:{line}: ")), "line {line} is fine: {out}");
     }
 }
 
 #[test]
 fn check_reports_problems_of_every_list_together() {
     let config = "[access]\nlist = \"access.list\"\n[abuse]\nwhitelist = \"white.list\"\n";
-    let f = Files::new(
-        config,
-        &[("access.list", "bad\n"), ("white.list", "deny 10.0.0.1\n")],
-    );
+    let f = Files::new(config, &[("access.list", "bad\n"), ("white.list", "deny 10.0.0.1\n")]);
     let (code, out) = run_cli(&["check"], &f.config());
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("access.list:1: "), "{out}");
-    assert!(
-        out.contains("white.list:1: ") && out.contains("bare entries only"),
-        "{out}"
-    );
+    assert!(out.contains("white.list:1: ") && out.contains("bare entries only"), "{out}");
 }
 
 #[test]
@@ -58,19 +43,13 @@ fn check_accepts_a_good_config() {
     let f = Files::new(
         "hostname = \"mx.example.com\"\n[access]\nlist = \"access.list\"\n[abuse]\nwhitelist = \"white.list\"\n",
         &[
-            (
-                "access.list",
-                "# comment\ndeny 192.0.2.0/24\nallow 192.0.2.25\n2001:db8::/32\n",
-            ),
+            ("access.list", "# comment\ndeny 192.0.2.0/24\nallow 192.0.2.25\n2001:db8::/32\n"),
             ("white.list", "10.0.0.0/8\n"),
         ],
     );
     let (code, out) = run_cli(&["check"], &f.config());
     assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("valid (3 access entries, 1 whitelist entries)"),
-        "{out}"
-    );
+    assert!(out.contains("valid (3 access entries, 1 whitelist entries)"), "{out}");
 }
 
 #[test]
@@ -83,38 +62,20 @@ fn the_shipped_example_config_is_valid() {
 #[test]
 fn explain_names_the_deciding_entry() {
     let list = "deny 127.0.0.0/8\nallow 127.0.1.0/24\ndeny 127.0.1.7\n";
-    let f = Files::new(
-        "hostname = \"mx.test\"\n[access]\nlist = \"access.list\"\n",
-        &[("access.list", list)],
-    );
+    let f = Files::new("hostname = \"mx.test\"\n[access]\nlist = \"access.list\"\n", &[("access.list", list)]);
     let file = f.path("access.list").display().to_string();
     let (code, out) = run_cli(&["explain", "127.0.1.7"], &f.config());
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("127.0.1.7: deny"), "{out}");
-    assert!(
-        out.contains(&format!("deny 127.0.1.7/32 at {file}:3")),
-        "{out}"
-    );
-    assert!(
-        out.contains("reply: 530 5.7.1 mx.test ESMTP denied access at "),
-        "{out}"
-    );
+    assert!(out.contains(&format!("deny 127.0.1.7/32 at {file}:3")), "{out}");
+    assert!(out.contains("reply: 530 5.7.1 mx.test ESMTP denied access at "), "{out}");
 
     let (_, out) = run_cli(&["explain", "::ffff:127.0.1.8"], &f.config());
-    assert!(
-        out.contains("judged as 127.0.1.8") && out.contains("127.0.1.8: allow"),
-        "{out}"
-    );
-    assert!(
-        out.contains(&format!("allow 127.0.1.0/24 at {file}:2")),
-        "{out}"
-    );
+    assert!(out.contains("judged as 127.0.1.8") && out.contains("127.0.1.8: allow"), "{out}");
+    assert!(out.contains(&format!("allow 127.0.1.0/24 at {file}:2")), "{out}");
 
     let (_, out) = run_cli(&["explain", "192.0.2.1"], &f.config());
-    assert!(
-        out.contains("192.0.2.1: allow") && out.contains("no list entry matches"),
-        "{out}"
-    );
+    assert!(out.contains("192.0.2.1: allow") && out.contains("no list entry matches"), "{out}");
 }
 
 #[test]

@@ -16,15 +16,8 @@ fn config(extra: &str) -> String {
 fn assert_denied(m: &Mxgate, source: &str, addr_index: usize) {
     let mut s = connect_from(source, m.addrs[addr_index]);
     let (got, end) = read_to_end(&mut s);
-    assert!(
-        got.starts_with(DENY_PREFIX) && got.ends_with(" +0000\r\n"),
-        "{source}: {got:?}"
-    );
-    assert_eq!(
-        got.matches("\r\n").count(),
-        1,
-        "{source}: exactly one line: {got:?}"
-    );
+    assert!(got.starts_with(DENY_PREFIX) && got.ends_with(" +0000\r\n"), "{source}: {got:?}");
+    assert_eq!(got.matches("\r\n").count(), 1, "{source}: exactly one line: {got:?}");
     assert!(!got.contains("220"), "{source}: no banner: {got:?}");
     assert_eq!(end, End::Eof, "{source}: closed after the line");
 }
@@ -32,18 +25,10 @@ fn assert_denied(m: &Mxgate, source: &str, addr_index: usize) {
 /// The peer gets the banner and a working session.
 fn assert_allowed(m: &Mxgate, source: &str, addr_index: usize) {
     let mut s = connect_from(source, m.addrs[addr_index]);
-    assert_eq!(
-        read_replies(&mut s, 1),
-        "220 mx.test ESMTP mxgate\r\n",
-        "{source}"
-    );
+    assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
     send(&mut s, b"QUIT\r\n");
     let (got, end) = read_to_end(&mut s);
-    assert_eq!(
-        (got.as_str(), end),
-        ("221 2.0.0 mx.test closing connection\r\n", End::Eof),
-        "{source}"
-    );
+    assert_eq!((got.as_str(), end), ("221 2.0.0 mx.test closing connection\r\n", End::Eof), "{source}");
 }
 
 fn denied_and_allowed_peers(io: &str) {
@@ -63,11 +48,7 @@ fn longest_prefix_decides(io: &str) {
 }
 
 fn default_deny_grants_only_listed_peers(io: &str) {
-    let m = Mxgate::start(
-        &config("default = \"deny\"\n"),
-        &[("access.list", "127.0.3.1\n127.0.4.0/24\n")],
-        io,
-    );
+    let m = Mxgate::start(&config("default = \"deny\"\n"), &[("access.list", "127.0.3.1\n127.0.4.0/24\n")], io);
     assert_allowed(&m, "127.0.3.1", 0);
     assert_allowed(&m, "127.0.4.200", 0);
     assert_denied(&m, "127.0.3.2", 0);
@@ -77,18 +58,10 @@ fn default_deny_grants_only_listed_peers(io: &str) {
 fn dual_stack_listener_judges_ipv4_peers_by_ipv4_rules(io: &str) {
     let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"[::]:0\"]\n[access]\nlist = \"access.list\"\n";
     // the entry in mapped form must act exactly like the plain one
-    let m = Mxgate::start(
-        config,
-        &[("access.list", "127.0.0.1\n::ffff:127.0.5.0/120\n")],
-        io,
-    );
+    let m = Mxgate::start(config, &[("access.list", "127.0.0.1\n::ffff:127.0.5.0/120\n")], io);
     let port = m.addr().port();
     let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    for (source, denied) in [
-        ("127.0.0.1", true),
-        ("127.0.5.9", true),
-        ("127.0.0.2", false),
-    ] {
+    for (source, denied) in [("127.0.0.1", true), ("127.0.5.9", true), ("127.0.0.2", false)] {
         let mut s = connect_from(source, v4);
         let (got, _) = read_to_end_after_quit(&mut s);
         assert_eq!(got.starts_with(DENY_PREFIX), denied, "{source}: {got:?}");
@@ -113,10 +86,7 @@ fn read_to_end_after_quit(s: &mut std::net::TcpStream) -> (String, End) {
         send(s, b"QUIT\r\n");
     }
     let (rest, end) = read_to_end(s);
-    (
-        format!("{}{rest}", String::from_utf8_lossy(&first[..n])),
-        end,
-    )
+    (format!("{}{rest}", String::from_utf8_lossy(&first[..n])), end)
 }
 
 fn pipelined_commands_are_answered_in_order(io: &str) {
@@ -131,36 +101,20 @@ fn pipelined_commands_are_answered_in_order(io: &str) {
     send(&mut s, &batch);
     let got = read_replies(&mut s, 20);
     let lines: Vec<&str> = got.lines().collect();
-    assert_eq!(
-        lines[..3],
-        ["250-mx.test", "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
-    );
-    assert!(
-        lines[3..21].iter().all(|l| *l == "250 2.0.0 OK"),
-        "{lines:?}"
-    );
+    assert_eq!(lines[..3], ["250-mx.test", "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]);
+    assert!(lines[3..21].iter().all(|l| *l == "250 2.0.0 OK"), "{lines:?}");
     assert_eq!(lines[21], "500 5.5.2 command unrecognized");
     assert_eq!(lines.len(), 22);
 }
 
 fn idle_peers_are_dropped_with_421(io: &str) {
-    let m = Mxgate::start(
-        &config("[smtp]\ncommand_timeout = \"1s\"\n"),
-        &[("access.list", "")],
-        io,
-    );
+    let m = Mxgate::start(&config("[smtp]\ncommand_timeout = \"1s\"\n"), &[("access.list", "")], io);
     let mut s = connect_from("127.0.7.1", m.addr());
     read_replies(&mut s, 1);
     send(&mut s, b"NOOP\r\n");
     read_replies(&mut s, 1);
     let (got, end) = read_to_end(&mut s);
-    assert_eq!(
-        (got.as_str(), end),
-        (
-            "421 4.4.2 mx.test timeout exceeded, closing connection\r\n",
-            End::Eof
-        )
-    );
+    assert_eq!((got.as_str(), end), ("421 4.4.2 mx.test timeout exceeded, closing connection\r\n", End::Eof));
 }
 
 fn sigterm_drains_and_exits(io: &str) {
@@ -169,13 +123,7 @@ fn sigterm_drains_and_exits(io: &str) {
     read_replies(&mut s, 1);
     m.signal(libc::SIGTERM);
     let (got, end) = read_to_end(&mut s);
-    assert_eq!(
-        (got.as_str(), end),
-        (
-            "421 4.3.2 mx.test service shutting down, closing connection\r\n",
-            End::Eof
-        )
-    );
+    assert_eq!((got.as_str(), end), ("421 4.3.2 mx.test service shutting down, closing connection\r\n", End::Eof));
     assert!(m.wait_exit().success());
     m.wait_for_log("mxgate stopped");
 }

@@ -42,11 +42,7 @@ pub fn parse(bytes: &[u8], file: &Path, problems: &mut Vec<Problem>) -> Vec<Line
     for (n, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let number = u32::try_from(n + 1).unwrap_or(u32::MAX);
         match parse_line(raw) {
-            Ok(Some((action, net))) => lines.push(Line {
-                action,
-                net,
-                line: number,
-            }),
+            Ok(Some((action, net))) => lines.push(Line { action, net, line: number }),
             Ok(None) => {}
             Err(message) => {
                 bad += 1;
@@ -58,10 +54,7 @@ pub fn parse(bytes: &[u8], file: &Path, problems: &mut Vec<Problem>) -> Vec<Line
     }
     if bad > MAX_PROBLEMS_PER_FILE {
         let more = bad - MAX_PROBLEMS_PER_FILE;
-        problems.push(Problem::in_file(
-            file,
-            format!("{more} more bad lines not shown"),
-        ));
+        problems.push(Problem::in_file(file, format!("{more} more bad lines not shown")));
     }
     lines
 }
@@ -81,15 +74,11 @@ fn parse_line(raw: &[u8]) -> Result<Option<(Option<Action>, IpNet)>, String> {
         _ => None,
     };
     if action.is_some() {
-        word = words
-            .next()
-            .ok_or_else(|| format!("`{text}`: an address or prefix must follow `{word}`"))?;
+        word = words.next().ok_or_else(|| format!("`{text}`: an address or prefix must follow `{word}`"))?;
     }
     let net = parse_net(word)?;
     if let Some(extra) = words.next() {
-        return Err(format!(
-            "unexpected `{extra}` after `{word}`: one entry a line, `#` starts a comment"
-        ));
+        return Err(format!("unexpected `{extra}` after `{word}`: one entry a line, `#` starts a comment"));
     }
     Ok(Some((action, net)))
 }
@@ -97,14 +86,11 @@ fn parse_line(raw: &[u8]) -> Result<Option<(Option<Action>, IpNet)>, String> {
 /// An address (a host prefix) or a CIDR prefix, canonicalised.
 pub fn parse_net(word: &str) -> Result<IpNet, String> {
     let net = if word.contains('/') {
-        let net: IpNet = word.parse().map_err(|_| {
-            format!("`{word}` is not an IP prefix (expected e.g. 192.0.2.0/24 or 2001:db8::/32)")
-        })?;
+        let net: IpNet = word
+            .parse()
+            .map_err(|_| format!("`{word}` is not an IP prefix (expected e.g. 192.0.2.0/24 or 2001:db8::/32)"))?;
         if net.trunc() != net {
-            return Err(format!(
-                "`{word}` has host bits set: did you mean {}?",
-                net.trunc()
-            ));
+            return Err(format!("`{word}` has host bits set: did you mean {}?", net.trunc()));
         }
         net
     } else {
@@ -141,24 +127,12 @@ mod tests {
     #[test]
     fn entries() {
         let n = |s: &str| s.parse::<IpNet>().unwrap();
-        assert_eq!(
-            one("deny 192.0.2.0/24"),
-            Ok(Some((Some(Action::Deny), n("192.0.2.0/24"))))
-        );
-        assert_eq!(
-            one("  ALLOW 192.0.2.7 # partner"),
-            Ok(Some((Some(Action::Allow), n("192.0.2.7/32"))))
-        );
+        assert_eq!(one("deny 192.0.2.0/24"), Ok(Some((Some(Action::Deny), n("192.0.2.0/24")))));
+        assert_eq!(one("  ALLOW 192.0.2.7 # partner"), Ok(Some((Some(Action::Allow), n("192.0.2.7/32")))));
         assert_eq!(one("2001:db8::/32"), Ok(Some((None, n("2001:db8::/32")))));
         assert_eq!(one("::1"), Ok(Some((None, n("::1/128")))));
-        assert_eq!(
-            one("\tdeny\t10.0.0.0/8\r"),
-            Ok(Some((Some(Action::Deny), n("10.0.0.0/8"))))
-        );
-        assert_eq!(
-            one("::ffff:10.0.0.0/104"),
-            Ok(Some((None, n("10.0.0.0/8"))))
-        );
+        assert_eq!(one("\tdeny\t10.0.0.0/8\r"), Ok(Some((Some(Action::Deny), n("10.0.0.0/8")))));
+        assert_eq!(one("::ffff:10.0.0.0/104"), Ok(Some((None, n("10.0.0.0/8")))));
         assert_eq!(one("::ffff:127.0.0.9"), Ok(Some((None, n("127.0.0.9/32")))));
         assert_eq!(one("# only a comment"), Ok(None));
         assert_eq!(one("   "), Ok(None));

@@ -73,12 +73,7 @@ pub struct AccessList {
 impl AccessList {
     /// An empty list: every address gets `default`.
     pub fn empty(default: Action) -> Self {
-        AccessList {
-            file: None,
-            default,
-            rules: Vec::new(),
-            table: PrefixTable::default(),
-        }
+        AccessList { file: None, default, rules: Vec::new(), table: PrefixTable::default() }
     }
 
     /// Reads and parses `file`; every problem is pushed to `problems`.
@@ -96,24 +91,14 @@ impl AccessList {
     pub fn parse(text: &str, file: &Path, default: Action, problems: &mut Vec<Problem>) -> Self {
         let mut list = AccessList::empty(default);
         list.file = Some(file.to_owned());
-        list.add_lines(
-            &list::parse(text.as_bytes(), file, problems),
-            file,
-            problems,
-        );
+        list.add_lines(&list::parse(text.as_bytes(), file, problems), file, problems);
         list
     }
 
     fn add_lines(&mut self, lines: &[list::Line], file: &Path, problems: &mut Vec<Problem>) {
         let bare = self.default.opposite();
-        self.rules = lines
-            .iter()
-            .map(|l| Rule {
-                net: l.net,
-                action: l.action.unwrap_or(bare),
-                line: l.line,
-            })
-            .collect();
+        self.rules =
+            lines.iter().map(|l| Rule { net: l.net, action: l.action.unwrap_or(bare), line: l.line }).collect();
         // rule index << 1 | 1 must stay below the table's reserved u32::MAX
         if self.rules.len() >= (1 << 31) - 1 {
             problems.push(Problem::in_file(file, "more than 2^31 entries"));
@@ -121,28 +106,21 @@ impl AccessList {
         }
         // The same prefix twice with different actions is a contradiction to report;
         // the same prefix twice with the same action is harmless (the first is kept).
-        let mut order: Vec<u32> = (0..self.rules.len() as u32).collect();
-        order.sort_by_key(|&i| self.rules[i as usize].net); // stable: file order among equals
-        for group in
-            order.chunk_by(|&a, &b| self.rules[a as usize].net == self.rules[b as usize].net)
-        {
-            let first = &self.rules[group[0] as usize];
-            for later in group[1..].iter().map(|&i| &self.rules[i as usize]) {
-                if later.action != first.action {
-                    problems.push(Problem::at_line(
-                        file,
-                        later.line,
-                        format!(
-                            "`{} {}` contradicts `{} {}` on line {}",
-                            later.action, later.net, first.action, first.net, first.line
-                        ),
-                    ));
-                }
+        let rules = &self.rules;
+        let pack = |(i, r): (usize, &Rule)| (r.net, (i as u32) << 1 | u32::from(r.action == Action::Deny));
+        self.table = PrefixTable::build_with(rules.iter().enumerate().map(pack), |kept, dropped| {
+            let (first, later) = (&rules[(kept >> 1) as usize], &rules[(dropped >> 1) as usize]);
+            if later.action != first.action {
+                problems.push(Problem::at_line(
+                    file,
+                    later.line,
+                    format!(
+                        "`{} {}` contradicts `{} {}` on line {}",
+                        later.action, later.net, first.action, first.net, first.line
+                    ),
+                ));
             }
-        }
-        let packed =
-            |(i, r): (usize, &Rule)| (r.net, (i as u32) << 1 | u32::from(r.action == Action::Deny));
-        self.table = PrefixTable::build(self.rules.iter().enumerate().map(packed));
+        });
     }
 
     /// The action for a canonical address: the gate's hot path.
@@ -160,15 +138,9 @@ impl AccessList {
         match self.table.lookup(ip) {
             Some(v) => {
                 let rule = &self.rules[(v >> 1) as usize];
-                Verdict {
-                    action: rule.action,
-                    rule: Some(rule),
-                }
+                Verdict { action: rule.action, rule: Some(rule) }
             }
-            None => Verdict {
-                action: self.default,
-                rule: None,
-            },
+            None => Verdict { action: self.default, rule: None },
         }
     }
 
@@ -210,10 +182,7 @@ mod tests {
 
     #[test]
     fn nested_allow_and_deny() {
-        let l = list(
-            "deny 127.0.0.0/8\nallow 127.0.1.0/24\ndeny 127.0.1.7\n",
-            Action::Allow,
-        );
+        let l = list("deny 127.0.0.0/8\nallow 127.0.1.0/24\ndeny 127.0.1.7\n", Action::Allow);
         assert_eq!(l.action(ip("127.0.1.7")), Action::Deny);
         assert_eq!(l.action(ip("127.0.1.8")), Action::Allow);
         assert_eq!(l.action(ip("127.0.2.1")), Action::Deny);

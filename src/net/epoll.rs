@@ -65,12 +65,8 @@ impl Worker {
         for (i, socket) in sockets.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
             let mut socket = TcpListener::from_std(socket);
-            poll.registry()
-                .register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
-            listeners.push(Listener {
-                socket,
-                retry_at: None,
-            });
+            poll.registry().register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            listeners.push(Listener { socket, retry_at: None });
         }
         Ok(Worker {
             poll,
@@ -101,8 +97,7 @@ impl Worker {
                 break;
             }
             let wait = if self.busy.is_empty() {
-                self.next_wakeup()
-                    .map(|at| at.saturating_duration_since(now))
+                self.next_wakeup().map(|at| at.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
             };
@@ -115,11 +110,7 @@ impl Worker {
             let now = Instant::now();
             let unix = UnixTime::now();
             for busy in std::mem::take(&mut self.busy) {
-                if self
-                    .conns
-                    .get(busy.0)
-                    .is_some_and(|c| c.generation == busy.1)
-                {
+                if self.conns.get(busy.0).is_some_and(|c| c.generation == busy.1) {
                     self.advance(busy.0, now);
                 }
             }
@@ -169,20 +160,13 @@ impl Worker {
             self.generation = self.generation.wrapping_add(1);
             let entry = self.conns.vacant_entry();
             let key = entry.key();
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                Token(key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) =
+                self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+            {
                 tracing::warn!(%peer, "cannot register a connection: {e}");
                 continue;
             }
-            entry.insert(Conn {
-                stream,
-                generation: self.generation,
-                session,
-                armed: None,
-            });
+            entry.insert(Conn { stream, generation: self.generation, session, armed: None });
             self.advance(key, now);
         }
     }
@@ -195,10 +179,7 @@ impl Worker {
         };
         for _ in 0..STEPS_PER_TURN {
             let step = match conn.session.poll_transmit() {
-                Transmit::Send(bytes) => conn
-                    .stream
-                    .write(bytes)
-                    .map(|n| conn.session.consume_output(n)),
+                Transmit::Send(bytes) => conn.stream.write(bytes).map(|n| conn.session.consume_output(n)),
                 Transmit::Receive => conn.stream.read(&mut self.read_buf).map(|n| match n {
                     0 => conn.session.handle_eof(),
                     n => conn.session.handle_input(&self.read_buf[..n], now),
@@ -212,11 +193,7 @@ impl Worker {
             match step {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.timers.arm(
-                        &mut conn.armed,
-                        conn.session.poll_timeout(),
-                        (key, conn.generation),
-                    );
+                    self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -226,21 +203,13 @@ impl Worker {
                 }
             }
         }
-        self.timers.arm(
-            &mut conn.armed,
-            conn.session.poll_timeout(),
-            (key, conn.generation),
-        );
+        self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
         self.busy.push((key, conn.generation));
     }
 
     fn fire_timers(&mut self, now: Instant) {
         while let Some((at, (key, generation))) = self.timers.pop_due(now) {
-            let Some(conn) = self
-                .conns
-                .get_mut(key)
-                .filter(|c| c.generation == generation)
-            else {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else {
                 continue;
             };
             timers::disarm(&mut conn.armed, at);
@@ -268,9 +237,7 @@ impl Worker {
         if !self.shared.stopping() || self.drain != Drain::Serving {
             return;
         }
-        self.drain = Drain::Draining {
-            deadline: now + self.snapshot.load().config.listen.drain_timeout,
-        };
+        self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
@@ -298,12 +265,7 @@ impl Worker {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.retry_at)
-            .chain(self.timers.next())
-            .chain(self.drain.deadline())
-            .min()
+        self.listeners.iter().filter_map(|l| l.retry_at).chain(self.timers.next()).chain(self.drain.deadline()).min()
     }
 
     fn finished(&self) -> bool {

@@ -14,21 +14,14 @@ const BACKLOG: i32 = 4096;
 /// Binds `threads` listeners for every address. Returns them per thread, and the bound
 /// addresses: for port 0 the kernel picks a port for the first listener and the others
 /// join it there.
-pub fn bind(
-    addrs: &[SocketAddr],
-    threads: usize,
-) -> Result<(Vec<Vec<TcpListener>>, Vec<SocketAddr>), StartError> {
-    let mut per_thread: Vec<Vec<TcpListener>> = (0..threads)
-        .map(|_| Vec::with_capacity(addrs.len()))
-        .collect();
+pub fn bind(addrs: &[SocketAddr], threads: usize) -> Result<(Vec<Vec<TcpListener>>, Vec<SocketAddr>), StartError> {
+    let mut per_thread: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::with_capacity(addrs.len())).collect();
     let mut bound = Vec::with_capacity(addrs.len());
     for &addr in addrs {
         let err = |source| StartError::Bind { addr, source };
         // `[::]` also takes IPv4 (as ::ffff:a.b.c.d), unless 0.0.0.0 on the same port is
         // configured too, which would then collide with it.
-        let v4_elsewhere = addrs
-            .iter()
-            .any(|a| a.is_ipv4() && a.ip().is_unspecified() && a.port() == addr.port());
+        let v4_elsewhere = addrs.iter().any(|a| a.is_ipv4() && a.ip().is_unspecified() && a.port() == addr.port());
         let only_v6 = !addr.ip().is_unspecified() || v4_elsewhere;
         let first = listener(addr, only_v6).map_err(err)?;
         let actual = first.local_addr().map_err(err)?;
@@ -42,11 +35,7 @@ pub fn bind(
 }
 
 fn listener(addr: SocketAddr, only_v6: bool) -> io::Result<TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {

@@ -64,10 +64,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Arc::new(Shared {
-            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
-            stopping: AtomicBool::new(false),
-        })
+        Arc::new(Shared { snapshot: Arc::new(ArcSwap::from_pointee(snapshot)), stopping: AtomicBool::new(false) })
     }
 
     /// The current snapshot.
@@ -129,36 +126,29 @@ impl Server {
         };
         let (per_thread, local_addrs) = listen::bind(&snapshot.config.listen.addresses, threads)?;
 
-        let mut server = Server {
-            shared: shared.clone(),
-            local_addrs,
-            driver,
-            wakers: Vec::new(),
-            threads: Vec::new(),
-        };
+        let mut server =
+            Server { shared: shared.clone(), local_addrs, driver, wakers: Vec::new(), threads: Vec::new() };
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, listeners) in per_thread.into_iter().enumerate() {
             let shared = shared.clone();
             let ready = ready_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("mxgate-{driver}-{i}"))
-                .spawn(move || {
-                    let result = match driver {
-                        Driver::Uring => uring::Worker::new(shared, listeners)
-                            .map(|w| (Waker::Uring(w.waker()), Worker::Uring(Box::new(w)))),
-                        Driver::Epoll => epoll::Worker::new(shared, listeners)
-                            .and_then(|w| Ok((Waker::Epoll(w.waker()?), Worker::Epoll(w)))),
-                    };
-                    match result {
-                        Ok((waker, worker)) => {
-                            let _ = ready.send(Ok(waker));
-                            worker.run();
-                        }
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                        }
+            let spawned = std::thread::Builder::new().name(format!("mxgate-{driver}-{i}")).spawn(move || {
+                let result = match driver {
+                    Driver::Uring => uring::Worker::new(shared, listeners)
+                        .map(|w| (Waker::Uring(w.waker()), Worker::Uring(Box::new(w)))),
+                    Driver::Epoll => epoll::Worker::new(shared, listeners)
+                        .and_then(|w| Ok((Waker::Epoll(w.waker()?), Worker::Epoll(w)))),
+                };
+                match result {
+                    Ok((waker, worker)) => {
+                        let _ = ready.send(Ok(waker));
+                        worker.run();
                     }
-                });
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            });
             let handle = spawned.map_err(|source| StartError::Worker { thread: i, source })?;
             server.threads.push(handle);
             match ready_rx.recv() {

@@ -36,11 +36,7 @@ impl Timers {
 
     /// Pops one entry due at `now`, with the time it was armed for.
     pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, ConnId)> {
-        if self.next()? <= now {
-            self.heap.pop().map(|Reverse(e)| e)
-        } else {
-            None
-        }
+        if self.next()? <= now { self.heap.pop().map(|Reverse(e)| e) } else { None }
     }
 }
 

@@ -51,11 +51,7 @@ fn user_data(tag: u8, key: usize, generation: u32) -> u64 {
 }
 
 fn split_user_data(ud: u64) -> (u8, usize, u32) {
-    (
-        (ud >> 56) as u8,
-        (ud & 0xffff_ffff) as usize,
-        ((ud >> 32) & 0xff_ffff) as u32,
-    )
+    ((ud >> 56) as u8, (ud & 0xffff_ffff) as usize, ((ud >> 32) & 0xff_ffff) as u32)
 }
 
 fn new_ring() -> io::Result<IoUring> {
@@ -75,9 +71,7 @@ pub fn probe() -> Result<(), String> {
         return Err("the kernel's io_uring is too old (needs Linux 5.19 or later)".into());
     }
     let mut probe = Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|e| format!("cannot probe io_uring: {e}"))?;
+    ring.submitter().register_probe(&mut probe).map_err(|e| format!("cannot probe io_uring: {e}"))?;
     let needed = [
         opcode::Accept::CODE,
         opcode::Send::CODE,
@@ -93,21 +87,12 @@ pub fn probe() -> Result<(), String> {
     let Ok(listener) = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
         return Ok(());
     };
-    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
-        .build()
-        .user_data(1);
+    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).build().user_data(1);
     let cancel = opcode::AsyncCancel::new(1).build().user_data(2);
     push(&mut ring, &[accept, cancel]);
-    ring.submit_and_wait(2)
-        .map_err(|e| format!("io_uring submit failed: {e}"))?;
-    match ring
-        .completion()
-        .find(|c| c.user_data() == 1)
-        .map(|c| c.result())
-    {
-        Some(r) if r == -libc::EINVAL => {
-            Err("multishot accept is not supported (needs Linux 5.19 or later)".into())
-        }
+    ring.submit_and_wait(2).map_err(|e| format!("io_uring submit failed: {e}"))?;
+    match ring.completion().find(|c| c.user_data() == 1).map(|c| c.result()) {
+        Some(r) if r == -libc::EINVAL => Err("multishot accept is not supported (needs Linux 5.19 or later)".into()),
         _ => Ok(()),
     }
 }
@@ -138,11 +123,7 @@ impl Waker {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
         let n = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if n == 8 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        if n == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
 }
 
@@ -209,12 +190,7 @@ impl Worker {
         let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let listeners = sockets
             .into_iter()
-            .map(|socket| Listener {
-                socket,
-                armed: false,
-                retry_at: None,
-                closing: false,
-            })
+            .map(|socket| Listener { socket, armed: false, retry_at: None, closing: false })
             .collect();
         let mut w = Worker {
             ring,
@@ -250,10 +226,7 @@ impl Worker {
             if self.finished() {
                 break;
             }
-            let waited = match self
-                .next_wakeup()
-                .map(|at| at.saturating_duration_since(now))
-            {
+            let waited = match self.next_wakeup().map(|at| at.saturating_duration_since(now)) {
                 Some(wait) => {
                     let ts = types::Timespec::from(wait);
                     let args = types::SubmitArgs::new().timespec(&ts);
@@ -262,10 +235,7 @@ impl Worker {
                 None => self.ring.submit_and_wait(1),
             };
             if let Err(e) = waited
-                && !matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                )
+                && !matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY))
             {
                 tracing::error!("io_uring wait failed: {e}; this worker stops");
                 break;
@@ -354,11 +324,7 @@ impl Worker {
 
     /// A connection's recv or send completed.
     fn op_done(&mut self, tag: u8, (key, generation): ConnId, res: i32, now: Instant) {
-        let Some(conn) = self
-            .conns
-            .get_mut(key)
-            .filter(|c| c.generation == generation)
-        else {
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else {
             return;
         };
         conn.op = Op::None;
@@ -414,8 +380,7 @@ impl Worker {
             }
         };
         push(&mut self.ring, &[entry]);
-        self.timers
-            .arm(&mut conn.armed, conn.session.poll_timeout(), id);
+        self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), id);
     }
 
     /// Asks a connection's operation to stop early so that `pending` can act.
@@ -439,11 +404,7 @@ impl Worker {
 
     fn fire_timers(&mut self, now: Instant) {
         while let Some((at, (key, generation))) = self.timers.pop_due(now) {
-            let Some(conn) = self
-                .conns
-                .get_mut(key)
-                .filter(|c| c.generation == generation)
-            else {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else {
                 continue;
             };
             timers::disarm(&mut conn.armed, at);
@@ -471,9 +432,7 @@ impl Worker {
         if self.drain != Drain::Serving {
             return;
         }
-        self.drain = Drain::Draining {
-            deadline: now + self.snapshot.load().config.listen.drain_timeout,
-        };
+        self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
         for (i, l) in self.listeners.iter_mut().enumerate() {
             l.closing = true;
             if l.armed {
@@ -490,13 +449,9 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) {
-        let read = opcode::Read::new(
-            types::Fd(self.wake_fd.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(user_data(TAG_WAKE, 0, 0));
+        let read = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data(TAG_WAKE, 0, 0));
         push(&mut self.ring, &[read]);
     }
 
@@ -521,30 +476,22 @@ impl Worker {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        let retries = self
-            .listeners
-            .iter()
-            .filter(|l| !l.armed && !l.closing)
-            .filter_map(|l| l.retry_at);
-        retries
-            .chain(self.timers.next())
-            .chain(self.drain.deadline())
-            .min()
+        let retries = self.listeners.iter().filter(|l| !l.armed && !l.closing).filter_map(|l| l.retry_at);
+        retries.chain(self.timers.next()).chain(self.drain.deadline()).min()
     }
 
     /// Draining is done: no connection left and no accept armed.
     fn finished(&self) -> bool {
-        self.drain != Drain::Serving
-            && self.conns.is_empty()
-            && self.listeners.iter().all(|l| !l.armed)
+        self.drain != Drain::Serving && self.conns.is_empty() && self.listeners.iter().all(|l| !l.armed)
     }
 }
 
 fn close_entry(fd: RawFd) -> squeue::Entry {
-    opcode::Close::new(types::Fd(fd))
-        .build()
-        .flags(squeue::Flags::SKIP_SUCCESS)
-        .user_data(user_data(TAG_CLOSE, fd as usize, 0))
+    opcode::Close::new(types::Fd(fd)).build().flags(squeue::Flags::SKIP_SUCCESS).user_data(user_data(
+        TAG_CLOSE,
+        fd as usize,
+        0,
+    ))
 }
 
 fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
@@ -559,13 +506,7 @@ mod tests {
 
     #[test]
     fn user_data_round_trips() {
-        assert_eq!(
-            split_user_data(user_data(TAG_SEND, 123_456, 0xab_cdef)),
-            (TAG_SEND, 123_456, 0xab_cdef)
-        );
-        assert_eq!(
-            split_user_data(user_data(TAG_CLOSE, 7, 0)),
-            (TAG_CLOSE, 7, 0)
-        );
+        assert_eq!(split_user_data(user_data(TAG_SEND, 123_456, 0xab_cdef)), (TAG_SEND, 123_456, 0xab_cdef));
+        assert_eq!(split_user_data(user_data(TAG_CLOSE, 7, 0)), (TAG_CLOSE, 7, 0));
     }
 }

@@ -75,10 +75,7 @@ mod tests {
         assert_eq!(Verb::parse(b"EHLOX"), Verb::Unknown);
         assert_eq!(Verb::parse(b"\xff\xfe"), Verb::Unknown);
         assert_eq!(Verb::parse(b""), Verb::Unknown);
-        assert_eq!(
-            split(b"MAIL FROM:<a@b>"),
-            (&b"MAIL"[..], &b"FROM:<a@b>"[..])
-        );
+        assert_eq!(split(b"MAIL FROM:<a@b>"), (&b"MAIL"[..], &b"FROM:<a@b>"[..]));
         assert_eq!(split(b"NOOP"), (&b"NOOP"[..], &b""[..]));
     }
 }

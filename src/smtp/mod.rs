@@ -59,17 +59,11 @@ impl Params {
         let lines = |s: String| s.into_bytes().into_boxed_slice();
         Params {
             banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
-            ehlo: lines(format!(
-                "250-{host}\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
-            )),
+            ehlo: lines(format!("250-{host}\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n")),
             helo: lines(format!("250 {host}\r\n")),
             quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
-            idle_timeout: lines(format!(
-                "421 4.4.2 {host} timeout exceeded, closing connection\r\n"
-            )),
-            shutdown: lines(format!(
-                "421 4.3.2 {host} service shutting down, closing connection\r\n"
-            )),
+            idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),
+            shutdown: lines(format!("421 4.3.2 {host} service shutting down, closing connection\r\n")),
             command_timeout: config.smtp.command_timeout,
         }
     }
@@ -123,15 +117,7 @@ impl Session {
     pub fn new(snapshot: Arc<Snapshot>, now: Instant) -> Self {
         let idle_deadline = now + snapshot.smtp.command_timeout;
         let out = snapshot.smtp.banner.to_vec();
-        Session {
-            snapshot,
-            phase: Phase::Open,
-            line: Vec::new(),
-            overlong: false,
-            out,
-            sent: 0,
-            idle_deadline,
-        }
+        Session { snapshot, phase: Phase::Open, line: Vec::new(), overlong: false, out, sent: 0, idle_deadline }
     }
 
     /// Bytes from the peer. Each complete command line gets its reply, in order.
@@ -183,9 +169,7 @@ impl Session {
             Verb::Help => self.reply(HELP),
             Verb::Quit if args.is_empty() => {
                 self.out.extend_from_slice(&self.snapshot.smtp.quit);
-                self.phase = Phase::Closing {
-                    until: now + CLOSE_GRACE,
-                };
+                self.phase = Phase::Closing { until: now + CLOSE_GRACE };
             }
             Verb::Rset | Verb::Quit => self.reply(NO_PARAMETERS),
             Verb::NotImplemented => self.reply(NOT_IMPLEMENTED),
@@ -219,9 +203,7 @@ impl Session {
         match self.phase {
             Phase::Open if now >= self.idle_deadline => {
                 self.out.extend_from_slice(&self.snapshot.smtp.idle_timeout);
-                self.phase = Phase::Closing {
-                    until: now + CLOSE_GRACE,
-                };
+                self.phase = Phase::Closing { until: now + CLOSE_GRACE };
             }
             Phase::Closing { until } if now >= until => self.phase = Phase::Closed,
             _ => {}
@@ -232,9 +214,7 @@ impl Session {
     pub fn shutdown(&mut self, now: Instant) {
         if self.phase == Phase::Open {
             self.out.extend_from_slice(&self.snapshot.smtp.shutdown);
-            self.phase = Phase::Closing {
-                until: now + CLOSE_GRACE,
-            };
+            self.phase = Phase::Closing { until: now + CLOSE_GRACE };
         }
     }
 

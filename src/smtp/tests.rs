@@ -17,10 +17,7 @@ impl Transcript {
         let text = "hostname = \"mx.test\"\n[smtp]\ncommand_timeout = \"60s\"\n";
         let config = Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap();
         let now = Instant::now();
-        let mut t = Transcript {
-            session: Session::new(Arc::new(Snapshot::without_lists(config)), now),
-            now,
-        };
+        let mut t = Transcript { session: Session::new(Arc::new(Snapshot::without_lists(config)), now), now };
         assert_eq!(t.drain(), "220 mx.test ESMTP mxgate\r\n");
         t
     }
@@ -37,11 +34,7 @@ impl Transcript {
     }
 
     fn send(&mut self, bytes: &[u8]) -> String {
-        assert_eq!(
-            self.session.poll_transmit(),
-            Transmit::Receive,
-            "the driver only reads when asked to"
-        );
+        assert_eq!(self.session.poll_transmit(), Transmit::Receive, "the driver only reads when asked to");
         self.session.handle_input(bytes, self.now);
         self.drain()
     }
@@ -63,20 +56,14 @@ impl Transcript {
 #[test]
 fn greeting_commands_and_quit() {
     let mut t = Transcript::new();
-    assert_eq!(
-        t.send(b"EHLO client.example\r\n"),
-        "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
-    );
+    assert_eq!(t.send(b"EHLO client.example\r\n"), "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n");
     assert_eq!(t.send(b"HELO client.example\r\n"), "250 mx.test\r\n");
     assert_eq!(t.send(b"noop\r\n"), "250 2.0.0 OK\r\n");
     assert_eq!(t.send(b"NOOP anything at all\r\n"), "250 2.0.0 OK\r\n");
     assert_eq!(t.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
     assert!(t.send(b"HELP\r\n").starts_with("214 2.0.0 "));
     assert!(!t.closed());
-    assert_eq!(
-        t.send(b"QUIT\r\n"),
-        "221 2.0.0 mx.test closing connection\r\n"
-    );
+    assert_eq!(t.send(b"QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
     assert!(t.closed());
 }
 
@@ -85,30 +72,15 @@ fn errors_keep_the_session_in_sync() {
     let mut t = Transcript::new();
     assert_eq!(t.send(b"EHLO\r\n"), "501 5.5.4 syntax: EHLO domain\r\n");
     assert_eq!(t.send(b"HELO a b\r\n"), "501 5.5.4 syntax: HELO domain\r\n");
-    assert_eq!(
-        t.send(b"RSET now\r\n"),
-        "501 5.5.4 this command takes no parameters\r\n"
-    );
-    assert_eq!(
-        t.send(b"QUIT later\r\n"),
-        "501 5.5.4 this command takes no parameters\r\n"
-    );
-    assert_eq!(
-        t.send(b"MAIL FROM:<a@b.example>\r\n"),
-        "502 5.5.1 command not implemented\r\n"
-    );
+    assert_eq!(t.send(b"RSET now\r\n"), "501 5.5.4 this command takes no parameters\r\n");
+    assert_eq!(t.send(b"QUIT later\r\n"), "501 5.5.4 this command takes no parameters\r\n");
+    assert_eq!(t.send(b"MAIL FROM:<a@b.example>\r\n"), "502 5.5.1 command not implemented\r\n");
     assert_eq!(t.send(b"DATA\r\n"), "502 5.5.1 command not implemented\r\n");
     assert_eq!(t.send(b"XYZZY\r\n"), "500 5.5.2 command unrecognized\r\n");
     assert_eq!(t.send(b"\r\n"), "500 5.5.2 command unrecognized\r\n");
     assert_eq!(t.send(b"NOOP\n"), "500 5.5.2 line must end with CRLF\r\n");
-    assert_eq!(
-        t.send(b"NOOP\rQUIT\r\n"),
-        "500 5.5.2 CR or NUL inside a command line\r\n"
-    );
-    assert_eq!(
-        t.send(b"NO\0OP\r\n"),
-        "500 5.5.2 CR or NUL inside a command line\r\n"
-    );
+    assert_eq!(t.send(b"NOOP\rQUIT\r\n"), "500 5.5.2 CR or NUL inside a command line\r\n");
+    assert_eq!(t.send(b"NO\0OP\r\n"), "500 5.5.2 CR or NUL inside a command line\r\n");
     assert!(!t.closed());
     assert_eq!(t.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
 }
@@ -123,10 +95,7 @@ fn pipelined_commands_each_get_their_reply_in_order() {
          250 2.0.0 OK\r\n502 5.5.1 command not implemented\r\n250 2.0.0 OK\r\n"
     );
     // after QUIT nothing more is read or answered
-    assert_eq!(
-        t.send(b"NOOP\r\nQUIT\r\nNOOP\r\nNOOP\r\n"),
-        "250 2.0.0 OK\r\n221 2.0.0 mx.test closing connection\r\n"
-    );
+    assert_eq!(t.send(b"NOOP\r\nQUIT\r\nNOOP\r\nNOOP\r\n"), "250 2.0.0 OK\r\n221 2.0.0 mx.test closing connection\r\n");
     assert!(t.closed());
 }
 
@@ -141,10 +110,7 @@ fn lines_split_across_reads_and_byte_by_byte() {
     for b in b"HELO x\r\nQUIT\r\n" {
         all += &t.send(&[*b]);
     }
-    assert_eq!(
-        all,
-        "250 mx.test\r\n221 2.0.0 mx.test closing connection\r\n"
-    );
+    assert_eq!(all, "250 mx.test\r\n221 2.0.0 mx.test closing connection\r\n");
 }
 
 #[test]
@@ -163,23 +129,14 @@ fn line_too_long_gets_one_reply_and_stays_in_sync() {
         got += &t.send(chunk);
     }
     assert_eq!(got, "500 5.5.2 line too long\r\n250 2.0.0 OK\r\n");
-    assert!(
-        t.session.line.capacity() <= 2 * MAX_LINE_LEN,
-        "memory stays bounded"
-    );
+    assert!(t.session.line.capacity() <= 2 * MAX_LINE_LEN, "memory stays bounded");
 }
 
 #[test]
 fn non_utf8_bytes_are_just_bad_commands() {
     let mut t = Transcript::new();
-    assert_eq!(
-        t.send(b"\xff\xfe\xfd\r\n"),
-        "500 5.5.2 command unrecognized\r\n"
-    );
-    assert_eq!(
-        t.send(b"EHLO \xc3\x28\r\n"),
-        "501 5.5.4 syntax: EHLO domain\r\n"
-    );
+    assert_eq!(t.send(b"\xff\xfe\xfd\r\n"), "500 5.5.2 command unrecognized\r\n");
+    assert_eq!(t.send(b"EHLO \xc3\x28\r\n"), "501 5.5.4 syntax: EHLO domain\r\n");
     assert_eq!(t.send(b"NOOP \x80\x81\r\n"), "250 2.0.0 OK\r\n");
     let noise: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
     t.send(&noise);
@@ -194,10 +151,7 @@ fn idle_timeout_closes_with_421() {
     // a command resets the clock; bytes of an unfinished line do not
     assert_eq!(t.wait(Duration::from_secs(59)), "");
     assert_eq!(t.send(b"NO"), "");
-    assert_eq!(
-        t.wait(Duration::from_secs(1)),
-        "421 4.4.2 mx.test timeout exceeded, closing connection\r\n"
-    );
+    assert_eq!(t.wait(Duration::from_secs(1)), "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
     assert!(t.closed());
 }
 
@@ -216,10 +170,7 @@ fn a_peer_that_never_reads_its_last_reply_is_dropped() {
 fn shutdown_says_421_and_closes() {
     let mut t = Transcript::new();
     t.session.shutdown(t.now);
-    assert_eq!(
-        t.drain(),
-        "421 4.3.2 mx.test service shutting down, closing connection\r\n"
-    );
+    assert_eq!(t.drain(), "421 4.3.2 mx.test service shutting down, closing connection\r\n");
     assert!(t.closed());
 }
 

@@ -1,10 +1,7 @@
 //! Runs the real `mxgate` binary on ephemeral loopback ports and talks to it as many
 //! peers: each client socket is bound to its own source address in 127.0.0.0/8 (or ::1).
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of this module"
-)]
+#![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -79,26 +76,15 @@ impl Mxgate {
                 }
             }
         });
-        let mut m = Mxgate {
-            child,
-            addrs: Vec::new(),
-            log,
-            files,
-        };
+        let mut m = Mxgate { child, addrs: Vec::new(), log, files };
         let line = m.wait_for_log("mxgate listening");
         let addrs = line
             .split("addresses=")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .expect("addresses= in the start-up line");
-        m.addrs = addrs
-            .split(',')
-            .map(|a| a.parse().expect("a socket address"))
-            .collect();
-        assert!(
-            line.contains(&format!("io={io}")),
-            "driver {io} expected: {line}"
-        );
+        m.addrs = addrs.split(',').map(|a| a.parse().expect("a socket address")).collect();
+        assert!(line.contains(&format!("io={io}")), "driver {io} expected: {line}");
         m
     }
 
@@ -114,10 +100,7 @@ impl Mxgate {
             match self.log.recv_timeout(left) {
                 Ok(line) if line.contains(text) => return line,
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "no log line with {text:?} within {WAIT:?} (exited: {:?})",
-                    self.child.try_wait()
-                ),
+                Err(_) => panic!("no log line with {text:?} within {WAIT:?} (exited: {:?})", self.child.try_wait()),
             }
         }
     }
@@ -135,10 +118,7 @@ impl Mxgate {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "mxgate did not exit within {WAIT:?}"
-            );
+            assert!(Instant::now() < deadline, "mxgate did not exit within {WAIT:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -155,9 +135,7 @@ impl Drop for Mxgate {
 pub fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     let source: IpAddr = source.parse().expect("source address");
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(source, 0).into())
-        .expect("bind the source address");
+    socket.bind(&SocketAddr::new(source, 0).into()).expect("bind the source address");
     socket.connect_timeout(&to.into(), WAIT).expect("connect");
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
@@ -190,12 +168,7 @@ pub fn read_to_end(stream: &mut TcpStream) -> (String, End) {
 pub fn read_replies(stream: &mut TcpStream, want: usize) -> String {
     let mut got = String::new();
     let mut buf = [0u8; 4096];
-    while got
-        .split("\r\n")
-        .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
-        .count()
-        < want
-    {
+    while got.split("\r\n").filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ').count() < want {
         match stream.read(&mut buf) {
             Ok(0) => panic!("connection closed after {got:?}"),
             Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
@@ -211,12 +184,7 @@ pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
 
 /// `mxgate <args>`: exit code and stdout+stderr.
 pub fn run_cli(args: &[&str], config: &Path) -> (i32, String) {
-    let out = Command::new(mxgate_bin())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run mxgate");
+    let out = Command::new(mxgate_bin()).args(args).arg("--config").arg(config).output().expect("run mxgate");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
