@@ -4,12 +4,8 @@ use std::time::Duration;
 
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let hint =
-        || format!("`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s` or `10m`");
-    let n: u64 = number.parse().map_err(|_| hint())?;
+    let hint = || format!("`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s`");
+    let (n, unit) = split(text).ok_or_else(hint)?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
         "ms" => Some(Duration::from_millis(n)),
@@ -24,12 +20,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses `<integer>[unit]` with unit `B`, `KiB`, `MiB` or `GiB` (no unit: bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
     let hint = || format!("`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`");
-    let n: u64 = number.parse().map_err(|_| hint())?;
-    let mult: u64 = match unit.trim_start() {
+    let (n, unit) = split(text).ok_or_else(hint)?;
+    let mult: u64 = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
@@ -37,6 +30,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         _ => return Err(hint()),
     };
     n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large a size"))
+}
+
+/// `"50 MiB"` -> `(50, "MiB")`.
+fn split(text: &str) -> Option<(u64, &str)> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let n = text[..digits].parse().ok()?;
+    Some((n, text[digits..].trim_start()))
 }
 
 #[cfg(test)]

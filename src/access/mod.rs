@@ -78,20 +78,19 @@ impl AccessList {
 
     /// Reads and parses `file`; every problem is pushed to `problems`.
     pub fn load(file: &Path, default: Action, problems: &mut Vec<Problem>) -> Self {
-        let mut list = AccessList::empty(default);
-        list.file = Some(file.to_owned());
         match std::fs::read(file) {
-            Ok(bytes) => list.add_lines(&list::parse(&bytes, file, problems), file, problems),
-            Err(e) => problems.push(Problem::in_file(file, format!("cannot read the list: {e}"))),
+            Ok(bytes) => AccessList::from_bytes(&bytes, file, default, problems),
+            Err(e) => {
+                problems.push(Problem::in_file(file, format!("cannot read the list: {e}")));
+                AccessList { file: Some(file.to_owned()), ..AccessList::empty(default) }
+            }
         }
-        list
     }
 
-    /// Builds a list from text, as if read from `file`.
-    pub fn parse(text: &str, file: &Path, default: Action, problems: &mut Vec<Problem>) -> Self {
-        let mut list = AccessList::empty(default);
-        list.file = Some(file.to_owned());
-        list.add_lines(&list::parse(text.as_bytes(), file, problems), file, problems);
+    /// Parses a list's contents, as if read from `file`.
+    pub fn from_bytes(bytes: &[u8], file: &Path, default: Action, problems: &mut Vec<Problem>) -> Self {
+        let mut list = AccessList { file: Some(file.to_owned()), ..AccessList::empty(default) };
+        list.add_lines(&list::parse(bytes, file, problems), file, problems);
         list
     }
 
@@ -171,7 +170,7 @@ mod tests {
 
     fn list(text: &str, default: Action) -> AccessList {
         let mut problems = Vec::new();
-        let l = AccessList::parse(text, Path::new("t.list"), default, &mut problems);
+        let l = AccessList::from_bytes(text.as_bytes(), Path::new("t.list"), default, &mut problems);
         assert_eq!(problems, []);
         l
     }
@@ -206,8 +205,8 @@ mod tests {
     #[test]
     fn contradicting_duplicates_are_reported() {
         let mut problems = Vec::new();
-        AccessList::parse(
-            "deny 10.0.0.0/8\n10.0.0.1\nallow 10.0.0.0/8\ndeny 10.0.0.0/8\n",
+        AccessList::from_bytes(
+            b"deny 10.0.0.0/8\n10.0.0.1\nallow 10.0.0.0/8\ndeny 10.0.0.0/8\n",
             Path::new("t.list"),
             Action::Allow,
             &mut problems,

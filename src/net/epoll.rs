@@ -15,12 +15,11 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::timers::{self, ConnId, Timers};
-use super::{Drain, READ_LEN, Shared};
+use super::{Drain, READ_LEN, Shared, SnapshotCache};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::gate::{self, DenyLines, PeerIp};
 use crate::smtp::{Session, Transmit};
-use crate::snapshot::Snapshot;
 
 /// Wait before accepting again after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -46,7 +45,7 @@ struct Listener {
 pub struct Worker {
     poll: Poll,
     shared: Arc<Shared>,
-    snapshot: arc_swap::Cache<Arc<arc_swap::ArcSwap<Snapshot>>, Arc<Snapshot>>,
+    snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
     timers: Timers,
@@ -70,7 +69,7 @@ impl Worker {
         }
         Ok(Worker {
             poll,
-            snapshot: arc_swap::Cache::new(shared.snapshot_cell()),
+            snapshot: shared.snapshot_cache(),
             shared,
             listeners,
             conns: Slab::new(),

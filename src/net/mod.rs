@@ -56,6 +56,8 @@ pub enum StartError {
     Worker { thread: usize, source: io::Error },
 }
 
+type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
+
 /// What every worker shares.
 pub struct Shared {
     snapshot: Arc<ArcSwap<Snapshot>>,
@@ -77,9 +79,10 @@ impl Shared {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    /// For a worker's `arc_swap::Cache`.
-    fn snapshot_cell(&self) -> Arc<ArcSwap<Snapshot>> {
-        self.snapshot.clone()
+    /// A worker's own view of the current snapshot: loading it is one pointer check
+    /// while the snapshot is unchanged.
+    fn snapshot_cache(&self) -> SnapshotCache {
+        arc_swap::Cache::new(self.snapshot.clone())
     }
 
     fn stopping(&self) -> bool {

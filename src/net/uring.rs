@@ -24,12 +24,11 @@ use slab::Slab;
 use socket2::SockRef;
 
 use super::timers::{self, ConnId, Timers};
-use super::{Drain, READ_LEN, Shared};
+use super::{Drain, READ_LEN, Shared, SnapshotCache};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::gate::{self, DenyLines, PeerIp};
 use crate::smtp::{Session, Transmit};
-use crate::snapshot::Snapshot;
 
 /// Submission queue entries per ring; completions get twice as many.
 const RING_ENTRIES: u32 = 4096;
@@ -164,7 +163,7 @@ struct Listener {
 pub struct Worker {
     ring: IoUring,
     shared: Arc<Shared>,
-    snapshot: arc_swap::Cache<Arc<arc_swap::ArcSwap<Snapshot>>, Arc<Snapshot>>,
+    snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
     timers: Timers,
@@ -194,7 +193,7 @@ impl Worker {
             .collect();
         let mut w = Worker {
             ring,
-            snapshot: arc_swap::Cache::new(shared.snapshot_cell()),
+            snapshot: shared.snapshot_cache(),
             shared,
             listeners,
             conns: Slab::new(),
