@@ -91,6 +91,10 @@ impl Worker {
         loop {
             let now = Instant::now();
             self.fire_timers(now);
+            let conns = &self.conns;
+            self.timers.compact(conns.len(), |(key, generation)| {
+                conns.get(key).filter(|c| c.generation == generation).map(|c| c.armed)
+            });
             self.retry_accepts(now);
             if self.finished() {
                 break;

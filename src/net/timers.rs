@@ -3,7 +3,9 @@
 //! Each connection keeps at most one entry armed (`armed`): a deadline that moves later,
 //! the usual case (each command pushes the idle deadline out), needs no heap operation;
 //! when the armed entry comes due the connection's real deadline is checked and, if it
-//! moved, armed again. So the heap holds about one entry per connection.
+//! moved, armed again. A closed connection's entry stays until it comes due, so the heap
+//! is compacted whenever it holds more than twice the live connections (plus slack):
+//! its size stays proportional to the connections open, whatever the churn.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -34,15 +36,71 @@ impl Timers {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
+    /// Drops the entries that are no connection's armed one, when they outnumber the
+    /// live connections. `armed(id)` is that connection's armed time (`None`: gone).
+    pub fn compact(&mut self, live: usize, armed: impl Fn(ConnId) -> Option<Option<Instant>>) {
+        if self.heap.len() > 2 * live + COMPACT_SLACK {
+            self.heap.retain(|Reverse((at, id))| armed(*id) == Some(Some(*at)));
+        }
+    }
+
     /// Pops one entry due at `now`, with the time it was armed for.
     pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, ConnId)> {
         if self.next()? <= now { self.heap.pop().map(|Reverse(e)| e) } else { None }
     }
 }
 
+/// Entries allowed beyond twice the live connections before a compaction.
+const COMPACT_SLACK: usize = 1024;
+
 /// Called with an entry popped for a connection: forgets it if it was the armed one.
 pub fn disarm(armed: &mut Option<Instant>, fired: Instant) {
     if *armed == Some(fired) {
         *armed = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn fires_in_order_and_only_when_due() {
+        let now = Instant::now();
+        let mut t = Timers::default();
+        let (mut a, mut b) = (None, None);
+        t.arm(&mut a, Some(now + Duration::from_secs(2)), (1, 1));
+        t.arm(&mut b, Some(now + Duration::from_secs(1)), (2, 1));
+        // a later deadline for an armed connection needs no new entry
+        t.arm(&mut a, Some(now + Duration::from_secs(3)), (1, 1));
+        assert_eq!(t.heap.len(), 2);
+        assert_eq!(t.pop_due(now), None);
+        assert_eq!(t.pop_due(now + Duration::from_secs(5)).map(|e| e.1), Some((2, 1)));
+        assert_eq!(t.pop_due(now + Duration::from_secs(5)).map(|e| e.1), Some((1, 1)));
+        assert_eq!(t.pop_due(now + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn churn_of_closed_connections_stays_bounded() {
+        let now = Instant::now();
+        let mut t = Timers::default();
+        let mut live: std::collections::HashMap<ConnId, Option<Instant>> = Default::default();
+        for i in 0..100_000u32 {
+            let id = (i as usize % 50, i);
+            let mut armed = None;
+            t.arm(&mut armed, Some(now + Duration::from_secs(300)), id);
+            live.insert(id, armed);
+            // the connection closes at once; only 10 stay open
+            if i >= 10 {
+                live.remove(&(i as usize % 50, i));
+            }
+            t.compact(live.len(), |id| live.get(&id).copied());
+        }
+        assert!(t.heap.len() <= 2 * live.len() + COMPACT_SLACK + 1, "{}", t.heap.len());
+        // the open connections' entries survive compaction
+        for id in live.keys() {
+            assert!(t.heap.iter().any(|Reverse((_, e))| e == id));
+        }
     }
 }
