@@ -3,7 +3,8 @@
 //!
 //! Sockets are edge-triggered: a connection's step loop runs the operation its session
 //! asks for until the socket would block, then waits for the next event. A busy
-//! connection yields after `STEPS_PER_TURN` operations so that others get their turn.
+//! connection yields after `STEPS_PER_TURN` operations, a listener after
+//! `ACCEPTS_PER_TURN` accepts, so that others get their turn.
 
 use std::io::{self, Read, Write};
 use std::net::TcpListener as StdListener;
@@ -25,6 +26,8 @@ use crate::smtp::{Session, Transmit};
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Reads or writes one connection may do before the loop moves on to others.
 const STEPS_PER_TURN: usize = 32;
+/// Connections one listener may accept before the loop moves on to others.
+const ACCEPTS_PER_TURN: usize = 256;
 const WAKE: Token = Token(usize::MAX);
 /// Listener `i` has token `LISTENER_BASE + i`; connections have their slab key.
 const LISTENER_BASE: usize = 1 << 48;
@@ -38,7 +41,8 @@ struct Conn {
 
 struct Listener {
     socket: TcpListener,
-    /// When to accept again after a resource error.
+    /// When to accept again: after a resource error, or at once when a turn ended with
+    /// connections left in the backlog.
     retry_at: Option<Instant>,
 }
 
@@ -128,7 +132,7 @@ impl Worker {
     }
 
     fn accept(&mut self, index: usize, now: Instant, unix: UnixTime) {
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let Some(listener) = self.listeners.get_mut(index) else {
                 return;
             };
@@ -171,6 +175,10 @@ impl Worker {
             }
             entry.insert(Conn { stream, generation: self.generation, session, armed: None });
             self.advance(key, now);
+        }
+        // The backlog may hold more: come back after the others had their turn.
+        if let Some(listener) = self.listeners.get_mut(index) {
+            listener.retry_at = Some(now);
         }
     }
 
