@@ -9,7 +9,10 @@
 //! (heap held after the build, counted by a wrapping allocator; printed first). As the
 //! floor for large tables it also measures this machine's latency of one dependent
 //! random read in 32 MiB: no structure larger than the caches beats that per lookup.
-//! Run: `cargo bench --bench lookup` (`-- lookup/` or `-- build/` for one half).
+//! At 1M it also reports `lookup_hot`: the same lookups over 1,024 distinct peers that
+//! repeat (regular senders), whose table lines stay cached: the structure's own cost
+//! apart from the machine's memory latency.
+//! Run: `cargo bench --bench lookup` (`-- lookup/` or `-- build/` for one part).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -153,18 +156,25 @@ fn build_checked<T: Lpm>(p: &[(IpNet, u32)], probes: &[IpAddr], reference: &[Opt
     t
 }
 
+/// Distinct peers in the `lookup_hot` case.
+const HOT_PEERS: usize = 1024;
+
 fn bench_lookup<T: Lpm>(c: &mut Criterion, n: usize, p: &[(IpNet, u32)], probes: &[IpAddr], reference: &[Option<u32>]) {
     let t: T = build_checked(p, probes, reference);
-    let mut g = c.benchmark_group(format!("lookup/{n}"));
-    g.throughput(Throughput::Elements(1));
-    let mut i = 0;
-    g.bench_function(T::NAME, |b| {
-        b.iter(|| {
-            i = (i + 1) & (PROBES - 1);
-            black_box(t.lookup(black_box(probes[i])))
-        })
-    });
-    g.finish();
+    let cases: &[(&str, usize)] =
+        if n >= 1_000_000 { &[("lookup", PROBES), ("lookup_hot", HOT_PEERS)] } else { &[("lookup", PROBES)] };
+    for &(group, distinct) in cases {
+        let mut g = c.benchmark_group(format!("{group}/{n}"));
+        g.throughput(Throughput::Elements(1));
+        let mut i = 0;
+        g.bench_function(T::NAME, |b| {
+            b.iter(|| {
+                i = (i + 1) & (distinct - 1);
+                black_box(t.lookup(black_box(probes[i])))
+            })
+        });
+        g.finish();
+    }
 }
 
 fn bench_build<T: Lpm>(c: &mut Criterion, n: usize, p: &[(IpNet, u32)]) {
