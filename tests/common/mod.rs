@@ -48,23 +48,32 @@ pub struct Mxgate {
     child: Child,
     pub addrs: Vec<SocketAddr>,
     log: mpsc::Receiver<String>,
+    /// Every log line read so far.
+    pub seen: Vec<String>,
     pub files: Files,
 }
 
 impl Mxgate {
     /// Starts `mxgate --config <config> --io <io>` and waits until it listens.
     pub fn start(config: &str, lists: &[(&str, &str)], io: &str) -> Self {
+        Mxgate::start_as(config, lists, io, io, |_| {})
+    }
+
+    /// Starts `mxgate --io <io>` with `prepare` applied to the command, and checks that it
+    /// listens on the driver `expect_driver`.
+    pub fn start_as(
+        config: &str,
+        lists: &[(&str, &str)],
+        io: &str,
+        expect_driver: &str,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
         let files = Files::new(config, lists);
-        let mut child = Command::new(mxgate_bin())
-            .arg("--config")
-            .arg(files.config())
-            .args(["--io", io])
-            .env("MXGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mxgate");
+        let mut command = Command::new(mxgate_bin());
+        command.arg("--config").arg(files.config()).args(["--io", io]).env("MXGATE_LOG", "info");
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        prepare(&mut command);
+        let mut child = command.spawn().expect("spawn mxgate");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
@@ -76,7 +85,7 @@ impl Mxgate {
                 }
             }
         });
-        let mut m = Mxgate { child, addrs: Vec::new(), log, files };
+        let mut m = Mxgate { child, addrs: Vec::new(), log, seen: Vec::new(), files };
         let line = m.wait_for_log("mxgate listening");
         let addrs = line
             .split("addresses=")
@@ -84,7 +93,7 @@ impl Mxgate {
             .and_then(|s| s.split_whitespace().next())
             .expect("addresses= in the start-up line");
         m.addrs = addrs.split(',').map(|a| a.parse().expect("a socket address")).collect();
-        assert!(line.contains(&format!("io={io}")), "driver {io} expected: {line}");
+        assert!(line.contains(&format!("io={expect_driver}")), "driver {expect_driver} expected: {line}");
         m
     }
 
@@ -98,8 +107,12 @@ impl Mxgate {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
                 Err(_) => panic!("no log line with {text:?} within {WAIT:?} (exited: {:?})", self.child.try_wait()),
             }
         }
@@ -188,4 +201,39 @@ pub fn run_cli(args: &[&str], config: &Path) -> (i32, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// Makes the command's process refuse `io_uring_setup` with EPERM, as the default seccomp
+/// profiles of container runtimes do.
+#[cfg(target_arch = "x86_64")]
+pub fn refuse_io_uring(command: &mut Command) {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JUMP, BPF_K, BPF_LD, BPF_RET, BPF_STMT, BPF_W};
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // struct seccomp_data: the syscall number at offset 0, the architecture at 4
+    // SAFETY: BPF_STMT and BPF_JUMP only build structs.
+    let filter = unsafe {
+        [
+            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 4),
+            BPF_JUMP((BPF_JMP | BPF_JEQ | BPF_K) as u16, AUDIT_ARCH_X86_64, 1, 0),
+            BPF_STMT((BPF_RET | BPF_K) as u16, libc::SECCOMP_RET_ALLOW),
+            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
+            BPF_JUMP((BPF_JMP | BPF_JEQ | BPF_K) as u16, libc::SYS_io_uring_setup as u32, 0, 1),
+            BPF_STMT((BPF_RET | BPF_K) as u16, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+            BPF_STMT((BPF_RET | BPF_K) as u16, libc::SECCOMP_RET_ALLOW),
+        ]
+    };
+    // SAFETY: between fork and exec the closure only calls prctl, which is
+    // async-signal-safe, on memory the closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
 }
