@@ -27,7 +27,9 @@
 //! bytes and each command line of it gets one reply of bounded size, so the output
 //! buffer is bounded too, whatever a peer pipelines.
 
+pub mod address;
 mod command;
+pub mod policy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
