@@ -28,7 +28,9 @@
 //! buffer is bounded too, whatever a peer pipelines.
 
 pub mod address;
+pub mod client;
 mod command;
+pub mod data;
 pub mod policy;
 
 use std::sync::Arc;

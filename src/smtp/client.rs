@@ -1,0 +1,365 @@
+//! The next-hop client, sans-IO: the other half of in-line relaying.
+//!
+//! ```text
+//!  new() ─► Greeting ──220──► Hello ──250 to EHLO──► Ready ◄─┐ commands and data go out,
+//!              │               │ 5xx: HELO, then 250 ─┘   │    one reply each, in order
+//!              └─ other ─┐     └─ other ─┐                └─┘
+//!                        ▼               ▼
+//!                      Failed (any malformed, unexpected or unsolicited reply too)
+//! ```
+//!
+//! Bytes in with [`Upstream::handle_input`], events out with [`Upstream::poll_event`]:
+//! `Ready` once the greeting and EHLO are done, then one `Reply` per command, in order.
+//! Bytes to send accumulate in an output buffer the driver drains, as for the server
+//! session. An upstream in `Ready` with nothing pending can serve another transaction,
+//! so it can go back to its worker's pool.
+
+use std::collections::VecDeque;
+
+/// Longest next-hop reply line accepted (RFC 5321 says 512; be lenient with the inside).
+pub const MAX_REPLY_LINE: usize = 2048;
+/// Most lines one reply may have.
+pub const MAX_REPLY_LINES: usize = 64;
+
+/// A reply of the next hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Text of each line, after the code and separator.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// 2xx or 3xx.
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// Appends the reply for our peer: the next hop's code and text, reduced to
+    /// printable ASCII.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            out.extend_from_slice(format!("{}{sep}", self.code).as_bytes());
+            out.extend(line.bytes().map(|b| if (32..127).contains(&b) { b } else { b'?' }));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// What the next hop offered in its EHLO reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    /// `SIZE n`; `Some(0)` for SIZE without a limit.
+    pub size: Option<u64>,
+}
+
+/// The command a reply answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Mail,
+    Rcpt,
+    Data,
+    /// The final dot after the body.
+    Dot,
+    Rset,
+    Quit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Greeted and EHLO done: commands may be sent.
+    Ready,
+    Reply(Command, Reply),
+    /// The next hop broke the protocol or refused us; close the connection.
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Greeting,
+    Hello { extended: bool },
+    Ready,
+    Failed,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    state: State,
+    hostname: String,
+    out: Vec<u8>,
+    sent: usize,
+    /// The reply line being received.
+    line: Vec<u8>,
+    /// The reply being received: its code and the lines so far.
+    reply: Option<Reply>,
+    pending: VecDeque<Command>,
+    events: VecDeque<Event>,
+    ext: Extensions,
+}
+
+impl Upstream {
+    /// A client for a freshly connected next hop; `hostname` is our EHLO name.
+    pub fn new(hostname: &str) -> Self {
+        Upstream {
+            state: State::Greeting,
+            hostname: hostname.to_owned(),
+            out: Vec::new(),
+            sent: 0,
+            line: Vec::new(),
+            reply: None,
+            pending: VecDeque::new(),
+            events: VecDeque::new(),
+            ext: Extensions::default(),
+        }
+    }
+
+    /// Bytes from the next hop.
+    pub fn handle_input(&mut self, mut data: &[u8]) {
+        while self.state != State::Failed && !data.is_empty() {
+            let Some(lf) = memchr::memchr(b'\n', data) else {
+                if self.line.len() + data.len() > MAX_REPLY_LINE {
+                    return self.fail("reply line too long");
+                }
+                self.line.extend_from_slice(data);
+                return;
+            };
+            if self.line.len() + lf > MAX_REPLY_LINE {
+                return self.fail("reply line too long");
+            }
+            self.line.extend_from_slice(&data[..lf]);
+            data = &data[lf + 1..];
+            let line = std::mem::take(&mut self.line);
+            self.reply_line(line.strip_suffix(b"\r").unwrap_or(&line));
+        }
+    }
+
+    /// One reply line, CRLF removed: `ddd-text` continues a reply, `ddd text` ends it.
+    fn reply_line(&mut self, line: &[u8]) {
+        let code = match line.get(..3).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u16>().ok()) {
+            Some(c) if (200..600).contains(&c) => c,
+            _ => return self.fail("malformed reply"),
+        };
+        let last = match line.get(3) {
+            None | Some(b' ') => true,
+            Some(b'-') => false,
+            Some(_) => return self.fail("malformed reply"),
+        };
+        let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
+        let reply = self.reply.get_or_insert_with(|| Reply { code, lines: Vec::new() });
+        if reply.code != code || reply.lines.len() >= MAX_REPLY_LINES {
+            return self.fail("malformed multi-line reply");
+        }
+        reply.lines.push(text);
+        if last && let Some(reply) = self.reply.take() {
+            self.complete(reply);
+        }
+    }
+
+    fn complete(&mut self, reply: Reply) {
+        match self.state {
+            State::Greeting if reply.code == 220 => {
+                self.state = State::Hello { extended: true };
+                self.write_line(format!("EHLO {}", self.hostname).as_bytes());
+            }
+            State::Hello { extended: true } if reply.code == 250 => self.ready(&reply),
+            // a server that knows no EHLO: say HELO instead (RFC 5321 §3.2)
+            State::Hello { extended: true } if (500..600).contains(&reply.code) => {
+                self.state = State::Hello { extended: false };
+                self.write_line(format!("HELO {}", self.hostname).as_bytes());
+            }
+            State::Hello { extended: false } if reply.code == 250 => {
+                self.state = State::Ready;
+                self.events.push_back(Event::Ready);
+            }
+            State::Ready => match self.pending.pop_front() {
+                Some(cmd) => self.events.push_back(Event::Reply(cmd, reply)),
+                None => self.fail(&format!("unsolicited reply {}", reply.code)),
+            },
+            _ => self.fail(&format!("refused us with {} {}", reply.code, reply.lines.join(" "))),
+        }
+    }
+
+    fn ready(&mut self, ehlo: &Reply) {
+        for line in ehlo.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => self.ext.pipelining = true,
+                "8BITMIME" => self.ext.eight_bit_mime = true,
+                "SMTPUTF8" => self.ext.smtputf8 = true,
+                "SIZE" => self.ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                _ => {}
+            }
+        }
+        self.state = State::Ready;
+        self.events.push_back(Event::Ready);
+    }
+
+    fn fail(&mut self, why: &str) {
+        if self.state != State::Failed {
+            self.state = State::Failed;
+            self.events.push_back(Event::Failed(why.to_owned()));
+        }
+    }
+
+    fn write_line(&mut self, line: &[u8]) {
+        self.out.extend_from_slice(line);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends a command line (CRLF added); its reply will come as `Event::Reply(cmd, _)`.
+    pub fn command(&mut self, cmd: Command, line: &[u8]) {
+        debug_assert_eq!(self.state, State::Ready);
+        self.write_line(line);
+        self.pending.push_back(cmd);
+    }
+
+    /// Body bytes, already dot-stuffed, CRLF line ends only.
+    pub fn send_data(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Ends the body: the final dot, whose reply comes as `Event::Reply(Command::Dot, _)`.
+    pub fn end_data(&mut self) {
+        self.out.extend_from_slice(b".\r\n");
+        self.pending.push_back(Command::Dot);
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes waiting to go to the next hop.
+    pub fn output(&self) -> &[u8] {
+        &self.out[self.sent..]
+    }
+
+    /// `n` bytes of the output went out.
+    pub fn consume_output(&mut self, n: usize) {
+        self.sent = (self.sent + n).min(self.out.len());
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+    }
+
+    pub fn extensions(&self) -> Extensions {
+        self.ext
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// Ready, with no reply awaited and nothing left to send: reusable as it is.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Ready && self.pending.is_empty() && self.output().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_upstream(ehlo: &[u8]) -> Upstream {
+        let mut u = Upstream::new("mx.test");
+        assert_eq!(u.output(), b"");
+        u.handle_input(b"220 sink.test ESMTP\r\n");
+        assert_eq!(u.output(), b"EHLO mx.test\r\n");
+        u.consume_output(14);
+        u.handle_input(ehlo);
+        assert_eq!(u.poll_event(), Some(Event::Ready));
+        u
+    }
+
+    #[test]
+    fn greeting_ehlo_and_extensions() {
+        let u = ready_upstream(b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
+        assert_eq!(
+            u.extensions(),
+            Extensions { pipelining: true, eight_bit_mime: true, smtputf8: true, size: Some(1000) }
+        );
+        assert!(u.is_idle());
+        let u = ready_upstream(b"250 sink.test\r\n");
+        assert_eq!(u.extensions(), Extensions::default());
+    }
+
+    #[test]
+    fn helo_when_ehlo_is_unknown() {
+        let mut u = Upstream::new("mx.test");
+        u.handle_input(b"220 old.test\r\n");
+        u.consume_output(u.output().len());
+        u.handle_input(b"502 what?\r\n");
+        assert_eq!(u.output(), b"HELO mx.test\r\n");
+        u.handle_input(b"250 old.test\r\n");
+        assert_eq!(u.poll_event(), Some(Event::Ready));
+    }
+
+    #[test]
+    fn replies_come_in_order_whatever_the_chunking() {
+        let mut u = ready_upstream(b"250 sink.test\r\n");
+        u.command(Command::Mail, b"MAIL FROM:<a@b.test>");
+        u.command(Command::Rcpt, b"RCPT TO:<c@d.test>");
+        assert_eq!(u.output(), b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n");
+        for b in b"250 2.1.0 ok\r\n550-5.1.1 no such\r\n550 5.1.1 user\r\n" {
+            u.handle_input(&[*b]);
+        }
+        assert_eq!(
+            u.poll_event(),
+            Some(Event::Reply(Command::Mail, Reply { code: 250, lines: vec!["2.1.0 ok".into()] }))
+        );
+        let Some(Event::Reply(Command::Rcpt, reply)) = u.poll_event() else { panic!() };
+        assert_eq!(reply.lines, ["5.1.1 no such", "5.1.1 user"]);
+        let mut out = Vec::new();
+        reply.render(&mut out);
+        assert_eq!(out, b"550-5.1.1 no such\r\n550 5.1.1 user\r\n");
+        assert_eq!(u.poll_event(), None);
+    }
+
+    #[test]
+    fn body_and_final_dot() {
+        let mut u = ready_upstream(b"250 sink.test\r\n");
+        u.command(Command::Data, b"DATA");
+        u.handle_input(b"354 go ahead\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Reply(Command::Data, Reply { code: 354, .. }))));
+        u.consume_output(u.output().len());
+        u.send_data(b"Subject: x\r\n\r\nhello\r\n");
+        u.end_data();
+        assert_eq!(u.output(), b"Subject: x\r\n\r\nhello\r\n.\r\n");
+        assert!(!u.is_idle());
+        u.consume_output(u.output().len());
+        u.handle_input(b"250 queued\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Reply(Command::Dot, Reply { code: 250, .. }))));
+        assert!(u.is_idle());
+    }
+
+    #[test]
+    fn protocol_violations_fail_once() {
+        for (input, why) in [
+            (&b"554 go away\r\n"[..], "refused us"),
+            (b"22O typo\r\n", "malformed reply"),
+            (b"220-a\r\n221 b\r\n", "malformed multi-line"),
+            (b"hello\r\n", "malformed reply"),
+        ] {
+            let mut u = Upstream::new("mx.test");
+            u.handle_input(input);
+            match u.poll_event() {
+                Some(Event::Failed(w)) => assert!(w.contains(why), "{w}"),
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
+            }
+            u.handle_input(b"220 late\r\n");
+            assert_eq!(u.poll_event(), None, "nothing after a failure");
+        }
+        let mut u = ready_upstream(b"250 sink.test\r\n");
+        u.handle_input(b"421 shutting down\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("unsolicited")));
+        let mut u = Upstream::new("mx.test");
+        u.handle_input(&vec![b'2'; MAX_REPLY_LINE + 1]);
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("too long")));
+    }
+}

@@ -1,0 +1,265 @@
+//! The body of a DATA transaction, streamed: dot-unstuffing on receipt (RFC 5321
+//! §4.5.2), dot-stuffing for the next hop, and the only end of data there is: CRLF "."
+//! CRLF. The body is never held whole and never split into lines.
+//!
+//! ```text
+//!            '.'              CR                 LF
+//! LineStart ─────► DotStart ─────► DotCr ─────────────► end of data
+//!   ▲  │ other         │ other: unstuff (drop the dot)
+//!   │  ▼               ▼
+//!   │ Middle ◄─────────┘ ◄── any byte after a fault (a bare LF never starts a line)
+//!   │  │ CR
+//!   │  ▼
+//!   └─ Cr ── LF: the CRLF goes out
+//! ```
+//!
+//! A bare CR or bare LF anywhere, or more than the size limit, faults the message: from
+//! then on nothing more goes out, and the filter only looks for the end so that the
+//! session stays in sync. Every byte is checked before it goes out: a CR is held until
+//! its LF is seen and a leading dot until the next byte, so the next hop never receives
+//! a bare CR or LF, nor a line that would end its data early.
+
+/// Why a message is refused at its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A CR not followed by LF, or an LF not preceded by CR.
+    BareLineEnd,
+    /// More content than the size limit.
+    TooBig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    LineStart,
+    Middle,
+    /// Saw CR; waiting for its LF.
+    Cr,
+    /// The line began with a dot.
+    DotStart,
+    /// The line is "." CR so far.
+    DotCr,
+}
+
+#[derive(Debug)]
+pub struct BodyFilter {
+    state: State,
+    /// Content bytes so far (unstuffed, line ends included).
+    size: u64,
+    max: u64,
+    fault: Option<Fault>,
+}
+
+impl BodyFilter {
+    pub fn new(max_size: u64) -> Self {
+        BodyFilter { state: State::LineStart, size: 0, max: max_size, fault: None }
+    }
+
+    /// Takes body bytes; appends what the next hop gets to `out` (dot-stuffed; nothing
+    /// once the message is faulty). Returns `Some(n)` when the end of data was found
+    /// after `n` bytes of `input`: the rest of `input` is not part of the body.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Middle {
+                // fast path: everything up to the next CR or LF is plain content
+                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                self.content(&input[i..i + run], out);
+                i += run;
+                if i == input.len() {
+                    break;
+                }
+            }
+            let b = input[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (State::LineStart, b'.') => State::DotStart,
+                (State::DotStart, b'\r') => State::DotCr,
+                (State::DotCr, b'\n') => {
+                    self.state = State::LineStart;
+                    return Some(i);
+                }
+                (State::DotStart, b'.') => {
+                    // "..x" carries the content ".x", which goes out stuffed again
+                    self.emit(b"..", 1, out);
+                    State::Middle
+                }
+                (State::DotStart, other) if other != b'\n' => {
+                    // a single leading dot is removed (unstuffing), the byte stays
+                    self.content(&[other], out);
+                    State::Middle
+                }
+                (State::LineStart | State::Middle, b'\r') => State::Cr,
+                (State::Cr, b'\n') => {
+                    self.content(b"\r\n", out);
+                    State::LineStart
+                }
+                (State::LineStart, other) if other != b'\n' => {
+                    self.content(&[other], out);
+                    State::Middle
+                }
+                (state, other) => {
+                    // bare LF, or a CR followed by something other than LF
+                    self.fault.get_or_insert(Fault::BareLineEnd);
+                    let cr_pending = matches!(state, State::Cr | State::DotCr);
+                    if cr_pending && other == b'\r' { State::Cr } else { State::Middle }
+                }
+            };
+        }
+        None
+    }
+
+    /// Content bytes: counted, and sent unless the message is faulty.
+    fn content(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.emit(bytes, bytes.len() as u64, out);
+    }
+
+    fn emit(&mut self, wire: &[u8], content_len: u64, out: &mut Vec<u8>) {
+        self.size += content_len;
+        if self.size > self.max {
+            self.fault.get_or_insert(Fault::TooBig);
+        }
+        if self.fault.is_none() {
+            out.extend_from_slice(wire);
+        }
+    }
+
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
+    }
+
+    /// Content bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in chunks of `chunk` bytes; returns (output, end offset, fault).
+    fn run(input: &[u8], chunk: usize, max: u64) -> (Vec<u8>, Option<usize>, Option<Fault>) {
+        let mut f = BodyFilter::new(max);
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for part in input.chunks(chunk.max(1)) {
+            if let Some(n) = f.feed(part, &mut out) {
+                return (out, Some(offset + n), f.fault());
+            }
+            offset += part.len();
+        }
+        (out, None, f.fault())
+    }
+
+    #[test]
+    fn stuffing_round_trips() {
+        let wire = b"Subject: x\r\n\r\n..leading dot\r\n.single\r\n...\r\nend\r\n.\r\nNEXT";
+        for chunk in [1, 2, 3, 7, 1000] {
+            let (out, end, fault) = run(wire, chunk, u64::MAX);
+            assert_eq!(fault, None);
+            assert_eq!(end, Some(wire.len() - 4), "chunk {chunk}");
+            // unstuffed content: ".leading dot", "single", ".." -> restuffed for the next hop
+            assert_eq!(out, b"Subject: x\r\n\r\n..leading dot\r\nsingle\r\n...\r\nend\r\n", "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn empty_message_and_long_lines() {
+        assert_eq!(run(b".\r\n", 1, 10), (vec![], Some(3), None));
+        // a 998-octet line starting with a dot is 1001 octets with the stuffed dot and CRLF
+        let mut line = b"..".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 997));
+        line.extend_from_slice(b"\r\n.\r\n");
+        let (out, end, fault) = run(&line, 64, u64::MAX);
+        assert_eq!((end, fault), (Some(line.len()), None));
+        assert_eq!(out.len(), 1001);
+        // lines of any length pass
+        let mut long = vec![b'y'; 100_000];
+        long.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(run(&long, 4096, u64::MAX).0.len(), 100_002);
+    }
+
+    /// Every CR is followed by LF and every LF preceded by CR.
+    fn only_crlf(bytes: &[u8]) -> bool {
+        bytes.iter().enumerate().all(|(i, &b)| match b {
+            b'\r' => bytes.get(i + 1) == Some(&b'\n'),
+            b'\n' => i > 0 && bytes[i - 1] == b'\r',
+            _ => true,
+        })
+    }
+
+    /// The smuggling sequences of the issue: none of them ends the data, each faults the
+    /// message, and what follows is never seen as commands.
+    #[test]
+    fn only_crlf_dot_crlf_ends_data() {
+        let tricks: &[&[u8]] = &[
+            b"\n.\n",
+            b"\r.\r",
+            b"\r.\n",
+            b"\n.\r",
+            b"\n.\r\n",
+            b"\r\n.\n",
+            b"\r.\r\n",
+            b"\r\n.\r",
+            b"\r\n\0.\r\n",
+            b"\r\n.\0\r\n",
+            b"\r\r\n.\r\r\n",
+        ];
+        let smuggled = b"MAIL FROM:<a@evil.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nsmuggled\r\n";
+        for trick in tricks {
+            let mut body = b"Subject: hi\r\n\r\nbody".to_vec();
+            body.extend_from_slice(trick);
+            body.extend_from_slice(smuggled);
+            body.extend_from_slice(b"\r\n.\r\n");
+            for chunk in [1, 3, 4096] {
+                let (out, end, fault) = run(&body, chunk, u64::MAX);
+                assert_eq!(end, Some(body.len()), "{trick:?}: only the real end ends the data");
+                let expect_fault = !matches!(*trick, b"\r\n\0.\r\n" | b"\r\n.\0\r\n");
+                assert_eq!(fault.is_some(), expect_fault, "{trick:?} chunk {chunk}");
+                assert!(only_crlf(&out), "bare line end sent for {trick:?}");
+                assert!(!out.windows(5).any(|w| w == b"\r\n.\r\n"), "{trick:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn too_big_is_refused_but_the_end_is_still_found() {
+        let mut body = vec![b'a'; 100];
+        body.extend_from_slice(b"\r\n.\r\n");
+        let (out, end, fault) = run(&body, 10, 50);
+        assert_eq!((end, fault), (Some(body.len()), Some(Fault::TooBig)));
+        assert!(out.len() <= 50);
+        // exactly the limit is fine: 100 + CRLF = 102 content bytes
+        assert_eq!(run(&body, 10, 102).2, None);
+        assert_eq!(run(&body, 10, 101).2, Some(Fault::TooBig));
+    }
+
+    proptest! {
+        /// Any body without bare line ends survives stuffing and unstuffing byte-exact.
+        #[test]
+        fn random_bodies_survive_exactly(lines in proptest::collection::vec("[ -~.]{0,80}", 0..40), chunk in 1usize..300) {
+            let content: Vec<u8> = lines.iter().flat_map(|l| [l.as_bytes(), b"\r\n"].concat()).collect();
+            // stuff it as a client would
+            let mut wire = Vec::new();
+            for l in &lines {
+                if l.starts_with('.') { wire.push(b'.'); }
+                wire.extend_from_slice(l.as_bytes());
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b".\r\n");
+            let (out, end, fault) = run(&wire, chunk, u64::MAX);
+            prop_assert_eq!(end, Some(wire.len()));
+            prop_assert_eq!(fault, None);
+            // the next hop gets the stuffed form; unstuffing it gives the content back
+            let mut unstuffed = Vec::new();
+            for l in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                unstuffed.extend_from_slice(l.strip_prefix(b".").unwrap_or(l));
+                unstuffed.extend_from_slice(b"\r\n");
+            }
+            prop_assert_eq!(unstuffed, content.clone());
+            prop_assert_eq!(out, wire[..wire.len() - 3].to_vec());
+        }
+    }
+}
