@@ -99,7 +99,12 @@ pub struct Smtp {
     pub max_message_size: u64,
     /// Longest wait for the next command.
     pub command_timeout: Duration,
+    /// Longest wait for the next block of a message body.
     pub data_timeout: Duration,
+    /// Longest a whole transaction (MAIL to the reply after the body) may take.
+    pub transaction_timeout: Duration,
+    /// Slowest body a peer may send, in bytes per second (after `DATA_RATE_GRACE`); 0: no minimum.
+    pub min_data_rate: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -107,7 +112,12 @@ pub struct Relay {
     /// Lower-case domains; a leading `.` also matches every subdomain.
     pub domains: Vec<String>,
     pub next_hops: Vec<SocketAddr>,
+    /// Longest wait for a connection to, or any reply of, the next hop.
     pub reply_timeout: Duration,
+    /// Idle next-hop connections each worker keeps per next hop for reuse.
+    pub max_idle_connections: u32,
+    /// How long an idle next-hop connection is kept.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -144,8 +154,9 @@ const ABUSE_KEYS: &[&str] = &[
     "ban_reply",
     "max_connections_per_ip",
 ];
-const SMTP_KEYS: &[&str] = &["max_recipients", "max_message_size", "command_timeout", "data_timeout"];
-const RELAY_KEYS: &[&str] = &["domains", "next_hops", "reply_timeout"];
+const SMTP_KEYS: &[&str] =
+    &["max_recipients", "max_message_size", "command_timeout", "data_timeout", "transaction_timeout", "min_data_rate"];
+const RELAY_KEYS: &[&str] = &["domains", "next_hops", "reply_timeout", "max_idle_connections", "idle_timeout"];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const CONTROL_KEYS: &[&str] = &["socket"];
 const METRICS_KEYS: &[&str] = &["listen"];
@@ -248,6 +259,10 @@ impl Config {
                 .value(t, "smtp", "command_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(300)),
             data_timeout: r.value(t, "smtp", "data_timeout", positive_duration).unwrap_or(Duration::from_secs(180)),
+            transaction_timeout: r
+                .value(t, "smtp", "transaction_timeout", positive_duration)
+                .unwrap_or(Duration::from_secs(1800)),
+            min_data_rate: r.value(t, "smtp", "min_data_rate", |v| parse_size(str_of(v)?)).unwrap_or(1024),
         };
 
         let t = r.section(root, "relay", RELAY_KEYS);
@@ -257,6 +272,9 @@ impl Config {
                 .value(t, "relay", "next_hops", socket_addrs)
                 .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2526))]),
             reply_timeout: r.value(t, "relay", "reply_timeout", positive_duration).unwrap_or(Duration::from_secs(120)),
+            max_idle_connections: r.value(t, "relay", "max_idle_connections", |v| int_in(v, 0, 10_000)).unwrap_or(32)
+                as u32,
+            idle_timeout: r.value(t, "relay", "idle_timeout", positive_duration).unwrap_or(Duration::from_secs(30)),
         };
 
         let t = r.section(root, "tls", TLS_KEYS);

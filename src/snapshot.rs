@@ -9,6 +9,7 @@ use crate::access::{AccessList, Action};
 use crate::config::Config;
 use crate::problem::{Problem, Problems};
 use crate::smtp;
+use crate::smtp::policy::RelayDomains;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -21,6 +22,7 @@ pub struct Snapshot {
     /// Peers that are never counted or banned: an entry matching is `Action::Allow`.
     pub whitelist: AccessList,
     pub smtp: smtp::Params,
+    pub relay_domains: RelayDomains,
 }
 
 impl Snapshot {
@@ -44,8 +46,9 @@ impl Snapshot {
     /// A snapshot from parts already loaded.
     pub fn new(config: Config, access: AccessList, whitelist: AccessList) -> Self {
         let smtp = smtp::Params::new(&config);
+        let relay_domains = RelayDomains::new(&config.relay.domains);
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp }
+        Snapshot { generation, config, access, whitelist, smtp, relay_domains }
     }
 
     /// A snapshot of `config` with empty lists.

@@ -159,7 +159,7 @@ impl Worker {
                 tracing::debug!(%peer, "denied");
                 continue; // dropping the stream closes it
             }
-            let mut session = Session::new(snapshot.clone(), now);
+            let mut session = Session::new(snapshot.clone(), peer, now, unix);
             if self.drain != Drain::Serving {
                 session.shutdown(now);
             }
@@ -192,9 +192,10 @@ impl Worker {
             let step = match conn.session.poll_transmit() {
                 Transmit::Send(bytes) => conn.stream.write(bytes).map(|n| conn.session.consume_output(n)),
                 Transmit::Receive => conn.stream.read(&mut self.read_buf).map(|n| match n {
-                    0 => conn.session.handle_eof(),
+                    0 => conn.session.handle_eof(now),
                     n => conn.session.handle_input(&self.read_buf[..n], now),
                 }),
+                Transmit::Wait => break,
                 Transmit::Close => {
                     let mut conn = self.conns.remove(key);
                     let _ = self.poll.registry().deregister(&mut conn.stream);
@@ -210,7 +211,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!("connection error: {e}");
-                    conn.session.handle_eof();
+                    conn.session.handle_eof(now);
                 }
             }
         }
@@ -238,7 +239,7 @@ impl Worker {
             tracing::warn!("drain timeout: closing {} connections", self.conns.len());
             self.drain = Drain::Aborting;
             for (_, conn) in &mut self.conns {
-                conn.session.handle_eof();
+                conn.session.handle_eof(now);
             }
             self.advance_all(now);
         }

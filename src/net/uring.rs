@@ -306,7 +306,7 @@ impl Worker {
             tracing::debug!(%peer, "denied");
             return;
         }
-        let mut session = Session::new(snapshot.clone(), now);
+        let mut session = Session::new(snapshot.clone(), peer, now, unix);
         if self.drain != Drain::Serving {
             session.shutdown(now);
         }
@@ -333,12 +333,12 @@ impl Worker {
         conn.op = Op::None;
         match (tag, res) {
             (_, r) if r == -libc::ECANCELED => {}
-            (TAG_RECV, 0) => conn.session.handle_eof(),
+            (TAG_RECV, 0) => conn.session.handle_eof(now),
             (TAG_RECV, n) if n > 0 => conn.session.handle_input(&conn.read_buf[..n as usize], now),
             (TAG_SEND, n) if n >= 0 => conn.session.consume_output(n as usize),
             (_, e) => {
                 tracing::debug!("connection error: {}", io::Error::from_raw_os_error(-e));
-                conn.session.handle_eof();
+                conn.session.handle_eof(now);
             }
         }
         self.advance(key, now);
@@ -355,7 +355,7 @@ impl Worker {
         match conn.pending.take() {
             Some(Pending::Timeout) => conn.session.handle_timeout(now),
             Some(Pending::Stop) => conn.session.shutdown(now),
-            Some(Pending::Abort) => conn.session.handle_eof(),
+            Some(Pending::Abort) => conn.session.handle_eof(now),
             None => {}
         }
         let id = (key, conn.generation);
@@ -374,6 +374,10 @@ impl Worker {
                 opcode::Recv::new(types::Fd(conn.fd), conn.read_buf.as_mut_ptr(), len)
                     .build()
                     .user_data(user_data(TAG_RECV, key, id.1))
+            }
+            Transmit::Wait => {
+                self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), id);
+                return;
             }
             Transmit::Close => {
                 let fd = conn.fd;

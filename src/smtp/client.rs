@@ -224,6 +224,11 @@ impl Upstream {
         self.out.extend_from_slice(bytes);
     }
 
+    /// Where body bytes go: append them, already dot-stuffed, CRLF line ends only.
+    pub fn data_sink(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
     /// Ends the body: the final dot, whose reply comes as `Event::Reply(Command::Dot, _)`.
     pub fn end_data(&mut self) {
         self.out.extend_from_slice(b".\r\n");
@@ -254,6 +259,15 @@ impl Upstream {
 
     pub fn is_ready(&self) -> bool {
         self.state == State::Ready
+    }
+
+    /// A reply is expected: to the greeting, EHLO or a command sent.
+    pub fn awaits_reply(&self) -> bool {
+        match self.state {
+            State::Greeting | State::Hello { .. } => true,
+            State::Ready => !self.pending.is_empty(),
+            State::Failed => false,
+        }
     }
 
     /// Ready, with no reply awaited and nothing left to send: reusable as it is.

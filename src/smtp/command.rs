@@ -5,7 +5,11 @@
 pub enum Verb {
     Ehlo,
     Helo,
+    Mail,
+    Rcpt,
+    Data,
     Noop,
+    Vrfy,
     Rset,
     Help,
     Quit,
@@ -38,8 +42,16 @@ impl Verb {
             Verb::Ehlo
         } else if is(b"HELO") {
             Verb::Helo
+        } else if is(b"MAIL") {
+            Verb::Mail
+        } else if is(b"RCPT") {
+            Verb::Rcpt
+        } else if is(b"DATA") {
+            Verb::Data
         } else if is(b"NOOP") {
             Verb::Noop
+        } else if is(b"VRFY") {
+            Verb::Vrfy
         } else if is(b"RSET") {
             Verb::Rset
         } else if is(b"HELP") {
@@ -71,7 +83,8 @@ mod tests {
     fn verbs() {
         assert_eq!(Verb::parse(b"ehlo"), Verb::Ehlo);
         assert_eq!(Verb::parse(b"QuIt"), Verb::Quit);
-        assert_eq!(Verb::parse(b"mail"), Verb::NotImplemented);
+        assert_eq!(Verb::parse(b"mail"), Verb::Mail);
+        assert_eq!(Verb::parse(b"bdat"), Verb::NotImplemented);
         assert_eq!(Verb::parse(b"EHLOX"), Verb::Unknown);
         assert_eq!(Verb::parse(b"\xff\xfe"), Verb::Unknown);
         assert_eq!(Verb::parse(b""), Verb::Unknown);

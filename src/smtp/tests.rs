@@ -1,182 +1,764 @@
-//! Session transcripts: bytes in, replies out, with a clock the test moves.
+//! Session transcripts: the peer's bytes in, replies out, against a scripted next hop
+//! that answers at the wire level and records every byte; the clock is the test's.
 
-use std::path::Path;
+use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::client::Upstream;
 use super::*;
 use crate::config::Config;
+use crate::datetime::UnixTime;
+use crate::gate::PeerIp;
+use crate::snapshot::Snapshot;
 
-struct Transcript {
-    session: Session,
-    now: Instant,
+/// A next hop that answers like an SMTP server.
+#[derive(Default)]
+struct FakeHop {
+    /// Everything received on the current connection.
+    received: Vec<u8>,
+    /// Bytes received not yet answered.
+    unread: Vec<u8>,
+    in_body: bool,
+    /// Complete messages (body up to, not including, the final dot).
+    messages: Vec<Vec<u8>>,
+    /// All command lines received, over all connections.
+    commands: Vec<String>,
+    /// EHLO keywords offered.
+    ehlo: Vec<&'static str>,
+    /// Reply to RCPT for recipients containing this text.
+    refuse_rcpt: Option<(&'static str, &'static str)>,
+    /// Reply to the final dot instead of 250.
+    dot_reply: Option<&'static str>,
+    /// Stop answering (a silent next hop).
+    silent: bool,
+    /// Where the search for the end of the body resumes.
+    scan: usize,
 }
 
-impl Transcript {
-    fn new() -> Self {
-        let text = "hostname = \"mx.test\"\n[smtp]\ncommand_timeout = \"60s\"\n";
-        let config = Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap();
-        let now = Instant::now();
-        let mut t = Transcript { session: Session::new(Arc::new(Snapshot::without_lists(config)), now), now };
-        assert_eq!(t.drain(), "220 mx.test ESMTP mxgate\r\n");
-        t
-    }
-
-    /// Everything the session has to send, as the driver would send it.
-    fn drain(&mut self) -> String {
-        let mut got = Vec::new();
-        while let Transmit::Send(bytes) = self.session.poll_transmit() {
-            got.extend_from_slice(bytes);
-            let n = bytes.len();
-            self.session.consume_output(n);
+impl FakeHop {
+    /// Answers to whatever complete lines (or body) arrived.
+    fn answers(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            if self.in_body {
+                let from = self.scan.saturating_sub(4);
+                let Some(end) = find(&self.unread[from..], b"\r\n.\r\n").map(|e| e + from) else {
+                    self.scan = self.unread.len();
+                    break;
+                };
+                self.messages.push(self.unread[..end + 2].to_vec());
+                self.unread.drain(..end + 5);
+                self.in_body = false;
+                self.scan = 0;
+                out.extend_from_slice(self.dot_reply.unwrap_or("250 2.0.0 queued").as_bytes());
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
+            let Some(lf) = find(&self.unread, b"\r\n") else { break };
+            let line = String::from_utf8_lossy(&self.unread[..lf]).into_owned();
+            self.unread.drain(..lf + 2);
+            self.commands.push(line.clone());
+            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            let reply = match verb.as_str() {
+                "EHLO" => {
+                    let mut r = String::from("250-hop.test");
+                    for k in &self.ehlo {
+                        r += &format!("\r\n250-{k}");
+                    }
+                    r + "\r\n250 ENHANCEDSTATUSCODES"
+                }
+                "RCPT" => match self.refuse_rcpt {
+                    Some((needle, reply)) if line.contains(needle) => reply.into(),
+                    _ => "250 2.1.5 ok".into(),
+                },
+                "DATA" => {
+                    self.in_body = true;
+                    "354 go ahead".into()
+                }
+                "QUIT" => "221 bye".into(),
+                _ => "250 2.0.0 ok".into(),
+            };
+            out.extend_from_slice(reply.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
-        String::from_utf8(got).unwrap()
+        if self.silent { Vec::new() } else { out }
+    }
+}
+
+impl FakeHop {
+    /// The connection closed: whatever was half-received is gone.
+    fn disconnect(&mut self) {
+        self.unread.clear();
+        self.in_body = false;
+        self.scan = 0;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Drives a session as a driver would, with the fake next hop behind the relay port.
+struct Harness {
+    session: Session,
+    now: Instant,
+    hop: FakeHop,
+    /// Connections asked for: (hop index, pooled ok).
+    dials: Vec<(usize, bool)>,
+    /// Hops whose connection attempts fail.
+    unreachable: Vec<usize>,
+    pool: Vec<Upstream>,
+    released: usize,
+    closed: usize,
+    /// When a pooled connection is handed out, it turns out dead.
+    stale_pool: bool,
+}
+
+const CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\ncommand_timeout = \"60s\"\nmax_recipients = 5\n\
+    max_message_size = \"1KiB\"\ndata_timeout = \"30s\"\nmin_data_rate = \"0\"\n\
+    [relay]\ndomains = [\"example.com\", \".example.org\"]\nnext_hops = [\"127.0.0.1:2526\", \"127.0.0.1:2527\"]\nreply_timeout = \"20s\"\n";
+
+impl Harness {
+    fn new() -> Self {
+        Harness::with_config(CONFIG)
     }
 
+    fn with_config(text: &str) -> Self {
+        let config = Config::parse(text, FsPath::new("t.toml"), FsPath::new(".")).unwrap();
+        let now = Instant::now();
+        let peer = PeerIp::new("192.0.2.7".parse().unwrap());
+        let session = Session::new(Arc::new(Snapshot::without_lists(config)), peer, now, UnixTime(1_795_894_760));
+        let hop = FakeHop { ehlo: vec!["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"], ..FakeHop::default() };
+        let mut h = Harness {
+            session,
+            now,
+            hop,
+            dials: Vec::new(),
+            unreachable: Vec::new(),
+            pool: Vec::new(),
+            released: 0,
+            closed: 0,
+            stale_pool: false,
+        };
+        assert_eq!(h.drive(), "220 mx.test ESMTP mxgate\r\n");
+        h
+    }
+
+    /// Serves both ports until neither has anything to do; returns what the peer got.
+    fn drive(&mut self) -> String {
+        let mut peer_got = Vec::new();
+        for _ in 0..10_000 {
+            let mut busy = false;
+            if let Transmit::Send(b) = self.session.poll_transmit() {
+                peer_got.extend_from_slice(b);
+                let n = b.len();
+                self.session.consume_output(n);
+                busy = true;
+            }
+            match self.session.poll_relay() {
+                Relay::Connect { hop, pooled_ok } => {
+                    busy = true;
+                    self.dials.push((hop, pooled_ok));
+                    if pooled_ok && let Some(up) = self.pool.pop() {
+                        self.session.attach_upstream(up, true, self.now);
+                        if self.stale_pool {
+                            self.session.handle_relay_error(self.now);
+                        }
+                    } else if self.unreachable.contains(&hop) {
+                        self.session.dialing();
+                        self.session.handle_relay_error(self.now);
+                    } else {
+                        self.session.dialing();
+                        self.hop.received.clear();
+                        self.session.attach_upstream(Upstream::new("mx.test"), false, self.now);
+                        self.session.handle_relay_input(b"220 hop.test ESMTP\r\n", self.now);
+                    }
+                }
+                Relay::Send(b) => {
+                    busy = true;
+                    self.hop.received.extend_from_slice(b);
+                    self.hop.unread.extend_from_slice(b);
+                    let n = b.len();
+                    self.session.consume_relay_output(n, self.now);
+                    let answers = self.hop.answers();
+                    if !answers.is_empty() {
+                        self.session.handle_relay_input(&answers, self.now);
+                    }
+                }
+                Relay::Release => {
+                    busy = true;
+                    self.released += 1;
+                    self.pool.push(self.session.detach_relay().unwrap());
+                }
+                Relay::Close => {
+                    busy = true;
+                    self.closed += 1;
+                    self.session.detach_relay();
+                    self.hop.disconnect();
+                }
+                Relay::Receive | Relay::Idle => {}
+            }
+            if !busy {
+                return String::from_utf8(peer_got).unwrap();
+            }
+        }
+        panic!("the session never settles");
+    }
+
+    /// The peer sends; returns what it got back.
     fn send(&mut self, bytes: &[u8]) -> String {
-        assert_eq!(self.session.poll_transmit(), Transmit::Receive, "the driver only reads when asked to");
+        assert_eq!(self.session.poll_transmit(), Transmit::Receive, "the driver reads only when asked");
         self.session.handle_input(bytes, self.now);
-        self.drain()
+        self.drive()
     }
 
-    /// Moves the clock; fires the timer when it is due, as a driver would.
+    /// Moves the clock, firing the timer when it is due.
     fn wait(&mut self, d: Duration) -> String {
         self.now += d;
         if self.session.poll_timeout().is_some_and(|t| t <= self.now) {
             self.session.handle_timeout(self.now);
         }
-        self.drain()
+        self.drive()
     }
 
     fn closed(&self) -> bool {
         self.session.poll_transmit() == Transmit::Close
     }
+
+    fn transactions(&mut self) -> Vec<super::Transaction> {
+        std::iter::from_fn(|| self.session.poll_event()).map(|Event::Transaction(t)| t).collect()
+    }
+
+    fn greet(&mut self) {
+        assert!(self.send(b"EHLO client.test\r\n").starts_with("250-mx.test\r\n"));
+    }
+
+    /// One whole transaction; returns the reply to the final dot.
+    fn deliver(&mut self, rcpt: &str, body: &[u8]) -> String {
+        assert_eq!(self.send(b"MAIL FROM:<sender@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+        assert_eq!(self.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()), "250 2.1.5 recipient OK\r\n");
+        assert_eq!(self.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
+        self.send(body)
+    }
 }
 
+// ---- the command layer -----------------------------------------------------------------
+
 #[test]
-fn greeting_commands_and_quit() {
-    let mut t = Transcript::new();
-    assert_eq!(t.send(b"EHLO client.example\r\n"), "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n");
-    assert_eq!(t.send(b"HELO client.example\r\n"), "250 mx.test\r\n");
-    assert_eq!(t.send(b"noop\r\n"), "250 2.0.0 OK\r\n");
-    assert_eq!(t.send(b"NOOP anything at all\r\n"), "250 2.0.0 OK\r\n");
-    assert_eq!(t.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
-    assert!(t.send(b"HELP\r\n").starts_with("214 2.0.0 "));
-    assert!(!t.closed());
-    assert_eq!(t.send(b"QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
-    assert!(t.closed());
+fn greeting_and_simple_commands() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.send(b"EHLO client.test\r\n"),
+        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
+    );
+    assert_eq!(h.send(b"HELO client.test\r\n"), "250 mx.test\r\n");
+    assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+    assert!(h.send(b"VRFY someone\r\n").starts_with("252 2.5.0 "));
+    assert!(h.send(b"HELP\r\n").starts_with("214 2.0.0 "));
+    assert_eq!(h.send(b"BDAT 10 LAST\r\n"), "502 5.5.1 command not implemented\r\n");
+    assert_eq!(h.send(b"STARTTLS\r\n"), "502 5.5.1 command not implemented\r\n");
+    assert_eq!(h.send(b"QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
+    assert!(h.closed());
+    assert!(h.dials.is_empty(), "no next hop without a transaction");
 }
 
 #[test]
 fn errors_keep_the_session_in_sync() {
-    let mut t = Transcript::new();
-    assert_eq!(t.send(b"EHLO\r\n"), "501 5.5.4 syntax: EHLO domain\r\n");
-    assert_eq!(t.send(b"HELO a b\r\n"), "501 5.5.4 syntax: HELO domain\r\n");
-    assert_eq!(t.send(b"RSET now\r\n"), "501 5.5.4 this command takes no parameters\r\n");
-    assert_eq!(t.send(b"QUIT later\r\n"), "501 5.5.4 this command takes no parameters\r\n");
-    assert_eq!(t.send(b"MAIL FROM:<a@b.example>\r\n"), "502 5.5.1 command not implemented\r\n");
-    assert_eq!(t.send(b"DATA\r\n"), "502 5.5.1 command not implemented\r\n");
-    assert_eq!(t.send(b"XYZZY\r\n"), "500 5.5.2 command unrecognized\r\n");
-    assert_eq!(t.send(b"\r\n"), "500 5.5.2 command unrecognized\r\n");
-    assert_eq!(t.send(b"NOOP\n"), "500 5.5.2 line must end with CRLF\r\n");
-    assert_eq!(t.send(b"NOOP\rQUIT\r\n"), "500 5.5.2 CR or NUL inside a command line\r\n");
-    assert_eq!(t.send(b"NO\0OP\r\n"), "500 5.5.2 CR or NUL inside a command line\r\n");
-    assert!(!t.closed());
-    assert_eq!(t.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
-}
-
-#[test]
-fn pipelined_commands_each_get_their_reply_in_order() {
-    let mut t = Transcript::new();
-    let got = t.send(b"EHLO a.example\r\nNOOP\r\nXYZ\r\nRSET\r\nMAIL FROM:<>\r\nNOOP\r\n");
-    assert_eq!(
-        got,
-        "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n250 2.0.0 OK\r\n500 5.5.2 command unrecognized\r\n\
-         250 2.0.0 OK\r\n502 5.5.1 command not implemented\r\n250 2.0.0 OK\r\n"
-    );
-    // after QUIT nothing more is read or answered
-    assert_eq!(t.send(b"NOOP\r\nQUIT\r\nNOOP\r\nNOOP\r\n"), "250 2.0.0 OK\r\n221 2.0.0 mx.test closing connection\r\n");
-    assert!(t.closed());
-}
-
-#[test]
-fn lines_split_across_reads_and_byte_by_byte() {
-    let mut t = Transcript::new();
-    assert_eq!(t.send(b"NO"), "");
-    assert_eq!(t.send(b"OP\r"), "");
-    assert_eq!(t.send(b"\nRS"), "250 2.0.0 OK\r\n");
-    assert_eq!(t.send(b"ET\r\n"), "250 2.0.0 OK\r\n");
-    let mut all = String::new();
-    for b in b"HELO x\r\nQUIT\r\n" {
-        all += &t.send(&[*b]);
-    }
-    assert_eq!(all, "250 mx.test\r\n221 2.0.0 mx.test closing connection\r\n");
-}
-
-#[test]
-fn line_too_long_gets_one_reply_and_stays_in_sync() {
-    let mut t = Transcript::new();
-    // 510 octets and CRLF: exactly the limit, fine
-    let longest = format!("NOOP {}\r\n", "x".repeat(505));
-    assert_eq!(longest.len(), MAX_LINE_LEN);
-    assert_eq!(t.send(longest.as_bytes()), "250 2.0.0 OK\r\n");
-    // one more octet: too long, in one read or in many
+    let mut h = Harness::new();
+    assert_eq!(h.send(b"EHLO\r\n"), "501 5.5.4 syntax: EHLO domain\r\n");
+    assert_eq!(h.send(b"RSET now\r\n"), "501 5.5.4 this command takes no parameters\r\n");
+    assert_eq!(h.send(b"XYZZY\r\n"), "500 5.5.2 command unrecognized\r\n");
+    assert_eq!(h.send(b"NOOP\n"), "500 5.5.2 line must end with CRLF\r\n");
+    assert_eq!(h.send(b"NOOP\rQUIT\r\n"), "500 5.5.2 CR or NUL inside a command line\r\n");
+    assert_eq!(h.send(b"\xff\xfe\r\n"), "500 5.5.2 command unrecognized\r\n");
     let too_long = format!("NOOP {}\r\n", "x".repeat(506));
-    assert_eq!(t.send(too_long.as_bytes()), "500 5.5.2 line too long\r\n");
-    let huge = format!("NOOP {}\r\nNOOP\r\n", "y".repeat(100_000));
-    let mut got = String::new();
-    for chunk in huge.as_bytes().chunks(4096) {
-        got += &t.send(chunk);
-    }
-    assert_eq!(got, "500 5.5.2 line too long\r\n250 2.0.0 OK\r\n");
-    assert!(t.session.line.capacity() <= 2 * MAX_LINE_LEN, "memory stays bounded");
+    assert_eq!(h.send(too_long.as_bytes()), "500 5.5.2 line too long\r\n");
+    let longest = format!("NOOP {}\r\n", "x".repeat(505));
+    assert_eq!(h.send(longest.as_bytes()), "250 2.0.0 OK\r\n");
+    assert!(!h.closed());
 }
 
 #[test]
-fn non_utf8_bytes_are_just_bad_commands() {
-    let mut t = Transcript::new();
-    assert_eq!(t.send(b"\xff\xfe\xfd\r\n"), "500 5.5.2 command unrecognized\r\n");
-    assert_eq!(t.send(b"EHLO \xc3\x28\r\n"), "501 5.5.4 syntax: EHLO domain\r\n");
-    assert_eq!(t.send(b"NOOP \x80\x81\r\n"), "250 2.0.0 OK\r\n");
-    let noise: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
-    t.send(&noise);
-    assert!(!t.closed());
+fn commands_out_of_sequence_get_503() {
+    let mut h = Harness::new();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "503 5.5.1 send EHLO or HELO first\r\n");
+    h.greet();
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "503 5.5.1 send MAIL first\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "503 5.5.1 send MAIL first\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "503 5.5.1 a transaction is already open\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "554 5.5.1 no valid recipients\r\n");
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+    assert_eq!(h.hop.commands.last().map(String::as_str), Some("RSET"), "RSET went to the next hop");
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "503 5.5.1 send MAIL first\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+}
+
+#[test]
+fn a_whole_transaction_is_relayed_in_line() {
+    let mut h = Harness::new();
+    h.greet();
+    let reply = h.deliver("user@example.com", b"Subject: hi\r\n\r\nhello\r\n..dot\r\n.\r\n");
+    assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+    assert_eq!(
+        h.hop.commands[..4],
+        ["EHLO mx.test", "MAIL FROM:<sender@client.test>", "RCPT TO:<user@example.com>", "DATA"]
+    );
+    let message = String::from_utf8(h.hop.messages[0].clone()).unwrap();
+    let (received, rest) = message.split_once(";\r\n\t").unwrap();
+    assert!(
+        received.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx.test (mxgate) with ESMTP id "),
+        "{message}"
+    );
+    assert!(received.ends_with("\r\n\tfor <user@example.com>"), "{received}");
+    assert_eq!(rest, "Sat, 28 Nov 2026 19:39:20 +0000\r\nSubject: hi\r\n\r\nhello\r\n..dot\r\n");
+    let t = h.transactions();
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].accepted, t[0].refused, t[0].outcome), (1, 0, Outcome::Delivered));
+    assert_eq!(t[0].size, "Subject: hi\r\n\r\nhello\r\n.dot\r\n".len() as u64);
+    assert!(reply.contains(&t[0].id));
+    // QUIT: the clean connection goes back to the pool
+    h.send(b"QUIT\r\n");
+    assert_eq!((h.released, h.closed), (1, 0));
+}
+
+#[test]
+fn pipelined_commands_are_answered_in_order() {
+    let mut h = Harness::new();
+    let mut batch = b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n".to_vec();
+    for i in 0..5 {
+        batch.extend_from_slice(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes());
+    }
+    batch.extend_from_slice(b"RCPT TO:<x@outside.test>\r\nRCPT TO:<u6@example.com>\r\n");
+    for _ in 0..10 {
+        batch.extend_from_slice(b"NOOP\r\n");
+    }
+    batch.extend_from_slice(b"RSET\r\nNOOP\r\n");
+    let got = h.send(&batch);
+    let replies: Vec<&str> = got.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).collect();
+    // EHLO, MAIL, 5 RCPT, 2 over the limit of 5, 10 NOOP, RSET, NOOP
+    assert_eq!(replies.len(), 21, "{got}");
+    assert_eq!(replies[1], "250 2.1.0 sender OK");
+    assert!(replies[2..7].iter().all(|r| *r == "250 2.1.5 recipient OK"), "{replies:?}");
+    assert_eq!(replies[7..9], ["452 4.5.3 too many recipients"; 2]);
+    assert!(replies[9..21].iter().all(|r| *r == "250 2.0.0 OK"), "{replies:?}");
+    assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 5);
+}
+
+// ---- addresses and limits ----------------------------------------------------------------
+
+#[test]
+fn address_table() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_recipients = 5", "max_recipients = 100"));
+    h.greet();
+    let local64 = "a".repeat(64);
+    let cases: &[(&str, &str)] = &[
+        ("MAIL FROM:<>", "250 2.1.0"),
+        ("MAIL FROM: <sender@client.test>", "250 2.1.0"),
+        ("MAIL FROM:<\"quoted sender\"@client.test>", "250 2.1.0"),
+        ("MAIL FROM:<sender@[192.0.2.1]>", "250 2.1.0"),
+        ("MAIL FROM:<@route.test:sender@client.test>", "250 2.1.0"),
+        ("MAIL FROM:sender@client.test", "501 5.1.7"),
+        ("MAIL FROM:<sender@client..test>", "501 5.1.7"),
+        ("MAIL TO:<sender@client.test>", "501 5.5.4"),
+        ("MAIL FROM:<s\u{e9}@client.test>", "553 5.6.7"),
+        ("MAIL FROM:<s@client.test> SIZE=2000", "552 5.3.4"),
+        ("MAIL FROM:<s@client.test> AUTH=<>", "555 5.5.4"),
+        ("MAIL FROM:<s@client.test> BODY=BINARYMIME", "555 5.5.4"),
+    ];
+    for (cmd, want) in cases {
+        let got = h.send(format!("{cmd}\r\n").as_bytes());
+        assert!(got.starts_with(want), "{cmd}: {got}");
+        if got.starts_with("250") {
+            assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+        }
+    }
+    assert_eq!(h.send(b"MAIL FROM:<s@client.test> SIZE=1000 BODY=8BITMIME\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.hop.commands.last().unwrap(), "MAIL FROM:<s@client.test> BODY=8BITMIME SIZE=1000");
+    let cases: Vec<(String, &str)> = vec![
+        ("RCPT TO:<user@example.com>".into(), "250 2.1.5"),
+        ("RCPT TO: <User@EXAMPLE.com.>".into(), "250 2.1.5"),
+        ("RCPT TO:<postmaster>".into(), "250 2.1.5"),
+        ("RCPT TO:<\"quoted user\"@example.com>".into(), "250 2.1.5"),
+        (format!("RCPT TO:<{local64}@example.com>"), "250 2.1.5"),
+        (format!("RCPT TO:<{local64}a@example.com>"), "501 5.1.3 local part too long"),
+        ("RCPT TO:<>".into(), "501 5.1.3"),
+        ("RCPT TO:<user@[192.0.2.1]>".into(), "550 5.7.1"),
+        ("RCPT TO:<user@example.com> NOTIFY=NEVER".into(), "555 5.5.4"),
+        ("RCPT TO:user@example.com".into(), "501 5.1.3"),
+    ];
+    for (cmd, want) in &cases {
+        let got = h.send(format!("{cmd}\r\n").as_bytes());
+        assert!(got.starts_with(want), "{cmd}: {got}");
+    }
+}
+
+#[test]
+fn a_path_over_256_octets_is_refused() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<s@client.test>\r\n");
+    // a domain of 252 octets makes `<a@domain>` exactly 256 octets; 253 is one too many
+    let label = "b".repeat(63);
+    let domain = |len: usize| format!("{label}.{label}.{label}.{}.example.org", "c".repeat(len - 204));
+    assert_eq!(domain(252).len(), 252);
+    assert!(h.send(format!("RCPT TO:<a@{}>\r\n", domain(252)).as_bytes()).starts_with("250"));
+    let got = h.send(format!("RCPT TO:<a@{}>\r\n", domain(253)).as_bytes());
+    assert!(
+        got.starts_with("501 5.1.3 syntax error in address") || got.starts_with("501 5.1.3 path too long"),
+        "{got}"
+    );
+    assert_eq!(got, "501 5.1.3 path too long\r\n");
+}
+
+#[test]
+fn recipient_limit_is_exact() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<s@client.test>\r\n");
+    for i in 0..5 {
+        assert!(h.send(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes()).starts_with("250"));
+    }
+    assert_eq!(h.send(b"RCPT TO:<u5@example.com>\r\n"), "452 4.5.3 too many recipients\r\n");
+}
+
+// ---- never an open relay ------------------------------------------------------------------
+
+#[test]
+fn open_relay_probes_reach_nothing() {
+    let probes = [
+        "<user@outside.test>",
+        "<user@mail.example.com>",
+        "<user@example.com.outside.test>",
+        "<user@notexample.com>",
+        "<user%outside.test@example.com>",
+        "<outside.test!user@example.com>",
+        "<\"user@outside.test\"@example.com>",
+        "<\"user%outside.test\"@example.com>",
+        "<user@outside.test@example.com>",
+        "<@example.com:user@outside.test>",
+        "<@example.com,@example.org:user@outside.test>",
+        "<user@[192.0.2.1]>",
+        "<user@[IPv6:2001:db8::1]>",
+        "<user@[127.0.0.1]>",
+        "<user@com>",
+        "<user@org>",
+        "<user@outside.test.>",
+    ];
+    assert!(probes.len() >= 16);
+    let mut h = Harness::new();
+    h.greet();
+    assert!(h.send(b"MAIL FROM:<a@client.test>\r\n").starts_with("250"));
+    for probe in probes {
+        let got = h.send(format!("RCPT TO:{probe}\r\n").as_bytes());
+        assert!(got.starts_with("550 5.7.1") || got.starts_with("501 "), "{probe}: {got}");
+    }
+    assert_eq!(h.send(b"DATA\r\n"), "554 5.5.1 no valid recipients\r\n");
+    assert!(!h.hop.commands.iter().any(|c| c.starts_with("RCPT") || c == "DATA"), "{:?}", h.hop.commands);
+    assert!(h.hop.messages.is_empty());
+}
+
+// ---- smuggling and pipelining ---------------------------------------------------------------
+
+#[test]
+fn smuggled_ends_of_data_never_end_the_data() {
+    let tricks: &[&[u8]] = &[
+        b"\n.\n",
+        b"\r.\r",
+        b"\r.\n",
+        b"\n.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n\0.\r\n",
+        b"\r\n.\0\r\n",
+        b"\r\r\n.\r\r\n",
+    ];
+    for trick in tricks {
+        let mut h = Harness::new();
+        h.greet();
+        let mut body = b"Subject: one\r\n\r\nfirst".to_vec();
+        body.extend_from_slice(trick);
+        body.extend_from_slice(
+            b"MAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n",
+        );
+        body.extend_from_slice(b"\r\n.\r\n");
+        let reply = h.deliver("user@example.com", &body);
+        let bare = !matches!(*trick, b"\r\n\0.\r\n" | b"\r\n.\0\r\n");
+        if bare {
+            assert_eq!(reply, "554 5.6.0 message refused: bare CR or LF in the body\r\n", "{trick:?}");
+            assert!(h.hop.messages.is_empty(), "{trick:?}: the next hop must get no message");
+            assert_eq!(h.closed, 1, "{trick:?}: the next hop's connection is dropped without a final dot");
+        } else {
+            assert!(reply.starts_with("250 2.0.0"), "{trick:?}: {reply}");
+            assert_eq!(h.hop.messages.len(), 1);
+        }
+        assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("MAIL")).count(), 1, "{trick:?}: one MAIL only");
+        // still in sync: the next command is a command
+        assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n", "{trick:?}");
+    }
+}
+
+#[test]
+fn input_after_data_in_the_same_write_is_improper_pipelining() {
+    let mut h = Harness::new();
+    h.greet();
+    let got = h.send(
+        b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@outside.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n\
+          MAIL FROM:<evil@client.test>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    );
+    assert!(got.ends_with("503 5.5.0 improper use of SMTP command pipelining\r\n"), "{got}");
+    assert!(h.closed());
+    assert!(!h.hop.commands.iter().any(|c| c == "DATA"), "{:?}", h.hop.commands);
+    assert!(h.hop.messages.is_empty());
+    assert_eq!(h.closed, 1, "the next hop's half-open transaction is dropped");
+}
+
+#[test]
+fn a_refused_recipient_then_data_and_body_in_one_write() {
+    let mut h = Harness::new();
+    h.greet();
+    let got = h.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@outside.test>\r\nDATA\r\nMAIL FROM:<b@c.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\nhi\r\n.\r\n");
+    assert!(got.contains("550 5.7.1 relay access denied"), "{got}");
+    assert!(got.ends_with("503 5.5.0 improper use of SMTP command pipelining\r\n"), "{got}");
+    assert!(h.closed());
+    assert!(h.hop.messages.is_empty() && !h.hop.commands.iter().any(|c| c.starts_with("RCPT")));
+}
+
+// ---- the next hop's answers and failures -----------------------------------------------------
+
+#[test]
+fn next_hop_refusals_are_passed_on_with_their_codes() {
+    let mut h = Harness::new();
+    h.hop.refuse_rcpt = Some(("unknown", "550 5.1.1 no such user here"));
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    assert_eq!(h.send(b"RCPT TO:<unknown@example.com>\r\n"), "550 5.1.1 no such user here\r\n");
+    assert_eq!(h.send(b"RCPT TO:<known@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    h.hop.dot_reply = Some("452 4.3.1 insufficient storage");
+    h.send(b"DATA\r\n");
+    assert_eq!(h.send(b"hello\r\n.\r\n"), "452 4.3.1 insufficient storage\r\n");
+    let t = h.transactions();
+    assert_eq!((t[0].accepted, t[0].refused), (1, 1));
+    assert_eq!(t[0].outcome, Outcome::Refused { code: 452, why: "next hop refused the message" });
+    // the connection is clean again: the next transaction reuses it
+    h.hop.dot_reply = None;
+    assert!(h.deliver("known@example.com", b"again\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(h.dials.len(), 1);
+}
+
+#[test]
+fn failover_to_the_second_next_hop() {
+    let mut h = Harness::new();
+    h.unreachable = vec![0];
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.dials, [(0, true), (1, true)]);
+    assert!(h.deliver_rest("u@example.com").starts_with("250 2.0.0"));
+    assert_eq!(h.transactions()[0].next_hop, Some("127.0.0.1:2527".parse().unwrap()));
+}
+
+impl Harness {
+    fn deliver_rest(&mut self, rcpt: &str) -> String {
+        assert!(self.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).starts_with("250"));
+        assert!(self.send(b"DATA\r\n").starts_with("354"));
+        self.send(b"body\r\n.\r\n")
+    }
+}
+
+#[test]
+fn no_next_hop_reachable_is_451_never_250() {
+    let mut h = Harness::new();
+    h.unreachable = vec![0, 1];
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.dials.len(), 2);
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "503 5.5.1 send MAIL first\r\n");
+}
+
+#[test]
+fn next_hop_closing_after_the_dot_is_451() {
+    let mut h = Harness::new();
+    h.greet();
+    h.hop.silent = false;
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    h.hop.silent = true;
+    assert_eq!(h.send(b"body\r\n.\r\n"), "");
+    h.session.handle_relay_error(h.now); // the next hop closed the connection
+    assert_eq!(h.drive(), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.transactions()[0].outcome, Outcome::Refused { code: 451, why: "next hop unavailable" });
+}
+
+#[test]
+fn a_silent_next_hop_times_out_with_451() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    h.hop.silent = true;
+    assert_eq!(h.send(b"body\r\n.\r\n"), "");
+    assert_eq!(h.wait(Duration::from_secs(19)), "");
+    assert_eq!(h.wait(Duration::from_secs(1)), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.closed, 1);
+    assert!(!h.closed(), "the peer may try again");
+}
+
+#[test]
+fn a_stale_pooled_connection_is_replaced_transparently() {
+    let mut h = Harness::new();
+    h.greet();
+    assert!(h.deliver("u@example.com", b"one\r\n.\r\n").starts_with("250"));
+    h.send(b"QUIT\r\n");
+    // a second session on the same worker gets the pooled connection, which is dead
+    let pool = std::mem::take(&mut h.pool);
+    let mut h2 = Harness::new();
+    h2.pool = pool;
+    h2.stale_pool = true;
+    h2.greet();
+    assert_eq!(h2.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h2.dials, [(0, true), (0, false)]);
+}
+
+#[test]
+fn eight_bit_mail_needs_a_next_hop_that_takes_it() {
+    let mut h = Harness::new();
+    h.hop.ehlo = vec!["PIPELINING"];
+    h.greet();
+    assert_eq!(
+        h.send(b"MAIL FROM:<a@client.test> BODY=8BITMIME\r\n"),
+        "555 5.3.3 8BITMIME or SMTPUTF8 mail cannot be relayed now\r\n"
+    );
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+}
+
+#[test]
+fn utf8_addresses_after_smtputf8() {
+    let mut h = Harness::new();
+    h.greet();
+    assert_eq!(h.send("MAIL FROM:<s\u{e9}@client.test> SMTPUTF8\r\n".as_bytes()), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send("RCPT TO:<\u{fc}ser@example.com>\r\n".as_bytes()), "250 2.1.5 recipient OK\r\n");
+    h.send(b"DATA\r\n");
+    assert!(h.send(b"x\r\n.\r\n").starts_with("250"));
+    assert!(String::from_utf8_lossy(&h.hop.messages[0]).contains("with UTF8SMTP id"));
+}
+
+// ---- the body ----------------------------------------------------------------------------
+
+#[test]
+fn a_body_over_the_size_limit_is_refused_at_its_end() {
+    let mut h = Harness::new();
+    h.greet();
+    let mut body = vec![b'x'; 2000];
+    body.extend_from_slice(b"\r\n.\r\n");
+    assert_eq!(h.deliver("u@example.com", &body), "552 5.3.4 message size exceeds the limit\r\n");
+    assert!(h.hop.messages.is_empty());
+    assert_eq!(h.closed, 1);
+    assert!(h.deliver("u@example.com", b"small\r\n.\r\n").starts_with("250"), "a new connection for the next one");
+}
+
+#[test]
+fn bodies_stream_with_bounded_memory() {
+    let mut h = Harness::with_config(&CONFIG.replace("\"1KiB\"", "\"50MiB\""));
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    let line = [&[b'z'; 998][..], b"\r\n"].concat();
+    let mut total = 0;
+    while total < 5 << 20 {
+        let chunk: Vec<u8> = line.iter().cycle().take(4096).copied().collect();
+        h.session.handle_input(&chunk, h.now);
+        h.drive();
+        total += chunk.len();
+        assert!(h.session.input.capacity() <= 64 << 10 && h.session.out.capacity() <= 64 << 10);
+    }
+    h.hop.disconnect(); // not interested in the body here
+}
+
+#[test]
+fn data_timeout_and_trickling_peers() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    h.send(b"some");
+    assert_eq!(h.wait(Duration::from_secs(29)), "");
+    h.send(b" more");
+    assert_eq!(h.wait(Duration::from_secs(30)), "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
+    assert!(h.closed());
+    assert_eq!(h.transactions()[0].outcome, Outcome::Abandoned("timeout"));
+
+    // 100 bytes a second at a minimum of 1 KiB/s: cut off after the 30 s grace
+    let mut h = Harness::with_config(&CONFIG.replace("min_data_rate = \"0\"", "min_data_rate = \"1KiB\""));
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    let mut got = String::new();
+    for _ in 0..40 {
+        if h.closed() {
+            break;
+        }
+        h.send(&[b'y'; 100]);
+        got += &h.wait(Duration::from_secs(1));
+    }
+    assert_eq!(got, "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
 }
 
 #[test]
 fn idle_timeout_closes_with_421() {
-    let mut t = Transcript::new();
-    assert_eq!(t.wait(Duration::from_secs(59)), "");
-    assert_eq!(t.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
-    // a command resets the clock; bytes of an unfinished line do not
-    assert_eq!(t.wait(Duration::from_secs(59)), "");
-    assert_eq!(t.send(b"NO"), "");
-    assert_eq!(t.wait(Duration::from_secs(1)), "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
-    assert!(t.closed());
+    let mut h = Harness::new();
+    assert_eq!(h.wait(Duration::from_secs(59)), "");
+    assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
+    assert_eq!(h.wait(Duration::from_secs(59)), "");
+    assert_eq!(h.send(b"NO"), "");
+    assert_eq!(h.wait(Duration::from_secs(1)), "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
+    assert!(h.closed());
 }
 
 #[test]
-fn a_peer_that_never_reads_its_last_reply_is_dropped() {
-    let mut t = Transcript::new();
-    t.session.handle_input(b"QUIT\r\n", t.now);
-    assert!(matches!(t.session.poll_transmit(), Transmit::Send(_)));
-    t.now += CLOSE_GRACE;
-    t.session.handle_timeout(t.now);
-    assert_eq!(t.session.poll_transmit(), Transmit::Close);
-    assert_eq!(t.session.poll_timeout(), None);
+fn shutdown_says_421_and_a_peer_that_never_reads_is_dropped() {
+    let mut h = Harness::new();
+    h.session.shutdown(h.now);
+    assert_eq!(h.drive(), "421 4.3.2 mx.test service shutting down, closing connection\r\n");
+    assert!(h.closed());
+
+    let mut h = Harness::new();
+    h.session.handle_input(b"QUIT\r\n", h.now);
+    assert!(matches!(h.session.poll_transmit(), Transmit::Send(_)));
+    h.now += CLOSE_GRACE;
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.session.poll_transmit(), Transmit::Close);
 }
 
 #[test]
-fn shutdown_says_421_and_closes() {
-    let mut t = Transcript::new();
-    t.session.shutdown(t.now);
-    assert_eq!(t.drain(), "421 4.3.2 mx.test service shutting down, closing connection\r\n");
-    assert!(t.closed());
+fn a_hundred_messages_over_one_session_use_one_connection() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_recipients = 5", "max_recipients = 100"));
+    h.greet();
+    for i in 0..100 {
+        let reply = h.deliver("u@example.com", format!("message {i}\r\n.\r\n").as_bytes());
+        assert!(reply.starts_with("250 2.0.0"), "{i}: {reply}");
+    }
+    assert_eq!(h.dials.len(), 1);
+    assert_eq!(h.hop.messages.len(), 100);
+    assert_eq!(h.transactions().len(), 100);
 }
 
 #[test]
-fn eof_closes_at_once() {
-    let mut t = Transcript::new();
-    t.session.handle_eof();
-    assert!(t.closed());
+fn a_disconnect_mid_transaction_closes_the_next_hop_connection() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.session.handle_eof(h.now);
+    h.drive();
+    assert_eq!((h.released, h.closed), (0, 1), "a half-open transaction is never pooled");
+    assert_eq!(h.transactions()[0].outcome, Outcome::Abandoned("peer disconnected"));
 }

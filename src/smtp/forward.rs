@@ -1,0 +1,446 @@
+//! The session's side toward the next hop: getting a connection (pooled or new, next
+//! hops in order), forwarding each command and answering the peer with the reply, and
+//! streaming the body through the filter.
+//!
+//! Failures: a next hop that cannot be reached, breaks the protocol, closes or stays
+//! silent past `reply_timeout` gets its connection dropped. Before the next hop has
+//! acknowledged anything (connecting, greeting, MAIL on a pooled connection that may be
+//! stale) the next connection or next hop is tried; after, the peer gets `451 4.4.1`,
+//! never `250`, and the rest of the transaction gets `451 4.4.1` too.
+
+use std::time::Instant;
+
+use super::client::{Command, Event as UpEvent, Reply, Upstream};
+use super::data::{BodyFilter, Fault};
+use super::session::{Body, Link, Outcome, Phase, Relay, Session, UpLink, Waiting};
+
+const MAIL_OK: &[u8] = b"250 2.1.0 sender OK\r\n";
+const RCPT_OK: &[u8] = b"250 2.1.5 recipient OK\r\n";
+const GO_AHEAD: &[u8] = b"354 end data with <CR><LF>.<CR><LF>\r\n";
+const OK: &[u8] = b"250 2.0.0 OK\r\n";
+const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
+const NO_8BIT: &[u8] = b"555 5.3.3 8BITMIME or SMTPUTF8 mail cannot be relayed now\r\n";
+const BARE_LINE_END: &[u8] = b"554 5.6.0 message refused: bare CR or LF in the body\r\n";
+const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
+const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
+
+impl Session {
+    // ---- the next hop's port -------------------------------------------------------------
+
+    /// What the driver does next on the next hop's side.
+    pub fn poll_relay(&self) -> Relay<'_> {
+        let open = self.phase == Phase::Open;
+        match &self.link {
+            Link::None => Relay::Idle,
+            Link::Wanted { hop, pooled_ok } if open => Relay::Connect { hop: *hop, pooled_ok: *pooled_ok },
+            Link::Wanted { .. } => Relay::Idle,
+            Link::Dialing { .. } if open => Relay::Idle,
+            Link::Dialing { .. } | Link::Dropped => Relay::Close,
+            Link::Up(l) if !open => {
+                if l.clean && l.up.is_idle() {
+                    Relay::Release
+                } else {
+                    Relay::Close
+                }
+            }
+            Link::Up(l) if !l.up.output().is_empty() => Relay::Send(l.up.output()),
+            Link::Up(l) if l.up.awaits_reply() => Relay::Receive,
+            Link::Up(_) => Relay::Idle,
+        }
+    }
+
+    /// The driver started connecting to the hop `poll_relay` asked for.
+    pub fn dialing(&mut self) {
+        if let Link::Wanted { hop, .. } = self.link {
+            self.link = Link::Dialing { hop };
+        }
+    }
+
+    /// A connection to the hop asked for: new (greeting still to come) or, when
+    /// `reused`, from the pool (ready).
+    pub fn attach_upstream(&mut self, up: Upstream, reused: bool, now: Instant) {
+        let hop = match self.link {
+            Link::Wanted { hop, .. } | Link::Dialing { hop } => hop,
+            _ => 0,
+        };
+        let ready = up.is_ready();
+        self.link = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true }));
+        self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+        if ready {
+            self.link_ready(now);
+        }
+    }
+
+    /// Bytes from the next hop.
+    pub fn handle_relay_input(&mut self, data: &[u8], now: Instant) {
+        if let Link::Up(l) = &mut self.link {
+            l.up.handle_input(data);
+            self.upstream_events(now);
+        }
+    }
+
+    /// `n` bytes of the last relay `Send` went out.
+    pub fn consume_relay_output(&mut self, n: usize, now: Instant) {
+        if let Link::Up(l) = &mut self.link {
+            l.up.consume_output(n);
+            if self.waiting.is_none() {
+                // body streaming: the next hop keeps taking bytes
+                let pending = !l.up.output().is_empty();
+                self.relay_deadline = pending.then(|| now + self.snapshot.config.relay.reply_timeout);
+            }
+        }
+    }
+
+    /// The connection to the next hop failed: refused, broken, closed.
+    pub fn handle_relay_error(&mut self, now: Instant) {
+        self.relay_failed(now);
+    }
+
+    /// Hands the next-hop connection back to the driver, which pools it after `Release`
+    /// and closes it after `Close`.
+    pub fn detach_relay(&mut self) -> Option<Upstream> {
+        let old = std::mem::replace(&mut self.link, Link::None);
+        if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (&self.waiting, self.phase) {
+            self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
+        }
+        match old {
+            Link::Up(l) => Some(l.up),
+            _ => None,
+        }
+    }
+
+    // ---- forwarding commands -------------------------------------------------------------
+
+    /// MAIL was accepted here: send it on once a connection is ready.
+    pub(super) fn start_mail(&mut self, now: Instant) {
+        match &self.link {
+            Link::Up(l) if l.up.is_ready() => self.send_mail(now),
+            _ => {
+                self.waiting = Some(Waiting::Link { hop: 0, pooled_ok: true });
+                if matches!(self.link, Link::None) {
+                    self.link = Link::Wanted { hop: 0, pooled_ok: true };
+                }
+                self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+            }
+        }
+    }
+
+    fn link_ready(&mut self, now: Instant) {
+        if matches!(self.waiting, Some(Waiting::Link { .. })) {
+            self.send_mail(now);
+        }
+    }
+
+    fn send_mail(&mut self, now: Instant) {
+        let (Link::Up(l), Some(txn)) = (&mut self.link, &mut self.txn) else { return };
+        let ext = l.up.extensions();
+        if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
+            self.waiting = None;
+            self.reply(NO_8BIT);
+            return self.end_transaction(Outcome::Refused { code: 555, why: "next hop lacks 8BITMIME/SMTPUTF8" }, now);
+        }
+        let mut line = format!("MAIL FROM:{}", txn.from);
+        if txn.eight_bit {
+            line.push_str(" BODY=8BITMIME");
+        }
+        if txn.smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        if let (Some(size), Some(_)) = (txn.size, ext.size) {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        l.up.command(Command::Mail, line.as_bytes());
+        l.clean = false;
+        txn.hop = Some(l.hop);
+        self.await_reply(Waiting::Mail, now);
+    }
+
+    pub(super) fn forward_rcpt(&mut self, to: super::address::Path, now: Instant) {
+        let line = format!("RCPT TO:{to}");
+        self.forward(Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to), now);
+    }
+
+    pub(super) fn forward_data(&mut self, now: Instant) {
+        self.forward(Command::Data, b"DATA", Waiting::Data, now);
+    }
+
+    pub(super) fn forward_rset(&mut self, now: Instant) {
+        self.forward(Command::Rset, b"RSET", Waiting::Rset, now);
+    }
+
+    fn forward(&mut self, cmd: Command, line: &[u8], waiting: Waiting, now: Instant) {
+        match &mut self.link {
+            Link::Up(l) if l.up.is_ready() => {
+                l.up.command(cmd, line);
+                self.await_reply(waiting, now);
+            }
+            _ => {
+                // the connection is gone: the transaction cannot go on
+                if let Some(t) = &mut self.txn {
+                    t.broken = true;
+                }
+                self.answer_failure(waiting, now);
+            }
+        }
+    }
+
+    fn await_reply(&mut self, waiting: Waiting, now: Instant) {
+        self.waiting = Some(waiting);
+        self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+    }
+
+    // ---- the next hop's answers ----------------------------------------------------------
+
+    fn upstream_events(&mut self, now: Instant) {
+        loop {
+            let Link::Up(l) = &mut self.link else { return };
+            let Some(event) = l.up.poll_event() else { return };
+            match event {
+                UpEvent::Ready => self.link_ready(now),
+                // 421: the next hop is closing the connection
+                UpEvent::Reply(_, reply) if reply.code == 421 => return self.relay_failed(now),
+                UpEvent::Reply(cmd, reply) => {
+                    l.untested = false;
+                    self.answer(cmd, &reply, now);
+                }
+                UpEvent::Failed(why) => {
+                    tracing::debug!(peer = %self.peer, "next hop failed: {why}");
+                    return self.relay_failed(now);
+                }
+            }
+        }
+    }
+
+    /// The next hop's reply to the command we are waiting on.
+    fn answer(&mut self, cmd: Command, reply: &Reply, now: Instant) {
+        let waiting = self.waiting.take();
+        self.relay_deadline = None;
+        match (waiting, cmd) {
+            (Some(Waiting::Mail), Command::Mail) => self.answer_mail(reply, now),
+            (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(to, reply),
+            (Some(Waiting::Data), Command::Data) => self.answer_data(reply, now),
+            (Some(Waiting::Dot), Command::Dot) => self.answer_dot(reply, now),
+            (Some(Waiting::Rset), Command::Rset) => {
+                self.set_clean();
+                self.reply(OK);
+            }
+            (waiting, cmd) => {
+                tracing::debug!(peer = %self.peer, ?cmd, ?waiting, "next hop reply out of step");
+                self.waiting = waiting;
+                return self.relay_failed(now);
+            }
+        }
+        self.process(now);
+    }
+
+    fn answer_mail(&mut self, reply: &Reply, now: Instant) {
+        if reply.is_positive() {
+            if let Some(t) = &mut self.txn {
+                t.open_upstream = true;
+            }
+            return self.reply(MAIL_OK);
+        }
+        self.set_clean();
+        self.pass_on(reply);
+        self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the sender" }, now);
+    }
+
+    fn answer_rcpt(&mut self, to: super::address::Path, reply: &Reply) {
+        let Some(t) = &mut self.txn else { return };
+        if reply.is_positive() {
+            t.accepted += 1;
+            t.first_rcpt.get_or_insert(to);
+            self.reply(RCPT_OK);
+        } else {
+            self.count_refused();
+            self.pass_on(reply);
+        }
+    }
+
+    fn answer_data(&mut self, reply: &Reply, now: Instant) {
+        if reply.code != 354 {
+            return self.pass_on(reply);
+        }
+        // Input that arrived while the next hop was deciding was sent before our 354.
+        if !self.unprocessed().is_empty() {
+            self.end_transaction(Outcome::Refused { code: 503, why: "improper pipelining" }, now);
+            self.drop_link();
+            return self.close_with(IMPROPER_PIPELINING, now);
+        }
+        let header = self.received_header(now);
+        let max = self.snapshot.config.smtp.max_message_size;
+        if let (Link::Up(l), Some(t)) = (&mut self.link, &mut self.txn) {
+            l.up.send_data(header.as_bytes());
+            t.body = Some(Body { filter: BodyFilter::new(max), started: now, last_input: now });
+        }
+        self.reply(GO_AHEAD);
+    }
+
+    fn answer_dot(&mut self, reply: &Reply, now: Instant) {
+        self.set_clean();
+        if let Some(t) = &mut self.txn {
+            t.open_upstream = false;
+        }
+        if reply.code == 250 {
+            let id = self.txn.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+            self.reply(format!("250 2.0.0 OK: queued as {id}\r\n").as_bytes());
+            return self.end_transaction(Outcome::Delivered, now);
+        }
+        self.pass_on(reply);
+        self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the message" }, now);
+    }
+
+    /// The next hop's reply, to the peer: its code and text.
+    fn pass_on(&mut self, reply: &Reply) {
+        let mut out = Vec::new();
+        reply.render(&mut out);
+        self.reply(&out);
+    }
+
+    fn set_clean(&mut self) {
+        if let Link::Up(l) = &mut self.link {
+            l.clean = true;
+        }
+    }
+
+    /// Drops the connection to the next hop (the driver closes it).
+    pub(super) fn drop_link(&mut self) {
+        self.link = match std::mem::replace(&mut self.link, Link::None) {
+            Link::None | Link::Wanted { .. } => Link::None,
+            Link::Dialing { .. } | Link::Up(_) | Link::Dropped => Link::Dropped,
+        };
+    }
+
+    /// The connection failed, timed out or broke the protocol.
+    pub(super) fn relay_failed(&mut self, now: Instant) {
+        let stale = matches!(&self.link, Link::Up(l) if l.untested);
+        let hop = match &self.link {
+            Link::Up(l) => Some(l.hop),
+            Link::Wanted { hop, .. } | Link::Dialing { hop } => Some(*hop),
+            _ => None,
+        };
+        self.drop_link();
+        self.relay_deadline = None;
+        let Some(waiting) = self.waiting.take() else {
+            // between commands or during a body: the transaction cannot complete
+            if let Some(t) = &mut self.txn {
+                t.broken = true;
+            }
+            return;
+        };
+        // Nothing acknowledged yet: try a new connection (a pooled one may just have been
+        // stale), then the next hop in order.
+        if let (Waiting::Link { .. } | Waiting::Mail, Some(hop)) = (&waiting, hop) {
+            let (hop, pooled_ok) = if stale { (hop, false) } else { (hop + 1, true) };
+            if hop < self.snapshot.config.relay.next_hops.len() && self.txn.is_some() {
+                self.waiting = Some(Waiting::Link { hop, pooled_ok });
+                self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+                return;
+            }
+        }
+        if let Some(t) = &mut self.txn {
+            t.broken = true;
+        }
+        self.answer_failure(waiting, now);
+        self.process(now);
+    }
+
+    /// The peer's answer for a command the next hop could not answer.
+    fn answer_failure(&mut self, waiting: Waiting, now: Instant) {
+        match waiting {
+            Waiting::Rset => self.reply(OK),
+            Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
+            Waiting::Data => self.reply(NEXT_HOP_FAILED),
+            Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => {
+                self.reply(NEXT_HOP_FAILED);
+                self.end_transaction(Outcome::Refused { code: 451, why: "next hop unavailable" }, now);
+            }
+        }
+    }
+
+    // ---- the body ------------------------------------------------------------------------
+
+    /// Feeds buffered input to the body filter, up to the end of data.
+    pub(super) fn body_input(&mut self, now: Instant) {
+        let input = &self.input[self.input_pos..];
+        let Some(txn) = self.txn.as_mut() else { return };
+        let Some(body) = txn.body.as_mut() else { return };
+        let faulted = body.filter.fault().is_some();
+        let mut discard = Vec::new();
+        let sink = match &mut self.link {
+            Link::Up(l) if !txn.broken && !faulted => l.up.data_sink(),
+            _ => &mut discard,
+        };
+        let end = body.filter.feed(input, sink);
+        let fault_now = !faulted && body.filter.fault().is_some();
+        self.input_pos = end.map_or(self.input.len(), |n| self.input_pos + n);
+        if fault_now {
+            // abandon what the next hop has of the message: close without the final dot
+            self.drop_link();
+        }
+        if let Link::Up(l) = &self.link
+            && self.relay_deadline.is_none()
+            && !l.up.output().is_empty()
+        {
+            self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+        }
+        if end.is_some() {
+            self.end_of_data(now);
+        }
+    }
+
+    fn end_of_data(&mut self, now: Instant) {
+        let Some(txn) = &self.txn else { return };
+        let fault = txn.body.as_ref().and_then(|b| b.filter.fault());
+        match (fault, txn.broken) {
+            (Some(Fault::BareLineEnd), _) => {
+                self.reply(BARE_LINE_END);
+                self.end_transaction(Outcome::Refused { code: 554, why: "bare CR or LF in the body" }, now);
+            }
+            (Some(Fault::TooBig), _) => {
+                self.reply(TOO_BIG);
+                self.end_transaction(Outcome::Refused { code: 552, why: "message too big" }, now);
+            }
+            (None, true) => {
+                self.reply(NEXT_HOP_FAILED);
+                self.end_transaction(Outcome::Refused { code: 451, why: "next hop failed" }, now);
+            }
+            (None, false) => match &mut self.link {
+                Link::Up(l) => {
+                    l.up.end_data();
+                    self.await_reply(Waiting::Dot, now);
+                }
+                _ => {
+                    self.reply(NEXT_HOP_FAILED);
+                    self.end_transaction(Outcome::Refused { code: 451, why: "next hop failed" }, now);
+                }
+            },
+        }
+    }
+
+    /// The trace header (RFC 5321 §4.4), first in the message.
+    fn received_header(&self, now: Instant) -> String {
+        let helo = self.helo.as_ref().map_or("unknown", |h| h.name.as_str());
+        let peer = match self.peer.ip() {
+            std::net::IpAddr::V4(a) => format!("[{a}]"),
+            std::net::IpAddr::V6(a) => format!("[IPv6:{a}]"),
+        };
+        let Some(txn) = &self.txn else { return String::new() };
+        let protocol = match (txn.smtputf8, self.helo.as_ref().is_some_and(|h| h.extended)) {
+            (true, _) => "UTF8SMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        // name the recipient only when there is exactly one (others stay private)
+        let recipient = match (&txn.first_rcpt, txn.accepted) {
+            (Some(r), 1) => format!("\r\n\tfor {r}"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ({peer})\r\n\tby {host} (mxgate) with {protocol} id {id}{recipient};\r\n\t{date}\r\n",
+            host = self.snapshot.config.hostname,
+            id = txn.id,
+            date = self.unix_time(now),
+        )
+    }
+}

@@ -1,0 +1,478 @@
+//! The session's state, its two ports and its clock. Commands are in `verbs.rs`, the
+//! next-hop side and the body in `forward.rs`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::address::Path;
+use super::client::Upstream;
+use super::data::BodyFilter;
+use super::{CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
+use crate::datetime::UnixTime;
+use crate::gate::PeerIp;
+use crate::snapshot::Snapshot;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    Open,
+    /// The last reply is draining.
+    Closing {
+        until: Instant,
+    },
+    Closed,
+}
+
+/// What the driver does next on the peer's socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit<'a> {
+    Send(&'a [u8]),
+    Receive,
+    /// Nothing until something else happens (the next hop answers, a timer fires).
+    Wait,
+    Close,
+}
+
+/// What the driver does next on the next hop's side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relay<'a> {
+    Idle,
+    /// Connect to `next_hops[hop]`; a pooled connection will do when `pooled_ok`.
+    Connect {
+        hop: usize,
+        pooled_ok: bool,
+    },
+    Send(&'a [u8]),
+    Receive,
+    /// The connection is idle and clean: `detach_relay` it into the pool.
+    Release,
+    /// `detach_relay` and close the connection (or give up connecting).
+    Close,
+}
+
+/// Something for the driver to log or count.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A transaction ended; one mail-log line.
+    Transaction(Transaction),
+}
+
+/// A finished transaction, for the mail log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    pub id: String,
+    pub peer: PeerIp,
+    pub from: String,
+    pub accepted: u32,
+    pub refused: u32,
+    pub size: u64,
+    pub next_hop: Option<SocketAddr>,
+    pub outcome: Outcome,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The next hop said 250 to the message, and so did we.
+    Delivered,
+    /// The reply we gave (the next hop's, or ours), and why.
+    Refused { code: u16, why: &'static str },
+    /// Ended without a reply to a message: RSET, QUIT, disconnect, timeout.
+    Abandoned(&'static str),
+}
+
+impl fmt::Display for Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "id={} peer={} from={} rcpt={}/{} size={} ",
+            self.id, self.peer, self.from, self.accepted, self.refused, self.size
+        )?;
+        match self.next_hop {
+            Some(h) => write!(f, "next_hop={h} ")?,
+            None => write!(f, "next_hop=- ")?,
+        }
+        match self.outcome {
+            Outcome::Delivered => write!(f, "result=250 delivered")?,
+            Outcome::Refused { code, why } => write!(f, "result={code} \"{why}\"")?,
+            Outcome::Abandoned(why) => write!(f, "result=- \"{why}\"")?,
+        }
+        write!(f, " ms={}", self.duration.as_millis())
+    }
+}
+
+/// The peer's greeting.
+#[derive(Debug)]
+pub(super) struct Helo {
+    pub(super) name: String,
+    pub(super) extended: bool,
+}
+
+/// A transaction from MAIL to the reply after its body (or its abandonment).
+#[derive(Debug)]
+pub(super) struct Txn {
+    pub(super) id: String,
+    pub(super) started: Instant,
+    pub(super) from: Path,
+    pub(super) size: Option<u64>,
+    pub(super) eight_bit: bool,
+    pub(super) smtputf8: bool,
+    /// The next hop said 250 to MAIL.
+    pub(super) open_upstream: bool,
+    pub(super) first_rcpt: Option<Path>,
+    pub(super) accepted: u32,
+    pub(super) refused: u32,
+    pub(super) body: Option<Body>,
+    /// The next hop failed mid-transaction: the rest gets 451.
+    pub(super) broken: bool,
+    pub(super) hop: Option<usize>,
+}
+
+#[derive(Debug)]
+pub(super) struct Body {
+    pub(super) filter: BodyFilter,
+    pub(super) started: Instant,
+    pub(super) last_input: Instant,
+}
+
+/// A command forwarded to the next hop, whose reply is awaited before anything else.
+#[derive(Debug)]
+pub(super) enum Waiting {
+    /// A connection for MAIL: to `next_hops[hop]`, from the pool when `pooled_ok`.
+    Link {
+        hop: usize,
+        pooled_ok: bool,
+    },
+    Mail,
+    Rcpt(Path),
+    Data,
+    Dot,
+    Rset,
+}
+
+/// The session's connection to the next hop.
+#[derive(Debug)]
+pub(super) enum Link {
+    None,
+    Wanted {
+        hop: usize,
+        pooled_ok: bool,
+    },
+    Dialing {
+        hop: usize,
+    },
+    Up(Box<UpLink>),
+    /// For the driver to close.
+    Dropped,
+}
+
+#[derive(Debug)]
+pub(super) struct UpLink {
+    pub(super) up: Upstream,
+    pub(super) hop: usize,
+    /// Came from the pool, and no reply has come on it since: a failure may be a stale
+    /// connection, so the command is tried again on a new one.
+    pub(super) untested: bool,
+    /// No transaction is open at the next hop: reusable as it is.
+    pub(super) clean: bool,
+}
+
+/// One peer's SMTP conversation, and its relay to the next hop.
+#[derive(Debug)]
+pub struct Session {
+    /// The snapshot the connection was accepted under, kept for its whole life.
+    pub(super) snapshot: Arc<Snapshot>,
+    pub(super) peer: PeerIp,
+    pub(super) phase: Phase,
+    /// Received and not yet processed (while a command waits for the next hop).
+    pub(super) input: Vec<u8>,
+    pub(super) input_pos: usize,
+    /// The command line being received, CRLF not yet seen.
+    pub(super) line: Vec<u8>,
+    /// The current line passed `MAX_LINE_LEN`: skip to its end, then reply once.
+    pub(super) overlong: bool,
+    pub(super) out: Vec<u8>,
+    pub(super) sent: usize,
+    /// When waiting for the next command ends.
+    pub(super) idle_deadline: Instant,
+    /// The wall clock at `clock_base`: dates are derived from these, the session reads
+    /// no clock.
+    unix_base: UnixTime,
+    clock_base: Instant,
+    pub(super) helo: Option<Helo>,
+    pub(super) txn: Option<Txn>,
+    pub(super) waiting: Option<Waiting>,
+    pub(super) link: Link,
+    /// When the next hop must have answered (or taken more body) by.
+    pub(super) relay_deadline: Option<Instant>,
+    pub(super) events: VecDeque<Event>,
+}
+
+impl Session {
+    /// A session for a peer the gate has allowed; the banner is queued.
+    pub fn new(snapshot: Arc<Snapshot>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
+        let idle_deadline = now + snapshot.config.smtp.command_timeout;
+        let out = snapshot.smtp.banner.to_vec();
+        Session {
+            snapshot,
+            peer,
+            phase: Phase::Open,
+            input: Vec::new(),
+            input_pos: 0,
+            line: Vec::new(),
+            overlong: false,
+            out,
+            sent: 0,
+            idle_deadline,
+            unix_base: unix,
+            clock_base: now,
+            helo: None,
+            txn: None,
+            waiting: None,
+            link: Link::None,
+            relay_deadline: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    // ---- the peer's port ---------------------------------------------------------------
+
+    /// Bytes from the peer. Each complete command line gets its reply, in order.
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if let Some(body) = self.txn.as_mut().and_then(|t| t.body.as_mut()) {
+            body.last_input = now;
+        }
+        self.input.extend_from_slice(data);
+        self.process(now);
+    }
+
+    /// Processes buffered input until it is used up or a command waits for the next hop.
+    pub(super) fn process(&mut self, now: Instant) {
+        while self.phase == Phase::Open && self.waiting.is_none() && self.input_pos < self.input.len() {
+            if self.in_body() {
+                self.body_input(now);
+                continue;
+            }
+            let rest = &self.input[self.input_pos..];
+            let Some(lf) = memchr::memchr(b'\n', rest) else {
+                self.take_partial_line(self.input.len());
+                break;
+            };
+            self.take_partial_line(self.input_pos + lf);
+            self.input_pos += 1; // the LF
+            if std::mem::take(&mut self.overlong) {
+                self.reply(b"500 5.5.2 line too long\r\n");
+            } else {
+                let line = std::mem::take(&mut self.line);
+                self.command(&line, now);
+                self.line = line;
+                self.line.clear();
+            }
+            self.idle_deadline = now + self.snapshot.config.smtp.command_timeout;
+        }
+        if self.input_pos >= self.input.len() {
+            self.input.clear();
+            self.input_pos = 0;
+        }
+    }
+
+    /// Moves input up to `end` into the line being received, or drops it once the line
+    /// is too long to be valid.
+    fn take_partial_line(&mut self, end: usize) {
+        let part = &self.input[self.input_pos..end];
+        // MAX_LINE_LEN counts the CRLF; the LF is never stored
+        if !self.overlong && self.line.len() + part.len() < MAX_LINE_LEN {
+            self.line.extend_from_slice(part);
+        } else {
+            self.overlong = true;
+            self.line.clear();
+        }
+        self.input_pos = end;
+    }
+
+    /// Input received and not processed yet.
+    pub(super) fn unprocessed(&self) -> &[u8] {
+        &self.input[self.input_pos..]
+    }
+
+    pub(super) fn discard_input(&mut self) {
+        self.input.clear();
+        self.input_pos = 0;
+        self.line.clear();
+    }
+
+    pub(super) fn reply(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Queues the last reply and closes once it is out.
+    pub(super) fn close_with(&mut self, reply: &[u8], now: Instant) {
+        self.reply(reply);
+        self.begin_close(now);
+    }
+
+    fn begin_close(&mut self, now: Instant) {
+        if self.phase == Phase::Open {
+            self.phase = Phase::Closing { until: now + CLOSE_GRACE };
+            self.discard_input();
+            self.abandon_transaction("connection closed", now);
+        }
+    }
+
+    /// The peer closed its side or its connection broke: nothing more can be said.
+    pub fn handle_eof(&mut self, now: Instant) {
+        self.abandon_transaction("peer disconnected", now);
+        self.phase = Phase::Closed;
+    }
+
+    /// The server is stopping: say so and close.
+    pub fn shutdown(&mut self, now: Instant) {
+        if self.phase == Phase::Open {
+            let reply = self.snapshot.smtp.shutdown.clone();
+            self.close_with(&reply, now);
+        }
+    }
+
+    /// What the driver does next on the peer's socket.
+    pub fn poll_transmit(&self) -> Transmit<'_> {
+        match self.phase {
+            Phase::Closed => Transmit::Close,
+            _ if self.sent < self.out.len() => Transmit::Send(&self.out[self.sent..]),
+            Phase::Closing { .. } => Transmit::Close,
+            Phase::Open if self.waiting.is_some() || self.input_pos < self.input.len() || self.backpressured() => {
+                Transmit::Wait
+            }
+            Phase::Open => Transmit::Receive,
+        }
+    }
+
+    /// Body bytes for the next hop are piling up: read no more from the peer.
+    fn backpressured(&self) -> bool {
+        self.in_body() && matches!(&self.link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
+    }
+
+    /// `n` bytes of the last `Send` went out.
+    pub fn consume_output(&mut self, n: usize) {
+        self.sent = (self.sent + n).min(self.out.len());
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+    }
+
+    /// A finished transaction or other news for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- time ---------------------------------------------------------------------------
+
+    /// When [`Session::handle_timeout`] is due; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let txn_deadline = self.txn.as_ref().map(|t| t.started + self.snapshot.config.smtp.transaction_timeout);
+        match self.phase {
+            Phase::Closed => None,
+            Phase::Closing { until } => Some(until),
+            Phase::Open if self.waiting.is_some() => self.relay_deadline.into_iter().chain(txn_deadline).min(),
+            Phase::Open => match self.txn.as_ref().and_then(|t| t.body.as_ref()) {
+                Some(body) => {
+                    let smtp = &self.snapshot.config.smtp;
+                    let block = body.last_input + smtp.data_timeout;
+                    let relay = self.relay_deadline.filter(|_| self.backpressured());
+                    [Some(block), self.rate_deadline(body), relay, txn_deadline].into_iter().flatten().min()
+                }
+                None => Some(self.idle_deadline),
+            },
+        }
+    }
+
+    /// When a body that has come this slowly is cut off: the time by which the minimum
+    /// rate would have brought more than was received, and not before the grace period.
+    fn rate_deadline(&self, body: &Body) -> Option<Instant> {
+        let rate = self.snapshot.config.smtp.min_data_rate;
+        if rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(body.filter.size() as f64 / rate as f64);
+        Some(body.started + earned.max(DATA_RATE_GRACE))
+    }
+
+    /// The time reached [`Session::poll_timeout`] (or passed it).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Closed => {}
+            Phase::Closing { until } => {
+                if now >= until {
+                    self.phase = Phase::Closed;
+                }
+            }
+            Phase::Open => {
+                if self.poll_timeout().is_some_and(|t| t <= now) {
+                    self.timed_out(now);
+                }
+            }
+        }
+    }
+
+    fn timed_out(&mut self, now: Instant) {
+        let relay_late = self.relay_deadline.is_some_and(|d| d <= now);
+        if relay_late && (self.waiting.is_some() || self.backpressured()) {
+            tracing::debug!(peer = %self.peer, "next hop timed out");
+            return self.relay_failed(now);
+        }
+        let reply = self.snapshot.smtp.idle_timeout.clone();
+        if self.txn.is_some() {
+            self.abandon_transaction("timeout", now);
+        }
+        self.close_with(&reply, now);
+    }
+
+    /// Now on the wall clock.
+    pub(super) fn unix_time(&self, now: Instant) -> UnixTime {
+        UnixTime(self.unix_base.0 + now.saturating_duration_since(self.clock_base).as_secs() as i64)
+    }
+
+    // ---- transactions ------------------------------------------------------------------
+
+    pub(super) fn in_body(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| t.body.is_some())
+    }
+
+    /// Ends the current transaction with a mail-log event.
+    pub(super) fn end_transaction(&mut self, outcome: Outcome, now: Instant) {
+        let Some(t) = self.txn.take() else { return };
+        let next_hop = t.hop.and_then(|h| self.snapshot.config.relay.next_hops.get(h).copied());
+        self.events.push_back(Event::Transaction(Transaction {
+            id: t.id,
+            peer: self.peer,
+            from: t.from.to_string(),
+            accepted: t.accepted,
+            refused: t.refused,
+            size: t.body.map_or(0, |b| b.filter.size()),
+            next_hop,
+            outcome,
+            duration: now.saturating_duration_since(t.started),
+        }));
+    }
+
+    pub(super) fn abandon_transaction(&mut self, why: &'static str, now: Instant) {
+        if self.txn.is_some() {
+            self.waiting = None;
+            self.end_transaction(Outcome::Abandoned(why), now);
+        }
+    }
+}
+
+/// A transaction id unique to this process: its start second and a counter, in hex.
+pub(super) fn next_transaction_id(unix: UnixTime) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| unix.0 as u32);
+    format!("{start:08X}{:06X}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}

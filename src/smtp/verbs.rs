@@ -1,0 +1,265 @@
+//! One method per command verb. Each answers the peer, or forwards the command to the
+//! next hop and sets `waiting` (the answer comes from `forward.rs`).
+
+use std::time::Instant;
+
+use super::address::{AddressError, Path, parse_path};
+use super::command::{self, Verb};
+use super::session::{Helo, Link, Outcome, Session, Txn, next_transaction_id};
+
+const OK: &[u8] = b"250 2.0.0 OK\r\n";
+const HELP: &[u8] = b"214 2.0.0 commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n";
+const UNRECOGNIZED: &[u8] = b"500 5.5.2 command unrecognized\r\n";
+const BARE_LF: &[u8] = b"500 5.5.2 line must end with CRLF\r\n";
+const BAD_CHARACTER: &[u8] = b"500 5.5.2 CR or NUL inside a command line\r\n";
+const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 command not implemented\r\n";
+const EHLO_SYNTAX: &[u8] = b"501 5.5.4 syntax: EHLO domain\r\n";
+const HELO_SYNTAX: &[u8] = b"501 5.5.4 syntax: HELO domain\r\n";
+const NO_PARAMETERS: &[u8] = b"501 5.5.4 this command takes no parameters\r\n";
+const GREET_FIRST: &[u8] = b"503 5.5.1 send EHLO or HELO first\r\n";
+const NESTED_MAIL: &[u8] = b"503 5.5.1 a transaction is already open\r\n";
+const MAIL_FIRST: &[u8] = b"503 5.5.1 send MAIL first\r\n";
+const RCPT_FIRST: &[u8] = b"554 5.5.1 no valid recipients\r\n";
+const MAIL_SYNTAX: &[u8] = b"501 5.5.4 syntax: MAIL FROM:<address> [parameters]\r\n";
+const RCPT_SYNTAX: &[u8] = b"501 5.5.4 syntax: RCPT TO:<address>\r\n";
+const BAD_PARAMETER: &[u8] = b"555 5.5.4 unsupported parameter\r\n";
+const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
+const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
+const RELAY_DENIED: &[u8] = b"550 5.7.1 relay access denied\r\n";
+const NO_NULL_RECIPIENT: &[u8] = b"501 5.1.3 the null path is no recipient\r\n";
+const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
+const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
+const CANNOT_VERIFY: &[u8] = b"252 2.5.0 cannot verify the user, but will relay the message\r\n";
+
+impl Session {
+    /// One command line, LF removed.
+    pub(super) fn command(&mut self, line: &[u8], now: Instant) {
+        let Some(line) = line.strip_suffix(b"\r") else {
+            return self.reply(BARE_LF);
+        };
+        if line.iter().any(|&b| b == b'\r' || b == 0) {
+            return self.reply(BAD_CHARACTER);
+        }
+        let (verb, args) = command::split(line);
+        match Verb::parse(verb) {
+            Verb::Ehlo => self.hello(args, true, now),
+            Verb::Helo => self.hello(args, false, now),
+            Verb::Mail => self.mail(args, now),
+            Verb::Rcpt => self.rcpt(args, now),
+            Verb::Data => self.data(args, now),
+            Verb::Rset => self.rset(args, now),
+            Verb::Noop => self.reply(OK),
+            Verb::Vrfy => self.reply(CANNOT_VERIFY),
+            Verb::Help => self.reply(HELP),
+            Verb::Quit => self.quit(args, now),
+            Verb::NotImplemented => self.reply(NOT_IMPLEMENTED),
+            Verb::Unknown => self.reply(UNRECOGNIZED),
+        }
+    }
+
+    fn hello(&mut self, args: &[u8], extended: bool, now: Instant) {
+        // One word of printable ASCII: a domain or an address literal. It is not
+        // checked further; it only ever goes into our own trace headers.
+        if args.is_empty() || !args.iter().all(u8::is_ascii_graphic) {
+            return self.reply(if extended { EHLO_SYNTAX } else { HELO_SYNTAX });
+        }
+        // a new greeting resets any transaction (RFC 5321 §4.1.4); one open at the next
+        // hop leaves that connection unusable, so it goes
+        self.abandon_transaction("new EHLO/HELO", now);
+        if matches!(&self.link, Link::Up(l) if !l.clean) {
+            self.drop_link();
+        }
+        let name = String::from_utf8_lossy(args).into_owned();
+        self.helo = Some(Helo { name, extended });
+        let reply = if extended { self.snapshot.smtp.ehlo.clone() } else { self.snapshot.smtp.helo.clone() };
+        self.reply(&reply);
+    }
+
+    fn mail(&mut self, args: &[u8], now: Instant) {
+        let Some(extended) = self.helo.as_ref().map(|h| h.extended) else {
+            return self.reply(GREET_FIRST);
+        };
+        if self.txn.is_some() {
+            return self.reply(NESTED_MAIL);
+        }
+        let Some(rest) = strip_keyword(args, b"FROM:") else {
+            return self.reply(MAIL_SYNTAX);
+        };
+        // SMTPUTF8 is a parameter after the path, so look for it first
+        let utf8 = extended && rest.split(|&b| b == b' ').any(|w| w.eq_ignore_ascii_case(b"SMTPUTF8"));
+        let (from, params) = match parse_path(rest, utf8) {
+            Ok(parsed) => parsed,
+            Err(e) => return self.address_error(e, b"5.1.7"),
+        };
+        let has_utf8_param = params.split(|&b| b == b' ').any(|w| w.eq_ignore_ascii_case(b"SMTPUTF8"));
+        if utf8 && !has_utf8_param && !from.to_string().is_ascii() {
+            return self.address_error(AddressError::NeedsSmtpUtf8, b"5.6.7");
+        }
+        let mut txn = Txn {
+            id: String::new(),
+            started: now,
+            from,
+            size: None,
+            eight_bit: false,
+            smtputf8: has_utf8_param,
+            open_upstream: false,
+            first_rcpt: None,
+            accepted: 0,
+            refused: 0,
+            body: None,
+            broken: false,
+            hop: None,
+        };
+        for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+            if !extended || !mail_parameter(param, &mut txn) {
+                return self.reply(BAD_PARAMETER);
+            }
+        }
+        if txn.size.is_some_and(|s| s > self.snapshot.config.smtp.max_message_size) {
+            return self.reply(TOO_BIG);
+        }
+        txn.id = next_transaction_id(self.unix_time(now));
+        self.txn = Some(txn);
+        self.start_mail(now);
+    }
+
+    fn rcpt(&mut self, args: &[u8], now: Instant) {
+        let Some(txn) = &self.txn else {
+            return self.reply(MAIL_FIRST);
+        };
+        let utf8 = txn.smtputf8;
+        if txn.accepted >= self.snapshot.config.smtp.max_recipients {
+            return self.refuse_recipient(TOO_MANY_RECIPIENTS);
+        }
+        let Some(rest) = strip_keyword(args, b"TO:") else {
+            return self.refuse_recipient(RCPT_SYNTAX);
+        };
+        let (to, params) = match parse_path(rest, utf8) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.count_refused();
+                return self.address_error(e, b"5.1.3");
+            }
+        };
+        if !params.iter().all(|&b| b == b' ') {
+            return self.refuse_recipient(BAD_PARAMETER);
+        }
+        if to == Path::Null {
+            return self.refuse_recipient(NO_NULL_RECIPIENT);
+        }
+        if let Err(why) = self.snapshot.relay_domains.judge(&to) {
+            tracing::debug!(peer = %self.peer, rcpt = %to, ?why, "relay denied");
+            return self.refuse_recipient(RELAY_DENIED);
+        }
+        if self.txn.as_ref().is_some_and(|t| t.broken) {
+            return self.refuse_recipient(NEXT_HOP_FAILED);
+        }
+        self.forward_rcpt(to, now);
+    }
+
+    fn data(&mut self, args: &[u8], now: Instant) {
+        // RFC 2920: DATA ends a pipelined group; anything already sent after it could
+        // only be meant as a body, sent before a 354 allowed one. Whatever DATA's own
+        // answer would have been, none of it may be read as commands or as a message.
+        if !self.unprocessed().is_empty() {
+            tracing::debug!(peer = %self.peer, "improper pipelining after DATA");
+            self.end_transaction(Outcome::Refused { code: 503, why: "improper pipelining" }, now);
+            self.drop_link();
+            return self.close_with(IMPROPER_PIPELINING, now);
+        }
+        let Some(txn) = &self.txn else {
+            return self.reply(MAIL_FIRST);
+        };
+        if !args.is_empty() {
+            return self.reply(NO_PARAMETERS);
+        }
+        if txn.accepted == 0 {
+            return self.reply(RCPT_FIRST);
+        }
+        if txn.broken {
+            return self.reply(NEXT_HOP_FAILED);
+        }
+        self.forward_data(now);
+    }
+
+    fn rset(&mut self, args: &[u8], now: Instant) {
+        if !args.is_empty() {
+            return self.reply(NO_PARAMETERS);
+        }
+        let open_upstream = self.txn.as_ref().is_some_and(|t| t.open_upstream);
+        self.abandon_transaction("RSET", now);
+        match &self.link {
+            Link::Up(l) if open_upstream && !l.clean => self.forward_rset(now),
+            _ => self.reply(OK),
+        }
+    }
+
+    fn quit(&mut self, args: &[u8], now: Instant) {
+        if !args.is_empty() {
+            return self.reply(NO_PARAMETERS);
+        }
+        let reply = self.snapshot.smtp.quit.clone();
+        self.close_with(&reply, now);
+    }
+
+    pub(super) fn refuse_recipient(&mut self, reply: &[u8]) {
+        self.count_refused();
+        self.reply(reply);
+    }
+
+    pub(super) fn count_refused(&mut self) {
+        if let Some(t) = &mut self.txn {
+            t.refused += 1;
+        }
+    }
+
+    fn address_error(&mut self, e: AddressError, code: &[u8]) {
+        let text = match e {
+            AddressError::NeedsSmtpUtf8 => {
+                return self.reply(b"553 5.6.7 non-ASCII address without SMTPUTF8\r\n");
+            }
+            AddressError::Syntax(_) | AddressError::TooLong(_) => e.to_string(),
+        };
+        let mut line = b"501 ".to_vec();
+        line.extend_from_slice(code);
+        line.push(b' ');
+        line.extend_from_slice(text.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        self.reply(&line);
+    }
+}
+
+/// `FROM:` / `TO:` (any case), then an optional space, then the path.
+fn strip_keyword<'a>(args: &'a [u8], keyword: &[u8]) -> Option<&'a [u8]> {
+    let head = args.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = &args[keyword.len()..];
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+/// One MAIL parameter: `SIZE=n`, `BODY=7BIT|8BITMIME`, `SMTPUTF8`. False: unsupported.
+fn mail_parameter(param: &[u8], txn: &mut Txn) -> bool {
+    let (key, value) = match param.iter().position(|&b| b == b'=') {
+        Some(i) => (&param[..i], Some(&param[i + 1..])),
+        None => (param, None),
+    };
+    let key = key.to_ascii_uppercase();
+    match (key.as_slice(), value) {
+        (b"SIZE", Some(v)) => match std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()) {
+            Some(n) => {
+                txn.size = Some(n);
+                true
+            }
+            None => false,
+        },
+        (b"BODY", Some(v)) if v.eq_ignore_ascii_case(b"7BIT") => true,
+        (b"BODY", Some(v)) if v.eq_ignore_ascii_case(b"8BITMIME") => {
+            txn.eight_bit = true;
+            true
+        }
+        (b"SMTPUTF8", None) => true,
+        _ => false,
+    }
+}
