@@ -1,13 +1,14 @@
 //! The epoll driver, on mio: the fallback where io_uring is refused. Same shape as
-//! `uring`: accept, judge, deny line and close, or move bytes for a [`Session`].
+//! `uring`: accept, judge, deny line and close, or serve a [`Session`]'s two ports, the
+//! peer's socket and the next hop's.
 //!
-//! Sockets are edge-triggered: a connection's step loop runs the operation its session
-//! asks for until the socket would block, then waits for the next event. A busy
-//! connection yields after `STEPS_PER_TURN` operations, a listener after
+//! Sockets are edge-triggered: a connection's step loop performs what its session asks
+//! on either socket until neither can go on without waiting, then waits for the next
+//! event. A busy connection yields after `STEPS_PER_TURN` steps, a listener after
 //! `ACCEPTS_PER_TURN` accepts, so that others get their turn.
 
 use std::io::{self, Read, Write};
-use std::net::TcpListener as StdListener;
+use std::net::{Shutdown, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,28 +16,39 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::pool::Pool;
 use super::timers::{self, ConnId, Timers};
-use super::{Drain, READ_LEN, Shared, SnapshotCache};
+use super::{Drain, READ_LEN, Shared, SnapshotCache, log_events};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::gate::{self, DenyLines, PeerIp};
-use crate::smtp::{Session, Transmit};
+use crate::smtp::client::Upstream;
+use crate::smtp::{Relay, Session, Transmit};
 
 /// Wait before accepting again after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Reads or writes one connection may do before the loop moves on to others.
+/// Socket operations one connection may do before the loop moves on to others.
 const STEPS_PER_TURN: usize = 32;
 /// Connections one listener may accept before the loop moves on to others.
 const ACCEPTS_PER_TURN: usize = 256;
 const WAKE: Token = Token(usize::MAX);
-/// Listener `i` has token `LISTENER_BASE + i`; connections have their slab key.
+/// Listener `i` has token `LISTENER_BASE + i`; connection `key` has `2 * key` for the
+/// peer's socket and `2 * key + 1` for the next hop's.
 const LISTENER_BASE: usize = 1 << 48;
 
 struct Conn {
-    stream: TcpStream,
+    /// The peer's socket; `None` once closed.
+    peer: Option<TcpStream>,
+    relay: Option<RelaySocket>,
     generation: u32,
     session: Session,
     armed: Option<Instant>,
+}
+
+struct RelaySocket {
+    stream: TcpStream,
+    /// Connecting: the socket becomes writable when the connection is made or refused.
+    connecting: bool,
 }
 
 struct Listener {
@@ -52,6 +64,7 @@ pub struct Worker {
     snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
+    pool: Pool<TcpStream>,
     timers: Timers,
     deny: DenyLines,
     generation: u32,
@@ -77,6 +90,7 @@ impl Worker {
             shared,
             listeners,
             conns: Slab::new(),
+            pool: Pool::default(),
             timers: Timers::default(),
             deny: DenyLines::default(),
             generation: 0,
@@ -100,6 +114,7 @@ impl Worker {
                 conns.get(key).filter(|c| c.generation == generation).map(|c| c.armed)
             });
             self.retry_accepts(now);
+            self.expire_pool(now);
             if self.finished() {
                 break;
             }
@@ -125,9 +140,17 @@ impl Worker {
                 match event.token() {
                     WAKE => self.woken(now),
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now, unix),
-                    Token(key) => self.advance(key, now),
+                    Token(t) => {
+                        if t % 2 == 1 {
+                            self.relay_event(t / 2, now);
+                        }
+                        self.advance(t / 2, now);
+                    }
                 }
             }
+        }
+        for stream in self.pool.drain() {
+            drop(stream);
         }
     }
 
@@ -168,12 +191,12 @@ impl Worker {
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             if let Err(e) =
-                self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+                self.poll.registry().register(&mut stream, Token(2 * key), Interest::READABLE | Interest::WRITABLE)
             {
                 tracing::warn!(%peer, "cannot register a connection: {e}");
                 continue;
             }
-            entry.insert(Conn { stream, generation: self.generation, session, armed: None });
+            entry.insert(Conn { peer: Some(stream), relay: None, generation: self.generation, session, armed: None });
             self.advance(key, now);
         }
         // The backlog may hold more: come back after the others had their turn.
@@ -182,41 +205,174 @@ impl Worker {
         }
     }
 
-    /// Runs the operations the connection's session asks for until the socket would
-    /// block, the session closes, or the connection's turn is over.
-    fn advance(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
+    /// An event on a next-hop socket: a connection being made is made or refused.
+    fn relay_event(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(relay) = conn.relay.as_mut().filter(|r| r.connecting) else { return };
+        let connected = match relay.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => relay.stream.peer_addr().map(|_| ()),
         };
-        for _ in 0..STEPS_PER_TURN {
-            let step = match conn.session.poll_transmit() {
-                Transmit::Send(bytes) => conn.stream.write(bytes).map(|n| conn.session.consume_output(n)),
-                Transmit::Receive => conn.stream.read(&mut self.read_buf).map(|n| match n {
-                    0 => conn.session.handle_eof(now),
-                    n => conn.session.handle_input(&self.read_buf[..n], now),
-                }),
-                Transmit::Wait => break,
-                Transmit::Close => {
-                    let mut conn = self.conns.remove(key);
-                    let _ = self.poll.registry().deregister(&mut conn.stream);
-                    return;
+        match connected {
+            Ok(()) => {
+                relay.connecting = false;
+                let upstream = Upstream::new(conn.session.hostname());
+                conn.session.attach_upstream(upstream, false, now);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // still connecting
+            Err(e) => {
+                tracing::debug!("next hop connection failed: {e}");
+                if let Some(mut relay) = conn.relay.take() {
+                    let _ = self.poll.registry().deregister(&mut relay.stream);
                 }
-            };
-            match step {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!("connection error: {e}");
-                    conn.session.handle_eof(now);
-                }
+                conn.session.handle_relay_error(now);
             }
         }
-        self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
-        self.busy.push((key, conn.generation));
+    }
+
+    /// Performs what the connection's session asks on both sockets until neither can go
+    /// on without waiting, the session ends, or the connection's turn is over.
+    fn advance(&mut self, key: usize, now: Instant) {
+        for _ in 0..STEPS_PER_TURN {
+            let peer_step = self.peer_step(key, now);
+            let relay_step = self.relay_step(key, now);
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            log_events(&mut conn.session);
+            if !peer_step && !relay_step {
+                if conn.peer.is_none() && conn.relay.is_none() && conn.session.poll_relay() == Relay::Idle {
+                    self.conns.remove(key);
+                } else {
+                    self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
+                }
+                return;
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
+            self.busy.push((key, conn.generation));
+        }
+    }
+
+    /// One operation on the peer's socket; false when it would have to wait.
+    fn peer_step(&mut self, key: usize, now: Instant) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let Some(stream) = conn.peer.as_mut() else { return false };
+        let result = match conn.session.poll_transmit() {
+            Transmit::Send(bytes) => stream.write(bytes).map(|n| conn.session.consume_output(n)),
+            Transmit::Receive => stream.read(&mut self.read_buf).map(|n| match n {
+                0 => conn.session.handle_eof(now),
+                n => conn.session.handle_input(&self.read_buf[..n], now),
+            }),
+            Transmit::Wait => return false,
+            Transmit::Close => {
+                if let Some(mut stream) = conn.peer.take() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    let _ = self.poll.registry().deregister(&mut stream);
+                }
+                return true;
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                tracing::debug!("peer connection error: {e}");
+                conn.session.handle_eof(now);
+                true
+            }
+        }
+    }
+
+    /// One operation on the next hop's side; false when it would have to wait.
+    fn relay_step(&mut self, key: usize, now: Instant) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let connecting = conn.relay.as_ref().is_some_and(|r| r.connecting);
+        let result = match conn.session.poll_relay() {
+            Relay::Idle => return false,
+            Relay::Connect { hop, pooled_ok } => {
+                let snapshot = self.snapshot.load();
+                let Some(&addr) = snapshot.config.relay.next_hops.get(hop) else {
+                    conn.session.handle_relay_error(now);
+                    return true;
+                };
+                if pooled_ok && let Some((mut stream, upstream)) = self.pool.take(addr) {
+                    let registered = self.poll.registry().register(
+                        &mut stream,
+                        Token(2 * key + 1),
+                        Interest::READABLE | Interest::WRITABLE,
+                    );
+                    if registered.is_ok() {
+                        conn.relay = Some(RelaySocket { stream, connecting: false });
+                        conn.session.attach_upstream(upstream, true, now);
+                        return true;
+                    }
+                }
+                conn.session.dialing();
+                match TcpStream::connect(addr) {
+                    Ok(mut stream) => {
+                        let token = Token(2 * key + 1);
+                        match self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        {
+                            Ok(()) => conn.relay = Some(RelaySocket { stream, connecting: true }),
+                            Err(e) => {
+                                tracing::warn!("cannot register a next-hop connection: {e}");
+                                conn.session.handle_relay_error(now);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("cannot connect to next hop {addr}: {e}");
+                        conn.session.handle_relay_error(now);
+                    }
+                }
+                return true;
+            }
+            Relay::Release => return self.finish_relay(key, true, now),
+            Relay::Close => return self.finish_relay(key, false, now),
+            _ if connecting => return false,
+            Relay::Send(bytes) => match conn.relay.as_mut() {
+                Some(r) => r.stream.write(bytes).map(|n| conn.session.consume_relay_output(n, now)),
+                None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            },
+            Relay::Receive => match conn.relay.as_mut() {
+                Some(r) => r.stream.read(&mut self.read_buf).and_then(|n| match n {
+                    0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    n => {
+                        conn.session.handle_relay_input(&self.read_buf[..n], now);
+                        Ok(())
+                    }
+                }),
+                None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            },
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                tracing::debug!("next hop connection error: {e}");
+                conn.session.handle_relay_error(now);
+                true
+            }
+        }
+    }
+
+    /// Takes the next-hop connection from the session: into the pool when `release`,
+    /// else closed.
+    fn finish_relay(&mut self, key: usize, release: bool, now: Instant) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let detached = conn.session.detach_relay();
+        let Some(mut relay) = conn.relay.take() else { return true };
+        let _ = self.poll.registry().deregister(&mut relay.stream);
+        let snapshot = self.snapshot.load();
+        if let (true, false, Some((upstream, hop))) = (release, relay.connecting, detached)
+            && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
+        {
+            let max = snapshot.config.relay.max_idle_connections as usize;
+            drop(self.pool.put(addr, relay.stream, upstream, max, now));
+        }
+        true
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -276,8 +432,17 @@ impl Worker {
         }
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
-        self.listeners.iter().filter_map(|l| l.retry_at).chain(self.timers.next()).chain(self.drain.deadline()).min()
+    fn expire_pool(&mut self, now: Instant) {
+        let timeout = self.snapshot.load().config.relay.idle_timeout;
+        for stream in self.pool.expire(now, timeout) {
+            drop(stream);
+        }
+    }
+
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        let pool = self.pool.next_expiry(self.snapshot.load().config.relay.idle_timeout);
+        let retries = self.listeners.iter().filter_map(|l| l.retry_at);
+        retries.chain(self.timers.next()).chain(self.drain.deadline()).chain(pool).min()
     }
 
     fn finished(&self) -> bool {

@@ -9,6 +9,7 @@
 
 mod epoll;
 mod listen;
+mod pool;
 mod timers;
 mod uring;
 
@@ -24,6 +25,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::config::IoMode;
+use crate::smtp::{Event, Session};
 use crate::snapshot::Snapshot;
 
 /// Bytes one read takes from a peer. A command line is at most 512 octets; this bounds
@@ -140,7 +142,7 @@ impl Server {
                     Driver::Uring => uring::Worker::new(shared, listeners)
                         .map(|w| (Waker::Uring(w.waker()), Worker::Uring(Box::new(w)))),
                     Driver::Epoll => epoll::Worker::new(shared, listeners)
-                        .and_then(|w| Ok((Waker::Epoll(w.waker()?), Worker::Epoll(w)))),
+                        .and_then(|w| Ok((Waker::Epoll(w.waker()?), Worker::Epoll(Box::new(w))))),
                 };
                 match result {
                     Ok((waker, worker)) => {
@@ -238,7 +240,7 @@ impl Drain {
 
 enum Worker {
     Uring(Box<uring::Worker>),
-    Epoll(epoll::Worker),
+    Epoll(Box<epoll::Worker>),
 }
 
 impl Worker {
@@ -246,6 +248,15 @@ impl Worker {
         match self {
             Worker::Uring(w) => w.run(),
             Worker::Epoll(w) => w.run(),
+        }
+    }
+}
+
+/// Logs what a session reports: one line per transaction (the mail log).
+fn log_events(session: &mut Session) {
+    while let Some(event) = session.poll_event() {
+        match event {
+            Event::Transaction(t) => tracing::info!("mail {t}"),
         }
     }
 }

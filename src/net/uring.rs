@@ -5,13 +5,14 @@
 //! - A denied peer costs one `getpeername`, the table lookup and two linked entries,
 //!   send-the-deny-line then close, both silent on success: one completion (the accept)
 //!   per denied connection and no allocation.
-//! - An allowed peer gets a [`Session`]; a connection has at most one operation (a recv
-//!   or a send) in flight, so the session's buffers are never touched while the kernel
-//!   uses them. Timeouts and shutdown cancel that operation and act once it completes.
+//! - An allowed peer gets a [`Session`], served on two sockets: the peer's and, while a
+//!   transaction needs one, the next hop's (pooled per worker). Each socket has at most
+//!   one recv and one send in flight (and the next hop's one connect). Bytes to send are
+//!   copied into the socket's own buffer first, so the session may be called at any time;
+//!   closing a socket cancels what is in flight and closes once it has completed.
 //!
-//! Memory handed to the kernel outlives the operation: a connection's read buffer and
-//! session live until its last operation completes, the deny lines and the wake buffer
-//! are never freed.
+//! Memory handed to the kernel outlives the operation: a connection's buffers live until
+//! its last operation completes, the deny lines and the wake buffer are never freed.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -23,12 +24,14 @@ use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use slab::Slab;
 use socket2::SockRef;
 
+use super::pool::Pool;
 use super::timers::{self, ConnId, Timers};
-use super::{Drain, READ_LEN, Shared, SnapshotCache};
+use super::{Drain, READ_LEN, Shared, SnapshotCache, log_events};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::gate::{self, DenyLines, PeerIp};
-use crate::smtp::{Session, Transmit};
+use crate::smtp::client::Upstream;
+use crate::smtp::{Relay, Session, Transmit};
 
 /// Submission queue entries per ring; completions get twice as many.
 const RING_ENTRIES: u32 = 4096;
@@ -38,12 +41,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 // user_data: tag in the top byte; for connection operations, the connection's
 // generation in the next 24 bits and its slab key in the low 32.
 const TAG_ACCEPT: u8 = 1;
-const TAG_RECV: u8 = 2;
-const TAG_SEND: u8 = 3;
 const TAG_CLOSE: u8 = 4;
 const TAG_DENY_SEND: u8 = 5;
 const TAG_WAKE: u8 = 6;
 const TAG_CANCEL: u8 = 7;
+// connection operations: the peer's socket, then the next hop's
+const TAG_PEER_RECV: u8 = 8;
+const TAG_PEER_SEND: u8 = 9;
+const TAG_RELAY_RECV: u8 = 10;
+const TAG_RELAY_SEND: u8 = 11;
+const TAG_RELAY_CONNECT: u8 = 12;
+
+/// Largest single send; the rest follows when it completes.
+const MAX_SEND: usize = 64 * 1024;
 
 fn user_data(tag: u8, key: usize, generation: u32) -> u64 {
     (u64::from(tag) << 56) | (u64::from(generation & 0xff_ffff) << 32) | (key as u64 & 0xffff_ffff)
@@ -126,30 +136,61 @@ impl Waker {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    None,
-    Recv,
-    Send,
+/// One of a connection's sockets and what is in flight on it.
+struct Socket {
+    /// -1: none (not yet, or closed).
+    fd: RawFd,
+    recv: bool,
+    send: bool,
+    connect: bool,
+    /// A cancel of what is in flight was asked for (the socket is being closed).
+    cancelling: bool,
+    read_buf: Box<[u8]>,
+    /// The bytes of the send in flight (a copy: the session may append meanwhile).
+    write_buf: Vec<u8>,
+    /// The address being connected to, for the connect in flight.
+    connect_to: Option<Box<socket2::SockAddr>>,
 }
 
-/// What to tell a session once its operation in flight has completed; later variants
-/// override earlier ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Pending {
-    Timeout,
-    Stop,
-    Abort,
+impl Socket {
+    fn none() -> Self {
+        Socket {
+            fd: -1,
+            recv: false,
+            send: false,
+            connect: false,
+            cancelling: false,
+            read_buf: Box::default(),
+            write_buf: Vec::new(),
+            connect_to: None,
+        }
+    }
+
+    fn open(fd: RawFd) -> Self {
+        Socket { fd, ..Socket::none() }
+    }
+
+    fn busy(&self) -> bool {
+        self.recv || self.send || self.connect
+    }
 }
 
 struct Conn {
-    fd: RawFd,
     generation: u32,
     session: Session,
-    read_buf: Box<[u8]>,
-    op: Op,
-    pending: Option<Pending>,
+    peer: Socket,
+    relay: Socket,
     armed: Option<Instant>,
+}
+
+/// A pooled next-hop connection's socket; closed when dropped.
+struct PooledFd(RawFd);
+
+impl Drop for PooledFd {
+    fn drop(&mut self) {
+        // SAFETY: the pool owned this descriptor alone, with nothing in flight on it.
+        unsafe { libc::close(self.0) };
+    }
 }
 
 struct Listener {
@@ -166,6 +207,7 @@ pub struct Worker {
     snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
+    pool: Pool<PooledFd>,
     timers: Timers,
     deny: DenyLines,
     generation: u32,
@@ -197,6 +239,7 @@ impl Worker {
             shared,
             listeners,
             conns: Slab::new(),
+            pool: Pool::default(),
             timers: Timers::default(),
             deny: DenyLines::default(),
             generation: 0,
@@ -226,6 +269,8 @@ impl Worker {
                 conns.get(key).filter(|c| c.generation == generation).map(|c| c.armed)
             });
             self.retry_accepts(now);
+            let idle_timeout = self.snapshot.load().config.relay.idle_timeout;
+            drop(self.pool.expire(now, idle_timeout));
             if self.finished() {
                 break;
             }
@@ -250,6 +295,7 @@ impl Worker {
                 self.complete(c.user_data(), c.result(), c.flags(), now, unix);
             }
         }
+        drop(self.pool.drain());
         // Anything still queued (closes of denied sockets) goes before the ring does.
         let _ = self.ring.submit();
     }
@@ -258,7 +304,7 @@ impl Worker {
         let (tag, key, generation) = split_user_data(ud);
         match tag {
             TAG_ACCEPT => self.accepted(key, res, flags, now, unix),
-            TAG_RECV | TAG_SEND => self.op_done(tag, (key, generation), res, now),
+            TAG_PEER_RECV..=TAG_RELAY_CONNECT => self.op_done(tag, (key, generation), res, now),
             TAG_WAKE => self.woken(now),
             TAG_CLOSE if res == -libc::ECANCELED => {
                 // SAFETY: the close was cancelled before it ran, so we still own `key` (the fd).
@@ -312,101 +358,217 @@ impl Worker {
         }
         tracing::debug!(%peer, "allowed");
         self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
-        let conn = Conn {
-            fd,
-            generation: self.generation,
-            session,
-            read_buf: vec![0; READ_LEN].into_boxed_slice(),
-            op: Op::None,
-            pending: None,
-            armed: None,
-        };
+        let mut peer_socket = Socket::open(fd);
+        peer_socket.read_buf = vec![0; READ_LEN].into_boxed_slice();
+        let conn = Conn { generation: self.generation, session, peer: peer_socket, relay: Socket::none(), armed: None };
         let key = self.conns.insert(conn);
         self.advance(key, now);
     }
 
-    /// A connection's recv or send completed.
+    /// An operation on one of a connection's sockets completed.
     fn op_done(&mut self, tag: u8, (key, generation): ConnId, res: i32, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else {
-            return;
-        };
-        conn.op = Op::None;
-        match (tag, res) {
-            (_, r) if r == -libc::ECANCELED => {}
-            (TAG_RECV, 0) => conn.session.handle_eof(now),
-            (TAG_RECV, n) if n > 0 => conn.session.handle_input(&conn.read_buf[..n as usize], now),
-            (TAG_SEND, n) if n >= 0 => conn.session.consume_output(n as usize),
-            (_, e) => {
-                tracing::debug!("connection error: {}", io::Error::from_raw_os_error(-e));
-                conn.session.handle_eof(now);
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { return };
+        let failed = res < 0 && res != -libc::ECANCELED;
+        match tag {
+            TAG_PEER_RECV => {
+                conn.peer.recv = false;
+                match res {
+                    0 => conn.session.handle_eof(now),
+                    n if n > 0 => conn.session.handle_input(&conn.peer.read_buf[..n as usize], now),
+                    _ if failed => conn.session.handle_eof(now),
+                    _ => {}
+                }
             }
+            TAG_PEER_SEND => {
+                conn.peer.send = false;
+                match res {
+                    n if n >= 0 => conn.session.consume_output(n as usize),
+                    _ if failed => conn.session.handle_eof(now),
+                    _ => {}
+                }
+            }
+            TAG_RELAY_RECV => {
+                conn.relay.recv = false;
+                match res {
+                    n if n > 0 => conn.session.handle_relay_input(&conn.relay.read_buf[..n as usize], now),
+                    0 => conn.session.handle_relay_error(now),
+                    _ if failed => conn.session.handle_relay_error(now),
+                    _ => {}
+                }
+            }
+            TAG_RELAY_SEND => {
+                conn.relay.send = false;
+                match res {
+                    n if n >= 0 => conn.session.consume_relay_output(n as usize, now),
+                    _ if failed => conn.session.handle_relay_error(now),
+                    _ => {}
+                }
+            }
+            _ => {
+                conn.relay.connect = false;
+                conn.relay.connect_to = None;
+                if res == 0 && !conn.relay.cancelling {
+                    let upstream = Upstream::new(conn.session.hostname());
+                    conn.session.attach_upstream(upstream, false, now);
+                } else {
+                    if failed {
+                        tracing::debug!("next hop connection failed: {}", io::Error::from_raw_os_error(-res));
+                    }
+                    push(&mut self.ring, &[close_entry(conn.relay.fd)]);
+                    conn.relay.fd = -1;
+                    if failed {
+                        conn.session.handle_relay_error(now);
+                    }
+                }
+            }
+        }
+        if !conn.peer.busy() {
+            conn.peer.cancelling = false;
+        }
+        if !conn.relay.busy() {
+            conn.relay.cancelling = false;
         }
         self.advance(key, now);
     }
 
-    /// Starts the connection's next operation, or closes it, as its session asks.
+    /// Serves the connection's two sockets as its session asks until nothing more can
+    /// start; frees the connection when both are closed.
     fn advance(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.op != Op::None {
-            return;
+        // a few rounds: handing a connection over (pool, close) can let the session go on
+        for _ in 0..8 {
+            let peer_changed = self.serve_peer(key);
+            let relay_changed = self.serve_relay(key, now);
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            log_events(&mut conn.session);
+            if !peer_changed && !relay_changed {
+                break;
+            }
         }
-        match conn.pending.take() {
-            Some(Pending::Timeout) => conn.session.handle_timeout(now),
-            Some(Pending::Stop) => conn.session.shutdown(now),
-            Some(Pending::Abort) => conn.session.handle_eof(now),
-            None => {}
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let done = conn.peer.fd < 0
+            && conn.relay.fd < 0
+            && !conn.peer.busy()
+            && !conn.relay.busy()
+            && conn.session.poll_relay() == Relay::Idle;
+        if done {
+            self.conns.remove(key);
+        } else {
+            self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
         }
-        let id = (key, conn.generation);
-        let entry = match conn.session.poll_transmit() {
-            Transmit::Send(bytes) => {
-                conn.op = Op::Send;
-                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                opcode::Send::new(types::Fd(conn.fd), bytes.as_ptr(), len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(user_data(TAG_SEND, key, id.1))
-            }
-            Transmit::Receive => {
-                conn.op = Op::Recv;
-                let len = conn.read_buf.len() as u32;
-                opcode::Recv::new(types::Fd(conn.fd), conn.read_buf.as_mut_ptr(), len)
-                    .build()
-                    .user_data(user_data(TAG_RECV, key, id.1))
-            }
-            Transmit::Wait => {
-                self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), id);
-                return;
-            }
-            Transmit::Close => {
-                let fd = conn.fd;
-                self.conns.remove(key);
-                push(&mut self.ring, &[close_entry(fd)]);
-                return;
-            }
-        };
-        push(&mut self.ring, &[entry]);
-        self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), id);
     }
 
-    /// Asks a connection's operation to stop early so that `pending` can act.
-    fn interrupt(&mut self, key: usize, pending: Pending) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        conn.pending = conn.pending.max(Some(pending));
-        let tag = match conn.op {
-            Op::Recv => TAG_RECV,
-            Op::Send => TAG_SEND,
-            Op::None => return self.advance(key, Instant::now()),
-        };
-        let target = user_data(tag, key, conn.generation);
-        let cancel = opcode::AsyncCancel::new(target)
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(user_data(TAG_CANCEL, 0, 0));
-        push(&mut self.ring, &[cancel]);
+    /// Starts what the session asks on the peer's socket; true when it closed the socket.
+    fn serve_peer(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let generation = conn.generation;
+        let s = &mut conn.peer;
+        if s.fd < 0 {
+            return false;
+        }
+        match conn.session.poll_transmit() {
+            Transmit::Send(bytes) if !s.send => {
+                s.write_buf.clear();
+                s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
+                s.send = true;
+                let e = send_entry(s.fd, &s.write_buf, user_data(TAG_PEER_SEND, key, generation));
+                push(&mut self.ring, &[e]);
+            }
+            Transmit::Receive if !s.recv => {
+                s.recv = true;
+                let e = recv_entry(s.fd, &mut s.read_buf, user_data(TAG_PEER_RECV, key, generation));
+                push(&mut self.ring, &[e]);
+            }
+            Transmit::Close => return close_socket(&mut self.ring, s, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]),
+            _ => {}
+        }
+        false
+    }
+
+    /// Starts what the session asks on the next hop's side; true when the connection
+    /// changed hands (attached, pooled, closed) so the session may have more to do.
+    fn serve_relay(&mut self, key: usize, now: Instant) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let generation = conn.generation;
+        let s = &mut conn.relay;
+        match conn.session.poll_relay() {
+            Relay::Idle => false,
+            Relay::Connect { .. } if s.fd >= 0 => false,
+            Relay::Connect { hop, pooled_ok } => {
+                let snapshot = self.snapshot.load();
+                let Some(&addr) = snapshot.config.relay.next_hops.get(hop) else {
+                    conn.session.handle_relay_error(now);
+                    return true;
+                };
+                if pooled_ok && let Some((fd, upstream)) = self.pool.take(addr) {
+                    *s = Socket::open(std::mem::ManuallyDrop::new(fd).0);
+                    s.read_buf = vec![0; READ_LEN].into_boxed_slice();
+                    conn.session.attach_upstream(upstream, true, now);
+                    return true;
+                }
+                conn.session.dialing();
+                let socket = match socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM.cloexec(),
+                    None,
+                ) {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::warn!("cannot create a socket for the next hop: {e}");
+                        conn.session.handle_relay_error(now);
+                        return true;
+                    }
+                };
+                *s = Socket::open(std::os::fd::IntoRawFd::into_raw_fd(socket));
+                s.read_buf = vec![0; READ_LEN].into_boxed_slice();
+                let target = Box::new(socket2::SockAddr::from(addr));
+                let e = opcode::Connect::new(types::Fd(s.fd), target.as_ptr().cast(), target.len())
+                    .build()
+                    .user_data(user_data(TAG_RELAY_CONNECT, key, generation));
+                s.connect_to = Some(target);
+                s.connect = true;
+                push(&mut self.ring, &[e]);
+                false
+            }
+            Relay::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
+                s.write_buf.clear();
+                s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
+                s.send = true;
+                let e = send_entry(s.fd, &s.write_buf, user_data(TAG_RELAY_SEND, key, generation));
+                push(&mut self.ring, &[e]);
+                false
+            }
+            Relay::Receive if !s.recv && !s.connect && s.fd >= 0 => {
+                s.recv = true;
+                let e = recv_entry(s.fd, &mut s.read_buf, user_data(TAG_RELAY_RECV, key, generation));
+                push(&mut self.ring, &[e]);
+                false
+            }
+            Relay::Release if !s.busy() && s.fd >= 0 => {
+                let snapshot = self.snapshot.load();
+                if let Some((upstream, hop)) = conn.session.detach_relay()
+                    && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
+                {
+                    let max = snapshot.config.relay.max_idle_connections as usize;
+                    drop(self.pool.put(addr, PooledFd(s.fd), upstream, max, now));
+                } else {
+                    push(&mut self.ring, &[close_entry(s.fd)]);
+                }
+                s.fd = -1;
+                true
+            }
+            Relay::Release | Relay::Close => {
+                if s.fd < 0 && !s.busy() {
+                    conn.session.detach_relay();
+                    return true;
+                }
+                let closed = close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
+                if closed {
+                    conn.session.detach_relay();
+                }
+                closed
+            }
+            _ => false,
+        }
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -416,7 +578,10 @@ impl Worker {
             };
             timers::disarm(&mut conn.armed, at);
             match conn.session.poll_timeout() {
-                Some(due) if due <= now => self.interrupt(key, Pending::Timeout),
+                Some(due) if due <= now => {
+                    conn.session.handle_timeout(now);
+                    self.advance(key, now);
+                }
                 later => self.timers.arm(&mut conn.armed, later, (key, generation)),
             }
         }
@@ -425,10 +590,10 @@ impl Worker {
         {
             self.drain = Drain::Aborting;
             tracing::warn!("drain timeout: closing {} connections", self.conns.len());
-            let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-            for key in keys {
-                self.interrupt(key, Pending::Abort);
+            for (_, conn) in &mut self.conns {
+                conn.session.handle_eof(now);
             }
+            self.advance_all(now);
         }
     }
 
@@ -449,9 +614,16 @@ impl Worker {
                 push(&mut self.ring, &[cancel]);
             }
         }
+        for (_, conn) in &mut self.conns {
+            conn.session.shutdown(now);
+        }
+        self.advance_all(now);
+    }
+
+    fn advance_all(&mut self, now: Instant) {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.interrupt(key, Pending::Stop);
+            self.advance(key, now);
         }
     }
 
@@ -482,15 +654,49 @@ impl Worker {
         }
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        let pool = self.pool.next_expiry(self.snapshot.load().config.relay.idle_timeout);
         let retries = self.listeners.iter().filter(|l| !l.armed && !l.closing).filter_map(|l| l.retry_at);
-        retries.chain(self.timers.next()).chain(self.drain.deadline()).min()
+        retries.chain(self.timers.next()).chain(self.drain.deadline()).chain(pool).min()
     }
 
     /// Draining is done: no connection left and no accept armed.
     fn finished(&self) -> bool {
         self.drain != Drain::Serving && self.conns.is_empty() && self.listeners.iter().all(|l| !l.armed)
     }
+}
+
+/// Closes a connection's socket: at once when nothing is in flight (true), else cancels
+/// what is (once) and waits for it to complete (false).
+fn close_socket(ring: &mut IoUring, s: &mut Socket, key: usize, generation: u32, tags: [u8; 2]) -> bool {
+    if s.fd < 0 {
+        return false;
+    }
+    if !s.busy() {
+        push(ring, &[close_entry(s.fd)]);
+        s.fd = -1;
+        return true;
+    }
+    if !s.cancelling {
+        s.cancelling = true;
+        let targets = [(s.recv, tags[0]), (s.send, tags[1]), (s.connect, TAG_RELAY_CONNECT)];
+        for (_, tag) in targets.into_iter().filter(|(busy, _)| *busy) {
+            let cancel = opcode::AsyncCancel::new(user_data(tag, key, generation))
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(user_data(TAG_CANCEL, 0, 0));
+            push(ring, &[cancel]);
+        }
+    }
+    false
+}
+
+fn send_entry(fd: RawFd, bytes: &[u8], ud: u64) -> squeue::Entry {
+    opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32).flags(libc::MSG_NOSIGNAL).build().user_data(ud)
+}
+
+fn recv_entry(fd: RawFd, buf: &mut [u8], ud: u64) -> squeue::Entry {
+    opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).build().user_data(ud)
 }
 
 fn close_entry(fd: RawFd) -> squeue::Entry {
@@ -513,7 +719,7 @@ mod tests {
 
     #[test]
     fn user_data_round_trips() {
-        assert_eq!(split_user_data(user_data(TAG_SEND, 123_456, 0xab_cdef)), (TAG_SEND, 123_456, 0xab_cdef));
+        assert_eq!(split_user_data(user_data(TAG_PEER_SEND, 123_456, 0xab_cdef)), (TAG_PEER_SEND, 123_456, 0xab_cdef));
         assert_eq!(split_user_data(user_data(TAG_CLOSE, 7, 0)), (TAG_CLOSE, 7, 0));
     }
 }

@@ -96,15 +96,15 @@ impl Session {
         self.relay_failed(now);
     }
 
-    /// Hands the next-hop connection back to the driver, which pools it after `Release`
-    /// and closes it after `Close`.
-    pub fn detach_relay(&mut self) -> Option<Upstream> {
+    /// Hands the next-hop connection back to the driver, with the index of its next hop:
+    /// the driver pools it after `Release` and closes it after `Close`.
+    pub fn detach_relay(&mut self) -> Option<(Upstream, usize)> {
         let old = std::mem::replace(&mut self.link, Link::None);
         if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (&self.waiting, self.phase) {
             self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
         }
         match old {
-            Link::Up(l) => Some(l.up),
+            Link::Up(l) => Some((l.up, l.hop)),
             _ => None,
         }
     }

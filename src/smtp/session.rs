@@ -238,6 +238,11 @@ impl Session {
         }
     }
 
+    /// Our name, for the next hop's EHLO.
+    pub fn hostname(&self) -> &str {
+        &self.snapshot.config.hostname
+    }
+
     // ---- the peer's port ---------------------------------------------------------------
 
     /// Bytes from the peer. Each complete command line gets its reply, in order.

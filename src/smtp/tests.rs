@@ -189,7 +189,7 @@ impl Harness {
                 Relay::Release => {
                     busy = true;
                     self.released += 1;
-                    self.pool.push(self.session.detach_relay().unwrap());
+                    self.pool.push(self.session.detach_relay().unwrap().0);
                 }
                 Relay::Close => {
                     busy = true;

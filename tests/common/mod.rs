@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
+pub mod nexthop;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -236,4 +238,10 @@ pub fn refuse_io_uring(command: &mut Command) {
             Ok(())
         })
     };
+}
+
+/// An address on loopback where nothing listens: a port bound, noted and released.
+pub fn unused_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
 }

@@ -1,0 +1,97 @@
+//! A worker's idle next-hop connections, reused across sessions.
+//!
+//! A connection comes back only clean (no transaction open at the next hop, nothing
+//! pending), so the next session can send MAIL on it at once. At most
+//! `[relay] max_idle_connections` wait per next hop, each at most `[relay] idle_timeout`
+//! (shorter than next hops' own idle timeouts, so few go stale; a stale one is noticed
+//! at its first command and replaced by the session).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::smtp::client::Upstream;
+
+struct Idle<S> {
+    socket: S,
+    upstream: Upstream,
+    since: Instant,
+}
+
+/// Idle connections by next hop; `S` is the driver's socket type.
+pub struct Pool<S> {
+    idle: HashMap<SocketAddr, VecDeque<Idle<S>>>,
+}
+
+impl<S> Default for Pool<S> {
+    fn default() -> Self {
+        Pool { idle: HashMap::new() }
+    }
+}
+
+impl<S> Pool<S> {
+    /// The most recently used connection to `hop` (the least likely to be stale).
+    pub fn take(&mut self, hop: SocketAddr) -> Option<(S, Upstream)> {
+        let entry = self.idle.get_mut(&hop)?.pop_back()?;
+        Some((entry.socket, entry.upstream))
+    }
+
+    /// Keeps a clean connection; returns the socket to close when the pool for `hop` is full.
+    pub fn put(&mut self, hop: SocketAddr, socket: S, upstream: Upstream, max: usize, now: Instant) -> Option<S> {
+        if max == 0 {
+            return Some(socket);
+        }
+        let queue = self.idle.entry(hop).or_default();
+        let evicted = (queue.len() >= max).then(|| queue.pop_front()).flatten().map(|e| e.socket);
+        queue.push_back(Idle { socket, upstream, since: now });
+        evicted
+    }
+
+    /// Removes the connections idle for `timeout` or longer; returns their sockets.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<S> {
+        let mut gone = Vec::new();
+        for queue in self.idle.values_mut() {
+            while queue.front().is_some_and(|e| now.saturating_duration_since(e.since) >= timeout) {
+                gone.extend(queue.pop_front().map(|e| e.socket));
+            }
+        }
+        gone
+    }
+
+    /// When the oldest connection expires.
+    pub fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
+        self.idle.values().filter_map(|q| q.front()).map(|e| e.since + timeout).min()
+    }
+
+    /// Every socket, for closing at shutdown.
+    pub fn drain(&mut self) -> Vec<S> {
+        self.idle.drain().flat_map(|(_, q)| q.into_iter().map(|e| e.socket)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_most_recent_first_and_expiring() {
+        let hop: SocketAddr = "127.0.0.1:2526".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:2527".parse().unwrap();
+        let t0 = Instant::now();
+        let mut pool: Pool<u32> = Pool::default();
+        assert_eq!(pool.put(hop, 1, Upstream::new("h"), 2, t0), None);
+        assert_eq!(pool.put(hop, 2, Upstream::new("h"), 2, t0 + Duration::from_secs(1)), None);
+        assert_eq!(
+            pool.put(hop, 3, Upstream::new("h"), 2, t0 + Duration::from_secs(2)),
+            Some(1),
+            "full: the oldest goes"
+        );
+        assert_eq!(pool.take(other).map(|e| e.0), None);
+        assert_eq!(pool.take(hop).map(|e| e.0), Some(3));
+        assert_eq!(pool.next_expiry(Duration::from_secs(30)), Some(t0 + Duration::from_secs(31)));
+        assert_eq!(pool.expire(t0 + Duration::from_secs(30), Duration::from_secs(30)), Vec::<u32>::new());
+        assert_eq!(pool.expire(t0 + Duration::from_secs(31), Duration::from_secs(30)), [2]);
+        assert_eq!(pool.put(hop, 4, Upstream::new("h"), 0, t0), Some(4), "max 0: no pooling");
+        assert!(pool.drain().is_empty());
+    }
+}

@@ -1,0 +1,189 @@
+//! A next hop for end-to-end tests: an SMTP server on 127.0.0.1 that records exactly
+//! what it receives, and can be told to misbehave.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::WAIT;
+
+/// How the next hop answers the final dot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtDot {
+    Accept,
+    Reply(&'static str),
+    /// Close the connection without answering.
+    Close,
+    /// Never answer.
+    Silent,
+}
+
+/// One message as received: envelope and the exact body bytes (dot-stuffed, up to and
+/// including the CRLF before the final dot).
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    pub wire_body: Vec<u8>,
+}
+
+impl Message {
+    /// The body with dot-stuffing undone.
+    pub fn content(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in self.wire_body.split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct State {
+    connections: usize,
+    messages: Vec<Message>,
+    commands: Vec<String>,
+}
+
+pub struct NextHop {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl NextHop {
+    pub fn start(at_dot: AtDot) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the next hop");
+        let addr = listener.local_addr().expect("address");
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                s.lock().expect("lock").connections += 1;
+                let (s, st) = (s.clone(), st.clone());
+                std::thread::spawn(move || serve(stream, s, st, at_dot));
+            }
+        });
+        NextHop { addr, state, stop }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.lock().expect("lock").connections
+    }
+
+    pub fn messages(&self) -> Vec<Message> {
+        self.state.lock().expect("lock").messages.clone()
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.state.lock().expect("lock").commands.clone()
+    }
+
+    /// Waits (bounded) until `n` messages have arrived.
+    pub fn wait_messages(&self, n: usize) -> Vec<Message> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.messages();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for NextHop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, at_dot: AtDot) {
+    let _ = stream.set_read_timeout(Some(WAIT));
+    let mut out = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let say = |out: &mut TcpStream, line: &str| out.write_all(format!("{line}\r\n").as_bytes()).is_ok();
+    if !say(&mut out, "220 hop.test ESMTP test next hop") {
+        return;
+    }
+    let (mut from, mut rcpts) = (String::new(), Vec::new());
+    let mut line = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        state.lock().expect("lock").commands.push(text.clone());
+        let verb = text.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        let ok = match verb.as_str() {
+            "EHLO" => say(&mut out, "250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0"),
+            "MAIL" => {
+                from = text.clone();
+                rcpts.clear();
+                say(&mut out, "250 2.1.0 ok")
+            }
+            "RCPT" => {
+                rcpts.push(text.clone());
+                say(&mut out, "250 2.1.5 ok")
+            }
+            "DATA" => {
+                say(&mut out, "354 go ahead");
+                let Some(body) = read_body(&mut reader) else { return };
+                match at_dot {
+                    AtDot::Accept | AtDot::Reply(_) => {
+                        if at_dot == AtDot::Accept {
+                            let m = Message { mail_from: from.clone(), rcpt_to: rcpts.clone(), wire_body: body };
+                            state.lock().expect("lock").messages.push(m);
+                        }
+                        let reply = match at_dot {
+                            AtDot::Reply(r) => r,
+                            _ => "250 2.0.0 queued",
+                        };
+                        say(&mut out, reply)
+                    }
+                    AtDot::Close => return,
+                    AtDot::Silent => {
+                        let mut sink = [0u8; 1024];
+                        while reader.read(&mut sink).is_ok_and(|n| n > 0) {}
+                        return;
+                    }
+                }
+            }
+            "RSET" | "NOOP" => say(&mut out, "250 2.0.0 ok"),
+            "QUIT" => {
+                say(&mut out, "221 bye");
+                return;
+            }
+            _ => say(&mut out, "500 unknown"),
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// Reads a body up to CRLF.CRLF; returns it with the CRLF before the dot.
+fn read_body(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).ok()? == 0 {
+            return None;
+        }
+        if line == b".\r\n" {
+            return Some(body);
+        }
+        body.extend_from_slice(&line);
+    }
+}

@@ -1,0 +1,212 @@
+//! Relaying end to end: the real binary, both drivers, a recording next hop on loopback.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+
+use common::nexthop::{AtDot, NextHop};
+use common::{Mxgate, connect_from, read_replies, read_to_end, send};
+
+fn config(next_hops: &[SocketAddr], extra: &str) -> String {
+    let hops: Vec<String> = next_hops.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [relay]\ndomains = [\"example.com\"]\nnext_hops = [{}]\n{extra}",
+        hops.join(", ")
+    )
+}
+
+/// Connects from `source`, reads the banner, says EHLO.
+fn session(m: &Mxgate, source: &str) -> TcpStream {
+    let mut s = connect_from(source, m.addr());
+    assert!(read_replies(&mut s, 1).starts_with("220 mx.test"));
+    send(&mut s, b"EHLO client.test\r\n");
+    read_replies(&mut s, 1);
+    s
+}
+
+/// One transaction; returns the reply to the end of data.
+fn transaction(s: &mut TcpStream, mail_params: &str, body: &[u8]) -> String {
+    send(s, format!("MAIL FROM:<sender@client.test>{mail_params}\r\n").as_bytes());
+    assert_eq!(read_replies(s, 1), "250 2.1.0 sender OK\r\n");
+    send(s, b"RCPT TO:<user@example.com>\r\n");
+    assert_eq!(read_replies(s, 1), "250 2.1.5 recipient OK\r\n");
+    send(s, b"DATA\r\n");
+    assert!(read_replies(s, 1).starts_with("354 "));
+    send(s, body);
+    read_replies(s, 1)
+}
+
+/// The client's dot-stuffing of `content` (CRLF lines) and the final dot.
+fn stuffed(content: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for line in content.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    wire.extend_from_slice(b".\r\n");
+    wire
+}
+
+fn bodies_are_relayed_byte_exact(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.1");
+    let mut content = b"Subject: exact\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n \r\n".to_vec();
+    content.extend_from_slice(&[b'.'; 1]);
+    content.extend_from_slice(&[b'x'; 997]); // a 998-octet line starting with a dot
+    content.extend_from_slice(b"\r\n");
+    content.extend_from_slice("8-bit: caf\u{e9} \u{fc}ber \u{2603}\r\n".as_bytes());
+    content.extend_from_slice(&[0x80, 0xfe, b'\r', b'\n']);
+    let reply = transaction(&mut s, " BODY=8BITMIME", &stuffed(&content));
+    assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+    let messages = hop.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    let got = messages[0].content();
+    let header_end = got.windows(2).position(|w| w == b"\r\n").map(|_| ()).and_then(|()| {
+        // the Received header is folded over three lines, the last ending with the date
+        let text = String::from_utf8_lossy(&got);
+        text.find("+0000\r\n").map(|i| i + 7)
+    });
+    let header_end = header_end.expect("a Received header");
+    assert!(got.starts_with(b"Received: from client.test ([127.0.10.1])\r\n\tby mx.test (mxgate) with ESMTP id "));
+    assert_eq!(&got[header_end..], &content[..], "the body arrives byte-exact after the Received header");
+    assert_eq!(messages[0].mail_from, "MAIL FROM:<sender@client.test> BODY=8BITMIME");
+    assert_eq!(messages[0].rcpt_to, ["RCPT TO:<user@example.com>"]);
+}
+
+fn next_hop_refusals_never_become_250(io: &str) {
+    for (at_dot, want) in [
+        (AtDot::Reply("451 4.3.0 try later"), "451 4.3.0 try later\r\n"),
+        (AtDot::Reply("554 5.7.1 spam"), "554 5.7.1 spam\r\n"),
+        (AtDot::Close, "451 4.4.1 next hop unavailable, try again later\r\n"),
+    ] {
+        let hop = NextHop::start(at_dot);
+        let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+        let mut s = session(&m, "127.0.10.2");
+        assert_eq!(transaction(&mut s, "", b"hello\r\n.\r\n"), want, "{at_dot:?}");
+    }
+}
+
+fn a_silent_next_hop_times_out(io: &str) {
+    let hop = NextHop::start(AtDot::Silent);
+    let m = Mxgate::start(&config(&[hop.addr], "reply_timeout = \"1s\"\n"), &[], io);
+    let mut s = session(&m, "127.0.10.3");
+    let reply = transaction(&mut s, "", b"hello\r\n.\r\n");
+    assert_eq!(reply, "451 4.4.1 next hop unavailable, try again later\r\n");
+    // the session goes on
+    send(&mut s, b"NOOP\r\n");
+    assert_eq!(read_replies(&mut s, 1), "250 2.0.0 OK\r\n");
+}
+
+fn failover_to_the_second_next_hop(io: &str) {
+    let dead = common::unused_port();
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[dead, hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.4");
+    assert!(transaction(&mut s, "", b"via the second\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(hop.wait_messages(1).len(), 1);
+}
+
+fn no_next_hop_means_451(io: &str) {
+    let dead = common::unused_port();
+    let m = Mxgate::start(&config(&[dead], ""), &[], io);
+    let mut s = session(&m, "127.0.10.5");
+    send(&mut s, b"MAIL FROM:<a@client.test>\r\n");
+    assert_eq!(read_replies(&mut s, 1), "451 4.4.1 next hop unavailable, try again later\r\n");
+}
+
+fn a_hundred_messages_reuse_one_connection(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.6");
+    for i in 0..100 {
+        let reply = transaction(&mut s, "", format!("Subject: {i}\r\n\r\nmessage {i}\r\n.\r\n").as_bytes());
+        assert!(reply.starts_with("250 2.0.0"), "{i}: {reply}");
+    }
+    assert_eq!(hop.wait_messages(100).len(), 100);
+    assert_eq!(hop.connections(), 1);
+}
+
+fn sessions_reuse_pooled_connections(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], "").replace("threads = 2", "threads = 1"), &[], io);
+    for i in 0..20 {
+        let mut s = session(&m, &format!("127.0.11.{}", i + 1));
+        assert!(transaction(&mut s, "", b"pooled\r\n.\r\n").starts_with("250 2.0.0"));
+        send(&mut s, b"QUIT\r\n");
+        assert_eq!(read_to_end(&mut s).0, "221 2.0.0 mx.test closing connection\r\n");
+    }
+    assert_eq!(hop.wait_messages(20).len(), 20);
+    assert_eq!(hop.connections(), 1, "one worker, one pooled connection for 20 sessions");
+}
+
+fn smuggling_reaches_nothing(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.7");
+    let body = b"Subject: a\r\n\r\nhi\n.\nMAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nevil\r\n.\r\n";
+    assert_eq!(transaction(&mut s, "", body), "554 5.6.0 message refused: bare CR or LF in the body\r\n");
+    // in sync, and a clean message still goes through on a new connection
+    assert!(transaction(&mut s, "", b"clean\r\n.\r\n").starts_with("250 2.0.0"));
+    let messages = hop.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    assert_eq!(hop.commands().iter().filter(|c| c.starts_with("MAIL")).count(), 2);
+    assert!(!hop.commands().iter().any(|c| c.contains("evil")));
+}
+
+fn improper_pipelining_is_refused_and_closed(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.8");
+    send(
+        &mut s,
+        b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@outside.test>\r\nDATA\r\nMAIL FROM:<b@client.test>\r\n\
+          RCPT TO:<user@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    );
+    let (got, _) = read_to_end(&mut s);
+    assert!(got.ends_with("503 5.5.0 improper use of SMTP command pipelining\r\n"), "{got}");
+    assert!(hop.messages().is_empty());
+    assert!(!hop.commands().iter().any(|c| c.starts_with("RCPT") || c == "DATA"), "{:?}", hop.commands());
+}
+
+fn relay_is_refused_for_other_domains(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.9");
+    send(&mut s, b"MAIL FROM:<a@client.test>\r\n");
+    read_replies(&mut s, 1);
+    for rcpt in
+        ["<u@outside.test>", "<u%outside.test@example.com>", "<u@[127.0.0.1]>", "<\"u@outside.test\"@example.com>"]
+    {
+        send(&mut s, format!("RCPT TO:{rcpt}\r\n").as_bytes());
+        assert_eq!(read_replies(&mut s, 1), "550 5.7.1 relay access denied\r\n", "{rcpt}");
+    }
+    assert!(!hop.commands().iter().any(|c| c.starts_with("RCPT")));
+}
+
+macro_rules! for_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test] fn $name() { super::$name("uring") })*
+        }
+        mod epoll {
+            $(#[test] fn $name() { super::$name("epoll") })*
+        }
+    };
+}
+
+for_both_drivers!(
+    bodies_are_relayed_byte_exact,
+    next_hop_refusals_never_become_250,
+    a_silent_next_hop_times_out,
+    failover_to_the_second_next_hop,
+    no_next_hop_means_451,
+    a_hundred_messages_reuse_one_connection,
+    sessions_reuse_pooled_connections,
+    smuggling_reaches_nothing,
+    improper_pipelining_is_refused_and_closed,
+    relay_is_refused_for_other_domains,
+);
