@@ -311,6 +311,8 @@ impl Worker {
                 conn.session.dialing();
                 match TcpStream::connect(addr) {
                     Ok(mut stream) => {
+                        // commands and the final dot are small writes awaited one at a time
+                        let _ = stream.set_nodelay(true);
                         let token = Token(2 * key + 1);
                         match self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                         {

@@ -38,6 +38,9 @@ fn listener(addr: SocketAddr, only_v6: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // SMTP is small replies awaited one at a time: Nagle's delay would stall each one
+    // behind the peer's delayed ACK. Accepted sockets inherit the option.
+    socket.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(only_v6)?;
     }

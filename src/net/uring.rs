@@ -518,6 +518,8 @@ impl Worker {
                         return true;
                     }
                 };
+                // commands and the final dot are small writes awaited one at a time
+                let _ = socket.set_tcp_nodelay(true);
                 *s = Socket::open(std::os::fd::IntoRawFd::into_raw_fd(socket));
                 s.read_buf = vec![0; READ_LEN].into_boxed_slice();
                 let target = Box::new(socket2::SockAddr::from(addr));
