@@ -2,13 +2,14 @@
 //! `uring`: accept, judge, deny line and close, or serve a [`Session`]'s two ports, the
 //! peer's socket and the next hop's.
 //!
-//! Sockets are edge-triggered: a connection's step loop performs what its session asks
-//! on either socket until neither can go on without waiting, then waits for the next
-//! event. A busy connection yields after `STEPS_PER_TURN` steps, a listener after
-//! `ACCEPTS_PER_TURN` accepts, so that others get their turn.
+//! Sockets are edge-triggered, and each remembers what it last reported (readable,
+//! writable) until an operation would block: a connection's step loop performs what its
+//! session asks on either socket while the socket is ready for it, so no read is tried
+//! before an answer can have arrived. A busy connection yields after `STEPS_PER_TURN`
+//! steps, a listener after `ACCEPTS_PER_TURN` accepts, so that others get their turn.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener as StdListener};
+use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,9 +37,25 @@ const WAKE: Token = Token(usize::MAX);
 /// peer's socket and `2 * key + 1` for the next hop's.
 const LISTENER_BASE: usize = 1 << 48;
 
+/// What a socket last reported, cleared when an operation would block.
+#[derive(Clone, Copy, Default)]
+struct Ready {
+    read: bool,
+    write: bool,
+}
+
+impl Ready {
+    fn from_event(&mut self, event: &mio::event::Event) {
+        // errors and hang-ups are found by the next read or write
+        self.read |= event.is_readable() || event.is_read_closed() || event.is_error();
+        self.write |= event.is_writable() || event.is_write_closed() || event.is_error();
+    }
+}
+
 struct Conn {
     /// The peer's socket; `None` once closed.
     peer: Option<TcpStream>,
+    peer_ready: Ready,
     relay: Option<RelaySocket>,
     generation: u32,
     session: Session,
@@ -49,6 +66,7 @@ struct RelaySocket {
     stream: TcpStream,
     /// Connecting: the socket becomes writable when the connection is made or refused.
     connecting: bool,
+    ready: Ready,
 }
 
 struct Listener {
@@ -141,6 +159,13 @@ impl Worker {
                     WAKE => self.woken(now),
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now, unix),
                     Token(t) => {
+                        if let Some(conn) = self.conns.get_mut(t / 2) {
+                            match (t % 2, conn.relay.as_mut()) {
+                                (0, _) => conn.peer_ready.from_event(event),
+                                (_, Some(relay)) => relay.ready.from_event(event),
+                                _ => {}
+                            }
+                        }
                         if t % 2 == 1 {
                             self.relay_event(t / 2, now);
                         }
@@ -196,7 +221,11 @@ impl Worker {
                 tracing::warn!(%peer, "cannot register a connection: {e}");
                 continue;
             }
-            entry.insert(Conn { peer: Some(stream), relay: None, generation: self.generation, session, armed: None });
+            // accepted sockets can take the banner at once; input is reported by an event
+            let peer_ready = Ready { read: false, write: true };
+            let conn =
+                Conn { peer: Some(stream), peer_ready, relay: None, generation: self.generation, session, armed: None };
+            entry.insert(conn);
             self.advance(key, now);
         }
         // The backlog may hold more: come back after the others had their turn.
@@ -257,18 +286,27 @@ impl Worker {
     fn peer_step(&mut self, key: usize, now: Instant) -> bool {
         let Some(conn) = self.conns.get_mut(key) else { return false };
         let Some(stream) = conn.peer.as_mut() else { return false };
+        let ready = &mut conn.peer_ready;
         let result = match conn.session.poll_transmit() {
-            Transmit::Send(bytes) => stream.write(bytes).map(|n| conn.session.consume_output(n)),
-            Transmit::Receive => stream.read(&mut self.read_buf).map(|n| match n {
-                0 => conn.session.handle_eof(now),
-                n => conn.session.handle_input(&self.read_buf[..n], now),
-            }),
-            Transmit::Wait => return false,
+            Transmit::Send(bytes) if ready.write => stream
+                .write(bytes)
+                .map(|n| conn.session.consume_output(n))
+                .inspect_err(|e| ready.write &= e.kind() != io::ErrorKind::WouldBlock),
+            Transmit::Receive if ready.read => stream
+                .read(&mut self.read_buf)
+                .map(|n| {
+                    // a short read emptied the socket: the next input comes with an event
+                    ready.read = n == self.read_buf.len();
+                    match n {
+                        0 => conn.session.handle_eof(now),
+                        n => conn.session.handle_input(&self.read_buf[..n], now),
+                    }
+                })
+                .inspect_err(|e| ready.read &= e.kind() != io::ErrorKind::WouldBlock),
+            Transmit::Send(_) | Transmit::Receive | Transmit::Wait => return false,
             Transmit::Close => {
-                if let Some(mut stream) = conn.peer.take() {
-                    let _ = stream.shutdown(Shutdown::Both);
-                    let _ = self.poll.registry().deregister(&mut stream);
-                }
+                // closing the socket also takes it out of the epoll set
+                drop(conn.peer.take());
                 return true;
             }
         };
@@ -297,13 +335,15 @@ impl Worker {
                     return true;
                 };
                 if pooled_ok && let Some((mut stream, upstream)) = self.pool.take(addr) {
-                    let registered = self.poll.registry().register(
+                    // pooled sockets stay registered: point this one at its new connection
+                    let registered = self.poll.registry().reregister(
                         &mut stream,
                         Token(2 * key + 1),
                         Interest::READABLE | Interest::WRITABLE,
                     );
                     if registered.is_ok() {
-                        conn.relay = Some(RelaySocket { stream, connecting: false });
+                        let ready = Ready { read: false, write: true };
+                        conn.relay = Some(RelaySocket { stream, connecting: false, ready });
                         conn.session.attach_upstream(upstream, true, now);
                         return true;
                     }
@@ -316,7 +356,9 @@ impl Worker {
                         let token = Token(2 * key + 1);
                         match self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                         {
-                            Ok(()) => conn.relay = Some(RelaySocket { stream, connecting: true }),
+                            Ok(()) => {
+                                conn.relay = Some(RelaySocket { stream, connecting: true, ready: Ready::default() })
+                            }
                             Err(e) => {
                                 tracing::warn!("cannot register a next-hop connection: {e}");
                                 conn.session.handle_relay_error(now);
@@ -334,17 +376,30 @@ impl Worker {
             Relay::Close => return self.finish_relay(key, false, now),
             _ if connecting => return false,
             Relay::Send(bytes) => match conn.relay.as_mut() {
-                Some(r) => r.stream.write(bytes).map(|n| conn.session.consume_relay_output(n, now)),
+                Some(r) if !r.ready.write => return false,
+                Some(r) => r
+                    .stream
+                    .write(bytes)
+                    .map(|n| conn.session.consume_relay_output(n, now))
+                    .inspect_err(|e| r.ready.write &= e.kind() != io::ErrorKind::WouldBlock),
                 None => Err(io::Error::from(io::ErrorKind::NotConnected)),
             },
             Relay::Receive => match conn.relay.as_mut() {
-                Some(r) => r.stream.read(&mut self.read_buf).and_then(|n| match n {
-                    0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                    n => {
-                        conn.session.handle_relay_input(&self.read_buf[..n], now);
-                        Ok(())
-                    }
-                }),
+                Some(r) if !r.ready.read => return false,
+                Some(r) => r
+                    .stream
+                    .read(&mut self.read_buf)
+                    .and_then(|n| {
+                        r.ready.read = n == self.read_buf.len();
+                        match n {
+                            0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                            n => {
+                                conn.session.handle_relay_input(&self.read_buf[..n], now);
+                                Ok(())
+                            }
+                        }
+                    })
+                    .inspect_err(|e| r.ready.read &= e.kind() != io::ErrorKind::WouldBlock),
                 None => Err(io::Error::from(io::ErrorKind::NotConnected)),
             },
         };
@@ -365,8 +420,10 @@ impl Worker {
     fn finish_relay(&mut self, key: usize, release: bool, now: Instant) -> bool {
         let Some(conn) = self.conns.get_mut(key) else { return false };
         let detached = conn.session.detach_relay();
-        let Some(mut relay) = conn.relay.take() else { return true };
-        let _ = self.poll.registry().deregister(&mut relay.stream);
+        // A closed socket leaves the epoll set by itself. A pooled one stays registered
+        // under its old token until reused: an event of it meanwhile (the next hop
+        // closing it) only makes that token's connection take one more look.
+        let Some(relay) = conn.relay.take() else { return true };
         let snapshot = self.snapshot.load();
         if let (true, false, Some((upstream, hop))) = (release, relay.connecting, detached)
             && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
