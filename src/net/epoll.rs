@@ -45,7 +45,7 @@ struct Ready {
 }
 
 impl Ready {
-    fn from_event(&mut self, event: &mio::event::Event) {
+    fn note(&mut self, event: &mio::event::Event) {
         // errors and hang-ups are found by the next read or write
         self.read |= event.is_readable() || event.is_read_closed() || event.is_error();
         self.write |= event.is_writable() || event.is_write_closed() || event.is_error();
@@ -161,8 +161,8 @@ impl Worker {
                     Token(t) => {
                         if let Some(conn) = self.conns.get_mut(t / 2) {
                             match (t % 2, conn.relay.as_mut()) {
-                                (0, _) => conn.peer_ready.from_event(event),
-                                (_, Some(relay)) => relay.ready.from_event(event),
+                                (0, _) => conn.peer_ready.note(event),
+                                (_, Some(relay)) => relay.ready.note(event),
                                 _ => {}
                             }
                         }
