@@ -53,7 +53,7 @@ const TAG_RELAY_SEND: u8 = 11;
 const TAG_RELAY_CONNECT: u8 = 12;
 
 /// Largest single send; the rest follows when it completes.
-const MAX_SEND: usize = 64 * 1024;
+const MAX_SEND: usize = 32 * 1024;
 
 fn user_data(tag: u8, key: usize, generation: u32) -> u64 {
     (u64::from(tag) << 56) | (u64::from(generation & 0xff_ffff) << 32) | (key as u64 & 0xffff_ffff)

@@ -16,6 +16,8 @@
 
 use std::collections::VecDeque;
 
+use super::outbuf::OutBuf;
+
 /// Longest next-hop reply line accepted (RFC 5321 says 512; be lenient with the inside).
 pub const MAX_REPLY_LINE: usize = 2048;
 /// Most lines one reply may have.
@@ -91,8 +93,7 @@ enum State {
 pub struct Upstream {
     state: State,
     hostname: String,
-    out: Vec<u8>,
-    sent: usize,
+    out: OutBuf,
     /// The reply line being received.
     line: Vec<u8>,
     /// The reply being received: its code and the lines so far.
@@ -108,8 +109,7 @@ impl Upstream {
         Upstream {
             state: State::Greeting,
             hostname: hostname.to_owned(),
-            out: Vec::new(),
-            sent: 0,
+            out: OutBuf::default(),
             line: Vec::new(),
             reply: None,
             pending: VecDeque::new(),
@@ -208,8 +208,8 @@ impl Upstream {
     }
 
     fn write_line(&mut self, line: &[u8]) {
-        self.out.extend_from_slice(line);
-        self.out.extend_from_slice(b"\r\n");
+        self.out.push(line);
+        self.out.push(b"\r\n");
     }
 
     /// Sends a command line (CRLF added); its reply will come as `Event::Reply(cmd, _)`.
@@ -221,17 +221,17 @@ impl Upstream {
 
     /// Body bytes, already dot-stuffed, CRLF line ends only.
     pub fn send_data(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
+        self.out.push(bytes);
     }
 
     /// Where body bytes go: append them, already dot-stuffed, CRLF line ends only.
     pub fn data_sink(&mut self) -> &mut Vec<u8> {
-        &mut self.out
+        self.out.vec_mut()
     }
 
     /// Ends the body: the final dot, whose reply comes as `Event::Reply(Command::Dot, _)`.
     pub fn end_data(&mut self) {
-        self.out.extend_from_slice(b".\r\n");
+        self.out.push(b".\r\n");
         self.pending.push_back(Command::Dot);
     }
 
@@ -241,16 +241,18 @@ impl Upstream {
 
     /// Bytes waiting to go to the next hop.
     pub fn output(&self) -> &[u8] {
-        &self.out[self.sent..]
+        self.out.pending()
     }
 
     /// `n` bytes of the output went out.
     pub fn consume_output(&mut self, n: usize) {
-        self.sent = (self.sent + n).min(self.out.len());
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
-        }
+        self.out.consume(n);
+    }
+
+    /// Bytes the output buffer holds, sent front included.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.out.held()
     }
 
     pub fn extensions(&self) -> Extensions {

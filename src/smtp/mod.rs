@@ -36,6 +36,7 @@ mod verbs;
 pub mod address;
 pub mod client;
 pub mod data;
+pub mod outbuf;
 pub mod policy;
 
 use std::time::Duration;
@@ -49,7 +50,7 @@ pub const MAX_LINE_LEN: usize = 512;
 /// How long a closing session waits for its last reply to drain before giving up.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Body bytes queued for the next hop above which no more are read from the peer.
-pub const RELAY_HIGH_WATER: usize = 64 * 1024;
+pub const RELAY_HIGH_WATER: usize = 32 * 1024;
 /// The start of a body during which the minimum data rate is not enforced.
 pub const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::address::Path;
 use super::client::Upstream;
 use super::data::BodyFilter;
+use super::outbuf::OutBuf;
 use super::{CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
@@ -194,8 +195,7 @@ pub struct Session {
     pub(super) line: Vec<u8>,
     /// The current line passed `MAX_LINE_LEN`: skip to its end, then reply once.
     pub(super) overlong: bool,
-    pub(super) out: Vec<u8>,
-    pub(super) sent: usize,
+    pub(super) out: OutBuf,
     /// When waiting for the next command ends.
     pub(super) idle_deadline: Instant,
     /// The wall clock at `clock_base`: dates are derived from these, the session reads
@@ -215,7 +215,7 @@ impl Session {
     /// A session for a peer the gate has allowed; the banner is queued.
     pub fn new(snapshot: Arc<Snapshot>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
         let idle_deadline = now + snapshot.config.smtp.command_timeout;
-        let out = snapshot.smtp.banner.to_vec();
+        let out = OutBuf::from_vec(snapshot.smtp.banner.to_vec());
         Session {
             snapshot,
             peer,
@@ -225,7 +225,6 @@ impl Session {
             line: Vec::new(),
             overlong: false,
             out,
-            sent: 0,
             idle_deadline,
             unix_base: unix,
             clock_base: now,
@@ -313,7 +312,7 @@ impl Session {
     }
 
     pub(super) fn reply(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
+        self.out.push(bytes);
     }
 
     /// Queues the last reply and closes once it is out.
@@ -348,7 +347,7 @@ impl Session {
     pub fn poll_transmit(&self) -> Transmit<'_> {
         match self.phase {
             Phase::Closed => Transmit::Close,
-            _ if self.sent < self.out.len() => Transmit::Send(&self.out[self.sent..]),
+            _ if !self.out.pending().is_empty() => Transmit::Send(self.out.pending()),
             Phase::Closing { .. } => Transmit::Close,
             Phase::Open if self.waiting.is_some() || self.input_pos < self.input.len() || self.backpressured() => {
                 Transmit::Wait
@@ -364,11 +363,7 @@ impl Session {
 
     /// `n` bytes of the last `Send` went out.
     pub fn consume_output(&mut self, n: usize) {
-        self.sent = (self.sent + n).min(self.out.len());
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
-        }
+        self.out.consume(n);
     }
 
     /// A finished transaction or other news for the driver.
