@@ -37,6 +37,13 @@ fn transaction(s: &mut TcpStream, mail_params: &str, body: &[u8]) -> String {
     read_replies(s, 1)
 }
 
+/// What follows our Received header: folded over three lines, it ends with the date.
+fn after_received(message: &[u8]) -> &[u8] {
+    assert!(message.starts_with(b"Received: "), "the Received header comes first");
+    let end = message.windows(7).position(|w| w == b"+0000\r\n").expect("the header's date") + 7;
+    &message[end..]
+}
+
 /// The client's dot-stuffing of `content` (CRLF lines) and the final dot.
 fn stuffed(content: &[u8]) -> Vec<u8> {
     let mut wire = Vec::new();
@@ -65,14 +72,8 @@ fn bodies_are_relayed_byte_exact(io: &str) {
     let messages = hop.wait_messages(1);
     assert_eq!(messages.len(), 1);
     let got = messages[0].content();
-    let header_end = got.windows(2).position(|w| w == b"\r\n").map(|_| ()).and_then(|()| {
-        // the Received header is folded over three lines, the last ending with the date
-        let text = String::from_utf8_lossy(&got);
-        text.find("+0000\r\n").map(|i| i + 7)
-    });
-    let header_end = header_end.expect("a Received header");
     assert!(got.starts_with(b"Received: from client.test ([127.0.10.1])\r\n\tby mx.test (mxgate) with ESMTP id "));
-    assert_eq!(&got[header_end..], &content[..], "the body arrives byte-exact after the Received header");
+    assert_eq!(after_received(&got), &content[..], "the body arrives byte-exact after the Received header");
     assert_eq!(messages[0].mail_from, "MAIL FROM:<sender@client.test> BODY=8BITMIME");
     assert_eq!(messages[0].rcpt_to, ["RCPT TO:<user@example.com>"]);
 }
@@ -187,6 +188,46 @@ fn relay_is_refused_for_other_domains(io: &str) {
     assert!(!hop.commands().iter().any(|c| c.starts_with("RCPT")));
 }
 
+/// Random bodies (printable and 8-bit bytes, leading dots, empty and long lines) survive
+/// the relay byte-exact: a seeded property run over one session.
+fn random_bodies_survive_byte_exact(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.10");
+    let mut rng = loadtest::prefixes::Rng::new(0x5eed);
+    let mut sent = Vec::new();
+    for _ in 0..40 {
+        let mut content = Vec::new();
+        for _ in 0..rng.below(60) {
+            let len = match rng.below(10) {
+                0 => 0,
+                1 => 990 + rng.below(9) as usize,
+                _ => rng.below(120) as usize,
+            };
+            let mut line: Vec<u8> = (0..len)
+                .map(|_| match rng.below(20) {
+                    0 => b'.',
+                    1 => 0x80 + rng.below(0x80) as u8,
+                    _ => b' ' + rng.below(95) as u8,
+                })
+                .collect();
+            if rng.below(4) == 0 {
+                line.insert(0, b'.');
+            }
+            content.extend_from_slice(&line);
+            content.extend_from_slice(b"\r\n");
+        }
+        let reply = transaction(&mut s, " BODY=8BITMIME", &stuffed(&content));
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        sent.push(content);
+    }
+    let got = hop.wait_messages(sent.len());
+    assert_eq!(got.len(), sent.len());
+    for (message, content) in got.iter().zip(&sent) {
+        assert_eq!(after_received(&message.content()), &content[..]);
+    }
+}
+
 macro_rules! for_both_drivers {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -209,4 +250,5 @@ for_both_drivers!(
     smuggling_reaches_nothing,
     improper_pipelining_is_refused_and_closed,
     relay_is_refused_for_other_domains,
+    random_bodies_survive_byte_exact,
 );

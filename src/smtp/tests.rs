@@ -777,3 +777,19 @@ fn a_disconnect_mid_transaction_closes_the_next_hop_connection() {
     assert_eq!((h.released, h.closed), (0, 1), "a half-open transaction is never pooled");
     assert_eq!(h.transactions()[0].outcome, Outcome::Abandoned("peer disconnected"));
 }
+
+#[test]
+fn the_101st_recipient_gets_452_by_default() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_recipients = 5\n", ""));
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    let mut batch = Vec::new();
+    for i in 0..101 {
+        batch.extend_from_slice(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes());
+    }
+    let got = h.send(&batch);
+    let replies: Vec<&str> = got.lines().collect();
+    assert_eq!(replies.len(), 101);
+    assert!(replies[..100].iter().all(|r| *r == "250 2.1.5 recipient OK"));
+    assert_eq!(replies[100], "452 4.5.3 too many recipients");
+}
