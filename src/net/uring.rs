@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,13 +183,17 @@ struct Conn {
     armed: Option<Instant>,
 }
 
-/// A pooled next-hop connection's socket; closed when dropped.
-struct PooledFd(RawFd);
+/// A pooled next-hop connection's socket (closed when dropped), with its read buffer
+/// for the next user.
+struct Pooled {
+    fd: OwnedFd,
+    read_buf: Box<[u8]>,
+}
 
-impl Drop for PooledFd {
-    fn drop(&mut self) {
-        // SAFETY: the pool owned this descriptor alone, with nothing in flight on it.
-        unsafe { libc::close(self.0) };
+impl Pooled {
+    /// Back into a connection's socket slot.
+    fn into_socket(self) -> Socket {
+        Socket { read_buf: self.read_buf, ..Socket::open(self.fd.into_raw_fd()) }
     }
 }
 
@@ -207,7 +211,7 @@ pub struct Worker {
     snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
-    pool: Pool<PooledFd>,
+    pool: Pool<Pooled>,
     timers: Timers,
     deny: DenyLines,
     generation: u32,
@@ -499,9 +503,8 @@ impl Worker {
                     conn.session.handle_relay_error(now);
                     return true;
                 };
-                if pooled_ok && let Some((fd, upstream)) = self.pool.take(addr) {
-                    *s = Socket::open(std::mem::ManuallyDrop::new(fd).0);
-                    s.read_buf = vec![0; READ_LEN].into_boxed_slice();
+                if pooled_ok && let Some((pooled, upstream)) = self.pool.take(addr) {
+                    *s = pooled.into_socket();
                     conn.session.attach_upstream(upstream, true, now);
                     return true;
                 }
@@ -520,7 +523,7 @@ impl Worker {
                 };
                 // commands and the final dot are small writes awaited one at a time
                 let _ = socket.set_tcp_nodelay(true);
-                *s = Socket::open(std::os::fd::IntoRawFd::into_raw_fd(socket));
+                *s = Socket::open(socket.into_raw_fd());
                 s.read_buf = vec![0; READ_LEN].into_boxed_slice();
                 let target = Box::new(socket2::SockAddr::from(addr));
                 let e = opcode::Connect::new(types::Fd(s.fd), target.as_ptr().cast(), target.len())
@@ -551,7 +554,11 @@ impl Worker {
                     && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
                 {
                     let max = snapshot.config.relay.max_idle_connections as usize;
-                    drop(self.pool.put(addr, PooledFd(s.fd), upstream, max, now));
+                    // SAFETY: the connection owned this descriptor, with nothing in flight on
+                    // it (`!s.busy()`); the slot forgets it below.
+                    let fd = unsafe { OwnedFd::from_raw_fd(s.fd) };
+                    let pooled = Pooled { fd, read_buf: std::mem::take(&mut s.read_buf) };
+                    drop(self.pool.put(addr, pooled, upstream, max, now));
                 } else {
                     push(&mut self.ring, &[close_entry(s.fd)]);
                 }

@@ -321,7 +321,7 @@ impl Session {
         self.begin_close(now);
     }
 
-    fn begin_close(&mut self, now: Instant) {
+    pub(super) fn begin_close(&mut self, now: Instant) {
         if self.phase == Phase::Open {
             self.phase = Phase::Closing { until: now + CLOSE_GRACE };
             self.discard_input();
@@ -338,8 +338,8 @@ impl Session {
     /// The server is stopping: say so and close.
     pub fn shutdown(&mut self, now: Instant) {
         if self.phase == Phase::Open {
-            let reply = self.snapshot.smtp.shutdown.clone();
-            self.close_with(&reply, now);
+            self.out.push(&self.snapshot.smtp.shutdown);
+            self.begin_close(now);
         }
     }
 
@@ -426,11 +426,11 @@ impl Session {
             tracing::debug!(peer = %self.peer, "next hop timed out");
             return self.relay_failed(now);
         }
-        let reply = self.snapshot.smtp.idle_timeout.clone();
         if self.txn.is_some() {
             self.abandon_transaction("timeout", now);
         }
-        self.close_with(&reply, now);
+        self.out.push(&self.snapshot.smtp.idle_timeout);
+        self.begin_close(now);
     }
 
     /// Now on the wall clock.

@@ -71,8 +71,8 @@ impl Session {
         }
         let name = String::from_utf8_lossy(args).into_owned();
         self.helo = Some(Helo { name, extended });
-        let reply = if extended { self.snapshot.smtp.ehlo.clone() } else { self.snapshot.smtp.helo.clone() };
-        self.reply(&reply);
+        let smtp = &self.snapshot.smtp;
+        self.out.push(if extended { &smtp.ehlo } else { &smtp.helo });
     }
 
     fn mail(&mut self, args: &[u8], now: Instant) {
@@ -198,8 +198,8 @@ impl Session {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
-        let reply = self.snapshot.smtp.quit.clone();
-        self.close_with(&reply, now);
+        self.out.push(&self.snapshot.smtp.quit);
+        self.begin_close(now);
     }
 
     pub(super) fn refuse_recipient(&mut self, reply: &[u8]) {
