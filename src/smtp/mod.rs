@@ -12,7 +12,8 @@
 //! ```
 //!
 //! While a command waits for the next hop, no further input is processed: pipelined
-//! commands wait in the input buffer and get their replies in order.
+//! commands wait in the input buffer (one read's worth is still taken) and get their
+//! replies in order.
 //!
 //! The driver's loop, after every input to the session, serves its two ports until
 //! neither has anything to do, and keeps a timer at [`Session::poll_timeout`]:
@@ -27,6 +28,10 @@
 //! Memory per session is bounded: a read holds at most `READ_LEN` bytes, input is only
 //! read when everything before it was processed, each command line gets one reply of
 //! bounded size, and body bytes are only read while the next hop keeps up.
+//!
+//! Improper pipelining (RFC 2920: DATA must end a group): input received after DATA and
+//! before our 354 (in the same read, or read while the next hop decided) could only be a
+//! body sent too early: `503 5.5.0`, the connection closed, nothing of it forwarded.
 
 mod command;
 mod forward;

@@ -349,9 +349,10 @@ impl Session {
             Phase::Closed => Transmit::Close,
             _ if !self.out.pending().is_empty() => Transmit::Send(self.out.pending()),
             Phase::Closing { .. } => Transmit::Close,
-            Phase::Open if self.waiting.is_some() || self.input_pos < self.input.len() || self.backpressured() => {
-                Transmit::Wait
-            }
+            // Input is read even while a command waits for the next hop (one read's
+            // worth at most): pipelined commands wait their turn in the buffer, and a
+            // body sent before our 354 is there to be seen as improper pipelining.
+            Phase::Open if self.input_pos < self.input.len() || self.backpressured() => Transmit::Wait,
             Phase::Open => Transmit::Receive,
         }
     }

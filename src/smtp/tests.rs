@@ -34,6 +34,9 @@ struct FakeHop {
     silent: bool,
     /// Where the search for the end of the body resumes.
     scan: usize,
+    /// Hold back the reply to DATA until the test releases it.
+    hold_data_reply: bool,
+    held: Vec<u8>,
 }
 
 impl FakeHop {
@@ -72,6 +75,11 @@ impl FakeHop {
                     Some((needle, reply)) if line.contains(needle) => reply.into(),
                     _ => "250 2.1.5 ok".into(),
                 },
+                "DATA" if self.hold_data_reply => {
+                    self.in_body = true;
+                    self.held.extend_from_slice(b"354 go ahead\r\n");
+                    continue;
+                }
                 "DATA" => {
                     self.in_body = true;
                     "354 go ahead".into()
@@ -792,4 +800,22 @@ fn the_101st_recipient_gets_452_by_default() {
     assert_eq!(replies.len(), 101);
     assert!(replies[..100].iter().all(|r| *r == "250 2.1.5 recipient OK"));
     assert_eq!(replies[100], "452 4.5.3 too many recipients");
+}
+
+#[test]
+fn a_body_sent_before_the_354_is_improper_pipelining() {
+    let mut h = Harness::new();
+    h.hop.hold_data_reply = true;
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "");
+    // the client does not wait for the 354; the session still reads while it waits
+    assert_eq!(h.send(b"MAIL FROM:<evil@client.test>\r\nRCPT TO:<v@example.com>\r\n"), "");
+    let held = std::mem::take(&mut h.hop.held);
+    h.session.handle_relay_input(&held, h.now);
+    assert_eq!(h.drive(), "503 5.5.0 improper use of SMTP command pipelining\r\n");
+    assert!(h.closed());
+    assert!(h.hop.messages.is_empty());
+    assert_eq!(h.closed, 1, "the next hop's DATA is abandoned with its connection");
 }
