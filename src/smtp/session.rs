@@ -118,8 +118,11 @@ pub(super) struct Txn {
     pub(super) id: String,
     pub(super) started: Instant,
     pub(super) from: Path,
+    /// The size the peer declared with `SIZE=`.
     pub(super) size: Option<u64>,
+    /// `BODY=8BITMIME`.
     pub(super) eight_bit: bool,
+    /// `SMTPUTF8`: addresses and headers may be UTF-8.
     pub(super) smtputf8: bool,
     /// The next hop said 250 to MAIL.
     pub(super) open_upstream: bool,
