@@ -1,5 +1,6 @@
 //! The gate end to end: the real binary, both drivers, peers on many loopback addresses.
 
+#[macro_use]
 mod common;
 
 use common::{End, Mxgate, connect_from, read_replies, read_to_end, send};
@@ -144,17 +145,6 @@ fn many_peers_at_once(io: &str) {
         assert_eq!(got.starts_with(DENY_PREFIX), denied, "{source}: {got:?}");
         assert_eq!(got.starts_with("220 mx.test"), !denied, "{source}: {got:?}");
     }
-}
-
-macro_rules! for_both_drivers {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $name() { super::$name("uring") })*
-        }
-        mod epoll {
-            $(#[test] fn $name() { super::$name("epoll") })*
-        }
-    };
 }
 
 for_both_drivers!(

@@ -1,5 +1,6 @@
 //! Relaying end to end: the real binary, both drivers, a recording next hop on loopback.
 
+#[macro_use]
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
@@ -226,17 +227,6 @@ fn random_bodies_survive_byte_exact(io: &str) {
     for (message, content) in got.iter().zip(&sent) {
         assert_eq!(after_received(&message.content()), &content[..]);
     }
-}
-
-macro_rules! for_both_drivers {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $name() { super::$name("uring") })*
-        }
-        mod epoll {
-            $(#[test] fn $name() { super::$name("epoll") })*
-        }
-    };
 }
 
 for_both_drivers!(

@@ -134,7 +134,7 @@ impl BodyFilter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -189,23 +189,26 @@ mod tests {
         })
     }
 
-    /// The smuggling sequences of the issue: none of them ends the data, each faults the
-    /// message, and what follows is never seen as commands.
+    /// Would-be ends of data used for SMTP smuggling: none of them is CRLF "." CRLF.
+    pub(crate) const SMUGGLING_TRICKS: &[&[u8]] = &[
+        b"\n.\n",
+        b"\r.\r",
+        b"\r.\n",
+        b"\n.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n\0.\r\n",
+        b"\r\n.\0\r\n",
+        b"\r\r\n.\r\r\n",
+    ];
+
+    /// None of the smuggling sequences ends the data, each except the two with NUL
+    /// faults the message, and what follows is never seen as commands.
     #[test]
     fn only_crlf_dot_crlf_ends_data() {
-        let tricks: &[&[u8]] = &[
-            b"\n.\n",
-            b"\r.\r",
-            b"\r.\n",
-            b"\n.\r",
-            b"\n.\r\n",
-            b"\r\n.\n",
-            b"\r.\r\n",
-            b"\r\n.\r",
-            b"\r\n\0.\r\n",
-            b"\r\n.\0\r\n",
-            b"\r\r\n.\r\r\n",
-        ];
+        let tricks = SMUGGLING_TRICKS;
         let smuggled = b"MAIL FROM:<a@evil.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nsmuggled\r\n";
         for trick in tricks {
             let mut body = b"Subject: hi\r\n\r\nbody".to_vec();

@@ -476,20 +476,7 @@ fn open_relay_probes_reach_nothing() {
 
 #[test]
 fn smuggled_ends_of_data_never_end_the_data() {
-    let tricks: &[&[u8]] = &[
-        b"\n.\n",
-        b"\r.\r",
-        b"\r.\n",
-        b"\n.\r",
-        b"\n.\r\n",
-        b"\r\n.\n",
-        b"\r.\r\n",
-        b"\r\n.\r",
-        b"\r\n\0.\r\n",
-        b"\r\n.\0\r\n",
-        b"\r\r\n.\r\r\n",
-    ];
-    for trick in tricks {
+    for trick in super::data::tests::SMUGGLING_TRICKS {
         let mut h = Harness::new();
         h.greet();
         let mut body = b"Subject: one\r\n\r\nfirst".to_vec();

@@ -5,6 +5,20 @@
 
 pub mod nexthop;
 
+#[allow(unused_macros, reason = "not every test binary runs end-to-end behaviours")]
+/// `for_both_drivers!(a, b)`: tests `uring::a`, `epoll::a`, ... calling `a("uring")`,
+/// `a("epoll")`: every end-to-end behaviour is checked on both drivers.
+macro_rules! for_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test] fn $name() { super::$name("uring") })*
+        }
+        mod epoll {
+            $(#[test] fn $name() { super::$name("epoll") })*
+        }
+    };
+}
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
