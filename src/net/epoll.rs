@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::pool::Pool;
-use super::timers::{self, ConnId, Timers};
+use super::timers::{ConnId, Timers};
 use super::{Drain, READ_LEN, Shared, SnapshotCache, log_events};
 use crate::access::Action;
 use crate::datetime::UnixTime;
@@ -435,18 +435,12 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
-        while let Some((at, (key, generation))) = self.timers.pop_due(now) {
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else {
-                continue;
-            };
-            timers::disarm(&mut conn.armed, at);
-            match conn.session.poll_timeout() {
-                Some(due) if due <= now => {
-                    conn.session.handle_timeout(now);
-                    self.advance(key, now);
-                }
-                later => self.timers.arm(&mut conn.armed, later, (key, generation)),
+        let due = self.timers.expired(now, &mut self.conns, |c| (c.generation, &mut c.armed, c.session.poll_timeout()));
+        for key in due {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.session.handle_timeout(now);
             }
+            self.advance(key, now);
         }
         if let Drain::Draining { deadline } = self.drain
             && deadline <= now

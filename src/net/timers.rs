@@ -11,6 +11,8 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
+use slab::Slab;
+
 /// A connection: its slab key and the generation that tells reuses of a key apart.
 pub type ConnId = (usize, u32);
 
@@ -53,10 +55,32 @@ impl Timers {
 /// Entries allowed beyond twice the live connections before a compaction.
 const COMPACT_SLACK: usize = 1024;
 
-/// Called with an entry popped for a connection: forgets it if it was the armed one.
-pub fn disarm(armed: &mut Option<Instant>, fired: Instant) {
-    if *armed == Some(fired) {
-        *armed = None;
+impl Timers {
+    /// Pops the entries due at `now` and returns the connections whose deadline has
+    /// really come; the others are armed again at their real deadline. `timer(conn)`
+    /// gives a connection's generation, its armed record and its session's deadline.
+    pub fn expired<C>(
+        &mut self,
+        now: Instant,
+        conns: &mut Slab<C>,
+        timer: impl Fn(&mut C) -> (u32, &mut Option<Instant>, Option<Instant>),
+    ) -> Vec<usize> {
+        let mut due = Vec::new();
+        while let Some((at, (key, generation))) = self.pop_due(now) {
+            let Some(conn) = conns.get_mut(key) else { continue };
+            let (current, armed, deadline) = timer(conn);
+            if current != generation {
+                continue;
+            }
+            if *armed == Some(at) {
+                *armed = None;
+            }
+            match deadline {
+                Some(d) if d <= now => due.push(key),
+                later => self.arm(armed, later, (key, generation)),
+            }
+        }
+        due
     }
 }
 

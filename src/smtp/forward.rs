@@ -13,16 +13,13 @@ use std::time::Instant;
 use super::client::{Command, Event as UpEvent, Reply, Upstream};
 use super::data::{BodyFilter, Fault};
 use super::session::{Body, Link, Outcome, Phase, Relay, Session, UpLink, Waiting};
+use super::verbs::{IMPROPER_PIPELINING, NEXT_HOP_FAILED, OK, TOO_BIG};
 
 const MAIL_OK: &[u8] = b"250 2.1.0 sender OK\r\n";
 const RCPT_OK: &[u8] = b"250 2.1.5 recipient OK\r\n";
 const GO_AHEAD: &[u8] = b"354 end data with <CR><LF>.<CR><LF>\r\n";
-const OK: &[u8] = b"250 2.0.0 OK\r\n";
-const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
 const NO_8BIT: &[u8] = b"555 5.3.3 8BITMIME or SMTPUTF8 mail cannot be relayed now\r\n";
 const BARE_LINE_END: &[u8] = b"554 5.6.0 message refused: bare CR or LF in the body\r\n";
-const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
-const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------

@@ -7,7 +7,7 @@ use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
 use super::session::{Helo, Link, Outcome, Session, Txn, next_transaction_id};
 
-const OK: &[u8] = b"250 2.0.0 OK\r\n";
+pub(super) const OK: &[u8] = b"250 2.0.0 OK\r\n";
 const HELP: &[u8] = b"214 2.0.0 commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n";
 const UNRECOGNIZED: &[u8] = b"500 5.5.2 command unrecognized\r\n";
 const BARE_LF: &[u8] = b"500 5.5.2 line must end with CRLF\r\n";
@@ -23,12 +23,12 @@ const RCPT_FIRST: &[u8] = b"554 5.5.1 no valid recipients\r\n";
 const MAIL_SYNTAX: &[u8] = b"501 5.5.4 syntax: MAIL FROM:<address> [parameters]\r\n";
 const RCPT_SYNTAX: &[u8] = b"501 5.5.4 syntax: RCPT TO:<address>\r\n";
 const BAD_PARAMETER: &[u8] = b"555 5.5.4 unsupported parameter\r\n";
-const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
+pub(super) const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
 const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
 const RELAY_DENIED: &[u8] = b"550 5.7.1 relay access denied\r\n";
 const NO_NULL_RECIPIENT: &[u8] = b"501 5.1.3 the null path is no recipient\r\n";
-const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
-const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
+pub(super) const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
+pub(super) const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
 const CANNOT_VERIFY: &[u8] = b"252 2.5.0 cannot verify the user, but will relay the message\r\n";
 
 impl Session {
