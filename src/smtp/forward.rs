@@ -40,7 +40,7 @@ impl Session {
                     Relay::Close
                 }
             }
-            Link::Up(l) if !l.up.output().is_empty() => Relay::Send(l.up.output()),
+            Link::Up(l) if !l.up.output().is_empty() && !l.hold => Relay::Send(l.up.output()),
             Link::Up(l) if l.up.awaits_reply() => Relay::Receive,
             Link::Up(_) => Relay::Idle,
         }
@@ -61,7 +61,7 @@ impl Session {
             _ => 0,
         };
         let ready = up.is_ready();
-        self.link = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true }));
+        self.link = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true, hold: false }));
         self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
         if ready {
             self.link_ready(now);
@@ -268,6 +268,7 @@ impl Session {
         let max = self.snapshot.config.smtp.max_message_size;
         if let (Link::Up(l), Some(t)) = (&mut self.link, &mut self.txn) {
             l.up.send_data(header.as_bytes());
+            l.hold = true;
             t.body = Some(Body { filter: BodyFilter::new(max), started: now, last_input: now });
         }
         self.reply(GO_AHEAD);
@@ -365,7 +366,10 @@ impl Session {
         let faulted = body.filter.fault().is_some();
         let mut discard = Vec::new();
         let sink = match &mut self.link {
-            Link::Up(l) if !txn.broken && !faulted => l.up.data_sink(),
+            Link::Up(l) if !txn.broken && !faulted => {
+                l.hold &= input.is_empty();
+                l.up.data_sink()
+            }
             _ => &mut discard,
         };
         let end = body.filter.feed(input, sink);

@@ -182,6 +182,9 @@ pub(super) struct UpLink {
     pub(super) untested: bool,
     /// No transaction is open at the next hop: reusable as it is.
     pub(super) clean: bool,
+    /// The trace header waits for the body's first bytes, to go out in one segment with
+    /// them: a segment of its own costs a send here and a wakeup and an ACK at the next hop.
+    pub(super) hold: bool,
 }
 
 /// One peer's SMTP conversation, and its relay to the next hop.

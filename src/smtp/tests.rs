@@ -337,6 +337,28 @@ fn a_whole_transaction_is_relayed_in_line() {
 }
 
 #[test]
+fn the_trace_header_goes_out_with_the_first_body_bytes() {
+    let mut h = Harness::new();
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
+    // a segment of its own would cost a send here and a wakeup and an ACK at the next hop
+    assert_eq!(h.session.poll_relay(), Relay::Idle, "the header waits for the body");
+    h.session.handle_input(b"Subject: x\r\n", h.now);
+    let Relay::Send(first) = h.session.poll_relay() else { panic!("the body is not sent") };
+    assert!(first.starts_with(b"Received: from client.test ") && first.ends_with(b"Subject: x\r\n"));
+    h.drive();
+    assert!(h.send(b"\r\nbody\r\n.\r\n").starts_with("250 2.0.0 OK"));
+    // an empty message still carries the header
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    h.send(b"RCPT TO:<u@example.com>\r\n");
+    h.send(b"DATA\r\n");
+    assert!(h.send(b".\r\n").starts_with("250 2.0.0 OK"));
+    assert!(h.hop.messages[1].starts_with(b"Received: from client.test "));
+}
+
+#[test]
 fn pipelined_commands_are_answered_in_order() {
     let mut h = Harness::new();
     let mut batch = b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n".to_vec();
