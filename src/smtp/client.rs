@@ -15,6 +15,7 @@
 //! so it can go back to its worker's pool.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 
 use super::outbuf::OutBuf;
 
@@ -43,7 +44,7 @@ impl Reply {
         let last = self.lines.len().saturating_sub(1);
         for (i, line) in self.lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            out.extend_from_slice(format!("{}{sep}", self.code).as_bytes());
+            let _ = write!(out, "{}{sep}", self.code);
             out.extend(line.bytes().map(|b| if (32..127).contains(&b) { b } else { b'?' }));
             out.extend_from_slice(b"\r\n");
         }
@@ -133,8 +134,10 @@ impl Upstream {
             }
             self.line.extend_from_slice(&data[..lf]);
             data = &data[lf + 1..];
-            let line = std::mem::take(&mut self.line);
+            let mut line = std::mem::take(&mut self.line);
             self.reply_line(line.strip_suffix(b"\r").unwrap_or(&line));
+            line.clear();
+            self.line = line; // its capacity serves the next line
         }
     }
 

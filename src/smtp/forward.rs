@@ -421,27 +421,26 @@ impl Session {
 
     /// The trace header (RFC 5321 §4.4), first in the message.
     fn received_header(&self, now: Instant) -> String {
-        let helo = self.helo.as_ref().map_or("unknown", |h| h.name.as_str());
-        let peer = match self.peer.ip() {
-            std::net::IpAddr::V4(a) => format!("[{a}]"),
-            std::net::IpAddr::V6(a) => format!("[IPv6:{a}]"),
-        };
+        use std::fmt::Write as _;
         let Some(txn) = &self.txn else { return String::new() };
+        let helo = self.helo.as_ref().map_or("unknown", |h| h.name.as_str());
         let protocol = match (txn.smtputf8, self.helo.as_ref().is_some_and(|h| h.extended)) {
             (true, _) => "UTF8SMTP",
             (false, true) => "ESMTP",
             (false, false) => "SMTP",
         };
-        // name the recipient only when there is exactly one (others stay private)
-        let recipient = match (&txn.first_rcpt, txn.accepted) {
-            (Some(r), 1) => format!("\r\n\tfor {r}"),
-            _ => String::new(),
+        let mut h = String::with_capacity(256);
+        let _ = match self.peer.ip() {
+            std::net::IpAddr::V4(a) => write!(h, "Received: from {helo} ([{a}])"),
+            std::net::IpAddr::V6(a) => write!(h, "Received: from {helo} ([IPv6:{a}])"),
         };
-        format!(
-            "Received: from {helo} ({peer})\r\n\tby {host} (mxgate) with {protocol} id {id}{recipient};\r\n\t{date}\r\n",
-            host = self.snapshot.config.hostname,
-            id = txn.id,
-            date = self.unix_time(now),
-        )
+        let host = &self.snapshot.config.hostname;
+        let _ = write!(h, "\r\n\tby {host} (mxgate) with {protocol} id {}", txn.id);
+        // name the recipient only when there is exactly one (others stay private)
+        if let (Some(r), 1) = (&txn.first_rcpt, txn.accepted) {
+            let _ = write!(h, "\r\n\tfor {r}");
+        }
+        let _ = write!(h, ";\r\n\t{}\r\n", self.unix_time(now));
+        h
     }
 }
