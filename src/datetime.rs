@@ -12,6 +12,23 @@ impl UnixTime {
     pub fn now() -> Self {
         Self::from(SystemTime::now())
     }
+
+    /// The instant as RFC 3339 in UTC, `2026-11-28T19:39:20Z` (ban files, log lines).
+    pub fn rfc3339(self) -> Rfc3339 {
+        Rfc3339(self)
+    }
+}
+
+/// [`UnixTime::rfc3339`].
+pub struct Rfc3339(UnixTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.0.0;
+        let (year, month, day) = civil_from_days(t.div_euclid(86_400));
+        let secs = t.rem_euclid(86_400);
+        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    }
 }
 
 impl From<SystemTime> for UnixTime {
@@ -58,6 +75,12 @@ impl fmt::Display for UnixTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(UnixTime(1_795_894_760).rfc3339().to_string(), "2026-11-28T19:39:20Z");
+        assert_eq!(UnixTime(0).rfc3339().to_string(), "1970-01-01T00:00:00Z");
+    }
 
     #[test]
     fn known_dates() {

@@ -4,10 +4,11 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::abuse::{Abuse, AbuseKey};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::snapshot::Snapshot;
-use crate::template::MAX_REPLY_LEN;
+use crate::template::{MAX_REPLY_LEN, ReplyTemplate};
 
 /// A peer's address in canonical form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
 /// what a dual-stack listener reports for IPv4 peers) is the IPv4 address, so it is
@@ -43,6 +44,30 @@ pub fn judge(snapshot: &Snapshot, peer: PeerIp) -> Action {
     snapshot.access.action(peer.0)
 }
 
+/// The gate's decision on a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Serve it; a whitelisted peer is never counted or banned.
+    Allow { whitelisted: bool },
+    /// The access list denies it: the deny line.
+    Deny,
+    /// A ban is in force: the ban line.
+    Banned,
+}
+
+/// Judges a peer by the access list, then by the bans (which the whitelist overrides).
+#[inline]
+pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) -> Verdict {
+    if judge(snapshot, peer) == Action::Deny {
+        return Verdict::Deny;
+    }
+    let whitelisted = snapshot.whitelist.action(peer.0) == Action::Allow;
+    if !whitelisted && abuse.banned(AbuseKey::new(peer, snapshot.config.abuse.ipv6_prefix), now).is_some() {
+        return Verdict::Banned;
+    }
+    Verdict::Allow { whitelisted }
+}
+
 /// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.
 const SLOTS: usize = 64;
 
@@ -64,23 +89,32 @@ struct Slot {
 /// connection completes when it is submitted (the socket's send buffer is empty).
 pub struct DenyLines {
     slots: &'static mut [Slot; SLOTS],
-}
-
-impl Default for DenyLines {
-    fn default() -> Self {
-        let empty = Slot { second: i64::MIN, generation: 0, len: 0, bytes: [0; MAX_REPLY_LEN] };
-        // One leak per worker thread, bounded by the number of workers ever started.
-        DenyLines { slots: Box::leak(Box::new([empty; SLOTS])) }
-    }
+    template: fn(&Snapshot) -> &ReplyTemplate,
 }
 
 impl DenyLines {
-    /// The deny line (CRLF included) for this snapshot at this time. Its memory stays
+    /// Lines of `[access] deny_reply`.
+    pub fn deny() -> Self {
+        DenyLines::of(|s| &s.config.access.deny_reply)
+    }
+
+    /// Lines of `[abuse] ban_reply`.
+    pub fn ban() -> Self {
+        DenyLines::of(|s| &s.config.abuse.ban_reply)
+    }
+
+    fn of(template: fn(&Snapshot) -> &ReplyTemplate) -> Self {
+        let empty = Slot { second: i64::MIN, generation: 0, len: 0, bytes: [0; MAX_REPLY_LEN] };
+        // Two leaks per worker thread, bounded by the number of workers ever started.
+        DenyLines { slots: Box::leak(Box::new([empty; SLOTS])), template }
+    }
+
+    /// The line (CRLF included) for this snapshot at this time. Its memory stays
     /// valid for the life of the process (for a pointer handed to the kernel).
     pub fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
         let slot = &mut self.slots[now.0.rem_euclid(SLOTS as i64) as usize];
         if slot.second != now.0 || slot.generation != snapshot.generation {
-            let deny = &snapshot.config.access.deny_reply;
+            let deny = (self.template)(snapshot);
             slot.len = deny.render(&snapshot.config.hostname, now, &mut slot.bytes);
             slot.second = now.0;
             slot.generation = snapshot.generation;
@@ -101,7 +135,7 @@ mod tests {
             |host: &str| Config::parse(&format!("hostname = \"{host}\""), Path::new("t"), Path::new(".")).unwrap();
         let a = Snapshot::without_lists(config("mx.a.example"));
         let b = Snapshot::without_lists(config("mx.b.example"));
-        let mut lines = DenyLines::default();
+        let mut lines = DenyLines::deny();
         let t = UnixTime(1_795_894_760);
         assert_eq!(
             lines.line(&a, t),

@@ -7,6 +7,7 @@
 //! - [`smtp`]: the sans-IO protocol state machine.
 //! - [`snapshot`]: config and lists loaded as one immutable value ([`config`], [`access`]).
 
+pub mod abuse;
 pub mod access;
 pub mod config;
 pub mod datetime;

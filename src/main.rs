@@ -130,7 +130,14 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
     signals::raise_fd_limit();
     let io = io.unwrap_or(snapshot.config.listen.io);
     let (access_entries, whitelist_entries) = (snapshot.access.len(), snapshot.whitelist.len());
-    let server = match Server::start(Shared::new(snapshot), io) {
+    let shared = match Shared::new(snapshot) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot start the ban keeper thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(shared, io) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");

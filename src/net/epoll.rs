@@ -19,10 +19,9 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Drain, READ_LEN, Shared, SnapshotCache, log_events};
-use crate::access::Action;
+use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp};
+use crate::gate::{self, DenyLines, PeerIp, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -59,6 +58,7 @@ struct Conn {
     relay: Option<RelaySocket>,
     generation: u32,
     session: Session,
+    whitelisted: bool,
     armed: Option<Instant>,
 }
 
@@ -85,6 +85,7 @@ pub struct Worker {
     pool: Pool<TcpStream>,
     timers: Timers,
     deny: DenyLines,
+    ban: DenyLines,
     generation: u32,
     read_buf: Box<[u8]>,
     /// Connections that used up their turn with work left.
@@ -110,7 +111,8 @@ impl Worker {
             conns: Slab::new(),
             pool: Pool::default(),
             timers: Timers::default(),
-            deny: DenyLines::default(),
+            deny: DenyLines::deny(),
+            ban: DenyLines::ban(),
             generation: 0,
             read_buf: vec![0; READ_LEN].into_boxed_slice(),
             busy: Vec::new(),
@@ -201,12 +203,17 @@ impl Worker {
             };
             let peer = PeerIp::from(addr);
             let snapshot = self.snapshot.load();
-            if gate::judge(snapshot, peer) == Action::Deny {
-                // a fresh socket's send buffer is empty: the line goes in one write
-                let _ = stream.write(self.deny.line(snapshot, unix));
-                tracing::debug!(%peer, "denied");
-                continue; // dropping the stream closes it
-            }
+            let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
+            let whitelisted = match verdict {
+                Verdict::Allow { whitelisted } => whitelisted,
+                Verdict::Deny | Verdict::Banned => {
+                    let lines = if verdict == Verdict::Deny { &mut self.deny } else { &mut self.ban };
+                    // a fresh socket's send buffer is empty: the line goes in one write
+                    let _ = stream.write(lines.line(snapshot, unix));
+                    tracing::debug!(%peer, ?verdict, "refused");
+                    continue; // dropping the stream closes it
+                }
+            };
             let mut session = Session::new(snapshot.clone(), peer, now, unix);
             if self.drain != Drain::Serving {
                 session.shutdown(now);
@@ -223,8 +230,15 @@ impl Worker {
             }
             // accepted sockets can take the banner at once; input is reported by an event
             let peer_ready = Ready { read: false, write: true };
-            let conn =
-                Conn { peer: Some(stream), peer_ready, relay: None, generation: self.generation, session, armed: None };
+            let conn = Conn {
+                peer: Some(stream),
+                peer_ready,
+                relay: None,
+                generation: self.generation,
+                session,
+                whitelisted,
+                armed: None,
+            };
             entry.insert(conn);
             self.advance(key, now);
         }
@@ -266,7 +280,7 @@ impl Worker {
             let peer_step = self.peer_step(key, now);
             let relay_step = self.relay_step(key, now);
             let Some(conn) = self.conns.get_mut(key) else { return };
-            log_events(&mut conn.session);
+            handle_events(&mut conn.session, &self.shared.abuse, conn.whitelisted);
             if !peer_step && !relay_step {
                 if conn.peer.is_none() && conn.relay.is_none() && conn.session.poll_relay() == Relay::Idle {
                     self.conns.remove(key);

@@ -24,7 +24,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
+use crate::abuse::{Abuse, AbuseKey, Reason};
 use crate::config::IoMode;
+use crate::datetime::UnixTime;
 use crate::smtp::{Event, Session};
 use crate::snapshot::Snapshot;
 
@@ -63,12 +65,16 @@ type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
 /// What every worker shares.
 pub struct Shared {
     snapshot: Arc<ArcSwap<Snapshot>>,
+    abuse: Arc<Abuse>,
     stopping: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Arc::new(Shared { snapshot: Arc::new(ArcSwap::from_pointee(snapshot)), stopping: AtomicBool::new(false) })
+    /// Shared state for `snapshot`; starts the ban keeper thread.
+    pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let abuse = Abuse::start(Arc::clone(&snapshot))?;
+        Ok(Arc::new(Shared { snapshot, abuse, stopping: AtomicBool::new(false) }))
     }
 
     /// The current snapshot.
@@ -252,11 +258,22 @@ impl Worker {
     }
 }
 
-/// Logs what a session reports: one line per transaction (the mail log).
-fn log_events(session: &mut Session) {
+/// Acts on what a session reports: one log line per transaction (the mail log), and
+/// failures counted against the peer's address (never a whitelisted one's).
+fn handle_events(session: &mut Session, abuse: &Abuse, whitelisted: bool) {
     while let Some(event) = session.poll_event() {
+        let config = &session.snapshot().config.abuse;
+        let key = || AbuseKey::new(session.peer(), config.ipv6_prefix);
         match event {
             Event::Transaction(t) => tracing::info!("mail {t}"),
+            Event::Failed(_) if whitelisted => {}
+            Event::Failed(_) => abuse.failed(key(), UnixTime::now(), config.failure_threshold),
+            Event::Dropped => {
+                tracing::info!(peer = %session.peer(), "dropped: too many errors");
+                if config.ban_on_drop && !whitelisted {
+                    abuse.ban(key(), Reason::Dropped);
+                }
+            }
         }
     }
 }

@@ -26,10 +26,9 @@ use socket2::SockRef;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Drain, READ_LEN, Shared, SnapshotCache, log_events};
-use crate::access::Action;
+use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp};
+use crate::gate::{self, DenyLines, PeerIp, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -178,6 +177,7 @@ impl Socket {
 struct Conn {
     generation: u32,
     session: Session,
+    whitelisted: bool,
     peer: Socket,
     relay: Socket,
     armed: Option<Instant>,
@@ -214,6 +214,7 @@ pub struct Worker {
     pool: Pool<Pooled>,
     timers: Timers,
     deny: DenyLines,
+    ban: DenyLines,
     generation: u32,
     wake_fd: Arc<OwnedFd>,
     /// Never freed: the kernel may write to it until the ring is gone.
@@ -245,7 +246,8 @@ impl Worker {
             conns: Slab::new(),
             pool: Pool::default(),
             timers: Timers::default(),
-            deny: DenyLines::default(),
+            deny: DenyLines::deny(),
+            ban: DenyLines::ban(),
             generation: 0,
             wake_fd,
             wake_buf: Box::leak(Box::new([0; 8])),
@@ -345,17 +347,22 @@ impl Worker {
             return;
         };
         let snapshot = self.snapshot.load();
-        if gate::judge(snapshot, peer) == Action::Deny {
-            let line = self.deny.line(snapshot, unix);
-            let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
-                .user_data(user_data(TAG_DENY_SEND, 0, 0));
-            push(&mut self.ring, &[send, close_entry(fd)]);
-            tracing::debug!(%peer, "denied");
-            return;
-        }
+        let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
+        let whitelisted = match verdict {
+            Verdict::Allow { whitelisted } => whitelisted,
+            Verdict::Deny | Verdict::Banned => {
+                let lines = if verdict == Verdict::Deny { &mut self.deny } else { &mut self.ban };
+                let line = lines.line(snapshot, unix);
+                let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                    .user_data(user_data(TAG_DENY_SEND, 0, 0));
+                push(&mut self.ring, &[send, close_entry(fd)]);
+                tracing::debug!(%peer, ?verdict, "refused");
+                return;
+            }
+        };
         let mut session = Session::new(snapshot.clone(), peer, now, unix);
         if self.drain != Drain::Serving {
             session.shutdown(now);
@@ -364,7 +371,14 @@ impl Worker {
         self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
         let mut peer_socket = Socket::open(fd);
         peer_socket.read_buf = vec![0; READ_LEN].into_boxed_slice();
-        let conn = Conn { generation: self.generation, session, peer: peer_socket, relay: Socket::none(), armed: None };
+        let conn = Conn {
+            generation: self.generation,
+            session,
+            whitelisted,
+            peer: peer_socket,
+            relay: Socket::none(),
+            armed: None,
+        };
         let key = self.conns.insert(conn);
         self.advance(key, now);
     }
@@ -443,7 +457,7 @@ impl Worker {
             let peer_changed = self.serve_peer(key);
             let relay_changed = self.serve_relay(key, now);
             let Some(conn) = self.conns.get_mut(key) else { return };
-            log_events(&mut conn.session);
+            handle_events(&mut conn.session, &self.shared.abuse, conn.whitelisted);
             if !peer_changed && !relay_changed {
                 break;
             }

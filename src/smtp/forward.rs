@@ -74,6 +74,7 @@ impl Session {
             l.up.handle_input(data);
             self.upstream_events(now);
         }
+        self.drop_if_over(now);
     }
 
     /// `n` bytes of the last relay `Send` went out.

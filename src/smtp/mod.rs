@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 
-pub use session::{Event, Outcome, Relay, Session, Transaction, Transmit};
+pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE_LEN: usize = 512;
@@ -68,6 +68,7 @@ pub struct Params {
     quit: Box<[u8]>,
     idle_timeout: Box<[u8]>,
     shutdown: Box<[u8]>,
+    too_many_errors: Box<[u8]>,
 }
 
 impl Params {
@@ -84,6 +85,7 @@ impl Params {
             quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
             idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),
             shutdown: lines(format!("421 4.3.2 {host} service shutting down, closing connection\r\n")),
+            too_many_errors: lines(format!("421 4.7.0 {host} too many errors\r\n")),
         }
     }
 }

@@ -59,6 +59,20 @@ pub enum Relay<'a> {
 pub enum Event {
     /// A transaction ended; one mail-log line.
     Transaction(Transaction),
+    /// A command or a recipient was answered 5xx: one more failure of the peer's address.
+    Failed(Failure),
+    /// The conversation passed `max_failed_commands` or `max_failed_recipients` and is
+    /// being dropped with 421 (for `ban_on_drop`).
+    Dropped,
+}
+
+/// What failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// A recipient refused, by policy or by the next hop.
+    Recipient,
+    /// Any other command answered 5xx.
+    Command,
 }
 
 /// A finished transaction, for the mail log.
@@ -215,6 +229,12 @@ pub struct Session {
     /// When the next hop must have answered (or taken more body) by.
     pub(super) relay_deadline: Option<Instant>,
     pub(super) events: VecDeque<Event>,
+    /// The reply being given is to RCPT: a 5xx is a failed recipient.
+    pub(super) answering_rcpt: bool,
+    pub(super) failed_commands: u32,
+    pub(super) failed_recipients: u32,
+    /// A failure passed a limit: the 421 goes out once the current reply is queued.
+    pub(super) dropping: bool,
 }
 
 impl Session {
@@ -240,7 +260,21 @@ impl Session {
             link: Link::None,
             relay_deadline: None,
             events: VecDeque::new(),
+            answering_rcpt: false,
+            failed_commands: 0,
+            failed_recipients: 0,
+            dropping: false,
         }
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> PeerIp {
+        self.peer
+    }
+
+    /// The snapshot the connection was accepted under.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
     }
 
     /// Our name, for the next hop's EHLO.
@@ -260,11 +294,13 @@ impl Session {
         }
         self.input.extend_from_slice(data);
         self.process(now);
+        self.drop_if_over(now);
     }
 
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
-        while self.phase == Phase::Open && self.waiting.is_none() && self.input_pos < self.input.len() {
+        while self.phase == Phase::Open && self.waiting.is_none() && !self.dropping && self.input_pos < self.input.len()
+        {
             if self.in_body() {
                 self.body_input(now);
                 continue;
@@ -276,6 +312,7 @@ impl Session {
             };
             self.take_partial_line(self.input_pos + lf);
             self.input_pos += 1; // the LF
+            self.answering_rcpt = false;
             if std::mem::take(&mut self.overlong) {
                 self.reply(b"500 5.5.2 line too long\r\n");
             } else {
@@ -319,6 +356,35 @@ impl Session {
 
     pub(super) fn reply(&mut self, bytes: &[u8]) {
         self.out.push(bytes);
+        if bytes.first() == Some(&b'5') {
+            self.failed();
+        }
+    }
+
+    /// Counts a 5xx reply against the conversation's limits and the address.
+    fn failed(&mut self) {
+        let abuse = &self.snapshot.config.abuse;
+        let (failure, over) = if self.answering_rcpt {
+            self.failed_recipients += 1;
+            (Failure::Recipient, self.failed_recipients > abuse.max_failed_recipients)
+        } else {
+            self.failed_commands += 1;
+            (Failure::Command, self.failed_commands > abuse.max_failed_commands)
+        };
+        self.events.push_back(Event::Failed(failure));
+        if over && self.phase == Phase::Open && !self.dropping {
+            self.dropping = true;
+            self.events.push_back(Event::Dropped);
+        }
+    }
+
+    /// Too many failures: `421 4.7.0` after the reply that passed the limit, and close.
+    pub(super) fn drop_if_over(&mut self, now: Instant) {
+        if self.dropping && self.phase == Phase::Open {
+            let snapshot = Arc::clone(&self.snapshot);
+            self.out.push(&snapshot.smtp.too_many_errors);
+            self.begin_close(now);
+        }
     }
 
     /// Queues the last reply and closes once it is out.

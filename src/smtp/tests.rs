@@ -239,7 +239,17 @@ impl Harness {
     }
 
     fn transactions(&mut self) -> Vec<super::Transaction> {
-        std::iter::from_fn(|| self.session.poll_event()).map(|Event::Transaction(t)| t).collect()
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Transaction(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.session.poll_event()).collect()
     }
 
     fn greet(&mut self) {
@@ -482,7 +492,7 @@ fn open_relay_probes_reach_nothing() {
         "<user@outside.test.>",
     ];
     assert!(probes.len() >= 16);
-    let mut h = Harness::new();
+    let mut h = Harness::with_config(&limits(100, 100));
     h.greet();
     assert!(h.send(b"MAIL FROM:<a@client.test>\r\n").starts_with("250"));
     for probe in probes {
@@ -827,4 +837,56 @@ fn a_body_sent_before_the_354_is_improper_pipelining() {
     assert!(h.closed());
     assert!(h.hop.messages.is_empty());
     assert_eq!(h.closed, 1, "the next hop's DATA is abandoned with its connection");
+}
+
+// ---- connection dropping ---------------------------------------------------------------
+
+fn limits(commands: u32, recipients: u32) -> String {
+    CONFIG.replace(
+        "[relay]",
+        &format!("[abuse]\nmax_failed_commands = {commands}\nmax_failed_recipients = {recipients}\n[relay]"),
+    )
+}
+
+#[test]
+fn the_failed_command_past_the_limit_drops_the_conversation() {
+    let mut h = Harness::with_config(&limits(3, 100));
+    h.greet();
+    for _ in 0..3 {
+        assert_eq!(h.send(b"BOGUS\r\n"), "500 5.5.2 command unrecognized\r\n");
+    }
+    assert!(!h.closed(), "three failures are within max_failed_commands = 3");
+    assert_eq!(h.send(b"MAIL FROM:<bad\r\n").lines().count(), 2);
+    assert!(h.closed());
+    let events = h.events();
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Command)).count(), 4);
+    assert_eq!(events.last(), Some(&Event::Dropped));
+}
+
+#[test]
+fn pipelined_failures_stop_at_the_limit() {
+    let mut h = Harness::with_config(&limits(3, 100));
+    h.greet();
+    let got = h.send(&b"BOGUS\r\n".repeat(10));
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 5, "{got}");
+    assert_eq!(lines[4], "421 4.7.0 mx.test too many errors");
+    assert!(h.closed());
+}
+
+#[test]
+fn refused_recipients_past_the_limit_drop_the_conversation() {
+    let mut h = Harness::with_config(&limits(100, 2));
+    h.hop.refuse_rcpt = Some(("nobody", "550 5.1.1 no such user"));
+    h.greet();
+    h.send(b"MAIL FROM:<a@client.test>\r\n");
+    assert!(h.send(b"RCPT TO:<x@outside.test>\r\n").starts_with("550 5.7.1"));
+    assert!(h.send(b"RCPT TO:<nobody@example.com>\r\n").starts_with("550 5.1.1"), "the next hop's refusal counts");
+    assert!(!h.closed());
+    assert_eq!(h.send(b"RCPT TO:<y@outside.test>\r\n").lines().nth(1), Some("421 4.7.0 mx.test too many errors"));
+    assert!(h.closed());
+    let events = h.events();
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count(), 3);
+    assert!(!events.contains(&Event::Failed(Failure::Command)), "{events:?}");
+    assert!(events.contains(&Event::Dropped));
 }

@@ -41,7 +41,9 @@ impl Session {
             return self.reply(BAD_CHARACTER);
         }
         let (verb, args) = command::split(line);
-        match Verb::parse(verb) {
+        let verb = Verb::parse(verb);
+        self.answering_rcpt = verb == Verb::Rcpt;
+        match verb {
             Verb::Ehlo => self.hello(args, true, now),
             Verb::Helo => self.hello(args, false, now),
             Verb::Mail => self.mail(args, now),
