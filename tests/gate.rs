@@ -3,33 +3,12 @@
 #[macro_use]
 mod common;
 
-use common::{End, Mxgate, connect_from, read_replies, read_to_end, send};
-
-const DENY_PREFIX: &str = "530 5.7.1 mx.test ESMTP denied access at ";
+use common::{DENY_PREFIX, End, Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send};
 
 fn config(extra: &str) -> String {
     format!(
         "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n[access]\nlist = \"access.list\"\n{extra}"
     )
-}
-
-/// The peer reads exactly one deny line, then EOF; never a banner.
-fn assert_denied(m: &Mxgate, source: &str, addr_index: usize) {
-    let mut s = connect_from(source, m.addrs[addr_index]);
-    let (got, end) = read_to_end(&mut s);
-    assert!(got.starts_with(DENY_PREFIX) && got.ends_with(" +0000\r\n"), "{source}: {got:?}");
-    assert_eq!(got.matches("\r\n").count(), 1, "{source}: exactly one line: {got:?}");
-    assert!(!got.contains("220"), "{source}: no banner: {got:?}");
-    assert_eq!(end, End::Eof, "{source}: closed after the line");
-}
-
-/// The peer gets the banner and a working session.
-fn assert_allowed(m: &Mxgate, source: &str, addr_index: usize) {
-    let mut s = connect_from(source, m.addrs[addr_index]);
-    assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
-    send(&mut s, b"QUIT\r\n");
-    let (got, end) = read_to_end(&mut s);
-    assert_eq!((got.as_str(), end), ("221 2.0.0 mx.test closing connection\r\n", End::Eof), "{source}");
 }
 
 fn denied_and_allowed_peers(io: &str) {

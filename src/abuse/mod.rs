@@ -71,20 +71,21 @@ fn keep(queue: &Receiver<(AbuseKey, Reason)>, published: &ArcSwap<BanSet>, snaps
         let config = &snapshot.config.abuse;
         let now = UnixTime::now();
         book.expire(now.0, config);
-        let mut changed = false;
-        for (key, reason) in std::iter::once(first).chain(queue.try_iter()) {
-            if let Some(ban) = book.ban(key, reason, now.0, config) {
-                changed = true;
-                tracing::info!(
-                    "IP address {key} banned: {}, until {} (offence {})",
-                    ban.reason,
-                    UnixTime(ban.until).rfc3339(),
-                    ban.offence
-                );
-            }
+        let batch = std::iter::once(first).chain(queue.try_iter());
+        let made: Vec<(AbuseKey, Ban)> =
+            batch.filter_map(|(key, reason)| book.ban(key, reason, now.0, config).map(|b| (key, b))).collect();
+        if made.is_empty() {
+            continue;
         }
-        if changed {
-            published.store(Arc::new(book.set()));
+        // in force first, then told
+        published.store(Arc::new(book.set()));
+        for (key, ban) in made {
+            tracing::info!(
+                "IP address {key} banned: {}, until {} (offence {})",
+                ban.reason,
+                UnixTime(ban.until).rfc3339(),
+                ban.offence
+            );
         }
     }
 }

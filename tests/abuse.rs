@@ -1,0 +1,83 @@
+//! Abuse control end to end: failures dropped and banned, the whitelist exempt; the real
+//! binary, both drivers, each peer its own loopback address.
+
+#[macro_use]
+mod common;
+
+use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send};
+
+const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
+const TOO_MANY: &str = "421 4.7.0 mx.test too many errors\r\n";
+
+fn config(abuse: &str) -> String {
+    format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [abuse]\nwhitelist = \"white.list\"\n{abuse}"
+    )
+}
+
+fn start(abuse: &str, io: &str) -> Mxgate {
+    Mxgate::start(&config(abuse), &[("white.list", "127.0.5.9\n")], io)
+}
+
+/// One conversation from `source` with `failures` unknown commands, then QUIT.
+fn fail(m: &Mxgate, source: &str, failures: usize) {
+    let mut s = connect_from(source, m.addr());
+    assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
+    send(&mut s, &b"BOGUS\r\n".repeat(failures));
+    assert_eq!(read_replies(&mut s, failures), UNKNOWN.repeat(failures), "{source}");
+    send(&mut s, b"QUIT\r\n");
+    read_to_end(&mut s);
+}
+
+fn the_threshold_is_exact_across_conversations(io: &str) {
+    let mut m = start("failure_threshold = 5\n", io);
+    fail(&m, "127.0.5.1", 2);
+    fail(&m, "127.0.5.1", 2);
+    assert_allowed(&m, "127.0.5.1", 0);
+    fail(&m, "127.0.5.1", 1);
+    // the first ban of the address names its count: the fifth failure made it, not the fourth
+    let line = m.wait_for_log("IP address 127.0.5.1 banned");
+    assert!(line.contains("5 failures") && line.contains("offence 1"), "{line}");
+    assert_denied(&m, "127.0.5.1", 0);
+    assert_allowed(&m, "127.0.5.2", 0);
+}
+
+fn a_whitelisted_address_is_never_banned_but_is_dropped(io: &str) {
+    let mut m = start("failure_threshold = 3\nmax_failed_commands = 40\n", io);
+    for _ in 0..25 {
+        fail(&m, "127.0.5.9", 40);
+    }
+    // 1,000 failures: still served, and an address that fails does get banned
+    assert_allowed(&m, "127.0.5.9", 0);
+    fail(&m, "127.0.5.3", 3);
+    m.wait_for_log("IP address 127.0.5.3 banned");
+    assert!(!m.seen.iter().any(|l| l.contains("127.0.5.9 banned")));
+    // dropping protects the server from whitelisted peers too
+    let mut s = connect_from("127.0.5.9", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, &b"BOGUS\r\n".repeat(50));
+    let (got, _) = read_to_end(&mut s);
+    assert_eq!(got, UNKNOWN.repeat(41) + TOO_MANY);
+    assert_allowed(&m, "127.0.5.9", 0);
+}
+
+fn ban_on_drop_bans_a_dropped_address(io: &str) {
+    let mut m =
+        start("max_failed_commands = 2\nban_on_drop = true\nban_reply = \"554 5.7.1 {hostname} go away\"\n", io);
+    let mut s = connect_from("127.0.5.4", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, &b"BOGUS\r\n".repeat(3));
+    let (got, _) = read_to_end(&mut s);
+    assert_eq!(got, UNKNOWN.repeat(3) + TOO_MANY);
+    let line = m.wait_for_log("IP address 127.0.5.4 banned");
+    assert!(line.contains("dropped for too many errors"), "{line}");
+    let mut s = connect_from("127.0.5.4", m.addr());
+    assert_eq!(read_to_end(&mut s).0, "554 5.7.1 mx.test go away\r\n", "ban_reply, not the deny line");
+}
+
+for_both_drivers!(
+    the_threshold_is_exact_across_conversations,
+    a_whitelisted_address_is_never_banned_but_is_dropped,
+    ban_on_drop_bans_a_dropped_address,
+);
