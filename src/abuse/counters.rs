@@ -98,12 +98,14 @@ impl FailureCounters {
 fn bump(word: &AtomicU64, epoch: u32) {
     let mut current = word.load(Ordering::Relaxed);
     loop {
-        let next = if (current >> 32) as u32 == epoch {
-            current + u64::from((current as u32) < u32::MAX)
-        } else {
-            (u64::from(epoch) << 32) | 1
-        };
-        match word.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+        if (current >> 32) as u32 == epoch {
+            // the common case: one atomic add (a count reaching 2^32 in one sub-window
+            // would need that many failures from one address in seconds)
+            word.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let restarted = (u64::from(epoch) << 32) | 1;
+        match word.compare_exchange_weak(current, restarted, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return,
             Err(seen) => current = seen,
         }

@@ -1,0 +1,110 @@
+//! Failure counting: ns per failure for `FailureCounters` against a `Mutex<HashMap>` and
+//! a sharded map (64 mutexes), behind one trait, on one thread and on two.
+//!
+//! `cargo bench --bench counters`
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mxgate::abuse::{AbuseKey, FailureCounters};
+use mxgate::gate::PeerIp;
+
+const NOW: i64 = 1_795_894_760;
+/// Distinct failing addresses the failures are spread over: a few abusers (the table
+/// in cache) and a wide attack (the table in memory).
+const KEY_SETS: [usize; 2] = [1_000, 100_000];
+
+trait Count: Sync {
+    /// Adds one failure; returns the count.
+    fn add(&self, key: AbuseKey) -> u32;
+}
+
+impl Count for FailureCounters {
+    fn add(&self, key: AbuseKey) -> u32 {
+        FailureCounters::add(self, key, NOW)
+    }
+}
+
+struct MutexMap(Mutex<HashMap<AbuseKey, u32, ahash::RandomState>>);
+
+impl Count for MutexMap {
+    fn add(&self, key: AbuseKey) -> u32 {
+        let mut map = self.0.lock().expect("not poisoned");
+        let n = map.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
+struct ShardedMap {
+    hasher: ahash::RandomState,
+    shards: Vec<Mutex<HashMap<AbuseKey, u32, ahash::RandomState>>>,
+}
+
+impl Count for ShardedMap {
+    fn add(&self, key: AbuseKey) -> u32 {
+        let shard = self.hasher.hash_one(key) as usize % self.shards.len();
+        let mut map = self.shards[shard].lock().expect("not poisoned");
+        let n = map.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
+fn keys(n: usize) -> Vec<AbuseKey> {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            AbuseKey::new(PeerIp::new(Ipv4Addr::from(x as u32).into()), 64)
+        })
+        .collect()
+}
+
+/// `iters` failures over `threads` threads at once; the time until all are done.
+fn run(counter: &dyn Count, keys: &[AbuseKey], threads: usize, iters: u64) -> Duration {
+    let per_thread = iters / threads as u64;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for i in (t * 7919..).take(per_thread as usize) {
+                    std::hint::black_box(counter.add(keys[i % keys.len()]));
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    for n in KEY_SETS {
+        bench_keys(c, &keys(n));
+    }
+}
+
+fn bench_keys(c: &mut Criterion, keys: &[AbuseKey]) {
+    let counters = FailureCounters::new(Duration::from_secs(600));
+    let mutex = MutexMap(Mutex::new(HashMap::default()));
+    let sharded = ShardedMap {
+        hasher: ahash::RandomState::new(),
+        shards: (0..64).map(|_| Mutex::new(HashMap::default())).collect(),
+    };
+    let contenders: [(&str, &dyn Count); 3] =
+        [("failure_counters", &counters), ("mutex_hashmap", &mutex), ("sharded_map_64", &sharded)];
+    for threads in [1, 2] {
+        let mut group = c.benchmark_group(format!("add_{threads}_thread_{}_keys", keys.len()));
+        for (name, counter) in contenders {
+            group.bench_function(name, |b| b.iter_custom(|iters| run(counter, keys, threads, iters)));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
