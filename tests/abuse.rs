@@ -4,7 +4,7 @@
 #[macro_use]
 mod common;
 
-use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send};
+use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send, wait_until};
 
 const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
 const TOO_MANY: &str = "421 4.7.0 mx.test too many errors\r\n";
@@ -76,7 +76,56 @@ fn ban_on_drop_bans_a_dropped_address(io: &str) {
     assert_eq!(read_to_end(&mut s).0, "554 5.7.1 mx.test go away\r\n", "ban_reply, not the deny line");
 }
 
+fn bans_survive_kill_9(io: &str) {
+    let mut m = start("failure_threshold = 2\nban_file = \"bans.list\"\n", io);
+    fail(&m, "127.0.5.5", 2);
+    m.wait_for_log("IP address 127.0.5.5 banned");
+    let file = m.files.path("bans.list");
+    wait_until("the ban written", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.5.5 until=")));
+    let text = std::fs::read_to_string(&file).expect("the ban file");
+    assert!(text.contains("reason=\"2 failures\" offence=1"), "{text}");
+    let m = m.kill_and_restart(io);
+    assert!(m.saw("1 bans in force restored").is_some());
+    assert_denied(&m, "127.0.5.5", 0);
+    assert_allowed(&m, "127.0.5.6", 0);
+}
+
+fn a_corrupt_ban_file_is_moved_aside_and_the_static_lists_still_hold(io: &str) {
+    let config = config("ban_file = \"bans.list\"\n") + "[access]\nlist = \"access.list\"\n";
+    let lists =
+        [("white.list", "127.0.5.9\n"), ("access.list", "127.0.5.7\n"), ("bans.list", "127.0.5.8 until=soon\n")];
+    let m = Mxgate::start(&config, &lists, io);
+    let line = m.saw("ban file corrupt").expect("the corrupt file logged");
+    assert!(line.contains("bans.list:1: ") && line.contains("moved aside"), "{line}");
+    assert!(!m.files.path("bans.list").exists());
+    let aside: Vec<_> = std::fs::read_dir(m.files.dir.path())
+        .expect("the files folder")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("bans.list.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_denied(&m, "127.0.5.7", 0);
+    assert_allowed(&m, "127.0.5.8", 0);
+}
+
+fn bans_escalate_to_the_prefix_but_not_over_the_whitelist(io: &str) {
+    let mut m =
+        Mxgate::start(&config("failure_threshold = 1\nescalate_after = 3\n"), &[("white.list", "127.0.6.9\n")], io);
+    for source in ["127.0.6.1", "127.0.6.2", "127.0.6.3"] {
+        fail(&m, source, 1);
+        m.wait_for_log(&format!("IP address {source} banned"));
+    }
+    let line = m.wait_for_log("IP address 127.0.6.0/24 banned");
+    assert!(line.contains("3 addresses banned in the prefix"), "{line}");
+    assert_denied(&m, "127.0.6.200", 0);
+    assert_allowed(&m, "127.0.6.9", 0);
+    assert_allowed(&m, "127.0.7.1", 0);
+}
+
 for_both_drivers!(
+    bans_survive_kill_9,
+    a_corrupt_ban_file_is_moved_aside_and_the_static_lists_still_hold,
+    bans_escalate_to_the_prefix_but_not_over_the_whitelist,
     the_threshold_is_exact_across_conversations,
     a_whitelisted_address_is_never_banned_but_is_dropped,
     ban_on_drop_bans_a_dropped_address,

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::AbuseKey;
@@ -22,6 +23,10 @@ pub enum Reason {
     Failures(u32),
     /// A conversation passed a failure limit and `ban_on_drop` is set.
     Dropped,
+    /// This many addresses of the prefix were banned within `failure_window`.
+    Escalated(u32),
+    /// As read from the ban file.
+    Recorded(String),
 }
 
 impl fmt::Display for Reason {
@@ -29,6 +34,8 @@ impl fmt::Display for Reason {
         match self {
             Reason::Failures(n) => write!(f, "{n} failures"),
             Reason::Dropped => f.write_str("dropped for too many errors"),
+            Reason::Escalated(n) => write!(f, "{n} addresses banned in the prefix"),
+            Reason::Recorded(text) => f.write_str(text),
         }
     }
 }
@@ -43,52 +50,67 @@ pub struct Ban {
     pub offence: u32,
 }
 
-/// What the gate reads: the keys banned and until when.
+/// Bans made since the base was last rebuilt; past this many the base is rebuilt, so a
+/// publication copies at most this many entries however many bans are in force.
+const RECENT_MAX: usize = 4096;
+
+type Untils = HashMap<AbuseKey, i64, ahash::RandomState>;
+
+/// What the gate reads: the keys banned and until when. A large base shared between
+/// publications and the few bans made since.
 #[derive(Clone, Debug, Default)]
 pub struct BanSet {
-    until: HashMap<AbuseKey, i64, ahash::RandomState>,
+    base: Arc<Untils>,
+    recent: Untils,
 }
 
 impl BanSet {
-    /// When the ban on `key` ends, if one is in force at `now`.
+    /// When the ban on `key` (or on the prefix it escalates to) ends, if one is in force
+    /// at `now`.
     #[inline]
     pub fn banned(&self, key: AbuseKey, now: i64) -> Option<i64> {
-        if self.until.is_empty() {
+        if self.base.is_empty() && self.recent.is_empty() {
             return None;
         }
-        self.until.get(&key).copied().filter(|&until| until > now)
+        let until = |k: AbuseKey| self.recent.get(&k).or_else(|| self.base.get(&k)).copied().filter(|&u| u > now);
+        until(key).or_else(|| key.escalation().and_then(until))
     }
 
     pub fn len(&self) -> usize {
-        self.until.len()
+        self.base.len() + self.recent.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.until.is_empty()
+        self.len() == 0
     }
 }
 
-/// The keeper's record: bans in force and past offences.
+/// The keeper's record: bans in force, past offences, and recent bans per prefix.
 #[derive(Debug, Default)]
 pub struct BanBook {
     bans: HashMap<AbuseKey, Ban, ahash::RandomState>,
     /// Offences per key and when each key's last ban ended; remembered for
     /// `max_ban_duration` after that, so a repeat offender's ban doubles.
     offences: HashMap<AbuseKey, (u32, i64), ahash::RandomState>,
+    /// Bans of addresses per escalation prefix, with when they were made.
+    by_prefix: HashMap<AbuseKey, Vec<(AbuseKey, i64)>, ahash::RandomState>,
+    set: BanSet,
 }
 
 impl BanBook {
     /// Bans `key` at `now`: `ban_duration`, doubled for each remembered offence, up to
-    /// `max_ban_duration`. `None` when it is banned already or the book is full.
-    pub fn ban(&mut self, key: AbuseKey, reason: Reason, now: i64, config: &AbuseConfig) -> Option<Ban> {
+    /// `max_ban_duration`. Returns the bans made: none when it is banned already or the
+    /// book is full; two when it completes `escalate_after` bans in its prefix.
+    pub fn ban(&mut self, key: AbuseKey, reason: Reason, now: i64, config: &AbuseConfig) -> Vec<(AbuseKey, Ban)> {
+        let mut made = Vec::new();
         if self.bans.get(&key).is_some_and(|b| b.until > now) {
-            return None;
+            return made;
         }
         if self.bans.len() >= MAX_BANS {
             self.expire(now, config);
             if self.bans.len() >= MAX_BANS {
                 tracing::warn!("{MAX_BANS} bans in force: not banning {key}");
-                return None;
+                return made;
             }
         }
         let remember = secs(config.max_ban_duration);
@@ -99,25 +121,71 @@ impl BanBook {
         let doubled = secs(config.ban_duration).saturating_mul(1i64 << (offence - 1).min(40));
         let until = now.saturating_add(doubled.min(remember));
         self.offences.insert(key, (offence, until));
-        let ban = Ban { until, reason, offence };
-        self.bans.insert(key, ban.clone());
-        Some(ban)
+        self.insert(key, Ban { until, reason, offence });
+        made.push((key, self.bans[&key].clone()));
+        if let Some(prefix) = key.escalation()
+            && config.escalate_after > 0
+        {
+            let window = secs(config.failure_window);
+            let recent = self.by_prefix.entry(prefix).or_default();
+            recent.retain(|&(k, at)| k != key && now - at < window);
+            recent.push((key, now));
+            let distinct = recent.len() as u32;
+            if distinct >= config.escalate_after {
+                self.by_prefix.remove(&prefix);
+                made.extend(self.ban(prefix, Reason::Escalated(distinct), now, config));
+            }
+        }
+        made
+    }
+
+    /// Takes in a ban as recorded (the ban file at start).
+    pub fn restore(&mut self, key: AbuseKey, ban: Ban) {
+        self.offences.insert(key, (ban.offence, ban.until));
+        self.insert(key, ban);
+    }
+
+    fn insert(&mut self, key: AbuseKey, ban: Ban) {
+        self.set.recent.insert(key, ban.until);
+        self.bans.insert(key, ban);
+        if self.set.recent.len() > RECENT_MAX {
+            self.rebuild();
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.set.base = Arc::new(self.bans.iter().map(|(k, b)| (*k, b.until)).collect());
+        self.set.recent.clear();
     }
 
     /// Drops bans that ended and offences no longer remembered.
     pub fn expire(&mut self, now: i64, config: &AbuseConfig) {
+        let before = self.bans.len();
         self.bans.retain(|_, b| b.until > now);
         let remember = secs(config.max_ban_duration);
         self.offences.retain(|_, &mut (_, ended)| now < ended.saturating_add(remember));
+        let window = secs(config.failure_window);
+        self.by_prefix.retain(|_, recent| {
+            recent.retain(|&(_, at)| now - at < window);
+            !recent.is_empty()
+        });
+        if self.bans.len() != before {
+            self.rebuild();
+        }
     }
 
     pub fn get(&self, key: AbuseKey) -> Option<&Ban> {
         self.bans.get(&key)
     }
 
-    /// The set the gate reads.
+    /// Every ban in force or not yet expired from the book.
+    pub fn iter(&self) -> impl Iterator<Item = (&AbuseKey, &Ban)> {
+        self.bans.iter()
+    }
+
+    /// The set the gate reads (cheap: the base is shared).
     pub fn set(&self) -> BanSet {
-        BanSet { until: self.bans.iter().map(|(k, b)| (*k, b.until)).collect() }
+        self.set.clone()
     }
 }
 
@@ -149,20 +217,89 @@ mod tests {
         let mut book = BanBook::default();
         let k = key("192.0.2.1");
         let hour = 3600;
-        let first = book.ban(k, Reason::Failures(30), T0, &c).unwrap();
+        let first = one(book.ban(k, Reason::Failures(30), T0, &c));
         assert_eq!((first.until, first.offence), (T0 + hour, 1));
-        assert_eq!(book.ban(k, Reason::Dropped, T0 + 10, &c), None, "banned already");
+        assert_eq!(book.ban(k, Reason::Dropped, T0 + 10, &c), [], "banned already");
         assert_eq!(book.set().banned(k, T0 + hour - 1), Some(T0 + hour));
         assert_eq!(book.set().banned(k, T0 + hour), None, "expired");
-        let second = book.ban(k, Reason::Failures(30), T0 + hour, &c).unwrap();
+        let second = one(book.ban(k, Reason::Failures(30), T0 + hour, &c));
         assert_eq!(second.until, T0 + 3 * hour, "doubled");
-        let third = book.ban(k, Reason::Failures(30), T0 + 3 * hour, &c).unwrap();
+        let third = one(book.ban(k, Reason::Failures(30), T0 + 3 * hour, &c));
         assert_eq!(third.until, T0 + 7 * hour, "doubled again");
-        let fourth = book.ban(k, Reason::Failures(30), T0 + 7 * hour, &c).unwrap();
+        let fourth = one(book.ban(k, Reason::Failures(30), T0 + 7 * hour, &c));
         assert_eq!(fourth.until, T0 + 12 * hour, "8h capped at max_ban_duration (5h)");
         // forgotten max_ban_duration after the last ban ended
         book.expire(T0 + 17 * hour, &c);
-        assert_eq!(book.ban(k, Reason::Failures(30), T0 + 17 * hour, &c).unwrap().offence, 1);
+        assert_eq!(one(book.ban(k, Reason::Failures(30), T0 + 17 * hour, &c)).offence, 1);
         assert_eq!(book.set().banned(key("192.0.2.2"), T0), None);
+    }
+
+    fn one(made: Vec<(AbuseKey, Ban)>) -> Ban {
+        assert_eq!(made.len(), 1, "{made:?}");
+        made[0].1.clone()
+    }
+
+    #[test]
+    fn bans_in_one_prefix_escalate_to_the_prefix() {
+        let c = config(); // escalate_after = 8, failure_window = 10m
+        let mut book = BanBook::default();
+        for i in 1..8 {
+            assert_eq!(book.ban(key(&format!("192.0.2.{i}")), Reason::Failures(30), T0 + i, &c).len(), 1);
+        }
+        // a neighbour's ban and a ban long ago do not count towards 192.0.2.0/24
+        book.ban(key("192.0.3.1"), Reason::Failures(30), T0, &c);
+        assert_eq!(book.set().banned(key("192.0.2.200"), T0 + 10), None);
+        let made = book.ban(key("192.0.2.8"), Reason::Failures(30), T0 + 8, &c);
+        assert_eq!(made.len(), 2, "{made:?}");
+        assert_eq!(made[1].0.to_string(), "192.0.2.0/24");
+        assert_eq!(made[1].1.reason, Reason::Escalated(8));
+        assert!(book.set().banned(key("192.0.2.200"), T0 + 10).is_some());
+        assert_eq!(book.set().banned(key("192.0.3.2"), T0 + 10), None);
+        // IPv6: addresses are banned per /64, escalated per /48
+        let mut book = BanBook::default();
+        for i in 0..8 {
+            book.ban(key(&format!("2001:db8:1:{i}::1")), Reason::Failures(30), T0, &c);
+        }
+        assert!(book.set().banned(key("2001:db8:1:ff::1"), T0).is_some());
+        assert_eq!(book.set().banned(key("2001:db8:2::1"), T0), None);
+    }
+
+    #[test]
+    fn window_and_off_switch_of_escalation() {
+        let mut c = config();
+        let mut book = BanBook::default();
+        for i in 0..8 {
+            // one ban every two minutes: never eight within ten minutes
+            book.ban(key(&format!("192.0.2.{i}")), Reason::Failures(30), T0 + i * 120, &c);
+        }
+        assert_eq!(book.set().banned(key("192.0.2.200"), T0 + 1000), None);
+        c.escalate_after = 0;
+        let mut book = BanBook::default();
+        for i in 0..50 {
+            book.ban(key(&format!("192.0.2.{i}")), Reason::Failures(30), T0, &c);
+        }
+        assert_eq!(book.set().banned(key("192.0.2.200"), T0), None);
+    }
+
+    #[test]
+    fn many_bans_publish_cheaply_and_stay_visible() {
+        let c = config();
+        let mut book = BanBook::default();
+        let mut c2 = c.clone();
+        c2.escalate_after = 0;
+        for i in 0..10_000u32 {
+            book.ban(
+                AbuseKey::new(PeerIp::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()), 64),
+                Reason::Dropped,
+                T0,
+                &c2,
+            );
+        }
+        let set = book.set();
+        assert!(set.recent.len() <= RECENT_MAX && set.len() == 10_000);
+        assert!(set.banned(AbuseKey::new(PeerIp::new("10.0.0.1".parse().unwrap()), 64), T0).is_some());
+        assert!(set.banned(AbuseKey::new(PeerIp::new("10.0.39.15".parse().unwrap()), 64), T0).is_some());
+        book.expire(T0 + 3600, &c);
+        assert!(book.set().is_empty());
     }
 }

@@ -3,13 +3,20 @@
 
 pub mod bans;
 pub mod counters;
+pub mod file;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
@@ -31,14 +38,38 @@ pub struct Abuse {
 }
 
 impl Abuse {
-    /// Starts the keeper thread; it ends when the `Abuse` is dropped.
-    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>) -> std::io::Result<Arc<Abuse>> {
-        let window = snapshots.load().config.abuse.failure_window;
-        let bans = Arc::new(ArcSwap::from_pointee(BanSet::default()));
+    /// Loads the ban file and starts the keeper thread (and the ban-file writer, with a
+    /// `ban_file`); they end when the `Abuse` is dropped.
+    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>) -> io::Result<Arc<Abuse>> {
+        let snapshot = snapshots.load_full();
+        let config = &snapshot.config.abuse;
+        let mut book = BanBook::default();
+        let changes = match &config.ban_file {
+            Some(path) => {
+                let restored = file::load(path, UnixTime::now());
+                if !restored.is_empty() {
+                    tracing::info!("{} bans in force restored from {}", restored.len(), path.display());
+                }
+                for (key, ban) in restored {
+                    book.restore(key, ban);
+                }
+                let (changes, received) = crossbeam_channel::unbounded();
+                let records: Records = book.iter().map(|(k, b)| (*k, b.clone())).collect();
+                let path = path.clone();
+                std::thread::Builder::new()
+                    .name("mxgate-banfile".into())
+                    .spawn(move || persist(&path, &received, records))?;
+                Some(changes)
+            }
+            None => None,
+        };
+        let bans = Arc::new(ArcSwap::from_pointee(book.set()));
         let (requests, queue) = crossbeam_channel::bounded(QUEUE);
         let published = Arc::clone(&bans);
-        std::thread::Builder::new().name("mxgate-bans".into()).spawn(move || keep(&queue, &published, &snapshots))?;
-        Ok(Arc::new(Abuse { counters: FailureCounters::new(window), bans, requests }))
+        std::thread::Builder::new()
+            .name("mxgate-bans".into())
+            .spawn(move || keep(&queue, &published, &snapshots, book, changes.as_ref()))?;
+        Ok(Arc::new(Abuse { counters: FailureCounters::new(config.failure_window), bans, requests }))
     }
 
     /// When the ban on `key` ends, if one is in force.
@@ -63,17 +94,37 @@ impl Abuse {
     }
 }
 
-/// The keeper: applies ban requests in batches and publishes the set after each.
-fn keep(queue: &Receiver<(AbuseKey, Reason)>, published: &ArcSwap<BanSet>, snapshots: &ArcSwap<Snapshot>) {
-    let mut book = BanBook::default();
-    while let Ok(first) = queue.recv() {
+type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
+
+/// How often the keeper drops bans that ended.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// The keeper: applies ban requests in batches, publishes the set after each, then
+/// tells the log and the ban-file writer.
+fn keep(
+    queue: &Receiver<(AbuseKey, Reason)>,
+    published: &ArcSwap<BanSet>,
+    snapshots: &ArcSwap<Snapshot>,
+    mut book: BanBook,
+    changes: Option<&Sender<(AbuseKey, Ban)>>,
+) {
+    let mut expired_at = UnixTime::now();
+    loop {
+        let first = match queue.recv_timeout(EXPIRE_EVERY) {
+            Ok(first) => Some(first),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let snapshot = snapshots.load();
         let config = &snapshot.config.abuse;
         let now = UnixTime::now();
-        book.expire(now.0, config);
-        let batch = std::iter::once(first).chain(queue.try_iter());
-        let made: Vec<(AbuseKey, Ban)> =
-            batch.filter_map(|(key, reason)| book.ban(key, reason, now.0, config).map(|b| (key, b))).collect();
+        if now.0 - expired_at.0 >= EXPIRE_EVERY.as_secs() as i64 {
+            book.expire(now.0, config);
+            published.store(Arc::new(book.set()));
+            expired_at = now;
+        }
+        let batch = first.into_iter().chain(queue.try_iter());
+        let made: Vec<(AbuseKey, Ban)> = batch.flat_map(|(key, reason)| book.ban(key, reason, now.0, config)).collect();
         if made.is_empty() {
             continue;
         }
@@ -86,40 +137,69 @@ fn keep(queue: &Receiver<(AbuseKey, Reason)>, published: &ArcSwap<BanSet>, snaps
                 UnixTime(ban.until).rfc3339(),
                 ban.offence
             );
+            if let Some(changes) = changes {
+                let _ = changes.send((key, ban));
+            }
+        }
+    }
+}
+
+/// The ban-file writer: applies the bans made, in batches, and rewrites the file after
+/// each batch (bans that ended are left out).
+fn persist(path: &Path, changes: &Receiver<(AbuseKey, Ban)>, mut records: Records) {
+    while let Ok(first) = changes.recv() {
+        records.extend(std::iter::once(first).chain(changes.try_iter()));
+        let now = UnixTime::now();
+        records.retain(|_, b| b.until > now.0);
+        if let Err(e) = file::write_atomically(path, &file::render(records.iter())) {
+            tracing::error!("cannot write the ban file {}: {e}; bans stay in force in memory", path.display());
         }
     }
 }
 
 /// What failures are counted and bans are made against: an IPv4 address, or the IPv6
 /// prefix of `[abuse] ipv6_prefix` bits holding the address (one host may hold a whole
-/// /64, so counting its addresses apart would let it fail for ever).
+/// /64, so counting its addresses apart would let it fail for ever); for escalated bans,
+/// an IPv4 /24 or an IPv6 /48.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AbuseKey {
-    V4(Ipv4Addr),
-    /// The prefix's address (host bits zero) and its length.
-    V6(Ipv6Addr, u8),
-}
+pub struct AbuseKey(IpNet);
+
+/// Prefix lengths a ban escalates to: the network many banned addresses share.
+const ESCALATE_V4: u8 = 24;
+const ESCALATE_V6: u8 = 48;
 
 impl AbuseKey {
+    /// The key a peer is counted and banned by.
     pub fn new(peer: PeerIp, ipv6_prefix: u8) -> Self {
-        match peer.ip() {
-            IpAddr::V4(a) => AbuseKey::V4(a),
-            IpAddr::V6(a) => {
-                let len = ipv6_prefix.min(128);
-                let mask = u128::MAX.checked_shl(u32::from(128 - len)).unwrap_or(0);
-                AbuseKey::V6(Ipv6Addr::from(u128::from(a) & mask), len)
-            }
-        }
+        let net = match peer.ip() {
+            IpAddr::V4(a) => IpNet::V4(Ipv4Net::from(a)),
+            IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, ipv6_prefix.min(128)).unwrap_or(Ipv6Net::from(a)).trunc()),
+        };
+        AbuseKey(net)
+    }
+
+    /// A key for a prefix as written in a ban file (host bits must be clear).
+    pub fn from_net(net: IpNet) -> Self {
+        AbuseKey(net)
+    }
+
+    pub fn net(self) -> IpNet {
+        self.0
+    }
+
+    /// The prefix bans of this key escalate to, when it is longer than that.
+    pub fn escalation(self) -> Option<AbuseKey> {
+        let len = match self.0 {
+            IpNet::V4(_) => ESCALATE_V4,
+            IpNet::V6(_) => ESCALATE_V6,
+        };
+        (self.0.prefix_len() > len).then(|| AbuseKey(IpNet::new(self.0.addr(), len).unwrap_or(self.0).trunc()))
     }
 }
 
 impl fmt::Display for AbuseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AbuseKey::V4(a) => a.fmt(f),
-            AbuseKey::V6(a, 128) => a.fmt(f),
-            AbuseKey::V6(a, len) => write!(f, "{a}/{len}"),
-        }
+        if self.0.prefix_len() == self.0.max_prefix_len() { self.0.addr().fmt(f) } else { self.0.fmt(f) }
     }
 }
 
@@ -135,5 +215,10 @@ mod tests {
         assert_eq!(k("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::/64");
         assert_eq!(k("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::/48");
         assert_eq!(k("2001:db8::1", 128), "2001:db8::1");
+        let e =
+            |ip: &str, len| AbuseKey::new(PeerIp::new(ip.parse().unwrap()), len).escalation().map(|k| k.to_string());
+        assert_eq!(e("192.0.2.7", 64).as_deref(), Some("192.0.2.0/24"));
+        assert_eq!(e("2001:db8:1:2::9", 64).as_deref(), Some("2001:db8:1::/48"));
+        assert_eq!(e("2001:db8:1:2::9", 32), None);
     }
 }

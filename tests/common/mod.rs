@@ -84,7 +84,20 @@ impl Mxgate {
         expect_driver: &str,
         prepare: impl FnOnce(&mut Command),
     ) -> Self {
-        let files = Files::new(config, lists);
+        Mxgate::spawn(Files::new(config, lists), io, expect_driver, prepare)
+    }
+
+    /// Kills the process with SIGKILL (no chance to save anything) and starts it again
+    /// on the same files.
+    pub fn kill_and_restart(mut self, io: &str) -> Self {
+        self.signal(libc::SIGKILL);
+        self.wait_exit();
+        let files = std::mem::replace(&mut self.files, Files::new("", &[]));
+        drop(self);
+        Mxgate::spawn(files, io, io, |_| {})
+    }
+
+    fn spawn(files: Files, io: &str, expect_driver: &str, prepare: impl FnOnce(&mut Command)) -> Self {
         let mut command = Command::new(mxgate_bin());
         command.arg("--config").arg(files.config()).args(["--io", io]).env("MXGATE_LOG", "info");
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -115,6 +128,11 @@ impl Mxgate {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// A line containing `text` among those read so far (those before start-up included).
+    pub fn saw(&self, text: &str) -> Option<&str> {
+        self.seen.iter().find(|l| l.contains(text)).map(String::as_str)
     }
 
     /// Waits (bounded) for a log line containing `text`.
@@ -279,4 +297,13 @@ pub fn assert_allowed(m: &Mxgate, source: &str, addr_index: usize) {
     send(&mut s, b"QUIT\r\n");
     let (got, end) = read_to_end(&mut s);
     assert_eq!((got.as_str(), end), ("221 2.0.0 mx.test closing connection\r\n", End::Eof), "{source}");
+}
+
+/// Waits (bounded) until `done` holds.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
