@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::abuse::{Abuse, AbuseKey};
+use crate::abuse::{Abuse, AbuseKey, Admission, Limit};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 use crate::snapshot::Snapshot;
@@ -45,27 +45,43 @@ pub fn judge(snapshot: &Snapshot, peer: PeerIp) -> Action {
 }
 
 /// The gate's decision on a new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Verdict {
-    /// Serve it; a whitelisted peer is never counted or banned.
-    Allow { whitelisted: bool },
+    /// Serve it, holding its place in the connection counts; a whitelisted peer is never
+    /// counted or banned.
+    Allow { whitelisted: bool, admission: Admission },
+    /// One line, then close.
+    Refuse(Refusal),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
     /// The access list denies it: the deny line.
     Deny,
     /// A ban is in force: the ban line.
     Banned,
+    /// A concurrency limit: its 421 line.
+    Limit(Limit),
 }
 
-/// Judges a peer by the access list, then by the bans (which the whitelist overrides).
+/// Judges a peer by the access list, then by the bans and the concurrency limits (which
+/// the whitelist overrides).
 #[inline]
 pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) -> Verdict {
     if judge(snapshot, peer) == Action::Deny {
-        return Verdict::Deny;
+        return Verdict::Refuse(Refusal::Deny);
     }
+    let config = &snapshot.config;
     let whitelisted = snapshot.whitelist.action(peer.0) == Action::Allow;
-    if !whitelisted && abuse.banned(AbuseKey::new(peer, snapshot.config.abuse.ipv6_prefix), now).is_some() {
-        return Verdict::Banned;
+    let key = AbuseKey::new(peer, config.abuse.ipv6_prefix);
+    if !whitelisted && abuse.banned(key, now).is_some() {
+        return Verdict::Refuse(Refusal::Banned);
     }
-    Verdict::Allow { whitelisted }
+    let limits = (config.listen.max_connections, config.abuse.max_connections_per_ip);
+    match abuse.connections.admit(key, whitelisted, limits.0, limits.1) {
+        Ok(admission) => Verdict::Allow { whitelisted, admission },
+        Err(limit) => Verdict::Refuse(Refusal::Limit(limit)),
+    }
 }
 
 /// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.

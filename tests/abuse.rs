@@ -122,7 +122,45 @@ fn bans_escalate_to_the_prefix_but_not_over_the_whitelist(io: &str) {
     assert_allowed(&m, "127.0.7.1", 0);
 }
 
+fn concurrency_limits_spare_the_whitelist(io: &str) {
+    let m = Mxgate::start(
+        &config("max_connections_per_ip = 3\n").replace("threads = 2\n", "threads = 2\nmax_connections = 6\n"),
+        &[("white.list", "127.0.8.9\n")],
+        io,
+    );
+    let banner = |source: &str| {
+        let mut s = connect_from(source, m.addr());
+        assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
+        s
+    };
+    let refused = |source: &str, line: &str| {
+        let mut s = connect_from(source, m.addr());
+        assert_eq!(read_to_end(&mut s).0, line, "{source}");
+    };
+    let mut held: Vec<_> = (0..3).map(|_| banner("127.0.8.1")).collect();
+    refused("127.0.8.1", "421 4.7.0 too many connections from your address\r\n");
+    held.push(banner("127.0.8.2"));
+    // a connection that ends gives its place back
+    let mut first = held.remove(0);
+    send(&mut first, b"QUIT\r\n");
+    read_to_end(&mut first);
+    wait_until("a place for 127.0.8.1 again", || {
+        let mut s = connect_from("127.0.8.1", m.addr());
+        let ok = read_replies(&mut s, 1).starts_with("220");
+        if ok {
+            held.push(s);
+        }
+        ok
+    });
+    // whitelisted: never refused, whatever it holds
+    held.extend((0..5).map(|_| banner("127.0.8.9")));
+    // 4 + 5 whitelisted open: the total (6) is passed for everyone else
+    refused("127.0.8.3", "421 4.3.2 service busy\r\n");
+    held.push(banner("127.0.8.9"));
+}
+
 for_both_drivers!(
+    concurrency_limits_spare_the_whitelist,
     bans_survive_kill_9,
     a_corrupt_ban_file_is_moved_aside_and_the_static_lists_still_hold,
     bans_escalate_to_the_prefix_but_not_over_the_whitelist,

@@ -2,6 +2,7 @@
 //! lead to.
 
 pub mod bans;
+pub mod connections;
 pub mod counters;
 pub mod file;
 
@@ -23,6 +24,7 @@ use crate::gate::PeerIp;
 use crate::snapshot::Snapshot;
 
 pub use bans::{Ban, BanBook, BanSet, Reason};
+pub use connections::{Admission, Connections, Limit};
 pub use counters::FailureCounters;
 
 /// Ban requests that may wait for the keeper; past this a request is dropped (the
@@ -33,6 +35,7 @@ const QUEUE: usize = 65_536;
 /// the way to the keeper thread that makes bans.
 pub struct Abuse {
     pub counters: FailureCounters,
+    pub connections: Arc<Connections>,
     bans: Arc<ArcSwap<BanSet>>,
     requests: Sender<(AbuseKey, Reason)>,
 }
@@ -69,7 +72,8 @@ impl Abuse {
         std::thread::Builder::new()
             .name("mxgate-bans".into())
             .spawn(move || keep(&queue, &published, &snapshots, book, changes.as_ref()))?;
-        Ok(Arc::new(Abuse { counters: FailureCounters::new(config.failure_window), bans, requests }))
+        let counters = FailureCounters::new(config.failure_window);
+        Ok(Arc::new(Abuse { counters, connections: Arc::default(), bans, requests }))
     }
 
     /// When the ban on `key` ends, if one is in force.

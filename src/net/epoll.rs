@@ -20,8 +20,9 @@ use slab::Slab;
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
 use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
+use crate::abuse::Admission;
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp, Verdict};
+use crate::gate::{self, DenyLines, PeerIp, Refusal, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -59,6 +60,8 @@ struct Conn {
     generation: u32,
     session: Session,
     whitelisted: bool,
+    /// Its place in the connection counts, given back when the connection is freed.
+    _admission: Admission,
     armed: Option<Instant>,
 }
 
@@ -203,14 +206,17 @@ impl Worker {
             };
             let peer = PeerIp::from(addr);
             let snapshot = self.snapshot.load();
-            let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
-            let whitelisted = match verdict {
-                Verdict::Allow { whitelisted } => whitelisted,
-                Verdict::Deny | Verdict::Banned => {
-                    let lines = if verdict == Verdict::Deny { &mut self.deny } else { &mut self.ban };
+            let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
+                Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
+                Verdict::Refuse(refusal) => {
+                    let line = match refusal {
+                        Refusal::Deny => self.deny.line(snapshot, unix),
+                        Refusal::Banned => self.ban.line(snapshot, unix),
+                        Refusal::Limit(limit) => limit.line(),
+                    };
                     // a fresh socket's send buffer is empty: the line goes in one write
-                    let _ = stream.write(lines.line(snapshot, unix));
-                    tracing::debug!(%peer, ?verdict, "refused");
+                    let _ = stream.write(line);
+                    tracing::debug!(%peer, ?refusal, "refused");
                     continue; // dropping the stream closes it
                 }
             };
@@ -237,6 +243,7 @@ impl Worker {
                 generation: self.generation,
                 session,
                 whitelisted,
+                _admission: admission,
                 armed: None,
             };
             entry.insert(conn);

@@ -27,8 +27,9 @@ use socket2::SockRef;
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
 use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
+use crate::abuse::Admission;
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp, Verdict};
+use crate::gate::{self, DenyLines, PeerIp, Refusal, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -178,6 +179,8 @@ struct Conn {
     generation: u32,
     session: Session,
     whitelisted: bool,
+    /// Its place in the connection counts, given back when the connection is freed.
+    _admission: Admission,
     peer: Socket,
     relay: Socket,
     armed: Option<Instant>,
@@ -347,19 +350,22 @@ impl Worker {
             return;
         };
         let snapshot = self.snapshot.load();
-        let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
-        let whitelisted = match verdict {
-            Verdict::Allow { whitelisted } => whitelisted,
-            Verdict::Deny | Verdict::Banned => {
-                let lines = if verdict == Verdict::Deny { &mut self.deny } else { &mut self.ban };
-                let line = lines.line(snapshot, unix);
+        let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
+            Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
+            Verdict::Refuse(refusal) => {
+                // every line lives as long as the process (see `DenyLines`)
+                let line = match refusal {
+                    Refusal::Deny => self.deny.line(snapshot, unix),
+                    Refusal::Banned => self.ban.line(snapshot, unix),
+                    Refusal::Limit(limit) => limit.line(),
+                };
                 let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
                     .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
                     .user_data(user_data(TAG_DENY_SEND, 0, 0));
                 push(&mut self.ring, &[send, close_entry(fd)]);
-                tracing::debug!(%peer, ?verdict, "refused");
+                tracing::debug!(%peer, ?refusal, "refused");
                 return;
             }
         };
@@ -375,6 +381,7 @@ impl Worker {
             generation: self.generation,
             session,
             whitelisted,
+            _admission: admission,
             peer: peer_socket,
             relay: Socket::none(),
             armed: None,
