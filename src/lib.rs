@@ -10,6 +10,7 @@
 pub mod abuse;
 pub mod access;
 pub mod config;
+pub mod control;
 pub mod datetime;
 pub mod gate;
 pub mod net;

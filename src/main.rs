@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use mxgate::abuse::AbuseKey;
 use mxgate::access::Action;
 use mxgate::config::{Config, IoMode};
 use mxgate::datetime::UnixTime;
@@ -110,7 +112,50 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
         (Some(rule), Some(file)) => println!("  whitelisted: {} at {}:{}", rule.net, file.display(), rule.line),
         _ => println!("  not whitelisted"),
     }
+    explain_bans(&s, peer);
     ExitCode::SUCCESS
+}
+
+/// The ban file's entry for the address, and the running instance's live state.
+fn explain_bans(s: &Snapshot, peer: PeerIp) {
+    let key = AbuseKey::new(peer, s.config.abuse.ipv6_prefix);
+    let now = UnixTime::now();
+    match &s.config.abuse.ban_file {
+        None => println!("  ban file: none configured (bans live in memory only)"),
+        Some(path) => match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("  not banned in {} (no ban written yet)", path.display())
+            }
+            Err(e) => println!("  ban file {}: {e}", path.display()),
+            Ok(text) => match mxgate::abuse::file::parse(&text, path) {
+                Err(problem) => println!("  ban file unreadable: {problem}"),
+                Ok(bans) => {
+                    let hit = bans.iter().find(|(k, b)| (*k == key || Some(*k) == key.escalation()) && b.until > now.0);
+                    match hit {
+                        Some((k, b)) => println!(
+                            "  banned: {k} until {} ({}, offence {}) in {}",
+                            UnixTime(b.until).rfc3339(),
+                            b.reason,
+                            b.offence,
+                            path.display()
+                        ),
+                        None => println!("  not banned in {}", path.display()),
+                    }
+                }
+            },
+        },
+    }
+    match &s.config.control {
+        None => println!("  live state (failure count): needs [control] socket"),
+        Some(c) => match mxgate::control::ask(&c.socket, &format!("explain {}", peer.ip())) {
+            Ok(answer) => answer.lines().for_each(|l| println!("  live: {l}")),
+            Err(e) => println!("  live state: no running mxgate on {} ({e})", c.socket.display()),
+        },
+    }
+}
+
+fn control_socket(shared: &Shared) -> Option<PathBuf> {
+    shared.snapshot().config.control.as_ref().map(|c| c.socket.clone())
 }
 
 fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
@@ -137,13 +182,20 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::start(shared, io) {
+    let control = control_socket(&shared);
+    let server = match Server::start(Arc::clone(&shared), io) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = control
+        && let Err(e) = mxgate::control::serve(&path, shared)
+    {
+        tracing::error!("cannot serve the control socket {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
     let addresses: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
     tracing::info!(
         addresses = %addresses.join(","),

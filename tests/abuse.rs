@@ -4,7 +4,9 @@
 #[macro_use]
 mod common;
 
-use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send, wait_until};
+use common::{
+    Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send, wait_until,
+};
 
 const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
 const TOO_MANY: &str = "421 4.7.0 mx.test too many errors\r\n";
@@ -159,7 +161,25 @@ fn concurrency_limits_spare_the_whitelist(io: &str) {
     held.push(banner("127.0.8.9"));
 }
 
+fn explain_shows_the_failure_count_and_the_ban(io: &str) {
+    let config = config("failure_threshold = 5\nban_file = \"bans.list\"\n") + "[control]\nsocket = \"mxgate.sock\"\n";
+    let mut m = Mxgate::start(&config, &[("white.list", "127.0.5.9\n")], io);
+    let explain = |m: &Mxgate| run_cli(&["explain", "127.0.5.10"], &m.files.config()).1;
+    fail(&m, "127.0.5.10", 2);
+    let out = explain(&m);
+    assert!(out.contains("live: counted as 127.0.5.10: 2 failures in the last 600s (ban at 5)"), "{out}");
+    assert!(out.contains("live: not banned") && out.contains("not banned in "), "{out}");
+    fail(&m, "127.0.5.10", 3);
+    m.wait_for_log("IP address 127.0.5.10 banned");
+    let file = m.files.path("bans.list");
+    wait_until("the ban written", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.5.10")));
+    let out = explain(&m);
+    assert!(out.contains("banned: 127.0.5.10 until ") && out.contains("(5 failures, offence 1)"), "{out}");
+    assert!(out.contains("live: counted as 127.0.5.10: 5 failures") && out.contains("live: banned until "), "{out}");
+}
+
 for_both_drivers!(
+    explain_shows_the_failure_count_and_the_ban,
     concurrency_limits_spare_the_whitelist,
     bans_survive_kill_9,
     a_corrupt_ban_file_is_moved_aside_and_the_static_lists_still_hold,

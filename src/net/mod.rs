@@ -77,6 +77,11 @@ impl Shared {
         Ok(Arc::new(Shared { snapshot, abuse, stopping: AtomicBool::new(false) }))
     }
 
+    /// Failure counters, bans and connection counts.
+    pub fn abuse(&self) -> &Abuse {
+        &self.abuse
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
