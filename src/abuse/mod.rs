@@ -11,14 +11,16 @@ use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::config::Abuse as AbuseConfig;
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
 use crate::snapshot::Snapshot;
@@ -27,22 +29,27 @@ pub use bans::{Ban, BanBook, BanSet, Reason};
 pub use connections::{Admission, Connections, Limit};
 pub use counters::FailureCounters;
 
-/// Ban requests that may wait for the keeper; past this a request is dropped (the
-/// address's next failure asks again).
-const QUEUE: usize = 65_536;
-
-/// What workers share for abuse control: the failure counters, the bans in force, and
-/// the way to the keeper thread that makes bans.
+/// What workers share for abuse control: the failure counters, the connection counts
+/// and the bans.
+///
+/// A ban is made by the worker whose peer earned it, under the book's lock, and is in
+/// force (published) before that worker handles anything else: waking another thread
+/// would wait for a free core exactly when the cores are busiest. The ban-file writer
+/// thread is told afterwards, and a housekeeping thread drops bans that ended.
 pub struct Abuse {
     pub counters: FailureCounters,
     pub connections: Arc<Connections>,
-    bans: Arc<ArcSwap<BanSet>>,
-    requests: Sender<(AbuseKey, Reason)>,
+    book: Mutex<BanBook>,
+    bans: ArcSwap<BanSet>,
+    /// To the ban-file writer, with a `ban_file`.
+    changes: Option<Sender<(AbuseKey, Ban)>>,
+    /// Closed when the `Abuse` is dropped, which ends the housekeeping thread.
+    _alive: Sender<()>,
 }
 
 impl Abuse {
-    /// Loads the ban file and starts the keeper thread (and the ban-file writer, with a
-    /// `ban_file`); they end when the `Abuse` is dropped.
+    /// Loads the ban file and starts the housekeeping thread (and the ban-file writer,
+    /// with a `ban_file`); they end when the `Abuse` is dropped.
     pub fn start(snapshots: Arc<ArcSwap<Snapshot>>) -> io::Result<Arc<Abuse>> {
         let snapshot = snapshots.load_full();
         let config = &snapshot.config.abuse;
@@ -66,14 +73,23 @@ impl Abuse {
             }
             None => None,
         };
-        let bans = Arc::new(ArcSwap::from_pointee(book.set()));
-        let (requests, queue) = crossbeam_channel::bounded(QUEUE);
-        let published = Arc::clone(&bans);
-        std::thread::Builder::new()
-            .name("mxgate-bans".into())
-            .spawn(move || keep(&queue, &published, &snapshots, book, changes.as_ref()))?;
-        let counters = FailureCounters::new(config.failure_window);
-        Ok(Arc::new(Abuse { counters, connections: Arc::default(), bans, requests }))
+        let (alive, dropped) = crossbeam_channel::bounded(0);
+        let abuse = Arc::new(Abuse {
+            counters: FailureCounters::new(config.failure_window),
+            connections: Arc::default(),
+            bans: ArcSwap::from_pointee(book.set()),
+            book: Mutex::new(book),
+            changes,
+            _alive: alive,
+        });
+        let weak = Arc::downgrade(&abuse);
+        std::thread::Builder::new().name("mxgate-bans".into()).spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = dropped.recv_timeout(EXPIRE_EVERY) {
+                let Some(abuse) = weak.upgrade() else { return };
+                abuse.expire(&snapshots.load().config.abuse);
+            }
+        })?;
+        Ok(abuse)
     }
 
     /// When the ban on `key` ends, if one is in force.
@@ -82,58 +98,25 @@ impl Abuse {
         self.bans.load().banned(key, now.0)
     }
 
-    /// Counts a failure of `key`; asks for a ban when it reaches `threshold`.
-    pub fn failed(&self, key: AbuseKey, now: UnixTime, threshold: u32) {
+    /// Counts a failure of `key`; bans it when it reaches `failure_threshold`.
+    pub fn failed(&self, key: AbuseKey, now: UnixTime, config: &AbuseConfig) {
         let count = self.counters.add(key, now.0);
-        if count >= threshold && self.banned(key, now).is_none() {
-            self.ban(key, Reason::Failures(count));
+        if count >= config.failure_threshold && self.banned(key, now).is_none() {
+            self.ban(key, Reason::Failures(count), now, config);
         }
     }
 
-    /// Asks the keeper to ban `key`.
-    pub fn ban(&self, key: AbuseKey, reason: Reason) {
-        if let Err(TrySendError::Full(_)) = self.requests.try_send((key, reason)) {
-            tracing::warn!("ban requests queue full: {key} not banned yet");
-        }
-    }
-}
-
-type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
-
-/// How often the keeper drops bans that ended.
-const EXPIRE_EVERY: Duration = Duration::from_secs(60);
-
-/// The keeper: applies ban requests in batches, publishes the set after each, then
-/// tells the log and the ban-file writer.
-fn keep(
-    queue: &Receiver<(AbuseKey, Reason)>,
-    published: &ArcSwap<BanSet>,
-    snapshots: &ArcSwap<Snapshot>,
-    mut book: BanBook,
-    changes: Option<&Sender<(AbuseKey, Ban)>>,
-) {
-    let mut expired_at = UnixTime::now();
-    loop {
-        let first = match queue.recv_timeout(EXPIRE_EVERY) {
-            Ok(first) => Some(first),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
+    /// Bans `key` (unless it is banned already): in force at once, then logged and
+    /// handed to the ban-file writer.
+    pub fn ban(&self, key: AbuseKey, reason: Reason, now: UnixTime, config: &AbuseConfig) {
+        let made = {
+            let mut book = self.book();
+            let made = book.ban(key, reason, now.0, config);
+            if !made.is_empty() {
+                self.bans.store(Arc::new(book.set()));
+            }
+            made
         };
-        let snapshot = snapshots.load();
-        let config = &snapshot.config.abuse;
-        let now = UnixTime::now();
-        if now.0 - expired_at.0 >= EXPIRE_EVERY.as_secs() as i64 {
-            book.expire(now.0, config);
-            published.store(Arc::new(book.set()));
-            expired_at = now;
-        }
-        let batch = first.into_iter().chain(queue.try_iter());
-        let made: Vec<(AbuseKey, Ban)> = batch.flat_map(|(key, reason)| book.ban(key, reason, now.0, config)).collect();
-        if made.is_empty() {
-            continue;
-        }
-        // in force first, then told
-        published.store(Arc::new(book.set()));
         for (key, ban) in made {
             tracing::info!(
                 "IP address {key} banned: {}, until {} (offence {})",
@@ -141,12 +124,28 @@ fn keep(
                 UnixTime(ban.until).rfc3339(),
                 ban.offence
             );
-            if let Some(changes) = changes {
+            if let Some(changes) = &self.changes {
                 let _ = changes.send((key, ban));
             }
         }
     }
+
+    fn expire(&self, config: &AbuseConfig) {
+        let mut book = self.book();
+        book.expire(UnixTime::now().0, config);
+        self.bans.store(Arc::new(book.set()));
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, BanBook> {
+        // a panic elsewhere while holding it leaves a book that is still consistent
+        self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
+
+type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
+
+/// How often bans that ended are dropped.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// The ban-file writer: applies the bans made, in batches, and rewrites the file after
 /// each batch (bans that ended are left out).

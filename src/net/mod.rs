@@ -272,11 +272,11 @@ fn handle_events(session: &mut Session, abuse: &Abuse, whitelisted: bool) {
         match event {
             Event::Transaction(t) => tracing::info!("mail {t}"),
             Event::Failed(_) if whitelisted => {}
-            Event::Failed(_) => abuse.failed(key(), UnixTime::now(), config.failure_threshold),
+            Event::Failed(_) => abuse.failed(key(), UnixTime::now(), config),
             Event::Dropped => {
                 tracing::info!(peer = %session.peer(), "dropped: too many errors");
                 if config.ban_on_drop && !whitelisted {
-                    abuse.ban(key(), Reason::Dropped);
+                    abuse.ban(key(), Reason::Dropped, UnixTime::now(), config);
                 }
             }
         }
