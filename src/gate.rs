@@ -84,6 +84,32 @@ pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) ->
     }
 }
 
+/// The line for each refusal, per worker thread; every line lives as long as the
+/// process (for a pointer handed to the kernel).
+pub struct RefusalLines {
+    deny: DenyLines,
+    ban: DenyLines,
+}
+
+impl Default for RefusalLines {
+    fn default() -> Self {
+        RefusalLines {
+            deny: DenyLines::of(|s| &s.config.access.deny_reply),
+            ban: DenyLines::of(|s| &s.config.abuse.ban_reply),
+        }
+    }
+}
+
+impl RefusalLines {
+    pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
+        match refusal {
+            Refusal::Deny => self.deny.line(snapshot, now),
+            Refusal::Banned => self.ban.line(snapshot, now),
+            Refusal::Limit(limit) => limit.line(),
+        }
+    }
+}
+
 /// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.
 const SLOTS: usize = 64;
 
@@ -103,22 +129,12 @@ struct Slot {
 /// that an io_uring send may still read a line after the call that asked for it: a slot
 /// is only rewritten `SLOTS` seconds later, and a send of one short line on a fresh
 /// connection completes when it is submitted (the socket's send buffer is empty).
-pub struct DenyLines {
+struct DenyLines {
     slots: &'static mut [Slot; SLOTS],
     template: fn(&Snapshot) -> &ReplyTemplate,
 }
 
 impl DenyLines {
-    /// Lines of `[access] deny_reply`.
-    pub fn deny() -> Self {
-        DenyLines::of(|s| &s.config.access.deny_reply)
-    }
-
-    /// Lines of `[abuse] ban_reply`.
-    pub fn ban() -> Self {
-        DenyLines::of(|s| &s.config.abuse.ban_reply)
-    }
-
     fn of(template: fn(&Snapshot) -> &ReplyTemplate) -> Self {
         let empty = Slot { second: i64::MIN, generation: 0, len: 0, bytes: [0; MAX_REPLY_LEN] };
         // Two leaks per worker thread, bounded by the number of workers ever started.
@@ -151,7 +167,7 @@ mod tests {
             |host: &str| Config::parse(&format!("hostname = \"{host}\""), Path::new("t"), Path::new(".")).unwrap();
         let a = Snapshot::without_lists(config("mx.a.example"));
         let b = Snapshot::without_lists(config("mx.b.example"));
-        let mut lines = DenyLines::deny();
+        let mut lines = DenyLines::of(|s| &s.config.access.deny_reply);
         let t = UnixTime(1_795_894_760);
         assert_eq!(
             lines.line(&a, t),

@@ -22,7 +22,7 @@ use super::timers::{ConnId, Timers};
 use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
 use crate::abuse::Admission;
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp, Refusal, Verdict};
+use crate::gate::{self, PeerIp, RefusalLines, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -87,8 +87,7 @@ pub struct Worker {
     conns: Slab<Conn>,
     pool: Pool<TcpStream>,
     timers: Timers,
-    deny: DenyLines,
-    ban: DenyLines,
+    refusals: RefusalLines,
     generation: u32,
     read_buf: Box<[u8]>,
     /// Connections that used up their turn with work left.
@@ -114,8 +113,7 @@ impl Worker {
             conns: Slab::new(),
             pool: Pool::default(),
             timers: Timers::default(),
-            deny: DenyLines::deny(),
-            ban: DenyLines::ban(),
+            refusals: RefusalLines::default(),
             generation: 0,
             read_buf: vec![0; READ_LEN].into_boxed_slice(),
             busy: Vec::new(),
@@ -209,11 +207,7 @@ impl Worker {
             let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
                 Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
                 Verdict::Refuse(refusal) => {
-                    let line = match refusal {
-                        Refusal::Deny => self.deny.line(snapshot, unix),
-                        Refusal::Banned => self.ban.line(snapshot, unix),
-                        Refusal::Limit(limit) => limit.line(),
-                    };
+                    let line = self.refusals.line(refusal, snapshot, unix);
                     // a fresh socket's send buffer is empty: the line goes in one write
                     let _ = stream.write(line);
                     tracing::debug!(%peer, ?refusal, "refused");

@@ -29,7 +29,7 @@ use super::timers::{ConnId, Timers};
 use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
 use crate::abuse::Admission;
 use crate::datetime::UnixTime;
-use crate::gate::{self, DenyLines, PeerIp, Refusal, Verdict};
+use crate::gate::{self, PeerIp, RefusalLines, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
 
@@ -216,8 +216,7 @@ pub struct Worker {
     conns: Slab<Conn>,
     pool: Pool<Pooled>,
     timers: Timers,
-    deny: DenyLines,
-    ban: DenyLines,
+    refusals: RefusalLines,
     generation: u32,
     wake_fd: Arc<OwnedFd>,
     /// Never freed: the kernel may write to it until the ring is gone.
@@ -249,8 +248,7 @@ impl Worker {
             conns: Slab::new(),
             pool: Pool::default(),
             timers: Timers::default(),
-            deny: DenyLines::deny(),
-            ban: DenyLines::ban(),
+            refusals: RefusalLines::default(),
             generation: 0,
             wake_fd,
             wake_buf: Box::leak(Box::new([0; 8])),
@@ -353,12 +351,7 @@ impl Worker {
         let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
             Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
             Verdict::Refuse(refusal) => {
-                // every line lives as long as the process (see `DenyLines`)
-                let line = match refusal {
-                    Refusal::Deny => self.deny.line(snapshot, unix),
-                    Refusal::Banned => self.ban.line(snapshot, unix),
-                    Refusal::Limit(limit) => limit.line(),
-                };
+                let line = self.refusals.line(refusal, snapshot, unix);
                 let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
