@@ -70,7 +70,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Shared state for `snapshot`; starts the ban keeper thread.
+    /// Shared state for `snapshot`; loads the ban file and starts the abuse-control threads.
     pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let abuse = Abuse::start(Arc::clone(&snapshot))?;
