@@ -1,8 +1,8 @@
 //! Bans: the addresses (and IPv6 prefixes) refused at the gate until a time.
 //!
 //! Workers read the current [`BanSet`] through an `ArcSwap` (one pointer load and a hash
-//! lookup per connection); one keeper thread ([`super::Abuse`]) owns the [`BanBook`], applies
-//! the bans workers ask for in batches, and publishes a new set after each batch.
+//! lookup or two per connection). The [`BanBook`] behind [`super::Abuse`]'s lock is the
+//! record: the worker whose peer earned a ban applies it there and publishes a new set.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -52,7 +52,7 @@ pub struct Ban {
 
 /// Bans made since the base was last rebuilt; past this many the base is rebuilt, so a
 /// publication copies at most this many entries however many bans are in force (and
-/// every this many bans, one rebuild copies them all: ~5 ms at 100,000).
+/// once every this many bans, a rebuild copies them all).
 const RECENT_MAX: usize = 1024;
 
 type Untils = HashMap<AbuseKey, i64, ahash::RandomState>;

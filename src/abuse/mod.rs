@@ -137,7 +137,7 @@ impl Abuse {
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, BanBook> {
-        // a panic elsewhere while holding it leaves a book that is still consistent
+        // a panic while it was held leaves at worst one ban half made: keep serving
         self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -184,10 +184,6 @@ impl AbuseKey {
     /// A key for a prefix as written in a ban file (host bits must be clear).
     pub fn from_net(net: IpNet) -> Self {
         AbuseKey(net)
-    }
-
-    pub fn net(self) -> IpNet {
-        self.0
     }
 
     /// The prefix bans of this key escalate to, when it is longer than that.
