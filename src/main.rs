@@ -68,8 +68,23 @@ fn init_logging() {
 fn check(snapshot: Result<Snapshot, Problems>) -> ExitCode {
     match snapshot {
         Ok(s) => {
+            // a ban file that does not read would be moved aside at start
+            let bans = match &s.config.abuse.ban_file {
+                Some(path) => match std::fs::read(path) {
+                    Ok(text) => match mxgate::abuse::file::parse(&text, path) {
+                        Ok(bans) => bans.len(),
+                        Err(problem) => {
+                            println!("{problem}");
+                            println!("1 problem(s): mxgate would move the ban file aside at start");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    Err(_) => 0, // created with the first ban
+                },
+                None => 0,
+            };
             println!(
-                "{}: valid ({} access entries, {} whitelist entries)",
+                "{}: valid ({} access entries, {} whitelist entries, {bans} bans in the ban file)",
                 s.config.describe(),
                 s.access.len(),
                 s.whitelist.len()

@@ -49,7 +49,20 @@ fn check_accepts_a_good_config() {
     );
     let (code, out) = run_cli(&["check"], &f.config());
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("valid (3 access entries, 1 whitelist entries)"), "{out}");
+    assert!(out.contains("valid (3 access entries, 1 whitelist entries, 0 bans in the ban file)"), "{out}");
+}
+
+#[test]
+fn check_reads_the_ban_file_an_operator_edited() {
+    let bans = "192.0.2.7 until=2030-01-01T00:00:00Z reason=\"by hand\"\n192.0.2.8 until=tomorrow\n";
+    let f = Files::new("[abuse]\nban_file = \"bans.list\"\n", &[("bans.list", bans)]);
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("{}:2: until: `tomorrow`", f.path("bans.list").display())), "{out}");
+    std::fs::write(f.path("bans.list"), &bans[..bans.find('\n').unwrap() + 1]).unwrap();
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 bans in the ban file"), "{out}");
 }
 
 #[test]
