@@ -165,6 +165,10 @@ fn explain_shows_the_failure_count_and_the_ban(io: &str) {
     let config = config("failure_threshold = 5\nban_file = \"bans.list\"\n") + "[control]\nsocket = \"mxgate.sock\"\n";
     let mut m = Mxgate::start(&config, &[("white.list", "127.0.5.9\n")], io);
     let explain = |m: &Mxgate| run_cli(&["explain", "127.0.5.10"], &m.files.config()).1;
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(m.files.path("mxgate.sock")).expect("the control socket").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "only its owner may talk to it");
     fail(&m, "127.0.5.10", 2);
     let out = explain(&m);
     assert!(out.contains("live: counted as 127.0.5.10: 2 failures in the last 600s (ban at 5)"), "{out}");
