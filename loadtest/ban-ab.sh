@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# What 100,000 bans cost the gate, measured on mxgate's own CPU: the same deny flood
+# (shared/limits smtpload, 127.66.0.0/16) refused by the access list (A) or by bans from a
+# ban file of 100,000 (B), the two alternating ROUNDS times; µs of CPU per refused
+# connection for each, and their mean ratio B/A.
+#
+# usage: loadtest/ban-ab.sh [ROUNDS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+limits=${LIMITS_DIR:-$root/../shared/limits}
+bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
+port=${PORT:-2711}
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin genlist --bin genbans)
+[ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+mx=$root/target/release
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+"$mx/genlist" 10000 > "$d/base.list"
+{ cat "$d/base.list"; echo "deny 127.66.0.0/16"; } > "$d/a.list"
+printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "a.list"\n' "$port" > "$d/a.toml"
+printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "base.list"\n[abuse]\nban_file = "bans.list"\n' "$port" > "$d/b.toml"
+"$mx/genbans" 100000 127.66.0.0/16 > "$d/bans.list"
+for _ in $(seq "${1:-8}"); do
+  for v in a b; do
+    MXGATE_LOG=warn "$mx/mxgate" --config "$d/$v.toml" --io uring & pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    sleep 0.5
+    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    out=$("$bin/smtpload" -m deny -s 127.66.0.0/16 -e 530 -p "$port" -d 4 -w 0 -c 64)
+    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    n=$(echo "$out" | sed -n 's/^ok_total=//p')
+    awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN{printf "%s us_per_refusal=%.2f\n", v, t * 1e6 / hz / n}'
+  done
+done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
+  END {printf "mean a=%.2f b=%.2f ratio=%.3f\n", s["a"]/c["a"], s["b"]/c["b"], (s["b"]/c["b"])/(s["a"]/c["a"])}'
