@@ -13,7 +13,8 @@ use super::AbuseKey;
 use crate::config::Abuse as AbuseConfig;
 
 /// Most bans held at once; past it a new ban is refused with a warning (a flood of
-/// distinct addresses is for prefix escalation, not for unbounded memory).
+/// distinct addresses is for prefix escalation, not for unbounded memory). Past offences
+/// are remembered for at most as many addresses.
 pub const MAX_BANS: usize = 1_000_000;
 
 /// Why an address was banned.
@@ -121,7 +122,10 @@ impl BanBook {
         };
         let doubled = secs(config.ban_duration).saturating_mul(1i64 << (offence - 1).min(40));
         let until = now.saturating_add(doubled.min(remember));
-        self.offences.insert(key, (offence, until));
+        // past offences outlive their bans by max_ban_duration: bounded like the bans
+        if self.offences.len() < MAX_BANS || self.offences.contains_key(&key) {
+            self.offences.insert(key, (offence, until));
+        }
         self.insert(key, Ban { until, reason, offence });
         made.push((key, self.bans[&key].clone()));
         if let Some(prefix) = key.escalation()
