@@ -13,9 +13,9 @@ use mxgate::abuse::{AbuseKey, FailureCounters};
 use mxgate::gate::PeerIp;
 
 const NOW: i64 = 1_795_894_760;
-/// Distinct failing addresses the failures are spread over: a few abusers (the table
-/// in cache) and a wide attack (the table in memory).
-const KEY_SETS: [usize; 2] = [1_000, 100_000];
+/// Distinct failing addresses the failures are spread over: a few abusers, many, and a
+/// wide attack (10 million addresses failing in one window: the maps hold them all).
+const KEY_SETS: [usize; 3] = [1_000, 100_000, 10_000_000];
 
 trait Count: Sync {
     /// Adds one failure; returns the count.
