@@ -73,7 +73,7 @@ fn ban_on_drop_bans_a_dropped_address(io: &str) {
     let (got, _) = read_to_end(&mut s);
     assert_eq!(got, UNKNOWN.repeat(3) + TOO_MANY);
     let line = m.wait_for_log("IP address 127.0.5.4 banned");
-    assert!(line.contains("dropped for too many errors"), "{line}");
+    assert!(line.contains("dropped for too many errors (3 failures counted)"), "{line}");
     let mut s = connect_from("127.0.5.4", m.addr());
     assert_eq!(read_to_end(&mut s).0, "554 5.7.1 mx.test go away\r\n", "ban_reply, not the deny line");
 }

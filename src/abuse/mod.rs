@@ -118,8 +118,13 @@ impl Abuse {
             made
         };
         for (key, ban) in made {
+            // a ban for other reasons still tells how often the address failed
+            let counted = match ban.reason {
+                Reason::Dropped => format!(" ({} failures counted)", self.counters.count(key, now.0)),
+                _ => String::new(),
+            };
             tracing::info!(
-                "IP address {key} banned: {}, until {} (offence {})",
+                "IP address {key} banned: {}{counted}, until {} (offence {})",
                 ban.reason,
                 UnixTime(ban.until).rfc3339(),
                 ban.offence
