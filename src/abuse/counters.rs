@@ -11,9 +11,11 @@
 //! `failure_threshold` times is always promoted (a heavy hitter is never missed, however
 //! many other addresses fail). A key is over-counted only when every one of its slots is
 //! shared with failing keys, so an address may be banned early when very many distinct
-//! addresses fail within one window; conservative update (only the least slots grow)
-//! keeps that rare: with 100,000 distinct addresses failing once each per window, a
-//! slot holds ~3 failures of others.
+//! addresses fail within one window: with 100,000 distinct addresses failing once each
+//! per window, a slot holds ~3 failures of others, and both of a key's slots must hold
+//! `failure_threshold` together with its own. Every failure grows both slots: growing only
+//! the least (conservative update) would let a key's count fall below its true count once
+//! the other failures in its slot age out, and a heavy hitter could then be missed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -151,6 +153,37 @@ mod tests {
             }
         });
         assert_eq!(c.count(k, T0), 2_000_000);
+    }
+
+    #[test]
+    fn two_threads_restarting_a_sub_window_lose_no_update() {
+        // sub-windows of 10 s: each round reuses the same word for a sub-window 80 s later,
+        // so both threads race to restart it
+        let c = FailureCounters::new(Duration::from_secs(80));
+        let k = key("192.0.2.10");
+        let barrier = std::sync::Barrier::new(2);
+        let counts: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..10_000)
+                            .map(|round| {
+                                let now = T0 + round * 80;
+                                barrier.wait();
+                                c.add(k, now);
+                                barrier.wait();
+                                c.count(k, now)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for (thread, counts) in counts.iter().enumerate() {
+            let wrong: Vec<_> = counts.iter().enumerate().filter(|(_, n)| **n != 2).take(5).collect();
+            assert!(wrong.is_empty(), "thread {thread}: rounds whose two failures were not both counted: {wrong:?}");
+        }
     }
 
     #[test]
