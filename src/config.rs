@@ -120,18 +120,18 @@ pub struct Relay {
     pub idle_timeout: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Control {
     pub socket: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Metrics {
     pub listen: SocketAddr,
 }
@@ -302,6 +302,24 @@ impl Config {
             return Err(Problems(r.problems));
         }
         Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, control, metrics })
+    }
+
+    /// The settings a running instance reads once, at start, that `new` gives otherwise:
+    /// a reload leaves them as they are until the next start.
+    pub fn fixed_at_start_changed(&self, new: &Config) -> Vec<&'static str> {
+        [
+            ("[listen] addresses", self.listen.addresses == new.listen.addresses),
+            ("[listen] threads", self.listen.threads == new.listen.threads),
+            ("[listen] io", self.listen.io == new.listen.io),
+            ("[abuse] ban_file", self.abuse.ban_file == new.abuse.ban_file),
+            ("[abuse] failure_window (of the failure counters)", self.abuse.failure_window == new.abuse.failure_window),
+            ("[control]", self.control == new.control),
+            ("[tls]", self.tls == new.tls),
+            ("[metrics]", self.metrics == new.metrics),
+        ]
+        .into_iter()
+        .filter_map(|(name, same)| (!same).then_some(name))
+        .collect()
     }
 
     /// Where this config came from, for messages.

@@ -2,7 +2,8 @@
 //! one request a connection, a line of text in, lines of text out.
 //!
 //! Requests: `explain IP` — the address's live state: failures counted within the
-//! window, open connections, and the ban in force.
+//! window, open connections, and the ban in force; `reload` — load the configuration and
+//! lists again, as SIGHUP does, and say what came of it.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -54,12 +55,14 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
     stream.set_write_timeout(Some(TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
-    let reply = match line.trim().split_once(' ') {
-        Some(("explain", ip)) => match ip.trim().parse::<IpAddr>() {
+    let request = line.trim();
+    let reply = match request.split_once(' ').unwrap_or((request, "")) {
+        ("explain", ip) => match ip.trim().parse::<IpAddr>() {
             Ok(ip) => explain(shared, PeerIp::new(ip)),
             Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
         },
-        _ => "error: unknown request (known: explain IP)\n".to_owned(),
+        ("reload", "") => reload(shared),
+        _ => "error: unknown request (known: explain IP, reload)\n".to_owned(),
     };
     (&stream).write_all(reply.as_bytes())
 }
@@ -82,6 +85,22 @@ fn explain(shared: &Shared, peer: PeerIp) -> String {
         None => out.push_str("not banned\n"),
     }
     out
+}
+
+fn reload(shared: &Shared) -> String {
+    match shared.reload("control socket") {
+        Ok(r) => {
+            let mut out = format!(
+                "reloaded {} ({} access entries, {} whitelist entries)\n",
+                r.from, r.access_entries, r.whitelist_entries
+            );
+            for name in r.at_restart {
+                out.push_str(&format!("{name} changed: read at start only, it takes effect at the next start\n"));
+            }
+            out
+        }
+        Err(problems) => format!("{problems}\nreload refused: {} problem(s); nothing changed\n", problems.0.len()),
+    }
 }
 
 /// Sends `request` to the instance listening on `path`; its answer.

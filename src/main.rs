@@ -38,6 +38,9 @@ enum Command {
         /// An IPv4 or IPv6 address.
         ip: IpAddr,
     },
+    /// Have the running instance load its configuration and lists again (as SIGHUP does)
+    /// over its control socket; the files are checked here first.
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(snapshot),
         Some(Command::Explain { ip }) => explain(snapshot, ip),
+        Some(Command::Reload) => reload(snapshot),
         None => run(snapshot, cli.io),
     }
 }
@@ -169,6 +173,31 @@ fn explain_bans(s: &Snapshot, peer: PeerIp) {
     }
 }
 
+fn reload(snapshot: Result<Snapshot, Problems>) -> ExitCode {
+    let s = match snapshot {
+        Ok(s) => s,
+        Err(problems) => {
+            println!("{problems}");
+            println!("{} problem(s): not reloaded (the running instance would refuse them)", problems.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(control) = &s.config.control else {
+        println!("{}: reloading over the control socket needs [control] socket (or send SIGHUP)", s.config.describe());
+        return ExitCode::FAILURE;
+    };
+    match mxgate::control::ask(&control.socket, "reload") {
+        Ok(answer) => {
+            print!("{answer}");
+            if answer.starts_with("reloaded") { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            println!("no running mxgate on {} ({e})", control.socket.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn control_socket(shared: &Shared) -> Option<PathBuf> {
     shared.snapshot().config.control.as_ref().map(|c| c.socket.clone())
 }
@@ -206,7 +235,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
         }
     };
     if let Some(path) = control
-        && let Err(e) = mxgate::control::serve(&path, shared)
+        && let Err(e) = mxgate::control::serve(&path, Arc::clone(&shared))
     {
         tracing::error!("cannot serve the control socket {}: {e}", path.display());
         return ExitCode::FAILURE;
@@ -223,7 +252,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
     loop {
         match signals::wait(&signals) {
             libc::SIGHUP => {
-                tracing::warn!("SIGHUP: reloading is not implemented yet; nothing changed")
+                let _ = shared.reload("SIGHUP"); // logged
             }
             sig => {
                 tracing::info!("signal {sig}: draining connections, then exiting (send it again to exit at once)");

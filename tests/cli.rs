@@ -98,3 +98,11 @@ fn explain_refuses_what_is_not_an_address() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("invalid"), "{out}");
 }
+
+#[test]
+fn reload_needs_a_control_socket() {
+    let f = Files::new("hostname = \"mx.test\"\n", &[]);
+    let (code, out) = run_cli(&["reload"], &f.config());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("needs [control] socket (or send SIGHUP)"), "{out}");
+}

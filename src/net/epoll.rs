@@ -439,11 +439,8 @@ impl Worker {
         // under its old token until reused: an event of it meanwhile (the next hop
         // closing it) only makes that token's connection take one more look.
         let Some(relay) = conn.relay.take() else { return true };
-        let snapshot = self.snapshot.load();
-        if let (true, false, Some((upstream, hop))) = (release, relay.connecting, detached)
-            && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
-        {
-            let max = snapshot.config.relay.max_idle_connections as usize;
+        if let (true, false, Some((upstream, addr))) = (release, relay.connecting, detached) {
+            let max = self.snapshot.load().config.relay.max_idle_connections as usize;
             drop(self.pool.put(addr, relay.stream, upstream, max, now));
         }
         true

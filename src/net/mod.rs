@@ -25,8 +25,9 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::abuse::{Abuse, AbuseKey, Reason};
-use crate::config::IoMode;
+use crate::config::{Config, IoMode};
 use crate::datetime::UnixTime;
+use crate::problem::Problems;
 use crate::smtp::{Event, Session};
 use crate::snapshot::Snapshot;
 
@@ -92,6 +93,41 @@ impl Shared {
         self.snapshot.store(Arc::new(snapshot));
     }
 
+    /// Loads the configuration file this instance runs on and every list file it names
+    /// again, and makes them current: new connections are judged and served by them,
+    /// open ones keep theirs to the end. Any problem anywhere changes nothing. The
+    /// outcome is logged, naming `cause` (what asked for the reload).
+    pub fn reload(&self, cause: &str) -> Result<Reloaded, Problems> {
+        let outcome = self.load_again();
+        match &outcome {
+            Ok(reloaded) => reloaded.log(cause),
+            Err(problems) => {
+                for p in &problems.0 {
+                    tracing::error!("{p}");
+                }
+                tracing::error!("{cause}: reload refused: {} problem(s); nothing changed", problems.0.len());
+            }
+        }
+        outcome
+    }
+
+    fn load_again(&self) -> Result<Reloaded, Problems> {
+        let old = self.snapshot();
+        let config = match &old.config.file {
+            Some(file) => Config::load(file)?,
+            None => Config::embedded(),
+        };
+        let new = Snapshot::load(config)?;
+        let reloaded = Reloaded {
+            from: new.config.describe(),
+            access_entries: new.access.len(),
+            whitelist_entries: new.whitelist.len(),
+            at_restart: old.config.fixed_at_start_changed(&new.config),
+        };
+        self.store(new);
+        Ok(reloaded)
+    }
+
     /// A worker's own view of the current snapshot: loading it is one pointer check
     /// while the snapshot is unchanged.
     fn snapshot_cache(&self) -> SnapshotCache {
@@ -100,6 +136,32 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// What a reload made current.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The configuration file, for messages.
+    pub from: String,
+    pub access_entries: usize,
+    pub whitelist_entries: usize,
+    /// Settings given otherwise that only the next start applies.
+    pub at_restart: Vec<&'static str>,
+}
+
+impl Reloaded {
+    /// Logs the reload: a warning for each setting left as it was, then one line.
+    fn log(&self, cause: &str) {
+        for name in &self.at_restart {
+            tracing::warn!("{cause}: {name} changed: read at start only, it takes effect at the next start");
+        }
+        tracing::info!(
+            access_entries = self.access_entries,
+            whitelist_entries = self.whitelist_entries,
+            "{cause}: reloaded {}: new connections use it, open ones keep what they started with",
+            self.from
+        );
     }
 }
 

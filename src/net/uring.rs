@@ -563,11 +563,8 @@ impl Worker {
                 false
             }
             Relay::Release if !s.busy() && s.fd >= 0 => {
-                let snapshot = self.snapshot.load();
-                if let Some((upstream, hop)) = conn.session.detach_relay()
-                    && let Some(&addr) = snapshot.config.relay.next_hops.get(hop)
-                {
-                    let max = snapshot.config.relay.max_idle_connections as usize;
+                if let Some((upstream, addr)) = conn.session.detach_relay() {
+                    let max = self.snapshot.load().config.relay.max_idle_connections as usize;
                     // SAFETY: the connection owned this descriptor, with nothing in flight on
                     // it (`!s.busy()`); the slot forgets it below.
                     let fd = unsafe { OwnedFd::from_raw_fd(s.fd) };

@@ -8,6 +8,7 @@
 //! stale) the next connection or next hop is tried; after, the peer gets `451 4.4.1`,
 //! never `250`, and the rest of the transaction gets `451 4.4.1` too.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::client::{Command, Event as UpEvent, Reply, Upstream};
@@ -94,15 +95,16 @@ impl Session {
         self.relay_failed(now);
     }
 
-    /// Hands the next-hop connection back to the driver, with the index of its next hop:
-    /// the driver pools it after `Release` and closes it after `Close`.
-    pub fn detach_relay(&mut self) -> Option<(Upstream, usize)> {
+    /// Hands the next-hop connection back to the driver, with its next hop's address (as
+    /// this session's snapshot names it, whatever a reload changed since): the driver
+    /// pools it after `Release` and closes it after `Close`.
+    pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
         let old = std::mem::replace(&mut self.link, Link::None);
         if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (&self.waiting, self.phase) {
             self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
         }
         match old {
-            Link::Up(l) => Some((l.up, l.hop)),
+            Link::Up(l) => self.snapshot.config.relay.next_hops.get(l.hop).map(|&addr| (l.up, addr)),
             _ => None,
         }
     }

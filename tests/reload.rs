@@ -1,0 +1,169 @@
+//! SIGHUP end to end: the real binary, both drivers. A reload applies the files as they
+//! are now to new connections, keeps open ones going, and a bad file changes nothing.
+
+#[macro_use]
+mod common;
+
+use std::net::SocketAddr;
+
+use common::nexthop::{AtDot, NextHop};
+use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send};
+
+fn config(hostname: &str, extra: &str) -> String {
+    format!(
+        "hostname = \"{hostname}\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [access]\nlist = \"access.list\"\n{extra}"
+    )
+}
+
+fn write(m: &Mxgate, name: &str, text: &str) {
+    std::fs::write(m.files.path(name), text).expect("write");
+}
+
+/// Sends SIGHUP and waits (bounded) for the reload's outcome line.
+fn reload(m: &mut Mxgate, outcome: &str) -> String {
+    m.signal(libc::SIGHUP);
+    m.wait_for_log(outcome)
+}
+
+fn a_changed_list_applies_to_new_connections_and_open_ones_go_on(io: &str) {
+    let mut m = Mxgate::start(&config("mx.test", ""), &[("access.list", "deny 127.0.7.3\n")], io);
+    let mut open = connect_from("127.0.7.2", m.addr());
+    assert!(read_replies(&mut open, 1).starts_with("220 mx.test"));
+    send(&mut open, b"EHLO client.test\r\n");
+    read_replies(&mut open, 1);
+
+    write(&m, "access.list", "deny 127.0.7.2\n");
+    let line = reload(&mut m, "SIGHUP: reloaded");
+    assert!(line.contains("access_entries=1"), "{line}");
+    assert_denied(&m, "127.0.7.2", 0);
+    assert_allowed(&m, "127.0.7.3", 0);
+
+    // the conversation that began before the reload is not judged again
+    send(&mut open, b"NOOP\r\n");
+    assert_eq!(read_replies(&mut open, 1), "250 2.0.0 OK\r\n");
+    send(&mut open, b"QUIT\r\n");
+    assert!(read_to_end(&mut open).0.starts_with("221 "));
+}
+
+fn a_bad_file_changes_nothing(io: &str) {
+    let mut m = Mxgate::start(&config("mx.test", ""), &[("access.list", "deny 127.0.7.3\n")], io);
+
+    write(&m, "access.list", "deny 127.0.7.4\nallow not-an-address\n");
+    reload(&mut m, "SIGHUP: reload refused: 1 problem(s); nothing changed");
+    let problem = m.saw("not-an-address").expect("the problem is logged").to_owned();
+    assert!(problem.contains("access.list:2: "), "names file and line: {problem}");
+    assert_denied(&m, "127.0.7.3", 0);
+    assert_allowed(&m, "127.0.7.4", 0);
+
+    // a broken config file: the lists are not even read
+    write(&m, "access.list", "deny 127.0.7.4\n");
+    write(&m, "mxgate.toml", "hostname = \"mx.test\"\n[listen\n");
+    reload(&mut m, "SIGHUP: reload refused: 1 problem(s); nothing changed");
+    assert!(m.saw("mxgate.toml:2: TOML syntax").is_some(), "names file and line");
+    assert_denied(&m, "127.0.7.3", 0);
+    assert_allowed(&m, "127.0.7.4", 0);
+
+    // fixed, the next reload takes both files
+    write(&m, "mxgate.toml", &config("mx.test", ""));
+    reload(&mut m, "SIGHUP: reloaded");
+    assert_denied(&m, "127.0.7.4", 0);
+    assert_allowed(&m, "127.0.7.3", 0);
+}
+
+fn settings_apply_and_those_read_at_start_wait_for_the_next(io: &str) {
+    let mut m = Mxgate::start(&config("mx.test", ""), &[("access.list", "deny 127.0.7.3\n")], io);
+    let started_on = m.addr();
+    let changed = config("mx2.test", "deny_reply = \"554 5.7.1 {hostname} go away\"\n")
+        .replace("127.0.0.1:0", "127.0.0.1:1")
+        .replace("threads = 2", "threads = 1");
+    write(&m, "mxgate.toml", &changed);
+    reload(&mut m, "SIGHUP: reloaded");
+    for setting in ["[listen] addresses", "[listen] threads"] {
+        let warning = m.saw(&format!("SIGHUP: {setting} changed")).expect("a warning for each");
+        assert!(warning.contains("takes effect at the next start"), "{warning}");
+    }
+    // still on the address it started on, with the new name and reply
+    let mut s = connect_from("127.0.7.3", started_on);
+    assert_eq!(read_to_end(&mut s).0, "554 5.7.1 mx2.test go away\r\n");
+    let mut s = connect_from("127.0.7.9", started_on);
+    assert_eq!(read_replies(&mut s, 1), "220 mx2.test ESMTP mxgate\r\n");
+}
+
+fn mxgate_reload_asks_the_running_instance(io: &str) {
+    let control = "[control]\nsocket = \"mxgate.sock\"\n";
+    let mut m = Mxgate::start(&config("mx.test", control), &[("access.list", "deny 127.0.7.3\n")], io);
+    write(&m, "access.list", "deny 127.0.7.4\n");
+    let (code, out) = run_cli(&["reload"], &m.files.config());
+    let expected = format!("reloaded {} (1 access entries, 0 whitelist entries)\n", m.files.config().display());
+    assert_eq!((code, out), (0, expected));
+    m.wait_for_log("control socket: reloaded");
+    assert_denied(&m, "127.0.7.4", 0);
+    assert_allowed(&m, "127.0.7.3", 0);
+
+    // a bad file is refused before the running instance is asked
+    write(&m, "access.list", "deny 127.0.7.3\n127.0.7.300\n");
+    let (code, out) = run_cli(&["reload"], &m.files.config());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("access.list:2: ") && out.contains("not reloaded"), "{out}");
+    assert_denied(&m, "127.0.7.4", 0);
+    assert_allowed(&m, "127.0.7.3", 0);
+
+    // with no instance running, it says so
+    m.signal(libc::SIGKILL);
+    m.wait_exit();
+    write(&m, "access.list", "deny 127.0.7.3\n");
+    let (code, out) = run_cli(&["reload"], &m.files.config());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("no running mxgate on "), "{out}");
+}
+
+fn relay_config(next_hop: SocketAddr) -> String {
+    format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 1\n\
+         [relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{next_hop}\"]\n"
+    )
+}
+
+/// A transaction open across a reload finishes on its next hop; that connection is then
+/// pooled for its own next hop, and the next transaction goes to the new one.
+fn a_transaction_open_across_a_reload_finishes_on_its_next_hop(io: &str) {
+    let (a, b) = (NextHop::start(AtDot::Accept), NextHop::start(AtDot::Accept));
+    let mut m = Mxgate::start(&relay_config(a.addr), &[], io);
+    let mut s = connect_from("127.0.7.5", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, b"EHLO client.test\r\nMAIL FROM:<x@client.test>\r\nRCPT TO:<u@example.com>\r\n");
+    assert!(read_replies(&mut s, 3).ends_with("250 2.1.5 recipient OK\r\n"));
+
+    write(&m, "mxgate.toml", &relay_config(b.addr));
+    reload(&mut m, "SIGHUP: reloaded");
+    send(&mut s, b"DATA\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("354 "));
+    send(&mut s, b"Subject: one\r\n\r\nbefore\r\n.\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("250 "));
+    assert_eq!(a.wait_messages(1).len(), 1);
+    send(&mut s, b"QUIT\r\n");
+    assert!(read_to_end(&mut s).0.starts_with("221 "));
+
+    // a new conversation (same worker, so the same pool) relays to the new next hop
+    let mut s = connect_from("127.0.7.6", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, b"EHLO client.test\r\nMAIL FROM:<x@client.test>\r\nRCPT TO:<u@example.com>\r\n");
+    read_replies(&mut s, 3);
+    send(&mut s, b"DATA\r\n");
+    read_replies(&mut s, 1);
+    send(&mut s, b"Subject: two\r\n\r\nafter\r\n.\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("250 "));
+    let at_b = b.wait_messages(1);
+    assert_eq!(at_b.len(), 1, "the new next hop got the second message");
+    assert!(at_b[0].content().ends_with(b"after\r\n"));
+    assert_eq!(a.messages().len(), 1, "the old next hop got only the first");
+}
+
+for_both_drivers!(
+    a_changed_list_applies_to_new_connections_and_open_ones_go_on,
+    a_bad_file_changes_nothing,
+    settings_apply_and_those_read_at_start_wait_for_the_next,
+    a_transaction_open_across_a_reload_finishes_on_its_next_hop,
+    mxgate_reload_asks_the_running_instance,
+);
