@@ -3,7 +3,9 @@
 //!
 //! Requests: `explain IP` — the address's live state: failures counted within the
 //! window, open connections, and the ban in force; `reload` — load the configuration and
-//! lists again, as SIGHUP does, and say what came of it.
+//! lists again, as SIGHUP does, and say what came of it; `ban IP SECONDS REASON` (0
+//! seconds: the doubling `ban_duration`), `unban IP|PREFIX`, `bans` (in the ban file's
+//! syntax). An answer whose first line starts `error:` reports a failure.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -21,6 +23,8 @@ use crate::net::Shared;
 /// Longest request line; a client gets this long to send it and to read the answer.
 const MAX_REQUEST: u64 = 512;
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest answer read: `bans` lists up to a million bans, a line each.
+const MAX_ANSWER: u64 = 256 << 20;
 
 /// Listens on `path` (replacing a stale socket file) and answers requests on a thread
 /// of its own for the life of the process.
@@ -62,7 +66,14 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
             Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
         },
         ("reload", "") => reload(shared),
-        _ => "error: unknown request (known: explain IP, reload)\n".to_owned(),
+        ("ban", args) => ban(shared, args),
+        ("unban", key) => unban(shared, key.trim()),
+        ("bans", "") => {
+            let bans = shared.abuse().bans_in_force(UnixTime::now());
+            crate::abuse::file::render(bans.iter().map(|(k, b)| (k, b)))
+        }
+        _ => "error: unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans)\n"
+            .to_owned(),
     };
     (&stream).write_all(reply.as_bytes())
 }
@@ -99,8 +110,60 @@ fn reload(shared: &Shared) -> String {
             }
             out
         }
-        Err(problems) => format!("{problems}\nreload refused: {} problem(s); nothing changed\n", problems.0.len()),
+        Err(problems) => {
+            format!("error: reload refused: {} problem(s); nothing changed\n{problems}\n", problems.0.len())
+        }
     }
+}
+
+/// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`.
+fn ban(shared: &Shared, args: &str) -> String {
+    let mut words = args.trim().splitn(3, ' ');
+    let (Some(Ok(ip)), Some(Ok(secs))) = (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>))
+    else {
+        return "error: expected `ban IP SECONDS REASON`\n".to_owned();
+    };
+    let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the operator");
+    let snapshot = shared.snapshot();
+    let peer = PeerIp::new(ip);
+    if let (Some(rule), Some(file)) = (snapshot.whitelist.verdict(peer.ip()).rule, snapshot.whitelist.file()) {
+        return format!(
+            "error: {peer} is whitelisted ({} at {}:{}): never banned\n",
+            rule.net,
+            file.display(),
+            rule.line
+        );
+    }
+    let config = &snapshot.config.abuse;
+    let key = AbuseKey::new(peer, config.ipv6_prefix);
+    let now = UnixTime::now();
+    let until = (secs > 0).then(|| now.0.saturating_add(secs));
+    match shared.abuse().impose(key, reason.to_owned(), until, now, config) {
+        Some(b) => format!("banned {key} until {} (offence {})\n", UnixTime(b.until).rfc3339(), b.offence),
+        None => format!("error: {} bans in force: not banning {key}\n", crate::abuse::bans::MAX_BANS),
+    }
+}
+
+/// `unban IP|PREFIX`: an address, or a prefix as `bans` lists it (an escalated /24).
+fn unban(shared: &Shared, text: &str) -> String {
+    let snapshot = shared.snapshot();
+    let key = match (text.parse::<IpAddr>(), text.parse::<ipnet::IpNet>()) {
+        (Ok(ip), _) => AbuseKey::new(PeerIp::new(ip), snapshot.config.abuse.ipv6_prefix),
+        (_, Ok(net)) => AbuseKey::from_net(net.trunc()),
+        _ => return format!("error: `{text}` is neither an IP address nor a prefix\n"),
+    };
+    let now = UnixTime::now();
+    let abuse = shared.abuse();
+    let mut out = match abuse.lift(key, now) {
+        Some(b) => format!("unbanned {key} (was until {})\n", UnixTime(b.until).rfc3339()),
+        None => format!("error: {key} is not banned\n"),
+    };
+    if let Some(prefix) = key.escalation()
+        && let Some(until) = abuse.banned(prefix, now)
+    {
+        out.push_str(&format!("{prefix} is banned until {}: still refused\n", UnixTime(until).rfc3339()));
+    }
+    out
 }
 
 /// Sends `request` to the instance listening on `path`; its answer.
@@ -110,6 +173,6 @@ pub fn ask(path: &Path, request: &str) -> io::Result<String> {
     stream.set_write_timeout(Some(TIMEOUT))?;
     stream.write_all(format!("{request}\n").as_bytes())?;
     let mut answer = String::new();
-    stream.take(64 * 1024).read_to_string(&mut answer)?;
+    stream.take(MAX_ANSWER).read_to_string(&mut answer)?;
     Ok(answer)
 }

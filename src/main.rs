@@ -41,6 +41,27 @@ enum Command {
     /// Have the running instance load its configuration and lists again (as SIGHUP does)
     /// over its control socket; the files are checked here first.
     Reload,
+    /// Ban an address on the running instance, over its control socket; recorded in the
+    /// ban file like every ban.
+    Ban {
+        /// An IPv4 or IPv6 address (IPv6: its `ipv6_prefix` is banned).
+        ip: IpAddr,
+        /// How long (e.g. `2h`, `7d`); without it, `ban_duration` doubled for each
+        /// remembered offence, as for automatic bans.
+        #[arg(long = "for", value_name = "DURATION", value_parser = mxgate::units::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Why, as the log and the ban file will say.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Lift the ban on an address or on a banned prefix (as `bans` lists it) on the
+    /// running instance, and forget its offences.
+    Unban {
+        /// An IP address or a prefix.
+        key: String,
+    },
+    /// List the bans in force on the running instance, in the ban file's syntax.
+    Bans,
 }
 
 fn main() -> ExitCode {
@@ -54,7 +75,18 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(snapshot),
         Some(Command::Explain { ip }) => explain(snapshot, ip),
-        Some(Command::Reload) => reload(snapshot),
+        Some(Command::Reload) => {
+            ask_running(snapshot, "reload", "not reloaded (the running instance would refuse them)")
+        }
+        Some(Command::Ban { ip, duration, reason }) => match ban_request(ip, duration, reason) {
+            Ok(request) => ask_running(snapshot, &request, "nothing asked"),
+            Err(e) => {
+                println!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Unban { key }) => ask_running(snapshot, &format!("unban {}", key.trim()), "nothing asked"),
+        Some(Command::Bans) => ask_running(snapshot, "bans", "nothing asked"),
         None => run(snapshot, cli.io),
     }
 }
@@ -173,29 +205,45 @@ fn explain_bans(s: &Snapshot, peer: PeerIp) {
     }
 }
 
-fn reload(snapshot: Result<Snapshot, Problems>) -> ExitCode {
+/// Sends `request` to the running instance's control socket and prints its answer; a
+/// failure when its first line starts `error:`. With problems in the files, nothing is
+/// asked (`not_asked` says so).
+fn ask_running(snapshot: Result<Snapshot, Problems>, request: &str, not_asked: &str) -> ExitCode {
     let s = match snapshot {
         Ok(s) => s,
         Err(problems) => {
             println!("{problems}");
-            println!("{} problem(s): not reloaded (the running instance would refuse them)", problems.0.len());
+            println!("{} problem(s): {not_asked}", problems.0.len());
             return ExitCode::FAILURE;
         }
     };
     let Some(control) = &s.config.control else {
-        println!("{}: reloading over the control socket needs [control] socket (or send SIGHUP)", s.config.describe());
+        println!(
+            "{}: talking to the running instance needs [control] socket (or send SIGHUP to reload)",
+            s.config.describe()
+        );
         return ExitCode::FAILURE;
     };
-    match mxgate::control::ask(&control.socket, "reload") {
+    match mxgate::control::ask(&control.socket, request) {
         Ok(answer) => {
             print!("{answer}");
-            if answer.starts_with("reloaded") { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if answer.starts_with("error:") { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
         Err(e) => {
             println!("no running mxgate on {} ({e})", control.socket.display());
             ExitCode::FAILURE
         }
     }
+}
+
+/// The control request for `mxgate ban`: a reason of one line, short enough for it.
+fn ban_request(ip: IpAddr, duration: Option<std::time::Duration>, reason: Option<String>) -> Result<String, String> {
+    let reason = reason.unwrap_or_default();
+    if reason.chars().any(char::is_control) || reason.len() > 200 {
+        return Err("--reason: one line of at most 200 bytes".into());
+    }
+    let secs = duration.map_or(0, |d| d.as_secs().max(1));
+    Ok(format!("ban {} {secs} {reason}", PeerIp::new(ip).ip()))
 }
 
 fn control_socket(shared: &Shared) -> Option<PathBuf> {

@@ -182,7 +182,50 @@ fn explain_shows_the_failure_count_and_the_ban(io: &str) {
     assert!(out.contains("live: counted as 127.0.5.10: 5 failures") && out.contains("live: banned until "), "{out}");
 }
 
+fn the_operator_bans_lists_and_unbans(io: &str) {
+    let config = config("ban_file = \"bans.list\"\n") + "[control]\nsocket = \"mxgate.sock\"\n";
+    let mut m = Mxgate::start(&config, &[("white.list", "127.0.5.9\n")], io);
+    let cli = |m: &Mxgate, args: &[&str]| run_cli(args, &m.files.config());
+    let file = m.files.path("bans.list");
+    let in_file = |text: &str| std::fs::read_to_string(&file).is_ok_and(|t| t.contains(text));
+
+    let (code, out) = cli(&m, &["ban", "127.0.5.20", "--for", "2h", "--reason", "spam run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("banned 127.0.5.20 until ") && out.ends_with(" (offence 1)\n"), "{out}");
+    let logged = m.wait_for_log("IP address 127.0.5.20 banned");
+    assert!(logged.contains("banned: spam run (by the operator), until "), "{logged}");
+    assert_denied(&m, "127.0.5.20", 0);
+    wait_until("the ban written", || in_file("127.0.5.20 until=") && in_file("reason=\"spam run\" offence=1"));
+    let (code, out) = cli(&m, &["bans"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("127.0.5.20 until=") && l.ends_with("reason=\"spam run\" offence=1")),
+        "{out}"
+    );
+
+    let (code, out) = cli(&m, &["ban", "127.0.5.9"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("error: 127.0.5.9 is whitelisted (127.0.5.9/32 at "), "{out}");
+    assert_allowed(&m, "127.0.5.9", 0);
+
+    let (code, out) = cli(&m, &["unban", "127.0.5.20"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("unbanned 127.0.5.20 (was until "), "{out}");
+    m.wait_for_log("IP address 127.0.5.20 unbanned by the operator");
+    assert_allowed(&m, "127.0.5.20", 0);
+    wait_until("the ban gone from the file", || !in_file("127.0.5.20"));
+    let (code, out) = cli(&m, &["unban", "127.0.5.20"]);
+    assert_eq!((code, out.as_str()), (1, "error: 127.0.5.20 is not banned\n"));
+    let (code, out) = cli(&m, &["bans"]);
+    assert!(code == 0 && !out.contains("127.0.5.20"), "{out}");
+
+    // unbanned stays unbanned across a restart
+    let m = m.kill_and_restart(io);
+    assert_allowed(&m, "127.0.5.20", 0);
+}
+
 for_both_drivers!(
+    the_operator_bans_lists_and_unbans,
     explain_shows_the_failure_count_and_the_ban,
     concurrency_limits_spare_the_whitelist,
     bans_survive_kill_9,

@@ -104,5 +104,18 @@ fn reload_needs_a_control_socket() {
     let f = Files::new("hostname = \"mx.test\"\n", &[]);
     let (code, out) = run_cli(&["reload"], &f.config());
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("needs [control] socket (or send SIGHUP)"), "{out}");
+    assert!(out.contains("needs [control] socket"), "{out}");
+}
+
+#[test]
+fn ban_checks_its_arguments_before_asking() {
+    let f = Files::new("hostname = \"mx.test\"\n[control]\nsocket = \"mxgate.sock\"\n", &[]);
+    let (code, out) = run_cli(&["ban", "192.0.2.1", "--for", "soon"], &f.config());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("`soon` is not a duration"), "{out}");
+    let (code, out) = run_cli(&["ban", "192.0.2.1", "--reason", "two\nlines"], &f.config());
+    assert_eq!((code, out.as_str()), (1, "--reason: one line of at most 200 bytes\n"));
+    let (code, out) = run_cli(&["ban", "192.0.2.1"], &f.config());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("no running mxgate on "), "{out}");
 }

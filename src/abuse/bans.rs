@@ -26,7 +26,7 @@ pub enum Reason {
     Dropped,
     /// This many addresses of the prefix were banned within `failure_window`.
     Escalated(u32),
-    /// As read from the ban file.
+    /// As read from the ban file, or given by the operator.
     Recorded(String),
 }
 
@@ -115,19 +115,9 @@ impl BanBook {
                 return made;
             }
         }
-        let remember = secs(config.max_ban_duration);
-        let offence = match self.offences.get(&key) {
-            Some(&(n, ended)) if now < ended.saturating_add(remember) => n + 1,
-            _ => 1,
-        };
-        let doubled = secs(config.ban_duration).saturating_mul(1i64 << (offence - 1).min(40));
-        let until = now.saturating_add(doubled.min(remember));
-        // past offences outlive their bans by max_ban_duration: bounded like the bans
-        if self.offences.len() < MAX_BANS || self.offences.contains_key(&key) {
-            self.offences.insert(key, (offence, until));
-        }
-        self.insert(key, Ban { until, reason, offence });
-        made.push((key, self.bans[&key].clone()));
+        let offence = self.next_offence(key, now, config);
+        let until = now.saturating_add(duration(offence, config));
+        made.push((key, self.record(key, Ban { until, reason, offence })));
         if let Some(prefix) = key.escalation()
             && config.escalate_after > 0
         {
@@ -142,6 +132,62 @@ impl BanBook {
             }
         }
         made
+    }
+
+    /// Bans `key` as the operator says: until `until`, or for the next offence's
+    /// doubled `ban_duration` when `None`. A ban in force is replaced (longer or shorter)
+    /// and keeps its offence number. Never escalates. `None` when the book is full.
+    pub fn impose(
+        &mut self,
+        key: AbuseKey,
+        reason: Reason,
+        until: Option<i64>,
+        now: i64,
+        config: &AbuseConfig,
+    ) -> Option<Ban> {
+        let offence = match self.bans.get(&key) {
+            Some(b) if b.until > now => b.offence,
+            _ if self.bans.len() >= MAX_BANS => return None,
+            _ => self.next_offence(key, now, config),
+        };
+        let until = until.unwrap_or_else(|| now.saturating_add(duration(offence, config)));
+        Some(self.record(key, Ban { until, reason, offence }))
+    }
+
+    /// Lifts the ban on `key`, if one is in force, and forgets its offences and its part
+    /// in its prefix's escalation.
+    pub fn lift(&mut self, key: AbuseKey, now: i64) -> Option<Ban> {
+        self.offences.remove(&key);
+        if let Some(prefix) = key.escalation()
+            && let Some(recent) = self.by_prefix.get_mut(&prefix)
+        {
+            recent.retain(|&(k, _)| k != key);
+        }
+        let ban = self.bans.remove(&key)?;
+        self.set.recent.remove(&key);
+        if self.set.base.contains_key(&key) {
+            self.rebuild();
+        }
+        (ban.until > now).then_some(ban)
+    }
+
+    /// The number the next ban of `key` gets: one more than the last while its offences
+    /// are remembered.
+    fn next_offence(&self, key: AbuseKey, now: i64, config: &AbuseConfig) -> u32 {
+        match self.offences.get(&key) {
+            Some(&(n, ended)) if now < ended.saturating_add(secs(config.max_ban_duration)) => n + 1,
+            _ => 1,
+        }
+    }
+
+    /// Puts `ban` in force and remembers it as an offence; returns it.
+    fn record(&mut self, key: AbuseKey, ban: Ban) -> Ban {
+        // past offences outlive their bans by max_ban_duration: bounded like the bans
+        if self.offences.len() < MAX_BANS || self.offences.contains_key(&key) {
+            self.offences.insert(key, (ban.offence, ban.until));
+        }
+        self.insert(key, ban.clone());
+        ban
     }
 
     /// Takes in a ban as recorded (the ban file at start).
@@ -194,6 +240,13 @@ impl BanBook {
     }
 }
 
+/// How long the `offence`th ban lasts: `ban_duration` doubled for each earlier offence,
+/// at most `max_ban_duration`.
+fn duration(offence: u32, config: &AbuseConfig) -> i64 {
+    let doubled = secs(config.ban_duration).saturating_mul(1i64 << (offence.max(1) - 1).min(40));
+    doubled.min(secs(config.max_ban_duration))
+}
+
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
@@ -237,6 +290,38 @@ mod tests {
         book.expire(T0 + 17 * hour, &c);
         assert_eq!(one(book.ban(k, Reason::Failures(30), T0 + 17 * hour, &c)).offence, 1);
         assert_eq!(book.set().banned(key("192.0.2.2"), T0), None);
+    }
+
+    #[test]
+    fn the_operator_bans_for_a_time_and_lifts_bans() {
+        let c = config();
+        let mut book = BanBook::default();
+        let (k, hour) = (key("192.0.2.1"), 3600);
+        let manual = |text: &str| Reason::Recorded(text.into());
+        // no time given: the next offence's doubled ban_duration
+        let first = book.impose(k, manual("spam run"), None, T0, &c).unwrap();
+        assert_eq!((first.until, first.offence), (T0 + hour, 1));
+        // a ban in force is replaced, shorter too, keeping its offence
+        let shorter = book.impose(k, manual("less"), Some(T0 + 60), T0 + 1, &c).unwrap();
+        assert_eq!((shorter.until, shorter.offence), (T0 + 60, 1));
+        assert_eq!(book.set().banned(k, T0 + 59), Some(T0 + 60));
+        assert_eq!(book.set().banned(k, T0 + 60), None);
+        // lifted: refused no more, and its offences forgotten
+        book.impose(k, manual("again"), None, T0 + 100, &c).unwrap();
+        assert!(book.set().banned(k, T0 + 101).is_some());
+        assert_eq!(book.lift(k, T0 + 101).map(|b| b.offence), Some(2));
+        assert_eq!(book.set().banned(k, T0 + 102), None);
+        assert_eq!(book.lift(k, T0 + 102), None, "nothing left to lift");
+        assert_eq!(one(book.ban(k, Reason::Failures(30), T0 + 200, &c)).offence, 1, "forgiven");
+        // lifting a ban that sits in the shared base rebuilds it
+        for i in 0..=RECENT_MAX as u32 {
+            book.impose(key(&std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string()), manual("x"), None, T0, &c);
+        }
+        let old = key("10.0.0.0");
+        assert!(book.set().base.contains_key(&old) && book.set().banned(old, T0).is_some());
+        assert!(book.lift(old, T0).is_some());
+        assert_eq!(book.set().banned(old, T0), None);
+        assert!(book.set().banned(key("10.0.0.1"), T0).is_some());
     }
 
     fn one(made: Vec<(AbuseKey, Ban)>) -> Ban {

@@ -42,7 +42,7 @@ pub struct Abuse {
     book: Mutex<BanBook>,
     bans: ArcSwap<BanSet>,
     /// To the ban-file writer, with a `ban_file`.
-    changes: Option<Sender<(AbuseKey, Ban)>>,
+    changes: Option<Sender<Change>>,
     /// Closed when the `Abuse` is dropped, which ends the housekeeping thread.
     _alive: Sender<()>,
 }
@@ -129,9 +129,62 @@ impl Abuse {
                 UnixTime(ban.until).rfc3339(),
                 ban.offence
             );
-            if let Some(changes) = &self.changes {
-                let _ = changes.send((key, ban));
-            }
+            self.tell_writer(Change::Made(key, ban));
+        }
+    }
+
+    /// Bans `key` as the operator says (see [`BanBook::impose`]); logged like every ban.
+    /// `None` when the book is full.
+    pub fn impose(
+        &self,
+        key: AbuseKey,
+        reason: String,
+        until: Option<i64>,
+        now: UnixTime,
+        config: &AbuseConfig,
+    ) -> Option<Ban> {
+        let ban = {
+            let mut book = self.book();
+            let ban = book.impose(key, Reason::Recorded(reason), until, now.0, config)?;
+            self.bans.store(Arc::new(book.set()));
+            ban
+        };
+        tracing::info!(
+            "IP address {key} banned: {} (by the operator), until {} (offence {})",
+            ban.reason,
+            UnixTime(ban.until).rfc3339(),
+            ban.offence
+        );
+        self.tell_writer(Change::Made(key, ban.clone()));
+        Some(ban)
+    }
+
+    /// Lifts the ban on `key`, if one is in force (see [`BanBook::lift`]).
+    pub fn lift(&self, key: AbuseKey, now: UnixTime) -> Option<Ban> {
+        let lifted = {
+            let mut book = self.book();
+            let lifted = book.lift(key, now.0);
+            self.bans.store(Arc::new(book.set()));
+            lifted
+        };
+        if let Some(ban) = &lifted {
+            tracing::info!("IP address {key} unbanned by the operator (was until {})", UnixTime(ban.until).rfc3339());
+        }
+        self.tell_writer(Change::Lifted(key));
+        lifted
+    }
+
+    /// Every ban in force at `now`, ordered by key.
+    pub fn bans_in_force(&self, now: UnixTime) -> Vec<(AbuseKey, Ban)> {
+        let mut bans: Vec<_> =
+            self.book().iter().filter(|(_, b)| b.until > now.0).map(|(k, b)| (*k, b.clone())).collect();
+        bans.sort_by_key(|(k, _)| *k);
+        bans
+    }
+
+    fn tell_writer(&self, change: Change) {
+        if let Some(changes) = &self.changes {
+            let _ = changes.send(change);
         }
     }
 
@@ -152,11 +205,22 @@ type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
 /// How often bans that ended are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
-/// The ban-file writer: applies the bans made, in batches, and rewrites the file after
-/// each batch (bans that ended are left out).
-fn persist(path: &Path, changes: &Receiver<(AbuseKey, Ban)>, mut records: Records) {
+/// What the ban-file writer is told.
+enum Change {
+    Made(AbuseKey, Ban),
+    Lifted(AbuseKey),
+}
+
+/// The ban-file writer: applies the bans made and lifted, in batches, and rewrites the
+/// file after each batch (bans that ended are left out).
+fn persist(path: &Path, changes: &Receiver<Change>, mut records: Records) {
     while let Ok(first) = changes.recv() {
-        records.extend(std::iter::once(first).chain(changes.try_iter()));
+        for change in std::iter::once(first).chain(changes.try_iter()) {
+            match change {
+                Change::Made(key, ban) => records.insert(key, ban),
+                Change::Lifted(key) => records.remove(&key),
+            };
+        }
         let now = UnixTime::now();
         records.retain(|_, b| b.until > now.0);
         if let Err(e) = file::write_atomically(path, &file::render(records.iter())) {
