@@ -5,7 +5,8 @@
 //! window, open connections, and the ban in force; `reload` — load the configuration and
 //! lists again, as SIGHUP does, and say what came of it; `ban IP SECONDS REASON` (0
 //! seconds: the doubling `ban_duration`), `unban IP|PREFIX`, `bans` (in the ban file's
-//! syntax). An answer whose first line starts `error:` reports a failure.
+//! syntax), `stats` (`name value` lines). An answer whose first line starts `error:`
+//! reports a failure.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -66,14 +67,17 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
             Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
         },
         ("reload", "") => reload(shared),
+        ("stats", "") => shared.stats(),
         ("ban", args) => ban(shared, args),
         ("unban", key) => unban(shared, key.trim()),
         ("bans", "") => {
             let bans = shared.abuse().bans_in_force(UnixTime::now());
             crate::abuse::file::render(bans.iter().map(|(k, b)| (k, b)))
         }
-        _ => "error: unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans)\n"
-            .to_owned(),
+        _ => {
+            "error: unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans, stats)\n"
+                .to_owned()
+        }
     };
     (&stream).write_all(reply.as_bytes())
 }

@@ -6,6 +6,7 @@
 //! - [`gate`]: the access decision and the deny line, before any session exists.
 //! - [`smtp`]: the sans-IO protocol state machine.
 //! - [`snapshot`]: config and lists loaded as one immutable value ([`config`], [`access`]).
+//! - [`abuse`]: failure counters, bans, connection counts; [`stats`]: what the workers did.
 
 pub mod abuse;
 pub mod access;
@@ -17,5 +18,6 @@ pub mod net;
 pub mod problem;
 pub mod smtp;
 pub mod snapshot;
+pub mod stats;
 pub mod template;
 pub mod units;

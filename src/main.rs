@@ -62,6 +62,8 @@ enum Command {
     },
     /// List the bans in force on the running instance, in the ban file's syntax.
     Bans,
+    /// What the running instance has done since it started: `name value` lines.
+    Stats,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Unban { key }) => ask_running(snapshot, &format!("unban {}", key.trim()), "nothing asked"),
         Some(Command::Bans) => ask_running(snapshot, "bans", "nothing asked"),
+        Some(Command::Stats) => ask_running(snapshot, "stats", "nothing asked"),
         None => run(snapshot, cli.io),
     }
 }

@@ -25,6 +25,7 @@ use crate::datetime::UnixTime;
 use crate::gate::{self, PeerIp, RefusalLines, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
+use crate::stats::Counts;
 
 /// Wait before accepting again after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -82,6 +83,8 @@ struct Listener {
 pub struct Worker {
     poll: Poll,
     shared: Arc<Shared>,
+    /// This worker's own counts, for `mxgate stats`.
+    counts: Arc<Counts>,
     snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
@@ -108,6 +111,7 @@ impl Worker {
         Ok(Worker {
             poll,
             snapshot: shared.snapshot_cache(),
+            counts: shared.worker_counts(),
             shared,
             listeners,
             conns: Slab::new(),
@@ -204,7 +208,9 @@ impl Worker {
             };
             let peer = PeerIp::from(addr);
             let snapshot = self.snapshot.load();
-            let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
+            let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
+            self.counts.verdict(&verdict);
+            let (whitelisted, admission) = match verdict {
                 Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
                 Verdict::Refuse(refusal) => {
                     let line = self.refusals.line(refusal, snapshot, unix);
@@ -281,7 +287,7 @@ impl Worker {
             let peer_step = self.peer_step(key, now);
             let relay_step = self.relay_step(key, now);
             let Some(conn) = self.conns.get_mut(key) else { return };
-            handle_events(&mut conn.session, &self.shared.abuse, conn.whitelisted);
+            handle_events(&mut conn.session, &self.shared.abuse, &self.counts, conn.whitelisted);
             if !peer_step && !relay_step {
                 if conn.peer.is_none() && conn.relay.is_none() && conn.session.poll_relay() == Relay::Idle {
                     self.conns.remove(key);

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -30,6 +30,7 @@ use crate::datetime::UnixTime;
 use crate::problem::Problems;
 use crate::smtp::{Event, Session};
 use crate::snapshot::Snapshot;
+use crate::stats::{Count, Counts, Stats};
 
 /// Bytes one read takes from a peer. A command line is at most 512 octets; this bounds
 /// what one read can make a session answer (see `smtp`).
@@ -67,6 +68,9 @@ type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
 pub struct Shared {
     snapshot: Arc<ArcSwap<Snapshot>>,
     abuse: Arc<Abuse>,
+    stats: Stats,
+    started: Instant,
+    reloads: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -75,12 +79,32 @@ impl Shared {
     pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let abuse = Abuse::start(Arc::clone(&snapshot))?;
-        Ok(Arc::new(Shared { snapshot, abuse, stopping: AtomicBool::new(false) }))
+        Ok(Arc::new(Shared {
+            snapshot,
+            abuse,
+            stats: Stats::default(),
+            started: Instant::now(),
+            reloads: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        }))
     }
 
     /// Failure counters, bans and connection counts.
     pub fn abuse(&self) -> &Abuse {
         &self.abuse
+    }
+
+    /// What `mxgate stats` prints: `name value` lines.
+    pub fn stats(&self) -> String {
+        let now = UnixTime::now();
+        let mut lines = vec![("uptime_seconds", self.started.elapsed().as_secs())];
+        lines.extend(self.stats.lines());
+        lines.extend([
+            ("connections_open", u64::from(self.abuse.connections.total())),
+            ("bans_in_force", self.abuse.bans_in_force(now).len() as u64),
+            ("reloads", self.reloads.load(Ordering::Relaxed)),
+        ]);
+        lines.iter().map(|(name, value)| format!("{name} {value}\n")).collect()
     }
 
     /// The current snapshot.
@@ -100,7 +124,10 @@ impl Shared {
     pub fn reload(&self, cause: &str) -> Result<Reloaded, Problems> {
         let outcome = self.load_again();
         match &outcome {
-            Ok(reloaded) => reloaded.log(cause),
+            Ok(reloaded) => {
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                reloaded.log(cause);
+            }
             Err(problems) => {
                 for p in &problems.0 {
                     tracing::error!("{p}");
@@ -132,6 +159,11 @@ impl Shared {
     /// while the snapshot is unchanged.
     fn snapshot_cache(&self) -> SnapshotCache {
         arc_swap::Cache::new(self.snapshot.clone())
+    }
+
+    /// Counts for a new worker.
+    fn worker_counts(&self) -> Arc<Counts> {
+        self.stats.worker()
     }
 
     fn stopping(&self) -> bool {
@@ -327,15 +359,22 @@ impl Worker {
 
 /// Acts on what a session reports: one log line per transaction (the mail log), and
 /// failures counted against the peer's address (never a whitelisted one's).
-fn handle_events(session: &mut Session, abuse: &Abuse, whitelisted: bool) {
+fn handle_events(session: &mut Session, abuse: &Abuse, counts: &Counts, whitelisted: bool) {
     while let Some(event) = session.poll_event() {
         let config = &session.snapshot().config.abuse;
         let key = || AbuseKey::new(session.peer(), config.ipv6_prefix);
         match event {
-            Event::Transaction(t) => tracing::info!("mail {t}"),
-            Event::Failed(_) if whitelisted => {}
-            Event::Failed(_) => abuse.failed(key(), UnixTime::now(), config),
+            Event::Transaction(t) => {
+                counts.transaction(t.outcome);
+                tracing::info!("mail {t}");
+            }
+            Event::Failed(_) if whitelisted => counts.add(Count::Failures),
+            Event::Failed(_) => {
+                counts.add(Count::Failures);
+                abuse.failed(key(), UnixTime::now(), config);
+            }
             Event::Dropped => {
+                counts.add(Count::Dropped);
                 tracing::info!(peer = %session.peer(), "dropped: too many errors");
                 if config.ban_on_drop && !whitelisted {
                     abuse.ban(key(), Reason::Dropped, UnixTime::now(), config);

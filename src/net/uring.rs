@@ -32,6 +32,7 @@ use crate::datetime::UnixTime;
 use crate::gate::{self, PeerIp, RefusalLines, Verdict};
 use crate::smtp::client::Upstream;
 use crate::smtp::{Relay, Session, Transmit};
+use crate::stats::Counts;
 
 /// Submission queue entries per ring; completions get twice as many.
 const RING_ENTRIES: u32 = 4096;
@@ -211,6 +212,8 @@ struct Listener {
 pub struct Worker {
     ring: IoUring,
     shared: Arc<Shared>,
+    /// This worker's own counts, for `mxgate stats`.
+    counts: Arc<Counts>,
     snapshot: SnapshotCache,
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
@@ -243,6 +246,7 @@ impl Worker {
         let mut w = Worker {
             ring,
             snapshot: shared.snapshot_cache(),
+            counts: shared.worker_counts(),
             shared,
             listeners,
             conns: Slab::new(),
@@ -348,7 +352,9 @@ impl Worker {
             return;
         };
         let snapshot = self.snapshot.load();
-        let (whitelisted, admission) = match gate::admit(snapshot, &self.shared.abuse, peer, unix) {
+        let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
+        self.counts.verdict(&verdict);
+        let (whitelisted, admission) = match verdict {
             Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
             Verdict::Refuse(refusal) => {
                 let line = self.refusals.line(refusal, snapshot, unix);
@@ -457,7 +463,7 @@ impl Worker {
             let peer_changed = self.serve_peer(key);
             let relay_changed = self.serve_relay(key, now);
             let Some(conn) = self.conns.get_mut(key) else { return };
-            handle_events(&mut conn.session, &self.shared.abuse, conn.whitelisted);
+            handle_events(&mut conn.session, &self.shared.abuse, &self.counts, conn.whitelisted);
             if !peer_changed && !relay_changed {
                 break;
             }

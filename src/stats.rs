@@ -1,0 +1,150 @@
+//! What the workers did, for `mxgate stats`: each worker counts in cache lines of its own
+//! (one writer: a plain load and store, no locked instruction, no line shared between
+//! cores), and a request adds the workers' counts up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::abuse::Limit;
+use crate::gate::{Refusal, Verdict};
+use crate::smtp::Outcome;
+
+/// Everything counted, in the order `mxgate stats` prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// Refused by the access list.
+    Denied,
+    /// Refused by a ban.
+    Banned,
+    /// Refused by `max_connections_per_ip`.
+    TooManyFromAddress,
+    /// Refused by `listen.max_connections`.
+    Busy,
+    /// Allowed: given the banner and a session.
+    Sessions,
+    MessagesDelivered,
+    MessagesRefused,
+    /// Transactions ended without a reply to a message (RSET, QUIT, timeout...).
+    TransactionsAbandoned,
+    /// Replies counted as failures (5xx), whitelisted peers' included.
+    Failures,
+    /// Conversations dropped for too many failures.
+    Dropped,
+}
+
+impl Count {
+    const ALL: [Count; 10] = [
+        Count::Denied,
+        Count::Banned,
+        Count::TooManyFromAddress,
+        Count::Busy,
+        Count::Sessions,
+        Count::MessagesDelivered,
+        Count::MessagesRefused,
+        Count::TransactionsAbandoned,
+        Count::Failures,
+        Count::Dropped,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Count::Denied => "refused_denied",
+            Count::Banned => "refused_banned",
+            Count::TooManyFromAddress => "refused_too_many_from_address",
+            Count::Busy => "refused_busy",
+            Count::Sessions => "sessions",
+            Count::MessagesDelivered => "messages_delivered",
+            Count::MessagesRefused => "messages_refused",
+            Count::TransactionsAbandoned => "transactions_abandoned",
+            Count::Failures => "failures",
+            Count::Dropped => "conversations_dropped",
+        }
+    }
+}
+
+/// One worker's counts. Only its worker adds to them.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+pub struct Counts([AtomicU64; Count::ALL.len()]);
+
+impl Counts {
+    #[inline]
+    pub fn add(&self, count: Count) {
+        let c = &self.0[count as usize];
+        // one writer: no read-modify-write needed, and readers see whole values
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Counts the gate's decision on a new connection.
+    #[inline]
+    pub fn verdict(&self, verdict: &Verdict) {
+        self.add(match verdict {
+            Verdict::Allow { .. } => Count::Sessions,
+            Verdict::Refuse(Refusal::Deny) => Count::Denied,
+            Verdict::Refuse(Refusal::Banned) => Count::Banned,
+            Verdict::Refuse(Refusal::Limit(Limit::PerAddress)) => Count::TooManyFromAddress,
+            Verdict::Refuse(Refusal::Limit(Limit::Total)) => Count::Busy,
+        });
+    }
+
+    /// Counts how a transaction ended.
+    pub fn transaction(&self, outcome: Outcome) {
+        self.add(match outcome {
+            Outcome::Delivered => Count::MessagesDelivered,
+            Outcome::Refused { .. } => Count::MessagesRefused,
+            Outcome::Abandoned(_) => Count::TransactionsAbandoned,
+        });
+    }
+}
+
+/// Every worker's counts.
+#[derive(Debug, Default)]
+pub struct Stats(Mutex<Vec<Arc<Counts>>>);
+
+impl Stats {
+    /// Counts for a new worker.
+    pub fn worker(&self) -> Arc<Counts> {
+        let counts = Arc::<Counts>::default();
+        self.workers().push(Arc::clone(&counts));
+        counts
+    }
+
+    /// `name value` for each count, summed over the workers; the connections accepted
+    /// first (every one is either refused or given a session).
+    pub fn lines(&self) -> Vec<(&'static str, u64)> {
+        let workers = self.workers();
+        let sums: Vec<(&'static str, u64)> = Count::ALL
+            .iter()
+            .map(|&c| (c.name(), workers.iter().map(|w| w.0[c as usize].load(Ordering::Relaxed)).sum()))
+            .collect();
+        let accepted = sums[..=Count::Sessions as usize].iter().map(|(_, n)| n).sum();
+        std::iter::once(("connections_accepted", accepted)).chain(sums).collect()
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Counts>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_counts_add_up() {
+        let stats = Stats::default();
+        let (a, b) = (stats.worker(), stats.worker());
+        a.add(Count::Denied);
+        b.add(Count::Denied);
+        b.add(Count::Sessions);
+        a.transaction(Outcome::Delivered);
+        let lines = stats.lines();
+        let get = |name| lines.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        assert_eq!(get("connections_accepted"), Some(3));
+        assert_eq!(get("refused_denied"), Some(2));
+        assert_eq!(get("sessions"), Some(1));
+        assert_eq!(get("messages_delivered"), Some(1));
+        assert_eq!(get("refused_banned"), Some(0));
+        assert_eq!(lines.len(), Count::ALL.len() + 1);
+    }
+}

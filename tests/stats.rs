@@ -1,0 +1,58 @@
+//! `mxgate stats` end to end: the real binary, both drivers; every count exact.
+
+#[macro_use]
+mod common;
+
+use common::nexthop::{AtDot, NextHop};
+use common::{
+    Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send, wait_until,
+};
+
+fn stats(m: &Mxgate) -> String {
+    let (code, out) = run_cli(&["stats"], &m.files.config());
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
+/// The stats without the first line (uptime).
+fn counts(m: &Mxgate) -> String {
+    let out = stats(m);
+    assert!(out.starts_with("uptime_seconds "), "{out}");
+    out.lines().skip(1).map(|l| format!("{l}\n")).collect()
+}
+
+fn every_connection_and_transaction_is_counted(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let config = format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [access]\nlist = \"access.list\"\n[relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{}\"]\n\
+         [control]\nsocket = \"mxgate.sock\"\n",
+        hop.addr
+    );
+    let mut m = Mxgate::start(&config, &[("access.list", "deny 127.0.9.1\n")], io);
+    assert_denied(&m, "127.0.9.1", 0);
+    assert_denied(&m, "127.0.9.1", 0);
+    assert_allowed(&m, "127.0.9.3", 0);
+    let mut s = connect_from("127.0.9.2", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<x@elsewhere.org>\r\n");
+    assert!(read_replies(&mut s, 3).ends_with("550 5.7.1 relay access denied\r\n"));
+    send(&mut s, b"RCPT TO:<u@example.com>\r\nDATA\r\n");
+    assert!(read_replies(&mut s, 2).ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
+    send(&mut s, b"Subject: counted\r\n\r\nhello\r\n.\r\nMAIL FROM:<a@client.test>\r\nQUIT\r\n");
+    let (rest, _) = read_to_end(&mut s);
+    assert!(rest.starts_with("250 ") && rest.contains("221 "), "{rest}");
+
+    wait_until("both sessions closed", || stats(&m).contains("connections_open 0\n"));
+    let expected = "connections_accepted 4\nrefused_denied 2\nrefused_banned 0\nrefused_too_many_from_address 0\n\
+                    refused_busy 0\nsessions 2\nmessages_delivered 1\nmessages_refused 0\ntransactions_abandoned 1\n\
+                    failures 1\nconversations_dropped 0\nconnections_open 0\nbans_in_force 0\nreloads 0\n";
+    assert_eq!(counts(&m), expected);
+    assert_eq!(hop.messages().len(), 1);
+
+    m.signal(libc::SIGHUP);
+    m.wait_for_log("SIGHUP: reloaded");
+    assert!(counts(&m).ends_with("reloads 1\n"));
+}
+
+for_both_drivers!(every_connection_and_transaction_is_counted);
