@@ -67,7 +67,7 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
             Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
         },
         ("reload", "") => reload(shared),
-        ("stats", "") => shared.stats(),
+        ("stats", "") => shared.stats().iter().map(|(name, value, _)| format!("{name} {value}\n")).collect(),
         ("ban", args) => ban(shared, args),
         ("unban", key) => unban(shared, key.trim()),
         ("bans", "") => {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod datetime;
 pub mod gate;
+pub mod metrics;
 pub mod net;
 pub mod problem;
 pub mod smtp;

@@ -278,6 +278,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
         }
     };
     let control = control_socket(&shared);
+    let metrics = shared.snapshot().config.metrics.as_ref().map(|m| m.listen);
     let server = match Server::start(Arc::clone(&shared), io) {
         Ok(s) => s,
         Err(e) => {
@@ -290,6 +291,15 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
     {
         tracing::error!("cannot serve the control socket {}: {e}", path.display());
         return ExitCode::FAILURE;
+    }
+    if let Some(addr) = metrics {
+        match mxgate::metrics::serve(addr, Arc::clone(&shared)) {
+            Ok(bound) => tracing::info!("metrics at http://{bound}/metrics"),
+            Err(e) => {
+                tracing::error!("cannot serve metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let addresses: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
     tracing::info!(

@@ -55,4 +55,31 @@ fn every_connection_and_transaction_is_counted(io: &str) {
     assert!(counts(&m).ends_with("reloads 1\n"));
 }
 
-for_both_drivers!(every_connection_and_transaction_is_counted);
+/// One HTTP request to the metrics address; the whole response.
+fn http(addr: &str, request: &str) -> String {
+    let mut s = connect_from("127.0.0.1", addr.parse().expect("the metrics address"));
+    send(&mut s, request.as_bytes());
+    read_to_end(&mut s).0
+}
+
+fn metrics_are_served_as_prometheus_text(io: &str) {
+    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\n\
+                  [access]\nlist = \"access.list\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let m = Mxgate::start(config, &[("access.list", "deny 127.0.9.1\n")], io);
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address").to_owned();
+    assert_denied(&m, "127.0.9.1", 0);
+    assert_allowed(&m, "127.0.9.2", 0);
+    let got = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4"), "{got}");
+    let body = got.split("\r\n\r\n").nth(1).expect("a body");
+    assert!(body.contains("# TYPE mxgate_refused_denied_total counter\nmxgate_refused_denied_total 1\n"), "{body}");
+    assert!(
+        body.contains("mxgate_sessions_total 1\n") && body.contains("# TYPE mxgate_bans_in_force gauge\n"),
+        "{body}"
+    );
+    assert!(http(&addr, "GET /other HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 Not Found\r\n"));
+    assert!(http(&addr, "\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request\r\n"));
+}
+
+for_both_drivers!(every_connection_and_transaction_is_counted, metrics_are_served_as_prometheus_text);

@@ -94,17 +94,18 @@ impl Shared {
         &self.abuse
     }
 
-    /// What `mxgate stats` prints: `name value` lines.
-    pub fn stats(&self) -> String {
+    /// What `mxgate stats` prints and `/metrics` serves: each name and value, and
+    /// whether it is a gauge (a level now) rather than a count since start.
+    pub fn stats(&self) -> Vec<(&'static str, u64, bool)> {
         let now = UnixTime::now();
-        let mut lines = vec![("uptime_seconds", self.started.elapsed().as_secs())];
-        lines.extend(self.stats.lines());
+        let mut lines = vec![("uptime_seconds", self.started.elapsed().as_secs(), true)];
+        lines.extend(self.stats.lines().into_iter().map(|(name, value)| (name, value, false)));
         lines.extend([
-            ("connections_open", u64::from(self.abuse.connections.total())),
-            ("bans_in_force", self.abuse.bans_in_force(now).len() as u64),
-            ("reloads", self.reloads.load(Ordering::Relaxed)),
+            ("connections_open", u64::from(self.abuse.connections.total()), true),
+            ("bans_in_force", self.abuse.bans_in_force(now).len() as u64, true),
+            ("reloads", self.reloads.load(Ordering::Relaxed), false),
         ]);
-        lines.iter().map(|(name, value)| format!("{name} {value}\n")).collect()
+        lines
     }
 
     /// The current snapshot.

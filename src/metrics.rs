@@ -1,0 +1,68 @@
+//! Prometheus text at `http://<[metrics] listen>/metrics`: what `mxgate stats` says, as
+//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges. One thread answers one
+//! request a connection, each bounded in size and time; anything but `GET /metrics` is
+//! answered 404 (or 400).
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::net::Shared;
+
+/// Longest request head read; a client gets this long to send it and to read the answer.
+const MAX_REQUEST: usize = 4096;
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Listens on `addr` and answers on a thread of its own for the life of the process;
+/// returns the address bound (`addr` with port 0 gets one).
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new().name("mxgate-metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Err(e) = answer(stream, &shared) {
+                tracing::debug!("metrics request: {e}");
+            }
+        }
+    })?;
+    Ok(bound)
+}
+
+fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let (status, body) = match (words.next(), words.next()) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", text(shared)),
+        (Some(_), Some(_)) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
+        _ => ("400 Bad Request", "bad request\n".to_owned()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes())
+}
+
+/// The exposition text.
+fn text(shared: &Shared) -> String {
+    let mut out = String::new();
+    for (name, value, gauge) in shared.stats() {
+        let (name, kind) =
+            if gauge { (format!("mxgate_{name}"), "gauge") } else { (format!("mxgate_{name}_total"), "counter") };
+        out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    out
+}
