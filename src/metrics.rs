@@ -42,6 +42,7 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         head.extend_from_slice(&buf[..n]);
     }
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
     let (status, body) = match (words.next(), words.next()) {
         (Some(b"GET"), Some(b"/metrics")) => ("200 OK", text(shared)),

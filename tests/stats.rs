@@ -78,6 +78,7 @@ fn metrics_are_served_as_prometheus_text(io: &str) {
         body.contains("mxgate_sessions_total 1\n") && body.contains("# TYPE mxgate_bans_in_force gauge\n"),
         "{body}"
     );
+    assert!(http(&addr, "GET /metrics\r\n\r\n").starts_with("HTTP/1.1 200 OK\r\n"), "no version given");
     assert!(http(&addr, "GET /other HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 Not Found\r\n"));
     assert!(http(&addr, "\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request\r\n"));
 }

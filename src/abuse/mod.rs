@@ -182,6 +182,11 @@ impl Abuse {
         bans
     }
 
+    /// How many bans are in force at `now`.
+    pub fn bans_count(&self, now: UnixTime) -> usize {
+        self.book().iter().filter(|(_, b)| b.until > now.0).count()
+    }
+
     fn tell_writer(&self, change: Change) {
         if let Some(changes) = &self.changes {
             let _ = changes.send(change);

@@ -102,7 +102,7 @@ impl Shared {
         lines.extend(self.stats.lines().into_iter().map(|(name, value)| (name, value, false)));
         lines.extend([
             ("connections_open", u64::from(self.abuse.connections.total()), true),
-            ("bans_in_force", self.abuse.bans_in_force(now).len() as u64, true),
+            ("bans_in_force", self.abuse.bans_count(now) as u64, true),
             ("reloads", self.reloads.load(Ordering::Relaxed), false),
         ]);
         lines
