@@ -71,6 +71,9 @@ pub struct Shared {
     stats: Stats,
     started: Instant,
     reloads: AtomicU64,
+    /// Held by a reload: two at once (SIGHUP and the control socket) could otherwise
+    /// store the older files last.
+    reloading: std::sync::Mutex<()>,
     stopping: AtomicBool,
 }
 
@@ -85,6 +88,7 @@ impl Shared {
             stats: Stats::default(),
             started: Instant::now(),
             reloads: AtomicU64::new(0),
+            reloading: std::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
         }))
     }
@@ -123,6 +127,7 @@ impl Shared {
     /// open ones keep theirs to the end. Any problem anywhere changes nothing. The
     /// outcome is logged, naming `cause` (what asked for the reload).
     pub fn reload(&self, cause: &str) -> Result<Reloaded, Problems> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let outcome = self.load_again();
         match &outcome {
             Ok(reloaded) => {
