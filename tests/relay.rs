@@ -6,7 +6,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream};
 
 use common::nexthop::{AtDot, NextHop};
-use common::{Mxgate, connect_from, read_replies, read_to_end, send};
+use common::{End, Mxgate, connect_from, read_replies, read_to_end, send};
 
 fn config(next_hops: &[SocketAddr], extra: &str) -> String {
     let hops: Vec<String> = next_hops.iter().map(|h| format!("\"{h}\"")).collect();
@@ -229,7 +229,44 @@ fn random_bodies_survive_byte_exact(io: &str) {
     }
 }
 
+/// SIGTERM while a message is being sent: it finishes, reaches the next hop byte-exact and
+/// gets 250; the same session's next MAIL gets 421; an idle session gets 421 at once; new
+/// connections are refused; the process exits 0.
+fn sigterm_lets_the_message_in_flight_finish(io: &str) {
+    const SHUTTING_DOWN: &str = "421 4.3.2 mx.test service shutting down, closing connection\r\n";
+    let hop = NextHop::start(AtDot::Accept);
+    let mut m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut busy = session(&m, "127.0.21.1");
+    let mut idle = session(&m, "127.0.21.2");
+    send(&mut busy, b"MAIL FROM:<sender@client.test>\r\n");
+    assert_eq!(read_replies(&mut busy, 1), "250 2.1.0 sender OK\r\n");
+    send(&mut busy, b"RCPT TO:<user@example.com>\r\n");
+    assert_eq!(read_replies(&mut busy, 1), "250 2.1.5 recipient OK\r\n");
+    send(&mut busy, b"DATA\r\n");
+    assert!(read_replies(&mut busy, 1).starts_with("354 "));
+    let content = b"Subject: drained\r\n\r\nsent before SIGTERM\r\n.and after it\r\n";
+    let wire = stuffed(content);
+    send(&mut busy, &wire[..30]);
+
+    m.signal(libc::SIGTERM);
+    let (got, end) = read_to_end(&mut idle);
+    assert_eq!((got.as_str(), end), (SHUTTING_DOWN, End::Eof), "an idle session is told at once");
+    common::wait_until("new connections are refused", || TcpStream::connect(m.addr()).is_err());
+
+    send(&mut busy, &wire[30..]);
+    let reply = read_replies(&mut busy, 1);
+    assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+    let messages = hop.wait_messages(1);
+    assert_eq!(after_received(&messages[0].content()), content);
+    send(&mut busy, b"MAIL FROM:<sender@client.test>\r\n");
+    let (got, end) = read_to_end(&mut busy);
+    assert_eq!((got.as_str(), end), (SHUTTING_DOWN, End::Eof), "the next MAIL is refused");
+    assert!(m.wait_exit().success(), "exit 0");
+    assert_eq!(hop.messages().len(), 1);
+}
+
 for_both_drivers!(
+    sigterm_lets_the_message_in_flight_finish,
     bodies_are_relayed_byte_exact,
     next_hop_refusals_never_become_250,
     a_silent_next_hop_times_out,

@@ -160,7 +160,43 @@ fn a_transaction_open_across_a_reload_finishes_on_its_next_hop(io: &str) {
     assert_eq!(a.messages().len(), 1, "the old next hop got only the first");
 }
 
+/// A session opened before a reload that replaced `next_hops` relays its transactions to
+/// its own snapshot's next hop, not the current one; a new session uses the new one; the
+/// pool never hands a connection to the other.
+fn a_session_keeps_the_next_hops_it_started_with(io: &str) {
+    let (a, b) = (NextHop::start(AtDot::Accept), NextHop::start(AtDot::Accept));
+    let mut m = Mxgate::start(&relay_config(a.addr), &[], io);
+    let mut old = connect_from("127.0.7.7", m.addr());
+    read_replies(&mut old, 1);
+    send(&mut old, b"EHLO client.test\r\n");
+    read_replies(&mut old, 1);
+
+    write(&m, "mxgate.toml", &relay_config(b.addr));
+    reload(&mut m, "SIGHUP: reloaded");
+    let mut new = connect_from("127.0.7.8", m.addr());
+    read_replies(&mut new, 1);
+    send(&mut new, b"EHLO client.test\r\n");
+    read_replies(&mut new, 1);
+    for round in 0..2 {
+        for (s, subject) in [(&mut old, "old"), (&mut new, "new")] {
+            send(s, b"MAIL FROM:<x@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+            assert!(read_replies(s, 3).ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
+            send(s, format!("Subject: {subject} {round}\r\n\r\nbody\r\n.\r\n").as_bytes());
+            assert!(read_replies(s, 1).starts_with("250 "));
+        }
+    }
+    let subjects = |hop: &NextHop, n| -> Vec<String> {
+        hop.wait_messages(n).iter().map(|m| String::from_utf8_lossy(&m.content()).into_owned()).collect()
+    };
+    let (at_a, at_b) = (subjects(&a, 2), subjects(&b, 2));
+    assert_eq!(at_a.len(), 2, "{at_a:?}");
+    assert_eq!(at_b.len(), 2, "{at_b:?}");
+    assert!(at_a.iter().all(|m| m.contains("Subject: old ")), "{at_a:?}");
+    assert!(at_b.iter().all(|m| m.contains("Subject: new ")), "{at_b:?}");
+}
+
 for_both_drivers!(
+    a_session_keeps_the_next_hops_it_started_with,
     a_changed_list_applies_to_new_connections_and_open_ones_go_on,
     a_bad_file_changes_nothing,
     settings_apply_and_those_read_at_start_wait_for_the_next,

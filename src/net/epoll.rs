@@ -349,12 +349,7 @@ impl Worker {
         let connecting = conn.relay.as_ref().is_some_and(|r| r.connecting);
         let result = match conn.session.poll_relay() {
             Relay::Idle => return false,
-            Relay::Connect { hop, pooled_ok } => {
-                let snapshot = self.snapshot.load();
-                let Some(&addr) = snapshot.config.relay.next_hops.get(hop) else {
-                    conn.session.handle_relay_error(now);
-                    return true;
-                };
+            Relay::Connect { addr, pooled_ok } => {
                 if pooled_ok && let Some((mut stream, upstream)) = self.pool.take(addr) {
                     // pooled sockets stay registered: point this one at its new connection
                     let registered = self.poll.registry().reregister(
@@ -466,7 +461,7 @@ impl Worker {
             tracing::warn!("drain timeout: closing {} connections", self.conns.len());
             self.drain = Drain::Aborting;
             for (_, conn) in &mut self.conns {
-                conn.session.handle_eof(now);
+                conn.session.abort(now);
             }
             self.advance_all(now);
         }

@@ -202,7 +202,9 @@ impl Pooled {
 }
 
 struct Listener {
-    socket: TcpListener,
+    /// `None` once draining: closed, so the kernel refuses new connections (an armed
+    /// accept holds its own reference to the socket until it is cancelled).
+    socket: Option<TcpListener>,
     armed: bool,
     /// When to arm the accept again after a resource error.
     retry_at: Option<Instant>,
@@ -241,7 +243,7 @@ impl Worker {
         let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let listeners = sockets
             .into_iter()
-            .map(|socket| Listener { socket, armed: false, retry_at: None, closing: false })
+            .map(|socket| Listener { socket: Some(socket), armed: false, retry_at: None, closing: false })
             .collect();
         let mut w = Worker {
             ring,
@@ -517,12 +519,7 @@ impl Worker {
         match conn.session.poll_relay() {
             Relay::Idle => false,
             Relay::Connect { .. } if s.fd >= 0 => false,
-            Relay::Connect { hop, pooled_ok } => {
-                let snapshot = self.snapshot.load();
-                let Some(&addr) = snapshot.config.relay.next_hops.get(hop) else {
-                    conn.session.handle_relay_error(now);
-                    return true;
-                };
+            Relay::Connect { addr, pooled_ok } => {
                 if pooled_ok && let Some((pooled, upstream)) = self.pool.take(addr) {
                     *s = pooled.into_socket();
                     conn.session.attach_upstream(upstream, true, now);
@@ -611,7 +608,7 @@ impl Worker {
             self.drain = Drain::Aborting;
             tracing::warn!("drain timeout: closing {} connections", self.conns.len());
             for (_, conn) in &mut self.conns {
-                conn.session.handle_eof(now);
+                conn.session.abort(now);
             }
             self.advance_all(now);
         }
@@ -627,6 +624,7 @@ impl Worker {
         self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
         for (i, l) in self.listeners.iter_mut().enumerate() {
             l.closing = true;
+            drop(l.socket.take());
             if l.armed {
                 let cancel = opcode::AsyncCancel::new(user_data(TAG_ACCEPT, i, 0))
                     .build()
@@ -655,7 +653,7 @@ impl Worker {
     }
 
     fn arm_accept(&mut self, index: usize) {
-        let fd = self.listeners[index].socket.as_raw_fd();
+        let Some(fd) = self.listeners[index].socket.as_ref().map(AsRawFd::as_raw_fd) else { return };
         let accept = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_CLOEXEC)
             .build()

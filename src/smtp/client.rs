@@ -39,16 +39,34 @@ impl Reply {
     }
 
     /// Appends the reply for our peer: the next hop's code and text, reduced to
-    /// printable ASCII.
+    /// printable ASCII. We offer ENHANCEDSTATUSCODES, so a 2xx, 4xx or 5xx line without
+    /// an enhanced code gets its class's `X.0.0` (RFC 2034 §4), the text kept.
     pub fn render(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
+        let class = self.code / 100;
         for (i, line) in self.lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
             let _ = write!(out, "{}{sep}", self.code);
+            if matches!(class, 2 | 4 | 5) && !starts_with_enhanced_code(line, class) {
+                let _ = write!(out, "{class}.0.0 ");
+            }
             out.extend(line.bytes().map(|b| if (32..127).contains(&b) { b } else { b'?' }));
             out.extend_from_slice(b"\r\n");
         }
     }
+}
+
+/// `text` starts with an enhanced status code of `class` (`class.subject.detail`, each
+/// number 1-3 digits), then a space or the end.
+fn starts_with_enhanced_code(text: &str, class: u16) -> bool {
+    let code = text.split(' ').next().unwrap_or("");
+    let mut parts = code.split('.');
+    let digits =
+        |p: Option<&str>| p.is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    parts.next() == Some(class.to_string().as_str())
+        && digits(parts.next())
+        && digits(parts.next())
+        && parts.next().is_none()
 }
 
 /// What the next hop offered in its EHLO reply.
@@ -337,6 +355,19 @@ mod tests {
         let mut out = Vec::new();
         reply.render(&mut out);
         assert_eq!(out, b"550-5.1.1 no such\r\n550 5.1.1 user\r\n");
+        for (reply, rendered) in [
+            ((451, &["Try again later"][..]), &b"451 4.0.0 Try again later\r\n"[..]),
+            ((550, &["No such", "user here"]), b"550-5.0.0 No such\r\n550 5.0.0 user here\r\n"),
+            ((550, &["5.1.1"]), b"550 5.1.1\r\n"),
+            ((550, &["4.1.1 wrong class"]), b"550 5.0.0 4.1.1 wrong class\r\n"),
+            ((550, &["5.1.1234 too long a detail"]), b"550 5.0.0 5.1.1234 too long a detail\r\n"),
+            ((250, &["ok"]), b"250 2.0.0 ok\r\n"),
+            ((354, &["go ahead"]), b"354 go ahead\r\n"),
+        ] {
+            let mut out = Vec::new();
+            Reply { code: reply.0, lines: reply.1.iter().map(|l| l.to_string()).collect() }.render(&mut out);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(rendered));
+        }
         assert_eq!(u.poll_event(), None);
     }
 

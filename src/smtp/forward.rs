@@ -30,7 +30,11 @@ impl Session {
         let open = self.phase == Phase::Open;
         match &self.link {
             Link::None => Relay::Idle,
-            Link::Wanted { hop, pooled_ok } if open => Relay::Connect { hop: *hop, pooled_ok: *pooled_ok },
+            Link::Wanted { hop, pooled_ok } if open => match self.snapshot.config.relay.next_hops.get(*hop) {
+                Some(&addr) => Relay::Connect { addr, pooled_ok: *pooled_ok },
+                // `start_mail` and `relay_failed` only ask for hops the snapshot has
+                None => Relay::Idle,
+            },
             Link::Wanted { .. } => Relay::Idle,
             Link::Dialing { .. } if open => Relay::Idle,
             Link::Dialing { .. } | Link::Dropped => Relay::Close,
@@ -113,6 +117,9 @@ impl Session {
 
     /// MAIL was accepted here: send it on once a connection is ready.
     pub(super) fn start_mail(&mut self, now: Instant) {
+        if self.snapshot.config.relay.next_hops.is_empty() {
+            return self.answer_failure(Waiting::Mail, now);
+        }
         match &self.link {
             Link::Up(l) if l.up.is_ready() => self.send_mail(now),
             _ => {

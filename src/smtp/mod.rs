@@ -11,6 +11,12 @@
 //!   QUIT, idle, shutdown, improper pipelining: last reply, Closing ──► Closed   (next hop: DATA)
 //! ```
 //!
+//! Draining ([`Session::shutdown`], on SIGTERM): a session outside a transaction says
+//! `421 4.3.2` and closes at once; one inside a transaction finishes it (its commands,
+//! its body, the next hop's final answer) and answers the command after it with the 421
+//! (QUIT still gets 221). [`Session::abort`] (the drain timeout) says 421 and closes
+//! whatever is under way; an abandoned transaction is never answered 250.
+//!
 //! While a command waits for the next hop, no further input is processed: pipelined
 //! commands wait in the input buffer (one read's worth is still taken) and get their
 //! replies in order.
@@ -54,6 +60,8 @@ pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, Transmit
 pub const MAX_LINE_LEN: usize = 512;
 /// How long a closing session waits for its last reply to drain before giving up.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// The same after the drain timeout, when the process is about to exit.
+pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// Body bytes queued for the next hop above which no more are read from the peer.
 pub const RELAY_HIGH_WATER: usize = 32 * 1024;
 /// The start of a body during which the minimum data rate is not enforced.

@@ -12,7 +12,7 @@ use super::address::Path;
 use super::client::Upstream;
 use super::data::BodyFilter;
 use super::outbuf::OutBuf;
-use super::{CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
+use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
 use crate::snapshot::Snapshot;
@@ -41,9 +41,10 @@ pub enum Transmit<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Relay<'a> {
     Idle,
-    /// Connect to `next_hops[hop]`; a pooled connection will do when `pooled_ok`.
+    /// Connect to `addr`, a next hop of this session's own snapshot (whatever a reload
+    /// made current since); a pooled connection to it will do when `pooled_ok`.
     Connect {
-        hop: usize,
+        addr: SocketAddr,
         pooled_ok: bool,
     },
     Send(&'a [u8]),
@@ -235,6 +236,9 @@ pub struct Session {
     pub(super) failed_recipients: u32,
     /// A failure passed a limit: the 421 goes out once the current reply is queued.
     pub(super) dropping: bool,
+    /// The server is stopping: the transaction under way finishes, the next command
+    /// after it gets 421.
+    pub(super) draining: bool,
 }
 
 impl Session {
@@ -264,6 +268,7 @@ impl Session {
             failed_commands: 0,
             failed_recipients: 0,
             dropping: false,
+            draining: false,
         }
     }
 
@@ -407,12 +412,34 @@ impl Session {
         self.phase = Phase::Closed;
     }
 
-    /// The server is stopping: say so and close.
+    /// The server is stopping (a graceful drain): a transaction under way (from MAIL to
+    /// the reply after its body, or its RSET) finishes; a session outside one gets
+    /// `421 4.3.2` at once, or in answer to its next command once its transaction ended.
     pub fn shutdown(&mut self, now: Instant) {
-        if self.phase == Phase::Open {
-            self.out.push(&self.snapshot.smtp.shutdown);
-            self.begin_close(now);
+        if self.phase != Phase::Open || self.draining {
+            return;
         }
+        self.draining = true;
+        if self.txn.is_none() && self.waiting.is_none() {
+            self.say_shutdown(now);
+        }
+    }
+
+    /// The drain ran out of time: `421 4.3.2` and close, whatever is under way (a
+    /// transaction is abandoned, never answered 250); the line gets `ABORT_GRACE` to go out.
+    pub fn abort(&mut self, now: Instant) {
+        if self.phase == Phase::Open {
+            self.say_shutdown(now);
+        }
+        if let Phase::Closing { until } = self.phase {
+            self.phase = Phase::Closing { until: until.min(now + ABORT_GRACE) };
+        }
+    }
+
+    pub(super) fn say_shutdown(&mut self, now: Instant) {
+        let snapshot = Arc::clone(&self.snapshot);
+        self.out.push(&snapshot.smtp.shutdown);
+        self.begin_close(now);
     }
 
     /// What the driver does next on the peer's socket.

@@ -168,8 +168,10 @@ impl Harness {
                 busy = true;
             }
             match self.session.poll_relay() {
-                Relay::Connect { hop, pooled_ok } => {
+                Relay::Connect { addr, pooled_ok } => {
                     busy = true;
+                    // CONFIG's next hops are ports 2526 and 2527
+                    let hop = usize::from(addr.port() - 2526);
                     self.dials.push((hop, pooled_ok));
                     if pooled_ok && let Some(up) = self.pool.pop() {
                         self.session.attach_upstream(up, true, self.now);
@@ -765,11 +767,73 @@ fn idle_timeout_closes_with_421() {
     assert!(h.closed());
 }
 
+const SHUTTING_DOWN: &str = "421 4.3.2 mx.test service shutting down, closing connection\r\n";
+
+#[test]
+fn shutdown_lets_the_transaction_under_way_finish() {
+    let mut h = Harness::new();
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
+    assert_eq!(h.send(b"Subject: drain\r\n\r\nfirst half\r\n"), "");
+    h.session.shutdown(h.now);
+    assert_eq!(h.drive(), "", "nothing is said in the middle of a body");
+    let reply = h.send(b"second half\r\n.\r\n");
+    assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+    assert_eq!(h.hop.messages.len(), 1);
+    assert!(h.hop.messages[0].ends_with(b"Subject: drain\r\n\r\nfirst half\r\nsecond half\r\n"));
+    assert!(matches!(h.transactions()[..], [Transaction { outcome: Outcome::Delivered, .. }]));
+    // the next command is answered 421, and nothing of it reaches the next hop
+    assert_eq!(h.send(b"MAIL FROM:<b@client.test>\r\n"), SHUTTING_DOWN);
+    assert!(h.closed());
+    assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("MAIL")).count(), 1);
+    assert_eq!((h.released, h.closed), (1, 0), "the clean next-hop connection is kept");
+}
+
+#[test]
+fn shutdown_between_commands_of_a_transaction_waits_for_its_end() {
+    let mut h = Harness::new();
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    h.session.shutdown(h.now);
+    assert_eq!(h.drive(), "");
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n", "RSET ends the transaction");
+    assert_eq!(h.send(b"QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n", "QUIT is still QUIT");
+    assert!(h.closed());
+}
+
+#[test]
+fn abort_cuts_a_transaction_off_without_250() {
+    let mut h = Harness::new();
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
+    assert_eq!(h.send(b"Subject: slow\r\n"), "");
+    h.session.shutdown(h.now);
+    h.session.abort(h.now);
+    assert_eq!(h.drive(), SHUTTING_DOWN);
+    assert!(h.closed());
+    assert!(h.hop.messages.is_empty(), "the next hop never got the final dot");
+    assert_eq!(h.closed, 1, "the next-hop connection with a transaction open is closed");
+    assert!(matches!(h.transactions()[..], [Transaction { outcome: Outcome::Abandoned(_), .. }]));
+
+    // a closing peer that does not read gets ABORT_GRACE, not CLOSE_GRACE
+    let mut h = Harness::new();
+    h.session.handle_input(b"QUIT\r\n", h.now);
+    h.session.abort(h.now);
+    h.now += ABORT_GRACE;
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.session.poll_transmit(), Transmit::Close);
+}
+
 #[test]
 fn shutdown_says_421_and_a_peer_that_never_reads_is_dropped() {
     let mut h = Harness::new();
     h.session.shutdown(h.now);
-    assert_eq!(h.drive(), "421 4.3.2 mx.test service shutting down, closing connection\r\n");
+    assert_eq!(h.drive(), SHUTTING_DOWN, "an idle session is told at once");
     assert!(h.closed());
 
     let mut h = Harness::new();

@@ -42,6 +42,10 @@ impl Session {
         }
         let (verb, args) = command::split(line);
         let verb = Verb::parse(verb);
+        if self.draining && self.txn.is_none() && verb != Verb::Quit {
+            // the server is stopping and no transaction is left to finish
+            return self.say_shutdown(now);
+        }
         self.answering_rcpt = verb == Verb::Rcpt;
         match verb {
             Verb::Ehlo => self.hello(args, true, now),
