@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::abuse::AbuseKey;
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
-use crate::net::Shared;
+use crate::shared::Shared;
 
 /// Longest request line; a client gets this long to send it and to read the answer.
 const MAX_REQUEST: u64 = 512;

@@ -11,12 +11,14 @@
 pub mod abuse;
 pub mod access;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod datetime;
 pub mod gate;
 pub mod metrics;
 pub mod net;
 pub mod problem;
+pub mod shared;
 pub mod smtp;
 pub mod snapshot;
 pub mod stats;

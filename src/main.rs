@@ -12,8 +12,9 @@ use mxgate::access::Action;
 use mxgate::config::{Config, IoMode};
 use mxgate::datetime::UnixTime;
 use mxgate::gate::PeerIp;
-use mxgate::net::{Server, Shared};
+use mxgate::net::Server;
 use mxgate::problem::Problems;
+use mxgate::shared::Shared;
 use mxgate::snapshot::Snapshot;
 
 #[derive(Parser)]

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::net::Shared;
+use crate::shared::Shared;
 
 /// Longest request head read; a client gets this long to send it and to read the answer.
 const MAX_REQUEST: usize = 4096;

@@ -30,10 +30,12 @@ pub enum Count {
     Failures,
     /// Conversations dropped for too many failures.
     Dropped,
+    /// Handed over by the kernel, but the peer was gone before it could be judged.
+    Vanished,
 }
 
 impl Count {
-    const ALL: [Count; 10] = [
+    const ALL: [Count; 11] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -44,6 +46,7 @@ impl Count {
         Count::TransactionsAbandoned,
         Count::Failures,
         Count::Dropped,
+        Count::Vanished,
     ];
 
     fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Count {
             Count::Banned => "refused_banned",
             Count::TooManyFromAddress => "refused_too_many_from_address",
             Count::Busy => "refused_busy",
+            Count::Vanished => "gone_before_judged",
             Count::Sessions => "sessions",
             Count::MessagesDelivered => "messages_delivered",
             Count::MessagesRefused => "messages_refused",
@@ -110,14 +114,15 @@ impl Stats {
     }
 
     /// `name value` for each count, summed over the workers; the connections accepted
-    /// first (every one is either refused or given a session).
+    /// first (every one is refused, given a session, or gone before it was judged).
     pub fn lines(&self) -> Vec<(&'static str, u64)> {
         let workers = self.workers();
         let sums: Vec<(&'static str, u64)> = Count::ALL
             .iter()
             .map(|&c| (c.name(), workers.iter().map(|w| w.0[c as usize].load(Ordering::Relaxed)).sum()))
             .collect();
-        let accepted = sums[..=Count::Sessions as usize].iter().map(|(_, n)| n).sum();
+        let judged: u64 = sums[..=Count::Sessions as usize].iter().map(|(_, n)| n).sum();
+        let accepted = judged + sums[Count::Vanished as usize].1;
         std::iter::once(("connections_accepted", accepted)).chain(sums).collect()
     }
 

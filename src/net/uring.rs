@@ -5,11 +5,14 @@
 //! - A denied peer costs one `getpeername`, the table lookup and two linked entries,
 //!   send-the-deny-line then close, both silent on success: one completion (the accept)
 //!   per denied connection and no allocation.
-//! - An allowed peer gets a [`Session`], served on two sockets: the peer's and, while a
-//!   transaction needs one, the next hop's (pooled per worker). Each socket has at most
-//!   one recv and one send in flight (and the next hop's one connect). Bytes to send are
-//!   copied into the socket's own buffer first, so the session may be called at any time;
-//!   closing a socket cancels what is in flight and closes once it has completed.
+//! - An allowed peer's [`Connection`] is served on two sockets: the peer's and, while a
+//!   transaction needs one, the next hop's (pooled by the [`Host`]). Each socket has at
+//!   most one recv and one send in flight (and the next hop's one connect). Bytes to send
+//!   are copied into the socket's own buffer first, so the connection may be called at any
+//!   time; closing a socket cancels what is in flight and closes once it has completed.
+//!
+//! The driver owns the ring, the listeners and the sockets and moves bytes; accept, the
+//! gate, sessions, the pool and deadlines are the host's.
 //!
 //! Memory handed to the kernel outlives the operation: a connection's buffers live until
 //! its last operation completes, the deny lines and the wake buffer are never freed.
@@ -21,18 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
-use slab::Slab;
 use socket2::SockRef;
 
-use super::pool::Pool;
-use super::timers::{ConnId, Timers};
-use super::{Drain, READ_LEN, Shared, SnapshotCache, handle_events};
-use crate::abuse::Admission;
+use super::READ_LEN;
+use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
-use crate::gate::{self, PeerIp, RefusalLines, Verdict};
-use crate::smtp::client::Upstream;
-use crate::smtp::{Relay, Session, Transmit};
-use crate::stats::Counts;
+use crate::shared::Shared;
+use crate::smtp::{Relay, Transmit};
 
 /// Submission queue entries per ring; completions get twice as many.
 const RING_ENTRIES: u32 = 4096;
@@ -176,20 +174,15 @@ impl Socket {
     }
 }
 
-struct Conn {
-    generation: u32,
-    session: Session,
-    whitelisted: bool,
-    /// Its place in the connection counts, given back when the connection is freed.
-    _admission: Admission,
+/// A connection's sockets.
+pub struct Sockets {
     peer: Socket,
     relay: Socket,
-    armed: Option<Instant>,
 }
 
 /// A pooled next-hop connection's socket (closed when dropped), with its read buffer
 /// for the next user.
-struct Pooled {
+pub struct Pooled {
     fd: OwnedFd,
     read_buf: Box<[u8]>,
 }
@@ -211,22 +204,18 @@ struct Listener {
     closing: bool,
 }
 
-pub struct Worker {
+/// The operations, on the ring.
+pub struct Uring {
     ring: IoUring,
-    shared: Arc<Shared>,
-    /// This worker's own counts, for `mxgate stats`.
-    counts: Arc<Counts>,
-    snapshot: SnapshotCache,
+}
+
+pub struct Worker {
+    io: Uring,
+    host: Host<Uring>,
     listeners: Vec<Listener>,
-    conns: Slab<Conn>,
-    pool: Pool<Pooled>,
-    timers: Timers,
-    refusals: RefusalLines,
-    generation: u32,
     wake_fd: Arc<OwnedFd>,
     /// Never freed: the kernel may write to it until the ring is gone.
     wake_buf: &'static mut [u8; 8],
-    drain: Drain,
 }
 
 impl Worker {
@@ -246,25 +235,17 @@ impl Worker {
             .map(|socket| Listener { socket: Some(socket), armed: false, retry_at: None, closing: false })
             .collect();
         let mut w = Worker {
-            ring,
-            snapshot: shared.snapshot_cache(),
-            counts: shared.worker_counts(),
-            shared,
+            io: Uring { ring },
+            host: Host::new(shared),
             listeners,
-            conns: Slab::new(),
-            pool: Pool::default(),
-            timers: Timers::default(),
-            refusals: RefusalLines::default(),
-            generation: 0,
             wake_fd,
             wake_buf: Box::leak(Box::new([0; 8])),
-            drain: Drain::Serving,
         };
         w.arm_wake();
         for i in 0..w.listeners.len() {
             w.arm_accept(i);
         }
-        w.ring.submit()?;
+        w.io.ring.submit()?;
         Ok(w)
     }
 
@@ -276,24 +257,19 @@ impl Worker {
         let mut completions: Vec<cqueue::Entry> = Vec::with_capacity(RING_ENTRIES as usize);
         loop {
             let now = Instant::now();
-            self.fire_timers(now);
-            let conns = &self.conns;
-            self.timers.compact(conns.len(), |(key, generation)| {
-                conns.get(key).filter(|c| c.generation == generation).map(|c| c.armed)
-            });
+            self.host.tick(now, &mut self.io);
             self.retry_accepts(now);
-            let idle_timeout = self.snapshot.load().config.relay.idle_timeout;
-            drop(self.pool.expire(now, idle_timeout));
-            if self.finished() {
+            if self.host.finished() && self.listeners.iter().all(|l| !l.armed) {
                 break;
             }
-            let waited = match self.next_wakeup().map(|at| at.saturating_duration_since(now)) {
-                Some(wait) => {
-                    let ts = types::Timespec::from(wait);
+            let retries = self.listeners.iter().filter(|l| !l.armed && !l.closing).filter_map(|l| l.retry_at);
+            let waited = match retries.chain(self.host.next_wakeup(now)).min() {
+                Some(at) => {
+                    let ts = types::Timespec::from(at.saturating_duration_since(now));
                     let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
+                    self.io.ring.submitter().submit_with_args(1, &args)
                 }
-                None => self.ring.submit_and_wait(1),
+                None => self.io.ring.submit_and_wait(1),
             };
             if let Err(e) = waited
                 && !matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY))
@@ -301,23 +277,28 @@ impl Worker {
                 tracing::error!("io_uring wait failed: {e}; this worker stops");
                 break;
             }
-            completions.extend(self.ring.completion());
+            completions.extend(self.io.ring.completion());
             let now = Instant::now();
             let unix = UnixTime::now();
             for c in completions.drain(..) {
                 self.complete(c.user_data(), c.result(), c.flags(), now, unix);
             }
         }
-        drop(self.pool.drain());
+        self.host.close_pool();
         // Anything still queued (closes of denied sockets) goes before the ring does.
-        let _ = self.ring.submit();
+        let _ = self.io.ring.submit();
     }
 
     fn complete(&mut self, ud: u64, res: i32, flags: u32, now: Instant, unix: UnixTime) {
         let (tag, key, generation) = split_user_data(ud);
         match tag {
             TAG_ACCEPT => self.accepted(key, res, flags, now, unix),
-            TAG_PEER_RECV..=TAG_RELAY_CONNECT => self.op_done(tag, (key, generation), res, now),
+            TAG_PEER_RECV..=TAG_RELAY_CONNECT => {
+                if let Some((conn, sockets)) = self.host.get_current((key, generation)) {
+                    op_done(&mut self.io.ring, tag, conn, sockets, res, now);
+                    self.host.advance(key, now, &mut self.io);
+                }
+            }
             TAG_WAKE => self.woken(now),
             TAG_CLOSE if res == -libc::ECANCELED => {
                 // SAFETY: the close was cancelled before it ran, so we still own `key` (the fd).
@@ -348,150 +329,149 @@ impl Worker {
             return;
         }
         let fd: RawFd = res;
-        let Some(peer) = peer_addr(fd).map(PeerIp::from) else {
+        let Some(addr) = peer_addr(fd) else {
             // the peer already left (ENOTCONN)
-            push(&mut self.ring, &[close_entry(fd)]);
+            self.host.vanished();
+            push(&mut self.io.ring, &[close_entry(fd)]);
             return;
         };
-        let snapshot = self.snapshot.load();
-        let verdict = gate::admit(snapshot, &self.shared.abuse, peer, unix);
-        self.counts.verdict(&verdict);
-        let (whitelisted, admission) = match verdict {
-            Verdict::Allow { whitelisted, admission } => (whitelisted, admission),
-            Verdict::Refuse(refusal) => {
-                let line = self.refusals.line(refusal, snapshot, unix);
+        let conn = match self.host.admit(addr, now, unix) {
+            Admit::Serve(conn) => conn,
+            Admit::Refuse(line) => {
                 let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
                     .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
                     .user_data(user_data(TAG_DENY_SEND, 0, 0));
-                push(&mut self.ring, &[send, close_entry(fd)]);
-                tracing::debug!(%peer, ?refusal, "refused");
+                push(&mut self.io.ring, &[send, close_entry(fd)]);
                 return;
             }
         };
-        let mut session = Session::new(snapshot.clone(), peer, now, unix);
-        if self.drain != Drain::Serving {
-            session.shutdown(now);
-        }
-        tracing::debug!(%peer, "allowed");
-        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
-        let mut peer_socket = Socket::open(fd);
-        peer_socket.read_buf = vec![0; READ_LEN].into_boxed_slice();
-        let conn = Conn {
-            generation: self.generation,
-            session,
-            whitelisted,
-            _admission: admission,
-            peer: peer_socket,
-            relay: Socket::none(),
-            armed: None,
-        };
-        let key = self.conns.insert(conn);
-        self.advance(key, now);
+        let mut peer = Socket::open(fd);
+        peer.read_buf = vec![0; READ_LEN].into_boxed_slice();
+        self.host.open(conn, Sockets { peer, relay: Socket::none() }, now, &mut self.io);
     }
 
-    /// An operation on one of a connection's sockets completed.
-    fn op_done(&mut self, tag: u8, (key, generation): ConnId, res: i32, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { return };
-        let failed = res < 0 && res != -libc::ECANCELED;
-        match tag {
-            TAG_PEER_RECV => {
-                conn.peer.recv = false;
-                match res {
-                    0 => conn.session.handle_eof(now),
-                    n if n > 0 => conn.session.handle_input(&conn.peer.read_buf[..n as usize], now),
-                    _ if failed => conn.session.handle_eof(now),
-                    _ => {}
-                }
-            }
-            TAG_PEER_SEND => {
-                conn.peer.send = false;
-                match res {
-                    n if n >= 0 => conn.session.consume_output(n as usize),
-                    _ if failed => conn.session.handle_eof(now),
-                    _ => {}
-                }
-            }
-            TAG_RELAY_RECV => {
-                conn.relay.recv = false;
-                match res {
-                    n if n > 0 => conn.session.handle_relay_input(&conn.relay.read_buf[..n as usize], now),
-                    0 => conn.session.handle_relay_error(now),
-                    _ if failed => conn.session.handle_relay_error(now),
-                    _ => {}
-                }
-            }
-            TAG_RELAY_SEND => {
-                conn.relay.send = false;
-                match res {
-                    n if n >= 0 => conn.session.consume_relay_output(n as usize, now),
-                    _ if failed => conn.session.handle_relay_error(now),
-                    _ => {}
-                }
-            }
-            _ => {
-                conn.relay.connect = false;
-                conn.relay.connect_to = None;
-                if res == 0 && !conn.relay.cancelling {
-                    let upstream = Upstream::new(conn.session.hostname());
-                    conn.session.attach_upstream(upstream, false, now);
-                } else {
-                    if failed {
-                        tracing::debug!("next hop connection failed: {}", io::Error::from_raw_os_error(-res));
-                    }
-                    push(&mut self.ring, &[close_entry(conn.relay.fd)]);
-                    conn.relay.fd = -1;
-                    if failed {
-                        conn.session.handle_relay_error(now);
-                    }
-                }
-            }
+    fn woken(&mut self, now: Instant) {
+        if !self.host.stopping() {
+            return self.arm_wake();
         }
-        if !conn.peer.busy() {
-            conn.peer.cancelling = false;
+        if !self.host.start_drain(now, &mut self.io) {
+            return;
         }
-        if !conn.relay.busy() {
-            conn.relay.cancelling = false;
-        }
-        self.advance(key, now);
-    }
-
-    /// Serves the connection's two sockets as its session asks until nothing more can
-    /// start; frees the connection when both are closed.
-    fn advance(&mut self, key: usize, now: Instant) {
-        // a few rounds: handing a connection over (pool, close) can let the session go on
-        for _ in 0..8 {
-            let peer_changed = self.serve_peer(key);
-            let relay_changed = self.serve_relay(key, now);
-            let Some(conn) = self.conns.get_mut(key) else { return };
-            handle_events(&mut conn.session, &self.shared.abuse, &self.counts, conn.whitelisted);
-            if !peer_changed && !relay_changed {
-                break;
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            l.closing = true;
+            drop(l.socket.take());
+            if l.armed {
+                let cancel = opcode::AsyncCancel::new(user_data(TAG_ACCEPT, i, 0))
+                    .build()
+                    .user_data(user_data(TAG_CANCEL, 0, 0));
+                push(&mut self.io.ring, &[cancel]);
             }
-        }
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        let done = conn.peer.fd < 0
-            && conn.relay.fd < 0
-            && !conn.peer.busy()
-            && !conn.relay.busy()
-            && conn.session.poll_relay() == Relay::Idle;
-        if done {
-            self.conns.remove(key);
-        } else {
-            self.timers.arm(&mut conn.armed, conn.session.poll_timeout(), (key, conn.generation));
         }
     }
 
-    /// Starts what the session asks on the peer's socket; true when it closed the socket.
-    fn serve_peer(&mut self, key: usize) -> bool {
-        let Some(conn) = self.conns.get_mut(key) else { return false };
-        let generation = conn.generation;
-        let s = &mut conn.peer;
+    fn arm_wake(&mut self) {
+        let read = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data(TAG_WAKE, 0, 0));
+        push(&mut self.io.ring, &[read]);
+    }
+
+    fn arm_accept(&mut self, index: usize) {
+        let Some(fd) = self.listeners[index].socket.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        let accept = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(TAG_ACCEPT, index, 0));
+        push(&mut self.io.ring, &[accept]);
+        self.listeners[index].armed = true;
+    }
+
+    fn retry_accepts(&mut self, now: Instant) {
+        for i in 0..self.listeners.len() {
+            let l = &mut self.listeners[i];
+            if !l.armed && !l.closing && l.retry_at.is_none_or(|t| t <= now) {
+                l.retry_at = None;
+                self.arm_accept(i);
+            }
+        }
+    }
+}
+
+/// An operation on one of a connection's sockets completed: its result, to the connection.
+fn op_done(ring: &mut IoUring, tag: u8, conn: &mut Connection, s: &mut Sockets, res: i32, now: Instant) {
+    let failed = res < 0 && res != -libc::ECANCELED;
+    match tag {
+        TAG_PEER_RECV => {
+            s.peer.recv = false;
+            match res {
+                0 => conn.peer_eof(now),
+                n if n > 0 => conn.peer_input(&s.peer.read_buf[..n as usize], now),
+                _ if failed => conn.peer_eof(now),
+                _ => {}
+            }
+        }
+        TAG_PEER_SEND => {
+            s.peer.send = false;
+            match res {
+                n if n >= 0 => conn.peer_sent(n as usize),
+                _ if failed => conn.peer_eof(now),
+                _ => {}
+            }
+        }
+        TAG_RELAY_RECV => {
+            s.relay.recv = false;
+            match res {
+                n if n > 0 => conn.hop_input(&s.relay.read_buf[..n as usize], now),
+                0 => conn.hop_failed(now),
+                _ if failed => conn.hop_failed(now),
+                _ => {}
+            }
+        }
+        TAG_RELAY_SEND => {
+            s.relay.send = false;
+            match res {
+                n if n >= 0 => conn.hop_sent(n as usize, now),
+                _ if failed => conn.hop_failed(now),
+                _ => {}
+            }
+        }
+        _ => {
+            s.relay.connect = false;
+            s.relay.connect_to = None;
+            if res == 0 && !s.relay.cancelling {
+                conn.hop_connected(now);
+            } else {
+                if failed {
+                    tracing::debug!("next hop connection failed: {}", io::Error::from_raw_os_error(-res));
+                }
+                push(ring, &[close_entry(s.relay.fd)]);
+                s.relay.fd = -1;
+                if failed {
+                    conn.hop_failed(now);
+                }
+            }
+        }
+    }
+    for socket in [&mut s.peer, &mut s.relay] {
+        if !socket.busy() {
+            socket.cancelling = false;
+        }
+    }
+}
+
+impl Io for Uring {
+    type Sockets = Sockets;
+    type Pooled = Pooled;
+
+    /// Starts what the peer's socket is asked; true when it closed the socket.
+    fn peer(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, _: Instant) -> bool {
+        let s = &mut sockets.peer;
         if s.fd < 0 {
             return false;
         }
-        match conn.session.poll_transmit() {
+        match conn.poll_peer() {
             Transmit::Send(bytes) if !s.send => {
                 s.write_buf.clear();
                 s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
@@ -510,47 +490,10 @@ impl Worker {
         false
     }
 
-    /// Starts what the session asks on the next hop's side; true when the connection
-    /// changed hands (attached, pooled, closed) so the session may have more to do.
-    fn serve_relay(&mut self, key: usize, now: Instant) -> bool {
-        let Some(conn) = self.conns.get_mut(key) else { return false };
-        let generation = conn.generation;
-        let s = &mut conn.relay;
-        match conn.session.poll_relay() {
-            Relay::Idle => false,
-            Relay::Connect { .. } if s.fd >= 0 => false,
-            Relay::Connect { addr, pooled_ok } => {
-                if pooled_ok && let Some((pooled, upstream)) = self.pool.take(addr) {
-                    *s = pooled.into_socket();
-                    conn.session.attach_upstream(upstream, true, now);
-                    return true;
-                }
-                conn.session.dialing();
-                let socket = match socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM.cloexec(),
-                    None,
-                ) {
-                    Ok(socket) => socket,
-                    Err(e) => {
-                        tracing::warn!("cannot create a socket for the next hop: {e}");
-                        conn.session.handle_relay_error(now);
-                        return true;
-                    }
-                };
-                // commands and the final dot are small writes awaited one at a time
-                let _ = socket.set_tcp_nodelay(true);
-                *s = Socket::open(socket.into_raw_fd());
-                s.read_buf = vec![0; READ_LEN].into_boxed_slice();
-                let target = Box::new(socket2::SockAddr::from(addr));
-                let e = opcode::Connect::new(types::Fd(s.fd), target.as_ptr().cast(), target.len())
-                    .build()
-                    .user_data(user_data(TAG_RELAY_CONNECT, key, generation));
-                s.connect_to = Some(target);
-                s.connect = true;
-                push(&mut self.ring, &[e]);
-                false
-            }
+    /// Starts what the next hop's socket is asked; true when it closed the socket.
+    fn hop(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, _: Instant) -> bool {
+        let s = &mut sockets.relay;
+        match conn.poll_hop() {
             Relay::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
                 s.write_buf.clear();
                 s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
@@ -565,28 +508,11 @@ impl Worker {
                 push(&mut self.ring, &[e]);
                 false
             }
-            Relay::Release if !s.busy() && s.fd >= 0 => {
-                if let Some((upstream, addr)) = conn.session.detach_relay() {
-                    let max = self.snapshot.load().config.relay.max_idle_connections as usize;
-                    // SAFETY: the connection owned this descriptor, with nothing in flight on
-                    // it (`!s.busy()`); the slot forgets it below.
-                    let fd = unsafe { OwnedFd::from_raw_fd(s.fd) };
-                    let pooled = Pooled { fd, read_buf: std::mem::take(&mut s.read_buf) };
-                    drop(self.pool.put(addr, pooled, upstream, max, now));
-                } else {
-                    push(&mut self.ring, &[close_entry(s.fd)]);
-                }
-                s.fd = -1;
-                true
-            }
             Relay::Release | Relay::Close => {
-                if s.fd < 0 && !s.busy() {
-                    conn.session.detach_relay();
-                    return true;
-                }
-                let closed = close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
+                let closed = (s.fd < 0 && !s.busy())
+                    || close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
                 if closed {
-                    conn.session.detach_relay();
+                    conn.hop_closed();
                 }
                 closed
             }
@@ -594,93 +520,48 @@ impl Worker {
         }
     }
 
-    fn fire_timers(&mut self, now: Instant) {
-        let due = self.timers.expired(now, &mut self.conns, |c| (c.generation, &mut c.armed, c.session.poll_timeout()));
-        for key in due {
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.session.handle_timeout(now);
-            }
-            self.advance(key, now);
+    fn dial(&mut self, (key, generation): ConnId, sockets: &mut Sockets, addr: SocketAddr) -> io::Result<()> {
+        let s = &mut sockets.relay;
+        if s.fd >= 0 || s.busy() {
+            return Err(io::Error::other("the next-hop socket is still being closed"));
         }
-        if let Drain::Draining { deadline } = self.drain
-            && deadline <= now
-        {
-            self.drain = Drain::Aborting;
-            tracing::warn!("drain timeout: closing {} connections", self.conns.len());
-            for (_, conn) in &mut self.conns {
-                conn.session.abort(now);
-            }
-            self.advance_all(now);
-        }
-    }
-
-    fn woken(&mut self, now: Instant) {
-        if !self.shared.stopping() {
-            return self.arm_wake();
-        }
-        if self.drain != Drain::Serving {
-            return;
-        }
-        self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            l.closing = true;
-            drop(l.socket.take());
-            if l.armed {
-                let cancel = opcode::AsyncCancel::new(user_data(TAG_ACCEPT, i, 0))
-                    .build()
-                    .user_data(user_data(TAG_CANCEL, 0, 0));
-                push(&mut self.ring, &[cancel]);
-            }
-        }
-        for (_, conn) in &mut self.conns {
-            conn.session.shutdown(now);
-        }
-        self.advance_all(now);
-    }
-
-    fn advance_all(&mut self, now: Instant) {
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            self.advance(key, now);
-        }
-    }
-
-    fn arm_wake(&mut self) {
-        let read = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM.cloexec(), None)?;
+        // commands and the final dot are small writes awaited one at a time
+        let _ = socket.set_tcp_nodelay(true);
+        *s = Socket::open(socket.into_raw_fd());
+        s.read_buf = vec![0; READ_LEN].into_boxed_slice();
+        let target = Box::new(socket2::SockAddr::from(addr));
+        let e = opcode::Connect::new(types::Fd(s.fd), target.as_ptr().cast(), target.len())
             .build()
-            .user_data(user_data(TAG_WAKE, 0, 0));
-        push(&mut self.ring, &[read]);
+            .user_data(user_data(TAG_RELAY_CONNECT, key, generation));
+        s.connect_to = Some(target);
+        s.connect = true;
+        push(&mut self.ring, &[e]);
+        Ok(())
     }
 
-    fn arm_accept(&mut self, index: usize) {
-        let Some(fd) = self.listeners[index].socket.as_ref().map(AsRawFd::as_raw_fd) else { return };
-        let accept = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(user_data(TAG_ACCEPT, index, 0));
-        push(&mut self.ring, &[accept]);
-        self.listeners[index].armed = true;
-    }
-
-    fn retry_accepts(&mut self, now: Instant) {
-        for i in 0..self.listeners.len() {
-            let l = &mut self.listeners[i];
-            if !l.armed && !l.closing && l.retry_at.is_none_or(|t| t <= now) {
-                l.retry_at = None;
-                self.arm_accept(i);
-            }
+    fn adopt(&mut self, _: ConnId, sockets: &mut Sockets, pooled: Pooled) -> bool {
+        if sockets.relay.fd >= 0 || sockets.relay.busy() {
+            return false;
         }
+        sockets.relay = pooled.into_socket();
+        true
     }
 
-    fn next_wakeup(&mut self) -> Option<Instant> {
-        let pool = self.pool.next_expiry(self.snapshot.load().config.relay.idle_timeout);
-        let retries = self.listeners.iter().filter(|l| !l.armed && !l.closing).filter_map(|l| l.retry_at);
-        retries.chain(self.timers.next()).chain(self.drain.deadline()).chain(pool).min()
+    fn unplug(&mut self, sockets: &mut Sockets) -> Option<Pooled> {
+        let s = &mut sockets.relay;
+        if s.fd < 0 || s.busy() {
+            return None;
+        }
+        // SAFETY: the connection owned this descriptor, with nothing in flight on it; the
+        // slot forgets it below.
+        let fd = unsafe { OwnedFd::from_raw_fd(s.fd) };
+        s.fd = -1;
+        Some(Pooled { fd, read_buf: std::mem::take(&mut s.read_buf) })
     }
 
-    /// Draining is done: no connection left and no accept armed.
-    fn finished(&self) -> bool {
-        self.drain != Drain::Serving && self.conns.is_empty() && self.listeners.iter().all(|l| !l.armed)
+    fn closed(&self, s: &Sockets) -> bool {
+        s.peer.fd < 0 && s.relay.fd < 0 && !s.peer.busy() && !s.relay.busy()
     }
 }
 

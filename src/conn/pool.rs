@@ -63,6 +63,17 @@ impl<S> Pool<S> {
         self.idle.values().filter_map(|q| q.front()).map(|e| e.since + timeout).min()
     }
 
+    /// Idle connections to `hop`.
+    #[cfg(test)]
+    pub fn len(&self, hop: SocketAddr) -> usize {
+        self.idle.get(&hop).map_or(0, VecDeque::len)
+    }
+
+    #[cfg(test)]
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.idle.values_mut().flat_map(|q| q.iter_mut().map(|e| &mut e.socket))
+    }
+
     /// Every socket, for closing at shutdown.
     pub fn drain(&mut self) -> Vec<S> {
         self.idle.drain().flat_map(|(_, q)| q.into_iter().map(|e| e.socket)).collect()

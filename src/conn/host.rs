@@ -1,0 +1,385 @@
+//! What one worker's connections share, above its driver: the gate at accept, the slab of
+//! connections, the pool of idle next-hop connections, the deadlines, the drain, and what
+//! sessions report (the mail log, stats, failures counted against addresses).
+//!
+//! A driver implements [`Io`] (start or perform one operation on a connection's sockets)
+//! and calls the host: [`Host::admit`] for each accepted socket, [`Host::advance`] after
+//! each completion, [`Host::tick`] once per loop turn, [`Host::start_drain`] when told to
+//! stop. The host never touches a socket.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::Connection;
+use super::pool::Pool;
+use super::timers::{ConnId, Timers};
+use crate::abuse::{AbuseKey, Reason};
+use crate::datetime::UnixTime;
+use crate::gate::{self, PeerIp, RefusalLines, Verdict};
+use crate::shared::{Shared, SnapshotCache};
+use crate::smtp::{Event, Relay, Session};
+use crate::stats::{Count, Counts};
+
+/// Operations one connection may start before the worker moves on to others.
+const STEPS_PER_TURN: usize = 32;
+
+/// The operations a driver performs for the host: on io_uring each starts a submission
+/// whose completion comes later, on epoll each is done at once while the socket is ready.
+pub trait Io {
+    /// A connection's sockets and what is in flight on them.
+    type Sockets;
+    /// A next-hop connection waiting in the pool (closed when dropped).
+    type Pooled;
+
+    /// Starts what `conn.poll_peer()` asks; true when the connection may have more to do.
+    fn peer(&mut self, id: ConnId, sockets: &mut Self::Sockets, conn: &mut Connection, now: Instant) -> bool;
+    /// Starts what `conn.poll_hop()` asks (`Send`, `Receive`, `Close`; also `Release`
+    /// when [`Io::unplug`] gave nothing); true when the connection may have more to do.
+    fn hop(&mut self, id: ConnId, sockets: &mut Self::Sockets, conn: &mut Connection, now: Instant) -> bool;
+    /// Starts connecting the next-hop socket to `addr`; completes with
+    /// `conn.hop_connected` or `conn.hop_failed`.
+    fn dial(&mut self, id: ConnId, sockets: &mut Self::Sockets, addr: SocketAddr) -> io::Result<()>;
+    /// Makes a pooled connection the next-hop socket; false when it cannot be used.
+    fn adopt(&mut self, id: ConnId, sockets: &mut Self::Sockets, pooled: Self::Pooled) -> bool;
+    /// Takes the next-hop socket out for the pool, if it has one with nothing in flight.
+    fn unplug(&mut self, sockets: &mut Self::Sockets) -> Option<Self::Pooled>;
+    /// Both sockets are closed and nothing is in flight: the memory may be freed.
+    fn closed(&self, sockets: &Self::Sockets) -> bool;
+}
+
+/// The gate's answer for an accepted socket.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a refusal only writes the tag and the slice; boxing the connection would cost every allowed peer an allocation"
+)]
+pub enum Admit<'a> {
+    /// Send this one line (static memory, valid for the life of the process) and close.
+    Refuse(&'a [u8]),
+    /// Serve it: hand the connection to [`Host::open`] with its sockets.
+    Serve(Connection),
+}
+
+/// A worker's stage on the way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Serving,
+    /// Not accepting; sessions finish what they started until `deadline`.
+    Draining {
+        deadline: Instant,
+    },
+    /// The deadline passed: every connection was told 421 and is being closed.
+    Aborting,
+}
+
+struct Entry<S> {
+    conn: Connection,
+    sockets: S,
+}
+
+pub struct Host<I: Io> {
+    shared: Arc<Shared>,
+    /// This worker's own counts, for `mxgate stats`.
+    counts: Arc<Counts>,
+    snapshot: SnapshotCache,
+    refusals: RefusalLines,
+    conns: Slab<Entry<I::Sockets>>,
+    pool: Pool<I::Pooled>,
+    timers: Timers,
+    generation: u32,
+    /// Connections that used up their turn with work left.
+    busy: Vec<ConnId>,
+    drain: Drain,
+}
+
+impl<I: Io> Host<I> {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Host {
+            snapshot: shared.snapshot_cache(),
+            counts: shared.worker_counts(),
+            shared,
+            refusals: RefusalLines::default(),
+            conns: Slab::new(),
+            pool: Pool::default(),
+            timers: Timers::default(),
+            generation: 0,
+            busy: Vec::new(),
+            drain: Drain::Serving,
+        }
+    }
+
+    // ---- accepting -----------------------------------------------------------------------
+
+    /// Judges an accepted peer. A refusal costs the lookup and no allocation.
+    #[inline]
+    pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
+        let peer = PeerIp::from(addr);
+        let snapshot = self.snapshot.load();
+        let verdict = gate::admit(snapshot, self.shared.abuse(), peer, unix);
+        self.counts.verdict(&verdict);
+        match verdict {
+            Verdict::Refuse(refusal) => {
+                tracing::debug!(%peer, ?refusal, "refused");
+                Admit::Refuse(self.refusals.line(refusal, snapshot, unix))
+            }
+            Verdict::Allow { whitelisted, admission } => {
+                tracing::debug!(%peer, "allowed");
+                let mut session = Session::new(Arc::clone(snapshot), peer, now, unix);
+                if self.drain != Drain::Serving {
+                    session.shutdown(now);
+                }
+                self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
+                Admit::Serve(Connection::new(session, whitelisted, admission, self.generation))
+            }
+        }
+    }
+
+    /// A socket the kernel handed over whose peer was gone before it could be judged.
+    pub fn vanished(&mut self) {
+        self.counts.add(Count::Vanished);
+    }
+
+    /// The slab key the next [`Host::open`] will use (for a driver that registers the
+    /// sockets under it first).
+    pub fn next_key(&self) -> usize {
+        self.conns.vacant_key()
+    }
+
+    /// Starts serving an admitted connection on its sockets.
+    pub fn open(&mut self, conn: Connection, sockets: I::Sockets, now: Instant, io: &mut I) -> ConnId {
+        let generation = conn.generation();
+        let key = self.conns.insert(Entry { conn, sockets });
+        self.advance(key, now, io);
+        (key, generation)
+    }
+
+    // ---- serving -------------------------------------------------------------------------
+
+    /// The connection under `key` (whatever its generation), with its sockets.
+    pub fn get(&mut self, key: usize) -> Option<(&mut Connection, &mut I::Sockets)> {
+        self.conns.get_mut(key).map(|e| (&mut e.conn, &mut e.sockets))
+    }
+
+    /// The connection `id` if it is still the one that key holds.
+    pub fn get_current(&mut self, (key, generation): ConnId) -> Option<(&mut Connection, &mut I::Sockets)> {
+        self.get(key).filter(|(c, _)| c.generation() == generation)
+    }
+
+    /// Serves the connection's two ports until neither can start anything, the
+    /// connection ends (freed once its sockets are closed) or its turn is over.
+    pub fn advance(&mut self, key: usize, now: Instant, io: &mut I) {
+        let Some(entry) = self.conns.get_mut(key) else { return };
+        let id = (key, entry.conn.generation());
+        let mut turn_over = true;
+        for _ in 0..STEPS_PER_TURN {
+            let Entry { conn, sockets } = &mut *entry;
+            let peer = io.peer(id, sockets, conn, now);
+            let hop = hop(&mut self.pool, id, sockets, conn, now, io);
+            report(conn, &self.shared, &self.counts);
+            if !peer && !hop {
+                turn_over = false;
+                break;
+            }
+        }
+        let Entry { conn, sockets } = &mut *entry;
+        if io.closed(sockets) && conn.finished() {
+            self.conns.remove(key);
+            return;
+        }
+        let deadline = conn.poll_timeout();
+        self.timers.arm(conn.armed(), deadline, id);
+        if turn_over {
+            self.busy.push(id);
+        }
+    }
+
+    /// Once per loop turn: deadlines that came (the drain's too), connections whose turn
+    /// ran out, pooled connections idle too long.
+    pub fn tick(&mut self, now: Instant, io: &mut I) {
+        let due = self.timers.expired(now, &mut self.conns, |e| {
+            let deadline = e.conn.poll_timeout();
+            (e.conn.generation(), e.conn.armed(), deadline)
+        });
+        for key in due {
+            if let Some(e) = self.conns.get_mut(key) {
+                e.conn.handle_timeout(now);
+            }
+            self.advance(key, now, io);
+        }
+        if let Drain::Draining { deadline } = self.drain
+            && deadline <= now
+        {
+            tracing::warn!("drain timeout: closing {} connections", self.conns.len());
+            self.drain = Drain::Aborting;
+            for (_, e) in &mut self.conns {
+                e.conn.abort(now);
+            }
+            self.advance_all(now, io);
+        }
+        for (key, generation) in std::mem::take(&mut self.busy) {
+            if self.conns.get(key).is_some_and(|e| e.conn.generation() == generation) {
+                self.advance(key, now, io);
+            }
+        }
+        let conns = &self.conns;
+        self.timers.compact(conns.len(), |(key, generation)| {
+            conns.get(key).filter(|e| e.conn.generation() == generation).map(|e| e.conn.armed_at())
+        });
+        let idle_timeout = self.idle_timeout();
+        drop(self.pool.expire(now, idle_timeout));
+    }
+
+    /// When [`Host::tick`] has something to do next; `now` when a connection's turn ran out.
+    pub fn next_wakeup(&mut self, now: Instant) -> Option<Instant> {
+        if !self.busy.is_empty() {
+            return Some(now);
+        }
+        let idle_timeout = self.idle_timeout();
+        let pool = self.pool.next_expiry(idle_timeout);
+        let drain = match self.drain {
+            Drain::Draining { deadline } => Some(deadline),
+            _ => None,
+        };
+        self.timers.next().into_iter().chain(drain).chain(pool).min()
+    }
+
+    fn idle_timeout(&mut self) -> Duration {
+        self.snapshot.load().config.relay.idle_timeout
+    }
+
+    // ---- stopping ------------------------------------------------------------------------
+
+    /// The server was told to stop.
+    pub fn stopping(&self) -> bool {
+        self.shared.stopping()
+    }
+
+    /// Starts the drain (once): every session finishes what it started, within
+    /// `[listen] drain_timeout`. True when it started now: the driver stops accepting.
+    pub fn start_drain(&mut self, now: Instant, io: &mut I) -> bool {
+        if self.drain != Drain::Serving {
+            return false;
+        }
+        self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
+        for (_, e) in &mut self.conns {
+            e.conn.shutdown(now);
+        }
+        self.advance_all(now, io);
+        true
+    }
+
+    pub fn drain(&self) -> Drain {
+        self.drain
+    }
+
+    /// Drained: no connection left.
+    pub fn finished(&self) -> bool {
+        self.drain != Drain::Serving && self.conns.is_empty()
+    }
+
+    /// Closes the pooled connections, at exit.
+    pub fn close_pool(&mut self) {
+        drop(self.pool.drain());
+    }
+
+    fn advance_all(&mut self, now: Instant, io: &mut I) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.advance(key, now, io);
+        }
+    }
+
+    /// Open connections (for tests).
+    #[cfg(test)]
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Every pooled connection (for tests).
+    #[cfg(test)]
+    pub fn pooled_mut(&mut self) -> impl Iterator<Item = &mut I::Pooled> {
+        self.pool.iter_mut()
+    }
+
+    /// Idle pooled connections to `addr` (for tests).
+    #[cfg(test)]
+    pub fn pooled(&self, addr: SocketAddr) -> usize {
+        self.pool.len(addr)
+    }
+}
+
+/// The next-hop port, with the pool's policy: a pooled connection to the same
+/// address when the session allows one, else a new one; a clean idle one back in (at
+/// most the session's snapshot's `max_idle_connections` per next hop).
+fn hop<I: Io>(
+    pool: &mut Pool<I::Pooled>,
+    id: ConnId,
+    sockets: &mut I::Sockets,
+    conn: &mut Connection,
+    now: Instant,
+    io: &mut I,
+) -> bool {
+    match conn.poll_hop() {
+        Relay::Connect { addr, pooled_ok } => {
+            let pooled = if pooled_ok { pool.take(addr) } else { None };
+            if let Some((socket, upstream)) = pooled
+                && io.adopt(id, sockets, socket)
+            {
+                conn.hop_adopted(upstream, now);
+                return true;
+            }
+            conn.hop_dialing();
+            if let Err(e) = io.dial(id, sockets, addr) {
+                tracing::debug!("cannot connect to next hop {addr}: {e}");
+                conn.hop_failed(now);
+            }
+            true
+        }
+        Relay::Release => match io.unplug(sockets) {
+            Some(pooled) => {
+                if let Some((upstream, addr)) = conn.hop_released() {
+                    let max = conn.session().snapshot().config.relay.max_idle_connections as usize;
+                    drop(pool.put(addr, pooled, upstream, max, now));
+                }
+                true
+            }
+            None => io.hop(id, sockets, conn, now),
+        },
+        _ => io.hop(id, sockets, conn, now),
+    }
+}
+
+/// Generations fit in 24 bits (the io_uring driver's user data has room for no more).
+pub const GENERATION_MASK: u32 = 0xff_ffff;
+
+/// Acts on what a session reports: one log line per transaction (the mail log), and
+/// failures counted against the peer's address (never a whitelisted one's).
+fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
+    while let Some(event) = conn.poll_event() {
+        let session = conn.session();
+        let config = &session.snapshot().config.abuse;
+        let key = || AbuseKey::new(session.peer(), config.ipv6_prefix);
+        let abuse = shared.abuse();
+        match event {
+            Event::Transaction(t) => {
+                counts.transaction(t.outcome);
+                tracing::info!("mail {t}");
+            }
+            Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
+            Event::Failed(_) => {
+                counts.add(Count::Failures);
+                abuse.failed(key(), UnixTime::now(), config);
+            }
+            Event::Dropped => {
+                counts.add(Count::Dropped);
+                tracing::info!(peer = %session.peer(), "dropped: too many errors");
+                if config.ban_on_drop && !conn.whitelisted() {
+                    abuse.ban(key(), Reason::Dropped, UnixTime::now(), config);
+                }
+            }
+        }
+    }
+}

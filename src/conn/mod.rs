@@ -1,0 +1,196 @@
+//! A peer's connection, sans-IO, and what a worker's connections share: the layer the
+//! I/O drivers (`net::uring`, `net::epoll`) drive, as quinn's runtimes drive
+//! `quinn_proto::Connection`. Drivers own sockets and buffers and move bytes; everything
+//! a connection *is* lives here, once.
+//!
+//! ```text
+//!   accept ─► Host::admit ── refused ──► the one line (a static buffer), close: no Connection
+//!   (gate: access list,     │
+//!    bans, limits)          └ allowed ─► Connection ─────────────────────────────────► freed
+//!                                         │ [PROXY header: later, before the gate]     ▲
+//!                                         │ Transport: Plain [TLS after STARTTLS: later]│
+//!                                         │ Session (smtp): banner … QUIT / 421 / EOF ──┤
+//!                                         └ next hop: none ─► Connect(addr) ─► up ──────┘
+//!                                              ▲  pooled (Host's pool) ─┘  │ Release / Close
+//!                                              └───────────────────────────┘
+//! ```
+//!
+//! A [`Connection`] is driven through operations out and completions in:
+//! - peer: [`Connection::poll_peer`] gives `Send(bytes)` (then `peer_sent(n)`), `Receive`
+//!   (then `peer_input(bytes)` or `peer_eof`), `Wait`, or `Close`;
+//! - next hop: [`Connection::poll_hop`] gives `Connect { addr, .. }` (the [`Host`] hands
+//!   over a pooled connection, or the driver dials and reports `hop_connected` or
+//!   `hop_failed`), `Send(bytes)` (then `hop_sent(n)`), `Receive` (then `hop_input` or
+//!   `hop_failed`), `Release` (the host pools the socket) or `Close`;
+//! - one deadline: [`Connection::poll_timeout`], then `handle_timeout`.
+//!
+//! The run-loop rule: after every completion, serve both ports until neither can start
+//! anything ([`Host::advance`] does it), then arm the deadline.
+
+mod host;
+mod pool;
+mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Instant;
+
+use crate::abuse::Admission;
+use crate::smtp::client::Upstream;
+use crate::smtp::{Event, Relay, Session, Transmit};
+
+pub use host::{Admit, Drain, Host, Io};
+pub use timers::ConnId;
+
+/// How the peer's bytes are carried. Plain today; STARTTLS will switch a connection to
+/// TLS here, between the driver's bytes and the session, so that neither knows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    #[default]
+    Plain,
+}
+
+/// One allowed peer's connection: its session, its next-hop side and its deadline.
+#[derive(Debug)]
+pub struct Connection {
+    session: Session,
+    transport: Transport,
+    /// A whitelisted peer is never counted or banned.
+    whitelisted: bool,
+    /// Its place in the connection counts, given back when the connection is freed.
+    _admission: Admission,
+    /// Tells reuses of a slab key apart.
+    generation: u32,
+    /// The deadline armed in the host's timers, if any.
+    armed: Option<Instant>,
+}
+
+impl Connection {
+    pub fn new(session: Session, whitelisted: bool, admission: Admission, generation: u32) -> Self {
+        Connection { session, transport: Transport::Plain, whitelisted, _admission: admission, generation, armed: None }
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn whitelisted(&self) -> bool {
+        self.whitelisted
+    }
+
+    // ---- the peer ------------------------------------------------------------------------
+
+    /// What the driver does next on the peer's socket.
+    pub fn poll_peer(&self) -> Transmit<'_> {
+        match self.transport {
+            Transport::Plain => self.session.poll_transmit(),
+        }
+    }
+
+    /// Bytes the peer sent.
+    pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
+        match self.transport {
+            Transport::Plain => self.session.handle_input(bytes, now),
+        }
+    }
+
+    /// `n` bytes of the last `Send` went out.
+    pub fn peer_sent(&mut self, n: usize) {
+        self.session.consume_output(n);
+    }
+
+    /// The peer closed its side, or its connection broke.
+    pub fn peer_eof(&mut self, now: Instant) {
+        self.session.handle_eof(now);
+    }
+
+    // ---- the next hop --------------------------------------------------------------------
+
+    /// What the driver does next on the next hop's side.
+    pub fn poll_hop(&self) -> Relay<'_> {
+        self.session.poll_relay()
+    }
+
+    /// The driver started connecting to the address `Connect` named.
+    pub fn hop_dialing(&mut self) {
+        self.session.dialing();
+    }
+
+    /// The new connection to the next hop is made; its greeting comes next.
+    pub fn hop_connected(&mut self, now: Instant) {
+        let upstream = Upstream::new(self.session.hostname());
+        self.session.attach_upstream(upstream, false, now);
+    }
+
+    /// A pooled connection, ready for MAIL.
+    pub(crate) fn hop_adopted(&mut self, upstream: Upstream, now: Instant) {
+        self.session.attach_upstream(upstream, true, now);
+    }
+
+    pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {
+        self.session.handle_relay_input(bytes, now);
+    }
+
+    pub fn hop_sent(&mut self, n: usize, now: Instant) {
+        self.session.consume_relay_output(n, now);
+    }
+
+    /// Connecting failed, or the connection broke or closed.
+    pub fn hop_failed(&mut self, now: Instant) {
+        self.session.handle_relay_error(now);
+    }
+
+    /// The driver closed the next-hop socket after `Close` (or `Release` without a
+    /// socket to pool).
+    pub fn hop_closed(&mut self) {
+        self.session.detach_relay();
+    }
+
+    /// Takes the idle next-hop connection for the pool after `Release`, with the address
+    /// of its next hop as this connection's snapshot names it.
+    pub(crate) fn hop_released(&mut self) -> Option<(Upstream, std::net::SocketAddr)> {
+        self.session.detach_relay()
+    }
+
+    // ---- time and the server's life ------------------------------------------------------
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.session.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+    }
+
+    /// The server is draining (see `smtp::Session::shutdown`).
+    pub fn shutdown(&mut self, now: Instant) {
+        self.session.shutdown(now);
+    }
+
+    /// The drain timeout passed.
+    pub fn abort(&mut self, now: Instant) {
+        self.session.abort(now);
+    }
+
+    /// Nothing left to do but free it, once the driver's sockets are closed.
+    pub fn finished(&self) -> bool {
+        self.poll_peer() == Transmit::Close && self.poll_hop() == Relay::Idle
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.session.poll_event()
+    }
+
+    pub(crate) fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+
+    pub(crate) fn armed_at(&self) -> Option<Instant> {
+        self.armed
+    }
+}

@@ -1,0 +1,499 @@
+//! The connection layer driven by a third, fake I/O: sockets are byte queues, next hops
+//! are scripted SMTP servers that record what they receive, and the clock is the test's.
+//! What the two real drivers share is tested here once; what only a real socket shows is
+//! tested end to end on both (`tests/`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::Config;
+use crate::datetime::UnixTime;
+use crate::shared::Shared;
+use crate::smtp::{Relay, Transmit};
+use crate::snapshot::Snapshot;
+
+const A: &str = "127.0.0.1:2601";
+const B: &str = "127.0.0.1:2602";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn config(next_hops: &[&str]) -> Config {
+    let hops: Vec<String> = next_hops.iter().map(|h| format!("\"{h}\"")).collect();
+    let text = format!(
+        "hostname = \"mx.test\"\n[listen]\ndrain_timeout = \"10s\"\n[smtp]\ncommand_timeout = \"60s\"\n\
+         [relay]\ndomains = [\"example.com\"]\nnext_hops = [{}]\nreply_timeout = \"20s\"\nidle_timeout = \"30s\"\n",
+        hops.join(", ")
+    );
+    Config::parse(&text, Path::new("t.toml"), Path::new(".")).unwrap()
+}
+
+/// What one next hop received, over all its connections.
+#[derive(Default)]
+struct HopLog {
+    connections: usize,
+    messages: Vec<Vec<u8>>,
+    commands: Vec<String>,
+}
+
+/// A scripted SMTP server on one connection.
+struct Server {
+    log: Rc<RefCell<HopLog>>,
+    unread: Vec<u8>,
+    out: Vec<u8>,
+    in_body: bool,
+    /// The server closed the connection (a pooled connection gone stale).
+    gone: bool,
+    /// The server stopped answering.
+    silent: bool,
+}
+
+impl Server {
+    fn receive(&mut self, bytes: &[u8]) {
+        if self.gone {
+            return;
+        }
+        self.unread.extend_from_slice(bytes);
+        if self.silent {
+            return;
+        }
+        loop {
+            if self.in_body {
+                let Some(end) = find(&self.unread, b"\r\n.\r\n") else { return };
+                self.log.borrow_mut().messages.push(self.unread[..end + 2].to_vec());
+                self.unread.drain(..end + 5);
+                self.in_body = false;
+                self.out.extend_from_slice(b"250 2.0.0 queued\r\n");
+                continue;
+            }
+            let Some(lf) = find(&self.unread, b"\r\n") else { return };
+            let line = String::from_utf8_lossy(&self.unread[..lf]).into_owned();
+            self.unread.drain(..lf + 2);
+            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            self.log.borrow_mut().commands.push(line);
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                "DATA" => {
+                    self.in_body = true;
+                    b"354 go ahead\r\n"
+                }
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            self.out.extend_from_slice(reply);
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A connection to a next hop: its server, and whether the connect completed.
+struct HopConn {
+    server: Server,
+    connecting: bool,
+}
+
+#[derive(Default)]
+struct FakeSockets {
+    peer_open: bool,
+    /// Sent by the peer, not yet read.
+    peer_in: Vec<u8>,
+    peer_eof: bool,
+    hop: Option<HopConn>,
+}
+
+/// The fake I/O: next hops by address.
+#[derive(Default)]
+struct Fake {
+    hops: HashMap<SocketAddr, Rc<RefCell<HopLog>>>,
+    /// Addresses where connecting fails at once.
+    unreachable: Vec<SocketAddr>,
+    dials: Vec<SocketAddr>,
+    /// What each peer received (kept after its connection is freed).
+    got: HashMap<ConnId, Vec<u8>>,
+    /// Operations performed, to tell when everything has settled.
+    ops: usize,
+}
+
+impl Fake {
+    fn log(&mut self, addr: SocketAddr) -> Rc<RefCell<HopLog>> {
+        self.hops.entry(addr).or_default().clone()
+    }
+}
+
+impl Io for Fake {
+    type Sockets = FakeSockets;
+    type Pooled = HopConn;
+
+    fn peer(&mut self, id: ConnId, s: &mut FakeSockets, conn: &mut Connection, now: Instant) -> bool {
+        if !s.peer_open {
+            return false;
+        }
+        self.ops += 1;
+        match conn.poll_peer() {
+            Transmit::Send(bytes) => {
+                self.got.entry(id).or_default().extend_from_slice(bytes);
+                let n = bytes.len();
+                conn.peer_sent(n);
+                true
+            }
+            Transmit::Receive if !s.peer_in.is_empty() => {
+                let input = std::mem::take(&mut s.peer_in);
+                conn.peer_input(&input, now);
+                true
+            }
+            Transmit::Receive if s.peer_eof => {
+                conn.peer_eof(now);
+                true
+            }
+            Transmit::Receive | Transmit::Wait => {
+                self.ops -= 1;
+                false
+            }
+            Transmit::Close => {
+                s.peer_open = false;
+                true
+            }
+        }
+    }
+
+    fn hop(&mut self, _: ConnId, s: &mut FakeSockets, conn: &mut Connection, now: Instant) -> bool {
+        self.ops += 1;
+        match (conn.poll_hop(), s.hop.as_mut()) {
+            (Relay::Release | Relay::Close, _) => {
+                s.hop = None;
+                conn.hop_closed();
+                true
+            }
+            (_, Some(h)) if h.connecting => false,
+            (Relay::Send(bytes), Some(h)) => {
+                h.server.receive(bytes);
+                let n = bytes.len();
+                conn.hop_sent(n, now);
+                true
+            }
+            (Relay::Receive, Some(h)) if h.server.gone => {
+                conn.hop_failed(now);
+                true
+            }
+            (Relay::Receive, Some(h)) if !h.server.out.is_empty() => {
+                let answer = std::mem::take(&mut h.server.out);
+                conn.hop_input(&answer, now);
+                true
+            }
+            _ => {
+                self.ops -= 1;
+                false
+            }
+        }
+    }
+
+    fn dial(&mut self, _: ConnId, s: &mut FakeSockets, addr: SocketAddr) -> io::Result<()> {
+        self.dials.push(addr);
+        if self.unreachable.contains(&addr) {
+            return Err(io::ErrorKind::ConnectionRefused.into());
+        }
+        let log = self.log(addr);
+        log.borrow_mut().connections += 1;
+        let server = Server {
+            log,
+            unread: Vec::new(),
+            out: b"220 hop.test\r\n".to_vec(),
+            in_body: false,
+            gone: false,
+            silent: false,
+        };
+        s.hop = Some(HopConn { server, connecting: true });
+        Ok(())
+    }
+
+    fn adopt(&mut self, _: ConnId, s: &mut FakeSockets, pooled: HopConn) -> bool {
+        s.hop = Some(pooled);
+        true
+    }
+
+    fn unplug(&mut self, s: &mut FakeSockets) -> Option<HopConn> {
+        s.hop.take()
+    }
+
+    fn closed(&self, s: &FakeSockets) -> bool {
+        !s.peer_open && s.hop.is_none()
+    }
+}
+
+/// A worker's host over the fake I/O, with the test's clock.
+struct World {
+    shared: Arc<Shared>,
+    host: Host<Fake>,
+    io: Fake,
+    now: Instant,
+    unix: UnixTime,
+    next_peer: u8,
+}
+
+impl World {
+    fn new(next_hops: &[&str]) -> Self {
+        let shared = Shared::new(Snapshot::without_lists(config(next_hops))).unwrap();
+        World {
+            host: Host::new(shared.clone()),
+            shared,
+            io: Fake::default(),
+            now: Instant::now(),
+            unix: UnixTime(1_795_894_760),
+            next_peer: 1,
+        }
+    }
+
+    /// A new peer connects; returns its id and the banner it got.
+    fn connect(&mut self) -> (ConnId, String) {
+        let peer = SocketAddr::from(([192, 0, 2, self.next_peer], 40000));
+        self.next_peer += 1;
+        let Admit::Serve(conn) = self.host.admit(peer, self.now, self.unix) else { panic!("refused") };
+        let sockets = FakeSockets { peer_open: true, ..FakeSockets::default() };
+        let id = self.host.open(conn, sockets, self.now, &mut self.io);
+        self.settle();
+        (id, self.take(id))
+    }
+
+    /// Completes pending connects and advances every connection until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for key in 0..64 {
+                let Some((conn, s)) = self.host.get(key) else { continue };
+                if let Some(h) = s.hop.as_mut().filter(|h| h.connecting) {
+                    h.connecting = false;
+                    conn.hop_connected(self.now);
+                    moved = true;
+                }
+                let before = self.io.ops;
+                self.host.advance(key, self.now, &mut self.io);
+                moved |= self.io.ops != before;
+            }
+            self.host.tick(self.now, &mut self.io);
+            if !moved {
+                return;
+            }
+        }
+        panic!("the connections never settle");
+    }
+
+    /// The peer `id` sends; returns what it got back.
+    fn send(&mut self, id: ConnId, bytes: &str) -> String {
+        let (_, s) = self.host.get_current(id).expect("open");
+        s.peer_in.extend_from_slice(bytes.as_bytes());
+        self.host.advance(id.0, self.now, &mut self.io);
+        self.settle();
+        self.take(id)
+    }
+
+    /// What the peer received since the last look.
+    fn take(&mut self, id: ConnId) -> String {
+        String::from_utf8(self.io.got.remove(&id).unwrap_or_default()).unwrap()
+    }
+
+    fn open(&mut self, id: ConnId) -> bool {
+        self.host.get_current(id).is_some()
+    }
+
+    /// Moves the clock and runs the host's timers.
+    fn wait(&mut self, d: Duration) {
+        self.now += d;
+        self.host.tick(self.now, &mut self.io);
+        self.settle();
+    }
+
+    /// One message over an open session; returns the reply to its final dot.
+    fn deliver(&mut self, id: ConnId, subject: &str) -> String {
+        let got = self.send(id, "MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+        assert!(got.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"), "{got}");
+        self.send(id, &format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n"))
+    }
+
+    fn session(&mut self) -> ConnId {
+        let (id, banner) = self.connect();
+        assert_eq!(banner, "220 mx.test ESMTP mxgate\r\n");
+        assert!(self.send(id, "EHLO client.test\r\n").starts_with("250-mx.test"));
+        id
+    }
+
+    fn subjects(&mut self, hop: &str) -> Vec<String> {
+        let log = self.io.log(addr(hop));
+        let log = log.borrow();
+        log.messages
+            .iter()
+            .filter_map(|m| {
+                let text = String::from_utf8_lossy(m);
+                text.lines().find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+            })
+            .collect()
+    }
+}
+
+const QUEUED: &str = "250 2.0.0 OK: queued as ";
+const SHUTTING_DOWN: &str = "421 4.3.2 mx.test service shutting down, closing connection\r\n";
+
+#[test]
+fn a_clean_connection_is_pooled_and_serves_the_next_session() {
+    let mut w = World::new(&[A]);
+    let s1 = w.session();
+    assert!(w.deliver(s1, "one").starts_with(QUEUED));
+    assert_eq!(w.send(s1, "QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
+    assert!(!w.open(s1), "freed once its sockets are closed");
+    assert_eq!(w.host.pooled(addr(A)), 1);
+
+    let s2 = w.session();
+    assert!(w.deliver(s2, "two").starts_with(QUEUED));
+    assert_eq!(w.io.dials, [addr(A)], "the second session used the pooled connection");
+    assert_eq!(w.subjects(A), ["one", "two"]);
+    assert_eq!(w.host.pooled(addr(A)), 0, "in use");
+}
+
+#[test]
+fn a_stale_pooled_connection_is_replaced_without_the_peer_noticing() {
+    let mut w = World::new(&[A]);
+    let s1 = w.session();
+    assert!(w.deliver(s1, "one").starts_with(QUEUED));
+    w.send(s1, "QUIT\r\n");
+    assert_eq!(w.host.pooled(addr(A)), 1);
+    // the next hop closed the idle connection meanwhile
+    w.host.pooled_mut().for_each(|h| h.server.gone = true);
+
+    let s2 = w.session();
+    assert!(w.deliver(s2, "two").starts_with(QUEUED));
+    assert_eq!(w.io.dials, [addr(A), addr(A)], "a new connection after the stale one");
+    assert_eq!(w.subjects(A), ["one", "two"]);
+}
+
+#[test]
+fn pooled_connections_expire_after_idle_timeout() {
+    let mut w = World::new(&[A]);
+    let s1 = w.session();
+    w.deliver(s1, "one");
+    w.send(s1, "QUIT\r\n");
+    assert_eq!(w.host.pooled(addr(A)), 1);
+    w.wait(Duration::from_secs(29));
+    assert_eq!(w.host.pooled(addr(A)), 1);
+    w.wait(Duration::from_secs(1));
+    assert_eq!(w.host.pooled(addr(A)), 0, "idle_timeout (30s) closes it");
+}
+
+#[test]
+fn an_unreachable_next_hop_fails_over_to_the_next() {
+    let mut w = World::new(&[A, B]);
+    w.io.unreachable = vec![addr(A)];
+    let s = w.session();
+    assert!(w.deliver(s, "one").starts_with(QUEUED));
+    assert_eq!(w.io.dials, [addr(A), addr(B)]);
+    assert_eq!(w.subjects(B), ["one"]);
+
+    // none reachable: 451, never 250
+    let mut w = World::new(&[A, B]);
+    w.io.unreachable = vec![addr(A), addr(B)];
+    let s = w.session();
+    assert_eq!(w.send(s, "MAIL FROM:<a@client.test>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+}
+
+#[test]
+fn an_idle_peer_is_timed_out_and_freed() {
+    let mut w = World::new(&[A]);
+    let s = w.session();
+    w.wait(Duration::from_secs(59));
+    assert!(w.open(s));
+    assert_eq!(w.take(s), "");
+    w.wait(Duration::from_secs(1));
+    assert_eq!(w.take(s), "421 4.4.2 mx.test timeout exceeded, closing connection\r\n");
+    assert!(!w.open(s), "closed and freed");
+    assert_eq!(w.host.open_connections(), 0);
+}
+
+#[test]
+fn a_silent_next_hop_times_out_with_451_and_its_connection_is_closed() {
+    let mut w = World::new(&[A]);
+    let s = w.session();
+    let got = w.send(s, "MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    assert!(got.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
+    w.host.get_current(s).unwrap().1.hop.as_mut().unwrap().server.silent = true;
+    assert_eq!(w.send(s, "Subject: x\r\n\r\nbody\r\n.\r\n"), "");
+    w.wait(Duration::from_secs(19));
+    assert_eq!(w.take(s), "");
+    w.wait(Duration::from_secs(1));
+    assert_eq!(w.take(s), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert!(w.host.get_current(s).unwrap().1.hop.is_none(), "closed, not pooled");
+    assert_eq!(w.host.pooled(addr(A)), 0);
+    assert_eq!(w.send(s, "NOOP\r\n"), "250 2.0.0 OK\r\n", "the session goes on");
+}
+
+#[test]
+fn drain_finishes_the_transaction_under_way_and_tells_the_rest_421() {
+    let mut w = World::new(&[A]);
+    let busy = w.session();
+    let idle = w.session();
+    let got = w.send(busy, "MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    assert!(got.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
+    assert_eq!(w.send(busy, "Subject: drained\r\n\r\nfirst half\r\n"), "");
+
+    assert!(w.host.start_drain(w.now, &mut w.io));
+    assert!(!w.host.start_drain(w.now, &mut w.io), "once");
+    w.settle();
+    assert_eq!(w.take(idle), SHUTTING_DOWN);
+    assert!(!w.open(idle), "the idle session was told and closed");
+    assert!(w.send(busy, "second half\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(w.subjects(A), ["drained"]);
+    assert_eq!(w.send(busy, "MAIL FROM:<b@client.test>\r\n"), SHUTTING_DOWN);
+    assert!(!w.open(busy));
+    assert!(w.host.finished());
+
+    // a connection accepted while draining is told at once
+    let (late, banner) = w.connect();
+    assert_eq!(banner, format!("220 mx.test ESMTP mxgate\r\n{SHUTTING_DOWN}"));
+    assert!(!w.open(late));
+}
+
+#[test]
+fn drain_timeout_cuts_off_what_is_left_without_250() {
+    let mut w = World::new(&[A]);
+    let s = w.session();
+    w.send(s, "MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    w.send(s, "Subject: slow\r\n\r\n");
+    w.host.start_drain(w.now, &mut w.io);
+    w.wait(Duration::from_secs(9));
+    assert!(w.open(s), "still within drain_timeout (10s)");
+    w.wait(Duration::from_secs(1));
+    assert_eq!(w.take(s), SHUTTING_DOWN);
+    assert!(!w.open(s));
+    assert!(w.host.finished());
+    assert!(w.subjects(A).is_empty(), "the message was not delivered");
+    assert_eq!(w.io.log(addr(A)).borrow().connections, 1);
+}
+
+#[test]
+fn a_reload_that_replaces_next_hops_leaves_open_sessions_on_theirs() {
+    let mut w = World::new(&[A]);
+    let old = w.session();
+    w.shared.store(Snapshot::without_lists(config(&[B])));
+    let new = w.session();
+    assert!(w.deliver(old, "old").starts_with(QUEUED));
+    assert!(w.deliver(new, "new").starts_with(QUEUED));
+    assert_eq!(w.subjects(A), ["old"]);
+    assert_eq!(w.subjects(B), ["new"]);
+    w.send(old, "QUIT\r\n");
+    w.send(new, "QUIT\r\n");
+    assert_eq!((w.host.pooled(addr(A)), w.host.pooled(addr(B))), (1, 1), "each pooled under its own hop");
+
+    // a newer session takes B's pooled connection, never A's
+    let newer = w.session();
+    assert!(w.deliver(newer, "newer").starts_with(QUEUED));
+    assert_eq!(w.subjects(B), ["new", "newer"]);
+    assert_eq!(w.io.dials, [addr(A), addr(B)], "no new connection");
+    assert_eq!(w.host.pooled(addr(A)), 1);
+}

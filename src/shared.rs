@@ -1,0 +1,165 @@
+//! What every worker shares, and what the control socket and the metrics read: the
+//! current snapshot (swapped whole by a reload), abuse control, the workers' counts and
+//! the stop flag. Nothing here knows the I/O drivers.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::abuse::Abuse;
+use crate::config::Config;
+use crate::datetime::UnixTime;
+use crate::problem::Problems;
+use crate::snapshot::Snapshot;
+use crate::stats::{Counts, Stats};
+
+/// A worker's own view of the current snapshot.
+pub type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
+
+/// What every worker shares.
+pub struct Shared {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    abuse: Arc<Abuse>,
+    stats: Stats,
+    started: Instant,
+    reloads: AtomicU64,
+    /// Held by a reload: two at once (SIGHUP and the control socket) could otherwise
+    /// store the older files last.
+    reloading: std::sync::Mutex<()>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state for `snapshot`; loads the ban file and starts the abuse-control threads.
+    pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let abuse = Abuse::start(Arc::clone(&snapshot))?;
+        Ok(Arc::new(Shared {
+            snapshot,
+            abuse,
+            stats: Stats::default(),
+            started: Instant::now(),
+            reloads: AtomicU64::new(0),
+            reloading: std::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Failure counters, bans and connection counts.
+    pub fn abuse(&self) -> &Abuse {
+        &self.abuse
+    }
+
+    /// What `mxgate stats` prints and `/metrics` serves: each name and value, and
+    /// whether it is a gauge (a level now) rather than a count since start.
+    pub fn stats(&self) -> Vec<(&'static str, u64, bool)> {
+        let now = UnixTime::now();
+        let mut lines = vec![("uptime_seconds", self.started.elapsed().as_secs(), true)];
+        lines.extend(self.stats.lines().into_iter().map(|(name, value)| (name, value, false)));
+        lines.extend([
+            ("connections_open", u64::from(self.abuse.connections.total()), true),
+            ("bans_in_force", self.abuse.bans_count(now) as u64, true),
+            ("reloads", self.reloads.load(Ordering::Relaxed), false),
+        ]);
+        lines
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Makes `snapshot` current for new connections; existing ones keep theirs.
+    pub fn store(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Loads the configuration file this instance runs on and every list file it names
+    /// again, and makes them current: new connections are judged and served by them,
+    /// open ones keep theirs to the end. Any problem anywhere changes nothing. The
+    /// outcome is logged, naming `cause` (what asked for the reload).
+    pub fn reload(&self, cause: &str) -> Result<Reloaded, Problems> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let outcome = self.load_again();
+        match &outcome {
+            Ok(reloaded) => {
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                reloaded.log(cause);
+            }
+            Err(problems) => {
+                for p in &problems.0 {
+                    tracing::error!("{p}");
+                }
+                tracing::error!("{cause}: reload refused: {} problem(s); nothing changed", problems.0.len());
+            }
+        }
+        outcome
+    }
+
+    fn load_again(&self) -> Result<Reloaded, Problems> {
+        let old = self.snapshot();
+        let config = match &old.config.file {
+            Some(file) => Config::load(file)?,
+            None => Config::embedded(),
+        };
+        let new = Snapshot::load(config)?;
+        let reloaded = Reloaded {
+            from: new.config.describe(),
+            access_entries: new.access.len(),
+            whitelist_entries: new.whitelist.len(),
+            at_restart: old.config.fixed_at_start_changed(&new.config),
+        };
+        self.store(new);
+        Ok(reloaded)
+    }
+
+    /// A worker's own view of the current snapshot: loading it is one pointer check
+    /// while the snapshot is unchanged.
+    pub fn snapshot_cache(&self) -> SnapshotCache {
+        arc_swap::Cache::new(self.snapshot.clone())
+    }
+
+    /// Counts for a new worker.
+    pub fn worker_counts(&self) -> Arc<Counts> {
+        self.stats.worker()
+    }
+
+    /// Tells the workers to stop accepting and drain (they still need waking).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// The server is stopping: workers drain.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// What a reload made current.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The configuration file, for messages.
+    pub from: String,
+    pub access_entries: usize,
+    pub whitelist_entries: usize,
+    /// Settings given otherwise that only the next start applies.
+    pub at_restart: Vec<&'static str>,
+}
+
+impl Reloaded {
+    /// Logs the reload: a warning for each setting left as it was, then one line.
+    fn log(&self, cause: &str) {
+        for name in &self.at_restart {
+            tracing::warn!("{cause}: {name} changed: read at start only, it takes effect at the next start");
+        }
+        tracing::info!(
+            access_entries = self.access_entries,
+            whitelist_entries = self.whitelist_entries,
+            "{cause}: reloaded {}: new connections use it, open ones keep what they started with",
+            self.from
+        );
+    }
+}
