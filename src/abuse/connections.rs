@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::AbuseKey;
+use crate::smtp::replies;
 
 const ROWS: usize = 2;
 const SLOTS: usize = 1 << 15;
@@ -26,8 +27,8 @@ impl Limit {
     /// The one line the peer gets.
     pub fn line(self) -> &'static [u8] {
         match self {
-            Limit::PerAddress => b"421 4.7.0 too many connections from your address\r\n",
-            Limit::Total => b"421 4.3.2 service busy\r\n",
+            Limit::PerAddress => replies::TOO_MANY_FROM_ADDRESS,
+            Limit::Total => replies::BUSY,
         }
     }
 }

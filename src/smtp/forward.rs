@@ -13,14 +13,8 @@ use std::time::Instant;
 
 use super::client::{Command, Event as UpEvent, Reply, Upstream};
 use super::data::{BodyFilter, Fault};
+use super::replies::*;
 use super::session::{Body, Link, Outcome, Phase, Relay, Session, UpLink, Waiting};
-use super::verbs::{IMPROPER_PIPELINING, NEXT_HOP_FAILED, OK, TOO_BIG};
-
-const MAIL_OK: &[u8] = b"250 2.1.0 sender OK\r\n";
-const RCPT_OK: &[u8] = b"250 2.1.5 recipient OK\r\n";
-const GO_AHEAD: &[u8] = b"354 end data with <CR><LF>.<CR><LF>\r\n";
-const NO_8BIT: &[u8] = b"555 5.3.3 8BITMIME or SMTPUTF8 mail cannot be relayed now\r\n";
-const BARE_LINE_END: &[u8] = b"554 5.6.0 message refused: bare CR or LF in the body\r\n";
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
@@ -86,7 +80,7 @@ impl Session {
     pub fn consume_relay_output(&mut self, n: usize, now: Instant) {
         if let Link::Up(l) = &mut self.link {
             l.up.consume_output(n);
-            if self.waiting.is_none() {
+            if self.waiting.is_empty() {
                 // body streaming: the next hop keeps taking bytes
                 let pending = !l.up.output().is_empty();
                 self.relay_deadline = pending.then(|| now + self.snapshot.config.relay.reply_timeout);
@@ -104,7 +98,7 @@ impl Session {
     /// pools it after `Release` and closes it after `Close`.
     pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
         let old = std::mem::replace(&mut self.link, Link::None);
-        if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (&self.waiting, self.phase) {
+        if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (self.waiting.front(), self.phase) {
             self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
         }
         match old {
@@ -123,7 +117,7 @@ impl Session {
         match &self.link {
             Link::Up(l) if l.up.is_ready() => self.send_mail(now),
             _ => {
-                self.waiting = Some(Waiting::Link { hop: 0, pooled_ok: true });
+                self.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
                 if matches!(self.link, Link::None) {
                     self.link = Link::Wanted { hop: 0, pooled_ok: true };
                 }
@@ -132,17 +126,30 @@ impl Session {
         }
     }
 
+    /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
+    /// sent again after a stale or failed connection), then pipelined input goes on.
     fn link_ready(&mut self, now: Instant) {
-        if matches!(self.waiting, Some(Waiting::Link { .. })) {
-            self.send_mail(now);
+        if !matches!(self.waiting.front(), Some(Waiting::Link { .. })) {
+            return;
         }
+        let behind = std::mem::take(&mut self.waiting);
+        self.send_mail(now);
+        for waiting in behind.into_iter().skip(1) {
+            match waiting {
+                Waiting::Rcpt(to) if self.txn.is_some() => self.forward_rcpt(to, now),
+                Waiting::Data if self.txn.is_some() => self.forward_data(now),
+                Waiting::Local { .. } => self.waiting.push_back(waiting),
+                // the sender was refused here after all (8BITMIME): no transaction to go on
+                _ => self.reply(MAIL_FIRST),
+            }
+        }
+        self.process(now);
     }
 
     fn send_mail(&mut self, now: Instant) {
         let (Link::Up(l), Some(txn)) = (&mut self.link, &mut self.txn) else { return };
         let ext = l.up.extensions();
         if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
-            self.waiting = None;
             self.reply(NO_8BIT);
             return self.end_transaction(Outcome::Refused { code: 555, why: "next hop lacks 8BITMIME/SMTPUTF8" }, now);
         }
@@ -191,15 +198,18 @@ impl Session {
         }
     }
 
+    /// A command went to the next hop; the deadline runs for the oldest reply owed.
     fn await_reply(&mut self, waiting: Waiting, now: Instant) {
-        self.waiting = Some(waiting);
-        self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+        if self.waiting.is_empty() {
+            self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+        }
+        self.waiting.push_back(waiting);
     }
 
     // ---- the next hop's answers ----------------------------------------------------------
 
     fn upstream_events(&mut self, now: Instant) {
-        loop {
+        while self.phase == Phase::Open {
             let Link::Up(l) = &mut self.link else { return };
             let Some(event) = l.up.poll_event() else { return };
             match event {
@@ -218,10 +228,13 @@ impl Session {
         }
     }
 
-    /// The next hop's reply to the command we are waiting on.
+    /// The next hop's reply to the oldest command forwarded; then our own replies that
+    /// waited behind it, and the input that waited.
     fn answer(&mut self, cmd: Command, reply: &Reply, now: Instant) {
-        let waiting = self.waiting.take();
-        self.relay_deadline = None;
+        let waiting = self.waiting.pop_front();
+        let more = self.waiting.iter().any(Waiting::forwarded);
+        self.relay_deadline = more.then(|| now + self.snapshot.config.relay.reply_timeout);
+        self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(reply, now),
             (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(to, reply),
@@ -229,14 +242,17 @@ impl Session {
             (Some(Waiting::Dot), Command::Dot) => self.answer_dot(reply, now),
             (Some(Waiting::Rset), Command::Rset) => {
                 self.set_clean();
-                self.reply(OK);
+                self.emit(OK);
             }
             (waiting, cmd) => {
                 tracing::debug!(peer = %self.peer, ?cmd, ?waiting, "next hop reply out of step");
-                self.waiting = waiting;
+                if let Some(w) = waiting {
+                    self.waiting.push_front(w);
+                }
                 return self.relay_failed(now);
             }
         }
+        self.flush_local();
         self.process(now);
     }
 
@@ -245,28 +261,43 @@ impl Session {
             if let Some(t) = &mut self.txn {
                 t.open_upstream = true;
             }
-            return self.reply(MAIL_OK);
+            return self.emit(MAIL_OK);
         }
+        // what was pipelined behind MAIL gets the next hop's answers to it (503 or 5xx)
         self.set_clean();
         self.pass_on(reply);
         self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the sender" }, now);
     }
 
     fn answer_rcpt(&mut self, to: super::address::Path, reply: &Reply) {
-        let Some(t) = &mut self.txn else { return };
-        if reply.is_positive() {
-            t.accepted += 1;
-            t.first_rcpt.get_or_insert(to);
-            self.reply(RCPT_OK);
-        } else {
-            self.count_refused();
-            self.pass_on(reply);
+        match &mut self.txn {
+            Some(t) if reply.is_positive() => {
+                t.accepted += 1;
+                t.first_rcpt.get_or_insert(to);
+                self.emit(RCPT_OK);
+            }
+            // a next hop that accepts a recipient without a sender is out of its mind
+            None if reply.is_positive() => self.confused_hop(MAIL_FIRST),
+            _ => {
+                self.count_refused();
+                self.pass_on(reply);
+            }
         }
     }
 
     fn answer_data(&mut self, reply: &Reply, now: Instant) {
         if reply.code != 354 {
             return self.pass_on(reply);
+        }
+        // The 354 comes only after a recipient was accepted: a next hop that says it
+        // anyway (DATA pipelined behind refused RCPTs) gets no body.
+        match &self.txn {
+            None => return self.confused_hop(MAIL_FIRST),
+            Some(t) if t.accepted == 0 => {
+                self.confused_hop(RCPT_FIRST);
+                return self.end_transaction(Outcome::Refused { code: 554, why: "no valid recipients" }, now);
+            }
+            Some(_) => {}
         }
         // Input that arrived while the next hop was deciding was sent before our 354.
         if !self.unprocessed().is_empty() {
@@ -281,7 +312,7 @@ impl Session {
             l.hold = true;
             t.body = Some(Body { filter: BodyFilter::new(max), started: now, last_input: now });
         }
-        self.reply(GO_AHEAD);
+        self.emit(GO_AHEAD);
     }
 
     fn answer_dot(&mut self, reply: &Reply, now: Instant) {
@@ -291,18 +322,26 @@ impl Session {
         }
         if reply.code == 250 {
             let id = self.txn.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-            self.reply(format!("250 2.0.0 OK: queued as {id}\r\n").as_bytes());
+            self.emit(&queued(&id));
             return self.end_transaction(Outcome::Delivered, now);
         }
         self.pass_on(reply);
         self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the message" }, now);
     }
 
+    /// The next hop answered positively where it could not have: our own refusal instead,
+    /// and that connection goes (its state is unknown).
+    fn confused_hop(&mut self, refusal: &[u8]) {
+        tracing::debug!(peer = %self.peer, "next hop accepted a command out of sequence");
+        self.drop_link();
+        self.emit(refusal);
+    }
+
     /// The next hop's reply, to the peer: its code and text.
     fn pass_on(&mut self, reply: &Reply) {
         let mut out = Vec::new();
         reply.render(&mut out);
-        self.reply(&out);
+        self.emit(&out);
     }
 
     fn set_clean(&mut self) {
@@ -329,19 +368,22 @@ impl Session {
         };
         self.drop_link();
         self.relay_deadline = None;
-        let Some(waiting) = self.waiting.take() else {
+        let mut owed = std::mem::take(&mut self.waiting);
+        if owed.is_empty() {
             // between commands or during a body: the transaction cannot complete
             if let Some(t) = &mut self.txn {
                 t.broken = true;
             }
             return;
-        };
-        // Nothing acknowledged yet: try a new connection (a pooled one may just have been
-        // stale), then the next hop in order.
-        if let (Waiting::Link { .. } | Waiting::Mail, Some(hop)) = (&waiting, hop) {
+        }
+        // Nothing acknowledged yet (MAIL unanswered): try a new connection (a pooled one
+        // may just have been stale), then the next hop in order; what was pipelined behind
+        // MAIL is sent again there.
+        if let (Some(Waiting::Link { .. } | Waiting::Mail), Some(hop)) = (owed.front(), hop) {
             let (hop, pooled_ok) = if stale { (hop, false) } else { (hop + 1, true) };
             if hop < self.snapshot.config.relay.next_hops.len() && self.txn.is_some() {
-                self.waiting = Some(Waiting::Link { hop, pooled_ok });
+                owed[0] = Waiting::Link { hop, pooled_ok };
+                self.waiting = owed;
                 self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
                 return;
             }
@@ -349,7 +391,18 @@ impl Session {
         if let Some(t) = &mut self.txn {
             t.broken = true;
         }
-        self.answer_failure(waiting, now);
+        for waiting in owed {
+            match waiting {
+                Waiting::Local { reply, rcpt } => {
+                    self.answering_rcpt = rcpt;
+                    self.emit(&reply);
+                }
+                forwarded => {
+                    self.answering_rcpt = matches!(forwarded, Waiting::Rcpt(_));
+                    self.answer_failure(forwarded, now);
+                }
+            }
+        }
         self.process(now);
     }
 
@@ -363,6 +416,7 @@ impl Session {
                 self.reply(NEXT_HOP_FAILED);
                 self.end_transaction(Outcome::Refused { code: 451, why: "next hop unavailable" }, now);
             }
+            Waiting::Local { reply, .. } => self.reply(&reply),
         }
     }
 

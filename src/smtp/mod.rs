@@ -49,11 +49,11 @@ pub mod client;
 pub mod data;
 pub mod outbuf;
 pub mod policy;
+pub mod replies;
 
 use std::time::Duration;
 
-use crate::config::Config;
-
+pub use replies::Params;
 pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
@@ -66,37 +66,6 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 pub const RELAY_HIGH_WATER: usize = 32 * 1024;
 /// The start of a body during which the minimum data rate is not enforced.
 pub const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
-
-/// Replies fixed for one configuration, built once per snapshot.
-#[derive(Debug)]
-pub struct Params {
-    banner: Box<[u8]>,
-    ehlo: Box<[u8]>,
-    helo: Box<[u8]>,
-    quit: Box<[u8]>,
-    idle_timeout: Box<[u8]>,
-    shutdown: Box<[u8]>,
-    too_many_errors: Box<[u8]>,
-}
-
-impl Params {
-    pub fn new(config: &Config) -> Self {
-        let host = &config.hostname;
-        let max = config.smtp.max_message_size;
-        let lines = |s: String| s.into_bytes().into_boxed_slice();
-        Params {
-            banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
-            ehlo: lines(format!(
-                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
-            )),
-            helo: lines(format!("250 {host}\r\n")),
-            quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
-            idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),
-            shutdown: lines(format!("421 4.3.2 {host} service shutting down, closing connection\r\n")),
-            too_many_errors: lines(format!("421 4.7.0 {host} too many errors\r\n")),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests;

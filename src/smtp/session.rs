@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::address::Path;
 use super::client::Upstream;
+use super::command::{self, Verb};
 use super::data::BodyFilter;
 use super::outbuf::OutBuf;
+use super::replies::LINE_TOO_LONG;
 use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
 use crate::gate::PeerIp;
@@ -157,7 +159,9 @@ pub(super) struct Body {
     pub(super) last_input: Instant,
 }
 
-/// A command forwarded to the next hop, whose reply is awaited before anything else.
+/// A reply owed to the peer, in the order of its commands: a command forwarded to the
+/// next hop waits for the next hop's reply; a reply of ours to a command pipelined
+/// behind forwarded ones waits behind them.
 #[derive(Debug)]
 pub(super) enum Waiting {
     /// A connection for MAIL: to `next_hops[hop]`, from the pool when `pooled_ok`.
@@ -170,6 +174,18 @@ pub(super) enum Waiting {
     Data,
     Dot,
     Rset,
+    /// Our own reply to a pipelined command; `rcpt`: to RCPT (a 5xx is a failed recipient).
+    Local {
+        reply: Box<[u8]>,
+        rcpt: bool,
+    },
+}
+
+impl Waiting {
+    /// Awaits the next hop's reply (not one of ours).
+    pub(super) fn forwarded(&self) -> bool {
+        !matches!(self, Waiting::Local { .. })
+    }
 }
 
 /// The session's connection to the next hop.
@@ -225,7 +241,8 @@ pub struct Session {
     clock_base: Instant,
     pub(super) helo: Option<Helo>,
     pub(super) txn: Option<Txn>,
-    pub(super) waiting: Option<Waiting>,
+    /// Replies owed, oldest first; the first is always a forwarded command's.
+    pub(super) waiting: VecDeque<Waiting>,
     pub(super) link: Link,
     /// When the next hop must have answered (or taken more body) by.
     pub(super) relay_deadline: Option<Instant>,
@@ -260,7 +277,7 @@ impl Session {
             clock_base: now,
             helo: None,
             txn: None,
-            waiting: None,
+            waiting: VecDeque::new(),
             link: Link::None,
             relay_deadline: None,
             events: VecDeque::new(),
@@ -304,8 +321,7 @@ impl Session {
 
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
-        while self.phase == Phase::Open && self.waiting.is_none() && !self.dropping && self.input_pos < self.input.len()
-        {
+        while self.phase == Phase::Open && !self.dropping && self.input_pos < self.input.len() && self.may_go_on() {
             if self.in_body() {
                 self.body_input(now);
                 continue;
@@ -319,7 +335,7 @@ impl Session {
             self.input_pos += 1; // the LF
             self.answering_rcpt = false;
             if std::mem::take(&mut self.overlong) {
-                self.reply(b"500 5.5.2 line too long\r\n");
+                self.reply(LINE_TOO_LONG);
             } else {
                 let line = std::mem::take(&mut self.line);
                 self.command(&line, now);
@@ -331,6 +347,26 @@ impl Session {
         if self.input_pos >= self.input.len() {
             self.input.clear();
             self.input_pos = 0;
+        }
+    }
+
+    /// The next command may be processed: no reply is owed, or (RFC 2920) it is a RCPT,
+    /// or a DATA that ends what was received, pipelined behind commands forwarded to a
+    /// next hop that takes pipelined commands: it goes out behind them, in the same
+    /// write, and its reply is given after theirs.
+    fn may_go_on(&self) -> bool {
+        let Some(first) = self.waiting.front() else { return true };
+        let pipelining = matches!(&self.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
+        if !pipelining || matches!(first, Waiting::Link { .. }) || self.in_body() || !self.line.is_empty() {
+            return false;
+        }
+        let rest = self.unprocessed();
+        let Some(lf) = memchr::memchr(b'\n', rest) else { return false };
+        let Some(line) = rest[..lf].strip_suffix(b"\r") else { return false };
+        match Verb::parse(command::split(line).0) {
+            Verb::Rcpt => true,
+            Verb::Data => lf + 1 == rest.len(),
+            _ => false,
         }
     }
 
@@ -359,10 +395,39 @@ impl Session {
         self.line.clear();
     }
 
+    /// Our reply to the command being processed: given now, or, when replies to earlier
+    /// commands are still owed (pipelined behind forwarded ones), after them.
     pub(super) fn reply(&mut self, bytes: &[u8]) {
+        if self.waiting.is_empty() {
+            self.emit(bytes);
+        } else {
+            self.waiting.push_back(Waiting::Local { reply: bytes.into(), rcpt: self.answering_rcpt });
+        }
+    }
+
+    /// Gives a reply now: into the output, a 5xx counted as a failure.
+    pub(super) fn emit(&mut self, bytes: &[u8]) {
         self.out.push(bytes);
         if bytes.first() == Some(&b'5') {
             self.failed();
+        }
+    }
+
+    /// Recipients forwarded to the next hop and not answered yet.
+    pub(super) fn recipients_pending(&self) -> u32 {
+        self.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(_))).count() as u32
+    }
+
+    /// Gives our own replies that waited for the ones now given (none after a reply
+    /// that passed a failure limit: the 421 comes next).
+    pub(super) fn flush_local(&mut self) {
+        while !self.dropping
+            && let Some(Waiting::Local { .. }) = self.waiting.front()
+        {
+            if let Some(Waiting::Local { reply, rcpt }) = self.waiting.pop_front() {
+                self.answering_rcpt = rcpt;
+                self.emit(&reply);
+            }
         }
     }
 
@@ -394,7 +459,7 @@ impl Session {
 
     /// Queues the last reply and closes once it is out.
     pub(super) fn close_with(&mut self, reply: &[u8], now: Instant) {
-        self.reply(reply);
+        self.emit(reply);
         self.begin_close(now);
     }
 
@@ -403,6 +468,8 @@ impl Session {
             self.phase = Phase::Closing { until: now + CLOSE_GRACE };
             self.discard_input();
             self.abandon_transaction("connection closed", now);
+            // replies still owed to pipelined commands are never given
+            self.waiting.clear();
         }
     }
 
@@ -420,7 +487,7 @@ impl Session {
             return;
         }
         self.draining = true;
-        if self.txn.is_none() && self.waiting.is_none() {
+        if self.txn.is_none() && self.waiting.is_empty() {
             self.say_shutdown(now);
         }
     }
@@ -479,7 +546,7 @@ impl Session {
         match self.phase {
             Phase::Closed => None,
             Phase::Closing { until } => Some(until),
-            Phase::Open if self.waiting.is_some() => self.relay_deadline.into_iter().chain(txn_deadline).min(),
+            Phase::Open if !self.waiting.is_empty() => self.relay_deadline.into_iter().chain(txn_deadline).min(),
             Phase::Open => match self.txn.as_ref().and_then(|t| t.body.as_ref()) {
                 Some(body) => {
                     let smtp = &self.snapshot.config.smtp;
@@ -522,7 +589,7 @@ impl Session {
 
     fn timed_out(&mut self, now: Instant) {
         let relay_late = self.relay_deadline.is_some_and(|d| d <= now);
-        if relay_late && (self.waiting.is_some() || self.backpressured()) {
+        if relay_late && (!self.waiting.is_empty() || self.backpressured()) {
             tracing::debug!(peer = %self.peer, "next hop timed out");
             return self.relay_failed(now);
         }
@@ -563,7 +630,7 @@ impl Session {
 
     pub(super) fn abandon_transaction(&mut self, why: &'static str, now: Instant) {
         if self.txn.is_some() {
-            self.waiting = None;
+            self.waiting.clear();
             self.end_transaction(Outcome::Abandoned(why), now);
         }
     }

@@ -37,6 +37,13 @@ struct FakeHop {
     /// Hold back the reply to DATA until the test releases it.
     hold_data_reply: bool,
     held: Vec<u8>,
+    /// Reply to MAIL instead of 250.
+    refuse_mail: Option<&'static str>,
+    /// MAIL was accepted, and how many recipients since.
+    mail_open: bool,
+    rcpts_ok: u32,
+    /// Each write received, as it came (for pipelining).
+    writes: Vec<Vec<u8>>,
 }
 
 impl FakeHop {
@@ -54,6 +61,8 @@ impl FakeHop {
                 self.unread.drain(..end + 5);
                 self.in_body = false;
                 self.scan = 0;
+                self.mail_open = false;
+                self.rcpts_ok = 0;
                 out.extend_from_slice(self.dot_reply.unwrap_or("250 2.0.0 queued").as_bytes());
                 out.extend_from_slice(b"\r\n");
                 continue;
@@ -71,10 +80,28 @@ impl FakeHop {
                     }
                     r + "\r\n250 ENHANCEDSTATUSCODES"
                 }
+                "MAIL" => match self.refuse_mail {
+                    Some(reply) => reply.into(),
+                    None => {
+                        self.mail_open = true;
+                        "250 2.1.0 ok".into()
+                    }
+                },
+                "RCPT" if !self.mail_open => "503 5.5.1 need MAIL first".into(),
                 "RCPT" => match self.refuse_rcpt {
                     Some((needle, reply)) if line.contains(needle) => reply.into(),
-                    _ => "250 2.1.5 ok".into(),
+                    _ => {
+                        self.rcpts_ok += 1;
+                        "250 2.1.5 ok".into()
+                    }
                 },
+                "DATA" if !self.mail_open => "503 5.5.1 need MAIL first".into(),
+                "DATA" if self.rcpts_ok == 0 => "554 5.5.1 no valid recipients".into(),
+                "RSET" => {
+                    self.mail_open = false;
+                    self.rcpts_ok = 0;
+                    "250 2.0.0 ok".into()
+                }
                 "DATA" if self.hold_data_reply => {
                     self.in_body = true;
                     self.held.extend_from_slice(b"354 go ahead\r\n");
@@ -98,6 +125,8 @@ impl FakeHop {
     /// The connection closed: whatever was half-received is gone.
     fn disconnect(&mut self) {
         self.unread.clear();
+        self.mail_open = false;
+        self.rcpts_ok = 0;
         self.in_body = false;
         self.scan = 0;
     }
@@ -191,6 +220,7 @@ impl Harness {
                 Relay::Send(b) => {
                     busy = true;
                     let b = &b[..b.len().min(self.relay_send_limit)];
+                    self.hop.writes.push(b.to_vec());
                     self.hop.received.extend_from_slice(b);
                     self.hop.unread.extend_from_slice(b);
                     let n = b.len();
@@ -953,4 +983,127 @@ fn refused_recipients_past_the_limit_drop_the_conversation() {
     assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count(), 3);
     assert!(!events.contains(&Event::Failed(Failure::Command)), "{events:?}");
     assert!(events.contains(&Event::Dropped));
+}
+
+// ---- pipelining to the next hop (RFC 2920) ---------------------------------------------
+
+const BATCH: &[u8] = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nRCPT TO:<v@example.com>\r\nDATA\r\n";
+const GO_AHEAD: &str = "354 end data with <CR><LF>.<CR><LF>\r\n";
+
+#[test]
+fn a_pipelined_batch_reaches_the_next_hop_in_one_write() {
+    let mut h = Harness::new();
+    h.greet();
+    let got = h.send(BATCH);
+    assert_eq!(got, format!("250 2.1.0 sender OK\r\n{0}{0}{GO_AHEAD}", "250 2.1.5 recipient OK\r\n"));
+    assert!(h.hop.writes.iter().any(|w| w == BATCH), "one write: {:?}", h.hop.writes);
+    assert!(h.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0 OK: queued as "));
+
+    // on the same connection, the next batch is again one write, one round trip
+    let writes = h.hop.writes.len();
+    assert!(h.send(BATCH).ends_with(GO_AHEAD));
+    assert_eq!(h.hop.writes[writes..], [BATCH.to_vec()]);
+}
+
+#[test]
+fn a_refused_sender_makes_the_batch_get_the_next_hops_refusals() {
+    let mut h = Harness::new();
+    h.hop.refuse_mail = Some("550 5.7.1 sender refused");
+    h.greet();
+    let got = h.send(BATCH);
+    assert_eq!(
+        got,
+        "550 5.7.1 sender refused\r\n503 5.5.1 need MAIL first\r\n503 5.5.1 need MAIL first\r\n\
+         503 5.5.1 need MAIL first\r\n"
+    );
+    let events = h.events();
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count(), 2);
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Command)).count(), 2);
+    let refused = events.iter().filter(|e| matches!(e, Event::Transaction(t) if t.accepted == 0)).count();
+    assert_eq!(refused, 1, "{events:?}");
+    // nothing is open at the next hop: the same connection serves the next batch
+    h.hop.refuse_mail = None;
+    assert!(h.send(BATCH).ends_with(GO_AHEAD));
+    assert_eq!(h.dials.len(), 1);
+}
+
+#[test]
+fn data_behind_refused_recipients_gets_the_next_hops_answer_not_354() {
+    let mut h = Harness::new();
+    h.hop.refuse_rcpt = Some(("example.com", "550 5.1.1 no such user"));
+    h.greet();
+    let got = h.send(BATCH);
+    assert_eq!(
+        got,
+        "250 2.1.0 sender OK\r\n550 5.1.1 no such user\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n"
+    );
+    assert!(!h.session.in_body());
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn our_own_refusals_keep_their_place_among_the_next_hops_replies() {
+    let mut h = Harness::new();
+    h.greet();
+    let batch = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@outside.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n";
+    let got = h.send(batch);
+    assert_eq!(
+        got,
+        format!("250 2.1.0 sender OK\r\n550 5.7.1 relay access denied\r\n250 2.1.5 recipient OK\r\n{GO_AHEAD}")
+    );
+    let forwarded = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n";
+    assert!(h.hop.writes.iter().any(|w| w == forwarded), "{:?}", h.hop.writes);
+    let events = h.events();
+    assert_eq!(events, [Event::Failed(Failure::Recipient)]);
+}
+
+#[test]
+fn a_next_hop_without_pipelining_gets_one_command_at_a_time() {
+    let mut h = Harness::new();
+    h.hop.ehlo = vec!["8BITMIME"];
+    h.greet();
+    let got = h.send(BATCH);
+    assert_eq!(got, format!("250 2.1.0 sender OK\r\n{0}{0}{GO_AHEAD}", "250 2.1.5 recipient OK\r\n"));
+    let commands: Vec<&[u8]> = h.hop.writes.iter().map(Vec::as_slice).filter(|w| !w.starts_with(b"EHLO")).collect();
+    assert_eq!(
+        commands,
+        [
+            &b"MAIL FROM:<a@client.test>\r\n"[..],
+            b"RCPT TO:<u@example.com>\r\n",
+            b"RCPT TO:<v@example.com>\r\n",
+            b"DATA\r\n"
+        ]
+    );
+}
+
+#[test]
+fn a_batch_sent_on_a_stale_pooled_connection_is_sent_again_on_a_new_one() {
+    let mut h = Harness::new();
+    h.greet();
+    assert!(h.deliver("u@example.com", b"one\r\n.\r\n").starts_with("250 2.0.0"));
+    h.send(b"QUIT\r\n");
+    assert_eq!(h.released, 1);
+    let pool = std::mem::take(&mut h.pool);
+
+    let mut h = Harness::new();
+    h.pool = pool;
+    h.stale_pool = true;
+    h.greet();
+    let got = h.send(BATCH);
+    assert_eq!(got, format!("250 2.1.0 sender OK\r\n{0}{0}{GO_AHEAD}", "250 2.1.5 recipient OK\r\n"));
+    assert_eq!(h.dials, [(0, true), (0, false)]);
+    assert!(h.hop.writes.iter().any(|w| w == BATCH), "sent again whole: {:?}", h.hop.writes);
+    assert!(h.send(b"two\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(h.hop.messages.len(), 1);
+}
+
+#[test]
+fn data_is_not_pipelined_with_what_follows_it() {
+    // a body sent before our 354 is improper pipelining, whatever the next hop offers
+    let mut h = Harness::new();
+    h.greet();
+    let got = h.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\nSubject: early\r\n");
+    assert!(got.ends_with("503 5.5.0 improper use of SMTP command pipelining\r\n"), "{got}");
+    assert!(h.closed());
+    assert!(!h.hop.commands.iter().any(|c| c == "DATA"), "{:?}", h.hop.commands);
 }

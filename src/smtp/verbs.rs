@@ -5,31 +5,8 @@ use std::time::Instant;
 
 use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
+use super::replies::*;
 use super::session::{Helo, Link, Outcome, Session, Txn, next_transaction_id};
-
-pub(super) const OK: &[u8] = b"250 2.0.0 OK\r\n";
-const HELP: &[u8] = b"214 2.0.0 commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n";
-const UNRECOGNIZED: &[u8] = b"500 5.5.2 command unrecognized\r\n";
-const BARE_LF: &[u8] = b"500 5.5.2 line must end with CRLF\r\n";
-const BAD_CHARACTER: &[u8] = b"500 5.5.2 CR or NUL inside a command line\r\n";
-const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 command not implemented\r\n";
-const EHLO_SYNTAX: &[u8] = b"501 5.5.4 syntax: EHLO domain\r\n";
-const HELO_SYNTAX: &[u8] = b"501 5.5.4 syntax: HELO domain\r\n";
-const NO_PARAMETERS: &[u8] = b"501 5.5.4 this command takes no parameters\r\n";
-const GREET_FIRST: &[u8] = b"503 5.5.1 send EHLO or HELO first\r\n";
-const NESTED_MAIL: &[u8] = b"503 5.5.1 a transaction is already open\r\n";
-const MAIL_FIRST: &[u8] = b"503 5.5.1 send MAIL first\r\n";
-const RCPT_FIRST: &[u8] = b"554 5.5.1 no valid recipients\r\n";
-const MAIL_SYNTAX: &[u8] = b"501 5.5.4 syntax: MAIL FROM:<address> [parameters]\r\n";
-const RCPT_SYNTAX: &[u8] = b"501 5.5.4 syntax: RCPT TO:<address>\r\n";
-const BAD_PARAMETER: &[u8] = b"555 5.5.4 unsupported parameter\r\n";
-pub(super) const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
-const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
-const RELAY_DENIED: &[u8] = b"550 5.7.1 relay access denied\r\n";
-const NO_NULL_RECIPIENT: &[u8] = b"501 5.1.3 the null path is no recipient\r\n";
-pub(super) const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";
-pub(super) const IMPROPER_PIPELINING: &[u8] = b"503 5.5.0 improper use of SMTP command pipelining\r\n";
-const CANNOT_VERIFY: &[u8] = b"252 2.5.0 cannot verify the user, but will relay the message\r\n";
 
 impl Session {
     /// One command line, LF removed.
@@ -134,7 +111,8 @@ impl Session {
             return self.reply(MAIL_FIRST);
         };
         let utf8 = txn.smtputf8;
-        if txn.accepted >= self.snapshot.config.smtp.max_recipients {
+        // recipients pipelined to the next hop count as accepted until it answers
+        if txn.accepted + self.recipients_pending() >= self.snapshot.config.smtp.max_recipients {
             return self.refuse_recipient(TOO_MANY_RECIPIENTS);
         }
         let Some(rest) = strip_keyword(args, b"TO:") else {
@@ -179,7 +157,9 @@ impl Session {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
-        if txn.accepted == 0 {
+        // with recipients still before the next hop, DATA goes behind them: its 354 comes
+        // only if one of them was accepted
+        if txn.accepted == 0 && self.recipients_pending() == 0 {
             return self.reply(RCPT_FIRST);
         }
         if txn.broken {
@@ -222,7 +202,7 @@ impl Session {
     fn address_error(&mut self, e: AddressError, code: &[u8]) {
         let text = match e {
             AddressError::NeedsSmtpUtf8 => {
-                return self.reply(b"553 5.6.7 non-ASCII address without SMTPUTF8\r\n");
+                return self.reply(NEEDS_SMTPUTF8);
             }
             AddressError::Syntax(_) | AddressError::TooLong(_) => e.to_string(),
         };
