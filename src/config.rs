@@ -136,30 +136,78 @@ pub struct Metrics {
     pub listen: SocketAddr,
 }
 
-const TOP_KEYS: &[&str] = &["hostname", "listen", "access", "abuse", "smtp", "relay", "tls", "control", "metrics"];
-const LISTEN_KEYS: &[&str] = &["addresses", "threads", "io", "max_connections", "drain_timeout", "proxy_protocol_from"];
-const ACCESS_KEYS: &[&str] = &["default", "list", "deny_reply"];
-const ABUSE_KEYS: &[&str] = &[
-    "max_failed_commands",
-    "max_failed_recipients",
-    "ban_on_drop",
-    "whitelist",
-    "ban_file",
-    "failure_threshold",
-    "failure_window",
-    "ban_duration",
-    "max_ban_duration",
-    "ipv6_prefix",
-    "escalate_after",
-    "ban_reply",
-    "max_connections_per_ip",
+/// Every key, declared once: its section (`""`: the top level) and name. Parsing
+/// refuses any other key, and a test holds the README's key table against this list.
+pub const KEYS: &[(&str, &str)] = &[
+    ("", "hostname"),
+    ("listen", "addresses"),
+    ("listen", "threads"),
+    ("listen", "io"),
+    ("listen", "drain_timeout"),
+    ("listen", "max_connections"),
+    ("listen", "proxy_protocol_from"),
+    ("access", "default"),
+    ("access", "list"),
+    ("access", "deny_reply"),
+    ("abuse", "whitelist"),
+    ("abuse", "max_failed_commands"),
+    ("abuse", "max_failed_recipients"),
+    ("abuse", "ban_on_drop"),
+    ("abuse", "failure_threshold"),
+    ("abuse", "failure_window"),
+    ("abuse", "ban_duration"),
+    ("abuse", "max_ban_duration"),
+    ("abuse", "ipv6_prefix"),
+    ("abuse", "ban_reply"),
+    ("abuse", "ban_file"),
+    ("abuse", "escalate_after"),
+    ("abuse", "max_connections_per_ip"),
+    ("smtp", "max_recipients"),
+    ("smtp", "max_message_size"),
+    ("smtp", "command_timeout"),
+    ("smtp", "data_timeout"),
+    ("smtp", "transaction_timeout"),
+    ("smtp", "min_data_rate"),
+    ("relay", "domains"),
+    ("relay", "next_hops"),
+    ("relay", "reply_timeout"),
+    ("relay", "max_idle_connections"),
+    ("relay", "idle_timeout"),
+    ("tls", "cert"),
+    ("tls", "key"),
+    ("control", "socket"),
+    ("metrics", "listen"),
 ];
-const SMTP_KEYS: &[&str] =
-    &["max_recipients", "max_message_size", "command_timeout", "data_timeout", "transaction_timeout", "min_data_rate"];
-const RELAY_KEYS: &[&str] = &["domains", "next_hops", "reply_timeout", "max_idle_connections", "idle_timeout"];
-const TLS_KEYS: &[&str] = &["cert", "key"];
-const CONTROL_KEYS: &[&str] = &["socket"];
-const METRICS_KEYS: &[&str] = &["listen"];
+
+/// The keys a running instance reads once, at start: a reload that changes one warns
+/// and leaves it until the next start (the failure counters' window is sized at start).
+pub const READ_AT_START: &[&str] = &[
+    "listen.addresses",
+    "listen.threads",
+    "listen.io",
+    "abuse.failure_window",
+    "abuse.ban_file",
+    "tls.cert",
+    "tls.key",
+    "control.socket",
+    "metrics.listen",
+];
+
+/// The keys of `section`.
+fn keys_of(section: &str) -> Vec<&'static str> {
+    KEYS.iter().filter(|(s, _)| *s == section).map(|(_, k)| *k).collect()
+}
+
+/// The top level's keys: its own and the sections.
+fn top_keys() -> Vec<&'static str> {
+    let mut keys = keys_of("");
+    for (section, _) in KEYS.iter().filter(|(s, _)| !s.is_empty()) {
+        if !keys.contains(section) {
+            keys.push(section);
+        }
+    }
+    keys
+}
 
 impl Config {
     /// The embedded default configuration.
@@ -193,11 +241,11 @@ impl Config {
             return Err(Problems(r.problems));
         }
         let root = Some(root.get_ref());
-        r.unknown_keys(root, "", TOP_KEYS);
+        r.unknown_keys(root, "", &top_keys());
 
         let hostname = r.value(root, "", "hostname", |v| valid_hostname(str_of(v)?)).unwrap_or_else(default_hostname);
 
-        let t = r.section(root, "listen", LISTEN_KEYS);
+        let t = r.section(root, "listen", &keys_of("listen"));
         let listen = Listen {
             addresses: r
                 .value(t, "listen", "addresses", socket_addrs)
@@ -210,7 +258,7 @@ impl Config {
             proxy_protocol_from: r.value(t, "listen", "proxy_protocol_from", prefixes).unwrap_or_default(),
         };
 
-        let t = r.section(root, "access", ACCESS_KEYS);
+        let t = r.section(root, "access", &keys_of("access"));
         let access = Access {
             default: r
                 .value(t, "access", "default", |v| match str_of(v)? {
@@ -223,7 +271,7 @@ impl Config {
             deny_reply: r.reply(t, "access", "deny_reply", &hostname),
         };
 
-        let t = r.section(root, "abuse", ABUSE_KEYS);
+        let t = r.section(root, "abuse", &keys_of("abuse"));
         let abuse = Abuse {
             max_failed_commands: r.value(t, "abuse", "max_failed_commands", |v| int_in(v, 1, 1_000_000)).unwrap_or(20)
                 as u32,
@@ -251,7 +299,7 @@ impl Config {
             r.problem(None, "abuse.ban_duration", "is longer than abuse.max_ban_duration".into());
         }
 
-        let t = r.section(root, "smtp", SMTP_KEYS);
+        let t = r.section(root, "smtp", &keys_of("smtp"));
         let smtp = Smtp {
             max_recipients: r.value(t, "smtp", "max_recipients", |v| int_in(v, 1, 100_000)).unwrap_or(100) as u32,
             max_message_size: r.value(t, "smtp", "max_message_size", size).unwrap_or(50 << 20),
@@ -265,7 +313,7 @@ impl Config {
             min_data_rate: r.value(t, "smtp", "min_data_rate", |v| parse_size(str_of(v)?)).unwrap_or(1024),
         };
 
-        let t = r.section(root, "relay", RELAY_KEYS);
+        let t = r.section(root, "relay", &keys_of("relay"));
         let relay = Relay {
             domains: r.value(t, "relay", "domains", domains).unwrap_or_default(),
             next_hops: r
@@ -277,7 +325,7 @@ impl Config {
             idle_timeout: r.value(t, "relay", "idle_timeout", positive_duration).unwrap_or(Duration::from_secs(30)),
         };
 
-        let t = r.section(root, "tls", TLS_KEYS);
+        let t = r.section(root, "tls", &keys_of("tls"));
         let given = |key| t.and_then(|t| find(t, key)).is_some();
         if given("cert") != given("key") {
             r.problem(None, "tls", "give both `cert` and `key`, or neither (no STARTTLS)".into());
@@ -286,11 +334,11 @@ impl Config {
             (Some(cert), Some(key)) => Some(Tls { cert, key }),
             _ => None,
         };
-        let t = r.section(root, "control", CONTROL_KEYS);
+        let t = r.section(root, "control", &keys_of("control"));
         let control = r
             .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
             .map(|p| Control { socket: base.join(p) });
-        let t = r.section(root, "metrics", METRICS_KEYS);
+        let t = r.section(root, "metrics", &keys_of("metrics"));
         let metrics = t.map(|_| Metrics {
             listen: r
                 .value(t, "metrics", "listen", |v| socket_addr(str_of(v)?))
@@ -304,22 +352,24 @@ impl Config {
         Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, control, metrics })
     }
 
-    /// The settings a running instance reads once, at start, that `new` gives otherwise:
-    /// a reload leaves them as they are until the next start.
+    /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a
+    /// reload leaves them as they are until the next start.
     pub fn fixed_at_start_changed(&self, new: &Config) -> Vec<&'static str> {
-        [
-            ("[listen] addresses", self.listen.addresses == new.listen.addresses),
-            ("[listen] threads", self.listen.threads == new.listen.threads),
-            ("[listen] io", self.listen.io == new.listen.io),
-            ("[abuse] ban_file", self.abuse.ban_file == new.abuse.ban_file),
-            ("[abuse] failure_window (of the failure counters)", self.abuse.failure_window == new.abuse.failure_window),
-            ("[control]", self.control == new.control),
-            ("[tls]", self.tls == new.tls),
-            ("[metrics]", self.metrics == new.metrics),
-        ]
-        .into_iter()
-        .filter_map(|(name, same)| (!same).then_some(name))
-        .collect()
+        let tls = |c: &Config| c.tls.clone().map(|t| (t.cert, t.key)).unzip();
+        let (old_tls, new_tls) = (tls(self), tls(new));
+        let same = |key: &str| match key {
+            "listen.addresses" => self.listen.addresses == new.listen.addresses,
+            "listen.threads" => self.listen.threads == new.listen.threads,
+            "listen.io" => self.listen.io == new.listen.io,
+            "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
+            "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
+            "tls.cert" => old_tls.0 == new_tls.0,
+            "tls.key" => old_tls.1 == new_tls.1,
+            "control.socket" => self.control == new.control,
+            "metrics.listen" => self.metrics == new.metrics,
+            other => unreachable!("READ_AT_START names {other}, which is not compared here"),
+        };
+        READ_AT_START.iter().copied().filter(|key| !same(key)).collect()
     }
 
     /// Where this config came from, for messages.
@@ -538,6 +588,46 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, Problems> {
         Config::parse(text, Path::new("m.toml"), Path::new("/nonexistent"))
+    }
+
+    /// The README's key table names exactly the declared keys, and says which are read
+    /// at start only: the three cannot drift apart.
+    #[test]
+    fn the_readme_key_table_is_the_declared_keys() {
+        let readme = include_str!("../README.md");
+        let table = readme.split("\n| key |").nth(1).expect("the README's key table");
+        let (mut documented, mut at_start) = (Vec::new(), Vec::new());
+        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let mut section = "";
+            for name in cells[0].trim_start_matches("| ").split(", ") {
+                let name = name.trim_matches('`');
+                let (s, key) = name.split_once('.').unwrap_or((section, name));
+                section = s;
+                let full = if s.is_empty() { key.to_owned() } else { format!("{s}.{key}") };
+                if cells.last().is_some_and(|c| c.contains("at start only")) {
+                    at_start.push(full.clone());
+                }
+                documented.push(full);
+            }
+        }
+        let declared: Vec<String> =
+            KEYS.iter().map(|(s, k)| if s.is_empty() { (*k).to_owned() } else { format!("{s}.{k}") }).collect();
+        assert_eq!(documented, declared, "README key table vs config::KEYS");
+        assert_eq!(at_start, READ_AT_START, "README's `at start only` vs config::READ_AT_START");
+    }
+
+    #[test]
+    fn every_key_read_at_start_is_compared() {
+        let base = parse("").unwrap();
+        assert!(base.fixed_at_start_changed(&base).is_empty());
+        let changed = parse(
+            "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
+             failure_window = \"1m\"\n[control]\nsocket = \"c\"\n[metrics]\n",
+        )
+        .unwrap();
+        let names = base.fixed_at_start_changed(&changed);
+        assert_eq!(names, [&READ_AT_START[..5], &READ_AT_START[7..]].concat(), "every one but [tls]");
     }
 
     #[test]

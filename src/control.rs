@@ -10,7 +10,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -37,14 +37,7 @@ pub fn serve(path: &Path, shared: Arc<Shared>) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    // created 0600 (not made so afterwards): no moment when others may connect
-    // SAFETY: umask(2) only swaps the process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the mask.
-    unsafe { libc::umask(old) };
-    let listener = bound?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(path)?;
     std::thread::Builder::new().name("mxgate-control".into()).spawn(move || {
         for stream in listener.incoming().flatten() {
             if let Err(e) = answer(stream, &shared) {
@@ -53,6 +46,27 @@ pub fn serve(path: &Path, shared: Arc<Shared>) -> io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// Binds a socket at `path` that only this user can connect to, from the first moment:
+/// it is made inside a fresh folder of mode 0700, set to 0600 there, then renamed into
+/// place. (The process-wide umask is not touched: worker threads create files too.)
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let name = path.file_name().ok_or_else(|| io::Error::other("the control socket path names no file"))?;
+    let mut private_name = std::ffi::OsString::from(".");
+    private_name.push(name);
+    private_name.push(format!(".{}", std::process::id()));
+    let private = path.with_file_name(private_name);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let made = private.join("s");
+    let bound = UnixListener::bind(&made).and_then(|listener| {
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&made, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&made);
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {

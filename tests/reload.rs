@@ -79,7 +79,7 @@ fn settings_apply_and_those_read_at_start_wait_for_the_next(io: &str) {
         .replace("threads = 2", "threads = 1");
     write(&m, "mxgate.toml", &changed);
     reload(&mut m, "SIGHUP: reloaded");
-    for setting in ["[listen] addresses", "[listen] threads"] {
+    for setting in ["listen.addresses", "listen.threads"] {
         let warning = m.saw(&format!("SIGHUP: {setting} changed")).expect("a warning for each");
         assert!(warning.contains("takes effect at the next start"), "{warning}");
     }
