@@ -14,8 +14,14 @@
 //! The driver owns the ring, the listeners and the sockets and moves bytes; accept, the
 //! gate, sessions, the pool and deadlines are the host's.
 //!
+//! - A peer's socket has no receive buffer of its own: its recv takes one of the worker's
+//!   provided buffers (a registered buffer ring) when data arrives, and the buffer goes
+//!   back once the connection has taken the bytes. A session waiting for its next command
+//!   holds no buffer. (The next hop's socket, busy only during a transaction, keeps one.)
+//!
 //! Memory handed to the kernel outlives the operation: a connection's buffers live until
-//! its last operation completes, the deny lines and the wake buffer are never freed.
+//! its last operation completes; the deny lines, the wake buffer and the buffer ring are
+//! never freed.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -53,6 +59,13 @@ const TAG_RELAY_CONNECT: u8 = 12;
 
 /// Largest single send; the rest follows when it completes.
 const MAX_SEND: usize = 32 * 1024;
+/// Provided receive buffers per worker, each `READ_LEN` bytes (1 MiB in all, a fixed cost
+/// whatever the sessions): enough for the peers with data waiting in one loop turn; when
+/// they run out a recv fails with ENOBUFS and is asked again once buffers came back.
+/// A power of two (the ring's index mask).
+const PROVIDED_BUFFERS: u16 = 256;
+/// The buffer group of the provided buffers.
+const BUFFER_GROUP: u16 = 0;
 
 fn user_data(tag: u8, key: usize, generation: u32) -> u64 {
     (u64::from(tag) << 56) | (u64::from(generation & 0xff_ffff) << 32) | (key as u64 & 0xffff_ffff)
@@ -91,6 +104,8 @@ pub fn probe() -> Result<(), String> {
     if let Some(op) = needed.iter().find(|&&op| !probe.is_supported(op)) {
         return Err(format!("io_uring opcode {op} is not allowed"));
     }
+    // Provided buffer rings (Linux 5.19), for peers' receives.
+    BufRing::new(&ring).map_err(|e| format!("cannot register provided buffers: {e}"))?;
     // Multishot accept (Linux 5.19): arm one on a throwaway listener, then cancel it.
     let Ok(listener) = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
         return Ok(());
@@ -132,6 +147,68 @@ impl Waker {
         // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
         let n = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         if n == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+}
+
+/// The worker's provided receive buffers: a ring of buffer descriptors shared with the
+/// kernel, which takes one for each recv that completes with data; we put it back.
+struct BufRing {
+    /// The descriptors, `PROVIDED_BUFFERS` of them (page-aligned, never freed).
+    entries: *mut types::BufRingEntry,
+    /// The buffers, `READ_LEN` bytes each (never freed).
+    bufs: *mut u8,
+    /// Our next slot to fill; the kernel reads it from the ring's tail field.
+    tail: u16,
+}
+
+impl BufRing {
+    /// Allocates the ring and its buffers, registers them with `ring` and provides them all.
+    fn new(ring: &IoUring) -> io::Result<Self> {
+        let n = usize::from(PROVIDED_BUFFERS);
+        let entries = std::alloc::Layout::from_size_align(n * std::mem::size_of::<types::BufRingEntry>(), 4096)
+            .map_err(io::Error::other)?;
+        let bufs = std::alloc::Layout::from_size_align(n * READ_LEN, 4096).map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size; the results are checked for null.
+        let (entries, bufs): (*mut types::BufRingEntry, *mut u8) =
+            unsafe { (std::alloc::alloc_zeroed(entries).cast(), std::alloc::alloc(bufs)) };
+        if entries.is_null() || bufs.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        // SAFETY: the ring memory is page-aligned, sized for PROVIDED_BUFFERS entries and
+        // never freed, so it outlives the registration (and the ring).
+        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, PROVIDED_BUFFERS, BUFFER_GROUP, 0)? };
+        let mut ring = BufRing { entries, bufs, tail: 0 };
+        for bid in 0..PROVIDED_BUFFERS {
+            ring.provide(bid);
+        }
+        Ok(ring)
+    }
+
+    /// Puts buffer `bid` (back) in the ring.
+    fn provide(&mut self, bid: u16) {
+        let slot = usize::from(self.tail & (PROVIDED_BUFFERS - 1));
+        // SAFETY: `slot` is within the ring and `bid` names one of its buffers; the kernel
+        // reads a slot only once the tail below has passed it.
+        unsafe {
+            let entry = &mut *self.entries.add(slot);
+            entry.set_addr(self.bufs.add(usize::from(bid) * READ_LEN) as u64);
+            entry.set_len(READ_LEN as u32);
+            entry.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field is the ring's first entry's `resv`, a u16 the kernel reads;
+        // the release store publishes the slot written above.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries).cast_mut();
+            (*tail.cast::<std::sync::atomic::AtomicU16>()).store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes the kernel put in buffer `bid`.
+    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        // SAFETY: the kernel wrote `len` (at most READ_LEN) bytes into buffer `bid`, which
+        // stays ours until `provide(bid)`.
+        unsafe { std::slice::from_raw_parts(self.bufs.add(usize::from(bid) * READ_LEN), len.min(READ_LEN)) }
     }
 }
 
@@ -207,6 +284,7 @@ struct Listener {
 /// The operations, on the ring.
 pub struct Uring {
     ring: IoUring,
+    provided: BufRing,
 }
 
 pub struct Worker {
@@ -234,8 +312,9 @@ impl Worker {
             .into_iter()
             .map(|socket| Listener { socket: Some(socket), armed: false, retry_at: None, closing: false })
             .collect();
+        let provided = BufRing::new(&ring)?;
         let mut w = Worker {
-            io: Uring { ring },
+            io: Uring { ring, provided },
             host: Host::new(shared),
             listeners,
             wake_fd,
@@ -294,9 +373,12 @@ impl Worker {
         match tag {
             TAG_ACCEPT => self.accepted(key, res, flags, now, unix),
             TAG_PEER_RECV..=TAG_RELAY_CONNECT => {
+                let provided = cqueue::buffer_select(flags);
                 if let Some((conn, sockets)) = self.host.get_current((key, generation)) {
-                    op_done(&mut self.io.ring, tag, conn, sockets, res, now);
+                    op_done(&mut self.io, tag, conn, sockets, (res, provided), now);
                     self.host.advance(key, now, &mut self.io);
+                } else if let Some(bid) = provided {
+                    self.io.provided.provide(bid);
                 }
             }
             TAG_WAKE => self.woken(now),
@@ -347,8 +429,7 @@ impl Worker {
                 return;
             }
         };
-        let mut peer = Socket::open(fd);
-        peer.read_buf = vec![0; READ_LEN].into_boxed_slice();
+        let peer = Socket::open(fd);
         self.host.open(conn, Sockets { peer, relay: Socket::none() }, now, &mut self.io);
     }
 
@@ -399,17 +480,24 @@ impl Worker {
     }
 }
 
-/// An operation on one of a connection's sockets completed: its result, to the connection.
-fn op_done(ring: &mut IoUring, tag: u8, conn: &mut Connection, s: &mut Sockets, res: i32, now: Instant) {
-    let failed = res < 0 && res != -libc::ECANCELED;
+/// An operation on one of a connection's sockets completed: its result (and the
+/// provided buffer it took), to the connection.
+fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done: (i32, Option<u16>), now: Instant) {
+    let (res, provided) = done;
+    // ENOBUFS: no provided buffer was left; the recv is asked again (buffers come back as
+    // this turn's completions are handled)
+    let failed = res < 0 && res != -libc::ECANCELED && res != -libc::ENOBUFS;
     match tag {
         TAG_PEER_RECV => {
             s.peer.recv = false;
-            match res {
-                0 => conn.peer_eof(now),
-                n if n > 0 => conn.peer_input(&s.peer.read_buf[..n as usize], now),
+            match (res, provided) {
+                (0, _) => conn.peer_eof(now),
+                (n, Some(bid)) if n > 0 => conn.peer_input(io.provided.bytes(bid, n as usize), now),
                 _ if failed => conn.peer_eof(now),
                 _ => {}
+            }
+            if let Some(bid) = provided {
+                io.provided.provide(bid);
             }
         }
         TAG_PEER_SEND => {
@@ -446,7 +534,7 @@ fn op_done(ring: &mut IoUring, tag: u8, conn: &mut Connection, s: &mut Sockets, 
                 if failed {
                     tracing::debug!("next hop connection failed: {}", io::Error::from_raw_os_error(-res));
                 }
-                push(ring, &[close_entry(s.relay.fd)]);
+                push(&mut io.ring, &[close_entry(s.relay.fd)]);
                 s.relay.fd = -1;
                 if failed {
                     conn.hop_failed(now);
@@ -481,7 +569,11 @@ impl Io for Uring {
             }
             Transmit::Receive if !s.recv => {
                 s.recv = true;
-                let e = recv_entry(s.fd, &mut s.read_buf, user_data(TAG_PEER_RECV, key, generation));
+                let e = opcode::Recv::new(types::Fd(s.fd), std::ptr::null_mut(), READ_LEN as u32)
+                    .buf_group(BUFFER_GROUP)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(user_data(TAG_PEER_RECV, key, generation));
                 push(&mut self.ring, &[e]);
             }
             Transmit::Close => return close_socket(&mut self.ring, s, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Two mxgate binaries under the same load, alternating ROUNDS times, measured on mxgate's
+# own CPU (µs per refused connection, or per message relayed), for a before/after of a
+# change that bench.sh's ratios (±10 % between runs) cannot resolve.
+#   deny:  the deny flood of bench.sh (127.66.0.0/16) against a 10,000-entry access list
+#   relay: one ~2 KiB message a connection from 127.77.0.0/16, relayed to limit_accept
+#          (with --pipeline: MAIL, RCPT and DATA in one write)
+#
+# usage: loadtest/bin-ab.sh BIN_A BIN_B [--mode deny|relay] [--io uring|epoll] [--rounds N] [--pipeline]
+# LIMITS_DIR: the limits yardstick (default: ../shared/limits beside this repository).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+limits=${LIMITS_DIR:-$root/../shared/limits}
+bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
+port=${PORT:-2712} sink=${SINK_PORT:-31035}
+a=$1 b=$2; shift 2
+mode=deny io=uring rounds=6 pipe=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --mode) mode=$2; shift 2 ;;
+    --io) io=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --pipeline) pipe=-P; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+(cd "$root" && cargo build --release -q -p loadtest --bin genlist)
+[ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+d=$(mktemp -d)
+sink_pid=
+trap '[ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null; rm -rf "$d"' EXIT
+"$root/target/release/genlist" 10000 > "$d/base.list"
+{ cat "$d/base.list"; echo "deny 127.66.0.0/16"; } > "$d/access.list"
+printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "access.list"\n[relay]\ndomains = ["bench.test"]\nnext_hops = ["127.0.0.1:%s"]\n' \
+  "$port" "$sink" > "$d/mxgate.toml"
+if [ "$mode" = relay ]; then
+  "$bin/limit_accept" "$sink" 2 3600 >/dev/null 2>&1 & sink_pid=$!
+  load=(-m relay -s 127.77.0.0/16 -r user@bench.test $pipe -c 32)
+else
+  load=(-m deny -s 127.66.0.0/16 -e 530 -c 64)
+fi
+for _ in $(seq "$rounds"); do
+  for v in a b; do
+    exe=$a; [ "$v" = b ] && exe=$b
+    MXGATE_LOG=warn "$exe" --config "$d/mxgate.toml" --io "$io" & pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    sleep 0.5
+    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    out=$("$bin/smtpload" "${load[@]}" -p "$port" -d 5 -w 0)
+    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    n=$(echo "$out" | sed -n 's/^ok_total=//p')
+    errors=$(echo "$out" | sed -n 's/^errors=//p')
+    awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v e="${errors:-?}" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN{printf "%s us_per_op=%.2f ops=%d errors=%s\n", v, t * 1e6 / hz / n, n, e}'
+  done
+done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
+  END {printf "mean a=%.2f b=%.2f ratio_b_over_a=%.3f\n", s["a"]/c["a"], s["b"]/c["b"], (s["b"]/c["b"])/(s["a"]/c["a"])}'
