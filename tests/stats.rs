@@ -83,4 +83,29 @@ fn metrics_are_served_as_prometheus_text(io: &str) {
     assert!(http(&addr, "\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request\r\n"));
 }
 
-for_both_drivers!(every_connection_and_transaction_is_counted, metrics_are_served_as_prometheus_text);
+/// Peers that reset their connection before it was handled are still connections the
+/// kernel handed over: all of them are in `connections_accepted`.
+fn connections_reset_at_once_are_counted(io: &str) {
+    const PEERS: u32 = 300;
+    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+                  [control]\nsocket = \"mxgate.sock\"\n";
+    let m = Mxgate::start(config, &[], io);
+    for i in 0..PEERS {
+        let s = connect_from(&format!("127.0.31.{}", 1 + i % 250), m.addr());
+        // SO_LINGER 0: the close is a reset, before the server has looked at the socket
+        socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+        drop(s);
+    }
+    wait_until("every connection counted", || stats(&m).contains(&format!("connections_accepted {PEERS}\n")));
+    let out = stats(&m);
+    let get = |name: &str| -> u32 {
+        out.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).expect(name)
+    };
+    assert_eq!(get("sessions") + get("gone_before_judged"), PEERS, "{out}");
+}
+
+for_both_drivers!(
+    every_connection_and_transaction_is_counted,
+    metrics_are_served_as_prometheus_text,
+    connections_reset_at_once_are_counted
+);
