@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::abuse::AbuseKey;
 use crate::datetime::UnixTime;
-use crate::gate::PeerIp;
+use crate::peer::PeerIp;
 use crate::shared::Shared;
 
 /// Longest request line; a client gets this long to send it and to read the answer.

@@ -1,47 +1,17 @@
 //! The gate: the decision made on a peer's address before anything else exists for it
 //! (no buffer, no session, no banner), and the one line a denied peer gets.
 
-use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-
 use crate::abuse::{Abuse, AbuseKey, Admission, Limit};
 use crate::access::Action;
 use crate::datetime::UnixTime;
+pub use crate::peer::PeerIp;
 use crate::snapshot::Snapshot;
 use crate::template::{MAX_REPLY_LEN, ReplyTemplate};
-
-/// A peer's address in canonical form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
-/// what a dual-stack listener reports for IPv4 peers) is the IPv4 address, so it is
-/// judged, counted and logged by its IPv4 rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerIp(IpAddr);
-
-impl PeerIp {
-    pub fn new(ip: IpAddr) -> Self {
-        PeerIp(ip.to_canonical())
-    }
-
-    pub fn ip(self) -> IpAddr {
-        self.0
-    }
-}
-
-impl From<SocketAddr> for PeerIp {
-    fn from(addr: SocketAddr) -> Self {
-        PeerIp::new(addr.ip())
-    }
-}
-
-impl fmt::Display for PeerIp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// Judges a peer by the access list.
 #[inline]
 pub fn judge(snapshot: &Snapshot, peer: PeerIp) -> Action {
-    snapshot.access.action(peer.0)
+    snapshot.access.action(peer.ip())
 }
 
 /// The gate's decision on a new connection.
@@ -72,7 +42,7 @@ pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) ->
         return Verdict::Refuse(Refusal::Deny);
     }
     let config = &snapshot.config;
-    let whitelisted = snapshot.whitelist.action(peer.0) == Action::Allow;
+    let whitelisted = snapshot.whitelist.action(peer.ip()) == Action::Allow;
     let key = AbuseKey::new(peer, config.abuse.ipv6_prefix);
     if !whitelisted && abuse.banned(key, now).is_some() {
         return Verdict::Refuse(Refusal::Banned);

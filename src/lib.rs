@@ -17,6 +17,7 @@ pub mod datetime;
 pub mod gate;
 pub mod metrics;
 pub mod net;
+pub mod peer;
 pub mod problem;
 pub mod shared;
 pub mod smtp;

@@ -3,13 +3,13 @@
 //! at accept and keeps it for its whole life.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::access::{AccessList, Action};
 use crate::config::Config;
 use crate::problem::{Problem, Problems};
 use crate::smtp;
-use crate::smtp::policy::RelayDomains;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -21,8 +21,8 @@ pub struct Snapshot {
     pub access: AccessList,
     /// Peers that are never counted or banned: an entry matching is `Action::Allow`.
     pub whitelist: AccessList,
-    pub smtp: smtp::Params,
-    pub relay_domains: RelayDomains,
+    /// What sessions need of it.
+    pub smtp: Arc<smtp::Settings>,
 }
 
 impl Snapshot {
@@ -45,10 +45,9 @@ impl Snapshot {
 
     /// A snapshot from parts already loaded.
     pub fn new(config: Config, access: AccessList, whitelist: AccessList) -> Self {
-        let smtp = smtp::Params::new(&config);
-        let relay_domains = RelayDomains::new(&config.relay.domains);
+        let smtp = Arc::new(smtp::Settings::new(&config));
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp, relay_domains }
+        Snapshot { generation, config, access, whitelist, smtp }
     }
 
     /// A snapshot of `config` with empty lists.

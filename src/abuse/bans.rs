@@ -255,7 +255,7 @@ fn secs(d: Duration) -> i64 {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::gate::PeerIp;
+    use crate::peer::PeerIp;
     use std::path::Path;
 
     const T0: i64 = 1_795_894_760;

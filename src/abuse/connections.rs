@@ -116,7 +116,7 @@ impl Drop for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::PeerIp;
+    use crate::peer::PeerIp;
 
     fn key(ip: &str) -> AbuseKey {
         AbuseKey::new(PeerIp::new(ip.parse().unwrap()), 64)

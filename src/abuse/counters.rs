@@ -117,7 +117,7 @@ fn bump(word: &AtomicU64, epoch: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::PeerIp;
+    use crate::peer::PeerIp;
 
     fn key(ip: &str) -> AbuseKey {
         AbuseKey::new(PeerIp::new(ip.parse().unwrap()), 64)

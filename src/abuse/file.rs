@@ -182,7 +182,7 @@ fn corrupt_name(path: &Path, now: UnixTime) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::PeerIp;
+    use crate::peer::PeerIp;
 
     const T0: i64 = 1_795_894_760;
 

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Abuse as AbuseConfig;
 use crate::datetime::UnixTime;
-use crate::gate::PeerIp;
+use crate::peer::PeerIp;
 use crate::snapshot::Snapshot;
 
 pub use bans::{Ban, BanBook, BanSet, Reason};

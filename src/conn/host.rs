@@ -19,7 +19,8 @@ use super::pool::Pool;
 use super::timers::{ConnId, Timers};
 use crate::abuse::{AbuseKey, Reason};
 use crate::datetime::UnixTime;
-use crate::gate::{self, PeerIp, RefusalLines, Verdict};
+use crate::gate::{self, RefusalLines, Verdict};
+use crate::peer::PeerIp;
 use crate::shared::{Shared, SnapshotCache};
 use crate::smtp::{Event, Relay, Session};
 use crate::stats::{Count, Counts};
@@ -127,12 +128,12 @@ impl<I: Io> Host<I> {
             }
             Verdict::Allow { whitelisted, admission } => {
                 tracing::debug!(%peer, "allowed");
-                let mut session = Session::new(Arc::clone(snapshot), peer, now, unix);
+                let mut session = Session::new(Arc::clone(&snapshot.smtp), peer, now, unix);
                 if self.drain != Drain::Serving {
                     session.shutdown(now);
                 }
                 self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
-                Admit::Serve(Connection::new(session, whitelisted, admission, self.generation))
+                Admit::Serve(Connection::new(Arc::clone(snapshot), session, whitelisted, admission, self.generation))
             }
         }
     }
@@ -341,7 +342,7 @@ fn hop<I: Io>(
         Relay::Release => match io.unplug(sockets) {
             Some(pooled) => {
                 if let Some((upstream, addr)) = conn.hop_released() {
-                    let max = conn.session().snapshot().config.relay.max_idle_connections as usize;
+                    let max = conn.snapshot().config.relay.max_idle_connections as usize;
                     drop(pool.put(addr, pooled, upstream, max, now));
                 }
                 true
@@ -360,7 +361,7 @@ pub const GENERATION_MASK: u32 = 0xff_ffff;
 fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
     while let Some(event) = conn.poll_event() {
         let session = conn.session();
-        let config = &session.snapshot().config.abuse;
+        let config = &conn.snapshot().config.abuse;
         let key = || AbuseKey::new(session.peer(), config.ipv6_prefix);
         let abuse = shared.abuse();
         match event {

@@ -34,11 +34,13 @@ mod timers;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abuse::Admission;
 use crate::smtp::client::Upstream;
 use crate::smtp::{Event, Relay, Session, Transmit};
+use crate::snapshot::Snapshot;
 
 pub use host::{Admit, Drain, Host, Io};
 pub use timers::ConnId;
@@ -54,6 +56,9 @@ pub enum Transport {
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
 #[derive(Debug)]
 pub struct Connection {
+    /// The snapshot it was accepted under, kept for its whole life (its session holds
+    /// the part it needs).
+    snapshot: Arc<Snapshot>,
     session: Session,
     transport: Transport,
     /// A whitelisted peer is never counted or banned.
@@ -67,12 +72,23 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(session: Session, whitelisted: bool, admission: Admission, generation: u32) -> Self {
-        Connection { session, transport: Transport::Plain, whitelisted, _admission: admission, generation, armed: None }
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        session: Session,
+        whitelisted: bool,
+        admission: Admission,
+        generation: u32,
+    ) -> Self {
+        let transport = Transport::Plain;
+        Connection { snapshot, session, transport, whitelisted, _admission: admission, generation, armed: None }
     }
 
     pub fn generation(&self) -> u32 {
         self.generation
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 
     pub fn session(&self) -> &Session {

@@ -24,9 +24,9 @@ impl Session {
         let open = self.phase == Phase::Open;
         match &self.link {
             Link::None => Relay::Idle,
-            Link::Wanted { hop, pooled_ok } if open => match self.snapshot.config.relay.next_hops.get(*hop) {
+            Link::Wanted { hop, pooled_ok } if open => match self.settings.relay.next_hops.get(*hop) {
                 Some(&addr) => Relay::Connect { addr, pooled_ok: *pooled_ok },
-                // `start_mail` and `relay_failed` only ask for hops the snapshot has
+                // `start_mail` and `relay_failed` only ask for hops the settings have
                 None => Relay::Idle,
             },
             Link::Wanted { .. } => Relay::Idle,
@@ -61,7 +61,7 @@ impl Session {
         };
         let ready = up.is_ready();
         self.link = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true, hold: false }));
-        self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+        self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
         if ready {
             self.link_ready(now);
         }
@@ -83,7 +83,7 @@ impl Session {
             if self.waiting.is_empty() {
                 // body streaming: the next hop keeps taking bytes
                 let pending = !l.up.output().is_empty();
-                self.relay_deadline = pending.then(|| now + self.snapshot.config.relay.reply_timeout);
+                self.relay_deadline = pending.then(|| now + self.settings.relay.reply_timeout);
             }
         }
     }
@@ -94,7 +94,7 @@ impl Session {
     }
 
     /// Hands the next-hop connection back to the driver, with its next hop's address (as
-    /// this session's snapshot names it, whatever a reload changed since): the driver
+    /// this session's settings name it, whatever a reload changed since): the driver
     /// pools it after `Release` and closes it after `Close`.
     pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
         let old = std::mem::replace(&mut self.link, Link::None);
@@ -102,7 +102,7 @@ impl Session {
             self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
         }
         match old {
-            Link::Up(l) => self.snapshot.config.relay.next_hops.get(l.hop).map(|&addr| (l.up, addr)),
+            Link::Up(l) => self.settings.relay.next_hops.get(l.hop).map(|&addr| (l.up, addr)),
             _ => None,
         }
     }
@@ -111,7 +111,7 @@ impl Session {
 
     /// MAIL was accepted here: send it on once a connection is ready.
     pub(super) fn start_mail(&mut self, now: Instant) {
-        if self.snapshot.config.relay.next_hops.is_empty() {
+        if self.settings.relay.next_hops.is_empty() {
             return self.answer_failure(Waiting::Mail, now);
         }
         match &self.link {
@@ -121,7 +121,7 @@ impl Session {
                 if matches!(self.link, Link::None) {
                     self.link = Link::Wanted { hop: 0, pooled_ok: true };
                 }
-                self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+                self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
             }
         }
     }
@@ -201,7 +201,7 @@ impl Session {
     /// A command went to the next hop; the deadline runs for the oldest reply owed.
     fn await_reply(&mut self, waiting: Waiting, now: Instant) {
         if self.waiting.is_empty() {
-            self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
         }
         self.waiting.push_back(waiting);
     }
@@ -233,7 +233,7 @@ impl Session {
     fn answer(&mut self, cmd: Command, reply: &Reply, now: Instant) {
         let waiting = self.waiting.pop_front();
         let more = self.waiting.iter().any(Waiting::forwarded);
-        self.relay_deadline = more.then(|| now + self.snapshot.config.relay.reply_timeout);
+        self.relay_deadline = more.then(|| now + self.settings.relay.reply_timeout);
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(reply, now),
@@ -306,7 +306,7 @@ impl Session {
             return self.close_with(IMPROPER_PIPELINING, now);
         }
         let header = self.received_header(now);
-        let max = self.snapshot.config.smtp.max_message_size;
+        let max = self.settings.smtp.max_message_size;
         if let (Link::Up(l), Some(t)) = (&mut self.link, &mut self.txn) {
             l.up.send_data(header.as_bytes());
             l.hold = true;
@@ -381,10 +381,10 @@ impl Session {
         // MAIL is sent again there.
         if let (Some(Waiting::Link { .. } | Waiting::Mail), Some(hop)) = (owed.front(), hop) {
             let (hop, pooled_ok) = if stale { (hop, false) } else { (hop + 1, true) };
-            if hop < self.snapshot.config.relay.next_hops.len() && self.txn.is_some() {
+            if hop < self.settings.relay.next_hops.len() && self.txn.is_some() {
                 owed[0] = Waiting::Link { hop, pooled_ok };
                 self.waiting = owed;
-                self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+                self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
                 return;
             }
         }
@@ -447,7 +447,7 @@ impl Session {
             && self.relay_deadline.is_none()
             && !l.up.output().is_empty()
         {
-            self.relay_deadline = Some(now + self.snapshot.config.relay.reply_timeout);
+            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
         }
         if end.is_some() {
             self.end_of_data(now);
@@ -498,7 +498,7 @@ impl Session {
             std::net::IpAddr::V4(a) => write!(h, "Received: from {helo} ([{a}])"),
             std::net::IpAddr::V6(a) => write!(h, "Received: from {helo} ([IPv6:{a}])"),
         };
-        let host = &self.snapshot.config.hostname;
+        let host = &self.settings.hostname;
         let _ = write!(h, "\r\n\tby {host} (mxgate) with {protocol} id {}", txn.id);
         // name the recipient only when there is exactly one (others stay private)
         if let (Some(r), 1) = (&txn.first_rcpt, txn.accepted) {

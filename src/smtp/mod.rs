@@ -53,6 +53,9 @@ pub mod replies;
 
 use std::time::Duration;
 
+use crate::config::{self, Config};
+use policy::RelayDomains;
+
 pub use replies::Params;
 pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, Transmit};
 
@@ -66,6 +69,34 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 pub const RELAY_HIGH_WATER: usize = 32 * 1024;
 /// The start of a body during which the minimum data rate is not enforced.
 pub const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
+
+/// What a session needs of a snapshot, built once per snapshot and shared by the sessions
+/// accepted under it: smtp does not see the lists, the gate or abuse control.
+#[derive(Debug)]
+pub struct Settings {
+    pub hostname: String,
+    pub smtp: config::Smtp,
+    pub relay: config::Relay,
+    /// `[abuse] max_failed_commands`, `max_failed_recipients`: the conversation's limits.
+    pub max_failed_commands: u32,
+    pub max_failed_recipients: u32,
+    pub replies: Params,
+    pub relay_domains: RelayDomains,
+}
+
+impl Settings {
+    pub fn new(config: &Config) -> Self {
+        Settings {
+            hostname: config.hostname.clone(),
+            smtp: config.smtp.clone(),
+            relay: config.relay.clone(),
+            max_failed_commands: config.abuse.max_failed_commands,
+            max_failed_recipients: config.abuse.max_failed_recipients,
+            replies: Params::new(config),
+            relay_domains: RelayDomains::new(&config.relay.domains),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests;

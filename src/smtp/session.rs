@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::Settings;
 use super::address::Path;
 use super::client::Upstream;
 use super::command::{self, Verb};
@@ -16,8 +17,7 @@ use super::outbuf::OutBuf;
 use super::replies::LINE_TOO_LONG;
 use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
-use crate::gate::PeerIp;
-use crate::snapshot::Snapshot;
+use crate::peer::PeerIp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -221,8 +221,9 @@ pub(super) struct UpLink {
 /// One peer's SMTP conversation, and its relay to the next hop.
 #[derive(Debug)]
 pub struct Session {
-    /// The snapshot the connection was accepted under, kept for its whole life.
-    pub(super) snapshot: Arc<Snapshot>,
+    /// The settings of the snapshot the connection was accepted under, kept for its
+    /// whole life.
+    pub(super) settings: Arc<Settings>,
     pub(super) peer: PeerIp,
     pub(super) phase: Phase,
     /// Received and not yet processed (while a command waits for the next hop).
@@ -260,11 +261,11 @@ pub struct Session {
 
 impl Session {
     /// A session for a peer the gate has allowed; the banner is queued.
-    pub fn new(snapshot: Arc<Snapshot>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
-        let idle_deadline = now + snapshot.config.smtp.command_timeout;
-        let out = OutBuf::from_vec(snapshot.smtp.banner.to_vec());
+    pub fn new(settings: Arc<Settings>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
+        let idle_deadline = now + settings.smtp.command_timeout;
+        let out = OutBuf::from_vec(settings.replies.banner.to_vec());
         Session {
-            snapshot,
+            settings,
             peer,
             phase: Phase::Open,
             input: Vec::new(),
@@ -294,14 +295,14 @@ impl Session {
         self.peer
     }
 
-    /// The snapshot the connection was accepted under.
-    pub fn snapshot(&self) -> &Arc<Snapshot> {
-        &self.snapshot
+    /// The settings the connection was accepted under.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Our name, for the next hop's EHLO.
     pub fn hostname(&self) -> &str {
-        &self.snapshot.config.hostname
+        &self.settings.hostname
     }
 
     // ---- the peer's port ---------------------------------------------------------------
@@ -342,7 +343,7 @@ impl Session {
                 self.line = line;
                 self.line.clear();
             }
-            self.idle_deadline = now + self.snapshot.config.smtp.command_timeout;
+            self.idle_deadline = now + self.settings.smtp.command_timeout;
         }
         if self.input_pos >= self.input.len() {
             self.input.clear();
@@ -433,13 +434,13 @@ impl Session {
 
     /// Counts a 5xx reply against the conversation's limits and the address.
     fn failed(&mut self) {
-        let abuse = &self.snapshot.config.abuse;
+        let limits = &self.settings;
         let (failure, over) = if self.answering_rcpt {
             self.failed_recipients += 1;
-            (Failure::Recipient, self.failed_recipients > abuse.max_failed_recipients)
+            (Failure::Recipient, self.failed_recipients > limits.max_failed_recipients)
         } else {
             self.failed_commands += 1;
-            (Failure::Command, self.failed_commands > abuse.max_failed_commands)
+            (Failure::Command, self.failed_commands > limits.max_failed_commands)
         };
         self.events.push_back(Event::Failed(failure));
         if over && self.phase == Phase::Open && !self.dropping {
@@ -451,8 +452,8 @@ impl Session {
     /// Too many failures: `421 4.7.0` after the reply that passed the limit, and close.
     pub(super) fn drop_if_over(&mut self, now: Instant) {
         if self.dropping && self.phase == Phase::Open {
-            let snapshot = Arc::clone(&self.snapshot);
-            self.out.push(&snapshot.smtp.too_many_errors);
+            let settings = Arc::clone(&self.settings);
+            self.out.push(&settings.replies.too_many_errors);
             self.begin_close(now);
         }
     }
@@ -504,8 +505,8 @@ impl Session {
     }
 
     pub(super) fn say_shutdown(&mut self, now: Instant) {
-        let snapshot = Arc::clone(&self.snapshot);
-        self.out.push(&snapshot.smtp.shutdown);
+        let settings = Arc::clone(&self.settings);
+        self.out.push(&settings.replies.shutdown);
         self.begin_close(now);
     }
 
@@ -542,14 +543,14 @@ impl Session {
 
     /// When [`Session::handle_timeout`] is due; `None` once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let txn_deadline = self.txn.as_ref().map(|t| t.started + self.snapshot.config.smtp.transaction_timeout);
+        let txn_deadline = self.txn.as_ref().map(|t| t.started + self.settings.smtp.transaction_timeout);
         match self.phase {
             Phase::Closed => None,
             Phase::Closing { until } => Some(until),
             Phase::Open if !self.waiting.is_empty() => self.relay_deadline.into_iter().chain(txn_deadline).min(),
             Phase::Open => match self.txn.as_ref().and_then(|t| t.body.as_ref()) {
                 Some(body) => {
-                    let smtp = &self.snapshot.config.smtp;
+                    let smtp = &self.settings.smtp;
                     let block = body.last_input + smtp.data_timeout;
                     let relay = self.relay_deadline.filter(|_| self.backpressured());
                     [Some(block), self.rate_deadline(body), relay, txn_deadline].into_iter().flatten().min()
@@ -562,7 +563,7 @@ impl Session {
     /// When a body that has come this slowly is cut off: the time by which the minimum
     /// rate would have brought more than was received, and not before the grace period.
     fn rate_deadline(&self, body: &Body) -> Option<Instant> {
-        let rate = self.snapshot.config.smtp.min_data_rate;
+        let rate = self.settings.smtp.min_data_rate;
         if rate == 0 {
             return None;
         }
@@ -596,7 +597,7 @@ impl Session {
         if self.txn.is_some() {
             self.abandon_transaction("timeout", now);
         }
-        self.out.push(&self.snapshot.smtp.idle_timeout);
+        self.out.push(&self.settings.replies.idle_timeout);
         self.begin_close(now);
     }
 
@@ -614,7 +615,7 @@ impl Session {
     /// Ends the current transaction with a mail-log event.
     pub(super) fn end_transaction(&mut self, outcome: Outcome, now: Instant) {
         let Some(t) = self.txn.take() else { return };
-        let next_hop = t.hop.and_then(|h| self.snapshot.config.relay.next_hops.get(h).copied());
+        let next_hop = t.hop.and_then(|h| self.settings.relay.next_hops.get(h).copied());
         self.events.push_back(Event::Transaction(Transaction {
             id: t.id,
             peer: self.peer,

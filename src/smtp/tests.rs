@@ -9,8 +9,7 @@ use super::client::Upstream;
 use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
-use crate::gate::PeerIp;
-use crate::snapshot::Snapshot;
+use crate::peer::PeerIp;
 
 /// A next hop that answers like an SMTP server.
 #[derive(Default)]
@@ -167,7 +166,7 @@ impl Harness {
         let config = Config::parse(text, FsPath::new("t.toml"), FsPath::new(".")).unwrap();
         let now = Instant::now();
         let peer = PeerIp::new("192.0.2.7".parse().unwrap());
-        let session = Session::new(Arc::new(Snapshot::without_lists(config)), peer, now, UnixTime(1_795_894_760));
+        let session = Session::new(Arc::new(Settings::new(&config)), peer, now, UnixTime(1_795_894_760));
         let hop = FakeHop { ehlo: vec!["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"], ..FakeHop::default() };
         let mut h = Harness {
             session,

@@ -54,7 +54,7 @@ impl Session {
         }
         let name = String::from_utf8_lossy(args).into_owned();
         self.helo = Some(Helo { name, extended });
-        let smtp = &self.snapshot.smtp;
+        let smtp = &self.settings.replies;
         self.out.push(if extended { &smtp.ehlo } else { &smtp.helo });
     }
 
@@ -98,7 +98,7 @@ impl Session {
                 return self.reply(BAD_PARAMETER);
             }
         }
-        if txn.size.is_some_and(|s| s > self.snapshot.config.smtp.max_message_size) {
+        if txn.size.is_some_and(|s| s > self.settings.smtp.max_message_size) {
             return self.reply(TOO_BIG);
         }
         txn.id = next_transaction_id(self.unix_time(now));
@@ -112,7 +112,7 @@ impl Session {
         };
         let utf8 = txn.smtputf8;
         // recipients pipelined to the next hop count as accepted until it answers
-        if txn.accepted + self.recipients_pending() >= self.snapshot.config.smtp.max_recipients {
+        if txn.accepted + self.recipients_pending() >= self.settings.smtp.max_recipients {
             return self.refuse_recipient(TOO_MANY_RECIPIENTS);
         }
         let Some(rest) = strip_keyword(args, b"TO:") else {
@@ -131,7 +131,7 @@ impl Session {
         if to == Path::Null {
             return self.refuse_recipient(NO_NULL_RECIPIENT);
         }
-        if let Err(why) = self.snapshot.relay_domains.judge(&to) {
+        if let Err(why) = self.settings.relay_domains.judge(&to) {
             tracing::debug!(peer = %self.peer, rcpt = %to, ?why, "relay denied");
             return self.refuse_recipient(RELAY_DENIED);
         }
@@ -184,7 +184,7 @@ impl Session {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
-        self.out.push(&self.snapshot.smtp.quit);
+        self.out.push(&self.settings.replies.quit);
         self.begin_close(now);
     }
 
