@@ -358,7 +358,9 @@ impl Session {
     fn may_go_on(&self) -> bool {
         let Some(first) = self.waiting.front() else { return true };
         let pipelining = matches!(&self.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
-        if !pipelining || matches!(first, Waiting::Link { .. }) || self.in_body() || !self.line.is_empty() {
+        // behind MAIL or a RCPT of the same transaction only (not behind the final dot)
+        let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(_));
+        if !pipelining || !in_envelope || self.in_body() || !self.line.is_empty() {
             return false;
         }
         let rest = self.unprocessed();

@@ -1106,3 +1106,15 @@ fn data_is_not_pipelined_with_what_follows_it() {
     assert!(h.closed());
     assert!(!h.hop.commands.iter().any(|c| c == "DATA"), "{:?}", h.hop.commands);
 }
+
+#[test]
+fn commands_after_the_final_dot_wait_for_its_reply() {
+    let mut h = Harness::new();
+    h.greet();
+    assert!(h.send(BATCH).ends_with(GO_AHEAD));
+    let got = h.send(b"body\r\n.\r\nRCPT TO:<late@example.com>\r\n");
+    let replies: Vec<&str> = got.lines().collect();
+    assert!(replies[0].starts_with("250 2.0.0 OK: queued as "), "{got}");
+    assert_eq!(replies[1], "503 5.5.1 send MAIL first", "a new transaction needs MAIL");
+    assert!(!h.hop.commands.iter().any(|c| c.contains("late@")), "{:?}", h.hop.commands);
+}
