@@ -17,9 +17,12 @@
 //! (QUIT still gets 221). [`Session::abort`] (the drain timeout) says 421 and closes
 //! whatever is under way; an abandoned transaction is never answered 250.
 //!
-//! While a command waits for the next hop, no further input is processed: pipelined
-//! commands wait in the input buffer (one read's worth is still taken) and get their
-//! replies in order.
+//! While a command waits for the next hop, further input is processed only when it is a
+//! RCPT, or a DATA ending what was received, of the transaction whose MAIL or RCPT is
+//! waiting, and the next hop offers PIPELINING (RFC 2920): it goes out behind them in the
+//! same write. Every other command waits in the input buffer (one read's worth is still
+//! taken). Replies are owed in a queue (`Session::waiting`): the next hop's, and ours to
+//! commands processed meanwhile, given in the order of the commands.
 //!
 //! The driver's loop, after every input to the session, serves its two ports until
 //! neither has anything to do, and keeps a timer at [`Session::poll_timeout`]:
