@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 limits=${LIMITS_DIR:-$root/../shared/limits}
 bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
 port=${PORT:-2711}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin genlist --bin genbans)
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin genbans)
 [ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
 mx=$root/target/release
 d=$(mktemp -d)

@@ -11,7 +11,7 @@ io=uring
 if [ "${1:-}" = --io ]; then io=$2; shift 2; fi
 sources=${1:-200}
 port=${PORT:-2610}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin banlatency)
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin banlatency)
 [ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
 work=$(mktemp -d)
 cleanup() { kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }

@@ -11,7 +11,7 @@ bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
 sessions=${1:-1000} size=${2:-10} io=uring
 [ "${3:-}" = --io ] && io=$4
 make -s -C "$limits" LIMITS_BIN="$bin" core >&2
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin bigmsg)
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin bigmsg)
 work=$(mktemp -d)
 sink_port=31045 port=2610
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-(cd "$root" && cargo build --release -q -p loadtest --bin genlist)
+(cd "$root" && cargo build --release -q -p mxgate-loadtest --bin genlist)
 [ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
 d=$(mktemp -d)
 sink_pid=

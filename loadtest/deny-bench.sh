@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin genlist --bin genbans)
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin genbans)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$root/target/release/genlist" "$entries" > "$work/base.list"

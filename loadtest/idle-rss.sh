@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-1000000}
 cargo build --release -q --bin mxgate -p mxgate
-cargo build --release -q --bin genlist -p loadtest
+cargo build --release -q --bin genlist -p mxgate-loadtest
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 target/release/genlist "$n" > "$dir/access.list"

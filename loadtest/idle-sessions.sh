@@ -12,7 +12,7 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
 fi
 ulimit -n "$want"
 cargo build --release -q --bin mxgate -p mxgate
-cargo build --release -q --bin idlepeers -p loadtest
+cargo build --release -q --bin idlepeers -p mxgate-loadtest
 dir=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT

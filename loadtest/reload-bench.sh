@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p loadtest --bin genlist)
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$root/target/release/genlist" "$entries" 1 > "$work/a.list"

@@ -1,5 +1,19 @@
-//! Load-test tools for mxgate. For now: synthetic access lists shaped like real
-//! blocklists, for the lookup benchmark and for whole-server measurements. The load
-//! harness itself comes with its own issue.
+//! mxgate's load-test harness (`mxgate-loadtest`): many peers at once, honest and hostile,
+//! from many loopback addresses, every answer checked; and the synthetic access lists
+//! shaped like real blocklists that the benchmarks load.
+//!
+//! - [`peer`]: one peer's conversation, sans-IO (what it sends, what it expects);
+//! - [`engine`]: threads of non-blocking connections running peers, latencies in
+//!   HdrHistograms;
+//! - [`sink`]: the next hop that counts and hashes every message relayed to it;
+//! - [`scenario`]: the scenarios and the mxgate a run may start for itself;
+//! - [`report`]: the summary table and the JSON;
+//! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes.
 
+pub mod engine;
+pub mod peer;
 pub mod prefixes;
+pub mod report;
+pub mod scenario;
+pub mod sink;
+pub mod sources;

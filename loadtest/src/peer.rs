@@ -1,0 +1,380 @@
+//! One peer's conversation, sans-IO: what it sends, what it expects, and what came of it.
+//! The engine moves the bytes; every reply is checked here.
+//!
+//! ```text
+//!  deny:   connect ─► the deny line (first bytes, no banner) ─► EOF ─► Denied
+//!  relay:  connect ─► 220 ─EHLO─► 250 ─MAIL─► 250 ─RCPT─► 250 ─DATA─► 354 ─body.─► 250
+//!                                   ▲  (--pipeline: MAIL RCPT DATA in one write,  │ more
+//!                                   │   three replies)                             │ messages
+//!                                   └──────────────────────────────────────────────┘
+//!                                  last message ─QUIT─► 221 ─► EOF ─► Done
+//! ```
+
+use std::hash::Hasher;
+use std::time::{Duration, Instant};
+
+/// What a peer does.
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Expects one line starting with `expect`, then the close; never a banner.
+    Deny {
+        expect: String,
+    },
+    Relay(Relay),
+}
+
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub rcpt: String,
+    pub pipeline: bool,
+    pub messages: u32,
+    pub body_size: usize,
+}
+
+/// Why a conversation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Failure {
+    /// A reply that is not the one expected (a banner to a denied peer, a 5xx...).
+    WrongReply,
+    /// The server closed before the conversation ended.
+    Closed,
+    /// A reply line that is not SMTP.
+    Malformed,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::WrongReply => "wrong_reply",
+            Failure::Closed => "closed_early",
+            Failure::Malformed => "malformed_reply",
+        }
+    }
+}
+
+/// What the engine records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The deny line came, as expected, this long after the connect started.
+    Denied(Duration),
+    /// A message got 250 after its final dot: its id, its content's hash, and the time
+    /// from MAIL to that reply.
+    Accepted { id: u64, hash: u64, latency: Duration },
+    /// A message got something else (4xx/5xx) to one of its commands.
+    Refused { code: u16 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Deny,
+    Banner,
+    Ehlo,
+    Mail,
+    Rcpt,
+    Data,
+    Dot,
+    Rset,
+    Quit,
+    Finished,
+}
+
+pub struct Peer {
+    script: Script,
+    state: State,
+    started: Instant,
+    message_started: Instant,
+    /// Received, not yet a whole line.
+    line: Vec<u8>,
+    /// The reply being received (multi-line): its code.
+    out: Vec<u8>,
+    sent: usize,
+    /// Messages left to send.
+    left: u32,
+    /// This peer's next message id; the engine gives each peer its own range.
+    next_id: u64,
+    current: (u64, u64),
+    pub events: Vec<Event>,
+}
+
+impl Peer {
+    pub fn new(script: Script, first_id: u64, now: Instant) -> Self {
+        let (state, left) = match &script {
+            Script::Deny { .. } => (State::Deny, 0),
+            Script::Relay(r) => (State::Banner, r.messages.max(1)),
+        };
+        Peer {
+            script,
+            state,
+            started: now,
+            message_started: now,
+            line: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+            left,
+            next_id: first_id,
+            current: (0, 0),
+            events: Vec::new(),
+        }
+    }
+
+    /// Bytes to send.
+    pub fn output(&self) -> &[u8] {
+        &self.out[self.sent..]
+    }
+
+    pub fn sent(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+    }
+
+    /// The conversation is over: only the close is left to wait for.
+    pub fn finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    /// Bytes from the server; `Err` ends the conversation as failed.
+    pub fn input(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), Failure> {
+        while let Some(lf) = bytes.iter().position(|&b| b == b'\n') {
+            self.line.extend_from_slice(&bytes[..lf]);
+            bytes = &bytes[lf + 1..];
+            let line = std::mem::take(&mut self.line);
+            self.reply_line(&line, now)?;
+        }
+        if self.line.len() + bytes.len() > 4096 {
+            return Err(Failure::Malformed);
+        }
+        self.line.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The server closed the connection.
+    pub fn eof(&mut self) -> Result<(), Failure> {
+        match self.state {
+            State::Finished => Ok(()),
+            _ => Err(Failure::Closed),
+        }
+    }
+
+    fn reply_line(&mut self, line: &[u8], now: Instant) -> Result<(), Failure> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if self.state == State::Deny {
+            let Script::Deny { expect } = &self.script else { return Err(Failure::WrongReply) };
+            if !line.starts_with(expect.as_bytes()) {
+                return Err(Failure::WrongReply);
+            }
+            self.events.push(Event::Denied(now.saturating_duration_since(self.started)));
+            self.state = State::Finished;
+            return Ok(());
+        }
+        let code = line.get(..3).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u16>().ok());
+        let Some(code) = code.filter(|c| (200..600).contains(c)) else { return Err(Failure::Malformed) };
+        match line.get(3) {
+            Some(b'-') => return Ok(()), // more lines of this reply
+            None | Some(b' ') => {}
+            Some(_) => return Err(Failure::Malformed),
+        }
+        self.reply(code, now)
+    }
+
+    /// A whole reply, to the command (or greeting) it answers.
+    fn reply(&mut self, code: u16, now: Instant) -> Result<(), Failure> {
+        let Script::Relay(relay) = &self.script else { return Err(Failure::WrongReply) };
+        let pipeline = relay.pipeline;
+        let expected = match self.state {
+            State::Banner => 220,
+            State::Ehlo | State::Mail | State::Rcpt | State::Dot | State::Rset => 250,
+            State::Data => 354,
+            State::Quit => 221,
+            State::Deny | State::Finished => return Err(Failure::WrongReply),
+        };
+        if code != expected {
+            if matches!(self.state, State::Banner | State::Ehlo | State::Quit | State::Rset) || code < 400 {
+                return Err(Failure::WrongReply);
+            }
+            // a refused transaction: one event, the batch's other replies awaited, then RSET
+            if self.current.0 != u64::MAX {
+                self.events.push(Event::Refused { code });
+                self.current.0 = u64::MAX;
+            }
+            match self.state {
+                State::Mail if pipeline => self.state = State::Rcpt,
+                State::Rcpt if pipeline => self.state = State::Data,
+                _ => return self.after_message(true),
+            }
+            return Ok(());
+        }
+        match self.state {
+            State::Banner => {
+                self.out.extend_from_slice(b"EHLO loadtest.test\r\n");
+                self.state = State::Ehlo;
+            }
+            State::Ehlo => self.start_message(now),
+            State::Mail if pipeline => self.state = State::Rcpt,
+            State::Mail => self.send_state(State::Rcpt),
+            State::Rcpt if pipeline => self.state = State::Data,
+            State::Rcpt => self.send_state(State::Data),
+            State::Data if self.current.0 == u64::MAX => {
+                // a 354 after a refused MAIL or RCPT of the batch
+                return Err(Failure::WrongReply);
+            }
+            State::Data => {
+                let (body, hash) = message(self.current.0, relay.body_size);
+                self.current.1 = hash;
+                self.out.extend_from_slice(&body);
+                self.out.extend_from_slice(b".\r\n");
+                self.state = State::Dot;
+            }
+            State::Dot => {
+                let latency = now.saturating_duration_since(self.message_started);
+                self.events.push(Event::Accepted { id: self.current.0, hash: self.current.1, latency });
+                return self.after_message(false);
+            }
+            State::Rset => self.start_message(now),
+            State::Quit => self.state = State::Finished,
+            State::Deny | State::Finished => {}
+        }
+        Ok(())
+    }
+
+    /// The message ended; the next one, or QUIT. After a refusal a transaction may be
+    /// open at the server: RSET first.
+    fn after_message(&mut self, refused: bool) -> Result<(), Failure> {
+        self.left = self.left.saturating_sub(1);
+        if self.left == 0 {
+            self.out.extend_from_slice(b"QUIT\r\n");
+            self.state = State::Quit;
+        } else if refused {
+            self.out.extend_from_slice(b"RSET\r\n");
+            self.state = State::Rset;
+        } else {
+            self.start_message(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn start_message(&mut self, now: Instant) {
+        let Script::Relay(relay) = &self.script else { return };
+        self.current = (self.next_id, 0);
+        self.next_id += 1;
+        self.message_started = now;
+        let mail = b"MAIL FROM:<loadtest@loadtest.test>\r\n";
+        self.out.extend_from_slice(mail);
+        if relay.pipeline {
+            self.out.extend_from_slice(format!("RCPT TO:<{}>\r\nDATA\r\n", relay.rcpt).as_bytes());
+        }
+        self.state = State::Mail;
+    }
+
+    fn send_state(&mut self, next: State) {
+        let Script::Relay(relay) = &self.script else { return };
+        match next {
+            State::Rcpt => self.out.extend_from_slice(format!("RCPT TO:<{}>\r\n", relay.rcpt).as_bytes()),
+            State::Data => self.out.extend_from_slice(b"DATA\r\n"),
+            _ => {}
+        }
+        self.state = next;
+    }
+}
+
+/// Message `id` of about `size` bytes, dot-stuffed for the wire (a line starting with a
+/// dot included, to check the stuffing end to end), and the hash of its content as the
+/// next hop must get it (unstuffed, CRLF line ends).
+pub fn message(id: u64, size: usize) -> (Vec<u8>, u64) {
+    let mut content =
+        format!("Subject: loadtest {id}\r\nX-Loadtest-Id: {id}\r\n\r\n.a line that starts with a dot\r\n").into_bytes();
+    let filler = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
+    while content.len() < size {
+        content.extend_from_slice(filler);
+    }
+    let hash = content_hash(&content);
+    let mut wire = Vec::with_capacity(content.len() + 8);
+    for line in content.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    (wire, hash)
+}
+
+/// The hash both ends compute over a message's content.
+pub fn content_hash(content: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(content);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(pipeline: bool, messages: u32) -> Peer {
+        let script = Script::Relay(Relay { rcpt: "u@example.com".into(), pipeline, messages, body_size: 200 });
+        Peer::new(script, 7, Instant::now())
+    }
+
+    fn take(p: &mut Peer) -> String {
+        let s = String::from_utf8_lossy(p.output()).into_owned();
+        p.sent(s.len());
+        s
+    }
+
+    #[test]
+    fn a_relay_conversation_checks_each_reply() {
+        let now = Instant::now();
+        let mut p = relay(false, 1);
+        p.input(b"220 mx ESMTP\r\n", now).unwrap();
+        assert_eq!(take(&mut p), "EHLO loadtest.test\r\n");
+        p.input(b"250-mx\r\n250 PIPELINING\r\n", now).unwrap();
+        assert_eq!(take(&mut p), "MAIL FROM:<loadtest@loadtest.test>\r\n");
+        p.input(b"250 ok\r\n", now).unwrap();
+        assert_eq!(take(&mut p), "RCPT TO:<u@example.com>\r\n");
+        p.input(b"250 ok\r\n", now).unwrap();
+        assert_eq!(take(&mut p), "DATA\r\n");
+        p.input(b"354 go\r\n", now).unwrap();
+        let body = take(&mut p);
+        assert!(body.contains("X-Loadtest-Id: 7\r\n") && body.contains("\r\n..a line") && body.ends_with("\r\n.\r\n"));
+        p.input(b"250 queued\r\n", now).unwrap();
+        assert_eq!(take(&mut p), "QUIT\r\n");
+        assert!(matches!(p.events[..], [Event::Accepted { id: 7, .. }]));
+        assert_eq!(p.eof(), Err(Failure::Closed), "before 221");
+        p.input(b"221 bye\r\n", now).unwrap();
+        assert!(p.finished() && p.eof().is_ok());
+    }
+
+    #[test]
+    fn pipelined_batches_and_refusals() {
+        let now = Instant::now();
+        let mut p = relay(true, 2);
+        p.input(b"220 mx\r\n250 mx\r\n", now).unwrap();
+        assert_eq!(
+            take(&mut p),
+            "EHLO loadtest.test\r\nMAIL FROM:<loadtest@loadtest.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n"
+        );
+        p.input(b"250 ok\r\n550 no such user\r\n503 no recipients\r\n", now).unwrap();
+        assert_eq!(p.events, [Event::Refused { code: 550 }], "one event for the message");
+        assert_eq!(take(&mut p), "RSET\r\n");
+        p.input(b"250 ok\r\n", now).unwrap();
+        assert!(take(&mut p).starts_with("MAIL FROM:"), "the next message");
+        assert_eq!(p.input(b"250 ok\r\n250 ok\r\n354 go\r\n", now), Ok(()));
+        let mut q = relay(false, 1);
+        assert_eq!(q.input(b"554 go away\r\n", now), Err(Failure::WrongReply));
+        let mut d = Peer::new(Script::Deny { expect: "530".into() }, 0, now);
+        assert_eq!(d.input(b"220 banner\r\n", now), Err(Failure::WrongReply), "a denied peer never gets a banner");
+        let mut d = Peer::new(Script::Deny { expect: "530".into() }, 0, now);
+        d.input(b"530 5.7.1 denied\r\n", now).unwrap();
+        assert!(d.finished() && matches!(d.events[..], [Event::Denied(_)]));
+    }
+
+    #[test]
+    fn messages_are_stuffed_and_hashed_unstuffed() {
+        let (wire, hash) = message(3, 1000);
+        assert!(wire.len() >= 1000 && wire.len() < 1100);
+        let unstuffed: Vec<u8> =
+            wire.split_inclusive(|&b| b == b'\n').flat_map(|l| l.strip_prefix(b".").unwrap_or(l).to_vec()).collect();
+        assert_eq!(content_hash(&unstuffed), hash);
+    }
+}

@@ -1,0 +1,93 @@
+//! Where peers come from: a range of loopback addresses, handed out in turn, so that many
+//! peers are many addresses (as the gate, the counters and the bans see them). Each
+//! connection binds its own address with port 0 (the kernel picks a free port), so with a
+//! range much larger than the concurrency no (address, port) pair comes back while the
+//! server still holds its TIME_WAIT entry.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A range of source addresses: an IPv4 prefix inside 127.0.0.0/8, or `::1`.
+#[derive(Debug)]
+pub struct Sources {
+    first: u32,
+    count: u32,
+    v6: bool,
+    next: AtomicU32,
+}
+
+impl Sources {
+    /// `127.a.b.c/n` (n from 8 to 32) or `::1`; anything off loopback is refused.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "::1" || text == "::1/128" {
+            return Ok(Sources { first: 0, count: 1, v6: true, next: AtomicU32::new(0) });
+        }
+        let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("`{text}`: not an IPv4 prefix or ::1"))?;
+        let len: u32 =
+            len.parse().ok().filter(|l| (8..=32).contains(l)).ok_or(format!("`{text}`: bad prefix length"))?;
+        if addr.octets()[0] != 127 {
+            return Err(format!("`{text}`: peers come from loopback only (127.0.0.0/8 or ::1)"));
+        }
+        let size = 1u64 << (32 - len);
+        let base = u32::from(addr) & !((size - 1) as u32);
+        // leave out the range's first and last address when there are more than two
+        let (first, count) = if size > 2 { (base + 1, (size - 2) as u32) } else { (base, size as u32) };
+        Ok(Sources { first, count, v6: false, next: AtomicU32::new(0) })
+    }
+
+    /// The next address, in turn.
+    pub fn next(&self) -> IpAddr {
+        if self.v6 {
+            return IpAddr::V6(Ipv6Addr::LOCALHOST);
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.count;
+        IpAddr::V4(Ipv4Addr::from(self.first + i))
+    }
+
+    /// How many addresses the range holds.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => !self.v6 && (self.first..self.first + self.count).contains(&u32::from(a)),
+            IpAddr::V6(a) => self.v6 && a == Ipv6Addr::LOCALHOST,
+        }
+    }
+}
+
+/// Targets are on this machine only.
+pub fn check_target(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!("{addr}: the harness talks to loopback targets only (127.0.0.0/8, ::1)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_loopback_and_taken_in_turn() {
+        let s = Sources::parse("127.66.0.0/30").unwrap();
+        let got: Vec<IpAddr> = (0..3).map(|_| s.next()).collect();
+        assert_eq!(
+            got,
+            ["127.66.0.1".parse::<IpAddr>().unwrap(), "127.66.0.2".parse().unwrap(), "127.66.0.1".parse().unwrap()]
+        );
+        assert_eq!(Sources::parse("127.77.0.0/16").unwrap().len(), 65534);
+        assert!(Sources::parse("10.0.0.0/8").unwrap_err().contains("loopback only"));
+        assert!(Sources::parse("127.0.0.0/4").is_err());
+        assert!(Sources::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(check_target("192.0.2.1:25".parse().unwrap()).is_err());
+        assert!(check_target("127.0.0.1:25".parse().unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,72 @@
+//! The load harness against the real binary, a short run of each scenario on both
+//! drivers, and against a next hop that loses a message, which must fail the run.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use loadtest::scenario::{self, Options, Scenario};
+
+fn options(scenario: Scenario, io: &str) -> Options {
+    Options {
+        scenario,
+        spawn: Some(common::mxgate_bin().into()),
+        io: Some(io.into()),
+        duration: Duration::from_millis(800),
+        concurrency: 8,
+        threads: 2,
+        ..Options::default()
+    }
+}
+
+fn deny_storm_gets_the_deny_line_every_time(io: &str) {
+    let report = scenario::run(&options(Scenario::DenyStorm, io)).expect("a run");
+    let phase = &report.phases[0];
+    assert!(report.passed(), "{}", report.table());
+    assert!(phase.ops > 100, "{}", report.table());
+    assert!(phase.latency_ms[0] > 0.0 && phase.latency_ms[4] >= phase.latency_ms[2]);
+}
+
+fn relayed_messages_arrive_byte_exact_once(io: &str) {
+    for pipeline in [false, true] {
+        let opts = Options { pipeline, messages_per_connection: 3, ..options(Scenario::Relay, io) };
+        let report = scenario::run(&opts).expect("a run");
+        assert!(report.passed(), "pipeline {pipeline}: {}", report.table());
+        assert!(report.phases[0].ops > 50, "{}", report.table());
+        let json = report.json();
+        assert_eq!(json["verdict"], "pass");
+        assert!(json["phases"][0]["latency_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0), "{json}");
+    }
+}
+
+fn a_next_hop_that_loses_mail_fails_the_run(io: &str) {
+    let opts = Options { sink_drops_every: 5, ..options(Scenario::Relay, io) };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(!report.passed(), "{}", report.table());
+    let lost = report.phases[0].checks.iter().find(|(what, _)| what.contains("lost")).expect("the loss check");
+    assert!(!lost.1, "{}", report.table());
+    assert_eq!(report.json()["verdict"], "fail");
+}
+
+#[test]
+fn targets_off_loopback_and_wrong_expectations_are_refused() {
+    let opts = Options { target: Some("192.0.2.1:25".parse().unwrap()), ..Options::default() };
+    assert!(scenario::run(&opts).unwrap_err().contains("loopback"));
+    let opts = Options {
+        sources: Some("10.1.0.0/16".into()),
+        target: Some("127.0.0.1:9".parse().unwrap()),
+        ..Options::default()
+    };
+    assert!(scenario::run(&opts).unwrap_err().contains("loopback only"));
+    // a server that is not mxgate's deny path: the deny check fails the run
+    let opts = Options { expect: "999".into(), ..options(Scenario::DenyStorm, "epoll") };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(!report.passed(), "{}", report.table());
+}
+
+for_both_drivers!(
+    deny_storm_gets_the_deny_line_every_time,
+    relayed_messages_arrive_byte_exact_once,
+    a_next_hop_that_loses_mail_fails_the_run,
+);
