@@ -21,7 +21,7 @@ use crate::sources::Sources;
 /// What to run.
 pub struct Plan {
     pub target: SocketAddr,
-    pub script: Script,
+    pub script: Arc<Script>,
     pub sources: Arc<Sources>,
     pub concurrency: usize,
     pub threads: usize,
@@ -117,7 +117,6 @@ pub fn run(plan: &Plan, progress: &Progress) -> Tally {
 struct Conn {
     stream: TcpStream,
     peer: Peer,
-    connecting: bool,
     last_io: Instant,
 }
 
@@ -133,14 +132,15 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
     let hard_end = end + plan.drain;
     // each thread's message ids: its index in the top bits
     let mut next_id = thread << 40;
-    let per_peer = match &plan.script {
+    let per_peer = match &*plan.script {
         Script::Relay(r) => u64::from(r.messages.max(1)),
         Script::Deny { .. } => 1,
     };
     let mut buf = vec![0u8; 64 * 1024];
     for (i, slot) in conns.iter_mut().enumerate() {
-        *slot = open(plan, &mut poll, i, &mut next_id, per_peer, &mut tally);
+        *slot = open(plan, &mut poll, i, (&mut next_id, per_peer), None, &mut tally);
     }
+    let mut ended = Vec::with_capacity(slots);
     loop {
         let now = Instant::now();
         if now >= hard_end || (now >= end && conns.iter().all(Option::is_none)) {
@@ -154,7 +154,6 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
             break;
         }
         let now = Instant::now();
-        let mut ended = Vec::new();
         for event in &events {
             let i = event.token().0;
             if let Some(Some(conn)) = conns.get_mut(i) {
@@ -170,10 +169,11 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
                 ended.push((i, Err("timeout")));
             }
         }
-        for (i, done) in ended {
+        for (i, done) in ended.drain(..) {
+            // closing the socket takes it out of the poll set: no deregistering call
             let Some(mut conn) = conns[i].take() else { continue };
-            let _ = poll.registry().deregister(&mut conn.stream);
             collect(&mut conn.peer, &mut tally);
+            drop(conn.stream);
             match done {
                 Ok(_) => progress.ops.fetch_add(1, Ordering::Relaxed),
                 Err(kind) => {
@@ -182,7 +182,7 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
                 }
             };
             if now < end {
-                conns[i] = open(plan, &mut poll, i, &mut next_id, per_peer, &mut tally);
+                conns[i] = open(plan, &mut poll, i, (&mut next_id, per_peer), Some(conn.peer), &mut tally);
             }
         }
     }
@@ -194,32 +194,54 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
     tally
 }
 
-/// A new connection in slot `i`, from the next source address.
-fn open(plan: &Plan, poll: &mut Poll, i: usize, next_id: &mut u64, per_peer: u64, tally: &mut Tally) -> Option<Conn> {
+/// A new connection in slot `i`, from the next source address; `ids`: the next message
+/// id and how many a peer takes; `reuse`: the slot's last peer, whose buffers serve again.
+fn open(
+    plan: &Plan,
+    poll: &mut Poll,
+    i: usize,
+    ids: (&mut u64, u64),
+    reuse: Option<Peer>,
+    tally: &mut Tally,
+) -> Option<Conn> {
+    let (next_id, per_peer) = ids;
     let source = plan.sources.next();
     tally.connections += 1;
-    let stream = match connect(source, plan.target) {
+    // a denied peer only reads; a relaying one writes small commands awaited one at a time
+    let relay = matches!(*plan.script, Script::Relay(_));
+    let mut stream = match connect(source, plan.target, relay) {
         Ok(s) => s,
         Err(_) => {
             *tally.errors.entry("connect").or_default() += 1;
             return None;
         }
     };
-    let mut stream = stream;
-    if poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE).is_err() {
+    let interest = if relay { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+    if poll.registry().register(&mut stream, Token(i), interest).is_err() {
         *tally.errors.entry("connect").or_default() += 1;
         return None;
     }
     let now = Instant::now();
-    let peer = Peer::new(plan.script.clone(), *next_id, now);
+    let peer = match reuse {
+        Some(mut peer) => {
+            peer.restart(*next_id, now);
+            peer
+        }
+        None => Peer::new(Arc::clone(&plan.script), *next_id, now),
+    };
     *next_id += per_peer;
-    Some(Conn { stream, peer, connecting: true, last_io: now })
+    Some(Conn { stream, peer, last_io: now })
 }
 
-fn connect(source: std::net::IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
+fn connect(source: std::net::IpAddr, target: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
     socket.bind(&SocketAddr::new(source, 0).into())?;
     match socket.connect(&target.into()) {
         Ok(()) => {}
@@ -230,19 +252,13 @@ fn connect(source: std::net::IpAddr, target: SocketAddr) -> io::Result<TcpStream
 }
 
 /// Moves what bytes can move; `Ok(true)`: the conversation ended as expected, `Err`: it
-/// failed, `Ok(false)`: it waits.
+/// failed, `Ok(false)`: it waits. A connect still under way or refused shows in the
+/// first read or write (no extra system call to ask).
 fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static str> {
-    if conn.connecting {
-        match conn.stream.take_error() {
-            Ok(Some(_)) | Err(_) => return Err("connect"),
-            Ok(None) => {}
-        }
-        match conn.stream.peer_addr() {
-            Ok(_) => conn.connecting = false,
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
-            Err(_) => return Err("connect"),
-        }
-    }
+    let failed = |e: io::Error| match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connect",
+        _ => "reset",
+    };
     loop {
         while !conn.peer.output().is_empty() {
             match conn.stream.write(conn.peer.output()) {
@@ -252,7 +268,7 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static 
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err("reset"),
+                Err(e) => return Err(failed(e)),
             }
         }
         match conn.stream.read(buf) {
@@ -264,7 +280,7 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static 
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset && conn.peer.finished() => return Ok(true),
-            Err(_) => return Err("reset"),
+            Err(e) => return Err(failed(e)),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! ```
 
 use std::hash::Hasher;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a peer does.
@@ -79,7 +80,7 @@ enum State {
 }
 
 pub struct Peer {
-    script: Script,
+    script: Arc<Script>,
     state: State,
     started: Instant,
     message_started: Instant,
@@ -97,24 +98,39 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(script: Script, first_id: u64, now: Instant) -> Self {
-        let (state, left) = match &script {
-            Script::Deny { .. } => (State::Deny, 0),
-            Script::Relay(r) => (State::Banner, r.messages.max(1)),
-        };
-        Peer {
+    pub fn new(script: Arc<Script>, first_id: u64, now: Instant) -> Self {
+        let mut peer = Peer {
             script,
-            state,
+            state: State::Finished,
             started: now,
             message_started: now,
             line: Vec::new(),
             out: Vec::new(),
             sent: 0,
-            left,
+            left: 0,
             next_id: first_id,
             current: (0, 0),
             events: Vec::new(),
-        }
+        };
+        peer.restart(first_id, now);
+        peer
+    }
+
+    /// The same script again, on a new connection, keeping the buffers (no allocation
+    /// per connection once they have grown).
+    pub fn restart(&mut self, first_id: u64, now: Instant) {
+        (self.state, self.left) = match &*self.script {
+            Script::Deny { .. } => (State::Deny, 0),
+            Script::Relay(r) => (State::Banner, r.messages.max(1)),
+        };
+        self.started = now;
+        self.message_started = now;
+        self.line.clear();
+        self.out.clear();
+        self.sent = 0;
+        self.next_id = first_id;
+        self.current = (0, 0);
+        self.events.clear();
     }
 
     /// Bytes to send.
@@ -161,7 +177,7 @@ impl Peer {
     fn reply_line(&mut self, line: &[u8], now: Instant) -> Result<(), Failure> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if self.state == State::Deny {
-            let Script::Deny { expect } = &self.script else { return Err(Failure::WrongReply) };
+            let Script::Deny { expect } = &*self.script else { return Err(Failure::WrongReply) };
             if !line.starts_with(expect.as_bytes()) {
                 return Err(Failure::WrongReply);
             }
@@ -181,7 +197,7 @@ impl Peer {
 
     /// A whole reply, to the command (or greeting) it answers.
     fn reply(&mut self, code: u16, now: Instant) -> Result<(), Failure> {
-        let Script::Relay(relay) = &self.script else { return Err(Failure::WrongReply) };
+        let Script::Relay(relay) = &*self.script else { return Err(Failure::WrongReply) };
         let pipeline = relay.pipeline;
         let expected = match self.state {
             State::Banner => 220,
@@ -256,7 +272,7 @@ impl Peer {
     }
 
     fn start_message(&mut self, now: Instant) {
-        let Script::Relay(relay) = &self.script else { return };
+        let Script::Relay(relay) = &*self.script else { return };
         self.current = (self.next_id, 0);
         self.next_id += 1;
         self.message_started = now;
@@ -269,7 +285,7 @@ impl Peer {
     }
 
     fn send_state(&mut self, next: State) {
-        let Script::Relay(relay) = &self.script else { return };
+        let Script::Relay(relay) = &*self.script else { return };
         match next {
             State::Rcpt => self.out.extend_from_slice(format!("RCPT TO:<{}>\r\n", relay.rcpt).as_bytes()),
             State::Data => self.out.extend_from_slice(b"DATA\r\n"),
@@ -313,7 +329,7 @@ mod tests {
 
     fn relay(pipeline: bool, messages: u32) -> Peer {
         let script = Script::Relay(Relay { rcpt: "u@example.com".into(), pipeline, messages, body_size: 200 });
-        Peer::new(script, 7, Instant::now())
+        Peer::new(Arc::new(script), 7, Instant::now())
     }
 
     fn take(p: &mut Peer) -> String {
@@ -362,9 +378,9 @@ mod tests {
         assert_eq!(p.input(b"250 ok\r\n250 ok\r\n354 go\r\n", now), Ok(()));
         let mut q = relay(false, 1);
         assert_eq!(q.input(b"554 go away\r\n", now), Err(Failure::WrongReply));
-        let mut d = Peer::new(Script::Deny { expect: "530".into() }, 0, now);
+        let mut d = Peer::new(Arc::new(Script::Deny { expect: "530".into() }), 0, now);
         assert_eq!(d.input(b"220 banner\r\n", now), Err(Failure::WrongReply), "a denied peer never gets a banner");
-        let mut d = Peer::new(Script::Deny { expect: "530".into() }, 0, now);
+        let mut d = Peer::new(Arc::new(Script::Deny { expect: "530".into() }), 0, now);
         d.input(b"530 5.7.1 denied\r\n", now).unwrap();
         assert!(d.finished() && matches!(d.events[..], [Event::Denied(_)]));
     }

@@ -138,7 +138,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     };
     let plan = Plan {
         target,
-        script,
+        script: Arc::new(script),
         sources,
         concurrency: opts.concurrency.max(1),
         threads: opts.threads.max(1),
