@@ -1,5 +1,6 @@
-//! The load harness against the real binary, a short run of each scenario on both
-//! drivers, and against a next hop that loses a message, which must fail the run.
+//! The load harness against the real binary: a short run of each scenario (deny-storm,
+//! relay and dictionary on both drivers, the others on one), and a run against a next hop
+//! that loses a message, which must fail.
 
 #[macro_use]
 mod common;
@@ -49,6 +50,55 @@ fn a_next_hop_that_loses_mail_fails_the_run(io: &str) {
     assert_eq!(report.json()["verdict"], "fail");
 }
 
+fn dictionary_attackers_are_dropped_then_banned(io: &str) {
+    let report = scenario::run(&options(Scenario::Dictionary, io)).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    let (dropped, banned) = (&report.phases[0], &report.phases[1]);
+    assert!(dropped.ops > 0 && banned.ops == dropped.ops, "{}", report.table());
+    assert!(banned.latency_ms[0] >= dropped.latency_ms[0], "banned after dropped: {}", report.table());
+}
+
+#[test]
+fn mixed_traffic_loses_no_good_mail_and_never_bans_the_whitelist() {
+    let opts = Options { duration: Duration::from_millis(1600), ..options(Scenario::Mixed, "epoll") };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["alone", "attacked", "deny-storm", "dropped", "banned", "whitelisted"]);
+    assert!(report.phases[5].ops > 0, "whitelisted attackers checked: {}", report.table());
+}
+
+#[test]
+fn reloads_under_mixed_traffic_cause_no_errors() {
+    let opts = Options {
+        duration: Duration::from_millis(1600),
+        reload_every: Duration::from_millis(100),
+        ..options(Scenario::Reload, "epoll")
+    };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.phases[0].checks.iter().any(|(what, ok)| what.contains("reloads") && *ok), "{}", report.table());
+}
+
+#[test]
+fn slow_peers_are_cut_off_while_mail_flows() {
+    let report = scenario::run(&options(Scenario::Slowloris, "uring")).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    for slow in &report.phases[1..] {
+        // cut at the spawned mxgate's command_timeout, not long after
+        let cut = slow.latency_ms[4] / 1000.0;
+        assert!((2.0..4.0).contains(&cut), "{}: {cut} s: {}", slow.name, report.table());
+    }
+}
+
+#[test]
+fn drain_never_answers_250_without_delivery() {
+    let opts = Options { duration: Duration::from_millis(1600), ..options(Scenario::Drain, "uring") };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.phases[0].checks.iter().any(|(what, ok)| what.contains("exit status 0") && *ok));
+}
+
 #[test]
 fn targets_off_loopback_and_wrong_expectations_are_refused() {
     let opts = Options { target: Some("192.0.2.1:25".parse().unwrap()), ..Options::default() };
@@ -66,6 +116,7 @@ fn targets_off_loopback_and_wrong_expectations_are_refused() {
 }
 
 for_both_drivers!(
+    dictionary_attackers_are_dropped_then_banned,
     deny_storm_gets_the_deny_line_every_time,
     relayed_messages_arrive_byte_exact_once,
     a_next_hop_that_loses_mail_fails_the_run,

@@ -15,8 +15,12 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::peer::{Event, Peer, Script};
+use crate::attack::{Dictionary, Slow};
+use crate::peer::{Event, Failure, Peer, Script};
 use crate::sources::Sources;
+
+/// How long a slot waits after a refused connect.
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
 /// What to run.
 pub struct Plan {
@@ -49,6 +53,17 @@ pub struct Tally {
     /// Messages that got 250: (id, hash of the content sent).
     pub accepted: Vec<(u64, u64)>,
     pub refused: u64,
+    /// Attacking addresses dropped, banned, and seen banned again; their times from the
+    /// address's first connection, in microseconds.
+    pub dropped: Histogram<u64>,
+    pub banned: Histogram<u64>,
+    pub confirmed: u64,
+    /// Attacking addresses refused at their first connection (an escalated prefix).
+    pub banned_on_sight: u64,
+    /// Whitelisted attackers that still got the banner after enough failures.
+    pub spared: u64,
+    /// Slow peers cut off, and when (microseconds after they connected).
+    pub cut_off: Histogram<u64>,
     /// Conversations that went wrong, by kind.
     pub errors: BTreeMap<&'static str, u64>,
     /// Conversations still open when the drain ended.
@@ -64,6 +79,12 @@ impl Tally {
             denied: 0,
             accepted: Vec::new(),
             refused: 0,
+            dropped: new_histogram(),
+            banned: new_histogram(),
+            confirmed: 0,
+            banned_on_sight: 0,
+            spared: 0,
+            cut_off: new_histogram(),
             errors: BTreeMap::new(),
             unfinished: 0,
             elapsed: Duration::ZERO,
@@ -76,6 +97,12 @@ impl Tally {
         self.denied += other.denied;
         self.accepted.extend(other.accepted);
         self.refused += other.refused;
+        let _ = self.dropped.add(&other.dropped);
+        let _ = self.banned.add(&other.banned);
+        self.confirmed += other.confirmed;
+        self.banned_on_sight += other.banned_on_sight;
+        self.spared += other.spared;
+        let _ = self.cut_off.add(&other.cut_off);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -94,33 +121,123 @@ fn new_histogram() -> Histogram<u64> {
 
 /// Runs the plan on its threads; returns when every thread is done.
 pub fn run(plan: &Plan, progress: &Progress) -> Tally {
+    run_all(std::slice::from_ref(plan), progress).pop().unwrap_or_else(Tally::new)
+}
+
+/// Runs several plans at once (honest and hostile peers together), each on its own
+/// threads; one tally per plan.
+pub fn run_all(plans: &[Plan], progress: &Progress) -> Vec<Tally> {
+    // message ids never repeat within a process: the run, the plan and the thread in the
+    // top bits
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed) & 0xff;
     let started = Instant::now();
-    let threads = plan.threads.max(1);
-    let mut tally = Tally::new();
+    let mut tallies: Vec<Tally> = plans.iter().map(|_| Tally::new()).collect();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|i| {
+        let mut handles = Vec::new();
+        for (p, plan) in plans.iter().enumerate() {
+            let threads = plan.threads.max(1);
+            for i in 0..threads {
                 let slots = plan.concurrency / threads + usize::from(i < plan.concurrency % threads);
-                scope.spawn(move || worker(i as u64, slots, plan, progress, started))
-            })
-            .collect();
-        for h in handles {
+                let id_base = (run << 56) | ((p as u64 & 0xff) << 48) | ((i as u64 & 0xff) << 40);
+                handles.push((p, scope.spawn(move || worker(id_base, slots, plan, progress, started))));
+            }
+        }
+        for (p, h) in handles {
             if let Ok(t) = h.join() {
-                tally.merge(t);
+                tallies[p].merge(t);
             }
         }
     });
-    tally.elapsed = started.elapsed();
-    tally
+    for (tally, plan) in tallies.iter_mut().zip(plans) {
+        tally.elapsed = started.elapsed().min(plan.duration + plan.drain);
+    }
+    tallies
 }
 
 struct Conn {
     stream: TcpStream,
-    peer: Peer,
+    peer: Talker,
+    source: std::net::IpAddr,
     last_io: Instant,
 }
 
-fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: Instant) -> Tally {
+/// One connection's conversation, by script.
+pub enum Talker {
+    Smtp(Peer),
+    Dictionary(Dictionary),
+    Slow(Slow),
+}
+
+macro_rules! each {
+    ($self:expr, $p:ident => $e:expr) => {
+        match $self {
+            Talker::Smtp($p) => $e,
+            Talker::Dictionary($p) => $e,
+            Talker::Slow($p) => $e,
+        }
+    };
+}
+
+impl Talker {
+    fn new(script: &Arc<Script>, first_id: u64, now: Instant) -> Self {
+        match &**script {
+            Script::Dictionary { domain, ban_line, whitelisted } => {
+                Talker::Dictionary(Dictionary::new(domain, ban_line, *whitelisted, now))
+            }
+            Script::Slow { trickle } => Talker::Slow(Slow::new(*trickle, now)),
+            Script::Deny { .. } | Script::Relay(_) => Talker::Smtp(Peer::new(Arc::clone(script), first_id, now)),
+        }
+    }
+
+    /// The same script again on a new connection: a new address's conversation, or
+    /// (`same_source`) the same address's next one.
+    fn restart(&mut self, first_id: u64, now: Instant, same_source: bool) {
+        match self {
+            Talker::Smtp(p) => p.restart(first_id, now),
+            Talker::Dictionary(d) if same_source => d.reconnect(),
+            Talker::Dictionary(d) => d.restart(now),
+            Talker::Slow(s) => s.restart(now),
+        }
+    }
+
+    /// The next connection must come from the same address.
+    fn same_source(&self) -> bool {
+        matches!(self, Talker::Dictionary(d) if d.same_source())
+    }
+
+    fn output(&self) -> &[u8] {
+        each!(self, p => p.output())
+    }
+
+    fn sent(&mut self, n: usize) {
+        each!(self, p => p.sent(n))
+    }
+
+    fn input(&mut self, bytes: &[u8], now: Instant) -> Result<(), Failure> {
+        each!(self, p => p.input(bytes, now))
+    }
+
+    fn eof(&mut self) -> Result<(), Failure> {
+        each!(self, p => p.eof())
+    }
+
+    fn finished(&self) -> bool {
+        each!(self, p => p.finished())
+    }
+
+    fn events(&mut self) -> &mut Vec<Event> {
+        each!(self, p => &mut p.events)
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Talker::Slow(s) = self {
+            s.tick(now);
+        }
+    }
+}
+
+fn worker(id_base: u64, slots: usize, plan: &Plan, progress: &Progress, started: Instant) -> Tally {
     let mut tally = Tally::new();
     let Ok(mut poll) = Poll::new() else {
         *tally.errors.entry("poll").or_default() += 1;
@@ -130,17 +247,22 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
     let mut conns: Vec<Option<Conn>> = (0..slots).map(|_| None).collect();
     let end = started + plan.duration;
     let hard_end = end + plan.drain;
-    // each thread's message ids: its index in the top bits
-    let mut next_id = thread << 40;
+    let mut next_id = id_base;
     let per_peer = match &*plan.script {
         Script::Relay(r) => u64::from(r.messages.max(1)),
-        Script::Deny { .. } => 1,
+        _ => 1,
     };
     let mut buf = vec![0u8; 64 * 1024];
-    for (i, slot) in conns.iter_mut().enumerate() {
-        *slot = open(plan, &mut poll, i, (&mut next_id, per_peer), None, &mut tally);
-    }
     let mut ended = Vec::with_capacity(slots);
+    // a slot whose connect failed waits a little before the next try (a server that has
+    // stopped listening is not hammered)
+    let mut retry_at: Vec<Option<Instant>> = vec![None; slots];
+    for (i, slot) in conns.iter_mut().enumerate() {
+        *slot = open(plan, &mut poll, i, (&mut next_id, per_peer), (None, None), &mut tally);
+        if slot.is_none() {
+            retry_at[i] = Some(Instant::now() + CONNECT_RETRY);
+        }
+    }
     loop {
         let now = Instant::now();
         if now >= hard_end || (now >= end && conns.iter().all(Option::is_none)) {
@@ -169,11 +291,31 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
                 ended.push((i, Err("timeout")));
             }
         }
+        for (i, slot) in conns.iter_mut().enumerate() {
+            if slot.is_none() && retry_at[i].is_some_and(|t| t <= now) {
+                retry_at[i] = None;
+                if now < end {
+                    *slot = open(plan, &mut poll, i, (&mut next_id, per_peer), (None, None), &mut tally);
+                    if slot.is_none() {
+                        retry_at[i] = Some(now + CONNECT_RETRY);
+                    }
+                }
+            }
+            let Some(conn) = slot.as_mut() else { continue };
+            conn.peer.tick(now);
+            if !conn.peer.output().is_empty() && !ended.iter().any(|(e, _)| *e == i) {
+                match step(conn, &mut buf, now) {
+                    Ok(false) => {}
+                    done => ended.push((i, done)),
+                }
+            }
+        }
         for (i, done) in ended.drain(..) {
             // closing the socket takes it out of the poll set: no deregistering call
             let Some(mut conn) = conns[i].take() else { continue };
             collect(&mut conn.peer, &mut tally);
             drop(conn.stream);
+            let again = done.is_ok() && conn.peer.same_source();
             match done {
                 Ok(_) => progress.ops.fetch_add(1, Ordering::Relaxed),
                 Err(kind) => {
@@ -181,37 +323,48 @@ fn worker(thread: u64, slots: usize, plan: &Plan, progress: &Progress, started: 
                     progress.errors.fetch_add(1, Ordering::Relaxed)
                 }
             };
-            if now < end {
-                conns[i] = open(plan, &mut poll, i, (&mut next_id, per_peer), Some(conn.peer), &mut tally);
+            if matches!(done, Err("connect")) && !again {
+                retry_at[i] = Some(now + CONNECT_RETRY);
+                continue;
+            }
+            // an attacking address keeps going until its ban is seen, even past the end
+            if now < end || again {
+                let source = again.then_some(conn.source);
+                conns[i] = open(plan, &mut poll, i, (&mut next_id, per_peer), (Some(conn.peer), source), &mut tally);
+                if conns[i].is_none() {
+                    retry_at[i] = Some(now + CONNECT_RETRY);
+                }
             }
         }
     }
-    for conn in conns.iter_mut().filter_map(Option::take) {
-        let mut peer = conn.peer;
-        collect(&mut peer, &mut tally);
+    for mut conn in conns.iter_mut().filter_map(Option::take) {
+        collect(&mut conn.peer, &mut tally);
         tally.unfinished += 1;
     }
     tally
 }
 
-/// A new connection in slot `i`, from the next source address; `ids`: the next message
-/// id and how many a peer takes; `reuse`: the slot's last peer, whose buffers serve again.
+/// A new connection in slot `i`, from the next source address (or, for an attacker not
+/// done with its address, the same one); `ids`: the next message id and how many a peer
+/// takes; `reuse`: the slot's last conversation, whose buffers serve again.
 fn open(
     plan: &Plan,
     poll: &mut Poll,
     i: usize,
     ids: (&mut u64, u64),
-    reuse: Option<Peer>,
+    reuse: (Option<Talker>, Option<std::net::IpAddr>),
     tally: &mut Tally,
 ) -> Option<Conn> {
     let (next_id, per_peer) = ids;
-    let source = plan.sources.next();
+    let (reuse, same_source) = reuse;
+    let source = same_source.unwrap_or_else(|| plan.sources.next());
     tally.connections += 1;
     // a denied peer only reads; a relaying one writes small commands awaited one at a time
-    let relay = matches!(*plan.script, Script::Relay(_));
+    let relay = !matches!(*plan.script, Script::Deny { .. });
     let mut stream = match connect(source, plan.target, relay) {
         Ok(s) => s,
         Err(_) => {
+            // counted; the slot is tried again after CONNECT_RETRY (see `worker`)
             *tally.errors.entry("connect").or_default() += 1;
             return None;
         }
@@ -224,13 +377,13 @@ fn open(
     let now = Instant::now();
     let peer = match reuse {
         Some(mut peer) => {
-            peer.restart(*next_id, now);
+            peer.restart(*next_id, now, same_source.is_some());
             peer
         }
-        None => Peer::new(Arc::clone(&plan.script), *next_id, now),
+        None => Talker::new(&plan.script, *next_id, now),
     };
     *next_id += per_peer;
-    Some(Conn { stream, peer, last_io: now })
+    Some(Conn { stream, peer, source, last_io: now })
 }
 
 fn connect(source: std::net::IpAddr, target: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
@@ -285,8 +438,9 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static 
     }
 }
 
-fn collect(peer: &mut Peer, tally: &mut Tally) {
-    for event in peer.events.drain(..) {
+fn collect(peer: &mut Talker, tally: &mut Tally) {
+    let us = |d: Duration| d.as_micros().max(1) as u64;
+    for event in peer.events().drain(..) {
         match event {
             Event::Denied(latency) => {
                 tally.denied += 1;
@@ -297,6 +451,18 @@ fn collect(peer: &mut Peer, tally: &mut Tally) {
                 let _ = tally.latency.record(latency.as_micros().max(1) as u64);
             }
             Event::Refused { .. } => tally.refused += 1,
+            Event::Dropped(d) => {
+                let _ = tally.dropped.record(us(d));
+            }
+            Event::Banned(d) => {
+                let _ = tally.banned.record(us(d));
+            }
+            Event::Confirmed => tally.confirmed += 1,
+            Event::BannedOnSight => tally.banned_on_sight += 1,
+            Event::Spared => tally.spared += 1,
+            Event::CutOff(d) => {
+                let _ = tally.cut_off.record(us(d));
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! shaped like real blocklists that the benchmarks load.
 //!
 //! - [`peer`]: one peer's conversation, sans-IO (what it sends, what it expects);
+//!   [`attack`]: the hostile ones (dictionary attackers, slow peers);
 //! - [`engine`]: threads of non-blocking connections running peers, latencies in
 //!   HdrHistograms;
 //! - [`sink`]: the next hop that counts and hashes every message relayed to it;
@@ -10,6 +11,7 @@
 //! - [`report`]: the summary table and the JSON;
 //! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes.
 
+pub mod attack;
 pub mod engine;
 pub mod peer;
 pub mod prefixes;

@@ -22,6 +22,18 @@ pub enum Script {
         expect: String,
     },
     Relay(Relay),
+    /// RCPTs for unknown users of `domain` until dropped, again until the first line is
+    /// the ban line (`ban_line`), once more to see it in force (see `attack`).
+    Dictionary {
+        domain: String,
+        ban_line: String,
+        /// Whitelisted: dropped, never banned (see `attack`).
+        whitelisted: bool,
+    },
+    /// Silent after the banner, or (`trickle`) one byte a second.
+    Slow {
+        trickle: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -41,6 +53,10 @@ pub enum Failure {
     Closed,
     /// A reply line that is not SMTP.
     Malformed,
+    /// An attacking address was never banned.
+    NeverBanned,
+    /// A whitelisted address got the ban line.
+    WhitelistedBanned,
 }
 
 impl Failure {
@@ -49,6 +65,8 @@ impl Failure {
             Failure::WrongReply => "wrong_reply",
             Failure::Closed => "closed_early",
             Failure::Malformed => "malformed_reply",
+            Failure::NeverBanned => "never_banned",
+            Failure::WhitelistedBanned => "whitelisted_banned",
         }
     }
 }
@@ -63,6 +81,20 @@ pub enum Event {
     Accepted { id: u64, hash: u64, latency: Duration },
     /// A message got something else (4xx/5xx) to one of its commands.
     Refused { code: u16 },
+    /// An attacking address's conversation was dropped (421), this long after its
+    /// first connection.
+    Dropped(Duration),
+    /// An attacking address got the ban line, this long after its first connection.
+    Banned(Duration),
+    /// An attacking address got the ban line on its first connection, before it failed
+    /// (a prefix ban: others in its /24 earned it).
+    BannedOnSight,
+    /// A later connection of a banned address got the ban line again.
+    Confirmed,
+    /// A slow peer was cut off (421), this long after it connected.
+    CutOff(Duration),
+    /// A whitelisted attacker still got the banner after enough failures for a ban.
+    Spared,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +154,7 @@ impl Peer {
         (self.state, self.left) = match &*self.script {
             Script::Deny { .. } => (State::Deny, 0),
             Script::Relay(r) => (State::Banner, r.messages.max(1)),
+            Script::Dictionary { .. } | Script::Slow { .. } => (State::Finished, 0),
         };
         self.started = now;
         self.message_started = now;

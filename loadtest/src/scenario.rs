@@ -5,6 +5,17 @@
 //!   banner), then the close.
 //! - `relay`: complete messages from allowed addresses to the built-in sink; every
 //!   message that got 250 must reach the sink byte-exact, once.
+//! - `dictionary`: attackers guessing recipients the sink refuses; each address must be
+//!   dropped, then banned (its later connections get the ban line).
+//! - `mixed`: relay alone, then relay while deny-storm and dictionary attackers run (and
+//!   whitelisted attackers, who must never be banned): the good mail's latency under
+//!   attack and without, none of it lost.
+//! - `slowloris`: silent and one-byte-a-second peers, cut off by the timeouts, while
+//!   relay traffic flows.
+//! - `reload`: `mixed`'s attacked phase while the spawned mxgate gets SIGHUP every
+//!   `--reload-every`: no connection errors.
+//! - `drain`: relay while the spawned mxgate gets SIGTERM: every message that got 250
+//!   arrived; the rest got a 4xx or a closed connection.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -26,27 +37,64 @@ pub const DENY_SOURCES: &str = "127.66.0.0/16";
 pub const ALLOW_SOURCES: &str = "127.77.0.0/16";
 /// The recipient domain the spawned mxgate relays for.
 pub const RCPT_DOMAIN: &str = "loadtest.test";
+/// Dictionary attackers come from here.
+pub const ATTACK_SOURCES: &str = "127.44.0.0/16";
+/// Whitelisted attackers come from here (the spawned mxgate whitelists it).
+pub const WHITELISTED_SOURCES: &str = "127.45.0.0/24";
+/// Slow peers come from here.
+pub const SLOW_SOURCES: &str = "127.46.0.0/16";
+/// The spawned mxgate's `command_timeout` in the slowloris scenario.
+pub const SLOW_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     DenyStorm,
     Relay,
+    Dictionary,
+    Mixed,
+    Slowloris,
+    Reload,
+    Drain,
 }
 
 impl Scenario {
+    pub const ALL: [Scenario; 7] = [
+        Scenario::DenyStorm,
+        Scenario::Relay,
+        Scenario::Dictionary,
+        Scenario::Mixed,
+        Scenario::Slowloris,
+        Scenario::Reload,
+        Scenario::Drain,
+    ];
+
     pub fn parse(name: &str) -> Result<Self, String> {
-        match name {
-            "deny-storm" => Ok(Scenario::DenyStorm),
-            "relay" => Ok(Scenario::Relay),
-            other => Err(format!("unknown scenario `{other}` (deny-storm, relay)")),
-        }
+        Scenario::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown scenario `{name}` ({})", names.join(", "))
+        })
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::DenyStorm => "deny-storm",
             Scenario::Relay => "relay",
+            Scenario::Dictionary => "dictionary",
+            Scenario::Mixed => "mixed",
+            Scenario::Slowloris => "slowloris",
+            Scenario::Reload => "reload",
+            Scenario::Drain => "drain",
         }
+    }
+
+    /// Needs a relay sink.
+    fn relays(self) -> bool {
+        self != Scenario::DenyStorm
+    }
+
+    /// Signals the server, so it must be the spawned one.
+    fn signals(self) -> bool {
+        matches!(self, Scenario::Reload | Scenario::Drain)
     }
 }
 
@@ -76,6 +124,8 @@ pub struct Options {
     pub sink_drops_every: u64,
     /// A progress line a second on standard error.
     pub progress: bool,
+    /// `reload`: SIGHUP this often.
+    pub reload_every: Duration,
 }
 
 impl Default for Options {
@@ -96,28 +146,26 @@ impl Default for Options {
             sink: None,
             sink_drops_every: 0,
             progress: false,
+            reload_every: Duration::from_millis(200),
         }
     }
 }
 
 /// Runs the scenario; the report says whether every check held.
 pub fn run(opts: &Options) -> Result<Report, String> {
-    let sink = match opts.scenario {
-        Scenario::Relay => {
-            let at = opts.sink.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-            check_target(at)?;
-            Some(Sink::start(at, opts.sink_drops_every).map_err(|e| format!("cannot start the sink on {at}: {e}"))?)
-        }
-        Scenario::DenyStorm => None,
+    let sink = if opts.scenario.relays() {
+        let at = opts.sink.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        check_target(at)?;
+        Some(Sink::start(at, opts.sink_drops_every).map_err(|e| format!("cannot start the sink on {at}: {e}"))?)
+    } else {
+        None
     };
-    let default_sources = match opts.scenario {
-        Scenario::DenyStorm => DENY_SOURCES,
-        Scenario::Relay => ALLOW_SOURCES,
-    };
-    let sources = Arc::new(Sources::parse(opts.sources.as_deref().unwrap_or(default_sources))?);
-    let spawned = match (&opts.target, &opts.spawn) {
+    let mut spawned = match (&opts.target, &opts.spawn) {
         (Some(_), Some(_)) => return Err("give --target or --spawn, not both".into()),
         (None, None) => return Err("give --target ADDR (a running server) or --spawn PATH (an mxgate binary)".into()),
+        (Some(_), None) if opts.scenario.signals() => {
+            return Err(format!("{} signals the server: give --spawn PATH", opts.scenario.name()));
+        }
         (Some(_), None) => None,
         (None, Some(path)) => Some(Spawned::start(path, opts, sink.as_ref().map(|s| s.addr))?),
     };
@@ -127,73 +175,258 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         (None, None) => unreachable!("checked above"),
     };
     check_target(target)?;
-    let script = match opts.scenario {
-        Scenario::DenyStorm => Script::Deny { expect: opts.expect.clone() },
-        Scenario::Relay => Script::Relay(Relay {
+    let groups = Groups::new(opts, target)?;
+    let phases = match opts.scenario {
+        Scenario::DenyStorm => {
+            let tally = go(opts, std::slice::from_ref(&groups.deny), None)?.remove(0);
+            vec![deny_phase("main", &tally)]
+        }
+        Scenario::Relay => {
+            let tally = go(opts, std::slice::from_ref(&groups.relay), None)?.remove(0);
+            vec![relay_phase("main", &tally, sink.as_ref())]
+        }
+        Scenario::Dictionary => {
+            let tally = go(opts, std::slice::from_ref(&groups.dictionary), None)?.remove(0);
+            dictionary_phases(&tally)
+        }
+        Scenario::Mixed | Scenario::Reload => {
+            let mut phases = Vec::new();
+            if opts.scenario == Scenario::Mixed {
+                let alone = go(opts, std::slice::from_ref(&groups.half_relay), None)?.remove(0);
+                phases.push(relay_phase("alone", &alone, sink.as_ref()));
+            }
+            let plans = [groups.half_relay, groups.deny, groups.dictionary, groups.whitelisted];
+            let reloads = (opts.scenario == Scenario::Reload).then_some(opts.reload_every);
+            let pid = spawned.as_ref().map(|s| s.child.id());
+            let mut tallies = go(opts, &plans, reloads.zip(pid))?.into_iter();
+            let (relay, deny, dictionary, whitelisted) =
+                (tallies.next(), tallies.next(), tallies.next(), tallies.next());
+            let (Some(relay), Some(deny), Some(dictionary), Some(whitelisted)) = (relay, deny, dictionary, whitelisted)
+            else {
+                return Err("a group's threads did not report".into());
+            };
+            let mut attacked = relay_phase("attacked", &relay, sink.as_ref());
+            if let Some(s) = &spawned
+                && let Some(n) = reloads.map(|_| s.signals_sent())
+            {
+                attacked.check(format!("{n} reloads (SIGHUP) during the phase"), n > 0);
+            }
+            phases.push(attacked);
+            phases.push(deny_phase("deny-storm", &deny));
+            phases.extend(dictionary_phases(&dictionary));
+            let mut spared = Phase::new("whitelisted", whitelisted.elapsed, whitelisted.spared, &whitelisted.dropped);
+            spared.errors = errors(&whitelisted);
+            spared.check(
+                format!("{} whitelisted attackers dropped, never banned", whitelisted.spared),
+                whitelisted.spared > 0 && whitelisted.error_count() == 0,
+            );
+            phases.push(spared);
+            phases
+        }
+        Scenario::Slowloris => {
+            let plans = [groups.relay, groups.idle, groups.trickle];
+            let mut tallies = go(opts, &plans, None)?.into_iter();
+            let mut phases = Vec::new();
+            if let Some(relay) = tallies.next() {
+                phases.push(relay_phase("relay", &relay, sink.as_ref()));
+            }
+            for (name, tally) in ["idle", "trickle"].into_iter().zip(tallies) {
+                let cut = tally.cut_off.len();
+                let mut phase = Phase::new(name, tally.elapsed, cut, &tally.cut_off);
+                phase.errors = errors(&tally);
+                phase.check(
+                    format!("{cut} slow peers cut off with 421, none left open"),
+                    cut > 0 && tally.error_count() == 0,
+                );
+                phases.push(phase);
+            }
+            phases
+        }
+        Scenario::Drain => {
+            let pid = spawned.as_ref().map(|s| s.child.id());
+            let tally = go(opts, std::slice::from_ref(&groups.relay), pid.map(|p| (opts.duration / 2, p)))?.remove(0);
+            let mut phase = relay_phase("main", &tally, sink.as_ref());
+            // refused connections and 421s are what a draining server says: only losses count
+            phase.checks.retain(|(what, _)| !what.contains("connections made"));
+            let status = spawned.as_mut().and_then(Spawned::wait_exit);
+            let said = status.map_or("no exit status".to_owned(), |c| format!("exit status {c}"));
+            phase.check(format!("the server stopped after SIGTERM with {said}"), status == Some(0));
+            vec![phase]
+        }
+    };
+    drop(spawned);
+    Ok(Report { scenario: opts.scenario.name().into(), phases })
+}
+
+/// The peer groups a scenario may run.
+struct Groups {
+    relay: Plan,
+    /// Relay at half the concurrency (beside attackers).
+    half_relay: Plan,
+    deny: Plan,
+    dictionary: Plan,
+    whitelisted: Plan,
+    idle: Plan,
+    trickle: Plan,
+}
+
+impl Groups {
+    fn new(opts: &Options, target: SocketAddr) -> Result<Groups, String> {
+        let sources = |default: &str| -> Result<Arc<Sources>, String> {
+            Ok(Arc::new(Sources::parse(opts.sources.as_deref().unwrap_or(default))?))
+        };
+        let fixed = |range: &str| -> Result<Arc<Sources>, String> { Ok(Arc::new(Sources::parse(range)?)) };
+        let plan = |script: Script, sources: Arc<Sources>, concurrency: usize| Plan {
+            target,
+            script: Arc::new(script),
+            sources,
+            concurrency: concurrency.max(1),
+            threads: opts.threads.max(1),
+            duration: opts.duration,
+            drain: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        };
+        let relay = Script::Relay(Relay {
             rcpt: format!("user@{RCPT_DOMAIN}"),
             pipeline: opts.pipeline,
             messages: opts.messages_per_connection.max(1),
             body_size: opts.body_size,
-        }),
-    };
-    let plan = Plan {
-        target,
-        script: Arc::new(script),
-        sources,
-        concurrency: opts.concurrency.max(1),
-        threads: opts.threads.max(1),
-        duration: opts.duration,
-        drain: Duration::from_secs(5),
-        timeout: Duration::from_secs(10),
-    };
+        });
+        let dictionary =
+            |whitelisted| Script::Dictionary { domain: RCPT_DOMAIN.into(), ban_line: opts.expect.clone(), whitelisted };
+        let c = opts.concurrency.max(1);
+        let attackers = (c / 4).max(2);
+        let single = opts.scenario != Scenario::Mixed && opts.scenario != Scenario::Reload;
+        let relay_sources = if single { sources(ALLOW_SOURCES)? } else { fixed(ALLOW_SOURCES)? };
+        Ok(Groups {
+            relay: plan(relay.clone(), relay_sources.clone(), c),
+            half_relay: Plan { duration: opts.duration / 2, ..plan(relay, relay_sources, c) },
+            deny: Plan {
+                duration: if single { opts.duration } else { opts.duration / 2 },
+                ..plan(
+                    Script::Deny { expect: opts.expect.clone() },
+                    if single { sources(DENY_SOURCES)? } else { fixed(DENY_SOURCES)? },
+                    if single { c } else { attackers },
+                )
+            },
+            dictionary: Plan {
+                duration: if single { opts.duration } else { opts.duration / 2 },
+                ..plan(
+                    dictionary(false),
+                    if single { sources(ATTACK_SOURCES)? } else { fixed(ATTACK_SOURCES)? },
+                    if single { c } else { attackers },
+                )
+            },
+            whitelisted: Plan { duration: opts.duration / 2, ..plan(dictionary(true), fixed(WHITELISTED_SOURCES)?, 2) },
+            idle: plan(Script::Slow { trickle: false }, fixed(SLOW_SOURCES)?, attackers),
+            trickle: plan(Script::Slow { trickle: true }, fixed(SLOW_SOURCES)?, attackers),
+        })
+    }
+}
+
+/// Runs plans at once; with `signal` = (every, pid): SIGHUP every `every` (reload), or
+/// one SIGTERM after `every` (drain: the only scenario giving a single plan a signal).
+fn go(opts: &Options, plans: &[Plan], signal: Option<(Duration, u32)>) -> Result<Vec<engine::Tally>, String> {
     let progress = Progress::default();
-    let tally = std::thread::scope(|scope| {
-        let run = scope.spawn(|| engine::run(&plan, &progress));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = &done;
+    std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            let tallies = engine::run_all(plans, &progress);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            tallies
+        });
+        if let Some((every, pid)) = signal {
+            let sig = if opts.scenario == Scenario::Drain { libc::SIGTERM } else { libc::SIGHUP };
+            scope.spawn(move || signal_loop(done, every, pid, sig));
+        }
         if opts.progress {
             show_progress(&run, &progress);
         }
         run.join().map_err(|_| "the load threads panicked".to_owned())
-    })?;
-    drop(spawned);
+    })
+}
 
-    let ops = match opts.scenario {
-        Scenario::DenyStorm => tally.denied,
-        Scenario::Relay => tally.accepted.len() as u64,
-    };
-    let mut phase = Phase::new("main", tally.elapsed, ops, &tally.latency);
-    phase.errors = tally.errors.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+/// Sends `sig` to `pid` every `every` until `done` (SIGTERM: once).
+fn signal_loop(done: &std::sync::atomic::AtomicBool, every: Duration, pid: u32, sig: i32) {
+    let mut next = Instant::now() + every;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
+        if Instant::now() >= next {
+            // SAFETY: kill(2) on the child this run spawned.
+            unsafe { libc::kill(pid as i32, sig) };
+            SIGNALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if sig == libc::SIGTERM {
+                return;
+            }
+            next += every;
+        }
+    }
+}
+
+/// Signals sent to the spawned server (for the report).
+static SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn errors(tally: &engine::Tally) -> std::collections::BTreeMap<String, u64> {
+    let mut errors: std::collections::BTreeMap<String, u64> =
+        tally.errors.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
     if tally.unfinished > 0 {
-        phase.errors.insert("unfinished".into(), tally.unfinished);
+        errors.insert("unfinished".into(), tally.unfinished);
+    }
+    errors
+}
+
+fn deny_phase(name: &str, tally: &engine::Tally) -> Phase {
+    let mut phase = Phase::new(name, tally.elapsed, tally.denied, &tally.latency);
+    phase.errors = errors(tally);
+    phase.check(format!("{} connections made, none failed", tally.connections), tally.error_count() == 0);
+    phase.check(format!("{} peers got the deny line first, then the close", tally.denied), tally.denied > 0);
+    phase
+}
+
+fn relay_phase(name: &str, tally: &engine::Tally, sink: Option<&Sink>) -> Phase {
+    let mut phase = Phase::new(name, tally.elapsed, tally.accepted.len() as u64, &tally.latency);
+    phase.errors = errors(tally);
+    if tally.refused > 0 {
+        phase.errors.insert("refused".into(), tally.refused);
     }
     phase.check(format!("{} connections made, none failed", tally.connections), tally.error_count() == 0);
-    match opts.scenario {
-        Scenario::DenyStorm => {
-            phase.check(format!("{} peers got the deny line first, then the close", tally.denied), tally.denied > 0);
-        }
-        Scenario::Relay => {
-            let received = sink.as_ref().map(|s| s.received());
-            let (mut lost, mut altered, mut duplicated) = (0u64, 0u64, 0u64);
-            if let Some(r) = &received {
-                for (id, hash) in &tally.accepted {
-                    match r.messages.get(id) {
-                        None => lost += 1,
-                        Some((h, _)) if h != hash => altered += 1,
-                        Some((_, n)) if *n > 1 => duplicated += 1,
-                        Some(_) => {}
-                    }
-                }
-            }
-            let accepted = tally.accepted.len();
-            phase.check(format!("{accepted} messages got 250"), accepted > 0);
-            phase.check(format!("{lost} of them lost (never reached the next hop)"), lost == 0);
-            phase.check(format!("{altered} of them altered on the way"), altered == 0);
-            phase.check(format!("{duplicated} of them delivered more than once"), duplicated == 0);
-            if tally.refused > 0 {
-                phase.errors.insert("refused".into(), tally.refused);
+    let received = sink.map(Sink::received);
+    let (mut lost, mut altered, mut duplicated) = (0u64, 0u64, 0u64);
+    if let Some(r) = &received {
+        for (id, hash) in &tally.accepted {
+            match r.messages.get(id) {
+                None => lost += 1,
+                Some((h, _)) if h != hash => altered += 1,
+                Some((_, n)) if *n > 1 => duplicated += 1,
+                Some(_) => {}
             }
         }
     }
-    Ok(Report { scenario: opts.scenario.name().into(), phases: vec![phase] })
+    let accepted = tally.accepted.len();
+    phase.check(format!("{accepted} messages got 250"), accepted > 0);
+    phase.check(format!("{lost} of them lost (never reached the next hop)"), lost == 0);
+    phase.check(format!("{altered} of them altered on the way"), altered == 0);
+    phase.check(format!("{duplicated} of them delivered more than once"), duplicated == 0);
+    phase
+}
+
+/// Two rows: the time each attacking address took to be dropped, and to be banned.
+fn dictionary_phases(tally: &engine::Tally) -> Vec<Phase> {
+    let (dropped, banned) = (tally.dropped.len(), tally.banned.len());
+    let mut drop_phase = Phase::new("dropped", tally.elapsed, dropped, &tally.dropped);
+    drop_phase.check(format!("{dropped} attacking addresses dropped (421 4.7.0)"), dropped > 0);
+    let mut ban_phase = Phase::new("banned", tally.elapsed, banned, &tally.banned);
+    ban_phase.errors = errors(tally);
+    ban_phase.check(format!("{banned} of them banned"), banned > 0 && banned == dropped);
+    let on_sight = tally.banned_on_sight;
+    ban_phase.check(format!("{on_sight} more refused at their first connection (their /24 escalated)"), true);
+    ban_phase.check(
+        format!("{} banned addresses refused again on their next connection", tally.confirmed),
+        tally.confirmed == banned + on_sight,
+    );
+    ban_phase.check("no conversation failed".into(), tally.error_count() == 0);
+    vec![drop_phase, ban_phase]
 }
 
 /// A line a second: elapsed, conversations done, per second, errors.
@@ -225,9 +458,15 @@ impl Spawned {
         let dir = TempDir::new()?;
         let next_hop = sink.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9)));
         let deny = opts.sources.as_deref().filter(|_| opts.scenario == Scenario::DenyStorm).unwrap_or(DENY_SOURCES);
+        let command_timeout = match opts.scenario {
+            Scenario::Slowloris => format!("{}s", SLOW_COMMAND_TIMEOUT.as_secs()),
+            _ => "5m".into(),
+        };
         let config = format!(
             "hostname = \"mx.loadtest\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nmax_connections = 100000\n\
-             [access]\nlist = \"access.list\"\n[abuse]\nmax_connections_per_ip = 10000\n\
+             drain_timeout = \"10s\"\n[access]\nlist = \"access.list\"\n\
+             [abuse]\nmax_connections_per_ip = 10000\nwhitelist = \"whitelist.list\"\n\
+             [smtp]\ncommand_timeout = \"{command_timeout}\"\n\
              [relay]\ndomains = [\"{RCPT_DOMAIN}\"]\nnext_hops = [\"{next_hop}\"]\n"
         );
         let write = |name: &str, text: &str| {
@@ -235,6 +474,7 @@ impl Spawned {
         };
         write("mxgate.toml", &config)?;
         write("access.list", &format!("deny {deny}\n"))?;
+        write("whitelist.list", &format!("{WHITELISTED_SOURCES}\n"))?;
         let mut command = Command::new(path);
         command.arg("--config").arg(dir.0.join("mxgate.toml"));
         if let Some(io) = &opts.io {
@@ -262,6 +502,25 @@ impl Spawned {
             .and_then(|a| a.parse().ok())
             .ok_or(format!("no address in `{line}`"))?;
         Ok(spawned)
+    }
+}
+
+impl Spawned {
+    /// Signals sent to it so far.
+    fn signals_sent(&self) -> u64 {
+        SIGNALS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) for it to exit after SIGTERM; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 

@@ -1,7 +1,9 @@
 //! The next hop the relay scenarios relay to: an SMTP server on loopback that takes every
 //! message, finds its `X-Loadtest-Id`, hashes its content as the peer wrote it (the
 //! `Received:` header the relay added taken off, the dot-stuffing undone) and counts it.
-//! A thread per connection: a relay keeps few, pooled, connections to its next hop.
+//! Recipients whose local part starts with `unknown` do not exist (550 5.1.1), for the
+//! dictionary attacks. A thread per connection: a relay keeps few, pooled, connections
+//! to its next hop.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -82,6 +84,10 @@ fn serve(stream: TcpStream, received: &Mutex<Received>, count: &AtomicU64, drop_
         match verb.as_slice() {
             b"EHLO" => {
                 replies.extend_from_slice(b"250-sink.loadtest\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0\r\n")
+            }
+            // the users a dictionary attack guesses do not exist
+            b"RCPT" if line.windows(8).any(|w| w.eq_ignore_ascii_case(b"<unknown")) => {
+                replies.extend_from_slice(b"550 5.1.1 no such user here\r\n");
             }
             b"HELO" | b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => replies.extend_from_slice(b"250 2.0.0 ok\r\n"),
             b"DATA" => {

@@ -15,7 +15,7 @@ use loadtest::scenario::{self, Options, Scenario};
     about = "Load-tests mxgate with legitimate and hostile peers and checks every answer"
 )]
 struct Cli {
-    /// deny-storm or relay.
+    /// deny-storm, relay, dictionary, mixed, slowloris, reload or drain.
     scenario: String,
     /// A running server on loopback to load.
     #[arg(long, value_name = "ADDR")]
@@ -54,6 +54,9 @@ struct Cli {
     /// target must relay to it.
     #[arg(long, value_name = "ADDR")]
     sink: Option<SocketAddr>,
+    /// `reload`: SIGHUP the spawned mxgate this often.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    reload_every: std::time::Duration,
     /// The same figures as JSON, in this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         sink: cli.sink,
         sink_drops_every: 0,
         progress: true,
+        reload_every: cli.reload_every,
     };
     let report = match scenario::run(&opts) {
         Ok(r) => r,
