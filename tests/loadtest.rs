@@ -66,6 +66,12 @@ fn mixed_traffic_loses_no_good_mail_and_never_bans_the_whitelist() {
     let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["alone", "attacked", "deny-storm", "dropped", "banned", "whitelisted"]);
     assert!(report.phases[5].ops > 0, "whitelisted attackers checked: {}", report.table());
+    // --plot: a line per phase
+    let dir = tempfile::tempdir().expect("temp dir");
+    let svg = dir.path().join("mixed.svg");
+    report.plot(&svg).expect("the plot");
+    let text = std::fs::read_to_string(&svg).expect("an SVG");
+    assert!(text.matches("<polyline").count() >= 6 && text.contains("whitelisted"), "{}", &text[..200]);
 }
 
 #[test]

@@ -357,7 +357,10 @@ fn open(
 ) -> Option<Conn> {
     let (next_id, per_peer) = ids;
     let (reuse, same_source) = reuse;
-    let source = same_source.unwrap_or_else(|| plan.sources.next());
+    let source = match same_source {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => plan.sources.next_with_port(),
+    };
     tally.connections += 1;
     // a denied peer only reads; a relaying one writes small commands awaited one at a time
     let relay = !matches!(*plan.script, Script::Deny { .. });
@@ -383,10 +386,11 @@ fn open(
         None => Talker::new(&plan.script, *next_id, now),
     };
     *next_id += per_peer;
-    Some(Conn { stream, peer, source, last_io: now })
+    Some(Conn { stream, peer, source: source.ip(), last_io: now })
 }
 
-fn connect(source: std::net::IpAddr, target: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
+/// A non-blocking connect from `source` (its port taken if free, else any).
+fn connect(source: SocketAddr, target: SocketAddr, nodelay: bool) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(target),
         socket2::Type::STREAM.nonblocking().cloexec(),
@@ -395,7 +399,9 @@ fn connect(source: std::net::IpAddr, target: SocketAddr, nodelay: bool) -> io::R
     if nodelay {
         socket.set_tcp_nodelay(true)?;
     }
-    socket.bind(&SocketAddr::new(source, 0).into())?;
+    if socket.bind(&source.into()).is_err() {
+        socket.bind(&SocketAddr::new(source.ip(), 0).into())?;
+    }
     match socket.connect(&target.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -14,6 +14,7 @@
 pub mod attack;
 pub mod engine;
 pub mod peer;
+pub mod plot;
 pub mod prefixes;
 pub mod report;
 pub mod scenario;

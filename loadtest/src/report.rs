@@ -19,6 +19,8 @@ pub struct Phase {
     pub errors: BTreeMap<String, u64>,
     /// Each check: what it says, and whether it holds.
     pub checks: Vec<(String, bool)>,
+    /// The latencies themselves (microseconds), for the plot.
+    pub histogram: Histogram<u64>,
 }
 
 impl Phase {
@@ -32,6 +34,7 @@ impl Phase {
             latency_ms: [q(0.5), q(0.9), q(0.99), q(0.999), if latency.is_empty() { 0.0 } else { ms(latency.max()) }],
             errors: BTreeMap::new(),
             checks: Vec::new(),
+            histogram: latency.clone(),
         }
     }
 
@@ -92,6 +95,13 @@ impl Report {
             }
         }
         out
+    }
+
+    /// Draws every phase's latency distribution into an SVG file.
+    pub fn plot(&self, path: &std::path::Path) -> Result<(), String> {
+        let series: Vec<(String, &Histogram<u64>)> =
+            self.phases.iter().map(|p| (p.name.clone(), &p.histogram)).collect();
+        crate::plot::latency_svg(path, &format!("mxgate-loadtest {}: latency by percentile", self.scenario), &series)
     }
 
     /// The same figures as JSON.

@@ -1,11 +1,17 @@
 //! Where peers come from: a range of loopback addresses, handed out in turn, so that many
 //! peers are many addresses (as the gate, the counters and the bans see them). Each
-//! connection binds its own address with port 0 (the kernel picks a free port), so with a
-//! range much larger than the concurrency no (address, port) pair comes back while the
-//! server still holds its TIME_WAIT entry.
+//! connection binds its address with a port of its own: the n-th pass over the range
+//! uses port `FIRST_PORT + n`, so an (address, port) pair comes back only after
+//! `len() * 64,512` connections: never while the server still holds the TIME_WAIT entry
+//! of its last use (a /16 is 4 billion connections; `::1` alone, 64,512).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The first source port used; ports below it are left to the system's services.
+pub const FIRST_PORT: u16 = 1024;
+/// Source ports per address.
+pub const PORTS: u16 = u16::MAX - FIRST_PORT + 1;
 
 /// A range of source addresses: an IPv4 prefix inside 127.0.0.0/8, or `::1`.
 #[derive(Debug)]
@@ -36,13 +42,21 @@ impl Sources {
         Ok(Sources { first, count, v6: false, next: AtomicU32::new(0) })
     }
 
-    /// The next address, in turn.
+    /// The next address, in turn (any port).
     pub fn next(&self) -> IpAddr {
-        if self.v6 {
-            return IpAddr::V6(Ipv6Addr::LOCALHOST);
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.count;
-        IpAddr::V4(Ipv4Addr::from(self.first + i))
+        self.next_with_port().ip()
+    }
+
+    /// The next address, in turn, and the port for this pass over the range.
+    pub fn next_with_port(&self) -> SocketAddr {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST_PORT + ((n / self.count) % u32::from(PORTS)) as u16;
+        let ip = if self.v6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::from(self.first + n % self.count))
+        };
+        SocketAddr::new(ip, port)
     }
 
     /// How many addresses the range holds.
@@ -84,6 +98,10 @@ mod tests {
             ["127.66.0.1".parse::<IpAddr>().unwrap(), "127.66.0.2".parse().unwrap(), "127.66.0.1".parse().unwrap()]
         );
         assert_eq!(Sources::parse("127.77.0.0/16").unwrap().len(), 65534);
+        // a new port on each pass over the range
+        let s = Sources::parse("127.66.0.0/30").unwrap();
+        let ports: Vec<u16> = (0..5).map(|_| s.next_with_port().port()).collect();
+        assert_eq!(ports, [1024, 1024, 1025, 1025, 1026]);
         assert!(Sources::parse("10.0.0.0/8").unwrap_err().contains("loopback only"));
         assert!(Sources::parse("127.0.0.0/4").is_err());
         assert!(Sources::parse("::1").unwrap().contains("::1".parse().unwrap()));

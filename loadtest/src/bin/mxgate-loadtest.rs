@@ -60,6 +60,9 @@ struct Cli {
     /// The same figures as JSON, in this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// The latency percentile distribution of each phase, drawn in this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -114,6 +117,12 @@ fn main() -> ExitCode {
             eprintln!("cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }
+    }
+    if let Some(path) = &cli.plot
+        && let Err(e) = report.plot(path)
+    {
+        eprintln!("{e}");
+        return ExitCode::from(2);
     }
     if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
