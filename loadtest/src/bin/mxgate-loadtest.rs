@@ -54,6 +54,13 @@ struct Cli {
     /// target must relay to it.
     #[arg(long, value_name = "ADDR")]
     sink: Option<SocketAddr>,
+    /// relay: no sink, delivery not checked here (the target's next hop is someone
+    /// else's, e.g. the C yardstick's; loadtest/compare.sh checks its count).
+    #[arg(long)]
+    unchecked: bool,
+    /// The recipients' domain (with --target: one the target relays).
+    #[arg(long, default_value = loadtest::scenario::RCPT_DOMAIN)]
+    domain: String,
     /// `reload`: SIGHUP the spawned mxgate this often.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     reload_every: std::time::Duration,
@@ -101,7 +108,9 @@ fn main() -> ExitCode {
         sink: cli.sink,
         sink_drops_every: 0,
         progress: true,
+        unchecked: cli.unchecked,
         reload_every: cli.reload_every,
+        domain: cli.domain,
     };
     let report = match scenario::run(&opts) {
         Ok(r) => r,
