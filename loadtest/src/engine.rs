@@ -285,9 +285,10 @@ fn worker(id_base: u64, slots: usize, plan: &Plan, progress: &Progress, started:
                 }
             }
         }
-        // conversations waiting too long
+        // conversations waiting too long (each slot ends once a turn)
         for (i, slot) in conns.iter().enumerate() {
-            if slot.as_ref().is_some_and(|c| now.saturating_duration_since(c.last_io) > plan.timeout) {
+            let stale = slot.as_ref().is_some_and(|c| now.saturating_duration_since(c.last_io) > plan.timeout);
+            if stale && !ended.iter().any(|(e, _)| *e == i) {
                 ended.push((i, Err("timeout")));
             }
         }

@@ -303,8 +303,11 @@ impl Groups {
             messages: opts.messages_per_connection.max(1),
             body_size: opts.body_size,
         });
-        let dictionary =
-            |whitelisted| Script::Dictionary { domain: RCPT_DOMAIN.into(), ban_line: opts.expect.clone(), whitelisted };
+        let dictionary = |whitelisted| Script::Dictionary {
+            domain: opts.domain.clone(),
+            ban_line: opts.expect.clone(),
+            whitelisted,
+        };
         let c = opts.concurrency.max(1);
         let attackers = (c / 4).max(2);
         let single = opts.scenario != Scenario::Mixed && opts.scenario != Scenario::Reload;
