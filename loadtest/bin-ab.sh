@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Two mxgate binaries under the same load, alternating ROUNDS times, measured on mxgate's
-# own CPU (µs per refused connection, or per message relayed), for a before/after of a
-# change that bench.sh's ratios (±10 % between runs) cannot resolve.
+# Two mxgate binaries under the same load (mxgate-loadtest), alternating ROUNDS times,
+# measured on mxgate's own CPU (µs per refused connection, or per message relayed), for a
+# before/after of a change that compare.sh's ratios (±10 % between runs) cannot resolve.
 #   deny:  the deny flood of bench.sh (127.66.0.0/16) against a 10,000-entry access list
 #   relay: one ~2 KiB message a connection from 127.77.0.0/16, relayed to limit_accept
 #          (with --pipeline: MAIL, RCPT and DATA in one write)
@@ -24,8 +24,9 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-(cd "$root" && cargo build --release -q -p mxgate-loadtest --bin genlist)
-[ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+(cd "$root" && cargo build --release -q -p mxgate-loadtest --bin genlist --bin mxgate-loadtest)
+[ -x "$bin/limit_accept" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+lt=$root/target/release/mxgate-loadtest
 d=$(mktemp -d)
 sink_pid=
 trap '[ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null; rm -rf "$d"' EXIT
@@ -35,9 +36,9 @@ printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "access.list"\n
   "$port" "$sink" > "$d/mxgate.toml"
 if [ "$mode" = relay ]; then
   "$bin/limit_accept" "$sink" 2 3600 >/dev/null 2>&1 & sink_pid=$!
-  load=(-m relay -s 127.77.0.0/16 -r user@bench.test $pipe -c 32)
+  load=(relay --unchecked --domain bench.test --sources 127.77.0.0/16 $pipe --concurrency 32)
 else
-  load=(-m deny -s 127.66.0.0/16 -e 530 -c 64)
+  load=(deny-storm --sources 127.66.0.0/16 --concurrency 64)
 fi
 for _ in $(seq "$rounds"); do
   for v in a b; do
@@ -46,11 +47,11 @@ for _ in $(seq "$rounds"); do
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
     sleep 0.5
     t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
-    out=$("$bin/smtpload" "${load[@]}" -p "$port" -d 5 -w 0)
+    "$lt" "${load[@]}" --target "127.0.0.1:$port" --duration 5s --threads 2 --json "$d/run.json" >/dev/null 2>&1 \
+      && errors=0 || errors=some
     t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    n=$(echo "$out" | sed -n 's/^ok_total=//p')
-    errors=$(echo "$out" | sed -n 's/^errors=//p')
+    n=$(sed -n 's/.*"ops": \([0-9]*\).*/\1/p' "$d/run.json" | head -1)
     awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v e="${errors:-?}" -v hz="$(getconf CLK_TCK)" \
       'BEGIN{printf "%s us_per_op=%.2f ops=%d errors=%s\n", v, t * 1e6 / hz / n, n, e}'
   done
