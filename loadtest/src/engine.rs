@@ -119,11 +119,6 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid")
 }
 
-/// Runs the plan on its threads; returns when every thread is done.
-pub fn run(plan: &Plan, progress: &Progress) -> Tally {
-    run_all(std::slice::from_ref(plan), progress).pop().unwrap_or_else(Tally::new)
-}
-
 /// Runs several plans at once (honest and hostile peers together), each on its own
 /// threads; one tally per plan.
 pub fn run_all(plans: &[Plan], progress: &Progress) -> Vec<Tally> {

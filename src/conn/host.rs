@@ -66,7 +66,7 @@ pub enum Admit<'a> {
 
 /// A worker's stage on the way out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drain {
+enum Drain {
     Serving,
     /// Not accepting; sessions finish what they started until `deadline`.
     Draining {
@@ -270,10 +270,6 @@ impl<I: Io> Host<I> {
         }
         self.advance_all(now, io);
         true
-    }
-
-    pub fn drain(&self) -> Drain {
-        self.drain
     }
 
     /// Drained: no connection left.

@@ -42,7 +42,7 @@ use crate::smtp::client::Upstream;
 use crate::smtp::{Event, Relay, Session, Transmit};
 use crate::snapshot::Snapshot;
 
-pub use host::{Admit, Drain, Host, Io};
+pub use host::{Admit, Host, Io};
 pub use timers::ConnId;
 
 /// How the peer's bytes are carried. Plain today; STARTTLS will switch a connection to

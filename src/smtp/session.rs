@@ -295,11 +295,6 @@ impl Session {
         self.peer
     }
 
-    /// The settings the connection was accepted under.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Our name, for the next hop's EHLO.
     pub fn hostname(&self) -> &str {
         &self.settings.hostname
