@@ -358,6 +358,9 @@ fn open(
         None => plan.sources.next_with_port(),
     };
     tally.connections += 1;
+    // before the connect: on loopback the server may accept (and start its clocks) before
+    // connect() returns, and a latency must never come out shorter than the server's
+    let now = Instant::now();
     // a denied peer only reads; a relaying one writes small commands awaited one at a time
     let relay = !matches!(*plan.script, Script::Deny { .. });
     let mut stream = match connect(source, plan.target, relay) {
@@ -373,7 +376,6 @@ fn open(
         *tally.errors.entry("connect").or_default() += 1;
         return None;
     }
-    let now = Instant::now();
     let peer = match reuse {
         Some(mut peer) => {
             peer.restart(*next_id, now, same_source.is_some());
