@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
 # What 100,000 bans cost the gate, measured on mxgate's own CPU: the same deny flood
-# (shared/limits smtpload, 127.66.0.0/16) refused by the access list (A) or by bans from a
-# ban file of 100,000 (B), the two alternating ROUNDS times; µs of CPU per refused
-# connection for each, and their mean ratio B/A.
+# (mxgate-loadtest deny-storm, 64 at once from 127.66.0.0/16, each peer checked for the
+# deny line) refused by the access list (A) or by bans from a ban file of 100,000 (B),
+# the two alternating ROUNDS times; µs of CPU per refused connection for each, and their
+# mean ratio B/A.
 #
 # usage: loadtest/ban-ab.sh [ROUNDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-limits=${LIMITS_DIR:-$root/../shared/limits}
-bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
 port=${PORT:-2711}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin genbans)
-[ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin genbans --bin mxgate-loadtest)
 mx=$root/target/release
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
@@ -26,10 +24,12 @@ for _ in $(seq "${1:-8}"); do
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
     sleep 0.5
     t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
-    out=$("$bin/smtpload" -m deny -s 127.66.0.0/16 -e 530 -p "$port" -d 4 -w 0 -c 64)
+    "$mx/mxgate-loadtest" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 --expect 530 \
+      --duration 4s --concurrency 64 --threads 2 --json "$d/run.json" > "$d/out" 2>&1 ||
+      { echo "run $v failed:" >&2; cat "$d/out" >&2; exit 1; }
     t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    n=$(echo "$out" | sed -n 's/^ok_total=//p')
+    n=$(sed -n 's/.*"ops": \([0-9]*\).*/\1/p' "$d/run.json" | head -1)
     awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
       'BEGIN{printf "%s us_per_refusal=%.2f\n", v, t * 1e6 / hz / n}'
   done

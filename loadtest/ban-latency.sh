@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Time from the failure that promotes an address to its first refused connection, with
-# and without a deny flood (shared/limits smtpload, 127.66.0.0/16, all denied) running.
+# and without a deny flood (mxgate-loadtest deny-storm, 64 at once from 127.66.0.0/16,
+# all denied) running.
 #
 # usage: loadtest/ban-latency.sh [--io uring|epoll] [SOURCES]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-limits=${LIMITS_DIR:-$root/../shared/limits}
-bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
 io=uring
 if [ "${1:-}" = --io ]; then io=$2; shift 2; fi
 sources=${1:-200}
 port=${PORT:-2610}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin banlatency)
-[ -x "$bin/smtpload" ] || make -s -C "$limits" BIN="$bin" >/dev/null
+(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin banlatency --bin mxgate-loadtest)
 work=$(mktemp -d)
 cleanup() { kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
@@ -21,8 +19,9 @@ echo "deny 127.66.0.0/16" > "$work/access.list"
 MXGATE_LOG=warn "$root/target/release/mxgate" --config "$work/mxgate.toml" --io "$io" & server=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 echo "quiet:  $("$root/target/release/banlatency" "$port" "$sources")"
-"$bin/smtpload" -m deny -s 127.66.0.0/16 -e 530 -p "$port" -d 12 -w 1 -c 64 > "$work/flood.out" & flood=$!
+"$root/target/release/mxgate-loadtest" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 \
+  --duration 12s --concurrency 64 --threads 2 > "$work/flood.out" 2>&1 & flood=$!
 sleep 2
 echo "flood:  $("$root/target/release/banlatency" "$port" "$sources" "$sources")"
 wait "$flood" || true
-echo "flood:  $(grep -E "^(rate|ok_total)=" "$work/flood.out" | tr '\n' ' ')"
+echo "flood:  $(grep -E "^(phase|main) " "$work/flood.out" | tr -s ' ' | tr '\n' ' ')"

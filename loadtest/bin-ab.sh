@@ -3,15 +3,14 @@
 # measured on mxgate's own CPU (µs per refused connection, or per message relayed), for a
 # before/after of a change that compare.sh's ratios (±10 % between runs) cannot resolve.
 #   deny:  the deny flood of bench.sh (127.66.0.0/16) against a 10,000-entry access list
-#   relay: one ~2 KiB message a connection from 127.77.0.0/16, relayed to limit_accept
-#          (with --pipeline: MAIL, RCPT and DATA in one write)
+#   relay: one ~2 KiB message a connection from 127.77.0.0/16, relayed to the harness's
+#          own sink, which checks every message (with --pipeline: MAIL, RCPT and DATA in
+#          one write)
+# A run whose checks fail (a peer without the deny line, a message lost) says errors=some.
 #
 # usage: loadtest/bin-ab.sh BIN_A BIN_B [--mode deny|relay] [--io uring|epoll] [--rounds N] [--pipeline]
-# LIMITS_DIR: the limits yardstick (default: ../shared/limits beside this repository).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-limits=${LIMITS_DIR:-$root/../shared/limits}
-bin=${LIMITS_BIN:-/tmp/mxgate-limits/bin}
 port=${PORT:-2712} sink=${SINK_PORT:-31035}
 a=$1 b=$2; shift 2
 mode=deny io=uring rounds=6 pipe=
@@ -20,23 +19,20 @@ while [ $# -gt 0 ]; do
     --mode) mode=$2; shift 2 ;;
     --io) io=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    --pipeline) pipe=-P; shift ;;
+    --pipeline) pipe=--pipeline; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 (cd "$root" && cargo build --release -q -p mxgate-loadtest --bin genlist --bin mxgate-loadtest)
-[ -x "$bin/limit_accept" ] || make -s -C "$limits" BIN="$bin" >/dev/null
 lt=$root/target/release/mxgate-loadtest
 d=$(mktemp -d)
-sink_pid=
-trap '[ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null; rm -rf "$d"' EXIT
+trap 'rm -rf "$d"' EXIT
 "$root/target/release/genlist" 10000 > "$d/base.list"
 { cat "$d/base.list"; echo "deny 127.66.0.0/16"; } > "$d/access.list"
 printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "access.list"\n[relay]\ndomains = ["bench.test"]\nnext_hops = ["127.0.0.1:%s"]\n' \
   "$port" "$sink" > "$d/mxgate.toml"
 if [ "$mode" = relay ]; then
-  "$bin/limit_accept" "$sink" 2 3600 >/dev/null 2>&1 & sink_pid=$!
-  load=(relay --unchecked --domain bench.test --sources 127.77.0.0/16 $pipe --concurrency 32)
+  load=(relay --sink "127.0.0.1:$sink" --domain bench.test --sources 127.77.0.0/16 $pipe --concurrency 32)
 else
   load=(deny-storm --sources 127.66.0.0/16 --concurrency 64)
 fi

@@ -221,6 +221,12 @@ impl Talker {
         each!(self, p => p.finished())
     }
 
+    /// Over without waiting for the server's close: a relaying peer whose QUIT got its
+    /// 221 (a deny line, or an attacker's, must be followed by the close to count).
+    fn over(&self) -> bool {
+        matches!(self, Talker::Smtp(p) if p.quit_answered())
+    }
+
     fn events(&mut self) -> &mut Vec<Event> {
         each!(self, p => &mut p.events)
     }
@@ -274,7 +280,7 @@ fn worker(id_base: u64, slots: usize, plan: &Plan, progress: &Progress, started:
         for event in &events {
             let i = event.token().0;
             if let Some(Some(conn)) = conns.get_mut(i) {
-                match step(conn, &mut buf, now) {
+                match step(conn, &mut buf, now, event.is_read_closed()) {
                     Ok(false) => {}
                     done => ended.push((i, done)),
                 }
@@ -300,7 +306,7 @@ fn worker(id_base: u64, slots: usize, plan: &Plan, progress: &Progress, started:
             let Some(conn) = slot.as_mut() else { continue };
             conn.peer.tick(now);
             if !conn.peer.output().is_empty() && !ended.iter().any(|(e, _)| *e == i) {
-                match step(conn, &mut buf, now) {
+                match step(conn, &mut buf, now, false) {
                     Ok(false) => {}
                     done => ended.push((i, done)),
                 }
@@ -411,7 +417,10 @@ fn connect(source: SocketAddr, target: SocketAddr, nodelay: bool) -> io::Result<
 /// Moves what bytes can move; `Ok(true)`: the conversation ended as expected, `Err`: it
 /// failed, `Ok(false)`: it waits. A connect still under way or refused shows in the
 /// first read or write (no extra system call to ask).
-fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static str> {
+/// Moves a conversation's bytes until the socket would block. `read_closed`: the poll
+/// said the server's FIN has arrived, so a read that leaves data in the kernel's queue
+/// (one not filling `buf`) has taken the last bytes: the close needs no read of its own.
+fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Result<bool, &'static str> {
     let failed = |e: io::Error| match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect",
         _ => "reset",
@@ -433,6 +442,12 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static 
             Ok(n) => {
                 conn.last_io = now;
                 conn.peer.input(&buf[..n], now).map_err(|f| f.name())?;
+                if conn.peer.over() {
+                    return Ok(true);
+                }
+                if read_closed && n < buf.len() {
+                    return conn.peer.eof().map(|()| true).map_err(|f| f.name());
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -38,11 +38,53 @@ pub enum Script {
 
 #[derive(Clone, Debug)]
 pub struct Relay {
-    pub rcpt: String,
     pub pipeline: bool,
     pub messages: u32,
-    pub body_size: usize,
+    /// `RCPT TO:<rcpt>\r\n`, made once.
+    rcpt_line: Vec<u8>,
+    /// What follows each message's own header lines, made once (a message costs a
+    /// header's formatting and a copy, no allocation): as sent (dot-stuffed), and the
+    /// content it stands for (what the sink hashes).
+    tail_wire: Vec<u8>,
+    tail_content: Vec<u8>,
 }
+
+impl Relay {
+    /// Messages of about `body_size` bytes of content to `rcpt`.
+    pub fn new(rcpt: &str, pipeline: bool, messages: u32, body_size: usize) -> Self {
+        let mut tail_content = b"\r\n.a line that starts with a dot\r\n".to_vec();
+        let filler = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
+        while tail_content.len() + HEADER_ROOM < body_size {
+            tail_content.extend_from_slice(filler);
+        }
+        let mut tail_wire = Vec::with_capacity(tail_content.len() + 8);
+        for line in tail_content.split_inclusive(|&b| b == b'\n') {
+            if line.starts_with(b".") {
+                tail_wire.push(b'.');
+            }
+            tail_wire.extend_from_slice(line);
+        }
+        Relay { pipeline, messages, rcpt_line: format!("RCPT TO:<{rcpt}>\r\n").into_bytes(), tail_wire, tail_content }
+    }
+
+    /// Appends message `id`, dot-stuffed for the wire (a line starting with a dot
+    /// included, to check the stuffing end to end), to `out`; returns the hash of its
+    /// content as the sink will compute it (header lines have no leading dot: the same
+    /// bytes on the wire and in the content).
+    pub fn message(&self, id: u64, out: &mut Vec<u8>) -> u64 {
+        use std::io::Write;
+        let start = out.len();
+        let _ = write!(out, "Subject: loadtest {id}\r\nX-Loadtest-Id: {id}\r\n");
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(&out[start..]);
+        h.write(&self.tail_content);
+        out.extend_from_slice(&self.tail_wire);
+        h.finish()
+    }
+}
+
+/// About the length of a message's own header lines.
+const HEADER_ROOM: usize = 64;
 
 /// Why a conversation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,13 +226,27 @@ impl Peer {
         self.state == State::Finished
     }
 
+    /// A relaying peer's QUIT got its 221: nothing is left to check.
+    pub fn quit_answered(&self) -> bool {
+        self.state == State::Finished && matches!(*self.script, Script::Relay(_))
+    }
+
     /// Bytes from the server; `Err` ends the conversation as failed.
     pub fn input(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), Failure> {
         while let Some(lf) = bytes.iter().position(|&b| b == b'\n') {
-            self.line.extend_from_slice(&bytes[..lf]);
+            let whole = &bytes[..lf];
             bytes = &bytes[lf + 1..];
-            let line = std::mem::take(&mut self.line);
-            self.reply_line(&line, now)?;
+            if self.line.is_empty() {
+                // the usual case: the line came whole, no copy
+                self.reply_line(whole, now)?;
+            } else {
+                self.line.extend_from_slice(whole);
+                let mut line = std::mem::take(&mut self.line);
+                let replied = self.reply_line(&line, now);
+                line.clear();
+                self.line = line;
+                replied?;
+            }
         }
         if self.line.len() + bytes.len() > 4096 {
             return Err(Failure::Malformed);
@@ -270,9 +326,7 @@ impl Peer {
                 return Err(Failure::WrongReply);
             }
             State::Data => {
-                let (body, hash) = message(self.current.0, relay.body_size);
-                self.current.1 = hash;
-                self.out.extend_from_slice(&body);
+                self.current.1 = relay.message(self.current.0, &mut self.out);
                 self.out.extend_from_slice(b".\r\n");
                 self.state = State::Dot;
             }
@@ -312,7 +366,8 @@ impl Peer {
         let mail = b"MAIL FROM:<loadtest@loadtest.test>\r\n";
         self.out.extend_from_slice(mail);
         if relay.pipeline {
-            self.out.extend_from_slice(format!("RCPT TO:<{}>\r\nDATA\r\n", relay.rcpt).as_bytes());
+            self.out.extend_from_slice(&relay.rcpt_line);
+            self.out.extend_from_slice(b"DATA\r\n");
         }
         self.state = State::Mail;
     }
@@ -320,33 +375,12 @@ impl Peer {
     fn send_state(&mut self, next: State) {
         let Script::Relay(relay) = &*self.script else { return };
         match next {
-            State::Rcpt => self.out.extend_from_slice(format!("RCPT TO:<{}>\r\n", relay.rcpt).as_bytes()),
+            State::Rcpt => self.out.extend_from_slice(&relay.rcpt_line),
             State::Data => self.out.extend_from_slice(b"DATA\r\n"),
             _ => {}
         }
         self.state = next;
     }
-}
-
-/// Message `id` of about `size` bytes, dot-stuffed for the wire (a line starting with a
-/// dot included, to check the stuffing end to end), and the hash of its content as the
-/// next hop must get it (unstuffed, CRLF line ends).
-pub fn message(id: u64, size: usize) -> (Vec<u8>, u64) {
-    let mut content =
-        format!("Subject: loadtest {id}\r\nX-Loadtest-Id: {id}\r\n\r\n.a line that starts with a dot\r\n").into_bytes();
-    let filler = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
-    while content.len() < size {
-        content.extend_from_slice(filler);
-    }
-    let hash = content_hash(&content);
-    let mut wire = Vec::with_capacity(content.len() + 8);
-    for line in content.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            wire.push(b'.');
-        }
-        wire.extend_from_slice(line);
-    }
-    (wire, hash)
 }
 
 /// The hash both ends compute over a message's content.
@@ -361,7 +395,7 @@ mod tests {
     use super::*;
 
     fn relay(pipeline: bool, messages: u32) -> Peer {
-        let script = Script::Relay(Relay { rcpt: "u@example.com".into(), pipeline, messages, body_size: 200 });
+        let script = Script::Relay(Relay::new("u@example.com", pipeline, messages, 200));
         Peer::new(Arc::new(script), 7, Instant::now())
     }
 
@@ -420,8 +454,10 @@ mod tests {
 
     #[test]
     fn messages_are_stuffed_and_hashed_unstuffed() {
-        let (wire, hash) = message(3, 1000);
-        assert!(wire.len() >= 1000 && wire.len() < 1100);
+        let mut wire = Vec::new();
+        let hash = Relay::new("u@example.com", false, 1, 1000).message(3, &mut wire);
+        assert!(wire.len() >= 1000 && wire.len() < 1100, "{}", wire.len());
+        assert!(wire.windows(6).any(|w| w == b"\r\n..a "), "the dot line is stuffed");
         let unstuffed: Vec<u8> =
             wire.split_inclusive(|&b| b == b'\n').flat_map(|l| l.strip_prefix(b".").unwrap_or(l).to_vec()).collect();
         assert_eq!(content_hash(&unstuffed), hash);
