@@ -3,8 +3,10 @@
 # (smtpload) load the same C server (limit_deny for deny, limit_accept for relay) in turn,
 # REPEAT times, with the same threads, concurrency and source range; each run's rate (as
 # the client reports it) and the client's CPU per connection or message (user + system,
-# from bash's `times` of the client alone). Prints each run, then the ratios of the
-# medians, harness over smtpload: rate (target >= 1.0) and cpu_per_op (target <= 1.1).
+# from bash's `times` of the client alone). Prints each run, then harness over smtpload:
+# the ratios of the medians, and the geometric means of each round's ratios (the two runs
+# of a round are back to back, first one client then the other, the order alternating).
+# Targets: rate >= 1.0, cpu_per_op <= 1.1.
 #
 # usage: loadtest/client-bench.sh deny|relay [--repeat N] [--seconds S] [--conc N] [--threads N] [--pipeline]
 # LIMITS_DIR: the limits yardstick (default ../shared/limits beside this repository).
@@ -62,26 +64,42 @@ client() {
 }
 
 rows=$work/rows.tsv
-for _ in $(seq "$repeat"); do
+smtpload_run() {
   if [ "$mode" = deny ]; then
     client smtpload "$bin/smtpload" -m deny -s 127.66.0.0/16 -e 530 -p "$port" -d "$seconds" -w 0 \
       -c "$conc" -t "$threads"
-    client harness "$lt" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 --expect 530 \
-      --duration "${seconds}s" --concurrency "$conc" --threads "$threads" --json "$work/run.json"
   else
     client smtpload "$bin/smtpload" -m relay -s 127.77.0.0/16 -p "$port" -d "$seconds" -w 0 \
       -c "$conc" -t "$threads" -r user@bench.test ${pipe:+-P}
+  fi
+}
+harness_run() {
+  if [ "$mode" = deny ]; then
+    client harness "$lt" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 --expect 530 \
+      --duration "${seconds}s" --concurrency "$conc" --threads "$threads" --json "$work/run.json"
+  else
     client harness "$lt" relay --unchecked --domain bench.test --target "127.0.0.1:$port" \
       --sources 127.77.0.0/16 --duration "${seconds}s" --concurrency "$conc" --threads "$threads" \
       ${pipe:+--pipeline} --json "$work/run.json"
   fi
-done | tee "$rows" | awk -F'\t' '{ printf "run %-9s rate/s=%9.1f client_cpu_us_per_op=%6.2f\n", $1, $2, $3 }'
+}
+# rounds alternate which client goes first; a round's two runs share the machine's
+# moment (its speed drifts by tens of percent here), so each round gives a ratio too
+for round in $(seq "$repeat"); do
+  if [ $((round % 2)) = 1 ]; then smtpload_run; harness_run; else harness_run; smtpload_run; fi |
+    sed "s/^/$round\t/"
+done | tee "$rows" | awk -F'\t' '{ printf "run %-9s rate/s=%9.1f client_cpu_us_per_op=%6.2f\n", $2, $3, $4 }'
 awk -F'\t' '
   function median(v, n,   i, j, t) {
     for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
     return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
   }
-  { n[$1]++; rate[$1, n[$1]] = $2; cpu[$1, n[$1]] = $3 }
+  { n[$2]++; rate[$2, n[$2]] = $3; cpu[$2, n[$2]] = $4; r[$1, $2] = $3; c[$1, $2] = $4; last = $1 }
   function med(a, t,   k, v) { for (k = 1; k <= n[t]; k++) v[k] = a[t, k]; return median(v, n[t]) }
-  END { printf "ratio rate=%.2f cpu_per_op=%.2f (harness / smtpload, medians of %d runs each)\n",
-          med(rate, "harness") / med(rate, "smtpload"), med(cpu, "harness") / med(cpu, "smtpload"), n["harness"] }' "$rows"
+  END {
+    for (k = 1; k <= last; k++) { lr += log(r[k, "harness"] / r[k, "smtpload"]); lc += log(c[k, "harness"] / c[k, "smtpload"]) }
+    printf "ratio rate=%.2f cpu_per_op=%.2f (harness / smtpload, medians of %d runs each)\n",
+      med(rate, "harness") / med(rate, "smtpload"), med(cpu, "harness") / med(cpu, "smtpload"), n["harness"]
+    printf "round by round: rate=%.2f cpu_per_op=%.2f (geometric means of the %d rounds\x27 ratios)\n",
+      exp(lr / last), exp(lc / last), last
+  }' "$rows"

@@ -47,6 +47,8 @@ pub struct Relay {
     /// content it stands for (what the sink hashes).
     tail_wire: Vec<u8>,
     tail_content: Vec<u8>,
+    /// Messages are hashed (a sink checks them).
+    hashed: bool,
 }
 
 impl Relay {
@@ -64,7 +66,13 @@ impl Relay {
             }
             tail_wire.extend_from_slice(line);
         }
-        Relay { pipeline, messages, rcpt_line: format!("RCPT TO:<{rcpt}>\r\n").into_bytes(), tail_wire, tail_content }
+        let rcpt_line = format!("RCPT TO:<{rcpt}>\r\n").into_bytes();
+        Relay { pipeline, messages, rcpt_line, tail_wire, tail_content, hashed: true }
+    }
+
+    /// No sink checks the messages: no hash (0 stands in).
+    pub fn unhashed(self) -> Self {
+        Relay { hashed: false, ..self }
     }
 
     /// Appends message `id`, dot-stuffed for the wire (a line starting with a dot
@@ -75,6 +83,10 @@ impl Relay {
         use std::io::Write;
         let start = out.len();
         let _ = write!(out, "Subject: loadtest {id}\r\nX-Loadtest-Id: {id}\r\n");
+        if !self.hashed {
+            out.extend_from_slice(&self.tail_wire);
+            return 0;
+        }
         let mut h = std::hash::DefaultHasher::new();
         h.write(&out[start..]);
         h.write(&self.tail_content);

@@ -297,12 +297,13 @@ impl Groups {
             drain: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
         };
-        let relay = Script::Relay(Relay::new(
+        let relay = Relay::new(
             &format!("user@{}", opts.domain),
             opts.pipeline,
             opts.messages_per_connection.max(1),
             opts.body_size,
-        ));
+        );
+        let relay = Script::Relay(if opts.unchecked { relay.unhashed() } else { relay });
         let dictionary = |whitelisted| Script::Dictionary {
             domain: opts.domain.clone(),
             ban_line: opts.expect.clone(),
