@@ -105,6 +105,8 @@ pub struct Smtp {
     pub transaction_timeout: Duration,
     /// Slowest body a peer may send, in bytes per second (after `DATA_RATE_GRACE`); 0: no minimum.
     pub min_data_rate: u64,
+    /// MAIL only after STARTTLS (`530 5.7.0` before it).
+    pub require_tls: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +126,14 @@ pub struct Relay {
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The oldest protocol version offered.
+    pub min_version: TlsVersion,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +178,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("smtp", "data_timeout"),
     ("smtp", "transaction_timeout"),
     ("smtp", "min_data_rate"),
+    ("smtp", "require_tls"),
     ("relay", "domains"),
     ("relay", "next_hops"),
     ("relay", "reply_timeout"),
@@ -175,6 +186,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("relay", "idle_timeout"),
     ("tls", "cert"),
     ("tls", "key"),
+    ("tls", "min_version"),
     ("control", "socket"),
     ("metrics", "listen"),
 ];
@@ -187,8 +199,6 @@ pub const READ_AT_START: &[&str] = &[
     "listen.io",
     "abuse.failure_window",
     "abuse.ban_file",
-    "tls.cert",
-    "tls.key",
     "control.socket",
     "metrics.listen",
 ];
@@ -311,6 +321,7 @@ impl Config {
                 .value(t, "smtp", "transaction_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(1800)),
             min_data_rate: r.value(t, "smtp", "min_data_rate", |v| parse_size(str_of(v)?)).unwrap_or(1024),
+            require_tls: r.value(t, "smtp", "require_tls", boolean).unwrap_or(false),
         };
 
         let t = r.section(root, "relay", &keys_of("relay"));
@@ -330,10 +341,20 @@ impl Config {
         if given("cert") != given("key") {
             r.problem(None, "tls", "give both `cert` and `key`, or neither (no STARTTLS)".into());
         }
+        let min_version = r
+            .value(t, "tls", "min_version", |v| match str_of(v)? {
+                "1.2" => Ok(TlsVersion::V1_2),
+                "1.3" => Ok(TlsVersion::V1_3),
+                other => Err(format!("`{other}`: \"1.2\" or \"1.3\"")),
+            })
+            .unwrap_or(TlsVersion::V1_2);
         let tls = match (r.path(t, "tls", "cert"), r.path(t, "tls", "key")) {
-            (Some(cert), Some(key)) => Some(Tls { cert, key }),
+            (Some(cert), Some(key)) => Some(Tls { cert, key, min_version }),
             _ => None,
         };
+        if smtp.require_tls && tls.is_none() && given("cert") == given("key") {
+            r.problem(None, "smtp.require_tls", "needs [tls] cert and key (STARTTLS)".into());
+        }
         let t = r.section(root, "control", &keys_of("control"));
         let control = r
             .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
@@ -355,16 +376,12 @@ impl Config {
     /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a
     /// reload leaves them as they are until the next start.
     pub fn fixed_at_start_changed(&self, new: &Config) -> Vec<&'static str> {
-        let tls = |c: &Config| c.tls.clone().map(|t| (t.cert, t.key)).unzip();
-        let (old_tls, new_tls) = (tls(self), tls(new));
         let same = |key: &str| match key {
             "listen.addresses" => self.listen.addresses == new.listen.addresses,
             "listen.threads" => self.listen.threads == new.listen.threads,
             "listen.io" => self.listen.io == new.listen.io,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
             "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
-            "tls.cert" => old_tls.0 == new_tls.0,
-            "tls.key" => old_tls.1 == new_tls.1,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,
             other => unreachable!("READ_AT_START names {other}, which is not compared here"),
@@ -627,7 +644,7 @@ mod tests {
         )
         .unwrap();
         let names = base.fixed_at_start_changed(&changed);
-        assert_eq!(names, [&READ_AT_START[..5], &READ_AT_START[7..]].concat(), "every one but [tls]");
+        assert_eq!(names, READ_AT_START);
     }
 
     #[test]

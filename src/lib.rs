@@ -24,4 +24,5 @@ pub mod smtp;
 pub mod snapshot;
 pub mod stats;
 pub mod template;
+pub mod tls;
 pub mod units;

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::access::{AccessList, Action};
 use crate::config::Config;
+use crate::datetime::UnixTime;
 use crate::problem::{Problem, Problems};
 use crate::smtp;
+use crate::tls::TlsSettings;
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -23,6 +25,8 @@ pub struct Snapshot {
     pub whitelist: AccessList,
     /// What sessions need of it.
     pub smtp: Arc<smtp::Settings>,
+    /// STARTTLS's configuration, when `[tls]` is given.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Snapshot {
@@ -37,23 +41,24 @@ impl Snapshot {
             Some(file) => load_whitelist(file, &mut problems),
             None => AccessList::empty(Action::Deny),
         };
+        let tls = config.tls.as_ref().and_then(|t| TlsSettings::load(t, UnixTime::now().0, &mut problems));
         if !problems.is_empty() {
             return Err(Problems(problems));
         }
-        Ok(Snapshot::new(config, access, whitelist))
+        Ok(Snapshot::new(config, access, whitelist, tls))
     }
 
     /// A snapshot from parts already loaded.
-    pub fn new(config: Config, access: AccessList, whitelist: AccessList) -> Self {
-        let smtp = Arc::new(smtp::Settings::new(&config));
+    pub fn new(config: Config, access: AccessList, whitelist: AccessList, tls: Option<TlsSettings>) -> Self {
+        let smtp = Arc::new(smtp::Settings::new(&config, tls.is_some()));
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp }
+        Snapshot { generation, config, access, whitelist, smtp, tls }
     }
 
-    /// A snapshot of `config` with empty lists.
+    /// A snapshot of `config` with empty lists and no TLS.
     pub fn without_lists(config: Config) -> Self {
         let access = AccessList::empty(config.access.default);
-        Snapshot::new(config, access, AccessList::empty(Action::Deny))
+        Snapshot::new(config, access, AccessList::empty(Action::Deny), None)
     }
 }
 

@@ -32,10 +32,14 @@ pub enum Count {
     Dropped,
     /// Handed over by the kernel, but the peer was gone before it could be judged.
     Vanished,
+    /// STARTTLS handshakes completed.
+    TlsHandshakes,
+    /// STARTTLS handshakes that failed (the connection closed).
+    TlsFailed,
 }
 
 impl Count {
-    const ALL: [Count; 11] = [
+    const ALL: [Count; 13] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -47,6 +51,8 @@ impl Count {
         Count::Failures,
         Count::Dropped,
         Count::Vanished,
+        Count::TlsHandshakes,
+        Count::TlsFailed,
     ];
 
     fn name(self) -> &'static str {
@@ -62,6 +68,8 @@ impl Count {
             Count::TransactionsAbandoned => "transactions_abandoned",
             Count::Failures => "failures",
             Count::Dropped => "conversations_dropped",
+            Count::TlsHandshakes => "tls_handshakes",
+            Count::TlsFailed => "tls_handshakes_failed",
         }
     }
 }

@@ -370,6 +370,11 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
                 counts.add(Count::Failures);
                 abuse.failed(key(), UnixTime::now(), config);
             }
+            Event::Handshake { ok: true } => counts.add(Count::TlsHandshakes),
+            Event::Handshake { ok: false } => {
+                counts.add(Count::TlsFailed);
+                tracing::debug!(peer = %session.peer(), "TLS handshake failed");
+            }
             Event::Dropped => {
                 counts.add(Count::Dropped);
                 tracing::info!(peer = %session.peer(), "dropped: too many errors");

@@ -8,7 +8,7 @@
 //!   (gate: access list,     │
 //!    bans, limits)          └ allowed ─► Connection ─────────────────────────────────► freed
 //!                                         │ [PROXY header: later, before the gate]     ▲
-//!                                         │ Transport: Plain [TLS after STARTTLS: later]│
+//!                                         │ Transport: Plain, TLS after STARTTLS (tls.rs)│
 //!                                         │ Session (smtp): banner … QUIT / 421 / EOF ──┤
 //!                                         └ next hop: none ─► Connect(addr) ─► up ──────┘
 //!                                              ▲  pooled (Host's pool) ─┘  │ Release / Close
@@ -30,6 +30,7 @@
 mod host;
 mod pool;
 mod timers;
+mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -45,12 +46,13 @@ use crate::snapshot::Snapshot;
 pub use host::{Admit, Host, Io};
 pub use timers::ConnId;
 
-/// How the peer's bytes are carried. Plain today; STARTTLS will switch a connection to
-/// TLS here, between the driver's bytes and the session, so that neither knows.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// How the peer's bytes are carried: in clear, or (after STARTTLS) through the TLS layer,
+/// between the driver's bytes and the session, so that neither knows.
+#[derive(Debug, Default)]
 pub enum Transport {
     #[default]
     Plain,
+    Tls(Box<tls::TlsLayer>),
 }
 
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
@@ -79,7 +81,7 @@ impl Connection {
         admission: Admission,
         generation: u32,
     ) -> Self {
-        let transport = Transport::Plain;
+        let transport = Transport::default();
         Connection { snapshot, session, transport, whitelisted, _admission: admission, generation, armed: None }
     }
 
@@ -103,26 +105,59 @@ impl Connection {
 
     /// What the driver does next on the peer's socket.
     pub fn poll_peer(&self) -> Transmit<'_> {
-        match self.transport {
+        match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
+            Transport::Tls(t) => t.poll(&self.session),
         }
     }
 
     /// Bytes the peer sent.
     pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
-        match self.transport {
+        match &mut self.transport {
             Transport::Plain => self.session.handle_input(bytes, now),
+            Transport::Tls(t) => t.received(bytes),
         }
+        self.settle(now);
     }
 
     /// `n` bytes of the last `Send` went out.
-    pub fn peer_sent(&mut self, n: usize) {
-        self.session.consume_output(n);
+    pub fn peer_sent(&mut self, n: usize, now: Instant) {
+        match &mut self.transport {
+            Transport::Plain => self.session.consume_output(n),
+            Transport::Tls(t) => t.sent(n),
+        }
+        self.settle(now);
     }
 
     /// The peer closed its side, or its connection broke.
     pub fn peer_eof(&mut self, now: Instant) {
         self.session.handle_eof(now);
+    }
+
+    /// After anything that may have made the session say or want something: a STARTTLS
+    /// just answered switches the transport (the 220 still goes out in clear), and the TLS
+    /// layer moves what it can between rustls and the session.
+    fn settle(&mut self, now: Instant) {
+        if matches!(self.transport, Transport::Plain) && self.session.take_starttls() {
+            let mut clear = Vec::new();
+            while let Transmit::Send(bytes) = self.session.poll_transmit() {
+                clear.extend_from_slice(bytes);
+                let n = bytes.len();
+                self.session.consume_output(n);
+            }
+            let config = self.snapshot.tls.as_ref().map(|t| Arc::clone(&t.server));
+            match config.map(|c| tls::TlsLayer::new(c, clear)) {
+                Some(Ok(layer)) => self.transport = Transport::Tls(Box::new(layer)),
+                _ => {
+                    // the snapshot that offered STARTTLS has no configuration: cannot happen
+                    tracing::error!(peer = %self.session.peer(), "STARTTLS without a TLS configuration");
+                    self.session.tls_failed(now);
+                }
+            }
+        }
+        if let Transport::Tls(t) = &mut self.transport {
+            t.settle(&mut self.session, now);
+        }
     }
 
     // ---- the next hop --------------------------------------------------------------------
@@ -150,15 +185,18 @@ impl Connection {
 
     pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {
         self.session.handle_relay_input(bytes, now);
+        self.settle(now);
     }
 
     pub fn hop_sent(&mut self, n: usize, now: Instant) {
         self.session.consume_relay_output(n, now);
+        self.settle(now);
     }
 
     /// Connecting failed, or the connection broke or closed.
     pub fn hop_failed(&mut self, now: Instant) {
         self.session.handle_relay_error(now);
+        self.settle(now);
     }
 
     /// The driver closed the next-hop socket after `Close` (or `Release` without a
@@ -181,16 +219,19 @@ impl Connection {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+        self.settle(now);
     }
 
     /// The server is draining (see `smtp::Session::shutdown`).
     pub fn shutdown(&mut self, now: Instant) {
         self.session.shutdown(now);
+        self.settle(now);
     }
 
     /// The drain timeout passed.
     pub fn abort(&mut self, now: Instant) {
         self.session.abort(now);
+        self.settle(now);
     }
 
     /// Nothing left to do but free it, once the driver's sockets are closed.

@@ -143,7 +143,7 @@ impl Io for Fake {
             Transmit::Send(bytes) => {
                 self.got.entry(id).or_default().extend_from_slice(bytes);
                 let n = bytes.len();
-                conn.peer_sent(n);
+                conn.peer_sent(n, now);
                 true
             }
             Transmit::Receive if !s.peer_in.is_empty() => {

@@ -235,7 +235,7 @@ impl Io for Epoll {
         let result = match conn.poll_peer() {
             Transmit::Send(bytes) if ready.write => stream
                 .write(bytes)
-                .map(|n| conn.peer_sent(n))
+                .map(|n| conn.peer_sent(n, now))
                 .inspect_err(|e| ready.write &= e.kind() != io::ErrorKind::WouldBlock),
             Transmit::Receive if ready.read => stream
                 .read(&mut self.read_buf)

@@ -503,7 +503,7 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
         TAG_PEER_SEND => {
             s.peer.send = false;
             match res {
-                n if n >= 0 => conn.peer_sent(n as usize),
+                n if n >= 0 => conn.peer_sent(n as usize, now),
                 _ if failed => conn.peer_eof(now),
                 _ => {}
             }

@@ -13,6 +13,7 @@ pub enum Verb {
     Rset,
     Help,
     Quit,
+    StartTls,
     /// A real SMTP command that mxgate does not (yet) offer.
     NotImplemented,
     Unknown,
@@ -25,7 +26,6 @@ const NOT_IMPLEMENTED: &[&[u8]] = &[
     b"BDAT",
     b"VRFY",
     b"EXPN",
-    b"STARTTLS",
     b"AUTH",
     b"ETRN",
     b"TURN",
@@ -58,6 +58,8 @@ impl Verb {
             Verb::Help
         } else if is(b"QUIT") {
             Verb::Quit
+        } else if is(b"STARTTLS") {
+            Verb::StartTls
         } else if NOT_IMPLEMENTED.iter().any(|n| is(n)) {
             Verb::NotImplemented
         } else {

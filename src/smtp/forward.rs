@@ -488,16 +488,22 @@ impl Session {
         use std::fmt::Write as _;
         let Some(txn) = &self.txn else { return String::new() };
         let helo = self.helo.as_ref().map_or("unknown", |h| h.name.as_str());
-        let protocol = match (txn.smtputf8, self.helo.as_ref().is_some_and(|h| h.extended)) {
-            (true, _) => "UTF8SMTP",
-            (false, true) => "ESMTP",
-            (false, false) => "SMTP",
+        // RFC 3848 and RFC 6531: an S for TLS
+        let protocol = match (txn.smtputf8, self.helo.as_ref().is_some_and(|h| h.extended), self.tls.is_some()) {
+            (true, _, false) => "UTF8SMTP",
+            (true, _, true) => "UTF8SMTPS",
+            (false, true, false) => "ESMTP",
+            (false, true, true) => "ESMTPS",
+            (false, false, _) => "SMTP",
         };
         let mut h = String::with_capacity(256);
         let _ = match self.peer.ip() {
             std::net::IpAddr::V4(a) => write!(h, "Received: from {helo} ([{a}])"),
             std::net::IpAddr::V6(a) => write!(h, "Received: from {helo} ([IPv6:{a}])"),
         };
+        if let Some(tls) = self.tls {
+            let _ = write!(h, "\r\n\t(using {} with cipher {})", tls.version, tls.cipher);
+        }
         let host = &self.settings.hostname;
         let _ = write!(h, "\r\n\tby {host} (mxgate) with {protocol} id {}", txn.id);
         // name the recipient only when there is exactly one (others stay private)

@@ -85,17 +85,20 @@ pub struct Settings {
     pub max_failed_recipients: u32,
     pub replies: Params,
     pub relay_domains: RelayDomains,
+    /// `[tls]` is configured: STARTTLS is offered.
+    pub starttls: bool,
 }
 
 impl Settings {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, starttls: bool) -> Self {
         Settings {
+            starttls,
             hostname: config.hostname.clone(),
             smtp: config.smtp.clone(),
             relay: config.relay.clone(),
             max_failed_commands: config.abuse.max_failed_commands,
             max_failed_recipients: config.abuse.max_failed_recipients,
-            replies: Params::new(config),
+            replies: Params::new(config, starttls),
             relay_domains: RelayDomains::new(&config.relay.domains),
         }
     }

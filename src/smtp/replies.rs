@@ -39,6 +39,9 @@ pub const TOO_MANY_FROM_ADDRESS: &[u8] = b"421 4.7.0 too many connections from y
 pub const BUSY: &[u8] = b"421 4.3.2 service busy\r\n";
 pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 line too long\r\n";
 pub const NEEDS_SMTPUTF8: &[u8] = b"553 5.6.7 non-ASCII address without SMTPUTF8\r\n";
+pub const READY_FOR_TLS: &[u8] = b"220 2.0.0 ready to start TLS\r\n";
+pub const STARTTLS_NOT_NOW: &[u8] = b"503 5.5.1 STARTTLS not allowed now\r\n";
+pub const TLS_FIRST: &[u8] = b"530 5.7.0 must issue a STARTTLS command first\r\n";
 
 /// The reply to the final dot when the next hop took the message.
 pub fn queued(id: &str) -> Vec<u8> {
@@ -50,6 +53,8 @@ pub fn queued(id: &str) -> Vec<u8> {
 pub struct Params {
     pub(super) banner: Box<[u8]>,
     pub(super) ehlo: Box<[u8]>,
+    /// The EHLO reply without STARTTLS, after it (the same as `ehlo` without `[tls]`).
+    pub(super) ehlo_tls: Box<[u8]>,
     pub(super) helo: Box<[u8]>,
     pub(super) quit: Box<[u8]>,
     pub(super) idle_timeout: Box<[u8]>,
@@ -58,15 +63,20 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, starttls: bool) -> Self {
         let host = &config.hostname;
         let max = config.smtp.max_message_size;
         let lines = |s: String| s.into_bytes().into_boxed_slice();
+        let ehlo = |starttls: bool| {
+            let tls = if starttls { "250-STARTTLS\r\n" } else { "" };
+            format!(
+                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n"
+            )
+        };
         Params {
             banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
-            ehlo: lines(format!(
-                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
-            )),
+            ehlo: lines(ehlo(starttls)),
+            ehlo_tls: lines(ehlo(false)),
             helo: lines(format!("250 {host}\r\n")),
             quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
             idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),

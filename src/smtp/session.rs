@@ -18,6 +18,7 @@ use super::replies::LINE_TOO_LONG;
 use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
+use crate::tls::Negotiated;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -67,6 +68,8 @@ pub enum Event {
     /// The conversation passed `max_failed_commands` or `max_failed_recipients` and is
     /// being dropped with 421 (for `ban_on_drop`).
     Dropped,
+    /// A STARTTLS handshake ended: done, or failed (then `Failed` follows).
+    Handshake { ok: bool },
 }
 
 /// What failed.
@@ -88,6 +91,8 @@ pub struct Transaction {
     pub refused: u32,
     pub size: u64,
     pub next_hop: Option<SocketAddr>,
+    /// The TLS version the message came under, if it did.
+    pub tls: Option<&'static str>,
     pub outcome: Outcome,
     pub duration: Duration,
 }
@@ -112,6 +117,9 @@ impl fmt::Display for Transaction {
         match self.next_hop {
             Some(h) => write!(f, "next_hop={h} ")?,
             None => write!(f, "next_hop=- ")?,
+        }
+        if let Some(version) = self.tls {
+            write!(f, "tls={version} ")?;
         }
         match self.outcome {
             Outcome::Delivered => write!(f, "result=250 delivered")?,
@@ -257,6 +265,11 @@ pub struct Session {
     /// The server is stopping: the transaction under way finishes, the next command
     /// after it gets 421.
     pub(super) draining: bool,
+    /// STARTTLS was answered 220: the connection starts the handshake next, and no input
+    /// is processed until it is done.
+    pub(super) tls_pending: bool,
+    /// The session runs over TLS (after STARTTLS and a completed handshake).
+    pub(super) tls: Option<Negotiated>,
 }
 
 impl Session {
@@ -287,6 +300,8 @@ impl Session {
             failed_recipients: 0,
             dropping: false,
             draining: false,
+            tls_pending: false,
+            tls: None,
         }
     }
 
@@ -315,9 +330,44 @@ impl Session {
         self.drop_if_over(now);
     }
 
+    // ---- STARTTLS (the connection's transport does the handshake) ------------------------
+
+    /// STARTTLS was answered: true once, when the connection must start the handshake as
+    /// soon as the 220 (still in `poll_transmit`) is out.
+    pub fn take_starttls(&mut self) -> bool {
+        std::mem::take(&mut self.tls_pending)
+    }
+
+    /// The handshake is done: the session starts again as after the banner (RFC 3207 §4.2:
+    /// the peer greets again, nothing from before is kept).
+    pub fn tls_started(&mut self, negotiated: Negotiated, now: Instant) {
+        self.events.push_back(Event::Handshake { ok: true });
+        self.tls = Some(negotiated);
+        self.helo = None;
+        self.discard_input();
+        self.overlong = false;
+        self.idle_deadline = now + self.settings.smtp.command_timeout;
+    }
+
+    /// The handshake failed: one failed command of the address, and the connection is
+    /// closed (nothing can be said to the peer in clear any more).
+    pub fn tls_failed(&mut self, now: Instant) {
+        self.events.push_back(Event::Handshake { ok: false });
+        self.answering_rcpt = false;
+        self.failed();
+        self.abandon_transaction("TLS handshake failed", now);
+        self.discard_input();
+        self.phase = Phase::Closed;
+    }
+
+    /// The TLS version and cipher the session runs under, if any.
+    pub fn tls(&self) -> Option<Negotiated> {
+        self.tls
+    }
+
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
-        while self.phase == Phase::Open && !self.dropping && self.input_pos < self.input.len() && self.may_go_on() {
+        while self.phase == Phase::Open && !self.dropping && !self.tls_pending && self.input_pos < self.input.len() && self.may_go_on() {
             if self.in_body() {
                 self.body_input(now);
                 continue;
@@ -621,6 +671,7 @@ impl Session {
             refused: t.refused,
             size: t.body.map_or(0, |b| b.filter.size()),
             next_hop,
+            tls: self.tls.map(|t| t.version),
             outcome,
             duration: now.saturating_duration_since(t.started),
         }));

@@ -164,9 +164,20 @@ impl Harness {
 
     fn with_config(text: &str) -> Self {
         let config = Config::parse(text, FsPath::new("t.toml"), FsPath::new(".")).unwrap();
+        Harness::with_settings(Settings::new(&config, false))
+    }
+
+    /// A session of a server with `[tls]` (STARTTLS offered); `require_tls` as given.
+    fn with_starttls(require_tls: bool) -> Self {
+        let mut config = Config::parse(CONFIG, FsPath::new("t.toml"), FsPath::new(".")).unwrap();
+        config.smtp.require_tls = require_tls;
+        Harness::with_settings(Settings::new(&config, true))
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         let now = Instant::now();
         let peer = PeerIp::new("192.0.2.7".parse().unwrap());
-        let session = Session::new(Arc::new(Settings::new(&config)), peer, now, UnixTime(1_795_894_760));
+        let session = Session::new(Arc::new(settings), peer, now, UnixTime(1_795_894_760));
         let hop = FakeHop { ehlo: vec!["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"], ..FakeHop::default() };
         let mut h = Harness {
             session,
@@ -1117,4 +1128,75 @@ fn commands_after_the_final_dot_wait_for_its_reply() {
     assert!(replies[0].starts_with("250 2.0.0 OK: queued as "), "{got}");
     assert_eq!(replies[1], "503 5.5.1 send MAIL first", "a new transaction needs MAIL");
     assert!(!h.hop.commands.iter().any(|c| c.contains("late@")), "{:?}", h.hop.commands);
+}
+
+const TLS13: crate::tls::Negotiated = crate::tls::Negotiated { version: "TLSv1.3", cipher: "TLS_AES_256_GCM_SHA384" };
+
+#[test]
+fn starttls_is_offered_and_nothing_sent_after_it_in_clear_is_ever_run() {
+    let mut h = Harness::with_starttls(false);
+    assert!(h.send(b"EHLO client.test\r\n").contains("\r\n250-STARTTLS\r\n"));
+    assert_eq!(h.send(b"STARTTLS now\r\n"), "501 5.5.4 this command takes no parameters\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"STARTTLS\r\n"), "503 5.5.1 STARTTLS not allowed now\r\n", "inside a transaction");
+    h.send(b"RSET\r\n");
+    assert!(!h.session.take_starttls());
+    // the CVE-2011-0411 class: commands pipelined behind STARTTLS, in clear
+    let got = h.send(b"STARTTLS\r\nNOOP\r\nEHLO evil.test\r\nMAIL FROM:<x@client.test>\r\n");
+    assert_eq!(got, "220 2.0.0 ready to start TLS\r\n");
+    assert!(h.session.take_starttls(), "the connection starts the handshake");
+    assert!(!h.session.take_starttls(), "once");
+    h.session.tls_started(TLS13, h.now);
+    assert_eq!(h.drive(), "", "none of it answered after the handshake either");
+    // the state after the banner: greet again; STARTTLS no longer offered or allowed
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "503 5.5.1 send EHLO or HELO first\r\n");
+    let ehlo = h.send(b"EHLO client.test\r\n");
+    assert!(ehlo.ends_with("250 ENHANCEDSTATUSCODES\r\n") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_eq!(h.send(b"STARTTLS\r\n"), "503 5.5.1 STARTTLS not allowed now\r\n");
+    assert!(h.session.poll_transmit() == Transmit::Receive);
+}
+
+#[test]
+fn mail_under_tls_says_esmtps_and_the_cipher() {
+    let mut h = Harness::with_starttls(false);
+    h.send(b"EHLO client.test\r\n");
+    h.send(b"STARTTLS\r\n");
+    assert!(h.session.take_starttls());
+    h.session.tls_started(TLS13, h.now);
+    h.send(b"EHLO client.test\r\n");
+    assert!(h.deliver("user@example.com", b"Subject: hi\r\n\r\nhello\r\n.\r\n").starts_with("250 "));
+    let received = String::from_utf8_lossy(&h.hop.messages[0]).into_owned();
+    assert!(
+        received.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n\tby mx.test (mxgate) with ESMTPS id "
+        ),
+        "{received}"
+    );
+    let log = h.transactions()[0].to_string();
+    assert!(log.contains(" tls=TLSv1.3 "), "{log}");
+}
+
+#[test]
+fn require_tls_refuses_mail_in_clear_without_counting_it() {
+    let mut h = Harness::with_starttls(true);
+    h.send(b"EHLO client.test\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "530 5.7.0 must issue a STARTTLS command first\r\n");
+    assert!(!h.events().iter().any(|e| matches!(e, Event::Failed(_))), "policy, not a failure");
+    h.send(b"STARTTLS\r\n");
+    assert!(h.session.take_starttls());
+    h.session.tls_started(TLS13, h.now);
+    h.send(b"EHLO client.test\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+}
+
+#[test]
+fn a_failed_handshake_counts_one_failure_and_closes() {
+    let mut h = Harness::with_starttls(false);
+    h.send(b"EHLO client.test\r\n");
+    h.send(b"STARTTLS\r\n");
+    assert!(h.session.take_starttls());
+    h.session.tls_failed(h.now);
+    assert!(h.session.poll_transmit() == Transmit::Close);
+    let failures = h.events().iter().filter(|e| matches!(e, Event::Failed(Failure::Command))).count();
+    assert_eq!(failures, 1);
 }

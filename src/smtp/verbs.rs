@@ -35,6 +35,7 @@ impl Session {
             Verb::Vrfy => self.reply(CANNOT_VERIFY),
             Verb::Help => self.reply(HELP),
             Verb::Quit => self.quit(args, now),
+            Verb::StartTls => self.starttls(args, now),
             Verb::NotImplemented => self.reply(NOT_IMPLEMENTED),
             Verb::Unknown => self.reply(UNRECOGNIZED),
         }
@@ -55,13 +56,36 @@ impl Session {
         let name = String::from_utf8_lossy(args).into_owned();
         self.helo = Some(Helo { name, extended });
         let smtp = &self.settings.replies;
-        self.out.push(if extended { &smtp.ehlo } else { &smtp.helo });
+        let ehlo = if self.tls.is_some() { &smtp.ehlo_tls } else { &smtp.ehlo };
+        self.out.push(if extended { ehlo } else { &smtp.helo });
+    }
+
+    /// RFC 3207. After the 220 the connection starts the handshake (`take_starttls`);
+    /// whatever the peer sent after this line is dropped unread: it was sent in clear,
+    /// before the handshake, and would otherwise run as if it came under TLS.
+    fn starttls(&mut self, args: &[u8], _now: Instant) {
+        if !self.settings.starttls {
+            return self.reply(NOT_IMPLEMENTED);
+        }
+        if !args.is_empty() {
+            return self.reply(NO_PARAMETERS);
+        }
+        if self.tls.is_some() || self.txn.is_some() || !self.waiting.is_empty() {
+            return self.reply(STARTTLS_NOT_NOW);
+        }
+        self.discard_input();
+        self.emit(READY_FOR_TLS);
+        self.tls_pending = true;
     }
 
     fn mail(&mut self, args: &[u8], now: Instant) {
         let Some(extended) = self.helo.as_ref().map(|h| h.extended) else {
             return self.reply(GREET_FIRST);
         };
+        if self.settings.smtp.require_tls && self.tls.is_none() {
+            // policy, not a peer's mistake: not counted as a failure
+            return self.out.push(TLS_FIRST);
+        }
         if self.txn.is_some() {
             return self.reply(NESTED_MAIL);
         }
