@@ -123,8 +123,12 @@ fn check(snapshot: Result<Snapshot, Problems>) -> ExitCode {
                 },
                 None => 0,
             };
+            for warning in s.warnings() {
+                println!("warning: {warning}");
+            }
+            let tls = if s.tls.is_some() { ", STARTTLS with its certificate" } else { "" };
             println!(
-                "{}: valid ({} access entries, {} whitelist entries, {bans} bans in the ban file)",
+                "{}: valid ({} access entries, {} whitelist entries, {bans} bans in the ban file{tls})",
                 s.config.describe(),
                 s.access.len(),
                 s.whitelist.len()
@@ -270,6 +274,9 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
     let signals = signals::block();
     signals::raise_fd_limit();
     let io = io.unwrap_or(snapshot.config.listen.io);
+    for warning in snapshot.warnings() {
+        tracing::warn!("{warning}");
+    }
     let (access_entries, whitelist_entries) = (snapshot.access.len(), snapshot.whitelist.len());
     let shared = match Shared::new(snapshot) {
         Ok(s) => s,

@@ -111,6 +111,7 @@ impl Shared {
             access_entries: new.access.len(),
             whitelist_entries: new.whitelist.len(),
             at_restart: old.config.fixed_at_start_changed(&new.config),
+            warnings: new.warnings(),
         };
         self.store(new);
         Ok(reloaded)
@@ -147,6 +148,8 @@ pub struct Reloaded {
     pub whitelist_entries: usize,
     /// Settings given otherwise that only the next start applies.
     pub at_restart: Vec<&'static str>,
+    /// Things that work but will not for long (a certificate near its end).
+    pub warnings: Vec<String>,
 }
 
 impl Reloaded {
@@ -154,6 +157,9 @@ impl Reloaded {
     fn log(&self, cause: &str) {
         for name in &self.at_restart {
             tracing::warn!("{cause}: {name} changed: read at start only, it takes effect at the next start");
+        }
+        for warning in &self.warnings {
+            tracing::warn!("{cause}: {warning}");
         }
         tracing::info!(
             access_entries = self.access_entries,

@@ -55,6 +55,11 @@ impl Snapshot {
         Snapshot { generation, config, access, whitelist, smtp, tls }
     }
 
+    /// What works but needs the operator's attention soon (a certificate near its end).
+    pub fn warnings(&self) -> Vec<String> {
+        self.tls.as_ref().map(|t| t.warnings.clone()).unwrap_or_default()
+    }
+
     /// A snapshot of `config` with empty lists and no TLS.
     pub fn without_lists(config: Config) -> Self {
         let access = AccessList::empty(config.access.default);

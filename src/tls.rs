@@ -104,12 +104,12 @@ fn certified_key(
         Ok(certs) => match certs.collect::<Result<_, _>>() {
             Ok(chain) => chain,
             Err(e) => {
-                problems.push(Problem::in_file(cert, format!("not a PEM certificate chain: {e}")));
+                problems.push(Problem::in_file(cert, format!("not a PEM certificate chain: {}", pem_error(&e))));
                 Vec::new()
             }
         },
         Err(e) => {
-            problems.push(Problem::in_file(cert, format!("cannot read it: {e}")));
+            problems.push(Problem::in_file(cert, format!("cannot read it: {}", pem_error(&e))));
             Vec::new()
         }
     };
@@ -137,7 +137,8 @@ fn certified_key(
     let private = match PrivateKeyDer::from_pem_file(key) {
         Ok(k) => Some(k),
         Err(e) => {
-            problems.push(Problem::in_file(key, format!("not a PEM private key (PKCS#8, RSA or EC): {e}")));
+            problems
+                .push(Problem::in_file(key, format!("not a PEM private key (PKCS#8, RSA or EC): {}", pem_error(&e))));
             None
         }
     };
@@ -157,6 +158,19 @@ fn certified_key(
         return None;
     }
     Some(Arc::new(certified))
+}
+
+/// A PEM error in words (the library's own text shows bytes as numbers).
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => {
+            format!("the `-----END {}-----` line is missing", String::from_utf8_lossy(end_marker))
+        }
+        Error::IllegalSectionStart { line } => format!("a bad BEGIN line: `{}`", String::from_utf8_lossy(line)),
+        Error::NoItemsFound => "nothing of the kind in it".into(),
+        other => other.to_string(),
+    }
 }
 
 /// What the session learns of a finished handshake, for `Received:` and the mail log.

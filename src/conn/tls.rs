@@ -46,7 +46,15 @@ impl TlsLayer {
     /// The handshake starts once `clear` (the 220) is out.
     pub fn new(config: Arc<ServerConfig>, clear: Vec<u8>) -> Result<Self, rustls::Error> {
         let tls = ServerConnection::new(config)?;
-        Ok(TlsLayer { tls, out: clear, sent: 0, pending: Vec::new(), handshaking: true, failed: false, close_notify: false })
+        Ok(TlsLayer {
+            tls,
+            out: clear,
+            sent: 0,
+            pending: Vec::new(),
+            handshaking: true,
+            failed: false,
+            close_notify: false,
+        })
     }
 
     /// What the driver does next on the peer's socket.

@@ -20,19 +20,7 @@ pub enum Verb {
 }
 
 const NOT_IMPLEMENTED: &[&[u8]] = &[
-    b"MAIL",
-    b"RCPT",
-    b"DATA",
-    b"BDAT",
-    b"VRFY",
-    b"EXPN",
-    b"AUTH",
-    b"ETRN",
-    b"TURN",
-    b"ATRN",
-    b"SEND",
-    b"SOML",
-    b"SAML",
+    b"MAIL", b"RCPT", b"DATA", b"BDAT", b"VRFY", b"EXPN", b"AUTH", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
 ];
 
 impl Verb {

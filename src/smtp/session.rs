@@ -367,7 +367,12 @@ impl Session {
 
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
-        while self.phase == Phase::Open && !self.dropping && !self.tls_pending && self.input_pos < self.input.len() && self.may_go_on() {
+        while self.phase == Phase::Open
+            && !self.dropping
+            && !self.tls_pending
+            && self.input_pos < self.input.len()
+            && self.may_go_on()
+        {
             if self.in_body() {
                 self.body_input(now);
                 continue;

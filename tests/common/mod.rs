@@ -212,7 +212,7 @@ pub fn read_to_end(stream: &mut TcpStream) -> (String, End) {
 }
 
 /// Reads until `want` replies (lines whose 4th byte is a space) have arrived.
-pub fn read_replies(stream: &mut TcpStream, want: usize) -> String {
+pub fn read_replies(stream: &mut impl Read, want: usize) -> String {
     let mut got = String::new();
     let mut buf = [0u8; 4096];
     while got.split("\r\n").filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ').count() < want {
@@ -225,7 +225,7 @@ pub fn read_replies(stream: &mut TcpStream, want: usize) -> String {
     got
 }
 
-pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
+pub fn send(stream: &mut impl Write, bytes: &[u8]) {
     stream.write_all(bytes).expect("write");
 }
 

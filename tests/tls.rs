@@ -1,0 +1,258 @@
+//! STARTTLS end to end: the real binary, both drivers, a rustls client (and Python's
+//! smtplib where it is installed), a recording next hop.
+
+#[macro_use]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+use common::nexthop::{AtDot, NextHop};
+use common::{Mxgate, connect_from, read_replies, read_to_end, run_cli, send, wait_until};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A self-signed ECDSA P-256 certificate for `names`, PEM: (certificate, key, DER).
+fn certificate(names: &[&str]) -> (String, String, CertificateDer<'static>) {
+    certificate_ending(names, time::OffsetDateTime::now_utc() + time::Duration::days(365))
+}
+
+fn certificate_ending(names: &[&str], not_after: time::OffsetDateTime) -> (String, String, CertificateDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a key");
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .expect("certificate parameters");
+    params.not_before = not_after - time::Duration::days(400);
+    params.not_after = not_after;
+    let cert = params.self_signed(&key).expect("a certificate");
+    (cert.pem(), key.serialize_pem(), cert.der().clone())
+}
+
+fn config(next_hop: SocketAddr, extra: &str) -> String {
+    format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{next_hop}\"]\n\
+         [tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{extra}"
+    )
+}
+
+struct Server {
+    m: Mxgate,
+    hop: NextHop,
+    root: CertificateDer<'static>,
+}
+
+fn start(io: &str, extra: &str) -> Server {
+    let hop = NextHop::start(AtDot::Accept);
+    let (cert, key, root) = certificate(&["mx.test"]);
+    let m = Mxgate::start(&config(hop.addr, extra), &[("cert.pem", &cert), ("key.pem", &key)], io);
+    Server { m, hop, root }
+}
+
+fn client_config(
+    root: &CertificateDer<'static>,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).expect("the test root");
+    let config = rustls::ClientConfig::builder_with_provider(mxgate::tls::provider())
+        .with_protocol_versions(&[version])
+        .expect("the version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Banner, EHLO (STARTTLS offered), STARTTLS, 220: the plain stream, ready for the handshake.
+fn plain_until_starttls(s: &Server, source: &str) -> TcpStream {
+    let mut plain = connect_from(source, s.m.addr());
+    assert!(read_replies(&mut plain, 1).starts_with("220 mx.test"));
+    send(&mut plain, b"EHLO client.test\r\n");
+    assert!(read_replies(&mut plain, 1).contains("250-STARTTLS\r\n"), "offered before TLS");
+    send(&mut plain, b"STARTTLS\r\n");
+    assert_eq!(read_replies(&mut plain, 1), "220 2.0.0 ready to start TLS\r\n");
+    plain
+}
+
+fn handshake(plain: TcpStream, config: Arc<rustls::ClientConfig>) -> Tls {
+    let conn = rustls::ClientConnection::new(config, ServerName::try_from("mx.test").expect("name")).expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, plain);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("the handshake");
+    }
+    tls
+}
+
+fn relay_over_tls(io: &str, version: &'static rustls::SupportedProtocolVersion, name: &str) {
+    let s = start(io, "");
+    let plain = plain_until_starttls(&s, "127.0.9.1");
+    let mut tls = handshake(plain, client_config(&s.root, version));
+    send(&mut tls, b"EHLO client.test\r\n");
+    let ehlo = read_replies(&mut tls, 1);
+    assert!(ehlo.starts_with("250-mx.test") && !ehlo.contains("STARTTLS"), "not offered under TLS: {ehlo}");
+    send(&mut tls, b"MAIL FROM:<a@client.test>\r\n");
+    assert_eq!(read_replies(&mut tls, 1), "250 2.1.0 sender OK\r\n");
+    send(&mut tls, b"RCPT TO:<user@example.com>\r\nDATA\r\n");
+    let replies = read_replies(&mut tls, 2);
+    assert!(replies.starts_with("250 2.1.5") && replies.contains("354 "), "{replies}");
+    let body = b"Subject: over TLS\r\n\r\nhello\r\n..dot\r\n".repeat(200);
+    send(&mut tls, &body);
+    send(&mut tls, b".\r\nQUIT\r\n");
+    let end = read_replies(&mut tls, 2);
+    assert!(end.starts_with("250 2.0.0 OK: queued as ") && end.contains("221 "), "{end}");
+    let got = s.hop.wait_messages(1);
+    assert_eq!(got.len(), 1);
+    let wire = &got[0].wire_body;
+    let text = String::from_utf8_lossy(wire);
+    assert!(text.contains(&format!("(using {name} with cipher ")), "{text}");
+    assert!(text.contains(" with ESMTPS id "), "{text}");
+    assert!(wire.ends_with(&body), "byte-exact after the Received header");
+}
+
+fn relays_over_tls_1_3(io: &str) {
+    relay_over_tls(io, &rustls::version::TLS13, "TLSv1.3");
+}
+
+fn relays_over_tls_1_2(io: &str) {
+    relay_over_tls(io, &rustls::version::TLS12, "TLSv1.2");
+}
+
+/// CVE-2011-0411: commands pipelined in clear behind STARTTLS are never answered.
+fn nothing_pipelined_behind_starttls_runs(io: &str) {
+    let s = start(io, "");
+    let mut plain = connect_from("127.0.9.2", s.m.addr());
+    read_replies(&mut plain, 1);
+    send(&mut plain, b"EHLO client.test\r\n");
+    read_replies(&mut plain, 1);
+    send(&mut plain, b"STARTTLS\r\nNOOP\r\nMAIL FROM:<x@client.test>\r\n");
+    assert_eq!(read_replies(&mut plain, 1), "220 2.0.0 ready to start TLS\r\n", "nothing after it in clear");
+    // a reply in clear would break the handshake; after it, the first reply is EHLO's
+    let mut tls = handshake(plain, client_config(&s.root, &rustls::version::TLS13));
+    send(&mut tls, b"EHLO client.test\r\n");
+    assert!(read_replies(&mut tls, 1).starts_with("250-mx.test\r\n"));
+    send(&mut tls, b"STARTTLS\r\n");
+    assert_eq!(read_replies(&mut tls, 1), "503 5.5.1 STARTTLS not allowed now\r\n");
+    send(&mut tls, b"MAIL FROM:<a@client.test>\r\n");
+    assert_eq!(read_replies(&mut tls, 1), "250 2.1.0 sender OK\r\n", "no transaction was opened in clear");
+}
+
+/// Garbage instead of a ClientHello: closed, counted as a failure of the address (enough
+/// of them ban it), and the server goes on serving.
+fn failed_handshakes_close_count_and_ban(io: &str) {
+    let s = start(io, "[abuse]\nfailure_threshold = 3\n[control]\nsocket = \"control.sock\"\n");
+    for _ in 0..3 {
+        let mut plain = plain_until_starttls(&s, "127.0.9.3");
+        send(&mut plain, b"this is no ClientHello\r\n\r\n\r\n\r\n\r\n\r\n");
+        let (got, _) = read_to_end(&mut plain);
+        assert!(!got.contains("250") && !got.contains("500"), "nothing in clear: {got:?}");
+    }
+    wait_until("the address banned", || {
+        let mut again = connect_from("127.0.9.3", s.m.addr());
+        let mut line = [0u8; 3];
+        again.read_exact(&mut line).is_ok() && &line == b"530"
+    });
+    // another peer is served, over TLS
+    let plain = plain_until_starttls(&s, "127.0.9.4");
+    let mut tls = handshake(plain, client_config(&s.root, &rustls::version::TLS13));
+    send(&mut tls, b"NOOP\r\n");
+    assert_eq!(read_replies(&mut tls, 1), "250 2.0.0 OK\r\n");
+    let stats = || run_cli(&["stats"], &s.m.files.config()).1;
+    wait_until("the handshakes counted", || {
+        let out = stats();
+        out.contains("\ntls_handshakes 1\n") && out.contains("\ntls_handshakes_failed 3\n")
+    });
+    tls.conn.send_close_notify();
+    let _ = tls.conn.complete_io(&mut tls.sock);
+    let _ = tls.sock.flush();
+}
+
+/// `require_tls`: MAIL in clear is refused, after STARTTLS it goes through.
+fn require_tls_refuses_mail_in_clear(io: &str) {
+    let s = start(io, "[smtp]\nrequire_tls = true\n");
+    let mut plain = connect_from("127.0.9.5", s.m.addr());
+    read_replies(&mut plain, 1);
+    send(&mut plain, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n");
+    let got = read_replies(&mut plain, 2);
+    assert!(got.ends_with("530 5.7.0 must issue a STARTTLS command first\r\n"), "{got}");
+    send(&mut plain, b"STARTTLS\r\n");
+    assert_eq!(read_replies(&mut plain, 1), "220 2.0.0 ready to start TLS\r\n");
+    let mut tls = handshake(plain, client_config(&s.root, &rustls::version::TLS13));
+    send(&mut tls, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n");
+    assert!(read_replies(&mut tls, 2).ends_with("250 2.1.0 sender OK\r\n"));
+}
+
+/// A handshake trusting only `root` succeeds.
+fn trusted(s: &Server, source: &str, root: &CertificateDer<'static>) -> bool {
+    let plain = plain_until_starttls(s, source);
+    let conn = rustls::ClientConnection::new(
+        client_config(root, &rustls::version::TLS13),
+        ServerName::try_from("mx.test").expect("name"),
+    )
+    .expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, plain);
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// A broken certificate file refuses the reload, naming it, and the old certificate is
+/// still served; a good new one is served to new sessions.
+fn reloads_certificates_or_keeps_the_old_one(io: &str) {
+    let mut s = start(io, "");
+    let old_root = s.root.clone();
+    assert!(trusted(&s, "127.0.9.6", &old_root));
+    std::fs::write(s.m.files.path("cert.pem"), "-----BEGIN CERTIFICATE-----\nbroken\n").expect("write");
+    s.m.signal(libc::SIGHUP);
+    let refused = s.m.wait_for_log("reload refused");
+    assert!(s.m.seen.iter().any(|l| l.contains("cert.pem")), "the file is named: {refused}");
+    assert!(trusted(&s, "127.0.9.6", &old_root), "the old certificate is still served");
+    let (cert, key, new_root) = certificate(&["mx.test"]);
+    std::fs::write(s.m.files.path("cert.pem"), cert).expect("write");
+    std::fs::write(s.m.files.path("key.pem"), key).expect("write");
+    s.m.signal(libc::SIGHUP);
+    s.m.wait_for_log("SIGHUP: reloaded");
+    assert!(trusted(&s, "127.0.9.6", &new_root), "new sessions get the new certificate");
+    assert!(!trusted(&s, "127.0.9.6", &old_root));
+    s.root = new_root;
+}
+
+for_both_drivers!(
+    reloads_certificates_or_keeps_the_old_one,
+    relays_over_tls_1_3,
+    relays_over_tls_1_2,
+    nothing_pipelined_behind_starttls_runs,
+    failed_handshakes_close_count_and_ban,
+    require_tls_refuses_mail_in_clear,
+);
+
+/// `mxgate check` loads the certificate and key, names the file of any problem, and
+/// warns of a certificate ending within 14 days.
+#[test]
+fn check_validates_certificates() {
+    let hop: SocketAddr = "127.0.0.1:9".parse().expect("address");
+    let check = |cert: &str, key: &str| {
+        let files = common::Files::new(&config(hop, ""), &[("cert.pem", cert), ("key.pem", key)]);
+        run_cli(&["check"], &files.config())
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let (cert, key, _) = certificate(&["mx.test"]);
+    let (code, out) = check(&cert, &key);
+    assert!(code == 0 && out.contains("STARTTLS") && !out.contains("warning"), "{out}");
+    let (other_cert, _, _) = certificate(&["mx.test"]);
+    let (code, out) = check(&other_cert, &key);
+    assert!(code != 0 && out.contains("key.pem: does not match the certificate"), "{out}");
+    let (code, out) = check("not a certificate\n", &key);
+    assert!(code != 0 && out.contains("cert.pem: no certificate in it"), "{out}");
+    let (code, out) = check(&cert, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+    assert!(code != 0 && out.contains("key.pem: "), "{out}");
+    let (old, old_key, _) = certificate_ending(&["mx.test"], now - time::Duration::days(1));
+    let (code, out) = check(&old, &old_key);
+    assert!(code != 0 && out.contains("cert.pem: the certificate expired on "), "{out}");
+    let (soon, soon_key, _) = certificate_ending(&["mx.test"], now + time::Duration::days(7));
+    let (code, out) = check(&soon, &soon_key);
+    assert!(code == 0 && out.contains("warning: ") && out.contains("cert.pem: the certificate expires on "), "{out}");
+}
