@@ -128,6 +128,16 @@ pub struct Tls {
     pub key: PathBuf,
     /// The oldest protocol version offered.
     pub min_version: TlsVersion,
+    /// `[[tls.sni]]`: certificates chosen by the name the peer asks for.
+    pub sni: Vec<SniCert>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniCert {
+    /// Lower case; `*.example.com` matches one label before `example.com`.
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -187,6 +197,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "min_version"),
+    ("tls", "sni"),
     ("control", "socket"),
     ("metrics", "listen"),
 ];
@@ -348,8 +359,9 @@ impl Config {
                 other => Err(format!("`{other}`: \"1.2\" or \"1.3\"")),
             })
             .unwrap_or(TlsVersion::V1_2);
+        let sni = r.sni(t);
         let tls = match (r.path(t, "tls", "cert"), r.path(t, "tls", "key")) {
-            (Some(cert), Some(key)) => Some(Tls { cert, key, min_version }),
+            (Some(cert), Some(key)) => Some(Tls { cert, key, min_version, sni }),
             _ => None,
         };
         if smtp.require_tls && tls.is_none() && given("cert") == given("key") {
@@ -470,6 +482,37 @@ impl Reader<'_> {
             let path = base.join(PathBuf::from(str_of(v)?));
             if path.is_file() { Ok(path) } else { Err(format!("`{}` is not a readable file", path.display())) }
         })
+    }
+
+    /// `[[tls.sni]]`: an array of tables with `name`, `cert` and `key`.
+    fn sni<'t>(&mut self, tls: Option<&'t Table<'t>>) -> Vec<SniCert> {
+        const SNI_KEYS: &[&str] = &["name", "cert", "key"];
+        let Some(value) = tls.and_then(|t| find(t, "sni")) else { return Vec::new() };
+        let DeValue::Array(items) = value.get_ref() else {
+            self.problem(Some(value.span()), "tls.sni", "expected `[[tls.sni]]` tables".into());
+            return Vec::new();
+        };
+        let mut entries = Vec::new();
+        for item in items {
+            let DeValue::Table(t) = item.get_ref() else {
+                self.problem(Some(item.span()), "tls.sni", "expected a table with name, cert and key".into());
+                continue;
+            };
+            self.unknown_keys(Some(t), "tls.sni", SNI_KEYS);
+            if SNI_KEYS.iter().any(|k| find(t, k).is_none()) {
+                self.problem(Some(item.span()), "tls.sni", "each entry needs name, cert and key".into());
+                continue;
+            }
+            let name = self.value(Some(t), "tls.sni", "name", |v| {
+                let s = str_of(v)?;
+                valid_hostname(s.strip_prefix("*.").unwrap_or(s)).map(|_| s.to_ascii_lowercase())
+            });
+            let (cert, key) = (self.path(Some(t), "tls.sni", "cert"), self.path(Some(t), "tls.sni", "key"));
+            if let (Some(name), Some(cert), Some(key)) = (name, cert, key) {
+                entries.push(SniCert { name, cert, key });
+            }
+        }
+        entries
     }
 
     fn reply<'t>(&mut self, table: Option<&'t Table<'t>>, section: &str, key: &str, hostname: &str) -> ReplyTemplate {

@@ -57,7 +57,13 @@ impl TlsSettings {
     /// Loads `[tls]`'s files; `now` is the Unix time certificates are checked against.
     pub fn load(tls: &Tls, now: i64, problems: &mut Vec<Problem>) -> Option<Self> {
         let mut warnings = Vec::new();
-        let key = certified_key(&tls.cert, &tls.key, now, problems, &mut warnings)?;
+        let default = certified_key(&tls.cert, &tls.key, now, problems, &mut warnings);
+        let by_name: Vec<(String, Arc<CertifiedKey>)> = tls
+            .sni
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), certified_key(&e.cert, &e.key, now, problems, &mut warnings)?)))
+            .collect();
+        let default = default.filter(|_| by_name.len() == tls.sni.len())?;
         let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -69,7 +75,7 @@ impl TlsSettings {
                 return None;
             }
         };
-        let mut server = builder.with_no_client_auth().with_cert_resolver(Arc::new(Single(key)));
+        let mut server = builder.with_no_client_auth().with_cert_resolver(Arc::new(Certificates { default, by_name }));
         if let Some(t) = ticketer() {
             server.ticketer = t;
         }
@@ -79,13 +85,27 @@ impl TlsSettings {
     }
 }
 
-/// The one certificate, whatever the peer's SNI.
+/// The certificate for the name the peer asks for (SNI): an entry of that name, else one
+/// `*.` entry for its parent domain, else the default one.
 #[derive(Debug)]
-struct Single(Arc<CertifiedKey>);
+struct Certificates {
+    default: Arc<CertifiedKey>,
+    by_name: Vec<(String, Arc<CertifiedKey>)>,
+}
 
-impl rustls::server::ResolvesServerCert for Single {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.0))
+impl Certificates {
+    fn for_name(&self, name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) else { return &self.default };
+        let parent = name.split_once('.').map(|(_, p)| p);
+        let exact = self.by_name.iter().find(|(n, _)| *n == name);
+        let wildcard = || self.by_name.iter().find(|(n, _)| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent));
+        exact.or_else(wildcard).map_or(&self.default, |(_, k)| k)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(self.for_name(hello.server_name())))
     }
 }
 

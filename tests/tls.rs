@@ -220,7 +220,111 @@ fn reloads_certificates_or_keeps_the_old_one(io: &str) {
     s.root = new_root;
 }
 
+/// The certificate the server presents to a client asking for `name`.
+fn presented(s: &Server, roots: &[&CertificateDer<'static>], name: &str) -> CertificateDer<'static> {
+    let plain = plain_until_starttls(s, "127.0.9.7");
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add((*root).clone()).expect("a root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(mxgate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(name.to_owned()).expect("name"))
+        .expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, plain);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("the handshake");
+    }
+    tls.conn.peer_certificates().expect("a certificate")[0].clone()
+}
+
+/// SNI picks the entry of the name asked for; another name gets the default pair.
+fn sni_picks_the_certificate(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let (cert, key, default) = certificate(&["mx.test", "unknown.test"]);
+    let (other_cert, other_key, other) = certificate(&["other.test"]);
+    let (wild_cert, wild_key, wild) = certificate(&["a.wild.test"]);
+    let extra = "[[tls.sni]]\nname = \"other.test\"\ncert = \"other.pem\"\nkey = \"other.key\"\n\
+                 [[tls.sni]]\nname = \"*.wild.test\"\ncert = \"wild.pem\"\nkey = \"wild.key\"\n";
+    let files = [
+        ("cert.pem", cert.as_str()),
+        ("key.pem", key.as_str()),
+        ("other.pem", other_cert.as_str()),
+        ("other.key", other_key.as_str()),
+        ("wild.pem", wild_cert.as_str()),
+        ("wild.key", wild_key.as_str()),
+    ];
+    let m = Mxgate::start(&config(hop.addr, extra), &files, io);
+    let s = Server { m, hop, root: default.clone() };
+    let roots = [&default, &other, &wild];
+    assert_eq!(presented(&s, &roots, "other.test"), other);
+    assert_eq!(presented(&s, &roots, "a.wild.test"), wild);
+    assert_eq!(presented(&s, &roots, "unknown.test"), default);
+    assert_eq!(presented(&s, &roots, "mx.test"), default);
+}
+
+/// `min_version = "1.3"`: a TLS 1.2 client cannot finish the handshake.
+fn min_version_refuses_older_clients(io: &str) {
+    let s = start(io, "min_version = \"1.3\"\n");
+    let plain = plain_until_starttls(&s, "127.0.9.8");
+    let conn = rustls::ClientConnection::new(
+        client_config(&s.root, &rustls::version::TLS12),
+        ServerName::try_from("mx.test").expect("name"),
+    )
+    .expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, plain);
+    let mut failed = false;
+    while tls.conn.is_handshaking() && !failed {
+        failed = tls.conn.complete_io(&mut tls.sock).is_err();
+    }
+    assert!(failed, "TLS 1.2 refused");
+    let plain = plain_until_starttls(&s, "127.0.9.8");
+    let mut tls = handshake(plain, client_config(&s.root, &rustls::version::TLS13));
+    send(&mut tls, b"NOOP\r\n");
+    assert_eq!(read_replies(&mut tls, 1), "250 2.0.0 OK\r\n");
+}
+
+/// Python's smtplib (what many scripts and MTAs' test suites use): STARTTLS, EHLO again,
+/// one message, relayed byte-exact.
+fn python_smtplib_sends_over_starttls(io: &str) {
+    let s = start(io, "");
+    let script = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[3])
+ctx.check_hostname = False  # the certificate names mx.test; we connect to an address
+with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="client.test", source_address=("127.0.9.9", 0), timeout=10) as c:
+    c.starttls(context=ctx)
+    assert "starttls" not in c.esmtp_features, "not offered after TLS"
+    c.sendmail("a@client.test", ["user@example.com"], b"Subject: smtplib\r\n\r\nsent by Python\r\n")
+    print(c.sock.version())
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(s.m.addr().ip().to_string())
+        .arg(s.m.addr().port().to_string())
+        .arg(s.m.files.path("cert.pem"))
+        .output()
+        .expect("python3 (.ci/run installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "TLSv1.3");
+    let got = s.hop.wait_messages(1);
+    assert_eq!(got.len(), 1);
+    let text = String::from_utf8_lossy(&got[0].wire_body);
+    assert!(
+        text.contains(" with ESMTPS id ") && text.ends_with("Subject: smtplib\r\n\r\nsent by Python\r\n"),
+        "{text}"
+    );
+}
+
 for_both_drivers!(
+    python_smtplib_sends_over_starttls,
+    sni_picks_the_certificate,
+    min_version_refuses_older_clients,
     reloads_certificates_or_keeps_the_old_one,
     relays_over_tls_1_3,
     relays_over_tls_1_2,
