@@ -106,6 +106,19 @@ fn drain_never_answers_250_without_delivery() {
 }
 
 #[test]
+fn tls_relays_byte_exact_with_full_and_resumed_handshakes() {
+    let opts = Options { duration: Duration::from_millis(800), concurrency: 8, ..options(Scenario::Tls, "uring") };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["plain", "tls-full", "tls-resumed"]);
+    for phase in &report.phases[1..] {
+        assert!(phase.checks.iter().any(|(what, ok)| what.contains("handshakes") && *ok), "{}", report.table());
+        assert!(phase.server_cpu_us.is_some(), "the spawned mxgate's CPU is read");
+    }
+}
+
+#[test]
 fn targets_off_loopback_and_wrong_expectations_are_refused() {
     let opts = Options { target: Some("192.0.2.1:25".parse().unwrap()), ..Options::default() };
     assert!(scenario::run(&opts).unwrap_err().contains("loopback"));

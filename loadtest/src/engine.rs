@@ -16,13 +16,14 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::attack::{Dictionary, Slow};
-use crate::peer::{Event, Failure, Peer, Script};
+use crate::peer::{Event, Failure, Peer, Script, TlsClient};
 use crate::sources::Sources;
 
 /// How long a slot waits after a refused connect.
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
 /// What to run.
+#[derive(Clone)]
 pub struct Plan {
     pub target: SocketAddr,
     pub script: Arc<Script>,
@@ -64,6 +65,9 @@ pub struct Tally {
     pub spared: u64,
     /// Slow peers cut off, and when (microseconds after they connected).
     pub cut_off: Histogram<u64>,
+    /// STARTTLS handshakes done, and how many of them resumed an earlier session.
+    pub handshakes: u64,
+    pub resumed: u64,
     /// Conversations that went wrong, by kind.
     pub errors: BTreeMap<&'static str, u64>,
     /// Conversations still open when the drain ended.
@@ -85,6 +89,8 @@ impl Tally {
             banned_on_sight: 0,
             spared: 0,
             cut_off: new_histogram(),
+            handshakes: 0,
+            resumed: 0,
             errors: BTreeMap::new(),
             unfinished: 0,
             elapsed: Duration::ZERO,
@@ -102,6 +108,8 @@ impl Tally {
         self.confirmed += other.confirmed;
         self.banned_on_sight += other.banned_on_sight;
         self.spared += other.spared;
+        self.handshakes += other.handshakes;
+        self.resumed += other.resumed;
         let _ = self.cut_off.add(&other.cut_off);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
@@ -155,6 +163,8 @@ struct Conn {
     peer: Talker,
     source: std::net::IpAddr,
     last_io: Instant,
+    /// After STARTTLS: the peer's bytes go through it.
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 /// One connection's conversation, by script.
@@ -219,6 +229,18 @@ impl Talker {
 
     fn finished(&self) -> bool {
         each!(self, p => p.finished())
+    }
+
+    /// STARTTLS was answered: the client configuration to do the handshake with.
+    fn starttls(&mut self) -> Option<TlsClient> {
+        let Talker::Smtp(p) = self else { return None };
+        if !p.take_starttls() {
+            return None;
+        }
+        match p.script() {
+            Script::Relay(r) => r.tls.clone(),
+            _ => None,
+        }
     }
 
     /// Over without waiting for the server's close: a relaying peer whose QUIT got its
@@ -390,7 +412,7 @@ fn open(
         None => Talker::new(&plan.script, *next_id, now),
     };
     *next_id += per_peer;
-    Some(Conn { stream, peer, source: source.ip(), last_io: now })
+    Some(Conn { stream, peer, source: source.ip(), last_io: now, tls: None })
 }
 
 /// A non-blocking connect from `source` (its port taken if free, else any).
@@ -425,6 +447,9 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Res
         io::ErrorKind::ConnectionRefused => "connect",
         _ => "reset",
     };
+    if conn.tls.is_some() {
+        return step_tls(conn, buf, now);
+    }
     loop {
         while !conn.peer.output().is_empty() {
             match conn.stream.write(conn.peer.output()) {
@@ -445,6 +470,11 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Res
                 if conn.peer.over() {
                     return Ok(true);
                 }
+                if let Some(tls) = conn.peer.starttls() {
+                    let client = rustls::ClientConnection::new(tls.config, tls.name).map_err(|_| "tls")?;
+                    conn.tls = Some(Box::new(client));
+                    return step_tls(conn, buf, now);
+                }
                 if read_closed && n < buf.len() {
                     return conn.peer.eof().map(|()| true).map_err(|f| f.name());
                 }
@@ -453,6 +483,56 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Res
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset && conn.peer.finished() => return Ok(true),
             Err(e) => return Err(failed(e)),
+        }
+    }
+}
+
+/// `step` for a conversation under TLS: the peer's plaintext goes through rustls.
+fn step_tls(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'static str> {
+    let Conn { stream, peer, tls, last_io, .. } = conn;
+    let Some(tls) = tls.as_mut() else { return Err("tls") };
+    loop {
+        if !tls.is_handshaking() && !peer.output().is_empty() {
+            let n = tls.writer().write(peer.output()).map_err(|_| "tls")?;
+            peer.sent(n);
+        }
+        while tls.wants_write() {
+            match tls.write_tls(stream) {
+                Ok(_) => *last_io = now,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err("reset"),
+            }
+        }
+        let handshaking = tls.is_handshaking();
+        match tls.read_tls(stream) {
+            Ok(0) => return peer.eof().map(|()| true).map_err(|f| f.name()),
+            Ok(_) => *last_io = now,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) if peer.finished() => return Ok(true),
+            Err(_) => return Err("reset"),
+        }
+        if tls.process_new_packets().is_err() {
+            return Err("tls");
+        }
+        if handshaking
+            && !tls.is_handshaking()
+            && let Talker::Smtp(p) = peer
+        {
+            p.tls_ready(tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+        }
+        loop {
+            match tls.reader().read(buf) {
+                Ok(0) => return peer.eof().map(|()| true).map_err(|f| f.name()),
+                Ok(n) => {
+                    peer.input(&buf[..n], now).map_err(|f| f.name())?;
+                    if peer.over() {
+                        return Ok(true);
+                    }
+                }
+                Err(_) => break, // nothing more decrypted
+            }
         }
     }
 }
@@ -479,6 +559,10 @@ fn collect(peer: &mut Talker, tally: &mut Tally) {
             Event::Confirmed => tally.confirmed += 1,
             Event::BannedOnSight => tally.banned_on_sight += 1,
             Event::Spared => tally.spared += 1,
+            Event::Handshake { resumed } => {
+                tally.handshakes += 1;
+                tally.resumed += u64::from(resumed);
+            }
             Event::CutOff(d) => {
                 let _ = tally.cut_off.record(us(d));
             }

@@ -4,6 +4,8 @@
 //! ```text
 //!  deny:   connect ─► the deny line (first bytes, no banner) ─► EOF ─► Denied
 //!  relay:  connect ─► 220 ─EHLO─► 250 ─MAIL─► 250 ─RCPT─► 250 ─DATA─► 354 ─body.─► 250
+//!          (--tls: after EHLO's 250, STARTTLS ─► 220 ─► the engine's handshake ─► EHLO
+//!           again under TLS ─► 250 ─MAIL─► ...)
 //!                                   ▲  (--pipeline: MAIL RCPT DATA in one write,  │ more
 //!                                   │   three replies)                             │ messages
 //!                                   └──────────────────────────────────────────────┘
@@ -36,9 +38,19 @@ pub enum Script {
     },
 }
 
+/// What a relaying peer needs for STARTTLS: the client configuration (its session cache
+/// decides whether handshakes resume) and the name the server's certificate must bear.
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Relay {
     pub pipeline: bool,
+    /// STARTTLS after the first EHLO.
+    pub tls: Option<TlsClient>,
     pub messages: u32,
     /// `RCPT TO:<rcpt>\r\n`, made once.
     rcpt_line: Vec<u8>,
@@ -67,7 +79,12 @@ impl Relay {
             tail_wire.extend_from_slice(line);
         }
         let rcpt_line = format!("RCPT TO:<{rcpt}>\r\n").into_bytes();
-        Relay { pipeline, messages, rcpt_line, tail_wire, tail_content, hashed: true }
+        Relay { pipeline, tls: None, messages, rcpt_line, tail_wire, tail_content, hashed: true }
+    }
+
+    /// Over STARTTLS.
+    pub fn with_tls(self, tls: TlsClient) -> Self {
+        Relay { tls: Some(tls), ..self }
     }
 
     /// No sink checks the messages: no hash (0 stands in).
@@ -149,6 +166,8 @@ pub enum Event {
     CutOff(Duration),
     /// A whitelisted attacker still got the banner after enough failures for a ban.
     Spared,
+    /// A STARTTLS handshake finished; `resumed`: with a ticket of an earlier connection.
+    Handshake { resumed: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +175,10 @@ enum State {
     Deny,
     Banner,
     Ehlo,
+    /// STARTTLS sent, its 220 awaited.
+    StartTls,
+    /// The engine is doing the handshake.
+    Handshake,
     Mail,
     Rcpt,
     Data,
@@ -180,6 +203,10 @@ pub struct Peer {
     /// This peer's next message id; the engine gives each peer its own range.
     next_id: u64,
     current: (u64, u64),
+    /// STARTTLS was answered 220: the engine starts the handshake.
+    start_tls: bool,
+    /// The handshake is done (EHLO again, then mail).
+    under_tls: bool,
     pub events: Vec<Event>,
 }
 
@@ -196,6 +223,8 @@ impl Peer {
             left: 0,
             next_id: first_id,
             current: (0, 0),
+            start_tls: false,
+            under_tls: false,
             events: Vec::new(),
         };
         peer.restart(first_id, now);
@@ -217,7 +246,22 @@ impl Peer {
         self.sent = 0;
         self.next_id = first_id;
         self.current = (0, 0);
+        self.start_tls = false;
+        self.under_tls = false;
         self.events.clear();
+    }
+
+    /// STARTTLS was answered: true once, when the engine must start the handshake.
+    pub fn take_starttls(&mut self) -> bool {
+        std::mem::take(&mut self.start_tls)
+    }
+
+    /// The engine's handshake is done: greet again, under TLS.
+    pub fn tls_ready(&mut self, resumed: bool) {
+        self.events.push(Event::Handshake { resumed });
+        self.under_tls = true;
+        self.out.extend_from_slice(b"EHLO loadtest.test\r\n");
+        self.state = State::Ehlo;
     }
 
     /// Bytes to send.
@@ -236,6 +280,10 @@ impl Peer {
     /// The conversation is over: only the close is left to wait for.
     pub fn finished(&self) -> bool {
         self.state == State::Finished
+    }
+
+    pub fn script(&self) -> &Script {
+        &self.script
     }
 
     /// A relaying peer's QUIT got its 221: nothing is left to check.
@@ -301,14 +349,16 @@ impl Peer {
         let Script::Relay(relay) = &*self.script else { return Err(Failure::WrongReply) };
         let pipeline = relay.pipeline;
         let expected = match self.state {
-            State::Banner => 220,
+            State::Banner | State::StartTls => 220,
             State::Ehlo | State::Mail | State::Rcpt | State::Dot | State::Rset => 250,
             State::Data => 354,
             State::Quit => 221,
-            State::Deny | State::Finished => return Err(Failure::WrongReply),
+            State::Deny | State::Handshake | State::Finished => return Err(Failure::WrongReply),
         };
         if code != expected {
-            if matches!(self.state, State::Banner | State::Ehlo | State::Quit | State::Rset) || code < 400 {
+            if matches!(self.state, State::Banner | State::Ehlo | State::StartTls | State::Quit | State::Rset)
+                || code < 400
+            {
                 return Err(Failure::WrongReply);
             }
             // a refused transaction: one event, the batch's other replies awaited, then RSET
@@ -327,6 +377,14 @@ impl Peer {
             State::Banner => {
                 self.out.extend_from_slice(b"EHLO loadtest.test\r\n");
                 self.state = State::Ehlo;
+            }
+            State::Ehlo if relay.tls.is_some() && !self.under_tls => {
+                self.out.extend_from_slice(b"STARTTLS\r\n");
+                self.state = State::StartTls;
+            }
+            State::StartTls => {
+                self.start_tls = true;
+                self.state = State::Handshake;
             }
             State::Ehlo => self.start_message(now),
             State::Mail if pipeline => self.state = State::Rcpt,
@@ -349,7 +407,7 @@ impl Peer {
             }
             State::Rset => self.start_message(now),
             State::Quit => self.state = State::Finished,
-            State::Deny | State::Finished => {}
+            State::Deny | State::Handshake | State::Finished => {}
         }
         Ok(())
     }

@@ -21,6 +21,8 @@ pub struct Phase {
     pub checks: Vec<(String, bool)>,
     /// The latencies themselves (microseconds), for the plot.
     pub histogram: Histogram<u64>,
+    /// The spawned server's CPU time (user + system) per op during the phase, µs.
+    pub server_cpu_us: Option<f64>,
 }
 
 impl Phase {
@@ -35,6 +37,7 @@ impl Phase {
             errors: BTreeMap::new(),
             checks: Vec::new(),
             histogram: latency.clone(),
+            server_cpu_us: None,
         }
     }
 
@@ -93,6 +96,9 @@ impl Report {
             for (what, holds) in &p.checks {
                 let _ = writeln!(out, "    [{}] {what}", if *holds { "ok" } else { "FAILED" });
             }
+            if let Some(us) = p.server_cpu_us {
+                let _ = writeln!(out, "    mxgate's CPU per op: {us:.1} us");
+            }
         }
         out
     }
@@ -120,6 +126,7 @@ impl Report {
                     "errors": p.errors,
                     "checks": p.checks.iter().map(|(w, ok)| serde_json::json!({"check": w, "holds": ok})).collect::<Vec<_>>(),
                     "verdict": if p.passed() { "pass" } else { "fail" },
+                    "server_cpu_us_per_op": p.server_cpu_us,
                 })
             })
             .collect();

@@ -16,6 +16,9 @@
 //!   `--reload-every`: no connection errors.
 //! - `drain`: relay while the spawned mxgate gets SIGTERM: every message that got 250
 //!   arrived; the rest got a 4xx or a closed connection.
+//! - `tls`: `relay` three times: in clear, over STARTTLS with a full handshake on every
+//!   connection, and with resumed ones (TLS 1.3 tickets); the relay checks in each, and
+//!   (spawned) mxgate's CPU per message in each.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Plan, Progress};
-use crate::peer::{Relay, Script};
+use crate::peer::{Relay, Script, TlsClient};
 use crate::report::{Phase, Report};
 use crate::sink::Sink;
 use crate::sources::{Sources, check_target};
@@ -55,10 +58,11 @@ pub enum Scenario {
     Slowloris,
     Reload,
     Drain,
+    Tls,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::DenyStorm,
         Scenario::Relay,
         Scenario::Dictionary,
@@ -66,6 +70,7 @@ impl Scenario {
         Scenario::Slowloris,
         Scenario::Reload,
         Scenario::Drain,
+        Scenario::Tls,
     ];
 
     pub fn parse(name: &str) -> Result<Self, String> {
@@ -84,6 +89,7 @@ impl Scenario {
             Scenario::Slowloris => "slowloris",
             Scenario::Reload => "reload",
             Scenario::Drain => "drain",
+            Scenario::Tls => "tls",
         }
     }
 
@@ -132,7 +138,14 @@ pub struct Options {
     pub reload_every: Duration,
     /// The recipients' domain (a spawned mxgate relays `RCPT_DOMAIN`).
     pub domain: String,
+    /// `tls` with `--target`: the root the server's certificate chains to (PEM), and the
+    /// name it bears. A spawned mxgate gets a generated certificate for `SPAWNED_NAME`.
+    pub tls_root: Option<PathBuf>,
+    pub tls_name: String,
 }
+
+/// The spawned mxgate's hostname, and its certificate's name.
+pub const SPAWNED_NAME: &str = "mx.loadtest";
 
 impl Default for Options {
     fn default() -> Self {
@@ -155,6 +168,8 @@ impl Default for Options {
             unchecked: false,
             reload_every: Duration::from_millis(200),
             domain: RCPT_DOMAIN.into(),
+            tls_root: None,
+            tls_name: SPAWNED_NAME.into(),
         }
     }
 }
@@ -187,14 +202,23 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     };
     check_target(target)?;
     let groups = Groups::new(opts, target)?;
+    let server = spawned.as_ref().map(|s| s.child.id());
+    let server_cpu = |phase: &mut Phase, before: Option<u64>| {
+        if let (Some(before), Some(after)) = (before, server.and_then(cpu_ticks)) {
+            phase.server_cpu_us = Some(ticks_to_us(after.saturating_sub(before)) / phase.ops.max(1) as f64);
+        }
+    };
     let phases = match opts.scenario {
         Scenario::DenyStorm => {
             let tally = go(opts, std::slice::from_ref(&groups.deny), None)?.remove(0);
             vec![deny_phase("main", &tally)]
         }
         Scenario::Relay => {
+            let before = server.and_then(cpu_ticks);
             let tally = go(opts, std::slice::from_ref(&groups.relay), None)?.remove(0);
-            vec![relay_phase("main", &tally, sink.as_ref())]
+            let mut phase = relay_phase("main", &tally, sink.as_ref());
+            server_cpu(&mut phase, before);
+            vec![phase]
         }
         Scenario::Dictionary => {
             let tally = go(opts, std::slice::from_ref(&groups.dictionary), None)?.remove(0);
@@ -253,6 +277,39 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             }
             phases
         }
+        Scenario::Tls => {
+            let root = match (&spawned, &opts.tls_root) {
+                (Some(s), _) => s.tls_root.clone().ok_or("the spawned mxgate has no certificate")?,
+                (None, Some(path)) => read_root(path)?,
+                (None, None) => return Err("tls with --target needs --tls-root FILE (and --tls-name)".into()),
+            };
+            let mut phases = Vec::new();
+            for (name, resume) in [("plain", None), ("tls-full", Some(false)), ("tls-resumed", Some(true))] {
+                let plan = match resume {
+                    None => groups.relay.clone(),
+                    Some(resume) => groups.relay_over(tls_client(&root, &opts.tls_name, resume)?),
+                };
+                let before = server.and_then(cpu_ticks);
+                let tally = go(opts, std::slice::from_ref(&plan), None)?.remove(0);
+                let mut phase = relay_phase(name, &tally, sink.as_ref());
+                let (done, resumed) = (tally.handshakes, tally.resumed);
+                match resume {
+                    None => {}
+                    Some(false) => phase.check(format!("{done} full handshakes, {resumed} resumed"), resumed == 0),
+                    // the first connections have no ticket yet
+                    Some(true) => phase.check(
+                        format!("{resumed} of {done} handshakes resumed an earlier session"),
+                        resumed > 0 && resumed * 2 > done,
+                    ),
+                }
+                if resume.is_some() {
+                    phase.check(format!("{done} handshakes for {} connections", tally.connections), done > 0);
+                }
+                server_cpu(&mut phase, before);
+                phases.push(phase);
+            }
+            phases
+        }
         Scenario::Drain => {
             let pid = spawned.as_ref().map(|s| s.child.id());
             let tally = go(opts, std::slice::from_ref(&groups.relay), pid.map(|p| (opts.duration / 2, p)))?.remove(0);
@@ -269,8 +326,53 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     Ok(Report { scenario: opts.scenario.name().into(), phases })
 }
 
+/// A process's CPU time so far (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn ticks_to_us(ticks: u64) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 * 1e6 / hz as f64
+}
+
+/// A client configuration trusting `root` for `name`; `resume`: TLS 1.3 tickets are kept
+/// and used (shared by every connection of the run), else every handshake is full.
+fn tls_client(
+    root: &rustls::pki_types::CertificateDer<'static>,
+    name: &str,
+    resume: bool,
+) -> Result<TlsClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).map_err(|e| format!("the TLS root: {e}"))?;
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| format!("`{name}`: {e}"))?;
+    Ok(TlsClient { config: Arc::new(config), name })
+}
+
+/// The first certificate of a PEM file.
+fn read_root(path: &std::path::Path) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The peer groups a scenario may run.
 struct Groups {
+    relay_script: Relay,
     relay: Plan,
     /// Relay at half the concurrency (beside attackers).
     half_relay: Plan,
@@ -282,6 +384,11 @@ struct Groups {
 }
 
 impl Groups {
+    /// The relay group, over STARTTLS.
+    fn relay_over(&self, tls: TlsClient) -> Plan {
+        Plan { script: Arc::new(Script::Relay(self.relay_script.clone().with_tls(tls))), ..self.relay.clone() }
+    }
+
     fn new(opts: &Options, target: SocketAddr) -> Result<Groups, String> {
         let sources = |default: &str| -> Result<Arc<Sources>, String> {
             Ok(Arc::new(Sources::parse(opts.sources.as_deref().unwrap_or(default))?))
@@ -303,7 +410,8 @@ impl Groups {
             opts.messages_per_connection.max(1),
             opts.body_size,
         );
-        let relay = Script::Relay(if opts.unchecked { relay.unhashed() } else { relay });
+        let relay_script = if opts.unchecked { relay.unhashed() } else { relay };
+        let relay = Script::Relay(relay_script.clone());
         let dictionary = |whitelisted| Script::Dictionary {
             domain: opts.domain.clone(),
             ban_line: opts.expect.clone(),
@@ -314,6 +422,7 @@ impl Groups {
         let single = opts.scenario != Scenario::Mixed && opts.scenario != Scenario::Reload;
         let relay_sources = if single { sources(ALLOW_SOURCES)? } else { fixed(ALLOW_SOURCES)? };
         Ok(Groups {
+            relay_script: relay_script.clone(),
             relay: plan(relay.clone(), relay_sources.clone(), c),
             half_relay: Plan { duration: opts.duration / 2, ..plan(relay, relay_sources, c) },
             deny: Plan {
@@ -470,6 +579,8 @@ fn show_progress<T>(run: &std::thread::ScopedJoinHandle<'_, T>, progress: &Progr
 struct Spawned {
     child: Child,
     addr: SocketAddr,
+    /// `tls`: the generated certificate (its own root).
+    tls_root: Option<rustls::pki_types::CertificateDer<'static>>,
     _dir: TempDir,
 }
 
@@ -485,8 +596,8 @@ impl Spawned {
             Scenario::Slowloris => format!("{}s", SLOW_COMMAND_TIMEOUT.as_secs()),
             _ => "5m".into(),
         };
-        let config = format!(
-            "hostname = \"mx.loadtest\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nmax_connections = 100000\n\
+        let mut config = format!(
+            "hostname = \"{SPAWNED_NAME}\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nmax_connections = 100000\n\
              drain_timeout = \"10s\"\n[access]\nlist = \"access.list\"\n\
              [abuse]\nmax_connections_per_ip = 10000\nwhitelist = \"whitelist.list\"\n\
              [smtp]\ncommand_timeout = \"{command_timeout}\"\n\
@@ -495,9 +606,22 @@ impl Spawned {
         let write = |name: &str, text: &str| {
             std::fs::write(dir.0.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))
         };
-        write("mxgate.toml", &config)?;
         write("access.list", &format!("deny {deny}\n"))?;
         write("whitelist.list", &format!("{WHITELISTED_SOURCES}\n"))?;
+        let mut tls_root = None;
+        if opts.scenario == Scenario::Tls {
+            // ECDSA P-256, as most MX certificates today
+            let made = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).and_then(|key| {
+                let cert = rcgen::CertificateParams::new(vec![SPAWNED_NAME.to_owned()])?.self_signed(&key)?;
+                Ok((cert, key))
+            });
+            let (cert, key) = made.map_err(|e| format!("cannot make a certificate: {e}"))?;
+            write("cert.pem", &cert.pem())?;
+            write("key.pem", &key.serialize_pem())?;
+            config.push_str("[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+            tls_root = Some(cert.der().clone());
+        }
+        write("mxgate.toml", &config)?;
         let mut command = Command::new(path);
         command.arg("--config").arg(dir.0.join("mxgate.toml"));
         if let Some(io) = &opts.io {
@@ -515,7 +639,7 @@ impl Spawned {
                 }
             }
         });
-        let mut spawned = Spawned { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), _dir: dir };
+        let mut spawned = Spawned { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), tls_root, _dir: dir };
         let line =
             rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "the spawned mxgate did not start listening")?;
         spawned.addr = line

@@ -134,7 +134,8 @@ impl Connection {
         self.session.handle_eof(now);
     }
 
-    /// After anything that may have made the session say or want something: a STARTTLS
+    /// After every completion that may have made the session say or want something (the
+    /// detaching ones, `hop_closed` and `hop_released`, change neither): a STARTTLS
     /// just answered switches the transport (the 220 still goes out in clear), and the TLS
     /// layer moves what it can between rustls and the session.
     fn settle(&mut self, now: Instant) {
@@ -176,11 +177,13 @@ impl Connection {
     pub fn hop_connected(&mut self, now: Instant) {
         let upstream = Upstream::new(self.session.hostname());
         self.session.attach_upstream(upstream, false, now);
+        self.settle(now);
     }
 
     /// A pooled connection, ready for MAIL.
     pub(crate) fn hop_adopted(&mut self, upstream: Upstream, now: Instant) {
         self.session.attach_upstream(upstream, true, now);
+        self.settle(now);
     }
 
     pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {

@@ -1,12 +1,59 @@
-//! `idlepeers PORT N`: opens N sessions to an SMTP server on 127.0.0.1:PORT, each from its
-//! own source address in 127.88.0.0/16 and beyond, reads each banner and says EHLO, reads
-//! its reply, then holds them all open and idle. Prints `ready N` once every session is
-//! idle, then waits for its standard input to close (the script measures meanwhile) and
-//! closes them. Exit status 1 when a session did not get its banner and EHLO reply.
+//! `idlepeers PORT N [ROOT.pem NAME]`: opens N sessions to an SMTP server on
+//! 127.0.0.1:PORT, each from its own source address in 127.88.0.0/16 and beyond, reads
+//! each banner and says EHLO, reads its reply, then holds them all open and idle. With a
+//! root certificate and the server's name, each session first says STARTTLS, completes
+//! the handshake (the server's certificate checked against ROOT.pem for NAME) and says
+//! EHLO again under TLS. Prints `ready N` once every session is idle, then waits for its
+//! standard input to close (the script measures meanwhile) and closes them. Exit status 1
+//! when a session did not get its banner, its EHLO reply or its handshake.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A session held open: in clear, or under TLS.
+#[allow(dead_code, reason = "held only to keep the connection open")]
+enum Held {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+/// Reads one reply (all its lines); true when its code is `code`.
+fn reply(reader: &mut impl BufRead, code: &str) -> std::io::Result<bool> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(false);
+        }
+        if line.get(..3) != Some(code) {
+            return Ok(false);
+        }
+        if line.as_bytes().get(3) == Some(&b' ') {
+            return Ok(true);
+        }
+    }
+}
+
+fn starttls(stream: TcpStream, tls: &(Arc<rustls::ClientConfig>, ServerName<'static>)) -> std::io::Result<Held> {
+    let mut stream = stream;
+    stream.write_all(b"STARTTLS\r\n")?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if !reply(&mut reader, "220")? {
+        return Err(std::io::Error::other("STARTTLS refused"));
+    }
+    let conn = rustls::ClientConnection::new(Arc::clone(&tls.0), tls.1.clone()).map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    tls.write_all(b"EHLO idle.test\r\n")?;
+    if !reply(&mut BufReader::new(&mut tls), "250")? {
+        return Err(std::io::Error::other("EHLO under TLS refused"));
+    }
+    Ok(Held::Tls(Box::new(tls)))
+}
 
 fn session(source: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -40,11 +87,19 @@ fn main() {
         std::process::exit(2);
     };
     let n: u32 = n;
+    let tls = match (args.get(3), args.get(4)) {
+        (Some(root), Some(name)) => Some(client_config(root, name)),
+        _ => None,
+    };
     let mut held = Vec::with_capacity(n as usize);
     for i in 0..n {
         // 127.88.0.1 onwards: a source address of its own for each session
         let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 88, 0, 1)) + i);
-        match session(source, port) {
+        let opened = session(source, port).and_then(|s| match &tls {
+            Some(tls) => starttls(s, tls),
+            None => Ok(Held::Plain(s)),
+        });
+        match opened {
             Ok(s) => held.push(s),
             Err(e) => {
                 eprintln!("session {i}: {e}");
@@ -57,4 +112,24 @@ fn main() {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(held);
+}
+
+/// Trusts the one root in `root` (PEM) for the server named `name`.
+fn client_config(root: &str, name: &str) -> (Arc<rustls::ClientConfig>, ServerName<'static>) {
+    let mut roots = rustls::RootCertStore::empty();
+    let added = CertificateDer::pem_file_iter(root)
+        .map_err(|e| e.to_string())
+        .and_then(|certs| certs.map(|c| c.map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>())
+        .and_then(|certs| certs.into_iter().try_for_each(|c| roots.add(c).map_err(|e| e.to_string())));
+    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string());
+    match (added, name, config) {
+        (Ok(()), Ok(name), Ok(config)) => (Arc::new(config.with_root_certificates(roots).with_no_client_auth()), name),
+        (a, n, c) => {
+            eprintln!("idlepeers: {:?} {:?} {:?}", a.err(), n.err(), c.err());
+            std::process::exit(2);
+        }
+    }
 }

@@ -15,7 +15,7 @@ use loadtest::scenario::{self, Options, Scenario};
     about = "Load-tests mxgate with legitimate and hostile peers and checks every answer"
 )]
 struct Cli {
-    /// deny-storm, relay, dictionary, mixed, slowloris, reload or drain.
+    /// deny-storm, relay, dictionary, mixed, slowloris, reload, drain or tls.
     scenario: String,
     /// A running server on loopback to load.
     #[arg(long, value_name = "ADDR")]
@@ -64,6 +64,12 @@ struct Cli {
     /// `reload`: SIGHUP the spawned mxgate this often.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     reload_every: std::time::Duration,
+    /// `tls` with --target: the root certificate (PEM) the target's chains to.
+    #[arg(long, value_name = "FILE")]
+    tls_root: Option<PathBuf>,
+    /// `tls` with --target: the name the target's certificate bears.
+    #[arg(long, default_value = loadtest::scenario::SPAWNED_NAME)]
+    tls_name: String,
     /// The same figures as JSON, in this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -111,6 +117,8 @@ fn main() -> ExitCode {
         unchecked: cli.unchecked,
         reload_every: cli.reload_every,
         domain: cli.domain,
+        tls_root: cli.tls_root,
+        tls_name: cli.tls_name,
     };
     let report = match scenario::run(&opts) {
         Ok(r) => r,
