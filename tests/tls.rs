@@ -167,6 +167,16 @@ fn failed_handshakes_close_count_and_ban(io: &str) {
     let _ = tls.sock.flush();
 }
 
+/// A peer that says STARTTLS and never starts the handshake is cut off at the command
+/// timeout (nothing is said: neither in clear nor under TLS).
+fn a_stalled_handshake_is_cut_off(io: &str) {
+    let s = start(io, "[smtp]\ncommand_timeout = \"1s\"\n");
+    let mut plain = plain_until_starttls(&s, "127.0.9.10");
+    // (a read past the test's bound would end in an error, not EOF)
+    let (got, end) = read_to_end(&mut plain);
+    assert_eq!((got.as_str(), end), ("", common::End::Eof), "closed, nothing sent");
+}
+
 /// `require_tls`: MAIL in clear is refused, after STARTTLS it goes through.
 fn require_tls_refuses_mail_in_clear(io: &str) {
     let s = start(io, "[smtp]\nrequire_tls = true\n");
@@ -322,6 +332,7 @@ with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="client.test", s
 }
 
 for_both_drivers!(
+    a_stalled_handshake_is_cut_off,
     python_smtplib_sends_over_starttls,
     sni_picks_the_certificate,
     min_version_refuses_older_clients,

@@ -7,8 +7,10 @@
 //! ```text
 //!   STARTTLS ─► 220 in clear (first bytes of `out`) ─► handshake ─┬─ done ─► session reset
 //!                                                                  │         (tls_started)
-//!                                                                  └─ error ─► alert, close
-//!                                                                             (tls_failed)
+//!                                                                  ├─ error ─► alert, close
+//!                                                                  │          (tls_failed)
+//!                                                                  └─ the session's timeout
+//!                                                                     or the drain: close
 //!   after it:  peer bytes ─► pending ─► rustls ─► plaintext ─► session (when it reads)
 //!              session replies ─► rustls ─► records ─► out ─► peer
 //!              session closes ─► close_notify ─► out ─► Close
@@ -66,7 +68,13 @@ impl TlsLayer {
             return Transmit::Close;
         }
         if self.handshaking {
-            return if self.pending.is_empty() { Transmit::Receive } else { Transmit::Wait };
+            // the session says nothing during the handshake unless it gave up (its timeout,
+            // a drain): a reply can go neither in clear nor under TLS, so the connection ends
+            return match session.poll_transmit() {
+                Transmit::Receive | Transmit::Wait if self.pending.is_empty() => Transmit::Receive,
+                Transmit::Receive | Transmit::Wait => Transmit::Wait,
+                Transmit::Send(_) | Transmit::Close => Transmit::Close,
+            };
         }
         match session.poll_transmit() {
             Transmit::Close => Transmit::Close,

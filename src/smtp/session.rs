@@ -360,11 +360,6 @@ impl Session {
         self.phase = Phase::Closed;
     }
 
-    /// The TLS version and cipher the session runs under, if any.
-    pub fn tls(&self) -> Option<Negotiated> {
-        self.tls
-    }
-
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
         while self.phase == Phase::Open

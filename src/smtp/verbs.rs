@@ -35,7 +35,7 @@ impl Session {
             Verb::Vrfy => self.reply(CANNOT_VERIFY),
             Verb::Help => self.reply(HELP),
             Verb::Quit => self.quit(args, now),
-            Verb::StartTls => self.starttls(args, now),
+            Verb::StartTls => self.starttls(args),
             Verb::NotImplemented => self.reply(NOT_IMPLEMENTED),
             Verb::Unknown => self.reply(UNRECOGNIZED),
         }
@@ -63,7 +63,7 @@ impl Session {
     /// RFC 3207. After the 220 the connection starts the handshake (`take_starttls`);
     /// whatever the peer sent after this line is dropped unread: it was sent in clear,
     /// before the handshake, and would otherwise run as if it came under TLS.
-    fn starttls(&mut self, args: &[u8], _now: Instant) {
+    fn starttls(&mut self, args: &[u8]) {
         if !self.settings.starttls {
             return self.reply(NOT_IMPLEMENTED);
         }
@@ -83,7 +83,8 @@ impl Session {
             return self.reply(GREET_FIRST);
         };
         if self.settings.smtp.require_tls && self.tls.is_none() {
-            // policy, not a peer's mistake: not counted as a failure
+            // policy, not a peer's mistake: given without `emit`, which would count a 5xx
+            // (MAIL is processed only when no reply is owed, so it is in order)
             return self.out.push(TLS_FIRST);
         }
         if self.txn.is_some() {
