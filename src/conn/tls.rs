@@ -42,8 +42,6 @@ pub struct TlsLayer {
     handshaking: bool,
     failed: bool,
     close_notify: bool,
-    /// The session wrote since rustls's records last went out.
-    replied: bool,
 }
 
 impl TlsLayer {
@@ -58,7 +56,6 @@ impl TlsLayer {
             handshaking: true,
             failed: false,
             close_notify: false,
-            replied: false,
         })
     }
 
@@ -105,22 +102,12 @@ impl TlsLayer {
 
     /// Moves bytes between rustls and the session until neither can go on.
     pub fn settle(&mut self, session: &mut Session, now: Instant) {
-        let was_handshaking = self.handshaking;
         while !self.failed && self.step(session, now) {}
-        // After a TLS 1.3 handshake, records go out with the session's replies: the ticket
-        // rustls queues when the handshake ends rides with the reply to the peer's EHLO
-        // (one send instead of two; the peer does not wait for it). A TLS 1.2 handshake
-        // ends with the server's own Finished, which the peer waits for.
-        let tls12_end = was_handshaking
-            && !self.handshaking
-            && self.tls.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3);
-        let now_or_later = self.handshaking || tls12_end || self.failed || self.close_notify || self.replied;
-        while now_or_later && self.tls.wants_write() {
+        while self.tls.wants_write() {
             if self.tls.write_tls(&mut self.out).is_err() {
                 break;
             }
         }
-        self.replied = false;
         if self.pending.is_empty() && self.pending.capacity() > KEEP {
             self.pending = Vec::new();
         }
@@ -175,7 +162,6 @@ impl TlsLayer {
         if let Transmit::Send(bytes) = session.poll_transmit() {
             let n = self.tls.writer().write(bytes).unwrap_or(0);
             if n > 0 {
-                self.replied = true;
                 session.consume_output(n);
                 moved = true;
             }
