@@ -120,6 +120,22 @@ pub struct Relay {
     pub max_idle_connections: u32,
     /// How long an idle next-hop connection is kept.
     pub idle_timeout: Duration,
+    /// STARTTLS to the next hop.
+    pub tls: RelayTls,
+    /// Roots the next hops' certificates must chain to (PEM); none: the machine's store.
+    pub tls_ca: Option<PathBuf>,
+    /// Check the next hop's certificate (chain and name); false: any certificate will do
+    /// (the handshake's own signature is still checked).
+    pub tls_verify: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayTls {
+    Off,
+    /// STARTTLS when the next hop offers it, in clear otherwise.
+    Opportunistic,
+    /// A next hop without STARTTLS, or whose handshake fails, is a failed next hop.
+    Required,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +210,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("relay", "reply_timeout"),
     ("relay", "max_idle_connections"),
     ("relay", "idle_timeout"),
+    ("relay", "tls"),
+    ("relay", "tls_ca"),
+    ("relay", "tls_verify"),
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "min_version"),
@@ -345,6 +364,16 @@ impl Config {
             max_idle_connections: r.value(t, "relay", "max_idle_connections", |v| int_in(v, 0, 10_000)).unwrap_or(32)
                 as u32,
             idle_timeout: r.value(t, "relay", "idle_timeout", positive_duration).unwrap_or(Duration::from_secs(30)),
+            tls: r
+                .value(t, "relay", "tls", |v| match str_of(v)? {
+                    "off" => Ok(RelayTls::Off),
+                    "opportunistic" => Ok(RelayTls::Opportunistic),
+                    "required" => Ok(RelayTls::Required),
+                    other => Err(format!("`{other}`: \"off\", \"opportunistic\" or \"required\"")),
+                })
+                .unwrap_or(RelayTls::Off),
+            tls_ca: r.path(t, "relay", "tls_ca"),
+            tls_verify: r.value(t, "relay", "tls_verify", boolean).unwrap_or(true),
         };
 
         let t = r.section(root, "tls", &keys_of("tls"));

@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub smtp: Arc<smtp::Settings>,
     /// STARTTLS's configuration, when `[tls]` is given.
     pub tls: Option<TlsSettings>,
+    /// The client side of STARTTLS to next hops, when `[relay] tls` is not "off".
+    pub relay_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Snapshot {
@@ -42,17 +44,21 @@ impl Snapshot {
             None => AccessList::empty(Action::Deny),
         };
         let tls = config.tls.as_ref().and_then(|t| TlsSettings::load(t, UnixTime::now().0, &mut problems));
+        let file = config.file.clone().unwrap_or_default();
+        let relay_tls = crate::tls::relay_client(&config.relay, &file, &mut problems);
         if !problems.is_empty() {
             return Err(Problems(problems));
         }
-        Ok(Snapshot::new(config, access, whitelist, tls))
+        let mut snapshot = Snapshot::new(config, access, whitelist, tls);
+        snapshot.relay_tls = relay_tls;
+        Ok(snapshot)
     }
 
     /// A snapshot from parts already loaded.
     pub fn new(config: Config, access: AccessList, whitelist: AccessList, tls: Option<TlsSettings>) -> Self {
         let smtp = Arc::new(smtp::Settings::new(&config, tls.is_some()));
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp, tls }
+        Snapshot { generation, config, access, whitelist, smtp, tls, relay_tls: None }
     }
 
     /// What works but needs the operator's attention soon (a certificate near its end).

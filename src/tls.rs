@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ProducesTickets, ServerConfig};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{Tls, TlsVersion};
+use crate::config::{Relay, RelayTls, Tls, TlsVersion};
 use crate::problem::Problem;
 
 /// A certificate this close to its end gets a warning from `mxgate check` and at load.
@@ -197,6 +197,106 @@ fn certified_key(
         return None;
     }
     Some(Arc::new(certified))
+}
+
+/// The client configuration for STARTTLS to next hops, when `[relay] tls` is not "off":
+/// the roots of `tls_ca` (or of this machine's trust store), or, without `tls_verify`,
+/// any certificate. `file`: the configuration, named by a problem with the machine's store.
+pub fn relay_client(relay: &Relay, file: &Path, problems: &mut Vec<Problem>) -> Option<Arc<rustls::ClientConfig>> {
+    if relay.tls == RelayTls::Off {
+        return None;
+    }
+    let builder = match rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions() {
+        Ok(b) => b,
+        Err(e) => {
+            problems.push(Problem::in_file(file, format!("relay.tls: {e}")));
+            return None;
+        }
+    };
+    let config = if relay.tls_verify {
+        let roots = match &relay.tls_ca {
+            Some(ca) => ca_roots(ca, problems)?,
+            None => machine_roots(file, problems)?,
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCertificate(provider()))).with_no_client_auth()
+    };
+    Some(Arc::new(config))
+}
+
+/// The certificates of a PEM file, as roots.
+fn ca_roots(ca: &Path, problems: &mut Vec<Problem>) -> Option<rustls::RootCertStore> {
+    let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(ca).map(|i| i.collect()) {
+        Ok(Ok(certs)) => certs,
+        Ok(Err(e)) | Err(e) => {
+            problems.push(Problem::in_file(ca, format!("not PEM certificates: {}", pem_error(&e))));
+            return None;
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(certs);
+    if ignored > 0 || added == 0 {
+        problems.push(Problem::in_file(ca, format!("{added} usable root certificates, {ignored} unusable")));
+        return None;
+    }
+    Some(roots)
+}
+
+/// This machine's trust store (where operators put their own CA), read at every load.
+fn machine_roots(file: &Path, problems: &mut Vec<Problem>) -> Option<rustls::RootCertStore> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+        problems.push(Problem::in_file(
+            file,
+            format!("relay.tls: no root certificate in this machine's trust store{why}: give relay.tls_ca"),
+        ));
+        return None;
+    }
+    Some(roots)
+}
+
+/// `tls_verify = false`: any certificate, any name; the handshake's signature is still
+/// checked against the certificate presented.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A PEM error in words (the library's own text shows bytes as numbers).

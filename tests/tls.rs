@@ -373,3 +373,23 @@ fn check_validates_certificates() {
     let (code, out) = check(&soon, &soon_key);
     assert!(code == 0 && out.contains("warning: ") && out.contains("cert.pem: the certificate expires on "), "{out}");
 }
+
+/// `[relay] tls`: its client configuration is built and checked with the rest; a CA file
+/// that is not one is named.
+#[test]
+fn check_validates_the_next_hops_tls_settings() {
+    let check = |relay: &str, files: &[(&str, &str)]| {
+        let config = format!("[relay]\ndomains = [\"example.com\"]\n{relay}");
+        let files = common::Files::new(&config, files);
+        run_cli(&["check"], &files.config())
+    };
+    let (ca, _, _) = certificate(&["hop.test"]);
+    let (code, out) = check("tls = \"required\"\ntls_ca = \"ca.pem\"\n", &[("ca.pem", &ca)]);
+    assert!(code == 0 && out.contains("valid"), "{out}");
+    let (code, out) = check("tls = \"required\"\ntls_ca = \"ca.pem\"\n", &[("ca.pem", "no certificates\n")]);
+    assert!(code != 0 && out.contains("ca.pem: 0 usable root certificates"), "{out}");
+    let (code, out) = check("tls = \"opportunistic\"\ntls_verify = false\n", &[]);
+    assert!(code == 0, "no roots needed without verification: {out}");
+    let (code, out) = check("tls = \"sometimes\"\n", &[]);
+    assert!(code != 0 && out.contains("relay.tls: `sometimes`"), "{out}");
+}
