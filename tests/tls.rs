@@ -112,6 +112,25 @@ fn relay_over_tls(io: &str, version: &'static rustls::SupportedProtocolVersion, 
     assert!(wire.ends_with(&body), "byte-exact after the Received header");
 }
 
+/// A body far larger than rustls's buffers and the relay's high-water mark, pipelined
+/// with the commands in big writes: every byte arrives, in order.
+fn big_bodies_under_tls_arrive_whole(io: &str) {
+    let s = start(io, "[smtp]\nmax_message_size = \"8MiB\"\n");
+    let plain = plain_until_starttls(&s, "127.0.9.11");
+    let mut tls = handshake(plain, client_config(&s.root, &rustls::version::TLS13));
+    send(&mut tls, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n");
+    let replies = read_replies(&mut tls, 4);
+    assert!(replies.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"), "{replies}");
+    let line: Vec<u8> = (0..998).map(|i| b'a' + (i % 26) as u8).chain(*b"\r\n").collect();
+    let body: Vec<u8> = line.repeat(3000); // 3 MB
+    send(&mut tls, &body);
+    send(&mut tls, b".\r\nQUIT\r\n");
+    let end = read_replies(&mut tls, 2);
+    assert!(end.starts_with("250 2.0.0 OK: queued as "), "{end}");
+    let got = s.hop.wait_messages(1);
+    assert!(got[0].wire_body.ends_with(&body), "3 MB byte-exact");
+}
+
 fn relays_over_tls_1_3(io: &str) {
     relay_over_tls(io, &rustls::version::TLS13, "TLSv1.3", "TLS_AES_128_GCM_SHA256");
 }
@@ -334,6 +353,7 @@ with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="client.test", s
 }
 
 for_both_drivers!(
+    big_bodies_under_tls_arrive_whole,
     a_stalled_handshake_is_cut_off,
     python_smtplib_sends_over_starttls,
     sni_picks_the_certificate,
