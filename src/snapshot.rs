@@ -49,16 +49,20 @@ impl Snapshot {
         if !problems.is_empty() {
             return Err(Problems(problems));
         }
-        let mut snapshot = Snapshot::new(config, access, whitelist, tls);
-        snapshot.relay_tls = relay_tls;
-        Ok(snapshot)
+        Ok(Snapshot::new(config, access, whitelist, tls, relay_tls))
     }
 
     /// A snapshot from parts already loaded.
-    pub fn new(config: Config, access: AccessList, whitelist: AccessList, tls: Option<TlsSettings>) -> Self {
+    pub fn new(
+        config: Config,
+        access: AccessList,
+        whitelist: AccessList,
+        tls: Option<TlsSettings>,
+        relay_tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let smtp = Arc::new(smtp::Settings::new(&config, tls.is_some()));
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp, tls, relay_tls: None }
+        Snapshot { generation, config, access, whitelist, smtp, tls, relay_tls }
     }
 
     /// What works but needs the operator's attention soon (a certificate near its end).
@@ -69,7 +73,7 @@ impl Snapshot {
     /// A snapshot of `config` with empty lists and no TLS.
     pub fn without_lists(config: Config) -> Self {
         let access = AccessList::empty(config.access.default);
-        Snapshot::new(config, access, AccessList::empty(Action::Deny), None)
+        Snapshot::new(config, access, AccessList::empty(Action::Deny), None, None)
     }
 }
 

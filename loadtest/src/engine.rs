@@ -16,8 +16,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::attack::{Dictionary, Slow};
-use crate::peer::{Event, Failure, Peer, Script, TlsClient};
+use crate::peer::{Event, Failure, Peer, Script};
 use crate::sources::Sources;
+use crate::tls::TlsClient;
 
 /// How long a slot waits after a refused connect.
 const CONNECT_RETRY: Duration = Duration::from_millis(20);

@@ -9,6 +9,7 @@
 //! - [`sink`]: the next hop that counts and hashes every message relayed to it;
 //! - [`scenario`]: the scenarios and the mxgate a run may start for itself;
 //! - [`report`]: the summary table and the JSON;
+//! - [`tls`]: the client side of STARTTLS and self-signed certificates;
 //! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes.
 
 pub mod attack;
@@ -20,3 +21,4 @@ pub mod report;
 pub mod scenario;
 pub mod sink;
 pub mod sources;
+pub mod tls;

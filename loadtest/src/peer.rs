@@ -16,6 +16,8 @@ use std::hash::Hasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::TlsClient;
+
 /// What a peer does.
 #[derive(Clone, Debug)]
 pub enum Script {
@@ -36,14 +38,6 @@ pub enum Script {
     Slow {
         trickle: bool,
     },
-}
-
-/// What a relaying peer needs for STARTTLS: the client configuration (its session cache
-/// decides whether handshakes resume) and the name the server's certificate must bear.
-#[derive(Clone, Debug)]
-pub struct TlsClient {
-    pub config: Arc<rustls::ClientConfig>,
-    pub name: rustls::pki_types::ServerName<'static>,
 }
 
 #[derive(Clone, Debug)]

@@ -29,10 +29,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Plan, Progress};
-use crate::peer::{Relay, Script, TlsClient};
+use crate::peer::{Relay, Script};
 use crate::report::{Phase, Report};
 use crate::sink::Sink;
 use crate::sources::{Sources, check_target};
+use crate::tls::{TlsClient, read_root, self_signed};
 
 /// Denied peers come from here by default (the spawned mxgate denies it).
 pub const DENY_SOURCES: &str = "127.66.0.0/16";
@@ -287,7 +288,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             for (name, resume) in [("plain", None), ("tls-full", Some(false)), ("tls-resumed", Some(true))] {
                 let plan = match resume {
                     None => groups.relay.clone(),
-                    Some(resume) => groups.relay_over(tls_client(&root, &opts.tls_name, resume)?),
+                    Some(resume) => groups.relay_over(TlsClient::new(root.clone(), &opts.tls_name, resume)?),
                 };
                 let before = server.and_then(cpu_ticks);
                 let tally = go(opts, std::slice::from_ref(&plan), None)?.remove(0);
@@ -340,34 +341,6 @@ fn ticks_to_us(ticks: u64) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
     ticks as f64 * 1e6 / hz as f64
-}
-
-/// A client configuration trusting `root` for `name`; `resume`: TLS 1.3 tickets are kept
-/// and used (shared by every connection of the run), else every handshake is full.
-fn tls_client(
-    root: &rustls::pki_types::CertificateDer<'static>,
-    name: &str,
-    resume: bool,
-) -> Result<TlsClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).map_err(|e| format!("the TLS root: {e}"))?;
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    if !resume {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
-    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| format!("`{name}`: {e}"))?;
-    Ok(TlsClient { config: Arc::new(config), name })
-}
-
-/// The first certificate of a PEM file.
-fn read_root(path: &std::path::Path) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The peer groups a scenario may run.
@@ -610,16 +583,12 @@ impl Spawned {
         write("whitelist.list", &format!("{WHITELISTED_SOURCES}\n"))?;
         let mut tls_root = None;
         if opts.scenario == Scenario::Tls {
-            // ECDSA P-256, as most MX certificates today
-            let made = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).and_then(|key| {
-                let cert = rcgen::CertificateParams::new(vec![SPAWNED_NAME.to_owned()])?.self_signed(&key)?;
-                Ok((cert, key))
-            });
-            let (cert, key) = made.map_err(|e| format!("cannot make a certificate: {e}"))?;
-            write("cert.pem", &cert.pem())?;
-            write("key.pem", &key.serialize_pem())?;
+            let (cert, key, der) =
+                self_signed(&[SPAWNED_NAME.to_owned()]).map_err(|e| format!("cannot make a certificate: {e}"))?;
+            write("cert.pem", &cert)?;
+            write("key.pem", &key)?;
             config.push_str("[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
-            tls_root = Some(cert.der().clone());
+            tls_root = Some(der);
         }
         write("mxgate.toml", &config)?;
         let mut command = Command::new(path);

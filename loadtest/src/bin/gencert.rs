@@ -8,12 +8,8 @@ fn main() {
         eprintln!("usage: gencert DIR NAME...");
         std::process::exit(2);
     };
-    let made = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).and_then(|key| {
-        let cert = rcgen::CertificateParams::new(names.to_vec())?.self_signed(&key)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    });
-    let written = made.map_err(|e| e.to_string()).and_then(|(cert, key)| {
-        let dir = std::path::Path::new(dir);
+    let dir = std::path::Path::new(dir);
+    let written = loadtest::tls::self_signed(names).and_then(|(cert, key, _)| {
         std::fs::write(dir.join("cert.pem"), cert)
             .and_then(|()| std::fs::write(dir.join("key.pem"), key))
             .map_err(|e| e.to_string())

@@ -2,7 +2,7 @@
 //! 127.0.0.1:PORT, each from its own source address in 127.88.0.0/16 and beyond, reads
 //! each banner and says EHLO, reads its reply, then holds them all open and idle. With a
 //! root certificate and the server's name, each session first says STARTTLS, completes
-//! the handshake (the server's certificate checked against ROOT.pem for NAME) and says
+//! a full TLS 1.3 handshake (the server's certificate checked against ROOT.pem for NAME) and says
 //! EHLO again under TLS. Prints `ready N` once every session is idle, then waits for its
 //! standard input to close (the script measures meanwhile) and closes them. Exit status 1
 //! when a session did not get its banner, its EHLO reply or its handshake.
@@ -12,8 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use loadtest::tls::{TlsClient, read_root};
 
 /// A session held open: in clear, or under TLS.
 #[allow(dead_code, reason = "held only to keep the connection open")]
@@ -39,14 +38,15 @@ fn reply(reader: &mut impl BufRead, code: &str) -> std::io::Result<bool> {
     }
 }
 
-fn starttls(stream: TcpStream, tls: &(Arc<rustls::ClientConfig>, ServerName<'static>)) -> std::io::Result<Held> {
+fn starttls(stream: TcpStream, tls: &TlsClient) -> std::io::Result<Held> {
     let mut stream = stream;
     stream.write_all(b"STARTTLS\r\n")?;
     let mut reader = BufReader::new(stream.try_clone()?);
     if !reply(&mut reader, "220")? {
         return Err(std::io::Error::other("STARTTLS refused"));
     }
-    let conn = rustls::ClientConnection::new(Arc::clone(&tls.0), tls.1.clone()).map_err(std::io::Error::other)?;
+    let conn =
+        rustls::ClientConnection::new(Arc::clone(&tls.config), tls.name.clone()).map_err(std::io::Error::other)?;
     let mut tls = rustls::StreamOwned::new(conn, stream);
     tls.write_all(b"EHLO idle.test\r\n")?;
     if !reply(&mut BufReader::new(&mut tls), "250")? {
@@ -88,7 +88,16 @@ fn main() {
     };
     let n: u32 = n;
     let tls = match (args.get(3), args.get(4)) {
-        (Some(root), Some(name)) => Some(client_config(root, name)),
+        // a full handshake for each session
+        (Some(root), Some(name)) => {
+            match read_root(std::path::Path::new(root)).and_then(|r| TlsClient::new(r, name, false)) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    eprintln!("idlepeers: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
         _ => None,
     };
     let mut held = Vec::with_capacity(n as usize);
@@ -112,24 +121,4 @@ fn main() {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(held);
-}
-
-/// Trusts the one root in `root` (PEM) for the server named `name`.
-fn client_config(root: &str, name: &str) -> (Arc<rustls::ClientConfig>, ServerName<'static>) {
-    let mut roots = rustls::RootCertStore::empty();
-    let added = CertificateDer::pem_file_iter(root)
-        .map_err(|e| e.to_string())
-        .and_then(|certs| certs.map(|c| c.map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>())
-        .and_then(|certs| certs.into_iter().try_for_each(|c| roots.add(c).map_err(|e| e.to_string())));
-    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string());
-    match (added, name, config) {
-        (Ok(()), Ok(name), Ok(config)) => (Arc::new(config.with_root_certificates(roots).with_no_client_auth()), name),
-        (a, n, c) => {
-            eprintln!("idlepeers: {:?} {:?} {:?}", a.err(), n.err(), c.err());
-            std::process::exit(2);
-        }
-    }
 }
