@@ -437,12 +437,12 @@ fn connect(source: SocketAddr, target: SocketAddr, nodelay: bool) -> io::Result<
     Ok(TcpStream::from_std(socket.into()))
 }
 
-/// Moves what bytes can move; `Ok(true)`: the conversation ended as expected, `Err`: it
-/// failed, `Ok(false)`: it waits. A connect still under way or refused shows in the
-/// first read or write (no extra system call to ask).
-/// Moves a conversation's bytes until the socket would block. `read_closed`: the poll
-/// said the server's FIN has arrived, so a read that leaves data in the kernel's queue
-/// (one not filling `buf`) has taken the last bytes: the close needs no read of its own.
+/// Moves a conversation's bytes until the socket would block; `Ok(true)`: it ended as
+/// expected, `Err`: it failed, `Ok(false)`: it waits. A connect still under way or refused
+/// shows in the first read or write (no extra system call to ask). `read_closed`: the poll
+/// said the server's FIN has arrived; a conversation that has all it waited for (a deny
+/// line) and whose read did not fill `buf` needs no read of its own for the close. Any
+/// other ends only on a read of 0 (a read may return before all that came is queued).
 fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Result<bool, &'static str> {
     let failed = |e: io::Error| match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect",
@@ -476,7 +476,7 @@ fn step(conn: &mut Conn, buf: &mut [u8], now: Instant, read_closed: bool) -> Res
                     conn.tls = Some(Box::new(client));
                     return step_tls(conn, buf, now);
                 }
-                if read_closed && n < buf.len() {
+                if read_closed && n < buf.len() && conn.peer.finished() {
                     return conn.peer.eof().map(|()| true).map_err(|f| f.name());
                 }
             }
