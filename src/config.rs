@@ -127,9 +127,11 @@ pub struct Relay {
     /// Check the next hop's certificate (chain and name); false: any certificate will do
     /// (the handshake's own signature is still checked).
     pub tls_verify: bool,
+    /// The name next hops' certificates must carry; none: each next hop's IP address.
+    pub tls_name: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RelayTls {
     Off,
     /// STARTTLS when the next hop offers it, in clear otherwise.
@@ -213,6 +215,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("relay", "tls"),
     ("relay", "tls_ca"),
     ("relay", "tls_verify"),
+    ("relay", "tls_name"),
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "min_version"),
@@ -374,6 +377,13 @@ impl Config {
                 .unwrap_or(RelayTls::Off),
             tls_ca: r.path(t, "relay", "tls_ca"),
             tls_verify: r.value(t, "relay", "tls_verify", boolean).unwrap_or(true),
+            tls_name: r.value(t, "relay", "tls_name", |v| {
+                let name = str_of(v)?;
+                match rustls::pki_types::ServerName::try_from(name) {
+                    Ok(_) => Ok(name.to_ascii_lowercase()),
+                    Err(_) => Err(format!("`{name}`: not a DNS name or IP address")),
+                }
+            }),
         };
 
         let t = r.section(root, "tls", &keys_of("tls"));

@@ -352,7 +352,137 @@ with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="client.test", s
     );
 }
 
+// ---- STARTTLS to the next hop ([relay] tls) ---------------------------------------------
+
+/// mxgate (one worker, so that sessions share its pool) relaying to `hops` in order,
+/// `relay` added to `[relay]`.
+fn relaying(io: &str, hops: &[SocketAddr], relay: &str, files: &[(&str, &str)]) -> Mxgate {
+    let hops = hops.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ");
+    let config = format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 1\n\
+         [relay]\ndomains = [\"example.com\"]\nnext_hops = [{hops}]\n{relay}"
+    );
+    Mxgate::start(&config, files, io)
+}
+
+/// One message in clear from `source`: the reply to its final dot, or the refusal of MAIL.
+fn one_message(m: &Mxgate, source: &str) -> String {
+    let mut c = connect_from(source, m.addr());
+    assert!(read_replies(&mut c, 1).starts_with("220 "));
+    send(&mut c, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n");
+    let mail = read_replies(&mut c, 2);
+    if !mail.ends_with("250 2.1.0 sender OK\r\n") {
+        return mail.lines().last().unwrap_or_default().to_owned();
+    }
+    send(&mut c, b"RCPT TO:<user@example.com>\r\nDATA\r\n");
+    assert!(read_replies(&mut c, 2).contains("354 "));
+    send(&mut c, b"Subject: to the next hop\r\n\r\nhello\r\n.\r\nQUIT\r\n");
+    let end = read_replies(&mut c, 2);
+    assert!(end.ends_with("221 2.0.0 mx.test closing connection\r\n"), "{end}");
+    end.lines().next().unwrap_or_default().to_owned()
+}
+
+const QUEUED: &str = "250 2.0.0 OK: queued as ";
+const HOP_FAILED: &str = "451 4.4.1 next hop unavailable, try again later";
+
+/// Opportunistic against a next hop offering STARTTLS: the handshake (its certificate
+/// checked against `tls_ca`, for its IP address), EHLO again, the message under TLS; the
+/// next session reuses the pooled connection, still under TLS.
+fn relays_to_the_next_hop_under_starttls(io: &str) {
+    let (cert, key, _) = certificate(&["127.0.0.1"]);
+    let hop = NextHop::start_tls(AtDot::Accept, &cert, &key);
+    let relay = "tls = \"opportunistic\"\ntls_ca = \"hop-ca.pem\"\n";
+    let m = relaying(io, &[hop.addr], relay, &[("hop-ca.pem", &cert)]);
+    for (i, source) in ["127.0.9.31", "127.0.9.32"].into_iter().enumerate() {
+        let end = one_message(&m, source);
+        assert!(end.starts_with(QUEUED), "{end}");
+        let got = hop.wait_messages(i + 1);
+        assert!(got.len() == i + 1 && got[i].tls, "message {i} under TLS");
+    }
+    assert_eq!(hop.connections(), 1, "the pooled connection kept its TLS");
+    let commands = hop.commands();
+    assert_eq!(commands[..3], ["EHLO mx.test", "STARTTLS", "EHLO mx.test"], "{commands:?}");
+    assert_eq!(commands.iter().filter(|c| *c == "STARTTLS").count(), 1, "{commands:?}");
+}
+
+/// Opportunistic against a next hop without STARTTLS: in clear.
+fn opportunistic_goes_on_in_clear(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = relaying(io, &[hop.addr], "tls = \"opportunistic\"\ntls_verify = false\n", &[]);
+    assert!(one_message(&m, "127.0.9.33").starts_with(QUEUED));
+    let got = hop.wait_messages(1);
+    assert!(got.len() == 1 && !got[0].tls);
+}
+
+/// Required: a next hop without STARTTLS, or whose certificate is not trusted, is a failed
+/// next hop: the next one in order gets the message; none left: 451.
+fn required_skips_next_hops_without_trusted_tls(io: &str) {
+    let (cert, key, _) = certificate(&["127.0.0.1"]);
+    let (stranger_cert, stranger_key, _) = certificate(&["127.0.0.1"]);
+    let clear = NextHop::start(AtDot::Accept);
+    let untrusted = NextHop::start_tls(AtDot::Accept, &stranger_cert, &stranger_key);
+    let good = NextHop::start_tls(AtDot::Accept, &cert, &key);
+    let relay = "tls = \"required\"\ntls_ca = \"hop-ca.pem\"\n";
+    let m = relaying(io, &[clear.addr, untrusted.addr, good.addr], relay, &[("hop-ca.pem", &cert)]);
+    assert!(one_message(&m, "127.0.9.34").starts_with(QUEUED));
+    let got = good.wait_messages(1);
+    assert!(got.len() == 1 && got[0].tls);
+    for (name, hop) in [("clear", &clear), ("untrusted", &untrusted)] {
+        let commands = hop.commands();
+        assert!(hop.connections() >= 1 && !commands.iter().any(|c| c.starts_with("MAIL")), "{name}: {commands:?}");
+    }
+    assert_eq!(clear.commands(), ["EHLO mx.test"], "never asked in clear");
+    let m = relaying(io, &[clear.addr, untrusted.addr], relay, &[("hop-ca.pem", &cert)]);
+    assert_eq!(one_message(&m, "127.0.9.35"), HOP_FAILED);
+    assert!(clear.messages().is_empty() && untrusted.messages().is_empty());
+}
+
+/// `tls_verify = false` takes any certificate; `tls_name` is the name checked instead of
+/// the address.
+fn tls_verify_and_tls_name(io: &str) {
+    let (stranger_cert, stranger_key, _) = certificate(&["127.0.0.1"]);
+    let hop = NextHop::start_tls(AtDot::Accept, &stranger_cert, &stranger_key);
+    let m = relaying(io, &[hop.addr], "tls = \"required\"\ntls_verify = false\n", &[]);
+    assert!(one_message(&m, "127.0.9.36").starts_with(QUEUED));
+    assert!(hop.wait_messages(1)[0].tls);
+
+    let (cert, key, _) = certificate(&["hop.internal"]);
+    let named = NextHop::start_tls(AtDot::Accept, &cert, &key);
+    let files = [("hop-ca.pem", cert.as_str())];
+    let m = relaying(io, &[named.addr], "tls = \"required\"\ntls_ca = \"hop-ca.pem\"\n", &files);
+    assert_eq!(one_message(&m, "127.0.9.37"), HOP_FAILED, "its certificate does not name 127.0.0.1");
+    let relay = "tls = \"required\"\ntls_ca = \"hop-ca.pem\"\ntls_name = \"hop.internal\"\n";
+    let m = relaying(io, &[named.addr], relay, &files);
+    assert!(one_message(&m, "127.0.9.38").starts_with(QUEUED));
+    assert!(named.wait_messages(1)[0].tls);
+}
+
+/// A body far larger than rustls's buffers and the records held for the next hop, sent
+/// in big writes: every byte arrives, in order, under TLS.
+fn big_bodies_to_a_tls_next_hop_arrive_whole(io: &str) {
+    let (cert, key, _) = certificate(&["127.0.0.1"]);
+    let hop = NextHop::start_tls(AtDot::Accept, &cert, &key);
+    let relay = "tls = \"required\"\ntls_ca = \"hop-ca.pem\"\n[smtp]\nmax_message_size = \"8MiB\"\n";
+    let m = relaying(io, &[hop.addr], relay, &[("hop-ca.pem", &cert)]);
+    let mut c = connect_from("127.0.9.39", m.addr());
+    send(&mut c, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n");
+    let replies = read_replies(&mut c, 5);
+    assert!(replies.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"), "{replies}");
+    let line: Vec<u8> = (0..998).map(|i| b'A' + (i % 26) as u8).chain(*b"\r\n").collect();
+    let body: Vec<u8> = line.repeat(3000); // 3 MB
+    send(&mut c, &body);
+    send(&mut c, b".\r\n");
+    assert!(read_replies(&mut c, 1).starts_with(QUEUED));
+    let got = hop.wait_messages(1);
+    assert!(got[0].tls && got[0].wire_body.ends_with(&body), "3 MB byte-exact under TLS");
+}
+
 for_both_drivers!(
+    relays_to_the_next_hop_under_starttls,
+    opportunistic_goes_on_in_clear,
+    required_skips_next_hops_without_trusted_tls,
+    tls_verify_and_tls_name,
+    big_bodies_to_a_tls_next_hop_arrive_whole,
     big_bodies_under_tls_arrive_whole,
     a_stalled_handshake_is_cut_off,
     python_smtplib_sends_over_starttls,

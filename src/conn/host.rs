@@ -321,11 +321,11 @@ fn hop<I: Io>(
 ) -> bool {
     match conn.poll_hop() {
         Relay::Connect { addr, pooled_ok } => {
-            let pooled = if pooled_ok { pool.take(addr) } else { None };
-            if let Some((socket, upstream)) = pooled
+            let pooled = if pooled_ok { pool.take(addr, conn.snapshot().config.relay.tls) } else { None };
+            if let Some((socket, hop)) = pooled
                 && io.adopt(id, sockets, socket)
             {
-                conn.hop_adopted(upstream, now);
+                conn.hop_adopted(hop, now);
                 return true;
             }
             conn.hop_dialing();
@@ -337,9 +337,9 @@ fn hop<I: Io>(
         }
         Relay::Release => match io.unplug(sockets) {
             Some(pooled) => {
-                if let Some((upstream, addr)) = conn.hop_released() {
+                if let Some((hop, addr)) = conn.hop_released() {
                     let max = conn.snapshot().config.relay.max_idle_connections as usize;
-                    drop(pool.put(addr, pooled, upstream, max, now));
+                    drop(pool.put(addr, pooled, hop, max, now));
                 }
                 true
             }

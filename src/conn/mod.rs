@@ -55,6 +55,14 @@ pub enum Transport {
     Tls(Box<tls::TlsLayer>),
 }
 
+/// A next-hop connection's state apart from its socket (its client, and its TLS after
+/// STARTTLS): what the pool keeps with the socket between sessions.
+#[derive(Debug)]
+pub(crate) struct HopState {
+    pub up: Upstream,
+    pub tls: Option<Box<tls::HopTls>>,
+}
+
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
 #[derive(Debug)]
 pub struct Connection {
@@ -63,6 +71,8 @@ pub struct Connection {
     snapshot: Arc<Snapshot>,
     session: Session,
     transport: Transport,
+    /// The next hop's TLS, after its 220 to STARTTLS (`[relay] tls`).
+    hop_tls: Option<Box<tls::HopTls>>,
     /// A whitelisted peer is never counted or banned.
     whitelisted: bool,
     /// Its place in the connection counts, given back when the connection is freed.
@@ -82,7 +92,16 @@ impl Connection {
         generation: u32,
     ) -> Self {
         let transport = Transport::default();
-        Connection { snapshot, session, transport, whitelisted, _admission: admission, generation, armed: None }
+        Connection {
+            snapshot,
+            session,
+            transport,
+            hop_tls: None,
+            whitelisted,
+            _admission: admission,
+            generation,
+            armed: None,
+        }
     }
 
     pub fn generation(&self) -> u32 {
@@ -156,16 +175,46 @@ impl Connection {
                 }
             }
         }
+        if self.hop_tls.is_none()
+            && let Some(addr) = self.session.take_relay_starttls()
+        {
+            match self.hop_tls_layer(addr) {
+                Ok(layer) => self.hop_tls = Some(Box::new(layer)),
+                Err(e) => {
+                    tracing::warn!(peer = %self.session.peer(), "next hop {addr}: cannot start TLS: {e}");
+                    self.session.handle_relay_error(now);
+                }
+            }
+        }
         if let Transport::Tls(t) = &mut self.transport {
             t.settle(&mut self.session, now);
         }
+        if let Some(t) = &mut self.hop_tls {
+            t.settle(&mut self.session, now);
+        }
+    }
+
+    /// TLS to the next hop at `addr`: the snapshot's client configuration, and the name
+    /// its certificate must carry (`[relay] tls_name`, else its address).
+    fn hop_tls_layer(&self, addr: std::net::SocketAddr) -> Result<tls::HopTls, rustls::Error> {
+        use rustls::pki_types::ServerName;
+        let config = self.snapshot.relay_tls.as_ref().ok_or(rustls::Error::General("no relay.tls".into()))?;
+        let name = match &self.snapshot.config.relay.tls_name {
+            // checked when the configuration was read
+            Some(name) => ServerName::try_from(name.clone()).map_err(|e| rustls::Error::General(e.to_string()))?,
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        tls::HopTls::new(Arc::clone(config), name)
     }
 
     // ---- the next hop --------------------------------------------------------------------
 
     /// What the driver does next on the next hop's side.
     pub fn poll_hop(&self) -> Relay<'_> {
-        self.session.poll_relay()
+        match &self.hop_tls {
+            None => self.session.poll_relay(),
+            Some(t) => t.poll(&self.session),
+        }
     }
 
     /// The driver started connecting to the address `Connect` named.
@@ -175,24 +224,32 @@ impl Connection {
 
     /// The new connection to the next hop is made; its greeting comes next.
     pub fn hop_connected(&mut self, now: Instant) {
-        let upstream = Upstream::new(self.session.hostname());
+        let upstream = Upstream::new(self.session.hostname(), self.snapshot.config.relay.tls);
+        self.hop_tls = None;
         self.session.attach_upstream(upstream, false, now);
         self.settle(now);
     }
 
     /// A pooled connection, ready for MAIL.
-    pub(crate) fn hop_adopted(&mut self, upstream: Upstream, now: Instant) {
-        self.session.attach_upstream(upstream, true, now);
+    pub(crate) fn hop_adopted(&mut self, hop: HopState, now: Instant) {
+        self.hop_tls = hop.tls;
+        self.session.attach_upstream(hop.up, true, now);
         self.settle(now);
     }
 
     pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {
-        self.session.handle_relay_input(bytes, now);
+        match &mut self.hop_tls {
+            None => self.session.handle_relay_input(bytes, now),
+            Some(t) => t.received(bytes, &mut self.session, now),
+        }
         self.settle(now);
     }
 
     pub fn hop_sent(&mut self, n: usize, now: Instant) {
-        self.session.consume_relay_output(n, now);
+        match &mut self.hop_tls {
+            None => self.session.consume_relay_output(n, now),
+            Some(t) => t.sent(n),
+        }
         self.settle(now);
     }
 
@@ -205,13 +262,15 @@ impl Connection {
     /// The driver closed the next-hop socket after `Close` (or `Release` without a
     /// socket to pool).
     pub fn hop_closed(&mut self) {
+        self.hop_tls = None;
         self.session.detach_relay();
     }
 
     /// Takes the idle next-hop connection for the pool after `Release`, with the address
     /// of its next hop as this connection's snapshot names it.
-    pub(crate) fn hop_released(&mut self) -> Option<(Upstream, std::net::SocketAddr)> {
-        self.session.detach_relay()
+    pub(crate) fn hop_released(&mut self) -> Option<(HopState, std::net::SocketAddr)> {
+        let tls = self.hop_tls.take();
+        self.session.detach_relay().map(|(up, addr)| (HopState { up, tls }, addr))
     }
 
     // ---- time and the server's life ------------------------------------------------------

@@ -4,23 +4,26 @@
 //! pending), so the next session can send MAIL on it at once. At most
 //! `[relay] max_idle_connections` wait per next hop, each at most `[relay] idle_timeout`
 //! (shorter than next hops' own idle timeouts, so few go stale; a stale one is noticed
-//! at its first command and replaced by the session).
+//! at its first command and replaced by the session). Connections are kept apart by the
+//! `[relay] tls` they were made under (a reload may change it): a session that requires
+//! TLS never gets one that went on in clear.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::smtp::client::Upstream;
+use super::HopState;
+use crate::config::RelayTls;
 
 struct Idle<S> {
     socket: S,
-    upstream: Upstream,
+    hop: HopState,
     since: Instant,
 }
 
-/// Idle connections by next hop; `S` is the driver's socket type.
+/// Idle connections by next hop and TLS policy; `S` is the driver's socket type.
 pub struct Pool<S> {
-    idle: HashMap<SocketAddr, VecDeque<Idle<S>>>,
+    idle: HashMap<(SocketAddr, RelayTls), VecDeque<Idle<S>>>,
 }
 
 impl<S> Default for Pool<S> {
@@ -30,20 +33,22 @@ impl<S> Default for Pool<S> {
 }
 
 impl<S> Pool<S> {
-    /// The most recently used connection to `hop` (the least likely to be stale).
-    pub fn take(&mut self, hop: SocketAddr) -> Option<(S, Upstream)> {
-        let entry = self.idle.get_mut(&hop)?.pop_back()?;
-        Some((entry.socket, entry.upstream))
+    /// The most recently used connection to `addr` made under `tls` (the least likely
+    /// to be stale).
+    pub fn take(&mut self, addr: SocketAddr, tls: RelayTls) -> Option<(S, HopState)> {
+        let entry = self.idle.get_mut(&(addr, tls))?.pop_back()?;
+        Some((entry.socket, entry.hop))
     }
 
-    /// Keeps a clean connection; returns the socket to close when the pool for `hop` is full.
-    pub fn put(&mut self, hop: SocketAddr, socket: S, upstream: Upstream, max: usize, now: Instant) -> Option<S> {
+    /// Keeps a clean connection; returns the socket to close when the pool for `addr`
+    /// is full.
+    pub fn put(&mut self, addr: SocketAddr, socket: S, hop: HopState, max: usize, now: Instant) -> Option<S> {
         if max == 0 {
             return Some(socket);
         }
-        let queue = self.idle.entry(hop).or_default();
+        let queue = self.idle.entry((addr, hop.up.tls_policy())).or_default();
         let evicted = (queue.len() >= max).then(|| queue.pop_front()).flatten().map(|e| e.socket);
-        queue.push_back(Idle { socket, upstream, since: now });
+        queue.push_back(Idle { socket, hop, since: now });
         evicted
     }
 
@@ -63,10 +68,10 @@ impl<S> Pool<S> {
         self.idle.values().filter_map(|q| q.front()).map(|e| e.since + timeout).min()
     }
 
-    /// Idle connections to `hop`.
+    /// Idle connections to `addr`.
     #[cfg(test)]
-    pub fn len(&self, hop: SocketAddr) -> usize {
-        self.idle.get(&hop).map_or(0, VecDeque::len)
+    pub fn len(&self, addr: SocketAddr) -> usize {
+        self.idle.iter().filter(|((a, _), _)| *a == addr).map(|(_, q)| q.len()).sum()
     }
 
     #[cfg(test)]
@@ -83,6 +88,11 @@ impl<S> Pool<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::client::Upstream;
+
+    fn plain(tls: RelayTls) -> HopState {
+        HopState { up: Upstream::new("h", tls), tls: None }
+    }
 
     #[test]
     fn bounded_most_recent_first_and_expiring() {
@@ -90,19 +100,20 @@ mod tests {
         let other: SocketAddr = "127.0.0.1:2527".parse().unwrap();
         let t0 = Instant::now();
         let mut pool: Pool<u32> = Pool::default();
-        assert_eq!(pool.put(hop, 1, Upstream::new("h"), 2, t0), None);
-        assert_eq!(pool.put(hop, 2, Upstream::new("h"), 2, t0 + Duration::from_secs(1)), None);
+        assert_eq!(pool.put(hop, 1, plain(RelayTls::Off), 2, t0), None);
+        assert_eq!(pool.put(hop, 2, plain(RelayTls::Off), 2, t0 + Duration::from_secs(1)), None);
         assert_eq!(
-            pool.put(hop, 3, Upstream::new("h"), 2, t0 + Duration::from_secs(2)),
+            pool.put(hop, 3, plain(RelayTls::Off), 2, t0 + Duration::from_secs(2)),
             Some(1),
             "full: the oldest goes"
         );
-        assert_eq!(pool.take(other).map(|e| e.0), None);
-        assert_eq!(pool.take(hop).map(|e| e.0), Some(3));
+        assert_eq!(pool.take(other, RelayTls::Off).map(|e| e.0), None);
+        assert_eq!(pool.take(hop, RelayTls::Required).map(|e| e.0), None, "made under another policy");
+        assert_eq!(pool.take(hop, RelayTls::Off).map(|e| e.0), Some(3));
         assert_eq!(pool.next_expiry(Duration::from_secs(30)), Some(t0 + Duration::from_secs(31)));
         assert_eq!(pool.expire(t0 + Duration::from_secs(30), Duration::from_secs(30)), Vec::<u32>::new());
         assert_eq!(pool.expire(t0 + Duration::from_secs(31), Duration::from_secs(30)), [2]);
-        assert_eq!(pool.put(hop, 4, Upstream::new("h"), 0, t0), Some(4), "max 0: no pooling");
+        assert_eq!(pool.put(hop, 4, plain(RelayTls::Off), 0, t0), Some(4), "max 0: no pooling");
         assert!(pool.drain().is_empty());
     }
 }

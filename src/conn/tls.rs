@@ -18,14 +18,27 @@
 //!
 //! Memory: ciphertext is taken from the peer only when the session would read (or
 //! during the handshake), and `out` and `pending` give their space back when empty.
+//!
+//! [`HopTls`] is the same for the next hop's side (`[relay] tls`), with rustls's
+//! `ClientConnection` between the driver's bytes and the session's next-hop client:
+//!
+//! ```text
+//!   220 to STARTTLS (Upstream: Handshake) ─► HopTls::new: our hello ─► handshake ─┬─ done ─► EHLO
+//!                                                                                 │  (tls_started)
+//!                                                                                 └─ error ─► failed
+//!   after it:  the client's commands and body ─► rustls ─► out (≤ HOP_HIGH) ─► next hop   next hop
+//!              next hop's records ─► rustls ─► replies ─► client                  (the session
+//!   pooled with its socket: the TLS session goes on with the next transaction      tries the next)
+//! ```
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
-use crate::smtp::{Session, Transmit};
+use crate::smtp::{Relay, Session, Transmit};
 use crate::tls::Negotiated;
 
 /// Buffers above this are freed when they empty (an idle session keeps none).
@@ -171,5 +184,113 @@ impl TlsLayer {
             self.close_notify = true;
         }
         moved
+    }
+}
+
+/// Records waiting for the next hop above which no more of the body is encrypted: the
+/// rest waits in the next-hop client's buffer, whose high-water mark stops the peer.
+const HOP_HIGH: usize = 64 * 1024;
+
+/// The next hop's side after its 220 to STARTTLS.
+#[derive(Debug)]
+pub struct HopTls {
+    tls: ClientConnection,
+    /// Records for the next hop, from `sent` on.
+    out: Vec<u8>,
+    sent: usize,
+    handshaking: bool,
+    failed: bool,
+}
+
+impl HopTls {
+    /// Our hello goes out first; `name` is what the next hop's certificate must carry.
+    pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<Self, rustls::Error> {
+        let tls = ClientConnection::new(config, name)?;
+        let mut hop = HopTls { tls, out: Vec::new(), sent: 0, handshaking: true, failed: false };
+        hop.flush();
+        Ok(hop)
+    }
+
+    /// What the driver does next on the next hop's socket.
+    pub fn poll<'a>(&'a self, session: &'a Session) -> Relay<'a> {
+        let relay = session.poll_relay();
+        if matches!(relay, Relay::Close | Relay::Connect { .. }) || self.failed {
+            return if self.failed { Relay::Close } else { relay };
+        }
+        if self.sent < self.out.len() {
+            return Relay::Send(&self.out[self.sent..]);
+        }
+        match relay {
+            // plaintext `settle` could not take yet: the next hop reads what is out first
+            Relay::Send(_) => Relay::Receive,
+            other => other,
+        }
+    }
+
+    pub fn sent(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent >= self.out.len() {
+            self.sent = 0;
+            if self.out.capacity() > KEEP {
+                self.out = Vec::new();
+            } else {
+                self.out.clear();
+            }
+        }
+    }
+
+    /// Records from the next hop: through rustls to the session's next-hop client.
+    pub fn received(&mut self, mut bytes: &[u8], session: &mut Session, now: Instant) {
+        while !self.failed && !bytes.is_empty() {
+            let before = bytes.len();
+            // an error here is rustls's plaintext buffer being full: emptied below
+            let _ = self.tls.read_tls(&mut bytes);
+            if let Err(e) = self.tls.process_new_packets() {
+                tracing::warn!(peer = %session.peer(), "next hop: TLS: {e}");
+                self.failed = true;
+                return session.handle_relay_error(now);
+            }
+            if self.handshaking && !self.tls.is_handshaking() {
+                self.handshaking = false;
+                session.relay_tls_started();
+            }
+            let mut buf = [0u8; 4096];
+            loop {
+                match self.tls.reader().read(&mut buf) {
+                    Ok(0) => {
+                        // close_notify: the next hop is done with this connection
+                        self.failed = true;
+                        return session.handle_relay_error(now);
+                    }
+                    Ok(n) => session.handle_relay_input(&buf[..n], now),
+                    Err(_) => break, // nothing more decrypted
+                }
+            }
+            if bytes.len() == before {
+                break;
+            }
+        }
+    }
+
+    /// The session's commands and body into records, while few wait to go out.
+    pub fn settle(&mut self, session: &mut Session, now: Instant) {
+        while !self.handshaking && !self.failed && self.out.len() - self.sent < HOP_HIGH {
+            let Relay::Send(bytes) = session.poll_relay() else { break };
+            let n = self.tls.writer().write(bytes).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            session.consume_relay_output(n, now);
+            self.flush();
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while self.tls.wants_write() {
+            if self.tls.write_tls(&mut self.out).is_err() {
+                break;
+            }
+        }
     }
 }

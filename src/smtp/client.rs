@@ -1,10 +1,16 @@
 //! The next-hop client, sans-IO: the other half of in-line relaying.
 //!
 //! ```text
-//!  new() ─► Greeting ──220──► Hello ──250 to EHLO──► Ready ◄─┐ commands and data go out,
-//!              │               │ 5xx: HELO, then 250 ─┘   │    one reply each, in order
-//!              └─ other ─┐     └─ other ─┐                └─┘
-//!                        ▼               ▼
+//!  new() ─► Greeting ──220──► Hello ──250 to EHLO──┬──────────────────────────► Ready ◄─┐
+//!              │               │ 5xx: HELO, then 250┘ (relay.tls "off", or not  │  commands and
+//!              │               │                     offered and "opportunistic") └─┘  data, one
+//!              │               │ 250, STARTTLS offered, relay.tls not "off"            reply each
+//!              │               ▼                                                      ▲
+//!              │            StartTls ──220──► Handshake ──tls_started()──► Hello ─────┘
+//!              │               │ refused: "opportunistic" goes on in clear (Ready)     (EHLO again,
+//!              │               │          "required" fails                              under TLS)
+//!              └─ other ─┬─────┴─ other ─┐   (also: "required" and no STARTTLS offered; bytes
+//!                        ▼               ▼    after the 220 in the same read, never executed)
 //!                      Failed (any malformed, unexpected or unsolicited reply too)
 //! ```
 //!
@@ -12,12 +18,15 @@
 //! `Ready` once the greeting and EHLO are done, then one `Reply` per command, in order.
 //! Bytes to send accumulate in an output buffer the driver drains, as for the server
 //! session. An upstream in `Ready` with nothing pending can serve another transaction,
-//! so it can go back to its worker's pool.
+//! so it can go back to its worker's pool. In `Handshake` the connection's TLS layer
+//! (`conn::tls`) takes over the bytes ([`Upstream::take_starttls`]) and reports the end
+//! of the handshake with [`Upstream::tls_started`]; the upstream never sees ciphertext.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
 
 use super::outbuf::OutBuf;
+use crate::config::RelayTls;
 
 /// Longest next-hop reply line accepted (RFC 5321 says 512; be lenient with the inside).
 pub const MAX_REPLY_LINE: usize = 2048;
@@ -77,6 +86,7 @@ pub struct Extensions {
     pub smtputf8: bool,
     /// `SIZE n`; `Some(0)` for SIZE without a limit.
     pub size: Option<u64>,
+    pub starttls: bool,
 }
 
 /// The command a reply answers.
@@ -103,7 +113,13 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Greeting,
-    Hello { extended: bool },
+    Hello {
+        extended: bool,
+    },
+    /// STARTTLS sent, its reply awaited.
+    StartTls,
+    /// 220 to STARTTLS: the TLS layer does the handshake.
+    Handshake,
     Ready,
     Failed,
 }
@@ -120,12 +136,22 @@ pub struct Upstream {
     pending: VecDeque<Command>,
     events: VecDeque<Event>,
     ext: Extensions,
+    /// `[relay] tls`: whether to ask for STARTTLS.
+    tls: RelayTls,
+    /// The handshake is done: everything goes through TLS.
+    secured: bool,
+    /// Handshake entered, not yet taken by the TLS layer.
+    starttls: bool,
 }
 
 impl Upstream {
-    /// A client for a freshly connected next hop; `hostname` is our EHLO name.
-    pub fn new(hostname: &str) -> Self {
+    /// A client for a freshly connected next hop; `hostname` is our EHLO name, `tls` when
+    /// to ask for STARTTLS.
+    pub fn new(hostname: &str, tls: RelayTls) -> Self {
         Upstream {
+            tls,
+            secured: false,
+            starttls: false,
             state: State::Greeting,
             hostname: hostname.to_owned(),
             out: OutBuf::default(),
@@ -156,6 +182,10 @@ impl Upstream {
             self.reply_line(line.strip_suffix(b"\r").unwrap_or(&line));
             line.clear();
             self.line = line; // its capacity serves the next line
+            if self.state == State::Handshake && !data.is_empty() {
+                // the handshake starts with our hello: anything before it is an injection
+                return self.fail("sent more after its 220 to STARTTLS");
+            }
         }
     }
 
@@ -194,6 +224,18 @@ impl Upstream {
                 self.write_line(format!("HELO {}", self.hostname).as_bytes());
             }
             State::Hello { extended: false } if reply.code == 250 => {
+                if self.tls == RelayTls::Required {
+                    return self.fail("knows no EHLO, so no STARTTLS (relay.tls = \"required\")");
+                }
+                self.state = State::Ready;
+                self.events.push_back(Event::Ready);
+            }
+            State::StartTls if reply.code == 220 => {
+                self.state = State::Handshake;
+                self.starttls = true;
+            }
+            State::StartTls if self.tls == RelayTls::Opportunistic => {
+                // refused: on in clear, with what the first EHLO offered
                 self.state = State::Ready;
                 self.events.push_back(Event::Ready);
             }
@@ -205,7 +247,9 @@ impl Upstream {
         }
     }
 
+    /// The EHLO reply: what it offers, then STARTTLS or ready.
     fn ready(&mut self, ehlo: &Reply) {
+        self.ext = Extensions::default();
         for line in ehlo.lines.iter().skip(1) {
             let mut words = line.split_ascii_whitespace();
             let keyword = words.next().unwrap_or("").to_ascii_uppercase();
@@ -214,14 +258,27 @@ impl Upstream {
                 "8BITMIME" => self.ext.eight_bit_mime = true,
                 "SMTPUTF8" => self.ext.smtputf8 = true,
                 "SIZE" => self.ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "STARTTLS" => self.ext.starttls = true,
                 _ => {}
             }
+        }
+        match (self.tls, self.secured, self.ext.starttls) {
+            (RelayTls::Off, ..) | (_, true, _) => {}
+            (_, false, true) => {
+                self.state = State::StartTls;
+                return self.write_line(b"STARTTLS");
+            }
+            (RelayTls::Required, false, false) => {
+                return self.fail("does not offer STARTTLS (relay.tls = \"required\")");
+            }
+            (RelayTls::Opportunistic, false, false) => {}
         }
         self.state = State::Ready;
         self.events.push_back(Event::Ready);
     }
 
     fn fail(&mut self, why: &str) {
+        self.starttls = false;
         if self.state != State::Failed {
             self.state = State::Failed;
             self.events.push_back(Event::Failed(why.to_owned()));
@@ -256,6 +313,32 @@ impl Upstream {
         self.pending.push_back(Command::Dot);
     }
 
+    /// The next hop said 220 to STARTTLS: true once, for the TLS layer to start the
+    /// handshake (our hello is the next thing on the wire).
+    pub fn take_starttls(&mut self) -> bool {
+        std::mem::take(&mut self.starttls)
+    }
+
+    /// The handshake is done: EHLO again, under TLS (RFC 3207 §4.2: forget what the
+    /// next hop said in clear).
+    pub fn tls_started(&mut self) {
+        if self.state == State::Handshake {
+            self.secured = true;
+            self.state = State::Hello { extended: true };
+            self.write_line(format!("EHLO {}", self.hostname).as_bytes());
+        }
+    }
+
+    /// The `[relay] tls` policy it was made under (pooled connections are kept apart by it).
+    pub fn tls_policy(&self) -> RelayTls {
+        self.tls
+    }
+
+    /// Everything goes through TLS.
+    pub fn is_secured(&self) -> bool {
+        self.secured
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -287,7 +370,7 @@ impl Upstream {
     /// A reply is expected: to the greeting, EHLO or a command sent.
     pub fn awaits_reply(&self) -> bool {
         match self.state {
-            State::Greeting | State::Hello { .. } => true,
+            State::Greeting | State::Hello { .. } | State::StartTls | State::Handshake => true,
             State::Ready => !self.pending.is_empty(),
             State::Failed => false,
         }
@@ -304,7 +387,7 @@ mod tests {
     use super::*;
 
     fn ready_upstream(ehlo: &[u8]) -> Upstream {
-        let mut u = Upstream::new("mx.test");
+        let mut u = Upstream::new("mx.test", RelayTls::Off);
         assert_eq!(u.output(), b"");
         u.handle_input(b"220 sink.test ESMTP\r\n");
         assert_eq!(u.output(), b"EHLO mx.test\r\n");
@@ -319,7 +402,7 @@ mod tests {
         let u = ready_upstream(b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
         assert_eq!(
             u.extensions(),
-            Extensions { pipelining: true, eight_bit_mime: true, smtputf8: true, size: Some(1000) }
+            Extensions { pipelining: true, eight_bit_mime: true, smtputf8: true, size: Some(1000), starttls: false }
         );
         assert!(u.is_idle());
         let u = ready_upstream(b"250 sink.test\r\n");
@@ -328,7 +411,7 @@ mod tests {
 
     #[test]
     fn helo_when_ehlo_is_unknown() {
-        let mut u = Upstream::new("mx.test");
+        let mut u = Upstream::new("mx.test", RelayTls::Off);
         u.handle_input(b"220 old.test\r\n");
         u.consume_output(u.output().len());
         u.handle_input(b"502 what?\r\n");
@@ -388,6 +471,77 @@ mod tests {
         assert!(u.is_idle());
     }
 
+    /// A next hop offering STARTTLS, greeted and asked for it under `tls`.
+    fn offered(tls: RelayTls, ehlo: &[u8]) -> Upstream {
+        let mut u = Upstream::new("mx.test", tls);
+        u.handle_input(b"220 sink.test ESMTP\r\n");
+        u.consume_output(u.output().len());
+        u.handle_input(ehlo);
+        u
+    }
+
+    const WITH_STARTTLS: &[u8] = b"250-sink.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+
+    #[test]
+    fn starttls_then_ehlo_again_under_tls() {
+        for tls in [RelayTls::Opportunistic, RelayTls::Required] {
+            let mut u = offered(tls, WITH_STARTTLS);
+            assert_eq!(u.output(), b"STARTTLS\r\n");
+            assert_eq!(u.poll_event(), None, "not ready in clear");
+            u.consume_output(10);
+            assert!(u.awaits_reply());
+            u.handle_input(b"220 2.0.0 go ahead\r\n");
+            assert!(u.take_starttls());
+            assert!(!u.take_starttls(), "once");
+            assert!(u.awaits_reply() && !u.is_ready() && u.output().is_empty());
+            u.tls_started();
+            assert!(u.is_secured());
+            assert_eq!(u.output(), b"EHLO mx.test\r\n");
+            u.consume_output(14);
+            u.handle_input(b"250-sink.test\r\n250 8BITMIME\r\n");
+            assert_eq!(u.poll_event(), Some(Event::Ready));
+            let ext = u.extensions();
+            assert!(ext.eight_bit_mime && !ext.pipelining && !ext.starttls, "only what it said under TLS: {ext:?}");
+        }
+        let mut u = offered(RelayTls::Off, WITH_STARTTLS);
+        assert_eq!(u.poll_event(), Some(Event::Ready), "off: never asked");
+        assert!(u.output().is_empty() && !u.is_secured());
+    }
+
+    #[test]
+    fn without_starttls_opportunistic_goes_on_in_clear_and_required_fails() {
+        let mut u = offered(RelayTls::Opportunistic, b"250 sink.test\r\n");
+        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert!(!u.is_secured());
+        let mut u = offered(RelayTls::Required, b"250 sink.test\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("does not offer STARTTLS")));
+        // refused STARTTLS
+        let mut u = offered(RelayTls::Opportunistic, WITH_STARTTLS);
+        u.consume_output(10);
+        u.handle_input(b"454 4.7.0 TLS not available\r\n");
+        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert!(u.extensions().pipelining, "the first EHLO's extensions hold");
+        let mut u = offered(RelayTls::Required, WITH_STARTTLS);
+        u.consume_output(10);
+        u.handle_input(b"454 4.7.0 TLS not available\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("454")));
+        // a next hop that knows only HELO
+        let mut u = Upstream::new("mx.test", RelayTls::Required);
+        u.handle_input(b"220 old.test\r\n502 what?\r\n250 old.test\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("no STARTTLS")));
+    }
+
+    #[test]
+    fn replies_injected_behind_the_220_are_never_read() {
+        let mut u = offered(RelayTls::Required, WITH_STARTTLS);
+        u.consume_output(10);
+        u.handle_input(b"220 go ahead\r\n250 injected\r\n");
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("after its 220")));
+        assert!(!u.take_starttls(), "no handshake on a failed connection");
+        u.tls_started();
+        assert!(!u.is_secured() && u.output().is_empty(), "a failed upstream stays failed");
+    }
+
     #[test]
     fn protocol_violations_fail_once() {
         for (input, why) in [
@@ -396,7 +550,7 @@ mod tests {
             (b"220-a\r\n221 b\r\n", "malformed multi-line"),
             (b"hello\r\n", "malformed reply"),
         ] {
-            let mut u = Upstream::new("mx.test");
+            let mut u = Upstream::new("mx.test", RelayTls::Off);
             u.handle_input(input);
             match u.poll_event() {
                 Some(Event::Failed(w)) => assert!(w.contains(why), "{w}"),
@@ -408,7 +562,7 @@ mod tests {
         let mut u = ready_upstream(b"250 sink.test\r\n");
         u.handle_input(b"421 shutting down\r\n");
         assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("unsolicited")));
-        let mut u = Upstream::new("mx.test");
+        let mut u = Upstream::new("mx.test", RelayTls::Off);
         u.handle_input(&vec![b'2'; MAX_REPLY_LINE + 1]);
         assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("too long")));
     }

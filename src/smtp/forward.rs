@@ -107,6 +107,23 @@ impl Session {
         }
     }
 
+    /// The next hop said 220 to STARTTLS: its address (as this session's settings name
+    /// it), once, for the connection's TLS layer to start the handshake.
+    pub fn take_relay_starttls(&mut self) -> Option<SocketAddr> {
+        let Link::Up(l) = &mut self.link else { return None };
+        if !l.up.take_starttls() {
+            return None;
+        }
+        self.settings.relay.next_hops.get(l.hop).copied()
+    }
+
+    /// The handshake with the next hop is done: EHLO again, under TLS.
+    pub fn relay_tls_started(&mut self) {
+        if let Link::Up(l) = &mut self.link {
+            l.up.tls_started();
+        }
+    }
+
     // ---- forwarding commands -------------------------------------------------------------
 
     /// MAIL was accepted here: send it on once a connection is ready.

@@ -223,7 +223,11 @@ impl Harness {
                     } else {
                         self.session.dialing();
                         self.hop.received.clear();
-                        self.session.attach_upstream(Upstream::new("mx.test"), false, self.now);
+                        self.session.attach_upstream(
+                            Upstream::new("mx.test", crate::config::RelayTls::Off),
+                            false,
+                            self.now,
+                        );
                         self.session.handle_relay_input(b"220 hop.test ESMTP\r\n", self.now);
                     }
                 }

@@ -1,5 +1,5 @@
 //! A next hop for end-to-end tests: an SMTP server on 127.0.0.1 that records exactly
-//! what it receives, and can be told to misbehave.
+//! what it receives, and can be told to misbehave, or to offer STARTTLS (rustls).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,6 +27,8 @@ pub struct Message {
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
     pub wire_body: Vec<u8>,
+    /// It came after a STARTTLS handshake.
+    pub tls: bool,
 }
 
 impl Message {
@@ -55,6 +57,25 @@ pub struct NextHop {
 
 impl NextHop {
     pub fn start(at_dot: AtDot) -> Self {
+        Self::serving(at_dot, None)
+    }
+
+    /// Offers STARTTLS with this certificate chain and key (PEM).
+    pub fn start_tls(at_dot: AtDot, cert: &str, key: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().expect("PEM chain");
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("PEM key");
+        let config = rustls::ServerConfig::builder_with_provider(mxgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("the next hop's certificate");
+        Self::serving(at_dot, Some(Arc::new(config)))
+    }
+
+    fn serving(at_dot: AtDot, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the next hop");
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(Mutex::new(State::default()));
@@ -67,8 +88,8 @@ impl NextHop {
                 }
                 let Ok(stream) = stream else { continue };
                 s.lock().expect("lock").connections += 1;
-                let (s, st) = (s.clone(), st.clone());
-                std::thread::spawn(move || serve(stream, s, st, at_dot));
+                let (s, st, tls) = (s.clone(), st.clone(), tls.clone());
+                std::thread::spawn(move || serve(stream, s, st, at_dot, tls));
             }
         });
         NextHop { addr, state, stop }
@@ -106,15 +127,28 @@ impl Drop for NextHop {
     }
 }
 
-fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, at_dot: AtDot) {
+/// A byte stream in clear or under TLS.
+trait Wire: Read + Write + Send {}
+impl<T: Read + Write + Send> Wire for T {}
+
+fn serve(
+    stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    at_dot: AtDot,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let _ = stream.set_read_timeout(Some(WAIT));
-    let mut out = stream.try_clone().expect("clone");
-    let mut reader = BufReader::new(stream);
-    let say = |out: &mut TcpStream, line: &str| out.write_all(format!("{line}\r\n").as_bytes()).is_ok();
-    if !say(&mut out, "220 hop.test ESMTP test next hop") {
+    let Ok(raw) = stream.try_clone() else { return };
+    let mut reader: BufReader<Box<dyn Wire>> = BufReader::new(Box::new(stream));
+    let say = |reader: &mut BufReader<Box<dyn Wire>>, line: &str| {
+        let out = reader.get_mut();
+        out.write_all(format!("{line}\r\n").as_bytes()).is_ok() && out.flush().is_ok()
+    };
+    if !say(&mut reader, "220 hop.test ESMTP test next hop") {
         return;
     }
-    let (mut from, mut rcpts) = (String::new(), Vec::new());
+    let (mut from, mut rcpts, mut secured) = (String::new(), Vec::new(), false);
     let mut line = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         line.clear();
@@ -126,30 +160,58 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, at_
         state.lock().expect("lock").commands.push(text.clone());
         let verb = text.split(' ').next().unwrap_or("").to_ascii_uppercase();
         let ok = match verb.as_str() {
-            "EHLO" => say(&mut out, "250-hop.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0"),
+            "EHLO" => {
+                let starttls = if tls.is_some() && !secured { "250-STARTTLS\r\n" } else { "" };
+                say(
+                    &mut reader,
+                    &format!("250-hop.test\r\n{starttls}250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0"),
+                )
+            }
+            "STARTTLS" => {
+                let Some(config) = tls.as_ref().filter(|_| !secured) else {
+                    say(&mut reader, "503 5.5.1 not now");
+                    continue;
+                };
+                if !reader.buffer().is_empty() {
+                    // a client must wait for the 220 (RFC 3207 §4)
+                    state.lock().expect("lock").commands.push("(pipelined after STARTTLS)".into());
+                    return;
+                }
+                say(&mut reader, "220 2.0.0 go ahead");
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else { return };
+                let Ok(sock) = raw.try_clone() else { return };
+                reader = BufReader::new(Box::new(rustls::StreamOwned::new(conn, sock)));
+                secured = true;
+                true
+            }
             "MAIL" => {
                 from = text.clone();
                 rcpts.clear();
-                say(&mut out, "250 2.1.0 ok")
+                say(&mut reader, "250 2.1.0 ok")
             }
             "RCPT" => {
                 rcpts.push(text.clone());
-                say(&mut out, "250 2.1.5 ok")
+                say(&mut reader, "250 2.1.5 ok")
             }
             "DATA" => {
-                say(&mut out, "354 go ahead");
+                say(&mut reader, "354 go ahead");
                 let Some(body) = read_body(&mut reader) else { return };
                 match at_dot {
                     AtDot::Accept | AtDot::Reply(_) => {
                         if at_dot == AtDot::Accept {
-                            let m = Message { mail_from: from.clone(), rcpt_to: rcpts.clone(), wire_body: body };
+                            let m = Message {
+                                mail_from: from.clone(),
+                                rcpt_to: rcpts.clone(),
+                                wire_body: body,
+                                tls: secured,
+                            };
                             state.lock().expect("lock").messages.push(m);
                         }
                         let reply = match at_dot {
                             AtDot::Reply(r) => r,
                             _ => "250 2.0.0 queued",
                         };
-                        say(&mut out, reply)
+                        say(&mut reader, reply)
                     }
                     AtDot::Close => return,
                     AtDot::Silent => {
@@ -159,12 +221,12 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, at_
                     }
                 }
             }
-            "RSET" | "NOOP" => say(&mut out, "250 2.0.0 ok"),
+            "RSET" | "NOOP" => say(&mut reader, "250 2.0.0 ok"),
             "QUIT" => {
-                say(&mut out, "221 bye");
+                say(&mut reader, "221 bye");
                 return;
             }
-            _ => say(&mut out, "500 unknown"),
+            _ => say(&mut reader, "500 unknown"),
         };
         if !ok {
             return;
@@ -173,7 +235,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, at_
 }
 
 /// Reads a body up to CRLF.CRLF; returns it with the CRLF before the dot.
-fn read_body(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+fn read_body(reader: &mut impl BufRead) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     let mut line = Vec::new();
     loop {
