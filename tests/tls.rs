@@ -423,8 +423,11 @@ fn required_skips_next_hops_without_trusted_tls(io: &str) {
     let untrusted = NextHop::start_tls(AtDot::Accept, &stranger_cert, &stranger_key);
     let good = NextHop::start_tls(AtDot::Accept, &cert, &key);
     let relay = "tls = \"required\"\ntls_ca = \"hop-ca.pem\"\n";
-    let m = relaying(io, &[clear.addr, untrusted.addr, good.addr], relay, &[("hop-ca.pem", &cert)]);
+    let mut m = relaying(io, &[clear.addr, untrusted.addr, good.addr], relay, &[("hop-ca.pem", &cert)]);
     assert!(one_message(&m, "127.0.9.34").starts_with(QUEUED));
+    // the operator is told why, at warn
+    m.wait_for_log(&format!("next hop {} does not offer STARTTLS", clear.addr));
+    m.wait_for_log(&format!("next hop {}: TLS: invalid peer certificate", untrusted.addr));
     let got = good.wait_messages(1);
     assert!(got.len() == 1 && got[0].tls);
     for (name, hop) in [("clear", &clear), ("untrusted", &untrusted)] {

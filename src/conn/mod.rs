@@ -204,7 +204,7 @@ impl Connection {
             Some(name) => ServerName::try_from(name.clone()).map_err(|e| rustls::Error::General(e.to_string()))?,
             None => ServerName::IpAddress(addr.ip().into()),
         };
-        tls::HopTls::new(Arc::clone(config), name)
+        tls::HopTls::new(Arc::clone(config), name, addr)
     }
 
     // ---- the next hop --------------------------------------------------------------------

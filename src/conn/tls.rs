@@ -32,6 +32,7 @@
 //! ```
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -195,6 +196,8 @@ const HOP_HIGH: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct HopTls {
     tls: ClientConnection,
+    /// The next hop, for the log.
+    addr: SocketAddr,
     /// Records for the next hop, from `sent` on.
     out: Vec<u8>,
     sent: usize,
@@ -204,9 +207,9 @@ pub struct HopTls {
 
 impl HopTls {
     /// Our hello goes out first; `name` is what the next hop's certificate must carry.
-    pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<Self, rustls::Error> {
+    pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>, addr: SocketAddr) -> Result<Self, rustls::Error> {
         let tls = ClientConnection::new(config, name)?;
-        let mut hop = HopTls { tls, out: Vec::new(), sent: 0, handshaking: true, failed: false };
+        let mut hop = HopTls { tls, addr, out: Vec::new(), sent: 0, handshaking: true, failed: false };
         hop.flush();
         Ok(hop)
     }
@@ -246,7 +249,7 @@ impl HopTls {
             // an error here is rustls's plaintext buffer being full: emptied below
             let _ = self.tls.read_tls(&mut bytes);
             if let Err(e) = self.tls.process_new_packets() {
-                tracing::warn!(peer = %session.peer(), "next hop: TLS: {e}");
+                tracing::warn!(peer = %session.peer(), "next hop {}: TLS: {e}", self.addr);
                 self.failed = true;
                 return session.handle_relay_error(now);
             }

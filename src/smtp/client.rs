@@ -108,6 +108,9 @@ pub enum Event {
     Reply(Command, Reply),
     /// The next hop broke the protocol or refused us; close the connection.
     Failed(String),
+    /// The next hop cannot give the TLS `relay.tls = "required"` asks for (a fault of the
+    /// operator's setup, worth a warning); close the connection.
+    NoTls(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,7 +228,7 @@ impl Upstream {
             }
             State::Hello { extended: false } if reply.code == 250 => {
                 if self.tls == RelayTls::Required {
-                    return self.fail("knows no EHLO, so no STARTTLS (relay.tls = \"required\")");
+                    return self.fail_tls("knows no EHLO, so no STARTTLS".into());
                 }
                 self.state = State::Ready;
                 self.events.push_back(Event::Ready);
@@ -239,6 +242,7 @@ impl Upstream {
                 self.state = State::Ready;
                 self.events.push_back(Event::Ready);
             }
+            State::StartTls => self.fail_tls(format!("refused STARTTLS: {} {}", reply.code, reply.lines.join(" "))),
             State::Ready => match self.pending.pop_front() {
                 Some(cmd) => self.events.push_back(Event::Reply(cmd, reply)),
                 None => self.fail(&format!("unsolicited reply {}", reply.code)),
@@ -268,9 +272,7 @@ impl Upstream {
                 self.state = State::StartTls;
                 return self.write_line(b"STARTTLS");
             }
-            (RelayTls::Required, false, false) => {
-                return self.fail("does not offer STARTTLS (relay.tls = \"required\")");
-            }
+            (RelayTls::Required, false, false) => return self.fail_tls("does not offer STARTTLS".into()),
             (RelayTls::Opportunistic, false, false) => {}
         }
         self.state = State::Ready;
@@ -283,6 +285,12 @@ impl Upstream {
             self.state = State::Failed;
             self.events.push_back(Event::Failed(why.to_owned()));
         }
+    }
+
+    /// `relay.tls = "required"` and no TLS to be had.
+    fn fail_tls(&mut self, why: String) {
+        self.state = State::Failed;
+        self.events.push_back(Event::NoTls(why));
     }
 
     fn write_line(&mut self, line: &[u8]) {
@@ -514,7 +522,7 @@ mod tests {
         assert_eq!(u.poll_event(), Some(Event::Ready));
         assert!(!u.is_secured());
         let mut u = offered(RelayTls::Required, b"250 sink.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("does not offer STARTTLS")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("does not offer STARTTLS")));
         // refused STARTTLS
         let mut u = offered(RelayTls::Opportunistic, WITH_STARTTLS);
         u.consume_output(10);
@@ -524,11 +532,11 @@ mod tests {
         let mut u = offered(RelayTls::Required, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"454 4.7.0 TLS not available\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("454")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("refused STARTTLS: 454")));
         // a next hop that knows only HELO
         let mut u = Upstream::new("mx.test", RelayTls::Required);
         u.handle_input(b"220 old.test\r\n502 what?\r\n250 old.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("no STARTTLS")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("no STARTTLS")));
     }
 
     #[test]

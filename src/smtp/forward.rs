@@ -241,6 +241,11 @@ impl Session {
                     tracing::debug!(peer = %self.peer, "next hop failed: {why}");
                     return self.relay_failed(now);
                 }
+                UpEvent::NoTls(why) => {
+                    let hop = self.settings.relay.next_hops.get(l.hop).map(ToString::to_string).unwrap_or_default();
+                    tracing::warn!(peer = %self.peer, "next hop {hop} {why} (relay.tls = \"required\")");
+                    return self.relay_failed(now);
+                }
             }
         }
     }
