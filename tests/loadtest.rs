@@ -115,6 +115,7 @@ fn tls_relays_byte_exact_with_full_and_resumed_handshakes() {
     for phase in &report.phases[1..] {
         assert!(phase.checks.iter().any(|(what, ok)| what.contains("handshakes") && *ok), "{}", report.table());
         assert!(phase.server_cpu_us.is_some(), "the spawned mxgate's CPU is read");
+        assert!(phase.harness_cpu_us.is_some_and(|us| us > 0.0), "and the harness's own");
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Phase {
     pub histogram: Histogram<u64>,
     /// The spawned server's CPU time (user + system) per op during the phase, µs.
     pub server_cpu_us: Option<f64>,
+    /// The harness's own CPU per operation (its clients and its sink), beside it.
+    pub harness_cpu_us: Option<f64>,
 }
 
 impl Phase {
@@ -38,6 +40,7 @@ impl Phase {
             checks: Vec::new(),
             histogram: latency.clone(),
             server_cpu_us: None,
+            harness_cpu_us: None,
         }
     }
 
@@ -97,7 +100,8 @@ impl Report {
                 let _ = writeln!(out, "    [{}] {what}", if *holds { "ok" } else { "FAILED" });
             }
             if let Some(us) = p.server_cpu_us {
-                let _ = writeln!(out, "    mxgate's CPU per op: {us:.1} us");
+                let harness = p.harness_cpu_us.map(|h| format!(" (the harness's, clients and sink: {h:.1} us)"));
+                let _ = writeln!(out, "    mxgate's CPU per op: {us:.1} us{}", harness.unwrap_or_default());
             }
         }
         out
@@ -127,6 +131,7 @@ impl Report {
                     "checks": p.checks.iter().map(|(w, ok)| serde_json::json!({"check": w, "holds": ok})).collect::<Vec<_>>(),
                     "verdict": if p.passed() { "pass" } else { "fail" },
                     "server_cpu_us_per_op": p.server_cpu_us,
+                    "harness_cpu_us_per_op": p.harness_cpu_us,
                 })
             })
             .collect();

@@ -204,9 +204,17 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     check_target(target)?;
     let groups = Groups::new(opts, target)?;
     let server = spawned.as_ref().map(|s| s.child.id());
-    let server_cpu = |phase: &mut Phase, before: Option<u64>| {
-        if let (Some(before), Some(after)) = (before, server.and_then(cpu_ticks)) {
-            phase.server_cpu_us = Some(ticks_to_us(after.saturating_sub(before)) / phase.ops.max(1) as f64);
+    // the spawned mxgate's CPU, and this process's (the clients and the sink: what shares
+    // the machine with it)
+    let cpu_now = || (server.and_then(cpu_ticks), cpu_ticks(std::process::id()));
+    let server_cpu = |phase: &mut Phase, before: (Option<u64>, Option<u64>)| {
+        let (now_server, now_harness) = cpu_now();
+        let per_op = |before: u64, after: u64| ticks_to_us(after.saturating_sub(before)) / phase.ops.max(1) as f64;
+        if let (Some(before), Some(after)) = (before.0, now_server) {
+            phase.server_cpu_us = Some(per_op(before, after));
+        }
+        if let (Some(before), Some(after)) = (before.1, now_harness) {
+            phase.harness_cpu_us = Some(per_op(before, after));
         }
     };
     let phases = match opts.scenario {
@@ -215,7 +223,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             vec![deny_phase("main", &tally)]
         }
         Scenario::Relay => {
-            let before = server.and_then(cpu_ticks);
+            let before = cpu_now();
             let tally = go(opts, std::slice::from_ref(&groups.relay), None)?.remove(0);
             let mut phase = relay_phase("main", &tally, sink.as_ref());
             server_cpu(&mut phase, before);
@@ -290,7 +298,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
                     None => groups.relay.clone(),
                     Some(resume) => groups.relay_over(TlsClient::new(root.clone(), &opts.tls_name, resume)?),
                 };
-                let before = server.and_then(cpu_ticks);
+                let before = cpu_now();
                 let tally = go(opts, std::slice::from_ref(&plan), None)?.remove(0);
                 let mut phase = relay_phase(name, &tally, sink.as_ref());
                 let (done, resumed) = (tally.handshakes, tally.resumed);
