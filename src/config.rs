@@ -74,6 +74,9 @@ pub struct Access {
     pub default: Action,
     pub list: Option<PathBuf>,
     pub deny_reply: ReplyTemplate,
+    /// A candidate list, same syntax: what it would deny is logged and counted, never
+    /// enforced.
+    pub shadow_list: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +94,8 @@ pub struct Abuse {
     pub escalate_after: u32,
     pub ban_reply: ReplyTemplate,
     pub max_connections_per_ip: u32,
+    /// Log and count the bans failures and drops would make, and make none.
+    pub shadow: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -187,6 +192,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("access", "default"),
     ("access", "list"),
     ("access", "deny_reply"),
+    ("access", "shadow_list"),
     ("abuse", "whitelist"),
     ("abuse", "max_failed_commands"),
     ("abuse", "max_failed_recipients"),
@@ -200,6 +206,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("abuse", "ban_file"),
     ("abuse", "escalate_after"),
     ("abuse", "max_connections_per_ip"),
+    ("abuse", "shadow"),
     ("smtp", "max_recipients"),
     ("smtp", "max_message_size"),
     ("smtp", "command_timeout"),
@@ -312,6 +319,7 @@ impl Config {
                 .unwrap_or(Action::Allow),
             list: r.path(t, "access", "list"),
             deny_reply: r.reply(t, "access", "deny_reply", &hostname),
+            shadow_list: r.path(t, "access", "shadow_list"),
         };
 
         let t = r.section(root, "abuse", &keys_of("abuse"));
@@ -337,6 +345,7 @@ impl Config {
             max_connections_per_ip: r
                 .value(t, "abuse", "max_connections_per_ip", |v| int_in(v, 1, 10_000_000))
                 .unwrap_or(20) as u32,
+            shadow: r.value(t, "abuse", "shadow", boolean).unwrap_or(false),
         };
         if abuse.ban_duration > abuse.max_ban_duration {
             r.problem(None, "abuse.ban_duration", "is longer than abuse.max_ban_duration".into());

@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod problem;
+pub mod proxy;
+pub mod shadow;
 pub mod shared;
 pub mod smtp;
 pub mod snapshot;

@@ -166,12 +166,20 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
     if verdict.action == Action::Deny {
         println!("  reply: {}", s.config.access.deny_reply.to_line(&s.config.hostname, UnixTime::now()));
     }
+    if let (Some(shadow), Some(file)) = (&s.shadow, &s.config.access.shadow_list) {
+        let v = shadow.verdict(peer.ip());
+        let line = v.rule.map_or_else(|| "its default".to_owned(), |r| format!("line {}", r.line));
+        println!("  shadow list: would {} ({}, {line}; never enforced)", v.action, file.display());
+    }
     let white = s.whitelist.verdict(peer.ip());
     match (white.rule, s.whitelist.file()) {
         (Some(rule), Some(file)) => println!("  whitelisted: {} at {}:{}", rule.net, file.display(), rule.line),
         _ => println!("  not whitelisted"),
     }
     explain_bans(&s, peer);
+    if s.config.abuse.shadow {
+        println!("  [abuse] shadow = true: no ban is made for failures or drops, only logged");
+    }
     ExitCode::SUCCESS
 }
 

@@ -13,6 +13,7 @@ use crate::abuse::Abuse;
 use crate::config::Config;
 use crate::datetime::UnixTime;
 use crate::problem::Problems;
+use crate::shadow::Shadow;
 use crate::snapshot::Snapshot;
 use crate::stats::{Counts, Stats};
 
@@ -30,6 +31,7 @@ pub struct Shared {
     /// store the older files last.
     reloading: std::sync::Mutex<()>,
     stopping: AtomicBool,
+    shadow: Shadow,
 }
 
 impl Shared {
@@ -45,7 +47,13 @@ impl Shared {
             reloads: AtomicU64::new(0),
             reloading: std::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
+            shadow: Shadow::default(),
         }))
+    }
+
+    /// Shadow mode's log samplers.
+    pub fn shadow(&self) -> &Shadow {
+        &self.shadow
     }
 
     /// Failure counters, bans and connection counts.

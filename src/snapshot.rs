@@ -23,12 +23,21 @@ pub struct Snapshot {
     pub access: AccessList,
     /// Peers that are never counted or banned: an entry matching is `Action::Allow`.
     pub whitelist: AccessList,
+    /// `[access] shadow_list`: judged after the real decision, never enforced.
+    pub shadow: Option<AccessList>,
     /// What sessions need of it.
     pub smtp: Arc<smtp::Settings>,
     /// STARTTLS's configuration, when `[tls]` is given.
     pub tls: Option<TlsSettings>,
     /// The client side of STARTTLS to next hops, when `[relay] tls` is not "off".
     pub relay_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A snapshot's address lists.
+pub struct Lists {
+    pub access: AccessList,
+    pub whitelist: AccessList,
+    pub shadow: Option<AccessList>,
 }
 
 impl Snapshot {
@@ -43,26 +52,28 @@ impl Snapshot {
             Some(file) => load_whitelist(file, &mut problems),
             None => AccessList::empty(Action::Deny),
         };
+        let shadow =
+            config.access.shadow_list.as_ref().map(|f| AccessList::load(f, config.access.default, &mut problems));
         let tls = config.tls.as_ref().and_then(|t| TlsSettings::load(t, UnixTime::now().0, &mut problems));
         let file = config.file.clone().unwrap_or_default();
         let relay_tls = crate::tls::relay_client(&config.relay, &file, &mut problems);
         if !problems.is_empty() {
             return Err(Problems(problems));
         }
-        Ok(Snapshot::new(config, access, whitelist, tls, relay_tls))
+        Ok(Snapshot::new(config, Lists { access, whitelist, shadow }, tls, relay_tls))
     }
 
     /// A snapshot from parts already loaded.
     pub fn new(
         config: Config,
-        access: AccessList,
-        whitelist: AccessList,
+        lists: Lists,
         tls: Option<TlsSettings>,
         relay_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
+        let Lists { access, whitelist, shadow } = lists;
         let smtp = Arc::new(smtp::Settings::new(&config, tls.is_some()));
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        Snapshot { generation, config, access, whitelist, smtp, tls, relay_tls }
+        Snapshot { generation, config, access, whitelist, shadow, smtp, tls, relay_tls }
     }
 
     /// What works but needs the operator's attention soon (a certificate near its end).
@@ -73,7 +84,8 @@ impl Snapshot {
     /// A snapshot of `config` with empty lists and no TLS.
     pub fn without_lists(config: Config) -> Self {
         let access = AccessList::empty(config.access.default);
-        Snapshot::new(config, access, AccessList::empty(Action::Deny), None, None)
+        let lists = Lists { access, whitelist: AccessList::empty(Action::Deny), shadow: None };
+        Snapshot::new(config, lists, None, None)
     }
 }
 

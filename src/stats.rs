@@ -36,10 +36,14 @@ pub enum Count {
     TlsHandshakes,
     /// STARTTLS handshakes that failed (the connection closed).
     TlsFailed,
+    /// Allowed peers `[access] shadow_list` would have denied.
+    ShadowWouldDeny,
+    /// Bans `[abuse] shadow` withheld (at most one per address a minute).
+    ShadowWouldBan,
 }
 
 impl Count {
-    const ALL: [Count; 13] = [
+    const ALL: [Count; 15] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -53,6 +57,8 @@ impl Count {
         Count::Vanished,
         Count::TlsHandshakes,
         Count::TlsFailed,
+        Count::ShadowWouldDeny,
+        Count::ShadowWouldBan,
     ];
 
     fn name(self) -> &'static str {
@@ -70,6 +76,8 @@ impl Count {
             Count::Dropped => "conversations_dropped",
             Count::TlsHandshakes => "tls_handshakes",
             Count::TlsFailed => "tls_handshakes_failed",
+            Count::ShadowWouldDeny => "shadow_would_deny",
+            Count::ShadowWouldBan => "shadow_would_ban",
         }
     }
 }

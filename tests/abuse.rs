@@ -224,7 +224,38 @@ fn the_operator_bans_lists_and_unbans(io: &str) {
     assert_allowed(&m, "127.0.5.20", 0);
 }
 
+/// `[abuse] shadow`: past the threshold (and dropped, with ban_on_drop) the address is
+/// still served; the ban it would have had is logged and counted, once a minute.
+fn shadow_bans_are_logged_never_made(io: &str) {
+    let abuse = "failure_threshold = 3\nmax_failed_commands = 4\nban_on_drop = true\nshadow = true\n\
+                 [control]\nsocket = \"mxgate.sock\"\n";
+    let mut m = start(abuse, io);
+    let first = common::minute();
+    fail(&m, "127.0.5.20", 3);
+    let line = m.wait_for_log("shadow: would ban 127.0.5.20");
+    assert!(line.contains("3 failures"), "{line}");
+    fail(&m, "127.0.5.20", 2);
+    assert_allowed(&m, "127.0.5.20", 0);
+    // dropped: would be banned for it, but this minute's line for the address is out
+    let mut s = connect_from("127.0.5.20", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, &b"BOGUS\r\n".repeat(5));
+    assert_eq!(read_to_end(&mut s).0, UNKNOWN.repeat(5) + TOO_MANY);
+    assert_allowed(&m, "127.0.5.20", 0);
+    let (code, out) = run_cli(&["stats"], &m.files.config());
+    // once a minute (twice only if a minute began in between)
+    let once =
+        out.contains("shadow_would_ban 1\n") || (common::minute() != first && out.contains("shadow_would_ban 2\n"));
+    assert!(code == 0 && once && out.contains("bans_in_force 0\n"), "{out}");
+    assert!(!m.seen.iter().any(|l| l.contains("IP address 127.0.5.20 banned")));
+    // the operator still bans
+    let (code, out) = run_cli(&["ban", "127.0.5.21"], &m.files.config());
+    assert_eq!(code, 0, "{out}");
+    assert_denied(&m, "127.0.5.21", 0);
+}
+
 for_both_drivers!(
+    shadow_bans_are_logged_never_made,
     the_operator_bans_lists_and_unbans,
     explain_shows_the_failure_count_and_the_ban,
     concurrency_limits_spare_the_whitelist,

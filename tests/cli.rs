@@ -91,6 +91,22 @@ fn explain_names_the_deciding_entry() {
     assert!(out.contains("192.0.2.1: allow") && out.contains("no list entry matches"), "{out}");
 }
 
+/// The shadow list's verdict is shown beside the real one, with its line; a broken shadow
+/// list is a problem like any list's.
+#[test]
+fn explain_shows_the_shadow_verdict_and_check_validates_the_shadow_list() {
+    let config = "hostname = \"mx.test\"\n[access]\nlist = \"access.list\"\nshadow_list = \"next.list\"\n";
+    let f = Files::new(config, &[("access.list", "deny 192.0.2.9\n"), ("next.list", "# soon\ndeny 192.0.2.0/24\n")]);
+    let (code, out) = run_cli(&["explain", "192.0.2.1"], &f.config());
+    assert!(code == 0 && out.contains("192.0.2.1: allow"), "{out}");
+    assert!(out.contains("shadow list: would deny (") && out.contains("next.list, line 2; never enforced)"), "{out}");
+    let (_, out) = run_cli(&["explain", "198.51.100.1"], &f.config());
+    assert!(out.contains("shadow list: would allow (") && out.contains("its default"), "{out}");
+    std::fs::write(f.path("next.list"), "deny 192.0.2.0/33\n").expect("write");
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert!(code != 0 && out.contains("next.list:1"), "{out}");
+}
+
 #[test]
 fn explain_refuses_what_is_not_an_address() {
     let f = Files::new("", &[]);

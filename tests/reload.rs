@@ -195,7 +195,39 @@ fn a_session_keeps_the_next_hops_it_started_with(io: &str) {
     assert!(at_b.iter().all(|m| m.contains("Subject: new ")), "{at_b:?}");
 }
 
+/// `[access] shadow_list`: a peer it would deny is still served, counted, and logged once
+/// a minute (naming the file and line); a reload that changes the list changes what is
+/// logged.
+fn a_shadow_list_is_logged_never_enforced(io: &str) {
+    let config = config("mx.test", "shadow_list = \"candidate.list\"\n[control]\nsocket = \"mxgate.sock\"\n")
+        .replace("threads = 2", "threads = 1");
+    let files = [("access.list", "deny 127.0.7.40\n"), ("candidate.list", "# new\ndeny 127.0.7.41\n")];
+    let mut m = Mxgate::start(&config, &files, io);
+    let first = common::minute();
+    assert_allowed(&m, "127.0.7.41", 0);
+    let line = m.wait_for_log("shadow: would deny 127.0.7.41");
+    assert!(line.contains("candidate.list:2)"), "{line}");
+    assert_allowed(&m, "127.0.7.41", 0);
+    assert_allowed(&m, "127.0.7.42", 0);
+    assert_denied(&m, "127.0.7.40", 0);
+    // one worker: its log is in order, so the reload's line comes after anything the
+    // second connection could have logged
+    write(&m, "candidate.list", "deny 127.0.7.42\n");
+    reload(&mut m, "SIGHUP: reloaded");
+    let logged = |m: &Mxgate, ip: &str| m.seen.iter().filter(|l| l.contains(&format!("would deny {ip} "))).count();
+    // (twice only if a minute began in between)
+    let once = logged(&m, "127.0.7.41") == 1 || (common::minute() != first && logged(&m, "127.0.7.41") == 2);
+    assert!(once, "once a minute");
+    assert_eq!(logged(&m, "127.0.7.42"), 0);
+    assert_allowed(&m, "127.0.7.42", 0);
+    m.wait_for_log("shadow: would deny 127.0.7.42 ");
+    assert_allowed(&m, "127.0.7.41", 0);
+    let (code, stats) = run_cli(&["stats"], &m.files.config());
+    assert!(code == 0 && stats.contains("shadow_would_deny 3\n"), "{stats}");
+}
+
 for_both_drivers!(
+    a_shadow_list_is_logged_never_enforced,
     a_session_keeps_the_next_hops_it_started_with,
     a_changed_list_applies_to_new_connections_and_open_ones_go_on,
     a_bad_file_changes_nothing,

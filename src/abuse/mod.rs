@@ -98,17 +98,24 @@ impl Abuse {
         self.bans.load().banned(key, now.0)
     }
 
-    /// Counts a failure of `key`; bans it when it reaches `failure_threshold`.
-    pub fn failed(&self, key: AbuseKey, now: UnixTime, config: &AbuseConfig) {
+    /// Counts a failure of `key`; bans it when it reaches `failure_threshold`. With
+    /// `[abuse] shadow`: no ban, and the reason of the ban it would have made.
+    #[must_use]
+    pub fn failed(&self, key: AbuseKey, now: UnixTime, config: &AbuseConfig) -> Option<Reason> {
         let count = self.counters.add(key, now.0);
         if count >= config.failure_threshold && self.banned(key, now).is_none() {
-            self.ban(key, Reason::Failures(count), now, config);
+            return self.ban(key, Reason::Failures(count), now, config);
         }
+        None
     }
 
     /// Bans `key` (unless it is banned already): in force at once, then logged and
-    /// handed to the ban-file writer.
-    pub fn ban(&self, key: AbuseKey, reason: Reason, now: UnixTime, config: &AbuseConfig) {
+    /// handed to the ban-file writer. With `[abuse] shadow`: no ban, and `reason` back.
+    #[must_use]
+    pub fn ban(&self, key: AbuseKey, reason: Reason, now: UnixTime, config: &AbuseConfig) -> Option<Reason> {
+        if config.shadow {
+            return Some(reason);
+        }
         let made = {
             let mut book = self.book();
             let made = book.ban(key, reason, now.0, config);
@@ -131,6 +138,7 @@ impl Abuse {
             );
             self.tell_writer(Change::Made(key, ban));
         }
+        None
     }
 
     /// Bans `key` as the operator says (see [`BanBook::impose`]); logged like every ban.

@@ -18,6 +18,7 @@ use super::Connection;
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
 use crate::abuse::{AbuseKey, Reason};
+use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
@@ -128,6 +129,9 @@ impl<I: Io> Host<I> {
             }
             Verdict::Allow { whitelisted, admission } => {
                 tracing::debug!(%peer, "allowed");
+                if let Some(list) = &snapshot.shadow {
+                    shadow_list(list, peer, unix, &self.shared, &self.counts);
+                }
                 let mut session = Session::new(Arc::clone(&snapshot.smtp), peer, now, unix);
                 if self.drain != Drain::Serving {
                     session.shutdown(now);
@@ -352,6 +356,32 @@ fn hop<I: Io>(
 /// Generations fit in 24 bits (the io_uring driver's user data has room for no more).
 pub const GENERATION_MASK: u32 = 0xff_ffff;
 
+/// `[access] shadow_list`: an allowed peer it would deny is counted, and logged at most
+/// once a minute.
+fn shadow_list(list: &AccessList, peer: PeerIp, unix: UnixTime, shared: &Shared, counts: &Counts) {
+    let verdict = list.verdict(peer.ip());
+    if verdict.action != Action::Deny {
+        return;
+    }
+    counts.add(Count::ShadowWouldDeny);
+    if shared.shadow().list.first_this_minute(peer, unix.0.div_euclid(60)) {
+        let file = list.file().map(|f| f.display().to_string()).unwrap_or_default();
+        match verdict.rule {
+            Some(rule) => tracing::info!("shadow: would deny {peer} ({file}:{})", rule.line),
+            None => tracing::info!("shadow: would deny {peer} ({file}: its default)"),
+        }
+    }
+}
+
+/// `[abuse] shadow`: a ban withheld is counted and logged, at most once a minute per
+/// address (its failures go on past the threshold where a ban would have stopped them).
+fn shadow_ban(key: AbuseKey, reason: Reason, now: UnixTime, shared: &Shared, counts: &Counts) {
+    if shared.shadow().bans.first_this_minute(key, now.0.div_euclid(60)) {
+        counts.add(Count::ShadowWouldBan);
+        tracing::info!("shadow: would ban {key}: {reason}");
+    }
+}
+
 /// Acts on what a session reports: one log line per transaction (the mail log), and
 /// failures counted against the peer's address (never a whitelisted one's).
 fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
@@ -368,7 +398,10 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
             Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
             Event::Failed(_) => {
                 counts.add(Count::Failures);
-                abuse.failed(key(), UnixTime::now(), config);
+                let now = UnixTime::now();
+                if let Some(reason) = abuse.failed(key(), now, config) {
+                    shadow_ban(key(), reason, now, shared, counts);
+                }
             }
             Event::Handshake { ok: true } => counts.add(Count::TlsHandshakes),
             Event::Handshake { ok: false } => {
@@ -379,7 +412,10 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
                 counts.add(Count::Dropped);
                 tracing::info!(peer = %session.peer(), "dropped: too many errors");
                 if config.ban_on_drop && !conn.whitelisted() {
-                    abuse.ban(key(), Reason::Dropped, UnixTime::now(), config);
+                    let now = UnixTime::now();
+                    if let Some(reason) = abuse.ban(key(), Reason::Dropped, now, config) {
+                        shadow_ban(key(), reason, now, shared, counts);
+                    }
                 }
             }
         }

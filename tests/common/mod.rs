@@ -300,6 +300,11 @@ pub fn assert_allowed(m: &Mxgate, source: &str, addr_index: usize) {
 }
 
 /// Waits (bounded) until `done` holds.
+/// The minute now (seconds since the epoch / 60): what once-a-minute sampling counts in.
+pub fn minute() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60)
+}
+
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done() {
