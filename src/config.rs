@@ -66,7 +66,18 @@ pub struct Listen {
     pub io: IoMode,
     pub max_connections: u32,
     pub drain_timeout: Duration,
+    /// Balancers whose connections start with a PROXY header (v1 or v2).
     pub proxy_protocol_from: Vec<IpNet>,
+    /// Longest wait for that header.
+    pub proxy_timeout: Duration,
+}
+
+impl Listen {
+    /// `ip` (canonical) is a trusted balancer: its connections carry a PROXY header.
+    #[inline]
+    pub fn is_balancer(&self, ip: std::net::IpAddr) -> bool {
+        !self.proxy_protocol_from.is_empty() && self.proxy_protocol_from.iter().any(|n| n.contains(&ip))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -189,6 +200,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("listen", "drain_timeout"),
     ("listen", "max_connections"),
     ("listen", "proxy_protocol_from"),
+    ("listen", "proxy_timeout"),
     ("access", "default"),
     ("access", "list"),
     ("access", "deny_reply"),
@@ -306,6 +318,7 @@ impl Config {
                 as u32,
             drain_timeout: r.value(t, "listen", "drain_timeout", duration).unwrap_or(Duration::from_secs(30)),
             proxy_protocol_from: r.value(t, "listen", "proxy_protocol_from", prefixes).unwrap_or_default(),
+            proxy_timeout: r.value(t, "listen", "proxy_timeout", positive_duration).unwrap_or(Duration::from_secs(5)),
         };
 
         let t = r.section(root, "access", &keys_of("access"));

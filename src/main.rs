@@ -157,6 +157,12 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
     }
     let verdict = s.access.verdict(peer.ip());
     println!("{peer}: {}", verdict.action);
+    if s.config.listen.is_balancer(peer.ip()) {
+        println!(
+            "  a trusted balancer (listen.proxy_protocol_from): its connections are judged on the \
+             address their PROXY header carries; this verdict is for its own health checks (LOCAL)"
+        );
+    }
     match (verdict.rule, s.access.file()) {
         (Some(rule), Some(file)) => {
             println!("  rule: {} {} at {}:{}", rule.action, rule.net, file.display(), rule.line)

@@ -36,6 +36,9 @@ pub enum Count {
     TlsHandshakes,
     /// STARTTLS handshakes that failed (the connection closed).
     TlsFailed,
+    /// A trusted balancer's connection without a valid PROXY header (malformed,
+    /// oversized, truncated, late): closed without a banner.
+    RefusedProxyHeader,
     /// Allowed peers `[access] shadow_list` would have denied.
     ShadowWouldDeny,
     /// Bans `[abuse] shadow` withheld (at most one per address a minute).
@@ -43,7 +46,7 @@ pub enum Count {
 }
 
 impl Count {
-    const ALL: [Count; 15] = [
+    const ALL: [Count; 16] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -57,6 +60,7 @@ impl Count {
         Count::Vanished,
         Count::TlsHandshakes,
         Count::TlsFailed,
+        Count::RefusedProxyHeader,
         Count::ShadowWouldDeny,
         Count::ShadowWouldBan,
     ];
@@ -76,6 +80,7 @@ impl Count {
             Count::Dropped => "conversations_dropped",
             Count::TlsHandshakes => "tls_handshakes",
             Count::TlsFailed => "tls_handshakes_failed",
+            Count::RefusedProxyHeader => "refused_proxy_header",
             Count::ShadowWouldDeny => "shadow_would_deny",
             Count::ShadowWouldBan => "shadow_would_ban",
         }
@@ -130,7 +135,8 @@ impl Stats {
     }
 
     /// `name value` for each count, summed over the workers; the connections accepted
-    /// first (every one is refused, given a session, or gone before it was judged).
+    /// first (every one is refused, given a session, or gone before it was judged; a
+    /// balancer's may also be refused for its PROXY header).
     pub fn lines(&self) -> Vec<(&'static str, u64)> {
         let workers = self.workers();
         let sums: Vec<(&'static str, u64)> = Count::ALL
@@ -138,7 +144,7 @@ impl Stats {
             .map(|&c| (c.name(), workers.iter().map(|w| w.0[c as usize].load(Ordering::Relaxed)).sum()))
             .collect();
         let judged: u64 = sums[..=Count::Sessions as usize].iter().map(|(_, n)| n).sum();
-        let accepted = judged + sums[Count::Vanished as usize].1;
+        let accepted = judged + sums[Count::Vanished as usize].1 + sums[Count::RefusedProxyHeader as usize].1;
         std::iter::once(("connections_accepted", accepted)).chain(sums).collect()
     }
 

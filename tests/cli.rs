@@ -108,6 +108,19 @@ fn explain_shows_the_shadow_verdict_and_check_validates_the_shadow_list() {
 }
 
 #[test]
+fn explain_says_whether_an_address_is_a_trusted_balancer() {
+    let f = Files::new("[listen]\nproxy_protocol_from = [\"10.0.0.0/30\", \"2001:db8::1\"]\n", &[]);
+    for (ip, trusted) in [("10.0.0.3", true), ("10.0.0.4", false), ("2001:db8::1", true), ("::ffff:10.0.0.1", true)] {
+        let (code, out) = run_cli(&["explain", ip], &f.config());
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out.contains("a trusted balancer (listen.proxy_protocol_from)"), trusted, "{ip}: {out}");
+    }
+    let f = Files::new("[listen]\nproxy_protocol_from = [\"10.0.0.0/33\"]\n", &[]);
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert!(code != 0 && out.contains("listen.proxy_protocol_from"), "{out}");
+}
+
+#[test]
 fn explain_refuses_what_is_not_an_address() {
     let f = Files::new("", &[]);
     let (code, out) = run_cli(&["explain", "not-an-ip"], &f.config());

@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::Connection;
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
+use super::{Connection, NoHeader};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
+use crate::proxy;
 use crate::shared::{Shared, SnapshotCache};
 use crate::smtp::{Event, Relay, Session};
 use crate::stats::{Count, Counts};
@@ -120,6 +121,13 @@ impl<I: Io> Host<I> {
     pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
         let peer = PeerIp::from(addr);
         let snapshot = self.snapshot.load();
+        if snapshot.config.listen.is_balancer(peer.ip()) {
+            // judged on the address its PROXY header carries, once read (`judge`)
+            let session = Session::new(Arc::clone(&snapshot.smtp), peer, now, unix);
+            let deadline = now + snapshot.config.listen.proxy_timeout;
+            self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
+            return Admit::Serve(Connection::behind_balancer(Arc::clone(snapshot), session, deadline, self.generation));
+        }
         let verdict = gate::admit(snapshot, self.shared.abuse(), peer, unix);
         self.counts.verdict(&verdict);
         match verdict {
@@ -181,6 +189,19 @@ impl<I: Io> Host<I> {
         let mut turn_over = true;
         for _ in 0..STEPS_PER_TURN {
             let Entry { conn, sockets } = &mut *entry;
+            if let Some(ended) = conn.take_no_header() {
+                let balancer = conn.session().peer();
+                match ended {
+                    NoHeader::Refused(why) => {
+                        self.counts.add(Count::RefusedProxyHeader);
+                        tracing::debug!(%balancer, "PROXY header refused: {why}");
+                    }
+                    NoHeader::Gone => self.counts.add(Count::Vanished),
+                }
+            }
+            if let Some((header, rest)) = conn.take_header() {
+                judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, now);
+            }
             let peer = io.peer(id, sockets, conn, now);
             let hop = hop(&mut self.pool, id, sockets, conn, now, io);
             report(conn, &self.shared, &self.counts);
@@ -356,6 +377,41 @@ fn hop<I: Io>(
 /// Generations fit in 24 bits (the io_uring driver's user data has room for no more).
 pub const GENERATION_MASK: u32 = 0xff_ffff;
 
+/// A trusted balancer's header is whole: the gate judges the address it carries (the
+/// balancer's own for LOCAL and UNKNOWN), as it judges a direct peer at accept.
+fn judge(
+    conn: &mut Connection,
+    header: proxy::Header,
+    rest: &[u8],
+    shared: &Shared,
+    counts: &Counts,
+    refusals: &mut RefusalLines,
+    now: Instant,
+) {
+    let balancer = conn.session().peer();
+    let (peer, proxy_id) = match header {
+        proxy::Header::Proxied { source, unique_id, .. } => (PeerIp::from(source), unique_id),
+        proxy::Header::Local | proxy::Header::Unknown => (balancer, None),
+    };
+    let snapshot = Arc::clone(conn.snapshot_arc());
+    let unix = UnixTime::now();
+    let verdict = gate::admit(&snapshot, shared.abuse(), peer, unix);
+    counts.verdict(&verdict);
+    match verdict {
+        Verdict::Refuse(refusal) => {
+            tracing::debug!(%peer, %balancer, ?refusal, "refused");
+            conn.refuse(refusals.line(refusal, &snapshot, unix));
+        }
+        Verdict::Allow { whitelisted, admission } => {
+            tracing::debug!(%peer, %balancer, "allowed");
+            if let Some(list) = &snapshot.shadow {
+                shadow_list(list, peer, unix, shared, counts);
+            }
+            conn.serve(peer, whitelisted, admission, proxy_id, rest, now);
+        }
+    }
+}
+
 /// `[access] shadow_list`: an allowed peer it would deny is counted, and logged at most
 /// once a minute.
 fn shadow_list(list: &AccessList, peer: PeerIp, unix: UnixTime, shared: &Shared, counts: &Counts) {
@@ -393,7 +449,10 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
         match event {
             Event::Transaction(t) => {
                 counts.transaction(t.outcome);
-                tracing::info!("mail {t}");
+                match conn.proxy_id() {
+                    Some(id) => tracing::info!("mail {t} proxy_id={id}"),
+                    None => tracing::info!("mail {t}"),
+                }
             }
             Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
             Event::Failed(_) => {

@@ -7,7 +7,8 @@
 //!   accept ─► Host::admit ── refused ──► the one line (a static buffer), close: no Connection
 //!   (gate: access list,     │
 //!    bans, limits)          └ allowed ─► Connection ─────────────────────────────────► freed
-//!                                         │ [PROXY header: later, before the gate]     ▲
+//!   (a trusted balancer: a Connection     │ Front (front.rs): a balancer's PROXY header, ▲
+//!    at once, judged after its header)    │   then the gate on the address it carries   │
 //!                                         │ Transport: Plain, TLS after STARTTLS (tls.rs)│
 //!                                         │ Session (smtp): banner … QUIT / 421 / EOF ──┤
 //!                                         └ next hop: none ─► Connect(addr) ─► up ──────┘
@@ -27,6 +28,7 @@
 //! The run-loop rule: after every completion, serve both ports until neither can start
 //! anything ([`Host::advance`] does it), then arm the deadline.
 
+mod front;
 mod host;
 mod pool;
 mod timers;
@@ -39,6 +41,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abuse::Admission;
+use crate::peer::PeerIp;
 use crate::smtp::client::Upstream;
 use crate::smtp::{Event, Relay, Session, Transmit};
 use crate::snapshot::Snapshot;
@@ -53,6 +56,15 @@ pub enum Transport {
     #[default]
     Plain,
     Tls(Box<tls::TlsLayer>),
+}
+
+/// How a trusted balancer's connection ended before its header was whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoHeader {
+    /// Malformed, oversized, truncated or late: refused (`refused_proxy_header`).
+    Refused(front::NoHeader),
+    /// Closed before sending anything (a bare TCP health check): gone before judged.
+    Gone,
 }
 
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
@@ -73,10 +85,17 @@ pub struct Connection {
     transport: Transport,
     /// The next hop's TLS, after its 220 to STARTTLS (`[relay] tls`).
     hop_tls: Option<Box<tls::HopTls>>,
+    /// Before the session: a trusted balancer's PROXY header (front.rs).
+    front: front::Front,
+    /// How a balancer's connection ended without a header, for the host to count.
+    no_header: Option<NoHeader>,
+    /// The balancer's unique id for the connection (PROXY v2), for the mail log.
+    proxy_id: Option<String>,
     /// A whitelisted peer is never counted or banned.
     whitelisted: bool,
-    /// Its place in the connection counts, given back when the connection is freed.
-    _admission: Admission,
+    /// Its place in the connection counts, given back when the connection is freed (none
+    /// while a balancer's header is awaited).
+    _admission: Option<Admission>,
     /// Tells reuses of a slab key apart.
     generation: u32,
     /// The deadline armed in the host's timers, if any.
@@ -97,11 +116,82 @@ impl Connection {
             session,
             transport,
             hop_tls: None,
+            front: front::Front::None,
+            no_header: None,
+            proxy_id: None,
             whitelisted,
-            _admission: admission,
+            _admission: Some(admission),
             generation,
             armed: None,
         }
+    }
+
+    /// A trusted balancer's connection: its PROXY header first, by `deadline`; `session`
+    /// waits (its banner unsent) for the address the header carries.
+    pub fn behind_balancer(snapshot: Arc<Snapshot>, session: Session, deadline: Instant, generation: u32) -> Self {
+        Connection {
+            snapshot,
+            session,
+            transport: Transport::default(),
+            hop_tls: None,
+            front: front::Front::header(deadline),
+            no_header: None,
+            proxy_id: None,
+            whitelisted: false,
+            _admission: None,
+            generation,
+            armed: None,
+        }
+    }
+
+    /// The balancer's header is whole: what it says, and the bytes after it (the host
+    /// judges the address, then calls [`Connection::serve`] or [`Connection::refuse`]).
+    pub(crate) fn take_header(&mut self) -> Option<(crate::proxy::Header, Vec<u8>)> {
+        if !matches!(self.front, front::Front::Judge { .. }) {
+            return None;
+        }
+        match std::mem::take(&mut self.front) {
+            front::Front::Judge { header, rest } => Some((header, rest)),
+            _ => None,
+        }
+    }
+
+    /// The header's address is allowed: the session is its, and gets the bytes that came
+    /// after the header.
+    pub(crate) fn serve(
+        &mut self,
+        peer: PeerIp,
+        whitelisted: bool,
+        admission: Admission,
+        proxy_id: Option<String>,
+        rest: &[u8],
+        now: Instant,
+    ) {
+        self.front = front::Front::None;
+        self.session.set_peer(peer);
+        self.whitelisted = whitelisted;
+        self._admission = Some(admission);
+        self.proxy_id = proxy_id;
+        if !rest.is_empty() {
+            self.peer_input(rest, now);
+        }
+    }
+
+    /// The header's address is refused: `line`, then close.
+    pub(crate) fn refuse(&mut self, line: &[u8]) {
+        self.front = front::Front::Refuse { line: line.to_vec(), sent: 0 };
+    }
+
+    pub(crate) fn take_no_header(&mut self) -> Option<NoHeader> {
+        self.no_header.take()
+    }
+
+    pub(crate) fn proxy_id(&self) -> Option<&str> {
+        self.proxy_id.as_deref()
+    }
+
+    pub(crate) fn snapshot_arc(&self) -> &Arc<Snapshot> {
+        &self.snapshot
     }
 
     pub fn generation(&self) -> u32 {
@@ -124,6 +214,13 @@ impl Connection {
 
     /// What the driver does next on the peer's socket.
     pub fn poll_peer(&self) -> Transmit<'_> {
+        match &self.front {
+            front::Front::None => {}
+            front::Front::Header { .. } => return Transmit::Receive,
+            front::Front::Judge { .. } => return Transmit::Wait,
+            front::Front::Refuse { line, sent } if *sent < line.len() => return Transmit::Send(&line[*sent..]),
+            front::Front::Refuse { .. } | front::Front::Close => return Transmit::Close,
+        }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
             Transport::Tls(t) => t.poll(&self.session),
@@ -132,6 +229,12 @@ impl Connection {
 
     /// Bytes the peer sent.
     pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
+        if !matches!(self.front, front::Front::None) {
+            if let Err(why) = self.front.input(bytes) {
+                self.no_header = Some(NoHeader::Refused(why));
+            }
+            return;
+        }
         match &mut self.transport {
             Transport::Plain => self.session.handle_input(bytes, now),
             Transport::Tls(t) => t.received(bytes),
@@ -141,6 +244,10 @@ impl Connection {
 
     /// `n` bytes of the last `Send` went out.
     pub fn peer_sent(&mut self, n: usize, now: Instant) {
+        if let front::Front::Refuse { sent, .. } = &mut self.front {
+            *sent += n;
+            return;
+        }
         match &mut self.transport {
             Transport::Plain => self.session.consume_output(n),
             Transport::Tls(t) => t.sent(n),
@@ -150,7 +257,13 @@ impl Connection {
 
     /// The peer closed its side, or its connection broke.
     pub fn peer_eof(&mut self, now: Instant) {
-        self.session.handle_eof(now);
+        match &mut self.front {
+            front::Front::None => self.session.handle_eof(now),
+            front::Front::Header { .. } => {
+                self.no_header = Some(self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused));
+            }
+            _ => self.front = front::Front::Close,
+        }
     }
 
     /// After every completion that may have made the session say or want something (the
@@ -276,24 +389,46 @@ impl Connection {
     // ---- time and the server's life ------------------------------------------------------
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.session.poll_timeout()
+        match &self.front {
+            front::Front::None => self.session.poll_timeout(),
+            other => other.deadline(),
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if !matches!(self.front, front::Front::None) {
+            if let Some(why) = self.front.timeout(now) {
+                self.no_header = Some(NoHeader::Refused(why));
+            }
+            return;
+        }
         self.session.handle_timeout(now);
         self.settle(now);
     }
 
-    /// The server is draining (see `smtp::Session::shutdown`).
+    /// The server is draining (see `smtp::Session::shutdown`); a balancer's connection
+    /// still without a session just closes.
     pub fn shutdown(&mut self, now: Instant) {
+        if !matches!(self.front, front::Front::None) {
+            return self.close_front();
+        }
         self.session.shutdown(now);
         self.settle(now);
     }
 
     /// The drain timeout passed.
     pub fn abort(&mut self, now: Instant) {
+        if !matches!(self.front, front::Front::None) {
+            return self.close_front();
+        }
         self.session.abort(now);
         self.settle(now);
+    }
+
+    fn close_front(&mut self) {
+        if matches!(self.front, front::Front::Header { .. } | front::Front::Judge { .. }) {
+            self.front = front::Front::Close;
+        }
     }
 
     /// Nothing left to do but free it, once the driver's sockets are closed.

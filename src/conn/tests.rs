@@ -242,7 +242,11 @@ struct World {
 
 impl World {
     fn new(next_hops: &[&str]) -> Self {
-        let shared = Shared::new(Snapshot::without_lists(config(next_hops))).unwrap();
+        Self::with(config(next_hops))
+    }
+
+    fn with(config: Config) -> Self {
+        let shared = Shared::new(Snapshot::without_lists(config)).unwrap();
         World {
             host: Host::new(shared.clone()),
             shared,
@@ -289,8 +293,12 @@ impl World {
 
     /// The peer `id` sends; returns what it got back.
     fn send(&mut self, id: ConnId, bytes: &str) -> String {
+        self.send_bytes(id, bytes.as_bytes())
+    }
+
+    fn send_bytes(&mut self, id: ConnId, bytes: &[u8]) -> String {
         let (_, s) = self.host.get_current(id).expect("open");
-        s.peer_in.extend_from_slice(bytes.as_bytes());
+        s.peer_in.extend_from_slice(bytes);
         self.host.advance(id.0, self.now, &mut self.io);
         self.settle();
         self.take(id)
@@ -496,4 +504,29 @@ fn a_reload_that_replaces_next_hops_leaves_open_sessions_on_theirs() {
     assert_eq!(w.subjects(B), ["new", "newer"]);
     assert_eq!(w.io.dials, [addr(A), addr(B)], "no new connection");
     assert_eq!(w.host.pooled(addr(A)), 1);
+}
+
+/// Peers 192.0.2.x are a trusted balancer: each connection's PROXY header comes first,
+/// whatever the pieces it arrives in, then the session is the client's.
+#[test]
+fn a_balancers_header_in_pieces_then_the_clients_session() {
+    let text = "hostname = \"mx.test\"\n[listen]\nproxy_protocol_from = [\"192.0.2.0/24\"]\nproxy_timeout = \"5s\"\n";
+    let mut w = World::with(Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap());
+    let (id, banner) = w.connect();
+    assert_eq!(banner, "", "nothing before the header");
+    let header = crate::proxy::v2_header(addr("198.51.100.7:4000"), addr("127.0.0.1:25"), &[]);
+    let (last, pieces) = header.split_last().unwrap();
+    for b in pieces {
+        assert_eq!(w.send_bytes(id, &[*b]), "");
+    }
+    let got = w.send_bytes(id, &[&[*last][..], b"EHLO client.test\r\n"].concat());
+    assert!(got.starts_with("220 mx.test ESMTP mxgate\r\n250-mx.test"), "{got}");
+    assert_eq!(w.host.get_current(id).unwrap().0.session().peer().to_string(), "198.51.100.7");
+    // a balancer that says nothing is closed without a word at proxy_timeout
+    let (quiet, _) = w.connect();
+    w.wait(Duration::from_secs(4));
+    assert!(w.open(quiet));
+    w.wait(Duration::from_secs(1));
+    assert!(!w.open(quiet) && w.take(quiet).is_empty());
+    assert!(w.open(id), "the served one goes on");
 }

@@ -310,6 +310,12 @@ impl Session {
         self.peer
     }
 
+    /// The peer is another than the connection's own address: the client a trusted
+    /// balancer's PROXY header named (before the banner goes out).
+    pub fn set_peer(&mut self, peer: PeerIp) {
+        self.peer = peer;
+    }
+
     /// Our name, for the next hop's EHLO.
     pub fn hostname(&self) -> &str {
         &self.settings.hostname

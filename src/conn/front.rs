@@ -1,0 +1,106 @@
+//! What comes before the session on a trusted balancer's connection
+//! (`[listen] proxy_protocol_from`): its PROXY header, read and parsed here (sans-IO, the
+//! parser is `crate::proxy`), then judged by the host on the address it carries.
+//!
+//! ```text
+//!   accept (a balancer) ─► Header ──header whole──► Judge ──host: allowed──► None (the session
+//!                            │  ▲ need more            │                    gets the peer and
+//!                            │  └──────┘               │                    the bytes after it)
+//!                            │                         └─host: refused──► Refuse: the line, close
+//!                            └─ malformed, over its size, closed, late ─► Close (no banner)
+//! ```
+//!
+//! Direct peers never get a front: the gate judged them at accept.
+
+use std::time::Instant;
+
+use crate::proxy::{self, Header, Parsed};
+
+#[derive(Debug, Default)]
+pub enum Front {
+    /// The session has the connection.
+    #[default]
+    None,
+    /// Reading the header, until `deadline`.
+    Header { got: Vec<u8>, deadline: Instant },
+    /// A whole header: the host judges the address it carries; `rest` is the session's.
+    Judge { header: Header, rest: Vec<u8> },
+    /// Refused after the header: this line, then close.
+    Refuse { line: Vec<u8>, sent: usize },
+    /// No header: close without a word.
+    Close,
+}
+
+/// Why a balancer's connection ended without a header.
+pub type NoHeader = &'static str;
+
+impl Front {
+    pub fn header(deadline: Instant) -> Self {
+        Front::Header { got: Vec::new(), deadline }
+    }
+
+    /// Bytes from the balancer; `Err` when they can never be a header. The parser says
+    /// "need more" only short of a header's bounded size, so what is kept stays under
+    /// `proxy::MAX_V2` and one read.
+    pub fn input(&mut self, bytes: &[u8]) -> Result<(), NoHeader> {
+        let Front::Header { got, .. } = self else { return Ok(()) };
+        let parsed = if got.is_empty() {
+            // the common case: the whole header in the first read, parsed where it lies
+            match proxy::parse(bytes) {
+                Parsed::Done { header, consumed } => {
+                    *self = Front::Judge { header, rest: bytes[consumed..].to_vec() };
+                    return Ok(());
+                }
+                Parsed::NeedMore => {
+                    got.extend_from_slice(bytes);
+                    return Ok(());
+                }
+                invalid => invalid,
+            }
+        } else {
+            got.extend_from_slice(bytes);
+            proxy::parse(got)
+        };
+        match parsed {
+            Parsed::NeedMore => Ok(()),
+            Parsed::Invalid(why) => self.fail(why),
+            Parsed::Done { header, consumed } => {
+                let rest = match self {
+                    Front::Header { got, .. } => got.split_off(consumed),
+                    _ => Vec::new(),
+                };
+                *self = Front::Judge { header, rest };
+                Ok(())
+            }
+        }
+    }
+
+    /// The balancer closed its side (or the connection broke) before a whole header.
+    pub fn eof(&mut self) -> Option<NoHeader> {
+        let Front::Header { got, .. } = self else { return None };
+        // a bare TCP check (connect, close) is no malformed header
+        let why = (!got.is_empty()).then_some("truncated header");
+        *self = Front::Close;
+        why
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Front::Header { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// The deadline passed: late.
+    pub fn timeout(&mut self, now: Instant) -> Option<NoHeader> {
+        match self {
+            Front::Header { deadline, .. } if *deadline <= now => self.fail("no header within proxy_timeout").err(),
+            _ => None,
+        }
+    }
+
+    fn fail(&mut self, why: NoHeader) -> Result<(), NoHeader> {
+        *self = Front::Close;
+        Err(why)
+    }
+}
