@@ -193,7 +193,76 @@ fn local_is_judged_as_the_balancer(io: &str) {
     assert_eq!(read_replies(&mut s, 1), BANNER, "UNKNOWN likewise");
 }
 
+/// HAProxy (Debian's package), started on loopback in front of mxgate.
+struct HaProxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl HaProxy {
+    /// `send`: "send-proxy" or "send-proxy-v2". None when haproxy is not installed
+    /// (outside CI; in CI that fails the test).
+    fn start(backend: SocketAddr, send: &str) -> Option<Self> {
+        let found = std::process::Command::new("haproxy").arg("-v").output().is_ok_and(|o| o.status.success());
+        if !found {
+            assert!(std::env::var("CI").is_err(), "haproxy is not installed (.ci/run installs it)");
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a folder");
+        let addr = common::unused_port();
+        let config = format!(
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    \
+             timeout server 30s\nfrontend smtp\n    bind {addr}\n    default_backend mx\nbackend mx\n    \
+             server mx {backend} {send}\n"
+        );
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, config).expect("write haproxy.cfg");
+        let child = std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let h = HaProxy { child, addr, _dir: dir };
+        common::wait_until("haproxy listens", || TcpStream::connect(h.addr).is_ok());
+        Some(h)
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real balancer: HAProxy with send-proxy and with send-proxy-v2 in front of mxgate.
+fn behind_a_real_haproxy(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let config = config(hop.addr, "").replace("127.0.8.0/24", "127.0.0.1/32");
+    let m = Mxgate::start(&config, &[("access.list", "deny 127.0.8.66\n")], io);
+    for (i, send_proxy) in ["send-proxy", "send-proxy-v2"].into_iter().enumerate() {
+        let Some(h) = HaProxy::start(m.addr(), send_proxy) else { return };
+        let mut s = connect_from("127.0.8.66", h.addr);
+        let (got, _) = read_to_end(&mut s);
+        assert!(got.starts_with(DENY_PREFIX), "{send_proxy}: the client's address is judged: {got:?}");
+        let mut s = connect_from("127.0.8.67", h.addr);
+        assert_eq!(read_replies(&mut s, 1), BANNER, "{send_proxy}");
+        send(&mut s, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+        assert!(read_replies(&mut s, 4).contains("354 "), "{send_proxy}");
+        send(&mut s, b"Subject: through haproxy\r\n\r\nhi\r\n.\r\nQUIT\r\n");
+        assert!(read_replies(&mut s, 2).starts_with("250 2.0.0 OK"), "{send_proxy}");
+        let got = hop.wait_messages(i + 1);
+        let body = String::from_utf8_lossy(&got[i].wire_body).into_owned();
+        assert!(body.contains("([127.0.8.67])"), "{send_proxy}: {body}");
+    }
+}
+
 for_both_drivers!(
+    behind_a_real_haproxy,
     a_denied_client_gets_the_deny_line_through_the_balancer,
     an_allowed_client_is_served_and_named_in_received,
     a_ban_earned_through_the_balancer_bans_the_client,
