@@ -71,7 +71,7 @@ impl Default for RefusalLines {
 }
 
 impl RefusalLines {
-    pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
+    pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &'static [u8] {
         match refusal {
             Refusal::Deny => self.deny.line(snapshot, now),
             Refusal::Banned => self.ban.line(snapshot, now),
@@ -113,7 +113,7 @@ impl DenyLines {
 
     /// The line (CRLF included) for this snapshot at this time. Its memory stays
     /// valid for the life of the process (for a pointer handed to the kernel).
-    pub fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
+    pub fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &'static [u8] {
         let slot = &mut self.slots[now.0.rem_euclid(SLOTS as i64) as usize];
         if slot.second != now.0 || slot.generation != snapshot.generation {
             let deny = (self.template)(snapshot);
@@ -121,7 +121,10 @@ impl DenyLines {
             slot.second = now.0;
             slot.generation = snapshot.generation;
         }
-        &slot.bytes[..slot.len]
+        let line = &slot.bytes[..slot.len];
+        // SAFETY: the slots are leaked, never freed; a caller hands the line to a send at
+        // once (a pointer for the kernel, as the type's doc says) and keeps it no longer.
+        unsafe { std::slice::from_raw_parts(line.as_ptr(), line.len()) }
     }
 }
 

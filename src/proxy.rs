@@ -224,49 +224,10 @@ fn printable(bytes: &[u8]) -> String {
     out
 }
 
-/// A v1 header for `source` → `destination` (for the load harness and the tests).
-pub fn v1_header(source: SocketAddr, destination: SocketAddr) -> String {
-    let family = if source.is_ipv4() { "TCP4" } else { "TCP6" };
-    format!("PROXY {family} {} {} {} {}\r\n", source.ip(), destination.ip(), source.port(), destination.port())
-}
-
-/// A v2 PROXY header for `source` → `destination` (both of one family), with `tlvs`
-/// (type, value) after the addresses (for the load harness and the tests).
-pub fn v2_header(source: SocketAddr, destination: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    let family = match (source.ip(), destination.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            body.extend_from_slice(&s.octets());
-            body.extend_from_slice(&d.octets());
-            0x11
-        }
-        (s, d) => {
-            let v6 = |ip: IpAddr| match ip {
-                IpAddr::V6(a) => a,
-                IpAddr::V4(a) => a.to_ipv6_mapped(),
-            };
-            body.extend_from_slice(&v6(s).octets());
-            body.extend_from_slice(&v6(d).octets());
-            0x21
-        }
-    };
-    body.extend_from_slice(&source.port().to_be_bytes());
-    body.extend_from_slice(&destination.port().to_be_bytes());
-    for (kind, value) in tlvs {
-        body.push(*kind);
-        body.extend_from_slice(&(value.len() as u16).to_be_bytes());
-        body.extend_from_slice(value);
-    }
-    let mut header = V2_SIGNATURE.to_vec();
-    header.extend_from_slice(&[0x21, family]);
-    header.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    header.extend_from_slice(&body);
-    header
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loadtest::proxy::{v1_header, v2_header};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("an address")

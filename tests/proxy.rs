@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::nexthop::{AtDot, NextHop};
 use common::{DENY_PREFIX, End, Mxgate, connect_from, read_replies, read_to_end, run_cli, send};
-use mxgate::proxy::{v1_header, v2_header};
+use loadtest::proxy::{v1_header, v2_header};
 
 const BANNER: &str = "220 mx.test ESMTP mxgate\r\n";
 

@@ -36,6 +36,8 @@ pub struct Plan {
     pub drain: Duration,
     /// The longest a conversation may wait for the server.
     pub timeout: Duration,
+    /// A PROXY header first on every connection, carrying its own address.
+    pub proxy: Option<crate::proxy::Version>,
 }
 
 /// Counted so far, for the progress line.
@@ -220,6 +222,14 @@ impl Talker {
         each!(self, p => p.sent(n))
     }
 
+    /// Bytes to go before anything the conversation says (a PROXY header; the scenarios
+    /// that take one have SMTP peers only).
+    fn preface(&mut self, bytes: &[u8]) {
+        if let Talker::Smtp(p) = self {
+            p.preface(bytes);
+        }
+    }
+
     fn input(&mut self, bytes: &[u8], now: Instant) -> Result<(), Failure> {
         each!(self, p => p.input(bytes, now))
     }
@@ -400,7 +410,9 @@ fn open(
             return None;
         }
     };
-    let interest = if relay { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+    // with a PROXY header a denied peer writes first too
+    let writes = relay || plan.proxy.is_some();
+    let interest = if writes { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
     if poll.registry().register(&mut stream, Token(i), interest).is_err() {
         *tally.errors.entry("connect").or_default() += 1;
         return None;
@@ -413,6 +425,10 @@ fn open(
         None => Talker::new(&plan.script, *next_id, now),
     };
     *next_id += per_peer;
+    let mut peer = peer;
+    if let (Some(version), Ok(local)) = (plan.proxy, stream.local_addr()) {
+        peer.preface(&version.header(local, plan.target));
+    }
     Some(Conn { stream, peer, source: source.ip(), last_io: now, tls: None })
 }
 

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod peer;
 pub mod plot;
 pub mod prefixes;
+pub mod proxy;
 pub mod report;
 pub mod scenario;
 pub mod sink;

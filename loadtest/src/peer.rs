@@ -258,6 +258,11 @@ impl Peer {
         self.state = State::Ehlo;
     }
 
+    /// Bytes to go before anything it says (a PROXY header).
+    pub fn preface(&mut self, bytes: &[u8]) {
+        self.out.splice(self.sent..self.sent, bytes.iter().copied());
+    }
+
     /// Bytes to send.
     pub fn output(&self) -> &[u8] {
         &self.out[self.sent..]

@@ -143,6 +143,9 @@ pub struct Options {
     /// name it bears. A spawned mxgate gets a generated certificate for `SPAWNED_NAME`.
     pub tls_root: Option<PathBuf>,
     pub tls_name: String,
+    /// Every connection first sends a PROXY header carrying its own address, as a load
+    /// balancer would (a spawned mxgate trusts 127.0.0.0/8 for it).
+    pub proxy: Option<crate::proxy::Version>,
 }
 
 /// The spawned mxgate's hostname, and its certificate's name.
@@ -171,6 +174,7 @@ impl Default for Options {
             domain: RCPT_DOMAIN.into(),
             tls_root: None,
             tls_name: SPAWNED_NAME.into(),
+            proxy: None,
         }
     }
 }
@@ -179,6 +183,9 @@ impl Default for Options {
 pub fn run(opts: &Options) -> Result<Report, String> {
     if opts.unchecked && opts.scenario != Scenario::Relay {
         return Err("--unchecked goes with the relay scenario only".into());
+    }
+    if opts.proxy.is_some() && !matches!(opts.scenario, Scenario::DenyStorm | Scenario::Relay) {
+        return Err("--proxy goes with the deny-storm and relay scenarios".into());
     }
     let sink = if opts.scenario.relays() && !opts.unchecked {
         let at = opts.sink.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -384,6 +391,7 @@ impl Groups {
             duration: opts.duration,
             drain: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
+            proxy: opts.proxy,
         };
         let relay = Relay::new(
             &format!("user@{}", opts.domain),
@@ -587,6 +595,10 @@ impl Spawned {
         let write = |name: &str, text: &str| {
             std::fs::write(dir.0.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))
         };
+        if opts.proxy.is_some() {
+            // the harness is the balancer: its headers carry the addresses judged
+            config = config.replace("[listen]\n", "[listen]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n");
+        }
         write("access.list", &format!("deny {deny}\n"))?;
         write("whitelist.list", &format!("{WHITELISTED_SOURCES}\n"))?;
         let mut tls_root = None;

@@ -6,7 +6,8 @@
 //!   accept (a balancer) ─► Header ──header whole──► Judge ──host: allowed──► None (the session
 //!                            │  ▲ need more            │                    gets the peer and
 //!                            │  └──────┘               │                    the bytes after it)
-//!                            │                         └─host: refused──► Refuse: the line, close
+//!                            │                         └─host: refused──► Refuse: the line and
+//!                            │                                             close at once (Last)
 //!                            └─ malformed, over its size, closed, late ─► Close (no banner)
 //! ```
 //!
@@ -25,8 +26,9 @@ pub enum Front {
     Header { got: Vec<u8>, deadline: Instant },
     /// A whole header: the host judges the address it carries; `rest` is the session's.
     Judge { header: Header, rest: Vec<u8> },
-    /// Refused after the header: this line, then close.
-    Refuse { line: Vec<u8>, sent: usize },
+    /// Refused after the header: this line (the gate's, in memory that outlives the
+    /// connection), then close.
+    Refuse { line: &'static [u8] },
     /// No header: close without a word.
     Close,
 }

@@ -59,9 +59,9 @@ pub trait Io {
     clippy::large_enum_variant,
     reason = "a refusal only writes the tag and the slice; boxing the connection would cost every allowed peer an allocation"
 )]
-pub enum Admit<'a> {
+pub enum Admit {
     /// Send this one line (static memory, valid for the life of the process) and close.
-    Refuse(&'a [u8]),
+    Refuse(&'static [u8]),
     /// Serve it: hand the connection to [`Host::open`] with its sockets.
     Serve(Connection),
 }
@@ -118,7 +118,7 @@ impl<I: Io> Host<I> {
 
     /// Judges an accepted peer. A refusal costs the lookup and no allocation.
     #[inline]
-    pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
+    pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit {
         let peer = PeerIp::from(addr);
         let snapshot = self.snapshot.load();
         if snapshot.config.listen.is_balancer(peer.ip()) {

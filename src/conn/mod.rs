@@ -177,9 +177,9 @@ impl Connection {
         }
     }
 
-    /// The header's address is refused: `line`, then close.
-    pub(crate) fn refuse(&mut self, line: &[u8]) {
-        self.front = front::Front::Refuse { line: line.to_vec(), sent: 0 };
+    /// The header's address is refused: `line`, then close, as at accept.
+    pub(crate) fn refuse(&mut self, line: &'static [u8]) {
+        self.front = front::Front::Refuse { line };
     }
 
     pub(crate) fn take_no_header(&mut self) -> Option<NoHeader> {
@@ -218,8 +218,8 @@ impl Connection {
             front::Front::None => {}
             front::Front::Header { .. } => return Transmit::Receive,
             front::Front::Judge { .. } => return Transmit::Wait,
-            front::Front::Refuse { line, sent } if *sent < line.len() => return Transmit::Send(&line[*sent..]),
-            front::Front::Refuse { .. } | front::Front::Close => return Transmit::Close,
+            front::Front::Refuse { line } => return Transmit::Last(line),
+            front::Front::Close => return Transmit::Close,
         }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
@@ -244,8 +244,9 @@ impl Connection {
 
     /// `n` bytes of the last `Send` went out.
     pub fn peer_sent(&mut self, n: usize, now: Instant) {
-        if let front::Front::Refuse { sent, .. } = &mut self.front {
-            *sent += n;
+        if let front::Front::Refuse { .. } = self.front {
+            // the last words are out (or on their way, the socket closing behind them)
+            self.front = front::Front::Close;
             return;
         }
         match &mut self.transport {

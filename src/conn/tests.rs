@@ -163,6 +163,12 @@ impl Io for Fake {
                 s.peer_open = false;
                 true
             }
+            Transmit::Last(line) => {
+                self.got.entry(id).or_default().extend_from_slice(line);
+                s.peer_open = false;
+                conn.peer_sent(line.len(), now);
+                true
+            }
         }
     }
 
@@ -514,7 +520,7 @@ fn a_balancers_header_in_pieces_then_the_clients_session() {
     let mut w = World::with(Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap());
     let (id, banner) = w.connect();
     assert_eq!(banner, "", "nothing before the header");
-    let header = crate::proxy::v2_header(addr("198.51.100.7:4000"), addr("127.0.0.1:25"), &[]);
+    let header = loadtest::proxy::v2_header(addr("198.51.100.7:4000"), addr("127.0.0.1:25"), &[]);
     let (last, pieces) = header.split_last().unwrap();
     for b in pieces {
         assert_eq!(w.send_bytes(id, &[*b]), "");

@@ -87,11 +87,11 @@ impl TlsLayer {
             return match session.poll_transmit() {
                 Transmit::Receive | Transmit::Wait if self.pending.is_empty() => Transmit::Receive,
                 Transmit::Receive | Transmit::Wait => Transmit::Wait,
-                Transmit::Send(_) | Transmit::Close => Transmit::Close,
+                Transmit::Send(_) | Transmit::Close | Transmit::Last(_) => Transmit::Close,
             };
         }
         match session.poll_transmit() {
-            Transmit::Close => Transmit::Close,
+            Transmit::Close | Transmit::Last(_) => Transmit::Close,
             Transmit::Receive if self.pending.is_empty() => Transmit::Receive,
             // a reply rustls would not take yet, or ciphertext waiting for the session
             _ => Transmit::Wait,

@@ -249,6 +249,13 @@ impl Io for Epoll {
                 })
                 .inspect_err(|e| ready.read &= e.kind() != io::ErrorKind::WouldBlock),
             Transmit::Send(_) | Transmit::Receive | Transmit::Wait => return false,
+            Transmit::Last(line) => {
+                // a fresh socket's send buffer is empty: the line goes in one write
+                let _ = stream.write(line);
+                drop(s.peer.take());
+                conn.peer_sent(line.len(), now);
+                return true;
+            }
             Transmit::Close => {
                 // closing the socket also takes it out of the epoll set
                 drop(s.peer.take());

@@ -420,12 +420,7 @@ impl Worker {
         let conn = match self.host.admit(addr, now, unix) {
             Admit::Serve(conn) => conn,
             Admit::Refuse(line) => {
-                let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
-                    .user_data(user_data(TAG_DENY_SEND, 0, 0));
-                push(&mut self.io.ring, &[send, close_entry(fd)]);
+                push(&mut self.io.ring, &deny_entries(fd, line));
                 return;
             }
         };
@@ -554,7 +549,7 @@ impl Io for Uring {
     type Pooled = Pooled;
 
     /// Starts what the peer's socket is asked; true when it closed the socket.
-    fn peer(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, _: Instant) -> bool {
+    fn peer(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
         let s = &mut sockets.peer;
         if s.fd < 0 {
             return false;
@@ -576,7 +571,16 @@ impl Io for Uring {
                     .user_data(user_data(TAG_PEER_RECV, key, generation));
                 push(&mut self.ring, &[e]);
             }
-            Transmit::Close => return close_socket(&mut self.ring, s, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]),
+            Transmit::Last(line) if !s.busy() => {
+                // as a refusal at accept: the send linked to the close, neither completing
+                push(&mut self.ring, &deny_entries(s.fd, line));
+                s.fd = -1;
+                conn.peer_sent(line.len(), now);
+                return true;
+            }
+            Transmit::Close | Transmit::Last(_) => {
+                return close_socket(&mut self.ring, s, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]);
+            }
             _ => {}
         }
         false
@@ -680,6 +684,17 @@ fn close_socket(ring: &mut IoUring, s: &mut Socket, key: usize, generation: u32,
         }
     }
     false
+}
+
+/// A refusal: `line` (memory that outlives the socket), then the close, linked; neither
+/// completes unless the send fails.
+fn deny_entries(fd: RawFd, line: &'static [u8]) -> [squeue::Entry; 2] {
+    let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+        .user_data(user_data(TAG_DENY_SEND, 0, 0));
+    [send, close_entry(fd)]
 }
 
 fn send_entry(fd: RawFd, bytes: &[u8], ud: u64) -> squeue::Entry {

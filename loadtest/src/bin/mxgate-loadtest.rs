@@ -70,12 +70,25 @@ struct Cli {
     /// `tls` with --target: the name the target's certificate bears.
     #[arg(long, default_value = loadtest::scenario::SPAWNED_NAME)]
     tls_name: String,
+    /// deny-storm and relay: every connection first sends a PROXY header (v1 or v2)
+    /// carrying its own address, as a load balancer in front of the target would (a
+    /// spawned mxgate trusts 127.0.0.0/8 for it; with --target, the target must).
+    #[arg(long, value_name = "v1|v2", value_parser = parse_proxy)]
+    proxy: Option<loadtest::proxy::Version>,
     /// The same figures as JSON, in this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// The latency percentile distribution of each phase, drawn in this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+}
+
+fn parse_proxy(s: &str) -> Result<loadtest::proxy::Version, String> {
+    match s {
+        "v1" => Ok(loadtest::proxy::Version::V1),
+        "v2" => Ok(loadtest::proxy::Version::V2),
+        _ => Err(format!("`{s}`: v1 or v2")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -119,6 +132,7 @@ fn main() -> ExitCode {
         domain: cli.domain,
         tls_root: cli.tls_root,
         tls_name: cli.tls_name,
+        proxy: cli.proxy,
     };
     let report = match scenario::run(&opts) {
         Ok(r) => r,
