@@ -50,7 +50,20 @@ fn headers(client: &str, m: &Mxgate) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn a_denied_client_gets_the_deny_line_through_the_balancer(io: &str) {
-    let (m, _hop) = start(io, "");
+    let (m, hop) = start(io, "");
+    // a balancer on IPv6 (::1) too
+    let config = config(hop.addr, "")
+        .replace("[\"127.0.0.1:0\"]", "[\"127.0.0.1:0\", \"[::1]:0\"]")
+        .replace("[\"127.0.8.0/24\"]", "[\"127.0.8.0/24\", \"::1\"]");
+    let m6 = Mxgate::start(&config, &[("access.list", LIST)], io);
+    for (client, line) in [("[2001:db8::66]:1", DENY_PREFIX), ("[2001:db8::67]:1", BANNER)] {
+        let client: SocketAddr = client.parse().expect("client");
+        let mut s = connect_from("::1", m6.addrs[1]);
+        send(&mut s, &v2_header(client, m6.addrs[1], &[]));
+        let mut got = [0u8; 256];
+        let n = std::io::Read::read(&mut s, &mut got).expect("read");
+        assert!(String::from_utf8_lossy(&got[..n]).starts_with(line), "{client}: {:?}", &got[..n]);
+    }
     for client in ["192.0.2.66:40000", "[2001:db8::66]:40000"] {
         for (kind, header) in headers(client, &m) {
             let mut s = through(&m, "127.0.8.1", &header);
