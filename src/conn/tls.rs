@@ -99,15 +99,7 @@ impl TlsLayer {
     }
 
     pub fn sent(&mut self, n: usize) {
-        self.sent += n;
-        if self.sent >= self.out.len() {
-            self.sent = 0;
-            if self.out.capacity() > KEEP {
-                self.out = Vec::new();
-            } else {
-                self.out.clear();
-            }
-        }
+        sent(&mut self.out, &mut self.sent, n);
     }
 
     pub fn received(&mut self, bytes: &[u8]) {
@@ -188,6 +180,20 @@ impl TlsLayer {
     }
 }
 
+/// `n` more bytes of `out` went out (from `*at` on); an emptied buffer is cleared, and
+/// its space freed when it grew past `KEEP`.
+fn sent(out: &mut Vec<u8>, at: &mut usize, n: usize) {
+    *at += n;
+    if *at >= out.len() {
+        *at = 0;
+        if out.capacity() > KEEP {
+            *out = Vec::new();
+        } else {
+            out.clear();
+        }
+    }
+}
+
 /// Records waiting for the next hop above which no more of the body is encrypted: the
 /// rest waits in the next-hop client's buffer, whose high-water mark stops the peer.
 const HOP_HIGH: usize = 64 * 1024;
@@ -231,15 +237,7 @@ impl HopTls {
     }
 
     pub fn sent(&mut self, n: usize) {
-        self.sent += n;
-        if self.sent >= self.out.len() {
-            self.sent = 0;
-            if self.out.capacity() > KEEP {
-                self.out = Vec::new();
-            } else {
-                self.out.clear();
-            }
-        }
+        sent(&mut self.out, &mut self.sent, n);
     }
 
     /// Records from the next hop: through rustls to the session's next-hop client.
