@@ -34,8 +34,19 @@ pub struct Config {
     pub smtp: Smtp,
     pub relay: Relay,
     pub tls: Option<Tls>,
+    pub screen: Screen,
     pub control: Option<Control>,
     pub metrics: Option<Metrics>,
+}
+
+/// `[screen]`: tests before the banner for allowed peers not remembered as passing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Screen {
+    /// The pregreet test: the greeting's first line, then `greet_wait` of silence.
+    pub pregreet: bool,
+    pub greet_wait: Duration,
+    /// How long a peer that passed skips the tests.
+    pub pass_ttl: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,6 +250,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls", "key"),
     ("tls", "min_version"),
     ("tls", "sni"),
+    ("screen", "pregreet"),
+    ("screen", "greet_wait"),
+    ("screen", "pass_ttl"),
     ("control", "socket"),
     ("metrics", "listen"),
 ];
@@ -428,6 +442,12 @@ impl Config {
         if smtp.require_tls && tls.is_none() && given("cert") == given("key") {
             r.problem(None, "smtp.require_tls", "needs [tls] cert and key (STARTTLS)".into());
         }
+        let t = r.section(root, "screen", &keys_of("screen"));
+        let screen = Screen {
+            pregreet: r.value(t, "screen", "pregreet", boolean).unwrap_or(false),
+            greet_wait: r.value(t, "screen", "greet_wait", positive_duration).unwrap_or(Duration::from_secs(6)),
+            pass_ttl: r.value(t, "screen", "pass_ttl", duration).unwrap_or(Duration::from_secs(86_400)),
+        };
         let t = r.section(root, "control", &keys_of("control"));
         let control = r
             .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
@@ -443,7 +463,7 @@ impl Config {
             r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
             return Err(Problems(r.problems));
         }
-        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, control, metrics })
+        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, screen, control, metrics })
     }
 
     /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a

@@ -20,6 +20,7 @@ pub mod net;
 pub mod peer;
 pub mod problem;
 pub mod proxy;
+pub mod screen;
 pub mod shadow;
 pub mod shared;
 pub mod smtp;

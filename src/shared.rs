@@ -32,6 +32,7 @@ pub struct Shared {
     reloading: std::sync::Mutex<()>,
     stopping: AtomicBool,
     shadow: Shadow,
+    passed: crate::screen::Passed,
 }
 
 impl Shared {
@@ -48,7 +49,13 @@ impl Shared {
             reloading: std::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             shadow: Shadow::default(),
+            passed: crate::screen::Passed::default(),
         }))
+    }
+
+    /// Peers that passed screening, and until when.
+    pub fn passed(&self) -> &crate::screen::Passed {
+        &self.passed
     }
 
     /// Shadow mode's log samplers.

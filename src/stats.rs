@@ -39,6 +39,10 @@ pub enum Count {
     /// A trusted balancer's connection without a valid PROXY header (malformed,
     /// oversized, truncated, late): closed without a banner.
     RefusedProxyHeader,
+    /// Peers that passed screening (remembered for `pass_ttl`).
+    ScreenPassed,
+    /// Peers that talked before the greeting (the pregreet test).
+    PregreetFailed,
     /// Allowed peers `[access] shadow_list` would have denied.
     ShadowWouldDeny,
     /// Bans `[abuse] shadow` withheld (at most one per address a minute).
@@ -46,7 +50,7 @@ pub enum Count {
 }
 
 impl Count {
-    const ALL: [Count; 16] = [
+    const ALL: [Count; 18] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -61,6 +65,8 @@ impl Count {
         Count::TlsHandshakes,
         Count::TlsFailed,
         Count::RefusedProxyHeader,
+        Count::ScreenPassed,
+        Count::PregreetFailed,
         Count::ShadowWouldDeny,
         Count::ShadowWouldBan,
     ];
@@ -81,6 +87,8 @@ impl Count {
             Count::TlsHandshakes => "tls_handshakes",
             Count::TlsFailed => "tls_handshakes_failed",
             Count::RefusedProxyHeader => "refused_proxy_header",
+            Count::ScreenPassed => "screen_passed",
+            Count::PregreetFailed => "pregreet_failed",
             Count::ShadowWouldDeny => "shadow_would_deny",
             Count::ShadowWouldBan => "shadow_would_ban",
         }

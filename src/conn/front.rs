@@ -11,7 +11,16 @@
 //!                            └─ malformed, over its size, closed, late ─► Close (no banner)
 //! ```
 //!
-//! Direct peers never get a front: the gate judged them at accept.
+//! The pregreet test (`[screen] pregreet`) is a front too, for an allowed peer not
+//! remembered as passing (after a balancer's header, or at accept):
+//!
+//! ```text
+//!   Pregreet: "220-<host> ESMTP", then silence until greet_wait ──► None: the session's banner
+//!      │                                                            completes the greeting
+//!      └─ any byte first ─► Reject: 554 5.7.1, close (a failure of the address)
+//! ```
+//!
+//! Direct peers that need neither never get a front.
 
 use std::time::Instant;
 
@@ -31,6 +40,11 @@ pub enum Front {
     Refuse { line: &'static [u8] },
     /// No header: close without a word.
     Close,
+    /// The pregreet test: the greeting's first line (`sent` of it out), then silence
+    /// until `deadline`.
+    Pregreet { sent: usize, deadline: Instant },
+    /// Talked before the greeting: `replies::TALKED_EARLY` (`sent` of it out), then close.
+    Reject { sent: usize },
 }
 
 /// Why a balancer's connection ended without a header.
@@ -88,7 +102,7 @@ impl Front {
 
     pub fn deadline(&self) -> Option<Instant> {
         match self {
-            Front::Header { deadline, .. } => Some(*deadline),
+            Front::Header { deadline, .. } | Front::Pregreet { deadline, .. } => Some(*deadline),
             _ => None,
         }
     }

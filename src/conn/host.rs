@@ -16,7 +16,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, NoHeader};
+use super::{Connection, NoHeader, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
@@ -25,6 +25,7 @@ use crate::peer::PeerIp;
 use crate::proxy;
 use crate::shared::{Shared, SnapshotCache};
 use crate::smtp::{Event, Relay, Session};
+use crate::snapshot::Snapshot;
 use crate::stats::{Count, Counts};
 
 /// Operations one connection may start before the worker moves on to others.
@@ -145,7 +146,11 @@ impl<I: Io> Host<I> {
                     session.shutdown(now);
                 }
                 self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
-                Admit::Serve(Connection::new(Arc::clone(snapshot), session, whitelisted, admission, self.generation))
+                let mut conn = Connection::new(Arc::clone(snapshot), session, whitelisted, admission, self.generation);
+                if let Some(deadline) = pregreet(snapshot, &self.shared, peer, whitelisted, now, unix) {
+                    conn.pregreet(deadline);
+                }
+                Admit::Serve(conn)
             }
         }
     }
@@ -198,6 +203,9 @@ impl<I: Io> Host<I> {
                     }
                     NoHeader::Gone => self.counts.add(Count::Vanished),
                 }
+            }
+            if let Some(screened) = conn.take_screened() {
+                screened_peer(conn, screened, &self.shared, &self.counts);
             }
             if let Some((header, rest)) = conn.take_header() {
                 judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, now);
@@ -407,7 +415,54 @@ fn judge(
             if let Some(list) = &snapshot.shadow {
                 shadow_list(list, peer, unix, shared, counts);
             }
-            conn.serve(peer, whitelisted, admission, proxy_id, rest, now);
+            let pregreet = pregreet(&snapshot, shared, peer, whitelisted, now, unix);
+            conn.serve(peer, whitelisted, admission, proxy_id, pregreet, rest, now);
+        }
+    }
+}
+
+/// Until when an allowed peer is put to the pregreet test, if it is: `[screen] pregreet`
+/// on, and the peer neither whitelisted, allowed by an `allow` entry, nor remembered as
+/// having passed.
+fn pregreet(
+    snapshot: &Snapshot,
+    shared: &Shared,
+    peer: PeerIp,
+    whitelisted: bool,
+    now: Instant,
+    unix: UnixTime,
+) -> Option<Instant> {
+    let screen = &snapshot.config.screen;
+    if !screen.pregreet || whitelisted {
+        return None;
+    }
+    let allow_listed = snapshot.access.verdict(peer.ip()).rule.is_some_and(|r| r.action == Action::Allow);
+    if allow_listed || shared.passed().holds(peer.ip(), unix) {
+        return None;
+    }
+    Some(now + screen.greet_wait)
+}
+
+/// The pregreet test ended: a pass is remembered for `pass_ttl`; talking first is a
+/// failure of the address, like a 5xx.
+fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts: &Counts) {
+    let peer = conn.session().peer();
+    let snapshot = conn.snapshot();
+    let now = UnixTime::now();
+    match screened {
+        Screened::Passed => {
+            counts.add(Count::ScreenPassed);
+            shared.passed().remember(peer.ip(), now, snapshot.config.screen.pass_ttl);
+        }
+        Screened::TalkedEarly(octets) => {
+            counts.add(Count::PregreetFailed);
+            counts.add(Count::Failures);
+            tracing::info!(%peer, "pregreet: talked before the greeting: \"{octets}\"");
+            let config = &snapshot.config.abuse;
+            let key = AbuseKey::new(peer, config.ipv6_prefix);
+            if let Some(reason) = shared.abuse().failed(key, now, config) {
+                shadow_ban(key, reason, now, shared, counts);
+            }
         }
     }
 }

@@ -43,6 +43,7 @@ use std::time::Instant;
 use crate::abuse::Admission;
 use crate::peer::PeerIp;
 use crate::smtp::client::Upstream;
+use crate::smtp::replies::TALKED_EARLY;
 use crate::smtp::{Event, Relay, Session, Transmit};
 use crate::snapshot::Snapshot;
 
@@ -67,6 +68,14 @@ pub(crate) enum NoHeader {
     Gone,
 }
 
+/// How the pregreet test ended, for the host to remember, count and log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Screened {
+    Passed,
+    /// The peer spoke first: its first octets, escaped for the log.
+    TalkedEarly(String),
+}
+
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
 /// STARTTLS): what the pool keeps with the socket between sessions.
 #[derive(Debug)]
@@ -89,6 +98,8 @@ pub struct Connection {
     front: front::Front,
     /// How a balancer's connection ended without a header, for the host to count.
     no_header: Option<NoHeader>,
+    /// How the pregreet test ended, for the host.
+    screened: Option<Screened>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
     proxy_id: Option<String>,
     /// A whitelisted peer is never counted or banned.
@@ -118,6 +129,7 @@ impl Connection {
             hop_tls: None,
             front: front::Front::None,
             no_header: None,
+            screened: None,
             proxy_id: None,
             whitelisted,
             _admission: Some(admission),
@@ -136,6 +148,7 @@ impl Connection {
             hop_tls: None,
             front: front::Front::header(deadline),
             no_header: None,
+            screened: None,
             proxy_id: None,
             whitelisted: false,
             _admission: None,
@@ -156,18 +169,33 @@ impl Connection {
         }
     }
 
-    /// The header's address is allowed: the session is its, and gets the bytes that came
-    /// after the header.
+    /// The pregreet test before the session: the greeting's first line, then silence
+    /// until `deadline`.
+    pub(crate) fn pregreet(&mut self, deadline: Instant) {
+        self.front = front::Front::Pregreet { sent: 0, deadline };
+    }
+
+    pub(crate) fn take_screened(&mut self) -> Option<Screened> {
+        self.screened.take()
+    }
+
+    /// The header's address is allowed: the session is its (after the pregreet test when
+    /// `pregreet` says until when), and gets the bytes that came after the header.
+    #[allow(clippy::too_many_arguments, reason = "the gate's verdict, taken apart")]
     pub(crate) fn serve(
         &mut self,
         peer: PeerIp,
         whitelisted: bool,
         admission: Admission,
         proxy_id: Option<String>,
+        pregreet: Option<Instant>,
         rest: &[u8],
         now: Instant,
     ) {
-        self.front = front::Front::None;
+        self.front = match pregreet {
+            Some(deadline) => front::Front::Pregreet { sent: 0, deadline },
+            None => front::Front::None,
+        };
         self.session.set_peer(peer);
         self.whitelisted = whitelisted;
         self._admission = Some(admission);
@@ -220,6 +248,19 @@ impl Connection {
             front::Front::Judge { .. } => return Transmit::Wait,
             front::Front::Refuse { line } => return Transmit::Last(line),
             front::Front::Close => return Transmit::Close,
+            front::Front::Pregreet { sent, .. } => {
+                let first = &self.session.settings().replies.greeting_first;
+                return match first.get(*sent..) {
+                    Some(rest) if !rest.is_empty() => Transmit::Send(rest),
+                    _ => Transmit::Receive,
+                };
+            }
+            front::Front::Reject { sent } => {
+                return match TALKED_EARLY.get(*sent..) {
+                    Some(rest) if !rest.is_empty() => Transmit::Send(rest),
+                    _ => Transmit::Close,
+                };
+            }
         }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
@@ -229,11 +270,20 @@ impl Connection {
 
     /// Bytes the peer sent.
     pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
-        if !matches!(self.front, front::Front::None) {
-            if let Err(why) = self.front.input(bytes) {
-                self.no_header = Some(NoHeader::Refused(why));
+        match self.front {
+            front::Front::None => {}
+            front::Front::Pregreet { .. } => {
+                // spoke before the greeting was complete
+                self.screened = Some(Screened::TalkedEarly(escaped(&bytes[..bytes.len().min(16)])));
+                self.front = front::Front::Reject { sent: 0 };
+                return;
             }
-            return;
+            _ => {
+                if let Err(why) = self.front.input(bytes) {
+                    self.no_header = Some(NoHeader::Refused(why));
+                }
+                return;
+            }
         }
         match &mut self.transport {
             Transport::Plain => self.session.handle_input(bytes, now),
@@ -244,10 +294,17 @@ impl Connection {
 
     /// `n` bytes of the last `Send` went out.
     pub fn peer_sent(&mut self, n: usize, now: Instant) {
-        if let front::Front::Refuse { .. } = self.front {
+        match &mut self.front {
+            front::Front::None => {}
+            front::Front::Pregreet { sent, .. } | front::Front::Reject { sent } => {
+                *sent += n;
+                return;
+            }
             // the last words are out (or on their way, the socket closing behind them)
-            self.front = front::Front::Close;
-            return;
+            _ => {
+                self.front = front::Front::Close;
+                return;
+            }
         }
         match &mut self.transport {
             Transport::Plain => self.session.consume_output(n),
@@ -260,6 +317,7 @@ impl Connection {
     pub fn peer_eof(&mut self, now: Instant) {
         match &mut self.front {
             front::Front::None => self.session.handle_eof(now),
+            front::Front::Pregreet { .. } => self.front = front::Front::Close,
             front::Front::Header { .. } => {
                 self.no_header = Some(self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused));
             }
@@ -397,6 +455,15 @@ impl Connection {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let front::Front::Pregreet { deadline, .. } = self.front {
+            if deadline <= now {
+                // silent for greet_wait: passed, and the session's banner ends the greeting
+                self.screened = Some(Screened::Passed);
+                self.front = front::Front::None;
+                self.settle(now);
+            }
+            return;
+        }
         if !matches!(self.front, front::Front::None) {
             if let Some(why) = self.front.timeout(now) {
                 self.no_header = Some(NoHeader::Refused(why));
@@ -410,6 +477,7 @@ impl Connection {
     /// The server is draining (see `smtp::Session::shutdown`); a balancer's connection
     /// still without a session just closes.
     pub fn shutdown(&mut self, now: Instant) {
+        self.end_pregreet();
         if !matches!(self.front, front::Front::None) {
             return self.close_front();
         }
@@ -419,6 +487,7 @@ impl Connection {
 
     /// The drain timeout passed.
     pub fn abort(&mut self, now: Instant) {
+        self.end_pregreet();
         if !matches!(self.front, front::Front::None) {
             return self.close_front();
         }
@@ -429,6 +498,14 @@ impl Connection {
     fn close_front(&mut self) {
         if matches!(self.front, front::Front::Header { .. } | front::Front::Judge { .. }) {
             self.front = front::Front::Close;
+        }
+    }
+
+    /// Draining during the pregreet test: the session's banner ends the greeting (a
+    /// reply cannot change its code mid-way), then its 421.
+    fn end_pregreet(&mut self) {
+        if matches!(self.front, front::Front::Pregreet { .. }) {
+            self.front = front::Front::None;
         }
     }
 
@@ -448,4 +525,9 @@ impl Connection {
     pub(crate) fn armed_at(&self) -> Option<Instant> {
         self.armed
     }
+}
+
+/// Octets for the log: printable ASCII as it is, the rest as `\xNN`.
+fn escaped(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
 }

@@ -536,3 +536,32 @@ fn a_balancers_header_in_pieces_then_the_clients_session() {
     assert!(!w.open(quiet) && w.take(quiet).is_empty());
     assert!(w.open(id), "the served one goes on");
 }
+
+/// The pregreet test on the test's clock: silence for greet_wait passes (the banner ends
+/// the greeting, the peer is remembered); a byte first fails; a drain during the wait
+/// ends the greeting and gets the session's 421.
+#[test]
+fn the_pregreet_test() {
+    let text = "hostname = \"mx.test\"\n[screen]\npregreet = true\ngreet_wait = \"6s\"\n";
+    let mut w = World::with(Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap());
+    let (id, first) = w.connect();
+    assert_eq!(first, "220-mx.test ESMTP\r\n");
+    w.wait(Duration::from_secs(5));
+    assert_eq!(w.take(id), "", "still waiting");
+    w.wait(Duration::from_secs(1));
+    assert_eq!(w.take(id), "220 mx.test ESMTP mxgate\r\n");
+    assert!(w.send(id, "EHLO client.test\r\n").starts_with("250-mx.test"));
+    let passed = w.host.get_current(id).unwrap().0.session().peer().ip();
+    assert!(w.shared.passed().holds(passed, UnixTime::now()));
+
+    let (early, _) = w.connect();
+    assert_eq!(w.send(early, "EHLO bot\r\n"), "554 5.7.1 protocol error: talked before the greeting\r\n");
+    assert!(!w.open(early), "closed");
+
+    let (waiting, _) = w.connect();
+    w.host.start_drain(w.now, &mut w.io);
+    w.settle();
+    // the greeting ends, then the 421 (a reply cannot change its code mid-way)
+    let got = w.take(waiting);
+    assert!(got.starts_with("220 mx.test ESMTP mxgate\r\n421 4.3.2 mx.test service shutting down"), "{got}");
+}

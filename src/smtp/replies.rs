@@ -42,6 +42,8 @@ pub const NEEDS_SMTPUTF8: &[u8] = b"553 5.6.7 non-ASCII address without SMTPUTF8
 pub const READY_FOR_TLS: &[u8] = b"220 2.0.0 ready to start TLS\r\n";
 pub const STARTTLS_NOT_NOW: &[u8] = b"503 5.5.1 STARTTLS not allowed now\r\n";
 pub const TLS_FIRST: &[u8] = b"530 5.7.0 must issue a STARTTLS command first\r\n";
+/// The pregreet test: the peer spoke before the greeting was complete.
+pub const TALKED_EARLY: &[u8] = b"554 5.7.1 protocol error: talked before the greeting\r\n";
 
 /// The reply to the final dot when the next hop took the message.
 pub fn queued(id: &str) -> Vec<u8> {
@@ -52,6 +54,8 @@ pub fn queued(id: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Params {
     pub(super) banner: Box<[u8]>,
+    /// The pregreet test's first line of a two-line greeting; the banner is the second.
+    pub greeting_first: Box<[u8]>,
     pub(super) ehlo: Box<[u8]>,
     /// The EHLO reply without STARTTLS, after it (the same as `ehlo` without `[tls]`).
     pub(super) ehlo_tls: Box<[u8]>,
@@ -75,6 +79,7 @@ impl Params {
         };
         Params {
             banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
+            greeting_first: lines(format!("220-{host} ESMTP\r\n")),
             ehlo: lines(ehlo(starttls)),
             ehlo_tls: lines(ehlo(false)),
             helo: lines(format!("250 {host}\r\n")),

@@ -310,6 +310,11 @@ impl Session {
         }
     }
 
+    /// What the session is served by (its snapshot's part).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// The peer's address.
     pub fn peer(&self) -> PeerIp {
         self.peer
