@@ -47,6 +47,13 @@ pub struct Screen {
     pub greet_wait: Duration,
     /// How long a peer that passed skips the tests.
     pub pass_ttl: Duration,
+    /// `[[screen.dnsbl]]`: the zones asked, with their weights.
+    pub dnsbl: Vec<crate::dnsbl::Zone>,
+    /// A score at or over it blocks the peer.
+    pub dnsbl_threshold: i32,
+    /// The DNS servers asked; empty: the nameservers of /etc/resolv.conf.
+    pub resolvers: Vec<SocketAddr>,
+    pub dns_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,6 +260,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("screen", "pregreet"),
     ("screen", "greet_wait"),
     ("screen", "pass_ttl"),
+    ("screen", "dnsbl"),
+    ("screen", "dnsbl_threshold"),
+    ("screen", "resolvers"),
+    ("screen", "dns_timeout"),
     ("control", "socket"),
     ("metrics", "listen"),
 ];
@@ -447,6 +458,10 @@ impl Config {
             pregreet: r.value(t, "screen", "pregreet", boolean).unwrap_or(false),
             greet_wait: r.value(t, "screen", "greet_wait", positive_duration).unwrap_or(Duration::from_secs(6)),
             pass_ttl: r.value(t, "screen", "pass_ttl", duration).unwrap_or(Duration::from_secs(86_400)),
+            dnsbl: r.dnsbl(t),
+            dnsbl_threshold: r.value(t, "screen", "dnsbl_threshold", |v| int_in(v, 1, 1000)).unwrap_or(1) as i32,
+            resolvers: r.value(t, "screen", "resolvers", socket_addrs).unwrap_or_default(),
+            dns_timeout: r.value(t, "screen", "dns_timeout", positive_duration).unwrap_or(Duration::from_secs(2)),
         };
         let t = r.section(root, "control", &keys_of("control"));
         let control = r
@@ -596,6 +611,47 @@ impl Reader<'_> {
         entries
     }
 
+    /// `[[screen.dnsbl]]` entries: `zone` (a domain name), `weight` (a non-zero whole
+    /// number, negative for allowlists), `match` (result addresses or ranges
+    /// `a.b.c.d-e.f.g.h`; none: any result counts).
+    fn dnsbl<'t>(&mut self, screen: Option<&'t Table<'t>>) -> Vec<crate::dnsbl::Zone> {
+        const KEYS: &[&str] = &["zone", "weight", "match"];
+        let Some(value) = screen.and_then(|t| find(t, "dnsbl")) else { return Vec::new() };
+        let DeValue::Array(items) = value.get_ref() else {
+            self.problem(Some(value.span()), "screen.dnsbl", "expected `[[screen.dnsbl]]` tables".into());
+            return Vec::new();
+        };
+        let mut zones: Vec<crate::dnsbl::Zone> = Vec::new();
+        for item in items {
+            let DeValue::Table(t) = item.get_ref() else {
+                self.problem(Some(item.span()), "screen.dnsbl", "expected a table with zone and weight".into());
+                continue;
+            };
+            self.unknown_keys(Some(t), "screen.dnsbl", KEYS);
+            if find(t, "zone").is_none() || find(t, "weight").is_none() {
+                self.problem(Some(item.span()), "screen.dnsbl", "each entry needs zone and weight".into());
+                continue;
+            }
+            let zone = self.value(Some(t), "screen.dnsbl", "zone", |v| {
+                let s = str_of(v)?.trim_end_matches('.');
+                valid_hostname(s).map(|_| s.to_ascii_lowercase())
+            });
+            let weight = self.value(Some(t), "screen.dnsbl", "weight", |v| match int_in(v, -1000, 1000)? {
+                0 => Err("must not be 0 (a zone that weighs nothing: leave it out)".into()),
+                w => Ok(w as i32),
+            });
+            let matches = self.value(Some(t), "screen.dnsbl", "match", |v| list_of(v, ipv4_range)).unwrap_or_default();
+            if let (Some(zone), Some(weight)) = (zone, weight) {
+                if zones.iter().any(|z| z.zone == zone) {
+                    self.problem(Some(item.span()), "screen.dnsbl", format!("`{zone}` is given twice"));
+                    continue;
+                }
+                zones.push(crate::dnsbl::Zone { zone, weight, matches });
+            }
+        }
+        zones
+    }
+
     fn reply<'t>(&mut self, table: Option<&'t Table<'t>>, section: &str, key: &str, hostname: &str) -> ReplyTemplate {
         let parsed = self.value(table, section, key, |v| {
             let t = ReplyTemplate::parse(str_of(v)?)?;
@@ -667,6 +723,18 @@ fn list_of<T>(v: &Value<'_>, convert: impl Fn(&str) -> Result<T, String>) -> Res
 
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")"))
+}
+
+/// `127.0.0.2` or `127.0.0.2-127.0.0.11`: an inclusive range of IPv4 addresses.
+fn ipv4_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let parse =
+        |a: &str| a.trim().parse::<std::net::Ipv4Addr>().map_err(|_| format!("`{s}`: not an IPv4 address or range"));
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo > hi {
+        return Err(format!("`{s}`: the range ends before it starts"));
+    }
+    Ok((lo, hi))
 }
 
 fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, String> {
@@ -781,6 +849,33 @@ mod tests {
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(300));
         assert_eq!(c.abuse.ipv6_prefix, 64);
         assert!(c.tls.is_none() && c.control.is_none() && c.metrics.is_none());
+    }
+
+    #[test]
+    fn screen_zones_weights_and_matches() {
+        let text = "[screen]\ndnsbl_threshold = 3\nresolvers = [\"127.0.0.1:5353\"]\ndns_timeout = \"1s\"\n\
+                    [[screen.dnsbl]]\nzone = \"ZEN.example.org.\"\nweight = 2\nmatch = [\"127.0.0.2-127.0.0.11\", \"127.0.0.20\"]\n\
+                    [[screen.dnsbl]]\nzone = \"white.example.org\"\nweight = -5\n";
+        let c = Config::parse(text, Path::new("m.toml"), Path::new(".")).unwrap();
+        assert_eq!(c.screen.dnsbl.len(), 2);
+        assert_eq!((c.screen.dnsbl[0].zone.as_str(), c.screen.dnsbl[0].weight), ("zen.example.org", 2));
+        assert_eq!(c.screen.dnsbl[0].matches[1], ("127.0.0.20".parse().unwrap(), "127.0.0.20".parse().unwrap()));
+        assert_eq!((c.screen.dnsbl[1].weight, c.screen.dnsbl_threshold), (-5, 3));
+        assert_eq!(c.screen.dns_timeout, Duration::from_secs(1));
+        for (bad, why) in [
+            ("[[screen.dnsbl]]\nzone = \"a.test\"\nweight = 0\n", "must not be 0"),
+            ("[[screen.dnsbl]]\nzone = \"a.test\"\n", "needs zone and weight"),
+            ("[[screen.dnsbl]]\nzone = \"not a zone\"\nweight = 1\n", "screen.dnsbl.zone"),
+            ("[[screen.dnsbl]]\nzone = \"a.test\"\nweight = 1\nmatch = [\"127.0.0.9-127.0.0.2\"]\n", "ends before"),
+            (
+                "[[screen.dnsbl]]\nzone = \"a.test\"\nweight = 1\n[[screen.dnsbl]]\nzone = \"a.test\"\nweight = 2\n",
+                "twice",
+            ),
+            ("[screen]\ndnsbl_threshold = 0\n", "screen.dnsbl_threshold"),
+        ] {
+            let e = Config::parse(bad, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod datetime;
+pub mod dnsbl;
 pub mod gate;
 pub mod metrics;
 pub mod net;
