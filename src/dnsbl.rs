@@ -55,6 +55,16 @@ pub fn query_name(ip: IpAddr, zone: &str) -> String {
     name
 }
 
+/// The nameservers of /etc/resolv.conf (port 53), read when a worker makes its resolver.
+pub fn system_resolvers() -> Vec<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
 /// What a zone said of an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {

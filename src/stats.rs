@@ -43,6 +43,12 @@ pub enum Count {
     ScreenPassed,
     /// Peers that talked before the greeting (the pregreet test).
     PregreetFailed,
+    /// Peers refused by the DNS blocklists' score.
+    DnsblBlocked,
+    /// Blocklist lookups that got no answer within `dns_timeout` (scored 0).
+    DnsTimeouts,
+    /// Blocklist lookups answered with an error (SERVFAIL, truncated...), or not asked.
+    DnsFailures,
     /// Allowed peers `[access] shadow_list` would have denied.
     ShadowWouldDeny,
     /// Bans `[abuse] shadow` withheld (at most one per address a minute).
@@ -50,7 +56,7 @@ pub enum Count {
 }
 
 impl Count {
-    const ALL: [Count; 18] = [
+    const ALL: [Count; 21] = [
         Count::Denied,
         Count::Banned,
         Count::TooManyFromAddress,
@@ -67,6 +73,9 @@ impl Count {
         Count::RefusedProxyHeader,
         Count::ScreenPassed,
         Count::PregreetFailed,
+        Count::DnsblBlocked,
+        Count::DnsTimeouts,
+        Count::DnsFailures,
         Count::ShadowWouldDeny,
         Count::ShadowWouldBan,
     ];
@@ -89,6 +98,9 @@ impl Count {
             Count::RefusedProxyHeader => "refused_proxy_header",
             Count::ScreenPassed => "screen_passed",
             Count::PregreetFailed => "pregreet_failed",
+            Count::DnsblBlocked => "dnsbl_blocked",
+            Count::DnsTimeouts => "dns_timeouts",
+            Count::DnsFailures => "dns_failures",
             Count::ShadowWouldDeny => "shadow_would_deny",
             Count::ShadowWouldBan => "shadow_would_ban",
         }

@@ -6,6 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
+use common::dns::DnsServer;
 use common::{Mxgate, connect_from, read_replies, read_to_end, run_cli, send};
 
 const FIRST: &str = "220-mx.test ESMTP\r\n";
@@ -67,4 +70,76 @@ fn an_early_talker_fails_and_is_counted(io: &str) {
     assert!(read_to_end(&mut s).0.starts_with("530 5.7.1 mx.test ESMTP denied access at "), "banned");
 }
 
-for_both_drivers!(a_patient_peer_passes_and_is_remembered, an_early_talker_fails_and_is_counted);
+/// mxgate asking `dns` about two blocklists (weights 2 and 1) and an allowlist (-5).
+fn with_blocklists(io: &str, dns: &DnsServer, threshold: u32, pregreet: bool) -> Mxgate {
+    let config = format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\", \"[::1]:0\"]\nthreads = 2\n\
+         [screen]\npregreet = {pregreet}\ngreet_wait = \"1s\"\nresolvers = [\"{}\"]\ndns_timeout = \"1s\"\n\
+         dnsbl_threshold = {threshold}\n\
+         [[screen.dnsbl]]\nzone = \"two.test\"\nweight = 2\nmatch = [\"127.0.0.2-127.0.0.11\"]\n\
+         [[screen.dnsbl]]\nzone = \"one.test\"\nweight = 1\n\
+         [[screen.dnsbl]]\nzone = \"white.test\"\nweight = -5\n\
+         [control]\nsocket = \"mxgate.sock\"\n",
+        dns.addr
+    );
+    Mxgate::start(&config, &[], io)
+}
+
+const BLOCKED: &str = "550 5.7.1 Service unavailable; client [127.0.6.20] blocked using two.test\r\n";
+
+/// Weights summed against the threshold: 2 + 1 at threshold 3 is blocked, naming the
+/// heaviest zone; at threshold 4 served; an allowlist listing lets a listed peer through;
+/// a result outside a zone's match does not count; IPv6 peers are asked by nibbles.
+fn blocklists_score_and_block(io: &str) {
+    let dns = DnsServer::start();
+    let two = Ipv4Addr::new(127, 0, 0, 2);
+    for ip in ["127.0.6.20", "127.0.6.21", "::1"] {
+        dns.list(ip, "two.test", two);
+        dns.list(ip, "one.test", two);
+    }
+    dns.list("127.0.6.21", "white.test", two);
+    dns.list("127.0.6.22", "two.test", Ipv4Addr::new(127, 0, 0, 99)); // outside the match
+    dns.list("127.0.6.22", "one.test", two);
+    let m = with_blocklists(io, &dns, 3, false);
+    let mut s = connect_from("127.0.6.20", m.addr());
+    assert_eq!(read_to_end(&mut s).0, BLOCKED);
+    let mut s = connect_from("::1", m.addrs[1]);
+    assert_eq!(read_to_end(&mut s).0, "550 5.7.1 Service unavailable; client [::1] blocked using two.test\r\n");
+    for source in ["127.0.6.21", "127.0.6.22", "127.0.6.23"] {
+        let mut s = connect_from(source, m.addr());
+        assert_eq!(read_replies(&mut s, 1), BANNER, "{source}");
+    }
+    assert_eq!((stat(&m, "dnsbl_blocked"), stat(&m, "dns_timeouts")), (2, 0));
+    let asked = dns.asked();
+    let mut s = connect_from("127.0.6.20", m.addr());
+    assert_eq!(read_to_end(&mut s).0, BLOCKED, "the same answer from the cache");
+    assert!(dns.asked() <= asked + 3, "at most the other worker asks again");
+    drop(m);
+    let m = with_blocklists(io, &dns, 4, false);
+    let mut s = connect_from("127.0.6.20", m.addr());
+    assert_eq!(read_replies(&mut s, 1), BANNER, "score 3 under threshold 4");
+}
+
+/// The DNS server silent: the peer is served once dns_timeout passes, and the timeouts are
+/// counted; with the pregreet test the two waits run side by side.
+fn a_silent_dns_server_delays_no_one_past_dns_timeout(io: &str) {
+    let dns = DnsServer::start();
+    dns.silence();
+    for pregreet in [false, true] {
+        let m = with_blocklists(io, &dns, 1, pregreet);
+        let started = Instant::now();
+        let mut s = connect_from("127.0.6.30", m.addr());
+        let greeting = read_replies(&mut s, 1);
+        let waited = started.elapsed();
+        assert!(greeting.ends_with(BANNER), "{greeting}");
+        assert!(waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500), "{waited:?}");
+        assert_eq!(stat(&m, "dns_timeouts"), 3, "one per zone");
+    }
+}
+
+for_both_drivers!(
+    a_patient_peer_passes_and_is_remembered,
+    an_early_talker_fails_and_is_counted,
+    blocklists_score_and_block,
+    a_silent_dns_server_delays_no_one_past_dns_timeout,
+);

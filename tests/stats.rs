@@ -47,7 +47,8 @@ fn every_connection_and_transaction_is_counted(io: &str) {
     let expected = "connections_accepted 4\nrefused_denied 2\nrefused_banned 0\nrefused_too_many_from_address 0\n\
                     refused_busy 0\nsessions 2\nmessages_delivered 1\nmessages_refused 0\ntransactions_abandoned 1\n\
                     failures 1\nconversations_dropped 0\ngone_before_judged 0\ntls_handshakes 0\ntls_handshakes_failed 0\n\
-                    refused_proxy_header 0\nscreen_passed 0\npregreet_failed 0\nshadow_would_deny 0\nshadow_would_ban 0\n\
+                    refused_proxy_header 0\nscreen_passed 0\npregreet_failed 0\ndnsbl_blocked 0\ndns_timeouts 0\ndns_failures 0\n\
+                    shadow_would_deny 0\nshadow_would_ban 0\n\
                     connections_open 0\nbans_in_force 0\nreloads 0\n";
     assert_eq!(counts(&m), expected);
     assert_eq!(hop.messages().len(), 1);

@@ -20,6 +20,10 @@
 //!      └─ any byte first ─► Reject: 554 5.7.1, close (a failure of the address)
 //! ```
 //!
+//! DNS blocklists run beside it (the connection's `dns`, answers from the host's
+//! resolver): the session waits for both; a score at or over the threshold is a Reject
+//! with the 550 line at once, whatever the pregreet test is at.
+//!
 //! Direct peers that need neither never get a front.
 
 use std::time::Instant;
@@ -43,8 +47,9 @@ pub enum Front {
     /// The pregreet test: the greeting's first line (`sent` of it out), then silence
     /// until `deadline`.
     Pregreet { sent: usize, deadline: Instant },
-    /// Talked before the greeting: `replies::TALKED_EARLY` (`sent` of it out), then close.
-    Reject { sent: usize },
+    /// Refused by screening: `line` (`replies::TALKED_EARLY`, or the DNSBL's 550),
+    /// `sent` of it out, then close.
+    Reject { line: std::borrow::Cow<'static, [u8]>, sent: usize },
 }
 
 /// Why a balancer's connection ended without a header.

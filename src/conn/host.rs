@@ -20,6 +20,7 @@ use super::{Connection, NoHeader, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
+use crate::dnsbl::{Answer, Failure, Resolver};
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
 use crate::proxy;
@@ -53,6 +54,16 @@ pub trait Io {
     fn unplug(&mut self, sockets: &mut Self::Sockets) -> Option<Self::Pooled>;
     /// Both sockets are closed and nothing is in flight: the memory may be freed.
     fn closed(&self, sockets: &Self::Sockets) -> bool;
+    /// Sends a DNS query on the worker's UDP socket (its answers come back through
+    /// [`Host::dns_input`]); a datagram that cannot go is dropped (the query times out).
+    fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]);
+}
+
+/// A worker's blocklist resolver, with the settings it was made for.
+struct Dns {
+    resolver: Resolver<(ConnId, usize)>,
+    servers: Vec<SocketAddr>,
+    timeout: Duration,
 }
 
 /// The gate's answer for an accepted socket.
@@ -97,6 +108,8 @@ pub struct Host<I: Io> {
     /// Connections that used up their turn with work left.
     busy: Vec<ConnId>,
     drain: Drain,
+    /// Made at the first blocklist lookup.
+    dns: Option<Dns>,
 }
 
 impl<I: Io> Host<I> {
@@ -112,6 +125,7 @@ impl<I: Io> Host<I> {
             generation: 0,
             busy: Vec::new(),
             drain: Drain::Serving,
+            dns: None,
         }
     }
 
@@ -147,9 +161,8 @@ impl<I: Io> Host<I> {
                 }
                 self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
                 let mut conn = Connection::new(Arc::clone(snapshot), session, whitelisted, admission, self.generation);
-                if let Some(deadline) = pregreet(snapshot, &self.shared, peer, whitelisted, now, unix) {
-                    conn.pregreet(deadline);
-                }
+                let (pregreet, zones) = screening(snapshot, &self.shared, peer, whitelisted, now, unix);
+                conn.screen(pregreet, zones);
                 Admit::Serve(conn)
             }
         }
@@ -207,6 +220,14 @@ impl<I: Io> Host<I> {
             if let Some(screened) = conn.take_screened() {
                 screened_peer(conn, screened, &self.shared, &self.counts);
             }
+            if conn.take_passed() {
+                self.counts.add(Count::ScreenPassed);
+                let ttl = conn.snapshot().config.screen.pass_ttl;
+                self.shared.passed().remember(conn.session().peer().ip(), UnixTime::now(), ttl);
+            }
+            if conn.take_dns_request() {
+                ask_dns(&mut self.dns, id, conn, &self.counts, now, io);
+            }
             if let Some((header, rest)) = conn.take_header() {
                 judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, now);
             }
@@ -233,6 +254,10 @@ impl<I: Io> Host<I> {
     /// Once per loop turn: deadlines that came (the drain's too), connections whose turn
     /// ran out, pooled connections idle too long.
     pub fn tick(&mut self, now: Instant, io: &mut I) {
+        if let Some(dns) = &mut self.dns {
+            dns.resolver.handle_timeout(now);
+            self.dns_events(now, io);
+        }
         let due = self.timers.expired(now, &mut self.conns, |e| {
             let deadline = e.conn.poll_timeout();
             (e.conn.generation(), e.conn.armed(), deadline)
@@ -277,7 +302,32 @@ impl<I: Io> Host<I> {
             Drain::Draining { deadline } => Some(deadline),
             _ => None,
         };
-        self.timers.next().into_iter().chain(drain).chain(pool).min()
+        let dns = self.dns.as_ref().and_then(|d| d.resolver.poll_timeout());
+        self.timers.next().into_iter().chain(drain).chain(pool).chain(dns).min()
+    }
+
+    /// A datagram came to the worker's UDP socket: the blocklists' answers.
+    pub fn dns_input(&mut self, from: SocketAddr, bytes: &[u8], now: Instant, io: &mut I) {
+        if let Some(dns) = &mut self.dns {
+            dns.resolver.handle_datagram(from, bytes, now);
+            self.dns_events(now, io);
+        }
+    }
+
+    /// Hands the resolver's answers to their connections.
+    fn dns_events(&mut self, now: Instant, io: &mut I) {
+        let Some(dns) = &mut self.dns else { return };
+        let mut touched = Vec::new();
+        while let Some(((id, zone), answer)) = dns.resolver.poll_event() {
+            count_dns_failure(&self.counts, &answer);
+            if let Some(e) = self.conns.get_mut(id.0).filter(|e| e.conn.generation() == id.1) {
+                e.conn.dns_answer(zone, answer, now);
+                touched.push(id.0);
+            }
+        }
+        for key in touched {
+            self.advance(key, now, io);
+        }
     }
 
     fn idle_timeout(&mut self) -> Duration {
@@ -415,44 +465,83 @@ fn judge(
             if let Some(list) = &snapshot.shadow {
                 shadow_list(list, peer, unix, shared, counts);
             }
-            let pregreet = pregreet(&snapshot, shared, peer, whitelisted, now, unix);
-            conn.serve(peer, whitelisted, admission, proxy_id, pregreet, rest, now);
+            let screening = screening(&snapshot, shared, peer, whitelisted, now, unix);
+            conn.serve(peer, whitelisted, admission, proxy_id, screening, rest, now);
         }
     }
 }
 
-/// Until when an allowed peer is put to the pregreet test, if it is: `[screen] pregreet`
-/// on, and the peer neither whitelisted, allowed by an `allow` entry, nor remembered as
-/// having passed.
-fn pregreet(
+/// Asks the blocklists about the connection's peer; cached answers are applied at once.
+fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, counts: &Counts, now: Instant, io: &mut I) {
+    let snapshot = Arc::clone(conn.snapshot_arc());
+    let screen = &snapshot.config.screen;
+    let servers = if screen.resolvers.is_empty() { crate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
+    // a new resolver for new settings, once the old one has nothing in flight
+    let stale = dns
+        .as_ref()
+        .is_none_or(|d| (d.servers != servers || d.timeout != screen.dns_timeout) && d.resolver.in_flight() == 0);
+    if stale {
+        let resolver = Resolver::new(servers.clone(), screen.dns_timeout, Box::new(crate::tls::random_u16));
+        *dns = Some(Dns { resolver, servers, timeout: screen.dns_timeout });
+    }
+    let Some(dns) = dns.as_mut() else { return };
+    let ip = conn.session().peer().ip();
+    let mut known = Vec::new();
+    for (i, zone) in screen.dnsbl.iter().enumerate() {
+        if let Some(answer) = dns.resolver.lookup((id, i), ip, &zone.zone, now) {
+            known.push((i, answer));
+        }
+    }
+    while let Some((to, datagram)) = dns.resolver.poll_transmit() {
+        io.dns_send(to, &datagram);
+    }
+    for (i, answer) in known {
+        count_dns_failure(counts, &answer);
+        conn.dns_answer(i, answer, now);
+    }
+}
+
+fn count_dns_failure(counts: &Counts, answer: &Answer) {
+    match answer {
+        Answer::Failed(Failure::TimedOut) => counts.add(Count::DnsTimeouts),
+        Answer::Failed(_) => counts.add(Count::DnsFailures),
+        _ => {}
+    }
+}
+
+/// The screening an allowed peer gets: the pregreet test until when (with `[screen]
+/// pregreet`), and how many blocklists to ask; none for a peer that is whitelisted,
+/// allowed by an `allow` entry, or remembered as having passed.
+fn screening(
     snapshot: &Snapshot,
     shared: &Shared,
     peer: PeerIp,
     whitelisted: bool,
     now: Instant,
     unix: UnixTime,
-) -> Option<Instant> {
+) -> (Option<Instant>, usize) {
     let screen = &snapshot.config.screen;
-    if !screen.pregreet || whitelisted {
-        return None;
+    if (!screen.pregreet && screen.dnsbl.is_empty()) || whitelisted {
+        return (None, 0);
     }
     let allow_listed = snapshot.access.verdict(peer.ip()).rule.is_some_and(|r| r.action == Action::Allow);
     if allow_listed || shared.passed().holds(peer.ip(), unix) {
-        return None;
+        return (None, 0);
     }
-    Some(now + screen.greet_wait)
+    (screen.pregreet.then(|| now + screen.greet_wait), screen.dnsbl.len())
 }
 
-/// The pregreet test ended: a pass is remembered for `pass_ttl`; talking first is a
-/// failure of the address, like a 5xx.
+/// What screening found: talking first is a failure of the address, like a 5xx; a
+/// blocklist score over the threshold is logged and counted.
 fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts: &Counts) {
     let peer = conn.session().peer();
     let snapshot = conn.snapshot();
     let now = UnixTime::now();
     match screened {
-        Screened::Passed => {
-            counts.add(Count::ScreenPassed);
-            shared.passed().remember(peer.ip(), now, snapshot.config.screen.pass_ttl);
+        Screened::Scored(_) => {}
+        Screened::Blocked { zone, score, .. } => {
+            counts.add(Count::DnsblBlocked);
+            tracing::info!(%peer, "dnsbl: blocked using {zone} (score {score})");
         }
         Screened::TalkedEarly(octets) => {
             counts.add(Count::PregreetFailed);

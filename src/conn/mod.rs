@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abuse::Admission;
+use crate::dnsbl::Answer;
 use crate::peer::PeerIp;
 use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
@@ -68,12 +69,15 @@ pub(crate) enum NoHeader {
     Gone,
 }
 
-/// How the pregreet test ended, for the host to remember, count and log.
+/// What screening found, for the host to count and log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Screened {
-    Passed,
     /// The peer spoke first: its first octets, escaped for the log.
     TalkedEarly(String),
+    /// The blocklists' answers (one per zone) scored under the threshold.
+    Scored(Vec<Option<Answer>>),
+    /// Scored at or over the threshold: refused with the 550 line naming `zone`.
+    Blocked { zone: String, score: i32, answers: Vec<Option<Answer>> },
 }
 
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
@@ -98,8 +102,16 @@ pub struct Connection {
     front: front::Front,
     /// How a balancer's connection ended without a header, for the host to count.
     no_header: Option<NoHeader>,
-    /// How the pregreet test ended, for the host.
+    /// How screening ended, for the host.
     screened: Option<Screened>,
+    /// Screening is under way (the pregreet test, the blocklists, or both).
+    screening: bool,
+    /// Screening ended and the peer passed both tests, for the host to remember.
+    passed: bool,
+    /// The blocklists' queries went out.
+    dns_asked: bool,
+    /// The blocklists' answers, one per `[[screen.dnsbl]]` zone, while any is awaited.
+    dns: Option<Box<[Option<Answer>]>>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
     proxy_id: Option<String>,
     /// A whitelisted peer is never counted or banned.
@@ -130,6 +142,10 @@ impl Connection {
             front: front::Front::None,
             no_header: None,
             screened: None,
+            screening: false,
+            passed: false,
+            dns_asked: false,
+            dns: None,
             proxy_id: None,
             whitelisted,
             _admission: Some(admission),
@@ -149,6 +165,10 @@ impl Connection {
             front: front::Front::header(deadline),
             no_header: None,
             screened: None,
+            screening: false,
+            passed: false,
+            dns_asked: false,
+            dns: None,
             proxy_id: None,
             whitelisted: false,
             _admission: None,
@@ -169,18 +189,76 @@ impl Connection {
         }
     }
 
-    /// The pregreet test before the session: the greeting's first line, then silence
-    /// until `deadline`.
-    pub(crate) fn pregreet(&mut self, deadline: Instant) {
-        self.front = front::Front::Pregreet { sent: 0, deadline };
+    /// Screening before the session: the pregreet test until `pregreet` (the greeting's
+    /// first line, then silence), and `zones` blocklists' answers awaited.
+    pub(crate) fn screen(&mut self, pregreet: Option<Instant>, zones: usize) {
+        if let Some(deadline) = pregreet {
+            self.front = front::Front::Pregreet { sent: 0, deadline };
+        }
+        if zones > 0 {
+            self.dns = Some(vec![None; zones].into_boxed_slice());
+        }
+        self.screening = pregreet.is_some() || zones > 0;
+    }
+
+    /// True once, when the blocklists are to be asked (the host sends the queries once
+    /// the connection has its id).
+    pub(crate) fn take_dns_request(&mut self) -> bool {
+        self.dns.is_some() && !std::mem::replace(&mut self.dns_asked, true)
+    }
+
+    /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
+    /// refuses the peer with the 550 line of its heaviest listing.
+    pub(crate) fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
+        let Some(answers) = self.dns.as_mut() else { return };
+        if let Some(slot) = answers.get_mut(zone) {
+            *slot = Some(answer);
+        }
+        if answers.iter().any(Option::is_none) {
+            return;
+        }
+        if matches!(self.front, front::Front::Reject { .. } | front::Front::Close) {
+            // refused already (it talked first): nothing left to decide
+            self.dns = None;
+            return;
+        }
+        let screen = &self.snapshot.config.screen;
+        let (score, heaviest) = crate::dnsbl::score(&screen.dnsbl, answers);
+        let answered: Vec<Option<Answer>> = answers.to_vec();
+        self.dns = None;
+        if score >= screen.dnsbl_threshold {
+            let zone = heaviest.map(|i| screen.dnsbl[i].zone.clone()).unwrap_or_default();
+            let line = crate::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
+            self.front = front::Front::Reject { line: line.into(), sent: 0 };
+            self.screening = false;
+            self.screened = Some(Screened::Blocked { zone, score, answers: answered });
+            return;
+        }
+        self.screened = Some(Screened::Scored(answered));
+        self.screen_done(now);
+    }
+
+    /// Both tests are behind the peer: passed.
+    fn screen_done(&mut self, now: Instant) {
+        if self.screening && matches!(self.front, front::Front::None) && self.dns.is_none() {
+            self.screening = false;
+            if !matches!(self.screened, Some(Screened::Blocked { .. })) {
+                self.passed = true;
+            }
+            self.settle(now);
+        }
+    }
+
+    pub(crate) fn take_passed(&mut self) -> bool {
+        std::mem::take(&mut self.passed)
     }
 
     pub(crate) fn take_screened(&mut self) -> Option<Screened> {
         self.screened.take()
     }
 
-    /// The header's address is allowed: the session is its (after the pregreet test when
-    /// `pregreet` says until when), and gets the bytes that came after the header.
+    /// The header's address is allowed: the session is its (after the screening it gets:
+    /// see [`Connection::screen`]), and gets the bytes that came after the header.
     #[allow(clippy::too_many_arguments, reason = "the gate's verdict, taken apart")]
     pub(crate) fn serve(
         &mut self,
@@ -188,14 +266,12 @@ impl Connection {
         whitelisted: bool,
         admission: Admission,
         proxy_id: Option<String>,
-        pregreet: Option<Instant>,
+        screening: (Option<Instant>, usize),
         rest: &[u8],
         now: Instant,
     ) {
-        self.front = match pregreet {
-            Some(deadline) => front::Front::Pregreet { sent: 0, deadline },
-            None => front::Front::None,
-        };
+        self.front = front::Front::None;
+        self.screen(screening.0, screening.1);
         self.session.set_peer(peer);
         self.whitelisted = whitelisted;
         self._admission = Some(admission);
@@ -255,12 +331,16 @@ impl Connection {
                     _ => Transmit::Receive,
                 };
             }
-            front::Front::Reject { sent } => {
-                return match TALKED_EARLY.get(*sent..) {
+            front::Front::Reject { line, sent } => {
+                return match line.get(*sent..) {
                     Some(rest) if !rest.is_empty() => Transmit::Send(rest),
                     _ => Transmit::Close,
                 };
             }
+        }
+        if self.dns.is_some() && self.session.poll_transmit() != Transmit::Close {
+            // the banner waits for the blocklists' answers
+            return Transmit::Wait;
         }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
@@ -275,7 +355,7 @@ impl Connection {
             front::Front::Pregreet { .. } => {
                 // spoke before the greeting was complete
                 self.screened = Some(Screened::TalkedEarly(escaped(&bytes[..bytes.len().min(16)])));
-                self.front = front::Front::Reject { sent: 0 };
+                self.front = front::Front::Reject { line: TALKED_EARLY.into(), sent: 0 };
                 return;
             }
             _ => {
@@ -296,7 +376,7 @@ impl Connection {
     pub fn peer_sent(&mut self, n: usize, now: Instant) {
         match &mut self.front {
             front::Front::None => {}
-            front::Front::Pregreet { sent, .. } | front::Front::Reject { sent } => {
+            front::Front::Pregreet { sent, .. } | front::Front::Reject { sent, .. } => {
                 *sent += n;
                 return;
             }
@@ -457,10 +537,10 @@ impl Connection {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let front::Front::Pregreet { deadline, .. } = self.front {
             if deadline <= now {
-                // silent for greet_wait: passed, and the session's banner ends the greeting
-                self.screened = Some(Screened::Passed);
+                // silent for greet_wait: the session's banner ends the greeting (once the
+                // blocklists have answered)
                 self.front = front::Front::None;
-                self.settle(now);
+                self.screen_done(now);
             }
             return;
         }

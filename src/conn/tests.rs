@@ -122,6 +122,8 @@ struct Fake {
     got: HashMap<ConnId, Vec<u8>>,
     /// Operations performed, to tell when everything has settled.
     ops: usize,
+    /// DNS queries sent, for the test to answer.
+    dns_sent: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl Fake {
@@ -233,6 +235,10 @@ impl Io for Fake {
 
     fn closed(&self, s: &FakeSockets) -> bool {
         !s.peer_open && s.hop.is_none()
+    }
+
+    fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.dns_sent.push((to, datagram.to_vec()));
     }
 }
 
@@ -564,4 +570,57 @@ fn the_pregreet_test() {
     // the greeting ends, then the 421 (a reply cannot change its code mid-way)
     let got = w.take(waiting);
     assert!(got.starts_with("220 mx.test ESMTP mxgate\r\n421 4.3.2 mx.test service shutting down"), "{got}");
+}
+
+/// The blocklists and the pregreet test side by side, on the test's clock: a listing
+/// refuses at once with the 550; a peer that talked first keeps its 554 whatever the
+/// answers say later; a clean peer waits for both tests.
+#[test]
+fn blocklists_beside_the_pregreet_test() {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let text = "hostname = \"mx.test\"\n[screen]\npregreet = true\ngreet_wait = \"6s\"\nresolvers = [\"127.0.0.1:53\"]\n\
+                [[screen.dnsbl]]\nzone = \"bl.test\"\nweight = 1\n";
+    let mut w = World::with(Config::parse(text, Path::new("t.toml"), Path::new(".")).unwrap());
+    let answer = |query: &[u8], listed: bool| {
+        let q = Message::from_vec(query).unwrap();
+        let mut r = Message::new();
+        r.set_id(q.id()).set_message_type(MessageType::Response).add_query(q.queries()[0].clone());
+        if listed {
+            let a = RData::A(A("127.0.0.2".parse().unwrap()));
+            r.add_answer(Record::from_rdata(q.queries()[0].name().clone(), 60, a));
+        } else {
+            r.set_response_code(ResponseCode::NXDomain);
+        }
+        r.to_vec().unwrap()
+    };
+    let dns: SocketAddr = "127.0.0.1:53".parse().unwrap();
+
+    // listed: the 550 at once, during the pregreet wait
+    let (listed, _) = w.connect();
+    let (to, query) = w.io.dns_sent.pop().expect("a query");
+    assert_eq!(to, dns);
+    w.host.dns_input(to, &answer(&query, true), w.now, &mut w.io);
+    w.settle();
+    assert_eq!(w.take(listed), "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using bl.test\r\n");
+    assert!(!w.open(listed));
+
+    // talked first: 554; the answer that comes later changes nothing
+    let (early, _) = w.connect();
+    let (_, query) = w.io.dns_sent.pop().expect("a query");
+    assert!(w.send(early, "EHLO bot\r\n").starts_with("554 5.7.1"));
+    w.host.dns_input(dns, &answer(&query, true), w.now, &mut w.io);
+    w.settle();
+    assert_eq!(w.take(early), "");
+
+    // clean: the greeting ends when both tests are behind it
+    let (clean, _) = w.connect();
+    let (_, query) = w.io.dns_sent.pop().expect("a query");
+    w.host.dns_input(dns, &answer(&query, false), w.now, &mut w.io);
+    w.settle();
+    assert_eq!(w.take(clean), "", "the pregreet wait goes on");
+    w.wait(Duration::from_secs(6));
+    assert_eq!(w.take(clean), "220 mx.test ESMTP mxgate\r\n");
+    let ip = w.host.get_current(clean).unwrap().0.session().peer().ip();
+    assert!(w.shared.passed().holds(ip, UnixTime::now()));
 }

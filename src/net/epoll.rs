@@ -17,6 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::READ_LEN;
+use super::dns::{DATAGRAM_LEN, DnsSockets};
 use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
@@ -27,6 +28,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections one listener may accept before the loop moves on to others.
 const ACCEPTS_PER_TURN: usize = 256;
 const WAKE: Token = Token(usize::MAX);
+/// The DNS sockets: IPv4 `DNS`, IPv6 `DNS + 1`.
+const DNS: usize = usize::MAX - 3;
 /// Listener `i` has token `LISTENER_BASE + i`; connection `key` has `2 * key` for the
 /// peer's socket and `2 * key + 1` for the next hop's.
 const LISTENER_BASE: usize = 1 << 48;
@@ -72,12 +75,14 @@ struct Listener {
 pub struct Epoll {
     poll: Poll,
     read_buf: Box<[u8]>,
+    dns: DnsSockets,
 }
 
 pub struct Worker {
     io: Epoll,
     host: Host<Epoll>,
     listeners: Vec<Listener>,
+    dns_buf: Box<[u8]>,
 }
 
 impl Worker {
@@ -90,8 +95,9 @@ impl Worker {
             poll.registry().register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
             listeners.push(Listener { socket, retry_at: None });
         }
-        let io = Epoll { poll, read_buf: vec![0; READ_LEN].into_boxed_slice() };
-        Ok(Worker { io, host: Host::new(shared), listeners })
+        let io = Epoll { poll, read_buf: vec![0; READ_LEN].into_boxed_slice(), dns: DnsSockets::default() };
+        let dns_buf = vec![0; DATAGRAM_LEN].into_boxed_slice();
+        Ok(Worker { io, host: Host::new(shared), listeners, dns_buf })
     }
 
     pub fn waker(&self) -> io::Result<mio::Waker> {
@@ -120,6 +126,11 @@ impl Worker {
             for event in &events {
                 match event.token() {
                     WAKE => self.woken(now),
+                    Token(t) if t == DNS || t == DNS + 1 => {
+                        while let Some((from, n)) = self.io.dns.receive(t - DNS, &mut self.dns_buf) {
+                            self.host.dns_input(from, &self.dns_buf[..n], now, &mut self.io);
+                        }
+                    }
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now, unix),
                     Token(t) => {
                         if let Some((conn, sockets)) = self.host.get(t / 2) {
@@ -352,5 +363,14 @@ impl Io for Epoll {
 
     fn closed(&self, s: &Sockets) -> bool {
         s.peer.is_none() && s.relay.is_none()
+    }
+
+    fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if let Some((family, fd)) = self.dns.send(to, datagram) {
+            let mut source = mio::unix::SourceFd(&fd);
+            if let Err(e) = self.poll.registry().register(&mut source, Token(DNS + family), Interest::READABLE) {
+                tracing::warn!("cannot wait on the DNS socket: {e}");
+            }
+        }
     }
 }

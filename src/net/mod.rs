@@ -7,6 +7,7 @@
 //! buffers and performs the operations its worker's [`conn::Host`](crate::conn::Host) and
 //! connections ask for; the gate, SMTP, the pool and deadlines live there, once.
 
+mod dns;
 mod epoll;
 mod listen;
 mod uring;

@@ -33,6 +33,7 @@ use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use socket2::SockRef;
 
 use super::READ_LEN;
+use super::dns::{DATAGRAM_LEN, DnsSockets};
 use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
@@ -50,6 +51,8 @@ const TAG_CLOSE: u8 = 4;
 const TAG_DENY_SEND: u8 = 5;
 const TAG_WAKE: u8 = 6;
 const TAG_CANCEL: u8 = 7;
+/// The DNS socket of the family in the key is readable.
+const TAG_DNS: u8 = 13;
 // connection operations: the peer's socket, then the next hop's
 const TAG_PEER_RECV: u8 = 8;
 const TAG_PEER_SEND: u8 = 9;
@@ -285,6 +288,7 @@ struct Listener {
 pub struct Uring {
     ring: IoUring,
     provided: BufRing,
+    dns: DnsSockets,
 }
 
 pub struct Worker {
@@ -294,6 +298,7 @@ pub struct Worker {
     wake_fd: Arc<OwnedFd>,
     /// Never freed: the kernel may write to it until the ring is gone.
     wake_buf: &'static mut [u8; 8],
+    dns_buf: Box<[u8]>,
 }
 
 impl Worker {
@@ -314,11 +319,12 @@ impl Worker {
             .collect();
         let provided = BufRing::new(&ring)?;
         let mut w = Worker {
-            io: Uring { ring, provided },
+            io: Uring { ring, provided, dns: DnsSockets::default() },
             host: Host::new(shared),
             listeners,
             wake_fd,
             wake_buf: Box::leak(Box::new([0; 8])),
+            dns_buf: vec![0; DATAGRAM_LEN].into_boxed_slice(),
         };
         w.arm_wake();
         for i in 0..w.listeners.len() {
@@ -382,6 +388,14 @@ impl Worker {
                 }
             }
             TAG_WAKE => self.woken(now),
+            TAG_DNS => {
+                while let Some((from, n)) = self.io.dns.receive(key, &mut self.dns_buf) {
+                    self.host.dns_input(from, &self.dns_buf[..n], now, &mut self.io);
+                }
+                if let Some(fd) = self.io.dns.fd(key) {
+                    push(&mut self.io.ring, &[dns_poll(fd, key)]);
+                }
+            }
             TAG_CLOSE if res == -libc::ECANCELED => {
                 // SAFETY: the close was cancelled before it ran, so we still own `key` (the fd).
                 unsafe { libc::close(key as RawFd) };
@@ -659,6 +673,12 @@ impl Io for Uring {
     fn closed(&self, s: &Sockets) -> bool {
         s.peer.fd < 0 && s.relay.fd < 0 && !s.peer.busy() && !s.relay.busy()
     }
+
+    fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if let Some((family, fd)) = self.dns.send(to, datagram) {
+            push(&mut self.ring, &[dns_poll(fd, family)]);
+        }
+    }
 }
 
 /// Closes a connection's socket: at once when nothing is in flight (true), else cancels
@@ -695,6 +715,11 @@ fn deny_entries(fd: RawFd, line: &'static [u8]) -> [squeue::Entry; 2] {
         .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
         .user_data(user_data(TAG_DENY_SEND, 0, 0));
     [send, close_entry(fd)]
+}
+
+/// Waits for the DNS socket of `family` to be readable.
+fn dns_poll(fd: RawFd, family: usize) -> squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(TAG_DNS, family, 0))
 }
 
 fn send_entry(fd: RawFd, bytes: &[u8], ud: u64) -> squeue::Entry {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
+pub mod dns;
 pub mod nexthop;
 
 #[allow(unused_macros, reason = "not every test binary runs end-to-end behaviours")]
