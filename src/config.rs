@@ -47,6 +47,8 @@ pub struct Screen {
     pub greet_wait: Duration,
     /// How long a peer that passed skips the tests.
     pub pass_ttl: Duration,
+    /// Where the passes in force are kept across restarts (none: in memory only).
+    pub cache_file: Option<PathBuf>,
     /// `[[screen.dnsbl]]`: the zones asked, with their weights.
     pub dnsbl: Vec<crate::dnsbl::Zone>,
     /// A score at or over it blocks the peer.
@@ -260,6 +262,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("screen", "pregreet"),
     ("screen", "greet_wait"),
     ("screen", "pass_ttl"),
+    ("screen", "cache_file"),
     ("screen", "dnsbl"),
     ("screen", "dnsbl_threshold"),
     ("screen", "resolvers"),
@@ -276,6 +279,7 @@ pub const READ_AT_START: &[&str] = &[
     "listen.io",
     "abuse.failure_window",
     "abuse.ban_file",
+    "screen.cache_file",
     "control.socket",
     "metrics.listen",
 ];
@@ -458,6 +462,7 @@ impl Config {
             pregreet: r.value(t, "screen", "pregreet", boolean).unwrap_or(false),
             greet_wait: r.value(t, "screen", "greet_wait", positive_duration).unwrap_or(Duration::from_secs(6)),
             pass_ttl: r.value(t, "screen", "pass_ttl", duration).unwrap_or(Duration::from_secs(86_400)),
+            cache_file: r.value(t, "screen", "cache_file", |v| Ok(PathBuf::from(str_of(v)?))).map(|p| base.join(p)),
             dnsbl: r.dnsbl(t),
             dnsbl_threshold: r.value(t, "screen", "dnsbl_threshold", |v| int_in(v, 1, 1000)).unwrap_or(1) as i32,
             resolvers: r.value(t, "screen", "resolvers", socket_addrs).unwrap_or_default(),
@@ -489,6 +494,7 @@ impl Config {
             "listen.threads" => self.listen.threads == new.listen.threads,
             "listen.io" => self.listen.io == new.listen.io,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
+            "screen.cache_file" => self.screen.cache_file == new.screen.cache_file,
             "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,
@@ -832,7 +838,7 @@ mod tests {
         assert!(base.fixed_at_start_changed(&base).is_empty());
         let changed = parse(
             "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
-             failure_window = \"1m\"\n[control]\nsocket = \"c\"\n[metrics]\n",
+             failure_window = \"1m\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n",
         )
         .unwrap();
         let names = base.fixed_at_start_changed(&changed);

@@ -113,6 +113,10 @@ fn explain(shared: &Shared, peer: PeerIp) -> String {
         Some(until) => out.push_str(&format!("banned until {}\n", UnixTime(until).rfc3339())),
         None => out.push_str("not banned\n"),
     }
+    match shared.passed().until(peer.ip(), now) {
+        Some(until) => out.push_str(&format!("screening: passed, skips it until {}\n", until.rfc3339())),
+        None => out.push_str("screening: not remembered as passed\n"),
+    }
     out
 }
 

@@ -287,6 +287,41 @@ impl<T: Copy> Resolver<T> {
     }
 }
 
+/// Asks every zone about `ip` now, blocking up to `timeout` (for `mxgate explain`):
+/// one answer per zone, in order.
+pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Zone]) -> Vec<Answer> {
+    let mut answers: Vec<Option<Answer>> = vec![None; zones.len()];
+    let Some(server) = servers.first() else {
+        return vec![Answer::Failed(Failure::NotAsked); zones.len()];
+    };
+    let any: SocketAddr = if server.is_ipv6() { ([0u16; 8], 0).into() } else { ([0, 0, 0, 0], 0).into() };
+    let Ok(socket) = std::net::UdpSocket::bind(any) else {
+        return vec![Answer::Failed(Failure::NotAsked); zones.len()];
+    };
+    let mut resolver = Resolver::new(servers.to_vec(), timeout, Box::new(crate::tls::random_u16));
+    let start = Instant::now();
+    for (i, zone) in zones.iter().enumerate() {
+        answers[i] = resolver.lookup(i, ip, &zone.zone, start);
+    }
+    while let Some((to, datagram)) = resolver.poll_transmit() {
+        let _ = socket.send_to(&datagram, to);
+    }
+    let mut buf = [0u8; 1232];
+    while answers.iter().any(Option::is_none) {
+        let now = Instant::now();
+        resolver.handle_timeout(now);
+        while let Some((i, answer)) = resolver.poll_event() {
+            answers[i] = Some(answer);
+        }
+        let Some(left) = resolver.poll_timeout().map(|t| t.saturating_duration_since(now)) else { break };
+        let _ = socket.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            resolver.handle_datagram(from, &buf[..n], Instant::now());
+        }
+    }
+    answers.into_iter().map(|a| a.unwrap_or(Answer::Failed(Failure::TimedOut))).collect()
+}
+
 /// One `[[screen.dnsbl]]` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Zone {

@@ -183,10 +183,43 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
         _ => println!("  not whitelisted"),
     }
     explain_bans(&s, peer);
+    explain_screening(&s, peer);
     if s.config.abuse.shadow {
         println!("  [abuse] shadow = true: no ban is made for failures or drops, only logged");
     }
     ExitCode::SUCCESS
+}
+
+/// What screening would ask of the address: the blocklists' answers now, and the score.
+fn explain_screening(s: &Snapshot, peer: PeerIp) {
+    let screen = &s.config.screen;
+    if screen.dnsbl.is_empty() {
+        return;
+    }
+    let servers =
+        if screen.resolvers.is_empty() { mxgate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
+    let answers = mxgate::dnsbl::ask_now(&servers, screen.dns_timeout, peer.ip(), &screen.dnsbl);
+    for (zone, answer) in screen.dnsbl.iter().zip(&answers) {
+        let said = match answer {
+            mxgate::dnsbl::Answer::NotListed => "not listed".to_owned(),
+            mxgate::dnsbl::Answer::Listed(a) => {
+                let results: Vec<String> = a.iter().map(ToString::to_string).collect();
+                let counts = if zone.lists(answer) { "counts" } else { "outside its match" };
+                format!("listed ({}; {counts})", results.join(", "))
+            }
+            mxgate::dnsbl::Answer::Failed(f) => format!("no answer ({f:?}): scores 0"),
+        };
+        println!("  dnsbl {} (weight {}): {said}", zone.zone, zone.weight);
+    }
+    let answers: Vec<Option<mxgate::dnsbl::Answer>> = answers.into_iter().map(Some).collect();
+    let (score, heaviest) = mxgate::dnsbl::score(&screen.dnsbl, &answers);
+    match heaviest.filter(|_| score >= screen.dnsbl_threshold) {
+        Some(i) => println!(
+            "  dnsbl score {score} (threshold {}): blocked using {} (unless remembered as passed)",
+            screen.dnsbl_threshold, screen.dnsbl[i].zone
+        ),
+        None => println!("  dnsbl score {score} (threshold {}): not blocked", screen.dnsbl_threshold),
+    }
 }
 
 /// The ban file's entry for the address, and the running instance's live state.

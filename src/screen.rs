@@ -7,8 +7,15 @@
 //! holding the address, else an ended or empty one, else the one ending sooner: under a
 //! flood of new addresses older passes are forgotten (those peers are screened again),
 //! never mistaken for others but by a 32-bit tag collision.
+//!
+//! With `[screen] cache_file`, passes outlive a restart: each one also goes (over a
+//! bounded channel, never blocking a worker) to a writer thread that keeps the passes in
+//! force (at most `SLOTS`) and rewrites the file atomically, as the ban file is, at most
+//! every `FLUSH_EVERY`; at start the file's passes still in force are loaded.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::datetime::UnixTime;
@@ -16,9 +23,14 @@ use crate::datetime::UnixTime;
 /// Slots in the table: 8 bytes each, 1 MiB in all.
 pub const SLOTS: usize = 1 << 17;
 
+/// How often the cache file is written, when passes came.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Passed {
     slots: Box<[AtomicU64]>,
     hashers: [ahash::RandomState; 2],
+    /// To the cache file's writer: the address and when its pass ends.
+    file: Option<std::sync::mpsc::SyncSender<(IpAddr, i64)>>,
 }
 
 impl Default for Passed {
@@ -26,6 +38,7 @@ impl Default for Passed {
         Passed {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hashers: [ahash::RandomState::new(), ahash::RandomState::new()],
+            file: None,
         }
     }
 }
@@ -89,11 +102,100 @@ impl Passed {
         };
         // a race with another worker costs at most one of the two passes: screened again
         self.slots[slots[pick]].store(pack(tag, until), Ordering::Relaxed);
+        if let Some(file) = &self.file {
+            // full: this pass is not kept across a restart
+            let _ = file.try_send((ip, i64::from(until) * 60));
+        }
+    }
+
+    /// The table, with the passes of `path` still in force at `now`, and a writer
+    /// thread keeping the file. A missing file is an empty one; a line that cannot be read
+    /// is skipped with a warning.
+    pub fn with_file(path: &Path, now: UnixTime) -> std::io::Result<Self> {
+        let mut table = Passed::default();
+        let mut kept: HashMap<IpAddr, i64> = HashMap::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                for (i, line) in text.lines().enumerate() {
+                    let mut words = line.split_whitespace();
+                    let parsed = (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>));
+                    match parsed {
+                        (Some(Ok(ip)), Some(Ok(until))) if until > now.0 => {
+                            table.remember_until(ip, until);
+                            kept.insert(ip, until);
+                        }
+                        (Some(Ok(_)), Some(Ok(_))) => {} // ended
+                        _ => tracing::warn!("{}:{}: not `<address> <unix time>`: skipped", path.display(), i + 1),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+        let path = path.to_owned();
+        std::thread::Builder::new().name("mxgate-passes".into()).spawn(move || write_passes(&path, kept, &rx))?;
+        table.file = Some(tx);
+        Ok(table)
+    }
+
+    /// A pass read from the file (not sent back to it).
+    fn remember_until(&self, ip: IpAddr, until: i64) {
+        let (slots, tag) = self.place(ip);
+        let pick = usize::from(self.slots[slots[0]].load(Ordering::Relaxed) != 0);
+        self.slots[slots[pick]].store(pack(tag, minute(UnixTime(until))), Ordering::Relaxed);
     }
 
     /// Bytes the table holds (fixed, whatever the number of peers).
     pub fn heap_bytes(&self) -> usize {
         self.slots.len() * std::mem::size_of::<AtomicU64>()
+    }
+}
+
+/// The cache file's writer: the passes in force, rewritten whole when some came, at most
+/// every `FLUSH_EVERY`; it ends when the table is dropped (the channel closes).
+fn write_passes(path: &Path, mut kept: HashMap<IpAddr, i64>, rx: &std::sync::mpsc::Receiver<(IpAddr, i64)>) {
+    use std::fmt::Write as _;
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
+    let keep = |kept: &mut HashMap<IpAddr, i64>, (ip, until): (IpAddr, i64)| {
+        if kept.len() < SLOTS || kept.contains_key(&ip) {
+            kept.insert(ip, until);
+        }
+    };
+    let mut dirty = false;
+    // the first pass is written at once; later ones at most every FLUSH_EVERY
+    let mut written = Instant::now().checked_sub(FLUSH_EVERY).unwrap_or_else(Instant::now);
+    loop {
+        let wait = if dirty { FLUSH_EVERY.saturating_sub(written.elapsed()) } else { Duration::from_secs(3600) };
+        let closed = match rx.recv_timeout(wait) {
+            Ok(pass) => {
+                keep(&mut kept, pass);
+                while let Ok(pass) = rx.try_recv() {
+                    keep(&mut kept, pass);
+                }
+                dirty = true;
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if dirty && (closed || written.elapsed() >= FLUSH_EVERY) {
+            let now = UnixTime::now().0;
+            kept.retain(|_, until| *until > now);
+            let mut text = String::with_capacity(kept.len() * 32);
+            for (ip, until) in &kept {
+                let _ = writeln!(text, "{ip} {until}");
+            }
+            match crate::abuse::file::write_atomically(path, &text) {
+                Ok(()) => dirty = false,
+                Err(e) => tracing::error!("cannot write the screening cache {}: {e}", path.display()),
+            }
+            written = Instant::now();
+        }
+        if closed {
+            return;
+        }
     }
 }
 

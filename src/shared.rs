@@ -38,6 +38,7 @@ pub struct Shared {
 impl Shared {
     /// Shared state for `snapshot`; loads the ban file and starts the abuse-control threads.
     pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
+        let cache_file = snapshot.config.screen.cache_file.clone();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let abuse = Abuse::start(Arc::clone(&snapshot))?;
         Ok(Arc::new(Shared {
@@ -49,7 +50,10 @@ impl Shared {
             reloading: std::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             shadow: Shadow::default(),
-            passed: crate::screen::Passed::default(),
+            passed: match &cache_file {
+                Some(path) => crate::screen::Passed::with_file(path, UnixTime::now())?,
+                None => crate::screen::Passed::default(),
+            },
         }))
     }
 

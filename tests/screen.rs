@@ -110,6 +110,16 @@ fn blocklists_score_and_block(io: &str) {
         assert_eq!(read_replies(&mut s, 1), BANNER, "{source}");
     }
     assert_eq!((stat(&m, "dnsbl_blocked"), stat(&m, "dns_timeouts")), (2, 0));
+    // explain asks the zones now, and the running instance what it remembers
+    let (code, out) = run_cli(&["explain", "127.0.6.20"], &m.files.config());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("dnsbl two.test (weight 2): listed (127.0.0.2; counts)"), "{out}");
+    assert!(out.contains("dnsbl white.test (weight -5): not listed"), "{out}");
+    assert!(out.contains("dnsbl score 3 (threshold 3): blocked using two.test"), "{out}");
+    assert!(out.contains("live: screening: not remembered as passed"), "{out}");
+    let (_, out) = run_cli(&["explain", "127.0.6.22"], &m.files.config());
+    assert!(out.contains("listed (127.0.0.99; outside its match)") && out.contains("not blocked"), "{out}");
+    assert!(out.contains("live: screening: passed, skips it until "), "{out}");
     let asked = dns.asked();
     let mut s = connect_from("127.0.6.20", m.addr());
     assert_eq!(read_to_end(&mut s).0, BLOCKED, "the same answer from the cache");
@@ -137,7 +147,28 @@ fn a_silent_dns_server_delays_no_one_past_dns_timeout(io: &str) {
     }
 }
 
+/// With cache_file, a pass outlives a restart (even kill -9, once written).
+fn passes_are_kept_across_a_restart(io: &str) {
+    let m = start(io, "");
+    let config = std::fs::read_to_string(m.files.config()).expect("config");
+    std::fs::write(m.files.config(), config.replace("[screen]\n", "[screen]\ncache_file = \"passes.txt\"\n"))
+        .expect("config");
+    let mut m = m.kill_and_restart(io);
+    let mut s = connect_from("127.0.6.40", m.addr());
+    assert_eq!(read_replies(&mut s, 1), format!("{FIRST}{BANNER}"));
+    let file = m.files.path("passes.txt");
+    common::wait_until("the pass is written", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.starts_with("127.0.6.40 "))
+    });
+    m = m.kill_and_restart(io);
+    let mut s = connect_from("127.0.6.40", m.addr());
+    assert_eq!(read_replies(&mut s, 1), BANNER, "remembered after the restart");
+    let mut s = connect_from("127.0.6.41", m.addr());
+    assert_eq!(read_replies(&mut s, 1), format!("{FIRST}{BANNER}"), "others are still screened");
+}
+
 for_both_drivers!(
+    passes_are_kept_across_a_restart,
     a_patient_peer_passes_and_is_remembered,
     an_early_talker_fails_and_is_counted,
     blocklists_score_and_block,
