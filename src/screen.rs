@@ -82,8 +82,12 @@ impl Passed {
             .max()
     }
 
-    /// `ip` passed at `now`: it skips screening until `now + ttl` (to the minute).
+    /// `ip` passed at `now`: it skips screening until `now + ttl` (to the minute); a zero
+    /// `ttl` remembers nothing (every connection is screened).
     pub fn remember(&self, ip: IpAddr, now: UnixTime, ttl: std::time::Duration) {
+        if ttl.is_zero() {
+            return;
+        }
         let (slots, tag) = self.place(ip);
         let until = minute(UnixTime(now.0.saturating_add(ttl.as_secs() as i64))).max(minute(now) + 1);
         let current = minute(now);
