@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use std::net::Ipv4Addr;
 
-use common::dns::DnsServer;
+use common::dns::{DnsServer, Mode};
 use common::{Mxgate, connect_from, read_replies, read_to_end, run_cli, send};
 
 const FIRST: &str = "220-mx.test ESMTP\r\n";
@@ -134,7 +134,7 @@ fn blocklists_score_and_block(io: &str) {
 /// counted; with the pregreet test the two waits run side by side.
 fn a_silent_dns_server_delays_no_one_past_dns_timeout(io: &str) {
     let dns = DnsServer::start();
-    dns.silence();
+    dns.answer(Mode::Silent);
     for pregreet in [false, true] {
         let m = with_blocklists(io, &dns, 1, pregreet);
         let started = Instant::now();
@@ -167,7 +167,28 @@ fn passes_are_kept_across_a_restart(io: &str) {
     assert_eq!(read_replies(&mut s, 1), format!("{FIRST}{BANNER}"), "others are still screened");
 }
 
+/// Forged answers (from another port, or with another id) are ignored: the listed peer
+/// is served once dns_timeout passes, its lookups counted as timeouts.
+fn forged_answers_are_ignored(io: &str) {
+    let dns = DnsServer::start();
+    for ip in ["127.0.6.50", "127.0.6.51", "127.0.6.52"] {
+        dns.list(ip, "two.test", Ipv4Addr::new(127, 0, 0, 2));
+        dns.list(ip, "one.test", Ipv4Addr::new(127, 0, 0, 2));
+    }
+    let m = with_blocklists(io, &dns, 1, false);
+    for (mode, source) in [(Mode::FromAnotherPort, "127.0.6.50"), (Mode::WrongId, "127.0.6.51")] {
+        dns.answer(mode);
+        let mut s = connect_from(source, m.addr());
+        assert_eq!(read_replies(&mut s, 1), BANNER, "{mode:?}: the forged listing is not believed");
+    }
+    assert_eq!(stat(&m, "dns_timeouts"), 6);
+    dns.answer(Mode::Honest);
+    let mut s = connect_from("127.0.6.52", m.addr());
+    assert!(read_to_end(&mut s).0.starts_with("550 5.7.1"), "an honest answer blocks");
+}
+
 for_both_drivers!(
+    forged_answers_are_ignored,
     passes_are_kept_across_a_restart,
     a_patient_peer_passes_and_is_remembered,
     an_early_talker_fails_and_is_counted,

@@ -12,10 +12,21 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
 
+/// How the server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Honest,
+    Silent,
+    /// Answers come from another port than the one asked.
+    FromAnotherPort,
+    /// Answers carry another id than the query's.
+    WrongId,
+}
+
 pub struct DnsServer {
     pub addr: SocketAddr,
     records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
-    silent: Arc<AtomicBool>,
+    mode: Arc<Mutex<Mode>>,
     asked: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
@@ -26,15 +37,17 @@ impl DnsServer {
         socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let addr = socket.local_addr().expect("address");
         let records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
-        let (silent, asked, stop) =
-            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let (r, s, a, st) = (records.clone(), silent.clone(), asked.clone(), stop.clone());
+        let mode = Arc::new(Mutex::new(Mode::Honest));
+        let (asked, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (r, md, a, st) = (records.clone(), mode.clone(), asked.clone(), stop.clone());
+        let other = UdpSocket::bind("127.0.0.1:0").expect("bind a second socket");
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !st.load(Ordering::Relaxed) {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
                 a.fetch_add(1, Ordering::Relaxed);
-                if s.load(Ordering::Relaxed) {
+                let mode = *md.lock().expect("lock");
+                if mode == Mode::Silent {
                     continue;
                 }
                 let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
@@ -42,7 +55,8 @@ impl DnsServer {
                 let name = q.name().to_ascii().to_ascii_lowercase();
                 let listed = r.lock().expect("lock").get(&name).cloned();
                 let mut reply = Message::new();
-                reply.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_available(true);
+                let id = if mode == Mode::WrongId { query.id() ^ 0x5a5a } else { query.id() };
+                reply.set_id(id).set_message_type(MessageType::Response).set_recursion_available(true);
                 reply.add_query(q.clone());
                 match listed {
                     Some(addrs) => {
@@ -55,11 +69,12 @@ impl DnsServer {
                     }
                 }
                 if let Ok(bytes) = reply.to_vec() {
-                    let _ = socket.send_to(&bytes, from);
+                    let from_socket = if mode == Mode::FromAnotherPort { &other } else { &socket };
+                    let _ = from_socket.send_to(&bytes, from);
                 }
             }
         });
-        DnsServer { addr, records, silent, asked, stop }
+        DnsServer { addr, records, mode, asked, stop }
     }
 
     /// `zone` lists `ip` (an IPv4 or IPv6 address) with `result`.
@@ -68,8 +83,8 @@ impl DnsServer {
         self.records.lock().expect("lock").entry(name).or_default().push(result);
     }
 
-    pub fn silence(&self) {
-        self.silent.store(true, Ordering::Relaxed);
+    pub fn answer(&self, mode: Mode) {
+        *self.mode.lock().expect("lock") = mode;
     }
 
     /// Queries received so far.
