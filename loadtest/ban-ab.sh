@@ -8,6 +8,7 @@
 # usage: loadtest/ban-ab.sh [ROUNDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/loadtest/common.sh"
 port=${PORT:-2711}
 (cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin genbans --bin mxgate-loadtest)
 mx=$root/target/release
@@ -21,17 +22,15 @@ printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[access]\nlist = "base.list"\n[a
 for _ in $(seq "${1:-8}"); do
   for v in a b; do
     MXGATE_LOG=warn "$mx/mxgate" --config "$d/$v.toml" --io uring & pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-    sleep 0.5
-    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    wait_port "$port"
+    t0=$(ticks "$pid")
     "$mx/mxgate-loadtest" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 --expect 530 \
       --duration 4s --concurrency 64 --threads 2 --json "$d/run.json" > "$d/out" 2>&1 ||
       { echo "run $v failed:" >&2; cat "$d/out" >&2; exit 1; }
-    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    t1=$(ticks "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    n=$(sed -n 's/.*"ops": \([0-9]*\).*/\1/p' "$d/run.json" | head -1)
-    awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
-      'BEGIN{printf "%s us_per_refusal=%.2f\n", v, t * 1e6 / hz / n}'
+    n=$(ops "$d/run.json")
+    per_op "$v" $((t1 - t0)) "$n" us_per_refusal
   done
 done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
   END {printf "mean a=%.2f b=%.2f ratio=%.3f\n", s["a"]/c["a"], s["b"]/c["b"], (s["b"]/c["b"])/(s["a"]/c["a"])}'

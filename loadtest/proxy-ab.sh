@@ -16,6 +16,7 @@
 # usage: loadtest/proxy-ab.sh [ROUNDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/loadtest/common.sh"
 port=${PORT:-2713}
 (cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin genlist --bin mxgate-loadtest --bin denyfloor)
 mx=$root/target/release
@@ -34,19 +35,17 @@ for _ in $(seq "${1:-8}"); do
       e) "$mx/denyfloor" "$port" read 2 & pid=$! ;;
       *) MXGATE_LOG=warn "$mx/mxgate" --config "$d/$v.toml" --io uring & pid=$! ;;
     esac
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-    sleep 0.5
+    wait_port "$port"
     proxy=()
     case $v in b | d | e) proxy=(--proxy v2) ;; esac
-    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    t0=$(ticks "$pid")
     "$mx/mxgate-loadtest" deny-storm --target "127.0.0.1:$port" --sources 127.66.0.0/16 --expect 530 \
       --duration 4s --concurrency 64 --threads 2 "${proxy[@]}" --json "$d/run.json" > "$d/out" 2>&1 ||
       { echo "run $v failed:" >&2; cat "$d/out" >&2; exit 1; }
-    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    t1=$(ticks "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    n=$(sed -n 's/.*"ops": \([0-9]*\).*/\1/p' "$d/run.json" | head -1)
-    awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
-      'BEGIN{printf "%s us_per_refusal=%.2f\n", v, t * 1e6 / hz / n}'
+    n=$(ops "$d/run.json")
+    per_op "$v" $((t1 - t0)) "$n" us_per_refusal
   done
 done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
   END {a = s["a"]/c["a"]; b = s["b"]/c["b"]; cc = s["c"]/c["c"]; dd = s["d"]/c["d"]; e = s["e"]/c["e"];

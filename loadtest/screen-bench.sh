@@ -12,6 +12,7 @@
 # usage: loadtest/screen-bench.sh [ROUNDS] [--io uring|epoll]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/loadtest/common.sh"
 port=${PORT:-2716} sink=${SINK_PORT:-31036} dns=${DNS_PORT:-31037}
 rounds=${1:-6} io=uring
 [ "${2:-}" = --io ] && io=$3
@@ -33,17 +34,15 @@ run() { # variant, sources, seconds
 for _ in $(seq "$rounds"); do
   for v in a b c; do
     MXGATE_LOG=warn "$bin/mxgate" --config "$d/$v.toml" --io "$io" & pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    wait_port "$port"
     sources=127.77.0.0/16
     if [ "$v" = b ]; then sources=127.77.0.0/24; run b "$sources" 1s; fi # warm the caches
-    sleep 0.5
-    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    t0=$(ticks "$pid")
     run "$v" "$sources" 5s
-    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    t1=$(ticks "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    n=$(sed -n 's/.*"ops": \([0-9]*\).*/\1/p' "$d/run.json" | head -1)
-    awk -v v="$v" -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
-      'BEGIN{printf "%s us_per_connection=%.2f connections_per_s=%.0f\n", v, t * 1e6 / hz / n, n / 5}'
+    n=$(ops "$d/run.json")
+    echo "$(per_op "$v" $((t1 - t0)) "$n" us_per_connection) connections_per_s=$((n / 5))"
   done
 done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
   END {a = s["a"]/c["a"]; b = s["b"]/c["b"]; cc = s["c"]/c["c"];

@@ -133,36 +133,25 @@ impl Connection {
         admission: Admission,
         generation: u32,
     ) -> Self {
-        let transport = Transport::default();
-        Connection {
-            snapshot,
-            session,
-            transport,
-            hop_tls: None,
-            front: front::Front::None,
-            no_header: None,
-            screened: None,
-            screening: false,
-            passed: false,
-            dns_asked: false,
-            dns: None,
-            proxy_id: None,
-            whitelisted,
-            _admission: Some(admission),
-            generation,
-            armed: None,
-        }
+        let mut conn = Self::with_front(snapshot, session, front::Front::None, generation);
+        conn.whitelisted = whitelisted;
+        conn._admission = Some(admission);
+        conn
     }
 
     /// A trusted balancer's connection: its PROXY header first, by `deadline`; `session`
     /// waits (its banner unsent) for the address the header carries.
     pub fn behind_balancer(snapshot: Arc<Snapshot>, session: Session, deadline: Instant, generation: u32) -> Self {
+        Self::with_front(snapshot, session, front::Front::header(deadline), generation)
+    }
+
+    fn with_front(snapshot: Arc<Snapshot>, session: Session, front: front::Front, generation: u32) -> Self {
         Connection {
             snapshot,
             session,
             transport: Transport::default(),
             hop_tls: None,
-            front: front::Front::header(deadline),
+            front,
             no_header: None,
             screened: None,
             screening: false,
