@@ -81,7 +81,13 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
             Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
         },
         ("reload", "") => reload(shared),
-        ("stats", "") => shared.stats().iter().map(|(name, value, _)| format!("{name} {value}\n")).collect(),
+        ("stats", "") => {
+            let mut out: String = shared.stats().iter().map(|(name, value, _)| format!("{name} {value}\n")).collect();
+            for (zone, n) in shared.blocked_by_zone() {
+                out.push_str(&format!("dnsbl_blocked{{zone=\"{zone}\"}} {n}\n"));
+            }
+            out
+        }
         ("ban", args) => ban(shared, args),
         ("unban", key) => unban(shared, key.trim()),
         ("bans", "") => {

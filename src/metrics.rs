@@ -65,5 +65,12 @@ fn text(shared: &Shared) -> String {
             if gauge { (format!("mxgate_{name}"), "gauge") } else { (format!("mxgate_{name}_total"), "counter") };
         out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
     }
+    let zones = shared.blocked_by_zone();
+    if !zones.is_empty() {
+        out.push_str("# TYPE mxgate_dnsbl_blocked_by_zone_total counter\n");
+        for (zone, n) in zones {
+            out.push_str(&format!("mxgate_dnsbl_blocked_by_zone_total{{zone=\"{zone}\"}} {n}\n"));
+        }
+    }
     out
 }

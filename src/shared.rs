@@ -33,6 +33,8 @@ pub struct Shared {
     stopping: AtomicBool,
     shadow: Shadow,
     passed: crate::screen::Passed,
+    /// Peers each blocklist zone blocked (the heaviest listing of each), by zone name.
+    blocked_by_zone: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -54,7 +56,20 @@ impl Shared {
                 Some(path) => crate::screen::Passed::with_file(path, UnixTime::now())?,
                 None => crate::screen::Passed::default(),
             },
+            blocked_by_zone: std::sync::Mutex::default(),
         }))
+    }
+
+    /// A peer was blocked using `zone` (rare: a lock is fine).
+    pub fn count_blocked(&self, zone: &str) {
+        if let Ok(mut zones) = self.blocked_by_zone.lock() {
+            *zones.entry(zone.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Peers blocked by each zone since start (`dnsbl_blocked` is their sum).
+    pub fn blocked_by_zone(&self) -> Vec<(String, u64)> {
+        self.blocked_by_zone.lock().map(|z| z.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
     }
 
     /// Peers that passed screening, and until when.

@@ -110,6 +110,7 @@ fn blocklists_score_and_block(io: &str) {
         assert_eq!(read_replies(&mut s, 1), BANNER, "{source}");
     }
     assert_eq!((stat(&m, "dnsbl_blocked"), stat(&m, "dns_timeouts")), (2, 0));
+    assert_eq!(stat(&m, "dnsbl_blocked{zone=\"two.test\"}"), 2, "per zone");
     // explain asks the zones now, and the running instance what it remembers
     let (code, out) = run_cli(&["explain", "127.0.6.20"], &m.files.config());
     assert_eq!(code, 0, "{out}");

@@ -541,6 +541,7 @@ fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts:
         Screened::Scored(_) => {}
         Screened::Blocked { zone, score, .. } => {
             counts.add(Count::DnsblBlocked);
+            shared.count_blocked(&zone);
             tracing::info!(%peer, "dnsbl: blocked using {zone} (score {score})");
         }
         Screened::TalkedEarly(octets) => {
