@@ -62,7 +62,8 @@ pub trait Io {
 /// A worker's blocklist resolver, with the settings it was made for.
 struct Dns {
     resolver: Resolver<(ConnId, usize)>,
-    servers: Vec<SocketAddr>,
+    /// `[screen] resolvers` as configured (empty: /etc/resolv.conf's, read when made).
+    configured: Vec<SocketAddr>,
     timeout: Duration,
 }
 
@@ -475,14 +476,15 @@ fn judge(
 fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, counts: &Counts, now: Instant, io: &mut I) {
     let snapshot = Arc::clone(conn.snapshot_arc());
     let screen = &snapshot.config.screen;
-    let servers = if screen.resolvers.is_empty() { crate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
     // a new resolver for new settings, once the old one has nothing in flight
-    let stale = dns
-        .as_ref()
-        .is_none_or(|d| (d.servers != servers || d.timeout != screen.dns_timeout) && d.resolver.in_flight() == 0);
+    let stale = dns.as_ref().is_none_or(|d| {
+        (d.configured != screen.resolvers || d.timeout != screen.dns_timeout) && d.resolver.in_flight() == 0
+    });
     if stale {
-        let resolver = Resolver::new(servers.clone(), screen.dns_timeout, Box::new(crate::tls::random_u16));
-        *dns = Some(Dns { resolver, servers, timeout: screen.dns_timeout });
+        let servers =
+            if screen.resolvers.is_empty() { crate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
+        let resolver = Resolver::new(servers, screen.dns_timeout, Box::new(crate::tls::random_u16));
+        *dns = Some(Dns { resolver, configured: screen.resolvers.clone(), timeout: screen.dns_timeout });
     }
     let Some(dns) = dns.as_mut() else { return };
     let ip = conn.session().peer().ip();
