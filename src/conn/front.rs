@@ -1,6 +1,8 @@
-//! What comes before the session on a trusted balancer's connection
-//! (`[listen] proxy_protocol_from`): its PROXY header, read and parsed here (sans-IO, the
-//! parser is `crate::proxy`), then judged by the host on the address it carries.
+//! What comes before the session: a trusted balancer's PROXY header, and screening.
+//!
+//! On a balancer's connection (`[listen] proxy_protocol_from`) the header is read and
+//! parsed here (sans-IO, the parser is `crate::proxy`), then judged by the host on the
+//! address it carries.
 //!
 //! ```text
 //!   accept (a balancer) ─► Header ──header whole──► Judge ──host: allowed──► None (the session

@@ -8,7 +8,8 @@
 //!   (gate: access list,     │
 //!    bans, limits)          └ allowed ─► Connection ─────────────────────────────────► freed
 //!   (a trusted balancer: a Connection     │ Front (front.rs): a balancer's PROXY header, ▲
-//!    at once, judged after its header)    │   then the gate on the address it carries   │
+//!    at once, judged after its header)    │   then the gate on the address it carries;  │
+//!                                         │   screening: pregreet, DNSBL (host's resolver)│
 //!                                         │ Transport: Plain, TLS after STARTTLS (tls.rs)│
 //!                                         │ Session (smtp): banner … QUIT / 421 / EOF ──┤
 //!                                         └ next hop: none ─► Connect(addr) ─► up ──────┘
