@@ -35,8 +35,29 @@ pub struct Config {
     pub relay: Relay,
     pub tls: Option<Tls>,
     pub screen: Screen,
+    /// `[cluster]`: the fleet's Redis; absent: a single node.
+    pub cluster: Option<Cluster>,
     pub control: Option<Control>,
     pub metrics: Option<Metrics>,
+}
+
+/// `[cluster]`: bans and failure counts shared through Redis (or Valkey).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// `redis://host:port/db`, or `rediss://` for TLS.
+    pub redis: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub db: u32,
+    /// The password, in a file of its own (not in the configuration).
+    pub password_file: Option<PathBuf>,
+    /// This node's name in the fleet (default: `hostname`).
+    pub node: String,
+    /// The namespace of keys and of the channel.
+    pub prefix: String,
+    /// How often the failure counts' increments go to Redis.
+    pub flush_interval: Duration,
 }
 
 /// `[screen]`: tests before the banner for allowed peers not remembered as passing.
@@ -267,6 +288,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("screen", "dnsbl_threshold"),
     ("screen", "resolvers"),
     ("screen", "dns_timeout"),
+    ("cluster", "redis"),
+    ("cluster", "password_file"),
+    ("cluster", "node"),
+    ("cluster", "prefix"),
+    ("cluster", "flush_interval"),
     ("control", "socket"),
     ("metrics", "listen"),
 ];
@@ -468,6 +494,27 @@ impl Config {
             resolvers: r.value(t, "screen", "resolvers", socket_addrs).unwrap_or_default(),
             dns_timeout: r.value(t, "screen", "dns_timeout", positive_duration).unwrap_or(Duration::from_secs(2)),
         };
+        let t = r.section(root, "cluster", &keys_of("cluster"));
+        let cluster = t.and_then(|_| {
+            let url = r.value(t, "cluster", "redis", |v| redis_url(str_of(v)?));
+            if url.is_none() && t.and_then(|t| find(t, "redis")).is_none() {
+                r.problem(None, "cluster.redis", "give the fleet's Redis: `redis://host:port/db`".into());
+            }
+            let node =
+                r.value(t, "cluster", "node", |v| valid_hostname(str_of(v)?)).unwrap_or_else(|| hostname.clone());
+            let prefix = r
+                .value(t, "cluster", "prefix", |v| {
+                    let p = str_of(v)?;
+                    let ok = !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                    if ok { Ok(p.to_owned()) } else { Err(format!("`{p}`: letters, digits, `_`, `.` and `-` only")) }
+                })
+                .unwrap_or_else(|| "mxgate".into());
+            let flush_interval =
+                r.value(t, "cluster", "flush_interval", positive_duration).unwrap_or(Duration::from_millis(200));
+            let password_file = r.path(t, "cluster", "password_file");
+            let (redis, tls, host, port, db) = url?;
+            Some(Cluster { redis, tls, host, port, db, password_file, node, prefix, flush_interval })
+        });
         let t = r.section(root, "control", &keys_of("control"));
         let control = r
             .value(t, "control", "socket", |v| Ok(PathBuf::from(str_of(v)?)))
@@ -483,7 +530,7 @@ impl Config {
             r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
             return Err(Problems(r.problems));
         }
-        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, screen, control, metrics })
+        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, screen, cluster, control, metrics })
     }
 
     /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a
@@ -731,6 +778,38 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")"))
 }
 
+/// `redis://host[:port][/db]` or `rediss://...` (TLS): the URL, TLS, host, port
+/// (default 6379) and database (default 0). A password goes in `password_file`, never in
+/// the URL.
+fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), String> {
+    let (tls, rest) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err(format!("`{s}`: a redis:// or rediss:// URL")),
+    };
+    if rest.contains('@') {
+        return Err("no password in the URL: give password_file".into());
+    }
+    let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
+    let db = if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| format!("`{db}`: not a database number"))? };
+    // `[v6]:port`, `[v6]`, `host:port`, `host`
+    let (host, port) = match authority.strip_prefix('[').and_then(|a| a.split_once(']')) {
+        Some((v6, rest)) => (v6, rest.strip_prefix(':')),
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().map_err(|_| format!("`{p}`: not a port"))?,
+        None => 6379,
+    };
+    if host.is_empty() || (host.parse::<std::net::IpAddr>().is_err() && valid_hostname(host).is_err()) {
+        return Err(format!("`{s}`: no host"));
+    }
+    Ok((s.to_owned(), tls, host.to_owned(), port, db))
+}
+
 /// `127.0.0.2` or `127.0.0.2-127.0.0.11`: an inclusive range of IPv4 addresses.
 fn ipv4_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
     let (lo, hi) = s.split_once('-').unwrap_or((s, s));
@@ -855,6 +934,30 @@ mod tests {
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(300));
         assert_eq!(c.abuse.ipv6_prefix, 64);
         assert!(c.tls.is_none() && c.control.is_none() && c.metrics.is_none());
+    }
+
+    #[test]
+    fn cluster_urls() {
+        let c = parse("hostname = \"mx1.test\"\n[cluster]\nredis = \"rediss://redis.internal:6380/2\"\n").unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!((cl.tls, cl.host.as_str(), cl.port, cl.db), (true, "redis.internal", 6380, 2));
+        assert_eq!(
+            (cl.node.as_str(), cl.prefix.as_str(), cl.flush_interval),
+            ("mx1.test", "mxgate", Duration::from_millis(200))
+        );
+        let c = parse("[cluster]\nredis = \"redis://[::1]\"\nprefix = \"edge-1\"\n").unwrap().cluster.unwrap();
+        assert_eq!((c.host.as_str(), c.port, c.db, c.prefix.as_str()), ("::1", 6379, 0, "edge-1"));
+        assert!(parse("").unwrap().cluster.is_none(), "absent: a single node");
+        for (bad, why) in [
+            ("[cluster]\nredis = \"http://x\"\n", "redis:// or rediss://"),
+            ("[cluster]\nredis = \"redis://:secret@x\"\n", "password_file"),
+            ("[cluster]\nredis = \"redis://x:99999\"\n", "not a port"),
+            ("[cluster]\nprefix = \"a b\"\nredis = \"redis://x\"\n", "letters, digits"),
+            ("[cluster]\nnode = \"n\"\n", "cluster.redis"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]
