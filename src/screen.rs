@@ -63,12 +63,7 @@ impl Passed {
 
     /// `ip` passed, and its pass has not ended at `now`.
     pub fn holds(&self, ip: IpAddr, now: UnixTime) -> bool {
-        let (slots, tag) = self.place(ip);
-        let now = minute(now);
-        slots.iter().any(|&i| {
-            let v = self.slots[i].load(Ordering::Relaxed);
-            (v >> 32) as u32 == tag && (v as u32) > now
-        })
+        self.until(ip, now).is_some()
     }
 
     /// When the pass of `ip` ends, if it holds at `now`.

@@ -208,24 +208,6 @@ impl<I: Io> Host<I> {
         let mut turn_over = true;
         for _ in 0..STEPS_PER_TURN {
             let Entry { conn, sockets } = &mut *entry;
-            if let Some(ended) = conn.take_no_header() {
-                let balancer = conn.session().peer();
-                match ended {
-                    NoHeader::Refused(why) => {
-                        self.counts.add(Count::RefusedProxyHeader);
-                        tracing::debug!(%balancer, "PROXY header refused: {why}");
-                    }
-                    NoHeader::Gone => self.counts.add(Count::Vanished),
-                }
-            }
-            if let Some(screened) = conn.take_screened() {
-                screened_peer(conn, screened, &self.shared, &self.counts);
-            }
-            if conn.take_passed() {
-                self.counts.add(Count::ScreenPassed);
-                let ttl = conn.snapshot().config.screen.pass_ttl;
-                self.shared.passed().remember(conn.session().peer().ip(), UnixTime::now(), ttl);
-            }
             if conn.take_dns_request() {
                 ask_dns(&mut self.dns, id, conn, &self.counts, now, io);
             }
@@ -540,8 +522,7 @@ fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts:
     let snapshot = conn.snapshot();
     let now = UnixTime::now();
     match screened {
-        Screened::Scored(_) => {}
-        Screened::Blocked { zone, score, .. } => {
+        Screened::Blocked { zone, score } => {
             counts.add(Count::DnsblBlocked);
             shared.count_blocked(&zone);
             tracing::info!(%peer, "dnsbl: blocked using {zone} (score {score})");
@@ -585,9 +566,28 @@ fn shadow_ban(key: AbuseKey, reason: Reason, now: UnixTime, shared: &Shared, cou
     }
 }
 
-/// Acts on what a session reports: one log line per transaction (the mail log), and
-/// failures counted against the peer's address (never a whitelisted one's).
+/// Acts on what a connection reports: a balancer's missing header, screening's findings
+/// and passes, then its session's events: one log line per transaction (the mail log),
+/// and failures counted against the peer's address (never a whitelisted one's).
 fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
+    if let Some(ended) = conn.take_no_header() {
+        let balancer = conn.session().peer();
+        match ended {
+            NoHeader::Refused(why) => {
+                counts.add(Count::RefusedProxyHeader);
+                tracing::debug!(%balancer, "PROXY header refused: {why}");
+            }
+            NoHeader::Gone => counts.add(Count::Vanished),
+        }
+    }
+    if let Some(screened) = conn.take_screened() {
+        screened_peer(conn, screened, shared, counts);
+    }
+    if conn.take_passed() {
+        counts.add(Count::ScreenPassed);
+        let ttl = conn.snapshot().config.screen.pass_ttl;
+        shared.passed().remember(conn.session().peer().ip(), UnixTime::now(), ttl);
+    }
     while let Some(event) = conn.poll_event() {
         let session = conn.session();
         let config = &conn.snapshot().config.abuse;

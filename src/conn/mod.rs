@@ -75,10 +75,9 @@ pub(crate) enum NoHeader {
 pub(crate) enum Screened {
     /// The peer spoke first: its first octets, escaped for the log.
     TalkedEarly(String),
-    /// The blocklists' answers (one per zone) scored under the threshold.
-    Scored(Vec<Option<Answer>>),
-    /// Scored at or over the threshold: refused with the 550 line naming `zone`.
-    Blocked { zone: String, score: i32, answers: Vec<Option<Answer>> },
+    /// The blocklists scored it at or over the threshold: refused with the 550 line
+    /// naming `zone`.
+    Blocked { zone: String, score: i32 },
 }
 
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
@@ -214,27 +213,23 @@ impl Connection {
         }
         let screen = &self.snapshot.config.screen;
         let (score, heaviest) = crate::dnsbl::score(&screen.dnsbl, answers);
-        let answered: Vec<Option<Answer>> = answers.to_vec();
         self.dns = None;
         if score >= screen.dnsbl_threshold {
             let zone = heaviest.map(|i| screen.dnsbl[i].zone.clone()).unwrap_or_default();
             let line = crate::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
             self.front = front::Front::Reject { line: line.into(), sent: 0 };
             self.screening = false;
-            self.screened = Some(Screened::Blocked { zone, score, answers: answered });
+            self.screened = Some(Screened::Blocked { zone, score });
             return;
         }
-        self.screened = Some(Screened::Scored(answered));
         self.screen_done(now);
     }
 
-    /// Both tests are behind the peer: passed.
+    /// Both tests are behind the peer: passed (a refusal ends screening on its own).
     fn screen_done(&mut self, now: Instant) {
         if self.screening && matches!(self.front, front::Front::None) && self.dns.is_none() {
             self.screening = false;
-            if !matches!(self.screened, Some(Screened::Blocked { .. })) {
-                self.passed = true;
-            }
+            self.passed = true;
             self.settle(now);
         }
     }
