@@ -846,6 +846,11 @@ fn domains(v: &Value<'_>) -> Result<Vec<String>, String> {
     })
 }
 
+/// A fleet node's name as `[cluster] node` takes it (and a ban line's `node=`).
+pub fn valid_node_name(s: &str) -> bool {
+    valid_hostname(s).is_ok()
+}
+
 /// A domain name fit to appear in replies: letters, digits and hyphens in dot-separated
 /// labels (RFC 1035 §2.3.1, RFC 5321 §4.1.2).
 fn valid_hostname(s: &str) -> Result<String, String> {

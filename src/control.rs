@@ -115,8 +115,18 @@ fn explain(shared: &Shared, peer: PeerIp) -> String {
         config.failure_threshold,
         abuse.connections.of(key),
     );
-    match abuse.banned(key, now) {
-        Some(until) => out.push_str(&format!("banned until {}\n", UnixTime(until).rfc3339())),
+    match abuse.ban_of(key, now) {
+        Some((banned, ban)) => {
+            let by = match &ban.from {
+                Some(node) => format!("made by node {node} of the fleet"),
+                None => "made here".to_owned(),
+            };
+            out.push_str(&format!(
+                "banned as {banned} until {} ({}, {by})\n",
+                UnixTime(ban.until).rfc3339(),
+                ban.reason
+            ));
+        }
         None => out.push_str("not banned\n"),
     }
     match shared.passed().until(peer.ip(), now) {

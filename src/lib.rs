@@ -7,9 +7,11 @@
 //! - [`smtp`]: the sans-IO protocol state machine.
 //! - [`snapshot`]: config and lists loaded as one immutable value ([`config`], [`access`]).
 //! - [`abuse`]: failure counters, bans, connection counts; [`stats`]: what the workers did.
+//! - [`cluster`]: the fleet: bans and failure counts shared with other nodes via Redis.
 
 pub mod abuse;
 pub mod access;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod control;

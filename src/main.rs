@@ -239,10 +239,11 @@ fn explain_bans(s: &Snapshot, peer: PeerIp) {
                     let hit = bans.iter().find(|(k, b)| (*k == key || Some(*k) == key.escalation()) && b.until > now.0);
                     match hit {
                         Some((k, b)) => println!(
-                            "  banned: {k} until {} ({}, offence {}) in {}",
+                            "  banned: {k} until {} ({}, offence {}{}) in {}",
                             UnixTime(b.until).rfc3339(),
                             b.reason,
                             b.offence,
+                            b.from.as_ref().map(|n| format!(", made by node {n}")).unwrap_or_default(),
                             path.display()
                         ),
                         None => println!("  not banned in {}", path.display()),

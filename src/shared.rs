@@ -35,14 +35,29 @@ pub struct Shared {
     passed: crate::screen::Passed,
     /// Peers each blocklist zone blocked (the heaviest listing of each), by zone name.
     blocked_by_zone: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The fleet's link, with `[cluster]` (read at start).
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Shared {
-    /// Shared state for `snapshot`; loads the ban file and starts the abuse-control threads.
+    /// Shared state for `snapshot`; loads the ban file and starts the abuse-control
+    /// threads (and the fleet's, with `[cluster]`).
     pub fn new(snapshot: Snapshot) -> io::Result<Arc<Self>> {
         let cache_file = snapshot.config.screen.cache_file.clone();
+        let cluster_config = snapshot.config.cluster.clone();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
-        let abuse = Abuse::start(Arc::clone(&snapshot))?;
+        let (outbox, inbox) = match &cluster_config {
+            Some(_) => {
+                let (outbox, inbox) = crate::cluster::channels();
+                (Some(outbox), Some(inbox))
+            }
+            None => (None, None),
+        };
+        let abuse = Abuse::start(Arc::clone(&snapshot), outbox)?;
+        let cluster = match (&cluster_config, inbox) {
+            (Some(config), Some(inbox)) => Some(crate::cluster::start(config, inbox, &abuse, Arc::clone(&snapshot))?),
+            _ => None,
+        };
         Ok(Arc::new(Shared {
             snapshot,
             abuse,
@@ -57,6 +72,7 @@ impl Shared {
                 None => crate::screen::Passed::default(),
             },
             blocked_by_zone: std::sync::Mutex::default(),
+            cluster,
         }))
     }
 
@@ -98,6 +114,9 @@ impl Shared {
             ("bans_in_force", self.abuse.bans_count(now) as u64, true),
             ("reloads", self.reloads.load(Ordering::Relaxed), false),
         ]);
+        if let Some(cluster) = &self.cluster {
+            lines.extend(cluster.stats());
+        }
         lines
     }
 

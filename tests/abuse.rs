@@ -179,7 +179,10 @@ fn explain_shows_the_failure_count_and_the_ban(io: &str) {
     wait_until("the ban written", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.5.10")));
     let out = explain(&m);
     assert!(out.contains("banned: 127.0.5.10 until ") && out.contains("(5 failures, offence 1)"), "{out}");
-    assert!(out.contains("live: counted as 127.0.5.10: 5 failures") && out.contains("live: banned until "), "{out}");
+    assert!(
+        out.contains("live: counted as 127.0.5.10: 5 failures") && out.contains("live: banned as 127.0.5.10 until "),
+        "{out}"
+    );
 }
 
 fn the_operator_bans_lists_and_unbans(io: &str) {

@@ -26,6 +26,9 @@ pub enum Reason {
     Dropped,
     /// This many addresses of the prefix were banned within `failure_window`.
     Escalated(u32),
+    /// `failures` within `failure_window` on all the fleet's nodes together reached
+    /// `failure_threshold` (`[cluster]`).
+    FleetFailures(u32),
     /// As read from the ban file, or given by the operator.
     Recorded(String),
 }
@@ -36,6 +39,7 @@ impl fmt::Display for Reason {
             Reason::Failures(n) => write!(f, "{n} failures"),
             Reason::Dropped => f.write_str("dropped for too many errors"),
             Reason::Escalated(n) => write!(f, "{n} addresses banned in the prefix"),
+            Reason::FleetFailures(n) => write!(f, "{n} failures across the fleet"),
             Reason::Recorded(text) => f.write_str(text),
         }
     }
@@ -49,6 +53,8 @@ pub struct Ban {
     pub reason: Reason,
     /// This ban's number for the key while its offences are remembered (1: first).
     pub offence: u32,
+    /// The fleet node that made it (`[cluster]`); `None`: made here.
+    pub from: Option<Arc<str>>,
 }
 
 /// Bans made since the base was last rebuilt; past this many the base is rebuilt, so a
@@ -117,7 +123,7 @@ impl BanBook {
         }
         let offence = self.next_offence(key, now, config);
         let until = now.saturating_add(duration(offence, config));
-        made.push((key, self.record(key, Ban { until, reason, offence })));
+        made.push((key, self.record(key, Ban { until, reason, offence, from: None })));
         if let Some(prefix) = key.escalation()
             && config.escalate_after > 0
         {
@@ -151,7 +157,7 @@ impl BanBook {
             _ => self.next_offence(key, now, config),
         };
         let until = until.unwrap_or_else(|| now.saturating_add(duration(offence, config)));
-        Some(self.record(key, Ban { until, reason, offence }))
+        Some(self.record(key, Ban { until, reason, offence, from: None }))
     }
 
     /// Lifts the ban on `key`, if one is in force, and forgets its offences and its part
@@ -188,6 +194,26 @@ impl BanBook {
         }
         self.insert(key, ban.clone());
         ban
+    }
+
+    /// What [`BanBook::ban`] would make of `key` at `now` (its first ban only), without
+    /// making it: the fleet claims a ban in Redis before it is made.
+    pub fn preview(&self, key: AbuseKey, reason: Reason, now: i64, config: &AbuseConfig) -> Ban {
+        let offence = self.next_offence(key, now, config);
+        Ban { until: now.saturating_add(duration(offence, config)), reason, offence, from: None }
+    }
+
+    /// Takes in a ban another node made: put in force unless one in force here ends as
+    /// late or later. Whether it was taken in.
+    pub fn adopt(&mut self, key: AbuseKey, ban: Ban, now: i64) -> bool {
+        if ban.until <= now || self.bans.get(&key).is_some_and(|b| b.until >= ban.until) {
+            return false;
+        }
+        if self.bans.len() >= MAX_BANS && !self.bans.contains_key(&key) {
+            return false;
+        }
+        self.restore(key, ban);
+        true
     }
 
     /// Takes in a ban as recorded (the ban file at start).
@@ -300,6 +326,7 @@ mod tests {
         let manual = |text: &str| Reason::Recorded(text.into());
         // no time given: the next offence's doubled ban_duration
         let first = book.impose(k, manual("spam run"), None, T0, &c).unwrap();
+        assert_eq!(first, book.preview(key("192.0.2.9"), manual("spam run"), T0, &c), "what a first ban would be");
         assert_eq!((first.until, first.offence), (T0 + hour, 1));
         // a ban in force is replaced, shorter too, keeping its offence
         let shorter = book.impose(k, manual("less"), Some(T0 + 60), T0 + 1, &c).unwrap();

@@ -4,7 +4,11 @@
 //! ```text
 //! 192.0.2.7 until=2026-11-28T20:39:20Z reason="30 failures" offence=1
 //! 2001:db8:1:2::/64 until=2026-11-29T19:39:20Z reason="dropped for too many errors" offence=2
+//! 198.51.100.9 until=2026-11-29T19:40:02Z reason="30 failures" offence=1 node=mx2
 //! ```
+//!
+//! `node=` names the fleet node that made a ban (`[cluster]`); absent: made here. The
+//! same line is what the fleet's Redis holds and publishes.
 //!
 //! It is written whole and atomically (temporary file, fsync, rename, fsync of the
 //! folder), so a crash leaves the old file or the new one, never a mix.
@@ -29,12 +33,21 @@ pub fn render<'a>(bans: impl Iterator<Item = (&'a AbuseKey, &'a Ban)>) -> String
     let mut text = String::with_capacity(HEADER.len() + bans.len() * 80);
     text.push_str(HEADER);
     for (key, ban) in bans {
-        let reason = ban.reason.to_string().replace('\\', "\\\\").replace('"', "\\\"");
-        let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        let _ =
-            writeln!(text, "{key} until={} reason=\"{reason}\" offence={}", UnixTime(ban.until).rfc3339(), ban.offence);
+        text.push_str(&line(*key, ban, ban.from.as_deref()));
+        text.push('\n');
     }
     text
+}
+
+/// One ban's line (no line end), naming `node` when given.
+pub fn line(key: AbuseKey, ban: &Ban, node: Option<&str>) -> String {
+    let reason = ban.reason.to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut line = format!("{key} until={} reason=\"{reason}\" offence={}", UnixTime(ban.until).rfc3339(), ban.offence);
+    if let Some(node) = node {
+        let _ = write!(line, " node={node}");
+    }
+    line
 }
 
 /// The bans in `text`; the first bad line makes the whole file bad.
@@ -52,11 +65,12 @@ pub fn parse(text: &[u8], file: &Path) -> Result<Vec<(AbuseKey, Ban)>, Problem> 
     Ok(bans)
 }
 
-fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
+/// One ban's line, as [`line`] writes it (a `deny` before the prefix allowed).
+pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
     let text = text.strip_prefix("deny ").map_or(text, str::trim_start);
     let (prefix, mut rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
     let key = AbuseKey::from_net(parse_net(prefix)?);
-    let (mut until, mut reason, mut offence) = (None, None, 1);
+    let (mut until, mut reason, mut offence, mut from) = (None, None, 1, None);
     loop {
         rest = rest.trim_start();
         if rest.is_empty() {
@@ -76,13 +90,15 @@ fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
         match name {
             "until" => until = Some(parse_rfc3339(word).ok_or_else(|| format!("until: `{word}` is not RFC 3339"))?),
             "offence" => offence = word.parse().map_err(|_| format!("offence: `{word}` is not a number"))?,
+            "node" if crate::config::valid_node_name(word) => from = Some(word.into()),
+            "node" => return Err(format!("node: `{word}` is not a node name")),
             "reason" if reason.is_some() => {}
-            other => return Err(format!("unknown `{other}=`: expected until=, reason=, offence=")),
+            other => return Err(format!("unknown `{other}=`: expected until=, reason=, offence=, node=")),
         }
         rest = &value[value_end..];
     }
     let until = until.ok_or_else(|| format!("`{prefix}`: until= is missing"))?;
-    Ok((key, Ban { until, reason: Reason::Recorded(reason.unwrap_or_default()), offence }))
+    Ok((key, Ban { until, reason: Reason::Recorded(reason.unwrap_or_default()), offence, from }))
 }
 
 /// Text up to the closing quote (backslash escapes), and the bytes that took, the quote
@@ -193,21 +209,26 @@ mod tests {
     #[test]
     fn bans_survive_a_round_trip() {
         let bans = vec![
-            (key("192.0.2.7"), Ban { until: T0 + 3600, reason: Reason::Failures(30), offence: 1 }),
-            (key("2001:db8:1:2::9"), Ban { until: T0 + 7200, reason: Reason::Dropped, offence: 2 }),
+            (key("192.0.2.7"), Ban { until: T0 + 3600, reason: Reason::Failures(30), offence: 1, from: None }),
+            (
+                key("2001:db8:1:2::9"),
+                Ban { until: T0 + 7200, reason: Reason::Dropped, offence: 2, from: Some("mx2".into()) },
+            ),
             (
                 AbuseKey::from_net("198.51.100.0/24".parse().unwrap()),
-                Ban { until: T0, reason: Reason::Recorded("say \"no\" \\ twice".into()), offence: 3 },
+                Ban { until: T0, reason: Reason::Recorded("say \"no\" \\ twice".into()), offence: 3, from: None },
             ),
         ];
         let text = render(bans.iter().map(|(k, b)| (k, b)));
         assert!(text.contains("192.0.2.7 until=2026-11-28T20:39:20Z reason=\"30 failures\" offence=1\n"), "{text}");
         assert!(text.contains("2001:db8:1:2::/64 until="), "{text}");
+        assert!(text.contains(" offence=2 node=mx2\n"), "{text}");
         let back = parse(text.as_bytes(), Path::new("bans.list")).unwrap();
         assert_eq!(back.len(), 3);
         for (k, b) in &bans {
             let (_, got) = back.iter().find(|(bk, _)| bk == k).unwrap();
             assert_eq!((got.until, got.offence, got.reason.to_string()), (b.until, b.offence, b.reason.to_string()));
+            assert_eq!(got.from, b.from, "the node that made it is kept");
         }
     }
 
@@ -222,7 +243,8 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named() {
-        let bad: [&[u8]; 5] = [
+        let bad: [&[u8]; 6] = [
+            b"192.0.2.7 until=2030-01-01T00:00:00Z node=a/b\n",
             b"192.0.2.7 reason=\"x\"\n",
             b"192.0.2.7 until=yesterday\n",
             b"192.0.2.300 until=2030-01-01T00:00:00Z\n",
@@ -248,8 +270,8 @@ mod tests {
         let path = dir.path().join("bans.list");
         assert!(load(&path, UnixTime(T0)).is_empty(), "missing: none");
         let bans = [
-            (key("192.0.2.1"), Ban { until: T0 + 10, reason: Reason::Dropped, offence: 1 }),
-            (key("192.0.2.2"), Ban { until: T0 - 10, reason: Reason::Dropped, offence: 1 }),
+            (key("192.0.2.1"), Ban { until: T0 + 10, reason: Reason::Dropped, offence: 1, from: None }),
+            (key("192.0.2.2"), Ban { until: T0 - 10, reason: Reason::Dropped, offence: 1, from: None }),
         ];
         write_atomically(&path, &render(bans.iter().map(|(k, b)| (k, b)))).unwrap();
         let loaded = load(&path, UnixTime(T0));

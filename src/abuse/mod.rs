@@ -36,6 +36,11 @@ pub use counters::FailureCounters;
 /// force (published) before that worker handles anything else: waking another thread
 /// would wait for a free core exactly when the cores are busiest. The ban-file writer
 /// thread is told afterwards, and a housekeeping thread drops bans that ended.
+///
+/// With `[cluster]`, the fleet's threads are told too (never waited for: see
+/// [`crate::cluster`]): each ban made here, each lift, each failure counted. They bring
+/// back what other nodes did through [`Abuse::adopt`] and [`Abuse::lift_from`], and ban
+/// through [`Abuse::ban`] when the fleet's count crosses the threshold.
 pub struct Abuse {
     pub counters: FailureCounters,
     pub connections: Arc<Connections>,
@@ -43,14 +48,17 @@ pub struct Abuse {
     bans: ArcSwap<BanSet>,
     /// To the ban-file writer, with a `ban_file`.
     changes: Option<Sender<Change>>,
+    /// To the fleet's threads, with `[cluster]`.
+    fleet: Option<crate::cluster::Outbox>,
     /// Closed when the `Abuse` is dropped, which ends the housekeeping thread.
     _alive: Sender<()>,
 }
 
 impl Abuse {
     /// Loads the ban file and starts the housekeeping thread (and the ban-file writer,
-    /// with a `ban_file`); they end when the `Abuse` is dropped.
-    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>) -> io::Result<Arc<Abuse>> {
+    /// with a `ban_file`); they end when the `Abuse` is dropped. Bans, lifts and failures
+    /// are handed to `fleet` too, when given.
+    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>, fleet: Option<crate::cluster::Outbox>) -> io::Result<Arc<Abuse>> {
         let snapshot = snapshots.load_full();
         let config = &snapshot.config.abuse;
         let mut book = BanBook::default();
@@ -80,6 +88,7 @@ impl Abuse {
             bans: ArcSwap::from_pointee(book.set()),
             book: Mutex::new(book),
             changes,
+            fleet,
             _alive: alive,
         });
         let weak = Arc::downgrade(&abuse);
@@ -103,6 +112,9 @@ impl Abuse {
     #[must_use]
     pub fn failed(&self, key: AbuseKey, now: UnixTime, config: &AbuseConfig) -> Option<Reason> {
         let count = self.counters.add(key, now.0);
+        if let Some(fleet) = &self.fleet {
+            fleet.failed(key);
+        }
         if count >= config.failure_threshold && self.banned(key, now).is_none() {
             return self.ban(key, Reason::Failures(count), now, config);
         }
@@ -136,9 +148,66 @@ impl Abuse {
                 UnixTime(ban.until).rfc3339(),
                 ban.offence
             );
+            self.tell_fleet(Change::Made(key, ban.clone()));
             self.tell_writer(Change::Made(key, ban));
         }
         None
+    }
+
+    /// The ban [`Abuse::ban`] would make of `key` now (without escalation), not made.
+    pub fn preview(&self, key: AbuseKey, reason: Reason, now: UnixTime, config: &AbuseConfig) -> Ban {
+        self.book().preview(key, reason, now.0, config)
+    }
+
+    /// Puts in force a ban another node of the fleet made (`ban.from`), unless one here
+    /// ends as late or later; logged and written to the ban file, not handed back to the
+    /// fleet. Whether it was taken in.
+    pub fn adopt(&self, key: AbuseKey, ban: Ban, now: UnixTime) -> bool {
+        let adopted = {
+            let mut book = self.book();
+            let adopted = book.adopt(key, ban.clone(), now.0);
+            if adopted {
+                self.bans.store(Arc::new(book.set()));
+            }
+            adopted
+        };
+        if adopted {
+            let node = ban.from.as_deref().unwrap_or("?");
+            tracing::info!("ban from {node}: {key} until {}", UnixTime(ban.until).rfc3339());
+            self.tell_writer(Change::Made(key, ban));
+        }
+        adopted
+    }
+
+    /// Lifts a ban because `node` of the fleet lifted it; not handed back to the fleet.
+    pub fn lift_from(&self, key: AbuseKey, node: &str, now: UnixTime) -> Option<Ban> {
+        let lifted = {
+            let mut book = self.book();
+            let lifted = book.lift(key, now.0);
+            if lifted.is_some() {
+                self.bans.store(Arc::new(book.set()));
+            }
+            lifted
+        };
+        if lifted.is_some() {
+            tracing::info!("IP address {key} unbanned by the operator on {node}");
+            self.tell_writer(Change::Lifted(key));
+        }
+        lifted
+    }
+
+    /// The bans in force that this node made (not adopted from the fleet).
+    pub fn own_bans(&self, now: UnixTime) -> Vec<(AbuseKey, Ban)> {
+        self.book().iter().filter(|(_, b)| b.from.is_none() && b.until > now.0).map(|(k, b)| (*k, b.clone())).collect()
+    }
+
+    /// The ban in force on `key` (or on the prefix it escalates to), as recorded.
+    pub fn ban_of(&self, key: AbuseKey, now: UnixTime) -> Option<(AbuseKey, Ban)> {
+        let book = self.book();
+        [Some(key), key.escalation()]
+            .into_iter()
+            .flatten()
+            .find_map(|k| book.get(k).filter(|b| b.until > now.0).map(|b| (k, b.clone())))
     }
 
     /// Bans `key` as the operator says (see [`BanBook::impose`]); logged like every ban.
@@ -163,6 +232,7 @@ impl Abuse {
             UnixTime(ban.until).rfc3339(),
             ban.offence
         );
+        self.tell_fleet(Change::Made(key, ban.clone()));
         self.tell_writer(Change::Made(key, ban.clone()));
         Some(ban)
     }
@@ -178,6 +248,8 @@ impl Abuse {
         if let Some(ban) = &lifted {
             tracing::info!("IP address {key} unbanned by the operator (was until {})", UnixTime(ban.until).rfc3339());
         }
+        // the fleet lifts it even where this node never had it (whitelisted here)
+        self.tell_fleet(Change::Lifted(key));
         self.tell_writer(Change::Lifted(key));
         lifted
     }
@@ -193,6 +265,12 @@ impl Abuse {
     /// How many bans are in force at `now`.
     pub fn bans_count(&self, now: UnixTime) -> usize {
         self.book().iter().filter(|(_, b)| b.until > now.0).count()
+    }
+
+    fn tell_fleet(&self, change: Change) {
+        if let Some(fleet) = &self.fleet {
+            fleet.changed(change);
+        }
     }
 
     fn tell_writer(&self, change: Change) {
@@ -218,8 +296,9 @@ type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
 /// How often bans that ended are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
-/// What the ban-file writer is told.
-enum Change {
+/// What the ban-file writer (and the fleet's thread) is told.
+#[derive(Clone, Debug)]
+pub enum Change {
     Made(AbuseKey, Ban),
     Lifted(AbuseKey),
 }
@@ -266,6 +345,11 @@ impl AbuseKey {
     /// A key for a prefix as written in a ban file (host bits must be clear).
     pub fn from_net(net: IpNet) -> Self {
         AbuseKey(net)
+    }
+
+    /// The address or prefix.
+    pub fn net(self) -> IpNet {
+        self.0
     }
 
     /// The prefix bans of this key escalate to, when it is longer than that.

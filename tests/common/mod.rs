@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod nexthop;
+pub mod redis_server;
 
 #[allow(unused_macros, reason = "not every test binary runs end-to-end behaviours")]
 /// `for_both_drivers!(a, b)`: tests `uring::a`, `epoll::a`, ... calling `a("uring")`,
@@ -150,6 +151,22 @@ impl Mxgate {
                 }
                 Err(_) => panic!("no log line with {text:?} within {WAIT:?} (exited: {:?})", self.child.try_wait()),
             }
+        }
+    }
+
+    /// Reads the log lines written so far (without waiting) into `seen`.
+    pub fn drain_log(&mut self) {
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// Waits (bounded) for a log line containing `text`, unless one was read already.
+    pub fn wait_for_log_once(&mut self, text: &str) -> String {
+        self.drain_log();
+        match self.saw(text) {
+            Some(line) => line.to_owned(),
+            None => self.wait_for_log(text),
         }
     }
 

@@ -1,0 +1,248 @@
+//! The fleet end to end: three (or four) real mxgate nodes sharing bans and failure counts
+//! through a real redis-server started on a free loopback port, no persistence. Nodes run
+//! on both drivers at once (a, c: io_uring; b: epoll); each peer its own loopback address.
+//! Without redis-server these tests print a skip line (in CI they fail).
+
+#[macro_use]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::{Mxgate, connect_from, read_replies, read_to_end, run_cli, send, wait_until};
+
+const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
+const THRESHOLD: usize = 6;
+
+fn config(redis: &RedisServer, node: &str) -> String {
+    format!(
+        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
+         [abuse]\nwhitelist = \"white.list\"\nban_file = \"bans.list\"\nfailure_threshold = {THRESHOLD}\n\
+         escalate_after = 0\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nflush_interval = \"50ms\"\n\
+         [control]\nsocket = \"mxgate.sock\"\n",
+        redis.url()
+    )
+}
+
+/// Node `name` of the fleet, whitelisting `white`, once it is connected to Redis.
+fn node(redis: &RedisServer, name: &str, white: &str) -> Mxgate {
+    let io = if name == "b" { "epoll" } else { "uring" };
+    let mut m = Mxgate::start(&config(redis, name), &[("white.list", white)], io);
+    m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
+    m
+}
+
+fn fleet() -> Option<(RedisServer, [Mxgate; 3])> {
+    let redis = RedisServer::start()?;
+    let nodes = [node(&redis, "a", ""), node(&redis, "b", ""), node(&redis, "c", "")];
+    Some((redis, nodes))
+}
+
+/// One conversation from `source` with `failures` unknown commands; returns when the
+/// last failing reply has arrived.
+fn fail(m: &Mxgate, source: &str, failures: usize) -> Instant {
+    let mut s = connect_from(source, m.addr());
+    assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
+    send(&mut s, &b"BOGUS\r\n".repeat(failures));
+    assert_eq!(read_replies(&mut s, failures), UNKNOWN.repeat(failures), "{source}");
+    let failed = Instant::now();
+    send(&mut s, b"QUIT\r\n");
+    read_to_end(&mut s);
+    failed
+}
+
+/// Whether `m` refuses `source` at the gate (the deny line instead of the banner).
+fn refuses(m: &Mxgate, source: &str) -> bool {
+    let s = connect_from(source, m.addr());
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("a first line");
+    assert!(line.starts_with("530 ") || line.starts_with("220 "), "{source}: {line:?}");
+    line.starts_with("530 ")
+}
+
+fn ban_lines(nodes: &mut [Mxgate], source: &str) -> usize {
+    let text = format!("IP address {source} banned");
+    nodes
+        .iter_mut()
+        .map(|m| {
+            m.drain_log();
+            m.seen.iter().filter(|l| l.contains(&text)).count()
+        })
+        .sum()
+}
+
+#[test]
+fn a_ban_on_one_node_is_refused_by_the_others_within_100ms() {
+    let Some((_redis, [a, b, c])) = fleet() else { return };
+    let source = "127.0.14.1";
+    fail(&a, source, THRESHOLD - 1);
+    let failed = fail(&a, source, 1);
+    let mut refused_by = Vec::new();
+    while refused_by.len() < 2 {
+        for (name, m) in [("b", &b), ("c", &c)] {
+            if !refused_by.contains(&name) && refuses(m, source) {
+                refused_by.push(name);
+            }
+        }
+        assert!(failed.elapsed() < Duration::from_millis(100), "refused by {refused_by:?} only, after 100 ms");
+    }
+    assert!(refuses(&a, source));
+}
+
+#[test]
+fn failures_split_across_the_nodes_ban_once_in_the_fleet() {
+    let Some((_redis, mut nodes)) = fleet() else { return };
+    let source = "127.0.14.2";
+    // two on each: none reaches the threshold (6) alone
+    for m in &nodes {
+        fail(m, source, 2);
+    }
+    for m in &nodes {
+        wait_until("the fleet's ban in force everywhere", || refuses(m, source));
+    }
+    // the one node that made it logged the ban, the two others that they took it in
+    let banned = format!("IP address {source} banned");
+    let logged = |m: &mut Mxgate, text: &str| {
+        m.drain_log();
+        m.seen.iter().filter(|l| l.contains(text)).count()
+    };
+    wait_until("each node logged the ban or took it in", || {
+        nodes.iter_mut().all(|m| logged(m, &banned) + logged(m, "ban from ") > 0)
+    });
+    let made: Vec<usize> = (0..3).filter(|&i| nodes[i].saw(&banned).is_some()).collect();
+    assert_eq!(made.len(), 1, "one node makes the ban: {made:?}");
+    let maker = made[0];
+    let line = nodes[maker].saw(&banned).unwrap_or_default().to_owned();
+    assert!(line.contains("6 failures across the fleet"), "{line}");
+    let maker_name = ["a", "b", "c"][maker];
+    for (i, m) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != maker) {
+        assert!(m.saw(&format!("ban from {maker_name}: {source} until ")).is_some(), "node {i} took it in");
+    }
+    assert_eq!(ban_lines(&mut nodes, source), 1, "exactly one ban line in the fleet");
+}
+
+#[test]
+fn unban_on_one_node_lifts_the_ban_everywhere() {
+    let Some((redis, [mut a, b, c])) = fleet() else { return };
+    let source = "127.0.14.3";
+    fail(&a, source, THRESHOLD);
+    for m in [&b, &c] {
+        wait_until("banned on the others", || refuses(m, source));
+    }
+    assert!(redis.get(&format!("mxgate:ban:{source}")).is_some_and(|l| l.contains(" node=a")));
+    let (code, out) = run_cli(&["unban", source], &c.files.config());
+    assert_eq!(code, 0, "{out}");
+    for m in [&a, &b, &c] {
+        wait_until("lifted everywhere", || !refuses(m, source));
+    }
+    a.wait_for_log_once(&format!("IP address {source} unbanned by the operator on c"));
+    assert_eq!(redis.get(&format!("mxgate:ban:{source}")), None, "the key is deleted");
+}
+
+#[test]
+fn a_node_started_after_the_ban_refuses_from_its_first_connection() {
+    let Some((redis, [a, _b, _c])) = fleet() else { return };
+    let source = "127.0.14.4";
+    fail(&a, source, THRESHOLD);
+    wait_until("the ban in Redis", || redis.get(&format!("mxgate:ban:{source}")).is_some());
+    let mut d = Mxgate::start(&config(&redis, "d"), &[("white.list", "")], "uring");
+    assert!(refuses(&d, source), "refused from the first connection");
+    let loaded = d.wait_for_log_once(&format!("ban from a: {source} until "));
+    assert!(loaded.contains("INFO"), "{loaded}");
+    let explained = run_cli(&["explain", source], &d.files.config()).1;
+    assert!(explained.contains("made by node a of the fleet"), "{explained}");
+    assert!(explained.contains(", made by node a) in "), "written to the ban file as a's: {explained}");
+}
+
+#[test]
+fn a_node_that_whitelists_an_address_keeps_serving_it() {
+    let Some(redis) = RedisServer::start() else { return };
+    let source = "127.0.14.5";
+    let a = node(&redis, "a", "");
+    let mut b = node(&redis, "b", &format!("{source}\n"));
+    let c = node(&redis, "c", "");
+    fail(&a, source, THRESHOLD);
+    wait_until("banned on c", || refuses(&c, source));
+    let said = b.wait_for_log_once(&format!("cluster: not applying the ban on {source} from a: whitelisted here"));
+    assert!(said.contains("INFO"), "{said}");
+    assert!(!refuses(&b, source), "b serves it");
+    // heard again (a later node's load, a second publication): said once
+    let (code, out) = run_cli(&["ban", source, "--for", "1h"], &a.files.config());
+    assert_eq!(code, 0, "{out}");
+    wait_until("the new ban in Redis", || {
+        redis.get(&format!("mxgate:ban:{source}")).is_some_and(|l| l.contains("operator"))
+    });
+    assert!(refuses(&c, source));
+    b.drain_log();
+    assert_eq!(b.seen.iter().filter(|l| l.contains("not applying the ban")).count(), 1, "logged once");
+    assert!(!refuses(&b, source));
+    let stats = run_cli(&["stats"], &b.files.config()).1;
+    assert!(stats.contains("cluster_ignored 2"), "{stats}");
+}
+
+#[test]
+fn without_redis_each_node_keeps_serving_and_banning_and_catches_up_after() {
+    let Some((mut redis, [mut a, mut b, mut c])) = fleet() else { return };
+    redis.kill();
+    for m in [&mut a, &mut b, &mut c] {
+        let warned = m.wait_for_log_once("cluster: lost Redis at 127.0.0.1:");
+        assert!(warned.contains("WARN") && warned.contains("banning on this node alone"), "{warned}");
+    }
+    // nothing waits on Redis: a flood of refusals (a's bans) and sessions go on
+    let (a_source, b_source) = ("127.0.14.6", "127.0.14.7");
+    fail(&a, a_source, THRESHOLD);
+    fail(&b, b_source, THRESHOLD);
+    a.wait_for_log_once(&format!("IP address {a_source} banned"));
+    let flood = Instant::now();
+    for _ in 0..200 {
+        assert!(refuses(&a, a_source) && refuses(&b, b_source), "banned locally");
+    }
+    let took = flood.elapsed();
+    assert!(took < Duration::from_secs(5), "400 refusals took {took:?}: something waits on Redis");
+    assert!(!refuses(&c, a_source) && !refuses(&c, b_source), "c has not heard (Redis is down)");
+    let stats = run_cli(&["stats"], &a.files.config()).1;
+    assert!(stats.contains("cluster_connected 0"), "{stats}");
+    // Redis back (empty): the bans made meanwhile reach the others
+    redis.restart();
+    for m in [&c, &b] {
+        wait_until("a's ban reaches the others", || refuses(m, a_source));
+    }
+    wait_until("b's ban reaches the others", || refuses(&a, b_source) && refuses(&c, b_source));
+    for (m, name) in [(&mut a, "a"), (&mut b, "b"), (&mut c, "c")] {
+        m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
+        m.drain_log();
+        let lost = m.seen.iter().filter(|l| l.contains("cluster: lost Redis")).count();
+        assert_eq!(lost, 1, "{name}: one warning while it was down");
+        let back = m.seen.iter().filter(|l| l.contains(&format!("cluster: node {name} connected"))).count();
+        assert_eq!(back, 2, "{name}: one line at start, one when it is back");
+    }
+    let stats = run_cli(&["stats"], &a.files.config()).1;
+    assert!(stats.contains("cluster_connected 1"), "{stats}");
+}
+
+#[test]
+fn garbage_in_redis_is_logged_and_ignored() {
+    let Some((redis, [mut a, b, _c])) = fleet() else { return };
+    let source = "127.0.14.8";
+    for bad in ["hello", "ban 127.0.14.8 until=tomorrow node=x", "unban 127.0.14.8", "ban 127.0.14.8 node=x\u{1}"] {
+        redis.cmd(&["PUBLISH", "mxgate:bans", bad]);
+    }
+    let logged = a.wait_for_log_once("cluster: ignored a message on the channel");
+    assert!(logged.contains("WARN"), "{logged}");
+    // a key holding garbage, and a key holding another address's ban
+    redis.cmd(&["SET", "mxgate:ban:127.0.14.8", "garbage"]);
+    redis.cmd(&["SET", "mxgate:ban:127.0.14.9", "127.0.14.10 until=2099-01-01T00:00:00Z node=x"]);
+    let mut d = Mxgate::start(&config(&redis, "d"), &[("white.list", "")], "epoll");
+    d.wait_for_log_once("cluster: ignored a ban key");
+    for m in [&a, &b, &d] {
+        for s in [source, "127.0.14.9", "127.0.14.10"] {
+            assert!(!refuses(m, s), "{s}: nothing banned by garbage");
+        }
+    }
+    // and the fleet still works
+    fail(&a, source, THRESHOLD);
+    wait_until("a real ban still propagates", || refuses(&b, source) && refuses(&d, source));
+    let stats = run_cli(&["stats"], &a.files.config()).1;
+    assert!(stats.contains("cluster_ignored 4"), "{stats}");
+}
