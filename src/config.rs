@@ -306,6 +306,7 @@ pub const READ_AT_START: &[&str] = &[
     "abuse.failure_window",
     "abuse.ban_file",
     "screen.cache_file",
+    "cluster",
     "control.socket",
     "metrics.listen",
 ];
@@ -542,6 +543,7 @@ impl Config {
             "listen.io" => self.listen.io == new.listen.io,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
             "screen.cache_file" => self.screen.cache_file == new.screen.cache_file,
+            "cluster" => self.cluster == new.cluster,
             "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,

@@ -200,6 +200,10 @@ pub fn start(
         retry_at: Instant::now(),
         batch: Batch::default(),
         last_said: Instant::now(),
+        // like the local counters', the window is the one read at start
+        window: Window::new(node.snapshots.load().config.abuse.failure_window),
+        expiring: None,
+        claimed: HashSet::default(),
     };
     // bans this node made before it (re)started are published when it connects
     for (key, ban) in abuse.own_bans(UnixTime::now()) {
@@ -451,6 +455,12 @@ struct Commands {
     batch: Batch,
     /// When the connection last said something.
     last_said: Instant,
+    window: Window,
+    /// The slot whose hash this node last set to expire (on this connection).
+    expiring: Option<u64>,
+    /// Bans this node claimed with SET NX: their key holds their line already, so their
+    /// publication is the PUBLISH alone.
+    claimed: HashSet<AbuseKey, ahash::RandomState>,
 }
 
 impl Commands {
@@ -529,6 +539,9 @@ impl Commands {
 
     fn lost(&mut self, error: &redis::RedisError) {
         self.con = None;
+        // a restarted Redis holds no claimed key, and hashes with no expiry
+        self.expiring = None;
+        self.claimed.clear();
         self.retry_at = Instant::now() + self.backoff.next();
         self.node.link.set(CMD, false, Some(error));
     }
@@ -569,12 +582,15 @@ impl Commands {
             let (names, node) = (&self.node.names, &*self.node.name);
             let channel = names.channel();
             let mut pipe = redis::pipe();
-            let (mut bans, mut unbans) = (0, 0);
+            let (mut bans, mut unbans, mut commands) = (0, 0, 0);
             for (key, ban) in &chunk {
                 match ban {
                     Some(ban) => {
                         let line = crate::abuse::file::line(*key, ban, Some(node));
-                        pipe.cmd("SET").arg(names.ban_key(*key)).arg(&line).arg("EXAT").arg(ban.until).ignore();
+                        if !self.claimed.contains(key) {
+                            pipe.cmd("SET").arg(names.ban_key(*key)).arg(&line).arg("EXAT").arg(ban.until).ignore();
+                            commands += 1;
+                        }
                         pipe.cmd("PUBLISH").arg(&channel).arg(wire::ban_message(&line)).ignore();
                         bans += 1;
                     }
@@ -582,16 +598,18 @@ impl Commands {
                         pipe.cmd("DEL").arg(names.ban_key(*key)).ignore();
                         pipe.cmd("PUBLISH").arg(&channel).arg(wire::unban_message(*key, node)).ignore();
                         unbans += 1;
+                        commands += 1;
                     }
                 }
             }
-            if self.query::<()>(&pipe, chunk.len() * 2).is_none() {
+            if self.query::<()>(&pipe, chunk.len() + commands).is_none() {
                 return; // kept: published once Redis is back
             }
             add(&self.node.stats.bans_sent, bans);
             add(&self.node.stats.unbans_sent, unbans);
             for (key, _) in &chunk {
                 self.pending.remove(key);
+                self.claimed.remove(key);
             }
         }
     }
@@ -609,7 +627,7 @@ impl Commands {
         let snapshot = self.node.snapshots.load_full();
         let config = &snapshot.config.abuse;
         let now = UnixTime::now();
-        let window = Window::new(config.failure_window);
+        let window = self.window;
         let slot = window.slot(now.0);
         let sent = self.batch.take();
         let names = &self.node.names;
@@ -619,12 +637,17 @@ impl Commands {
         for ((_, n), field) in sent.iter().zip(&fields) {
             pipe.cmd("HINCRBY").arg(&current).arg(field).arg(*n);
         }
-        pipe.cmd("EXPIRE").arg(&current).arg(window.ttl_secs()).ignore();
+        let expire = self.expiring != Some(slot);
+        if expire {
+            pipe.cmd("EXPIRE").arg(&current).arg(window.ttl_secs()).ignore();
+        }
         let earlier: Vec<u64> = window.earlier(slot).collect();
         for &s in &earlier {
             pipe.cmd("HMGET").arg(names.fails(s)).arg(&fields);
         }
-        let Some(replies) = self.query::<Vec<redis::Value>>(&pipe, sent.len() + 1 + earlier.len()) else { return };
+        let commands = sent.len() + usize::from(expire) + earlier.len();
+        let Some(replies) = self.query::<Vec<redis::Value>>(&pipe, commands) else { return };
+        self.expiring = Some(slot);
         add(&self.node.stats.failures_sent, sent.iter().map(|(_, n)| u64::from(*n)).sum());
         let mut replies = replies.into_iter();
         let now_counts: Vec<u64> =
@@ -665,6 +688,10 @@ impl Commands {
                 add(&self.node.stats.fleet_bans, 1);
                 // made as any ban: logged here, handed back to this thread, published
                 let _ = abuse.ban(key, reason, now, config);
+                let as_claimed = abuse.ban_of(key, now).is_some_and(|(k, made)| k == key && made == ban);
+                if as_claimed && self.claimed.len() < MAX_PENDING {
+                    self.claimed.insert(key);
+                }
             }
             Some((Some(theirs),)) => self.node.stored(name.as_bytes(), &theirs),
             None => {}

@@ -5,6 +5,10 @@
 //! from the moment its 500 reply arrives, reconnect until the connection is refused
 //! (`530`). Prints the latencies (µs): p50, p99, max, and the most connections one
 //! address needed after its failure (1: the first one after the failure was refused).
+//!
+//! `banlatency PORT SOURCES FIRST OBSERVE_PORT`: the refusals are awaited on another
+//! node of a fleet (`[cluster]`) listening on 127.0.0.1:OBSERVE_PORT: the time a ban
+//! takes to cross the fleet.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -25,7 +29,7 @@ fn line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     Ok(l)
 }
 
-fn probe(source: Ipv4Addr, port: u16) -> std::io::Result<(Duration, u32)> {
+fn probe(source: Ipv4Addr, port: u16, observe: u16) -> std::io::Result<(Duration, u32)> {
     let mut r = connect(source, port)?;
     if !line(&mut r)?.starts_with("220") {
         return Err(std::io::Error::other(format!("{source}: no banner (banned before it failed?)")));
@@ -41,7 +45,7 @@ fn probe(source: Ipv4Addr, port: u16) -> std::io::Result<(Duration, u32)> {
     let mut attempts = 0;
     while Instant::now() < deadline {
         attempts += 1;
-        let mut r = connect(source, port)?;
+        let mut r = connect(source, observe)?;
         if line(&mut r)?.starts_with("530") {
             return Ok((failed.elapsed(), attempts));
         }
@@ -54,15 +58,16 @@ fn main() {
     let (Some(port), Some(n)) =
         (args.next().and_then(|a| a.parse::<u16>().ok()), args.next().and_then(|a| a.parse::<u32>().ok()))
     else {
-        eprintln!("usage: banlatency PORT SOURCES");
+        eprintln!("usage: banlatency PORT SOURCES [FIRST [OBSERVE_PORT]]");
         std::process::exit(2);
     };
     let first = args.next().and_then(|a| a.parse::<u32>().ok()).unwrap_or(0);
+    let observe = args.next().and_then(|a| a.parse::<u16>().ok()).unwrap_or(port);
     let mut micros = Vec::new();
     let mut most_attempts = 0;
     for i in first..first + n.min(65_000) {
         let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 99, 0, 1)) + i);
-        match probe(source, port) {
+        match probe(source, port, observe) {
             Ok((d, attempts)) => {
                 micros.push(d.as_micros());
                 most_attempts = most_attempts.max(attempts);
