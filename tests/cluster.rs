@@ -246,3 +246,32 @@ fn garbage_in_redis_is_logged_and_ignored() {
     let stats = run_cli(&["stats"], &a.files.config()).1;
     assert!(stats.contains("cluster_ignored 4"), "{stats}");
 }
+
+#[test]
+fn over_tls_with_a_password() {
+    let Some(redis) = RedisServer::start_with(true, Some("fleet-secret")) else { return };
+    let start = |name: &str, password: &str| {
+        let config = config(&redis, name).replace("[control]", "password_file = \"redis.pass\"\n[control]");
+        let files = [("white.list", ""), ("redis.pass", password)];
+        let ca = redis.ca_file();
+        Mxgate::start_as(&config, &files, "epoll", "epoll", |c| {
+            c.env("SSL_CERT_FILE", &ca);
+        })
+    };
+    let mut a = start("a", "fleet-secret\n");
+    let mut b = start("b", "fleet-secret\n");
+    for (m, name) in [(&mut a, "a"), (&mut b, "b")] {
+        m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
+    }
+    let source = "127.0.14.11";
+    fail(&a, source, THRESHOLD);
+    wait_until("the ban crosses over TLS", || refuses(&b, source));
+    // a wrong password: the node says so, and serves alone
+    let mut c = start("c", "wrong\n");
+    let warned = c.wait_for_log_once("cluster: cannot reach Redis at 127.0.0.1:");
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(!refuses(&c, source), "c is not in the fleet");
+    fail(&c, "127.0.14.12", THRESHOLD);
+    c.wait_for_log_once("IP address 127.0.14.12 banned");
+    assert!(refuses(&c, "127.0.14.12"), "c still bans on its own");
+}
