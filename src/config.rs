@@ -306,7 +306,11 @@ pub const READ_AT_START: &[&str] = &[
     "abuse.failure_window",
     "abuse.ban_file",
     "screen.cache_file",
-    "cluster",
+    "cluster.redis",
+    "cluster.password_file",
+    "cluster.node",
+    "cluster.prefix",
+    "cluster.flush_interval",
     "control.socket",
     "metrics.listen",
 ];
@@ -537,13 +541,24 @@ impl Config {
     /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a
     /// reload leaves them as they are until the next start.
     pub fn fixed_at_start_changed(&self, new: &Config) -> Vec<&'static str> {
+        fn cluster(c: &Config) -> Option<&Cluster> {
+            c.cluster.as_ref()
+        }
         let same = |key: &str| match key {
             "listen.addresses" => self.listen.addresses == new.listen.addresses,
             "listen.threads" => self.listen.threads == new.listen.threads,
             "listen.io" => self.listen.io == new.listen.io,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
             "screen.cache_file" => self.screen.cache_file == new.screen.cache_file,
-            "cluster" => self.cluster == new.cluster,
+            "cluster.redis" => cluster(self).map(|c| &c.redis) == cluster(new).map(|c| &c.redis),
+            "cluster.password_file" => {
+                cluster(self).map(|c| &c.password_file) == cluster(new).map(|c| &c.password_file)
+            }
+            "cluster.node" => cluster(self).map(|c| &c.node) == cluster(new).map(|c| &c.node),
+            "cluster.prefix" => cluster(self).map(|c| &c.prefix) == cluster(new).map(|c| &c.prefix),
+            "cluster.flush_interval" => {
+                cluster(self).map(|c| c.flush_interval) == cluster(new).map(|c| c.flush_interval)
+            }
             "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,
@@ -789,9 +804,17 @@ fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), String> {
         (_, Some(rest)) => (true, rest),
         _ => return Err(format!("`{s}`: a redis:// or rediss:// URL")),
     };
-    if rest.contains('@') {
-        return Err("no password in the URL: give password_file".into());
-    }
+    // `user@host`: an ACL user (its password in password_file, never in the URL)
+    let rest = match rest.split_once('@') {
+        Some((user, _)) if user.contains(':') => return Err("no password in the URL: give password_file".into()),
+        Some((user, _))
+            if user.is_empty() || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
+        {
+            return Err(format!("`{user}`: not a user name"));
+        }
+        Some((_, rest)) => rest,
+        None => rest,
+    };
     let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
     let db = if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| format!("`{db}`: not a database number"))? };
     // `[v6]:port`, `[v6]`, `host:port`, `host`
@@ -924,7 +947,11 @@ mod tests {
         assert!(base.fixed_at_start_changed(&base).is_empty());
         let changed = parse(
             "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
-             failure_window = \"1m\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n",
+             failure_window = \"1m\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
+             [cluster]\nredis = \"redis://x\"\nnode = \"n\"\nprefix = \"p\"\nflush_interval = \"1s\"\n\
+             password_file = \"{}/Cargo.toml\"\n"
+                .replace("{}", env!("CARGO_MANIFEST_DIR"))
+                .as_str(),
         )
         .unwrap();
         let names = base.fixed_at_start_changed(&changed);
@@ -955,10 +982,17 @@ mod tests {
         let c = parse("[cluster]\nredis = \"redis://[::1]\"\nprefix = \"edge-1\"\n").unwrap().cluster.unwrap();
         assert_eq!((c.host.as_str(), c.port, c.db, c.prefix.as_str()), ("::1", 6379, 0, "edge-1"));
         assert!(parse("").unwrap().cluster.is_none(), "absent: a single node");
+        let c = parse("[cluster]\nredis = \"rediss://edge@10.0.0.9/1\"\n").unwrap().cluster.unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.db, c.redis.as_str()),
+            ("10.0.0.9", 1, "rediss://edge@10.0.0.9/1"),
+            "an ACL user"
+        );
         for (bad, why) in [
             ("[cluster]\nredis = \"http://x\"\n", "redis:// or rediss://"),
             ("[cluster]\nredis = \"redis://:secret@x\"\n", "password_file"),
             ("[cluster]\nredis = \"redis://x:99999\"\n", "not a port"),
+            ("[cluster]\nredis = \"redis://a b@x\"\n", "not a user name"),
             ("[cluster]\nprefix = \"a b\"\nredis = \"redis://x\"\n", "letters, digits"),
             ("[cluster]\nnode = \"n\"\n", "cluster.redis"),
         ] {

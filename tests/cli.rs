@@ -72,6 +72,45 @@ fn the_shipped_example_config_is_valid() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// `deploy/`: the fleet node's config is valid where the systemd unit and the Dockerfile
+/// put it, and names only the folders they provide.
+#[test]
+fn the_deploy_example_is_valid_and_fits_its_unit_and_container() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let read = |name: &str| std::fs::read_to_string(deploy.join(name)).expect(name);
+    let (config, unit, dockerfile) = (read("mxgate.toml"), read("mxgate.service"), read("Dockerfile"));
+    // the unit runs and checks the config where the container puts it too
+    assert!(unit.contains("ExecStart=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml\n"), "{unit}");
+    assert!(unit.contains("ExecStartPre=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml check\n"));
+    assert!(dockerfile.contains("COPY deploy/mxgate.toml /etc/mxgate/mxgate.toml\n"), "{dockerfile}");
+    for line in ["AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict", "StateDirectory=mxgate"] {
+        assert!(unit.lines().any(|l| l == line), "{line}");
+    }
+    // every path it names lies in the unit's folders: configuration (read-only), state, runtime
+    let paths: Vec<&str> = config.split('"').filter(|w| w.starts_with('/')).collect();
+    assert!(!paths.is_empty());
+    for path in &paths {
+        let folder = ["/etc/mxgate/", "/var/lib/mxgate/", "/run/mxgate/"].into_iter().find(|f| path.starts_with(f));
+        assert!(folder.is_some(), "{path} is outside the unit's folders");
+    }
+    assert!(config.contains("ban_file = \"/var/lib/mxgate/"), "the ban file in the writable state folder");
+    // valid, with its folders in a temporary one
+    let root = tempfile::tempdir().expect("a folder");
+    let at = |folder: &str| root.path().join(folder.trim_matches('/').replace('/', "-"));
+    let mut text = config.clone();
+    for folder in ["/etc/mxgate/", "/var/lib/mxgate/", "/run/mxgate/"] {
+        std::fs::create_dir(at(folder)).expect("a folder");
+        text = text.replace(folder, &format!("{}/", at(folder).display()));
+    }
+    for name in ["access.list", "whitelist.list", "redis.pass"] {
+        std::fs::write(at("/etc/mxgate/").join(name), "").expect("write");
+    }
+    let file = at("/etc/mxgate/").join("mxgate.toml");
+    std::fs::write(&file, text).expect("write");
+    let (code, out) = run_cli(&["check"], &file);
+    assert_eq!(code, 0, "{out}");
+}
+
 #[test]
 fn explain_names_the_deciding_entry() {
     let list = "deny 127.0.0.0/8\nallow 127.0.1.0/24\ndeny 127.0.1.7\n";

@@ -184,6 +184,9 @@ fn a_node_that_whitelists_an_address_keeps_serving_it() {
 #[test]
 fn without_redis_each_node_keeps_serving_and_banning_and_catches_up_after() {
     let Some((mut redis, [mut a, mut b, mut c])) = fleet() else { return };
+    let before = "127.0.14.13";
+    fail(&a, before, THRESHOLD);
+    wait_until("a ban before Redis is lost", || refuses(&c, before));
     redis.kill();
     for m in [&mut a, &mut b, &mut c] {
         let warned = m.wait_for_log_once("cluster: lost Redis at 127.0.0.1:");
@@ -209,6 +212,10 @@ fn without_redis_each_node_keeps_serving_and_banning_and_catches_up_after() {
         wait_until("a's ban reaches the others", || refuses(m, a_source));
     }
     wait_until("b's ban reaches the others", || refuses(&a, b_source) && refuses(&c, b_source));
+    // Redis came back empty: a's ban from before is written again, for nodes that start later
+    wait_until("bans in force written again", || redis.get(&format!("mxgate:ban:{before}")).is_some());
+    let d = Mxgate::start(&config(&redis, "d"), &[("white.list", "")], "epoll");
+    assert!(refuses(&d, before) && refuses(&d, a_source) && refuses(&d, b_source), "a later node has them all");
     for (m, name) in [(&mut a, "a"), (&mut b, "b"), (&mut c, "c")] {
         m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
         m.drain_log();

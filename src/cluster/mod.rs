@@ -33,7 +33,8 @@
 //! when it is back. While it is down the node gates, counts and bans as a single node:
 //! bans and lifts made meanwhile are kept (bounded) and published when the commands
 //! connection is back; failure increments are dropped (the local count stands); the
-//! subscriber loads what the others did as soon as it is back.
+//! subscriber loads what the others did as soon as it is back. On each connection the
+//! node also writes its own bans in force again (a Redis restarted empty gets them back).
 
 pub mod wire;
 
@@ -528,11 +529,33 @@ impl Commands {
                 self.backoff = Backoff::default();
                 self.last_said = Instant::now();
                 self.node.link.set(CMD, true, None);
+                self.restore();
                 true
             }
             Err(e) => {
                 self.lost(&e);
                 false
+            }
+        }
+    }
+
+    /// Writes this node's bans in force again (SET, not published: the others hold
+    /// them), those still to be published aside: a Redis restarted empty gets them back,
+    /// for nodes that start later.
+    fn restore(&mut self) {
+        let Some(abuse) = self.node.abuse.upgrade() else { return };
+        let own: Vec<(AbuseKey, Ban)> =
+            abuse.own_bans(UnixTime::now()).into_iter().filter(|(key, _)| !self.pending.contains_key(key)).collect();
+        for chunk in own.chunks(PUBLISH_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (key, ban) in chunk {
+                let line = crate::abuse::file::line(*key, ban, Some(&self.node.name));
+                pipe.cmd("SET").arg(self.node.names.ban_key(*key)).arg(line).arg("EXAT").arg(ban.until).ignore();
+            }
+            let Some(con) = self.con.as_mut() else { return };
+            add(&self.node.stats.commands, chunk.len() as u64);
+            if let Err(e) = pipe.query::<()>(con) {
+                return self.lost(&e);
             }
         }
     }
