@@ -3,8 +3,9 @@
 #  1. ban propagation: from the failing reply on node A to node B refusing the address
 #     (banlatency, failure_threshold = 1), quiet and then under a deny flood on both
 #     nodes (mxgate-loadtest deny-storm, 32 at once on each, 127.66.0.0/16 denied);
-#  2. the deny path: mxgate's CPU per denied connection with [cluster] on (Redis up, a
-#     second node connected) and off, alternating ROUNDS times; prints on/off;
+#  2. the deny path: mxgate's CPU per denied connection and denials/s with [cluster] off,
+#     on (Redis up, a second node connected) and down (Redis unreachable: nothing listens
+#     on its port, the node retrying), alternating ROUNDS times; prints on/off, down/off;
 #  3. a distributed dictionary attack: 1,000 addresses, each failing 3 times on each of
 #     three nodes (failure_threshold = 9: no node reaches it alone), then 10 times
 #     (threshold 30, the default): time from an
@@ -56,7 +57,7 @@ flood "$pb" 14 & f2=$!
 sleep 2
 echo "flood: $("$bin/banlatency" "$pa" 500 500 "$pb")"
 wait "$f1" "$f2"
-echo "flood: $(grep -h '^phase' "$d"/flood-*.out | tr -s ' ' | tr '\n' ' ')"
+for f in "$d"/flood-*.out; do echo "flood on ${f##*-}: $(grep -E '^(phase|main) ' "$f" | tr -s ' ' | tr '\n' ' ')"; done
 kill "${pids[@]:1}"; wait "${pids[@]:1}" 2>/dev/null || true; pids=("${pids[0]}")
 redis-cli -p "$redis_port" flushall > /dev/null
 fi
@@ -64,9 +65,10 @@ fi
 if [[ $parts == *2* ]]; then
 echo "== 2. deny path: mxgate CPU per denied connection, [cluster] off / on =="
 node off "$pa" 30 no; node on "$pa" 30; node peer "$pb" 30
+sed "s/127.0.0.1:$redis_port/127.0.0.1:$((redis_port + 1))/" "$d/on.toml" > "$d/down.toml"
 start peer "$pb"
 for _ in $(seq "$rounds"); do
-  for v in off on; do
+  for v in off on down; do
     MXGATE_LOG=warn "$bin/mxgate" --config "$d/$v.toml" --io "$io" & pid=$!
     wait_port "$pa"
     t0=$(ticks "$pid")
@@ -78,7 +80,10 @@ for _ in $(seq "$rounds"); do
     echo "$(per_op "$v" $((t1 - t0)) "$n" us_per_denial) denials_per_s=$((n / 5))"
   done
 done | awk '{print} {split($2, x, "="); s[$1] += x[2]; c[$1]++}
-  END {a = s["off"]/c["off"]; b = s["on"]/c["on"]; printf "mean off=%.2f on=%.2f on/off=%.3f\n", a, b, b/a}'
+  {split($3, y, "="); r[$1] += y[2]}
+  END {a = s["off"]/c["off"]; b = s["on"]/c["on"]; dn = s["down"]/c["down"];
+       printf "mean us_per_denial off=%.2f on=%.2f down=%.2f on/off=%.3f down/off=%.3f\n", a, b, dn, b/a, dn/a;
+       printf "mean denials_per_s off=%d on=%d down=%d\n", r["off"]/c["off"], r["on"]/c["on"], r["down"]/c["down"]}'
 kill "${pids[@]:1}"; wait "${pids[@]:1}" 2>/dev/null || true; pids=("${pids[0]}")
 redis-cli -p "$redis_port" flushall > /dev/null
 fi

@@ -477,27 +477,35 @@ impl Commands {
                     }
                     self.publish();
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.node.abuse.strong_count() == 0 {
-                        return;
-                    }
-                    for key in inbox.failures.try_iter().take(CHANNEL_CAP) {
-                        if !self.batch.add(key) {
-                            add(&self.node.stats.events_dropped, 1);
-                        }
-                    }
-                    self.flush();
-                    if !self.pending.is_empty() {
-                        self.publish();
-                    } else if self.con.is_some() && self.last_said.elapsed() >= IDLE_PING {
-                        self.ping();
-                    } else if self.con.is_none() {
-                        self.connected();
-                    }
-                    next_flush = (next_flush + interval).max(Instant::now());
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            // due even while bans keep coming
+            if Instant::now() >= next_flush {
+                if self.node.abuse.strong_count() == 0 {
+                    return;
+                }
+                self.tick(inbox);
+                next_flush = (next_flush + interval).max(Instant::now());
+            }
+        }
+    }
+
+    /// Every `flush_interval`: the failures to the fleet's counts, then what is owed (bans
+    /// kept while Redis was away, a PING when idle, a reconnection).
+    fn tick(&mut self, inbox: &Inbox) {
+        for key in inbox.failures.try_iter().take(CHANNEL_CAP) {
+            if !self.batch.add(key) {
+                add(&self.node.stats.events_dropped, 1);
+            }
+        }
+        self.flush();
+        if !self.pending.is_empty() {
+            self.publish();
+        } else if self.con.is_some() && self.last_said.elapsed() >= IDLE_PING {
+            self.ping();
+        } else if self.con.is_none() {
+            self.connected();
         }
     }
 
