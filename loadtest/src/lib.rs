@@ -10,13 +10,15 @@
 //! - [`scenario`]: the scenarios and the mxgate a run may start for itself;
 //! - [`report`]: the summary table and the JSON;
 //! - [`tls`]: the client side of STARTTLS and self-signed certificates;
-//! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes.
+//! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes;
+//! - [`probe`]: one blocking connection at a time, for the small measuring tools.
 
 pub mod attack;
 pub mod engine;
 pub mod peer;
 pub mod plot;
 pub mod prefixes;
+pub mod probe;
 pub mod proxy;
 pub mod report;
 pub mod scenario;

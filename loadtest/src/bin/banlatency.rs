@@ -10,24 +10,11 @@
 //! node of a fleet (`[cluster]`) listening on 127.0.0.1:OBSERVE_PORT: the time a ban
 //! takes to cross the fleet.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-fn connect(source: Ipv4Addr, port: u16) -> std::io::Result<BufReader<TcpStream>> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((source, 0)).into())?;
-    socket.connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(BufReader::new(stream))
-}
-
-fn line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    let mut l = String::new();
-    r.read_line(&mut l)?;
-    Ok(l)
-}
+use loadtest::probe::{connect, line};
 
 fn probe(source: Ipv4Addr, port: u16, observe: u16) -> std::io::Result<(Duration, u32)> {
     let mut r = connect(source, port)?;

@@ -8,26 +8,13 @@
 //! Prints the time until each address was refused by the whole fleet (ms: p50, p99,
 //! max), how many failures were made, and the attack's wall time.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn connect(source: Ipv4Addr, port: u16) -> std::io::Result<BufReader<TcpStream>> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((source, 0)).into())?;
-    socket.connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(BufReader::new(stream))
-}
-
-fn line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    let mut l = String::new();
-    r.read_line(&mut l)?;
-    Ok(l)
-}
+use loadtest::probe::{connect, line};
 
 /// One conversation failing `failures` times; when its last failing reply came.
 fn fail(source: Ipv4Addr, port: u16, failures: usize) -> std::io::Result<Instant> {
