@@ -127,8 +127,12 @@ fn check(snapshot: Result<Snapshot, Problems>) -> ExitCode {
                 println!("warning: {warning}");
             }
             let tls = if s.tls.is_some() { ", STARTTLS with its certificate" } else { "" };
+            let fleet = match &s.config.cluster {
+                Some(c) => format!(", node {} of the fleet on Redis at {}:{}", c.node, c.host, c.port),
+                None => String::new(),
+            };
             println!(
-                "{}: valid ({} access entries, {} whitelist entries, {bans} bans in the ban file{tls})",
+                "{}: valid ({} access entries, {} whitelist entries, {bans} bans in the ban file{tls}{fleet})",
                 s.config.describe(),
                 s.access.len(),
                 s.whitelist.len()

@@ -109,6 +109,7 @@ fn the_deploy_example_is_valid_and_fits_its_unit_and_container() {
     std::fs::write(&file, text).expect("write");
     let (code, out) = run_cli(&["check"], &file);
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains(", node ") && out.contains(" of the fleet on Redis at redis.internal:6380)"), "{out}");
 }
 
 #[test]
