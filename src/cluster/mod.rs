@@ -729,3 +729,32 @@ impl Commands {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerIp;
+
+    #[test]
+    fn workers_never_wait_a_full_channel_drops_and_counts() {
+        let (outbox, inbox) = channels();
+        let key = AbuseKey::new(PeerIp::new("192.0.2.1".parse().unwrap()), 64);
+        for _ in 0..CHANNEL_CAP {
+            outbox.failed(key);
+        }
+        assert_eq!(inbox.stats.events_dropped.load(Ordering::Relaxed), 0);
+        outbox.failed(key);
+        outbox.changed(Change::Lifted(key));
+        assert_eq!(inbox.failures.len(), CHANNEL_CAP, "bounded");
+        assert_eq!(inbox.changes.len(), 1, "the other channel has room");
+        assert_eq!(inbox.stats.events_dropped.load(Ordering::Relaxed), 1, "the one past the bound");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_restarts() {
+        let mut b = Backoff::default();
+        let waits: Vec<u128> = (0..7).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(Backoff::default().next(), BACKOFF_FIRST);
+    }
+}
