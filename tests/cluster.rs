@@ -282,3 +282,57 @@ fn over_tls_with_a_password() {
     c.wait_for_log_once("IP address 127.0.14.12 banned");
     assert!(refuses(&c, "127.0.14.12"), "c still bans on its own");
 }
+
+/// Bans of a /24's addresses made on different nodes add up to the prefix's escalation,
+/// and one node bans the prefix for the fleet.
+#[test]
+fn bans_across_the_nodes_escalate_the_prefix_once() {
+    let Some(redis) = RedisServer::start() else { return };
+    let start = |name: &str| {
+        let config = config(&redis, name).replace("escalate_after = 0", "escalate_after = 4");
+        let io = if name == "b" { "epoll" } else { "uring" };
+        let mut m = Mxgate::start(&config, &[("white.list", "")], io);
+        m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
+        m
+    };
+    let mut nodes = [start("a"), start("b"), start("c")];
+    // two addresses banned on a, two on b: none made four itself
+    for (i, source) in ["127.0.16.1", "127.0.16.2", "127.0.16.3", "127.0.16.4"].into_iter().enumerate() {
+        let m = &nodes[i / 2];
+        fail(m, source, THRESHOLD);
+        for other in &nodes {
+            wait_until("each ban everywhere", || refuses(other, source));
+        }
+    }
+    for m in &nodes {
+        wait_until("the /24 refused on every node", || refuses(m, "127.0.16.200"));
+    }
+    let banned = "IP address 127.0.16.0/24 banned: 4 addresses banned in the prefix";
+    wait_until("the prefix's ban logged once and taken in twice", || {
+        nodes.iter_mut().all(|m| {
+            m.drain_log();
+            m.saw(banned).is_some() || m.saw("ban from ").is_some_and(|_| m.saw(": 127.0.16.0/24 until").is_some())
+        })
+    });
+    let made = nodes.iter().filter(|m| m.saw(banned).is_some()).count();
+    assert_eq!(made, 1, "one node made the prefix's ban");
+}
+
+/// With Redis unreachable, a node escalates on its own, as a single node does, and the
+/// fleet gets the prefix's ban when Redis is back.
+#[test]
+fn without_redis_a_node_escalates_alone() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    let config = config(&redis, "a").replace("escalate_after = 0", "escalate_after = 2");
+    let mut a = Mxgate::start(&config, &[("white.list", "")], "uring");
+    a.wait_for_log_once("cluster: node a connected to Redis");
+    let b = node(&redis, "b", "");
+    redis.kill();
+    a.wait_for_log_once("cluster: lost Redis");
+    fail(&a, "127.0.17.1", THRESHOLD);
+    fail(&a, "127.0.17.2", THRESHOLD);
+    a.wait_for_log_once("IP address 127.0.17.0/24 banned: 2 addresses banned in the prefix");
+    assert!(refuses(&a, "127.0.17.200"));
+    redis.restart();
+    wait_until("the prefix's ban reaches b", || refuses(&b, "127.0.17.200"));
+}

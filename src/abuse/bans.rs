@@ -103,6 +103,11 @@ pub struct BanBook {
     /// Bans of addresses per escalation prefix, with when they were made.
     by_prefix: HashMap<AbuseKey, Vec<(AbuseKey, i64)>, ahash::RandomState>,
     set: BanSet,
+    /// In a fleet (`[cluster]`): a prefix due to escalate is not banned here but left in
+    /// `escalations` for the fleet to claim (so one node makes it), and bans taken in
+    /// from other nodes count towards it too.
+    fleet: bool,
+    escalations: Vec<(AbuseKey, u32)>,
 }
 
 impl BanBook {
@@ -124,20 +129,40 @@ impl BanBook {
         let offence = self.next_offence(key, now, config);
         let until = now.saturating_add(duration(offence, config));
         made.push((key, self.record(key, Ban { until, reason, offence, from: None })));
-        if let Some(prefix) = key.escalation()
-            && config.escalate_after > 0
-        {
-            let window = secs(config.failure_window);
-            let recent = self.by_prefix.entry(prefix).or_default();
-            recent.retain(|&(k, at)| k != key && now - at < window);
-            recent.push((key, now));
-            let distinct = recent.len() as u32;
-            if distinct >= config.escalate_after {
-                self.by_prefix.remove(&prefix);
+        if let Some((prefix, distinct)) = self.escalation_due(key, now, config) {
+            if self.fleet {
+                self.escalations.push((prefix, distinct));
+            } else {
                 made.extend(self.ban(prefix, Reason::Escalated(distinct), now, config));
             }
         }
         made
+    }
+
+    /// Counts `key`'s ban towards its prefix's escalation: the prefix and how many of its
+    /// addresses were banned within `failure_window`, when that reaches `escalate_after`.
+    fn escalation_due(&mut self, key: AbuseKey, now: i64, config: &AbuseConfig) -> Option<(AbuseKey, u32)> {
+        let prefix = key.escalation().filter(|_| config.escalate_after > 0)?;
+        let window = secs(config.failure_window);
+        let recent = self.by_prefix.entry(prefix).or_default();
+        recent.retain(|&(k, at)| k != key && now - at < window);
+        recent.push((key, now));
+        let distinct = recent.len() as u32;
+        if distinct < config.escalate_after {
+            return None;
+        }
+        self.by_prefix.remove(&prefix);
+        Some((prefix, distinct))
+    }
+
+    /// Makes this book a fleet node's (see `escalations`).
+    pub fn in_fleet(&mut self) {
+        self.fleet = true;
+    }
+
+    /// The prefixes due to escalate since the last call, for the fleet to claim.
+    pub fn take_escalations(&mut self) -> Vec<(AbuseKey, u32)> {
+        std::mem::take(&mut self.escalations)
     }
 
     /// Bans `key` as the operator says: until `until`, or for the next offence's
@@ -204,8 +229,8 @@ impl BanBook {
     }
 
     /// Takes in a ban another node made: put in force unless one in force here ends as
-    /// late or later. Whether it was taken in.
-    pub fn adopt(&mut self, key: AbuseKey, ban: Ban, now: i64) -> bool {
+    /// late or later; it counts towards its prefix's escalation. Whether it was taken in.
+    pub fn adopt(&mut self, key: AbuseKey, ban: Ban, now: i64, config: &AbuseConfig) -> bool {
         if ban.until <= now || self.bans.get(&key).is_some_and(|b| b.until >= ban.until) {
             return false;
         }
@@ -213,6 +238,9 @@ impl BanBook {
             return false;
         }
         self.restore(key, ban);
+        if let Some(due) = self.escalation_due(key, now, config) {
+            self.escalations.push(due);
+        }
         true
     }
 
@@ -379,6 +407,26 @@ mod tests {
         }
         assert!(book.set().banned(key("2001:db8:1:ff::1"), T0).is_some());
         assert_eq!(book.set().banned(key("2001:db8:2::1"), T0), None);
+    }
+
+    #[test]
+    fn in_a_fleet_escalation_is_left_to_claim_and_counts_bans_taken_in() {
+        let c = config(); // escalate_after = 8
+        let mut book = BanBook::default();
+        book.in_fleet();
+        for i in 1..=4 {
+            assert_eq!(book.ban(key(&format!("192.0.2.{i}")), Reason::Failures(30), T0, &c).len(), 1);
+        }
+        let theirs = || Ban { until: T0 + 600, reason: Reason::Failures(30), offence: 1, from: Some("b".into()) };
+        for i in 5..=7 {
+            assert!(book.adopt(key(&format!("192.0.2.{i}")), theirs(), T0, &c));
+        }
+        assert!(book.take_escalations().is_empty());
+        assert!(!book.adopt(key("192.0.2.7"), theirs(), T0, &c), "in force already: not counted twice");
+        assert!(book.adopt(key("192.0.2.8"), theirs(), T0, &c));
+        assert_eq!(book.take_escalations(), [(key("192.0.2.8").escalation().unwrap(), 8)], "the eighth: due");
+        assert_eq!(book.set().banned(key("192.0.2.200"), T0), None, "not banned here: the fleet claims it");
+        assert!(book.take_escalations().is_empty(), "said once");
     }
 
     #[test]

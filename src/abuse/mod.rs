@@ -38,9 +38,11 @@ pub use counters::FailureCounters;
 /// thread is told afterwards, and a housekeeping thread drops bans that ended.
 ///
 /// With `[cluster]`, the fleet's threads are told too (never waited for: see
-/// [`crate::cluster`]): each ban made here, each lift, each failure counted. They bring
-/// back what other nodes did through [`Abuse::adopt`] and [`Abuse::lift_from`], and ban
-/// through [`Abuse::ban`] when the fleet's count crosses the threshold.
+/// [`crate::cluster`]): each ban made here, each lift, each failure counted, and each
+/// prefix due to escalate (counting the bans taken in: the fleet claims the prefix's ban
+/// so that one node makes it). They bring back what other nodes did through
+/// [`Abuse::adopt`] and [`Abuse::lift_from`], and ban through [`Abuse::ban`] when the
+/// fleet's count crosses the threshold or a claim is won.
 pub struct Abuse {
     pub counters: FailureCounters,
     pub connections: Arc<Connections>,
@@ -62,6 +64,9 @@ impl Abuse {
         let snapshot = snapshots.load_full();
         let config = &snapshot.config.abuse;
         let mut book = BanBook::default();
+        if fleet.is_some() {
+            book.in_fleet();
+        }
         let changes = match &config.ban_file {
             Some(path) => {
                 let restored = file::load(path, UnixTime::now());
@@ -128,14 +133,15 @@ impl Abuse {
         if config.shadow {
             return Some(reason);
         }
-        let made = {
+        let (made, escalations) = {
             let mut book = self.book();
             let made = book.ban(key, reason, now.0, config);
             if !made.is_empty() {
                 self.bans.store(Arc::new(book.set()));
             }
-            made
+            (made, book.take_escalations())
         };
+        self.tell_fleet_escalations(escalations);
         for (key, ban) in made {
             // a ban for other reasons still tells how often the address failed
             let counted = match ban.reason {
@@ -161,16 +167,17 @@ impl Abuse {
 
     /// Puts in force a ban another node of the fleet made (`ban.from`), unless one here
     /// ends as late or later; logged and written to the ban file, not handed back to the
-    /// fleet. Whether it was taken in.
-    pub fn adopt(&self, key: AbuseKey, ban: Ban, now: UnixTime) -> bool {
-        let adopted = {
+    /// fleet (but a prefix it makes due to escalate is). Whether it was taken in.
+    pub fn adopt(&self, key: AbuseKey, ban: Ban, now: UnixTime, config: &AbuseConfig) -> bool {
+        let (adopted, escalations) = {
             let mut book = self.book();
-            let adopted = book.adopt(key, ban.clone(), now.0);
+            let adopted = book.adopt(key, ban.clone(), now.0, config);
             if adopted {
                 self.bans.store(Arc::new(book.set()));
             }
-            adopted
+            (adopted, book.take_escalations())
         };
+        self.tell_fleet_escalations(escalations);
         if adopted {
             let node = ban.from.as_deref().unwrap_or("?");
             tracing::info!("ban from {node}: {key} until {}", UnixTime(ban.until).rfc3339());
@@ -270,6 +277,15 @@ impl Abuse {
     fn tell_fleet(&self, change: Change) {
         if let Some(fleet) = &self.fleet {
             fleet.changed(change);
+        }
+    }
+
+    /// Prefixes due to escalate, for the fleet to claim (only a fleet's book has any).
+    fn tell_fleet_escalations(&self, due: Vec<(AbuseKey, u32)>) {
+        if let Some(fleet) = &self.fleet {
+            for (prefix, distinct) in due {
+                fleet.escalate(prefix, distinct);
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //!  workers ── Abuse::ban / impose / lift ──try_send──► changes ──┐
+//!             (and the prefixes due to escalate)                 │
 //!  workers ── Abuse::failed ───────────────try_send──► failures ─┤
 //!                                                                ▼
 //!  mxgate-cluster (commands): a change at once: SET the ban key (EXAT its end) or DEL
@@ -13,6 +14,8 @@
 //!      slot's hash by each address's increment, HMGET the window's earlier slots. Where
 //!      this node's increment carried the fleet's count to the threshold: SET NX GET the
 //!      ban key: won, Abuse::ban (published as any ban); lost, the winner's ban adopted.
+//!      A prefix due to escalate (its addresses' bans, made here or taken in, counted)
+//!      is claimed the same way, so that one node bans it.
 //!
 //!  Redis ──► mxgate-cluster-sub: SUBSCRIBE, then SCAN the ban keys in force, then each
 //!      message: a ban, Abuse::adopt (never one covering an address whitelisted here);
@@ -92,10 +95,20 @@ fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// What the commands thread is told at once.
+#[derive(Debug)]
+enum Event {
+    /// A ban made here or lifted here.
+    Change(Change),
+    /// A prefix due to escalate (this many of its addresses banned in the fleet): to be
+    /// claimed, so that one node bans it.
+    Escalate(AbuseKey, u32),
+}
+
 /// The workers' side: hands events to the fleet's threads, never waiting.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    changes: Sender<Change>,
+    changes: Sender<Event>,
     failures: Sender<AbuseKey>,
     stats: Arc<Stats>,
 }
@@ -103,7 +116,16 @@ pub struct Outbox {
 impl Outbox {
     /// A ban made here or lifted here (adopted bans are not handed back).
     pub fn changed(&self, change: Change) {
-        if self.changes.try_send(change).is_err() {
+        self.send(Event::Change(change));
+    }
+
+    /// A prefix due to escalate, counting the bans taken in from the fleet.
+    pub fn escalate(&self, prefix: AbuseKey, distinct: u32) {
+        self.send(Event::Escalate(prefix, distinct));
+    }
+
+    fn send(&self, event: Event) {
+        if self.changes.try_send(event).is_err() {
             add(&self.stats.events_dropped, 1);
         }
     }
@@ -119,7 +141,7 @@ impl Outbox {
 
 /// The fleet's threads' side of the channels.
 pub struct Inbox {
-    changes: Receiver<Change>,
+    changes: Receiver<Event>,
     failures: Receiver<AbuseKey>,
     stats: Arc<Stats>,
 }
@@ -380,7 +402,8 @@ impl Node {
             }
             return;
         }
-        if abuse.adopt(key, ban, UnixTime::now()) {
+        let snapshot = self.snapshots.load();
+        if abuse.adopt(key, ban, UnixTime::now(), &snapshot.config.abuse) {
             add(&self.stats.bans_received, 1);
         }
     }
@@ -471,11 +494,18 @@ impl Commands {
         let mut next_flush = Instant::now() + interval;
         loop {
             match inbox.changes.recv_deadline(next_flush) {
-                Ok(change) => {
-                    for change in std::iter::once(change).chain(inbox.changes.try_iter().take(CHANNEL_CAP)) {
-                        self.keep(change);
+                Ok(event) => {
+                    let mut escalations = Vec::new();
+                    for event in std::iter::once(event).chain(inbox.changes.try_iter().take(CHANNEL_CAP)) {
+                        match event {
+                            Event::Change(change) => self.keep(change),
+                            Event::Escalate(prefix, distinct) => escalations.push((prefix, distinct)),
+                        }
                     }
                     self.publish();
+                    for (prefix, distinct) in escalations {
+                        self.escalate(prefix, distinct);
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -689,33 +719,59 @@ impl Commands {
                 slot.into_iter().map(Option::unwrap_or_default).collect()
             })
             .collect();
+        let Some(abuse) = self.node.abuse.upgrade() else { return };
         for (key, total) in wire::crossed(&sent, &now_counts, &earlier_counts, config.failure_threshold) {
-            self.claim(key, total, now, config);
+            // banned already, or this node's own count reached the threshold: it banned
+            // locally then (a ban the operator may since have lifted)
+            if abuse.banned(key, now).is_some() || abuse.counters.count(key, now.0) >= config.failure_threshold {
+                continue;
+            }
+            if config.shadow {
+                tracing::info!("shadow: would ban {key}: {total} failures across the fleet");
+                continue;
+            }
+            self.claim(&abuse, key, Reason::FleetFailures(total), now, config);
         }
     }
 
-    /// This node's increment carried `key` to the threshold: it bans, unless another node
-    /// got there first (the ban key exists: that ban is taken in instead). Where this
-    /// node's count alone reached the threshold, the local ban was made then.
-    fn claim(&mut self, key: AbuseKey, total: u32, now: UnixTime, config: &crate::config::Abuse) {
+    /// A prefix is due to escalate: claimed like a ban the fleet's count made, so that
+    /// one node bans it; with Redis unreachable, this node bans it as a single node would.
+    fn escalate(&mut self, prefix: AbuseKey, distinct: u32) {
         let Some(abuse) = self.node.abuse.upgrade() else { return };
-        // banned already, or this node's own count reached the threshold: it banned
-        // locally then (a ban the operator may since have lifted)
-        if abuse.banned(key, now).is_some() || abuse.counters.count(key, now.0) >= config.failure_threshold {
+        let snapshot = self.node.snapshots.load_full();
+        let config = &snapshot.config.abuse;
+        let now = UnixTime::now();
+        if abuse.banned(prefix, now).is_some() {
             return;
         }
+        let reason = Reason::Escalated(distinct);
         if config.shadow {
-            tracing::info!("shadow: would ban {key}: {total} failures across the fleet");
+            tracing::info!("shadow: would ban {prefix}: {reason}");
             return;
         }
-        let reason = Reason::FleetFailures(total);
+        if self.claim(&abuse, prefix, reason.clone(), now, config).is_none() {
+            let _ = abuse.ban(prefix, reason, now, config); // kept, published when Redis is back
+        }
+    }
+
+    /// Claims the ban of `key` in Redis (SET NX GET on its key) and makes it when this
+    /// node got it first; takes in the winner's ban otherwise. Whether this node made it;
+    /// `None` when Redis did not answer.
+    fn claim(
+        &mut self,
+        abuse: &Abuse,
+        key: AbuseKey,
+        reason: Reason,
+        now: UnixTime,
+        config: &crate::config::Abuse,
+    ) -> Option<bool> {
         let ban = abuse.preview(key, reason.clone(), now, config);
         let line = crate::abuse::file::line(key, &ban, Some(&self.node.name));
         let name = self.node.names.ban_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(&name).arg(&line).arg("NX").arg("GET").arg("EXAT").arg(ban.until);
-        match self.query::<(Option<Vec<u8>>,)>(&pipe, 1) {
-            Some((None,)) => {
+        match self.query::<(Option<Vec<u8>>,)>(&pipe, 1)? {
+            (None,) => {
                 add(&self.node.stats.fleet_bans, 1);
                 // made as any ban: logged here, handed back to this thread, published
                 let _ = abuse.ban(key, reason, now, config);
@@ -723,9 +779,12 @@ impl Commands {
                 if as_claimed && self.claimed.len() < MAX_PENDING {
                     self.claimed.insert(key);
                 }
+                Some(true)
             }
-            Some((Some(theirs),)) => self.node.stored(name.as_bytes(), &theirs),
-            None => {}
+            (Some(theirs),) => {
+                self.node.stored(name.as_bytes(), &theirs);
+                Some(false)
+            }
         }
     }
 }
