@@ -46,13 +46,7 @@ impl Shared {
         let cache_file = snapshot.config.screen.cache_file.clone();
         let cluster_config = snapshot.config.cluster.clone();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
-        let (outbox, inbox) = match &cluster_config {
-            Some(_) => {
-                let (outbox, inbox) = crate::cluster::channels();
-                (Some(outbox), Some(inbox))
-            }
-            None => (None, None),
-        };
+        let (outbox, inbox) = cluster_config.as_ref().map(|_| crate::cluster::channels()).unzip();
         let abuse = Abuse::start(Arc::clone(&snapshot), outbox)?;
         let cluster = match (&cluster_config, inbox) {
             (Some(config), Some(inbox)) => Some(crate::cluster::start(config, inbox, &abuse, Arc::clone(&snapshot))?),

@@ -27,8 +27,13 @@ fn config(redis: &RedisServer, node: &str) -> String {
 
 /// Node `name` of the fleet, whitelisting `white`, once it is connected to Redis.
 fn node(redis: &RedisServer, name: &str, white: &str) -> Mxgate {
+    node_with(&config(redis, name), name, white)
+}
+
+/// Node `name` on `config` (b on epoll, the others on io_uring), once it is connected.
+fn node_with(config: &str, name: &str, white: &str) -> Mxgate {
     let io = if name == "b" { "epoll" } else { "uring" };
-    let mut m = Mxgate::start(&config(redis, name), &[("white.list", white)], io);
+    let mut m = Mxgate::start(config, &[("white.list", white)], io);
     m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
     m
 }
@@ -288,13 +293,8 @@ fn over_tls_with_a_password() {
 #[test]
 fn bans_across_the_nodes_escalate_the_prefix_once() {
     let Some(redis) = RedisServer::start() else { return };
-    let start = |name: &str| {
-        let config = config(&redis, name).replace("escalate_after = 0", "escalate_after = 4");
-        let io = if name == "b" { "epoll" } else { "uring" };
-        let mut m = Mxgate::start(&config, &[("white.list", "")], io);
-        m.wait_for_log_once(&format!("cluster: node {name} connected to Redis"));
-        m
-    };
+    let start =
+        |name: &str| node_with(&config(&redis, name).replace("escalate_after = 0", "escalate_after = 4"), name, "");
     let mut nodes = [start("a"), start("b"), start("c")];
     // two addresses banned on a, two on b: none made four itself
     for (i, source) in ["127.0.16.1", "127.0.16.2", "127.0.16.3", "127.0.16.4"].into_iter().enumerate() {
@@ -323,9 +323,7 @@ fn bans_across_the_nodes_escalate_the_prefix_once() {
 #[test]
 fn without_redis_a_node_escalates_alone() {
     let Some(mut redis) = RedisServer::start() else { return };
-    let config = config(&redis, "a").replace("escalate_after = 0", "escalate_after = 2");
-    let mut a = Mxgate::start(&config, &[("white.list", "")], "uring");
-    a.wait_for_log_once("cluster: node a connected to Redis");
+    let mut a = node_with(&config(&redis, "a").replace("escalate_after = 0", "escalate_after = 2"), "a", "");
     let b = node(&redis, "b", "");
     redis.kill();
     a.wait_for_log_once("cluster: lost Redis");

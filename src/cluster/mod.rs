@@ -390,8 +390,9 @@ impl Node {
     /// covers an address this node whitelists.
     fn take_in(&self, key: AbuseKey, ban: Ban) {
         let Some(abuse) = self.abuse.upgrade() else { return };
-        let node = ban.from.clone().unwrap_or_else(|| "?".into());
-        if self.whitelists(key) {
+        let snapshot = self.snapshots.load();
+        if whitelists(&snapshot.whitelist, key) {
+            let node = ban.from.as_deref().unwrap_or("?");
             add(&self.stats.ignored, 1);
             let mut said = self.whitelisted_said.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if said.len() >= MAX_SAID {
@@ -402,18 +403,14 @@ impl Node {
             }
             return;
         }
-        let snapshot = self.snapshots.load();
         if abuse.adopt(key, ban, UnixTime::now(), &snapshot.config.abuse) {
             add(&self.stats.bans_received, 1);
         }
     }
 
-    /// Whether this node's whitelist holds an address the ban on `key` covers.
-    fn whitelists(&self, key: AbuseKey) -> bool {
-        let snapshot = self.snapshots.load();
-        let net = key.net();
-        snapshot.whitelist.action(net.addr()) == Action::Allow
-            || snapshot.whitelist.rules().iter().any(|r| r.action == Action::Allow && net.contains(&r.net))
+    /// The line this node writes for its own ban of `key` (in Redis, on the channel).
+    fn line(&self, key: AbuseKey, ban: &Ban) -> String {
+        crate::abuse::file::line(key, ban, Some(&self.name))
     }
 
     /// A line that does not read: counted, logged at most once a second, skipped.
@@ -424,6 +421,13 @@ impl Node {
             tracing::warn!("cluster: ignored {what}: {why}");
         }
     }
+}
+
+/// Whether `whitelist` holds an address the ban on `key` covers.
+fn whitelists(whitelist: &crate::access::AccessList, key: AbuseKey) -> bool {
+    let net = key.net();
+    whitelist.action(net.addr()) == Action::Allow
+        || whitelist.rules().iter().any(|r| r.action == Action::Allow && net.contains(&r.net))
 }
 
 /// The subscriber thread: (re)connects, subscribes, loads the bans in force, then takes
@@ -587,7 +591,7 @@ impl Commands {
         for chunk in own.chunks(PUBLISH_CHUNK) {
             let mut pipe = redis::pipe();
             for (key, ban) in chunk {
-                let line = crate::abuse::file::line(*key, ban, Some(&self.node.name));
+                let line = self.node.line(*key, ban);
                 pipe.cmd("SET").arg(self.node.names.ban_key(*key)).arg(line).arg("EXAT").arg(ban.until).ignore();
             }
             let Some(con) = self.con.as_mut() else { return };
@@ -647,7 +651,7 @@ impl Commands {
             for (key, ban) in &chunk {
                 match ban {
                     Some(ban) => {
-                        let line = crate::abuse::file::line(*key, ban, Some(node));
+                        let line = self.node.line(*key, ban);
                         if !self.claimed.contains(key) {
                             pipe.cmd("SET").arg(names.ban_key(*key)).arg(&line).arg("EXAT").arg(ban.until).ignore();
                             commands += 1;
@@ -766,7 +770,7 @@ impl Commands {
         config: &crate::config::Abuse,
     ) -> Option<bool> {
         let ban = abuse.preview(key, reason.clone(), now, config);
-        let line = crate::abuse::file::line(key, &ban, Some(&self.node.name));
+        let line = self.node.line(key, &ban);
         let name = self.node.names.ban_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(&name).arg(&line).arg("NX").arg("GET").arg("EXAT").arg(ban.until);

@@ -1,7 +1,6 @@
 //! A real `redis-server` (Debian's package) on a free loopback port, with no persistence:
 //! killed when dropped, and killable and restartable on the same port.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use super::{unused_port, wait_until};
@@ -121,10 +120,6 @@ impl RedisServer {
             redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
             _ => None,
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
