@@ -159,6 +159,21 @@ fn smuggling_reaches_nothing(io: &str) {
     assert!(!hop.commands().iter().any(|c| c.contains("evil")));
 }
 
+fn a_nul_in_the_body_is_refused_and_reaches_nothing(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.9");
+    // CRLF NUL "." CRLF: the end of data to a next hop that drops NULs
+    let body = b"Subject: a\r\n\r\nhi\r\n\0.\r\nMAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@example.com>\r\n\
+                 DATA\r\nevil\r\n.\r\n";
+    assert_eq!(transaction(&mut s, "", body), "554 5.6.0 message refused: NUL in the body\r\n");
+    assert!(transaction(&mut s, "", b"clean\r\n.\r\n").starts_with("250 2.0.0"));
+    let messages = hop.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    assert!(!messages[0].content().contains(&0), "a NUL reached the next hop");
+    assert!(!hop.commands().iter().any(|c| c.contains("evil")));
+}
+
 fn improper_pipelining_is_refused_and_closed(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
     let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
@@ -275,6 +290,7 @@ for_both_drivers!(
     a_hundred_messages_reuse_one_connection,
     sessions_reuse_pooled_connections,
     smuggling_reaches_nothing,
+    a_nul_in_the_body_is_refused_and_reaches_nothing,
     improper_pipelining_is_refused_and_closed,
     relay_is_refused_for_other_domains,
     random_bodies_survive_byte_exact,

@@ -13,7 +13,9 @@
 //!   └─ Cr ── LF: the CRLF goes out
 //! ```
 //!
-//! A bare CR or bare LF anywhere, or more than the size limit, faults the message: from
+//! A bare CR or bare LF anywhere, a NUL (RFC 5321 §4.1.1.4 and RFC 6152 allow none: a
+//! next hop that drops NULs would read CRLF NUL "." CRLF as the end), or more than the
+//! size limit, faults the message: from
 //! then on nothing more goes out, and the filter only looks for the end so that the
 //! session stays in sync. Every byte is checked before it goes out: a CR is held until
 //! its LF is seen and a leading dot until the next byte, so the next hop never receives
@@ -24,6 +26,8 @@
 pub enum Fault {
     /// A CR not followed by LF, or an LF not preceded by CR.
     BareLineEnd,
+    /// A NUL octet.
+    Nul,
     /// More content than the size limit.
     TooBig,
 }
@@ -61,8 +65,8 @@ impl BodyFilter {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Middle {
-                // fast path: everything up to the next CR or LF is plain content
-                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                // fast path: everything up to the next CR, LF or NUL is plain content
+                let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                 self.content(&input[i..i + run], out);
                 i += run;
                 if i == input.len() {
@@ -72,6 +76,11 @@ impl BodyFilter {
             let b = input[i];
             i += 1;
             self.state = match (self.state, b) {
+                (state, 0) => {
+                    let cr_pending = matches!(state, State::Cr | State::DotCr);
+                    self.fault.get_or_insert(if cr_pending { Fault::BareLineEnd } else { Fault::Nul });
+                    State::Middle
+                }
                 (State::LineStart, b'.') => State::DotStart,
                 (State::DotStart, b'\r') => State::DotCr,
                 (State::DotCr, b'\n') => {
@@ -204,8 +213,8 @@ pub(crate) mod tests {
         b"\r\r\n.\r\r\n",
     ];
 
-    /// None of the smuggling sequences ends the data, each except the two with NUL
-    /// faults the message, and what follows is never seen as commands.
+    /// None of the smuggling sequences ends the data, each faults the message, and what
+    /// follows is never seen as commands.
     #[test]
     fn only_crlf_dot_crlf_ends_data() {
         let tricks = SMUGGLING_TRICKS;
@@ -218,12 +227,25 @@ pub(crate) mod tests {
             for chunk in [1, 3, 4096] {
                 let (out, end, fault) = run(&body, chunk, u64::MAX);
                 assert_eq!(end, Some(body.len()), "{trick:?}: only the real end ends the data");
-                let expect_fault = !matches!(*trick, b"\r\n\0.\r\n" | b"\r\n.\0\r\n");
-                assert_eq!(fault.is_some(), expect_fault, "{trick:?} chunk {chunk}");
+                let nul = trick.contains(&0);
+                let want = if nul { Fault::Nul } else { Fault::BareLineEnd };
+                assert_eq!(fault, Some(want), "{trick:?} chunk {chunk}");
                 assert!(only_crlf(&out), "bare line end sent for {trick:?}");
                 assert!(!out.windows(5).any(|w| w == b"\r\n.\r\n"), "{trick:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_nul_anywhere_faults_the_message_and_nothing_after_it_goes_out() {
+        for body in [&b"a\0b\r\n.\r\n"[..], b"\0\r\n.\r\n", b"ab\r\n.\0\r\n.\r\n", b"x\r\n\0"] {
+            for chunk in [1, 2, 4096] {
+                let (out, _, fault) = run(body, chunk, u64::MAX);
+                assert_eq!(fault, Some(Fault::Nul), "{body:?} chunk {chunk}");
+                assert!(!out.contains(&0), "{body:?}: a NUL went out");
+            }
+        }
+        assert_eq!(run(b"a\0b\r\n.\r\n", 3, u64::MAX).1, Some(8), "the end is still found");
     }
 
     #[test]

@@ -484,6 +484,10 @@ impl Session {
                 self.reply(BARE_LINE_END);
                 self.end_transaction(Outcome::Refused { code: 554, why: "bare CR or LF in the body" }, now);
             }
+            (Some(Fault::Nul), _) => {
+                self.reply(NUL_IN_BODY);
+                self.end_transaction(Outcome::Refused { code: 554, why: "NUL in the body" }, now);
+            }
             (Some(Fault::TooBig), _) => {
                 self.reply(TOO_BIG);
                 self.end_transaction(Outcome::Refused { code: 552, why: "message too big" }, now);

@@ -33,6 +33,7 @@ pub const RCPT_OK: &[u8] = b"250 2.1.5 recipient OK\r\n";
 pub const GO_AHEAD: &[u8] = b"354 end data with <CR><LF>.<CR><LF>\r\n";
 pub const NO_8BIT: &[u8] = b"555 5.3.3 8BITMIME or SMTPUTF8 mail cannot be relayed now\r\n";
 pub const BARE_LINE_END: &[u8] = b"554 5.6.0 message refused: bare CR or LF in the body\r\n";
+pub const NUL_IN_BODY: &[u8] = b"554 5.6.0 message refused: NUL in the body\r\n";
 /// Before the banner, past `max_connections_per_ip`.
 pub const TOO_MANY_FROM_ADDRESS: &[u8] = b"421 4.7.0 too many connections from your address\r\n";
 /// Before the banner, past `listen.max_connections`.

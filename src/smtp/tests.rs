@@ -564,15 +564,10 @@ fn smuggled_ends_of_data_never_end_the_data() {
         );
         body.extend_from_slice(b"\r\n.\r\n");
         let reply = h.deliver("user@example.com", &body);
-        let bare = !matches!(*trick, b"\r\n\0.\r\n" | b"\r\n.\0\r\n");
-        if bare {
-            assert_eq!(reply, "554 5.6.0 message refused: bare CR or LF in the body\r\n", "{trick:?}");
-            assert!(h.hop.messages.is_empty(), "{trick:?}: the next hop must get no message");
-            assert_eq!(h.closed, 1, "{trick:?}: the next hop's connection is dropped without a final dot");
-        } else {
-            assert!(reply.starts_with("250 2.0.0"), "{trick:?}: {reply}");
-            assert_eq!(h.hop.messages.len(), 1);
-        }
+        let why = if trick.contains(&0) { "NUL" } else { "bare CR or LF" };
+        assert_eq!(reply, format!("554 5.6.0 message refused: {why} in the body\r\n"), "{trick:?}");
+        assert!(h.hop.messages.is_empty(), "{trick:?}: the next hop must get no message");
+        assert_eq!(h.closed, 1, "{trick:?}: the next hop's connection is dropped without a final dot");
         assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("MAIL")).count(), 1, "{trick:?}: one MAIL only");
         // still in sync: the next command is a command
         assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n", "{trick:?}");
