@@ -334,3 +334,29 @@ fn without_redis_a_node_escalates_alone() {
     redis.restart();
     wait_until("the prefix's ban reaches b", || refuses(&b, "127.0.17.200"));
 }
+
+/// A shadow node counts towards the fleet but never claims (issue 19): its flush may be
+/// the one that carries the count to the threshold, and the next failure on an enforcing
+/// node then bans.
+#[test]
+fn a_shadow_node_crossing_the_threshold_leaves_the_ban_to_an_enforcing_node() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut a = node(&redis, "a", "");
+    let mut b =
+        node_with(&config(&redis, "b").replace("escalate_after = 0", "escalate_after = 0\nshadow = true"), "b", "");
+    let source = "127.0.18.1";
+    let sent = |m: &Mxgate| {
+        let (_, out) = run_cli(&["stats"], &m.files.config());
+        out.lines().find_map(|l| l.strip_prefix("cluster_failures_sent ")?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    fail(&a, source, 2);
+    wait_until("a's two failures in Redis", || sent(&a) == 2);
+    fail(&b, source, THRESHOLD - 2);
+    b.wait_for_log_once(&format!("shadow: would ban {source}: {THRESHOLD} failures across the fleet"));
+    assert!(!refuses(&a, source) && !refuses(&b, source), "nobody banned it yet");
+    fail(&a, source, 1);
+    a.wait_for_log_once(&format!("IP address {source} banned: {} failures across the fleet", THRESHOLD + 1));
+    assert!(refuses(&a, source));
+    b.drain_log();
+    assert!(b.saw(&format!("IP address {source} banned")).is_none(), "the shadow node made no ban");
+}

@@ -12,8 +12,9 @@
 //!  mxgate-cluster (commands): a change at once: SET the ban key (EXAT its end) or DEL
 //!      it, and PUBLISH on the channel. Every flush_interval, one pipeline: HINCRBY this
 //!      slot's hash by each address's increment, HMGET the window's earlier slots. Where
-//!      this node's increment carried the fleet's count to the threshold: SET NX GET the
-//!      ban key: won, Abuse::ban (published as any ban); lost, the winner's ban adopted.
+//!      the fleet's count is at the threshold (whichever node's increment carried it
+//!      there) and no ban is in force here: SET NX GET the ban key: won, Abuse::ban
+//!      (published as any ban); lost, the winner's ban adopted. A shadow node only logs.
 //!      A prefix due to escalate (its addresses' bans, made here or taken in, counted)
 //!      is claimed the same way, so that one node bans it.
 //!
@@ -679,8 +680,9 @@ impl Commands {
         }
     }
 
-    /// Adds this node's increments to the fleet's counts; bans where they crossed the
-    /// threshold.
+    /// Adds this node's increments to the fleet's counts; bans where the fleet's count is
+    /// at the threshold, whichever node's increment carried it there (a shadow node's
+    /// flush may have, and it bans nothing).
     fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
@@ -724,14 +726,19 @@ impl Commands {
             })
             .collect();
         let Some(abuse) = self.node.abuse.upgrade() else { return };
-        for (key, total) in wire::crossed(&sent, &now_counts, &earlier_counts, config.failure_threshold) {
+        for wire::Reached { key, total, crossed } in
+            wire::reached(&sent, &now_counts, &earlier_counts, config.failure_threshold)
+        {
             // banned already, or this node's own count reached the threshold: it banned
             // locally then (a ban the operator may since have lifted)
             if abuse.banned(key, now).is_some() || abuse.counters.count(key, now.0) >= config.failure_threshold {
                 continue;
             }
             if config.shadow {
-                tracing::info!("shadow: would ban {key}: {total} failures across the fleet");
+                // counted, never claimed: an enforcing node's next flush bans it
+                if crossed {
+                    tracing::info!("shadow: would ban {key}: {total} failures across the fleet");
+                }
                 continue;
             }
             self.claim(&abuse, key, Reason::FleetFailures(total), now, config);

@@ -180,26 +180,37 @@ impl Batch {
     }
 }
 
-/// The addresses whose fleet-wide count this flush carried to `threshold` or past it,
-/// with their counts: those where the count without this node's increment was below.
-/// `now_counts[i]` is the count in the current slot after `sent[i]`'s increment,
-/// `earlier[s][i]` the count in the `s`th earlier slot.
-pub fn crossed(
-    sent: &[(AbuseKey, u32)],
-    now_counts: &[u64],
-    earlier: &[Vec<u64>],
-    threshold: u32,
-) -> Vec<(AbuseKey, u32)> {
+/// The addresses of this flush whose fleet-wide count is at `threshold` or past it, with
+/// their counts and whether this node's increment carried it there (the count without it
+/// was below). `now_counts[i]` is the count in the current slot after `sent[i]`'s
+/// increment, `earlier[s][i]` the count in the `s`th earlier slot. Counts from Redis are
+/// added with saturation: whoever can write to Redis cannot make them wrap.
+pub fn reached(sent: &[(AbuseKey, u32)], now_counts: &[u64], earlier: &[Vec<u64>], threshold: u32) -> Vec<Reached> {
     let threshold = u64::from(threshold);
     sent.iter()
         .enumerate()
         .filter_map(|(i, &(key, n))| {
-            let total = now_counts.get(i).copied().unwrap_or(0)
-                + earlier.iter().map(|slot| slot.get(i).copied().unwrap_or(0)).sum::<u64>();
+            let total = earlier
+                .iter()
+                .map(|slot| slot.get(i).copied().unwrap_or(0))
+                .fold(now_counts.get(i).copied().unwrap_or(0), u64::saturating_add);
             let before = total.saturating_sub(u64::from(n));
-            (before < threshold && total >= threshold).then(|| (key, u32::try_from(total).unwrap_or(u32::MAX)))
+            (total >= threshold).then(|| Reached {
+                key,
+                total: u32::try_from(total).unwrap_or(u32::MAX),
+                crossed: before < threshold,
+            })
         })
         .collect()
+}
+
+/// An address whose fleet-wide count is at the threshold or past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reached {
+    pub key: AbuseKey,
+    pub total: u32,
+    /// This node's increment carried the count to the threshold.
+    pub crossed: bool,
 }
 
 #[cfg(test)]
@@ -269,15 +280,21 @@ mod tests {
     }
 
     #[test]
-    fn one_flush_crosses_once() {
+    fn a_flush_reports_every_count_at_the_threshold_and_which_it_crossed() {
         let (a, b, c) = (key("192.0.2.1"), key("192.0.2.2"), key("192.0.2.3"));
         let sent = [(a, 2), (b, 1), (c, 1)];
-        // a: 2 here + 3 elsewhere = 5 (was 3): crossed; b: 6 before this one: already
-        // past (another node crossed); c: 2 in all
+        // a: 2 here + 3 elsewhere = 5 (was 3): crossed here; b: 6 before this one: past
+        // it already (another node's flush crossed it, a shadow node's perhaps); c: 2 in all
         let now_counts = [4, 5, 2];
         let earlier = vec![vec![1, 2, 0]];
-        assert_eq!(crossed(&sent, &now_counts, &earlier, 5), [(a, 5)]);
-        assert_eq!(crossed(&sent, &now_counts, &earlier, 8), []);
+        assert_eq!(
+            reached(&sent, &now_counts, &earlier, 5),
+            [Reached { key: a, total: 5, crossed: true }, Reached { key: b, total: 7, crossed: false }]
+        );
+        assert_eq!(reached(&sent, &now_counts, &earlier, 8), []);
+        // counts written into Redis by someone else cannot wrap the sum
+        let huge = reached(&[(a, 1)], &[u64::MAX], &[vec![u64::MAX]], 5);
+        assert_eq!(huge, [Reached { key: a, total: u32::MAX, crossed: false }]);
     }
 
     #[test]
