@@ -140,6 +140,8 @@ pub struct Abuse {
     pub ban_file: Option<PathBuf>,
     pub failure_threshold: u32,
     pub failure_window: Duration,
+    /// Bytes for the failure counters' table of failing keys (read at start).
+    pub counter_memory: u64,
     pub ban_duration: Duration,
     pub max_ban_duration: Duration,
     pub ipv6_prefix: u8,
@@ -252,6 +254,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("abuse", "ban_on_drop"),
     ("abuse", "failure_threshold"),
     ("abuse", "failure_window"),
+    ("abuse", "counter_memory"),
     ("abuse", "ban_duration"),
     ("abuse", "max_ban_duration"),
     ("abuse", "ipv6_prefix"),
@@ -304,6 +307,7 @@ pub const READ_AT_START: &[&str] = &[
     "listen.threads",
     "listen.io",
     "abuse.failure_window",
+    "abuse.counter_memory",
     "abuse.ban_file",
     "screen.cache_file",
     "cluster.redis",
@@ -408,6 +412,9 @@ impl Config {
             failure_threshold: r.value(t, "abuse", "failure_threshold", |v| int_in(v, 1, 1_000_000)).unwrap_or(30)
                 as u32,
             failure_window: r.value(t, "abuse", "failure_window", duration).unwrap_or(Duration::from_secs(600)),
+            counter_memory: r
+                .value(t, "abuse", "counter_memory", |v| size_in(v, COUNTER_MEMORY_MIN, COUNTER_MEMORY_MAX))
+                .unwrap_or(COUNTER_MEMORY_DEFAULT),
             ban_duration: r.value(t, "abuse", "ban_duration", duration).unwrap_or(Duration::from_secs(3600)),
             max_ban_duration: r
                 .value(t, "abuse", "max_ban_duration", duration)
@@ -560,6 +567,7 @@ impl Config {
                 cluster(self).map(|c| c.flush_interval) == cluster(new).map(|c| c.flush_interval)
             }
             "abuse.failure_window" => self.abuse.failure_window == new.abuse.failure_window,
+            "abuse.counter_memory" => self.abuse.counter_memory == new.abuse.counter_memory,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,
             other => unreachable!("READ_AT_START names {other}, which is not compared here"),
@@ -779,6 +787,28 @@ fn size(v: &Value<'_>) -> Result<u64, String> {
     parse_size(str_of(v)?).and_then(|s| if s == 0 { Err("must be larger than zero".into()) } else { Ok(s) })
 }
 
+/// A size from `min` to `max` bytes.
+fn size_in(v: &Value<'_>, min: u64, max: u64) -> Result<u64, String> {
+    let s = parse_size(str_of(v)?)?;
+    if (min..=max).contains(&s) { Ok(s) } else { Err(format!("must be from {} to {}", show_size(min), show_size(max))) }
+}
+
+/// `64MiB`, `1GiB`: a size as written in the config file (whole units only).
+fn show_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}B"),
+    }
+}
+
+/// `[abuse] counter_memory`: 64 MiB holds 1,677,720 failing keys (40 bytes each), room for
+/// a million addresses failing within one window at 60 % of the table.
+pub const COUNTER_MEMORY_DEFAULT: u64 = 64 << 20;
+const COUNTER_MEMORY_MIN: u64 = 1 << 20;
+const COUNTER_MEMORY_MAX: u64 = 64 << 30;
+
 /// An array of strings, each converted; the first bad element is named.
 fn list_of<T>(v: &Value<'_>, convert: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
     let DeValue::Array(items) = v.get_ref() else {
@@ -947,7 +977,7 @@ mod tests {
         assert!(base.fixed_at_start_changed(&base).is_empty());
         let changed = parse(
             "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
-             failure_window = \"1m\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
+             failure_window = \"1m\"\ncounter_memory = \"2MiB\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
              [cluster]\nredis = \"redis://x\"\nnode = \"n\"\nprefix = \"p\"\nflush_interval = \"1s\"\n\
              password_file = \"{}/Cargo.toml\"\n"
                 .replace("{}", env!("CARGO_MANIFEST_DIR"))

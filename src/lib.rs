@@ -8,6 +8,7 @@
 //! - [`snapshot`]: config and lists loaded as one immutable value ([`config`], [`access`]).
 //! - [`abuse`]: failure counters, bans, connection counts; [`stats`]: what the workers did.
 //! - [`cluster`]: the fleet: bans and failure counts shared with other nodes via Redis.
+//! - [`statefile`]: the files mxgate writes (ban file, screening cache), atomically and privately.
 
 pub mod abuse;
 pub mod access;
@@ -28,6 +29,7 @@ pub mod shadow;
 pub mod shared;
 pub mod smtp;
 pub mod snapshot;
+pub mod statefile;
 pub mod stats;
 pub mod template;
 pub mod tls;

@@ -163,6 +163,7 @@ fn write_passes(path: &Path, mut kept: HashMap<IpAddr, i64>, rx: &std::sync::mps
         }
     };
     let mut dirty = false;
+    let mut failing = crate::statefile::Failing::default();
     // the first pass is written at once; later ones at most every FLUSH_EVERY
     let mut written = Instant::now().checked_sub(FLUSH_EVERY).unwrap_or_else(Instant::now);
     loop {
@@ -186,10 +187,8 @@ fn write_passes(path: &Path, mut kept: HashMap<IpAddr, i64>, rx: &std::sync::mps
             for (ip, until) in &kept {
                 let _ = writeln!(text, "{ip} {until}");
             }
-            match crate::abuse::file::write_atomically(path, &text) {
-                Ok(()) => dirty = false,
-                Err(e) => tracing::error!("cannot write the screening cache {}: {e}", path.display()),
-            }
+            let outcome = crate::statefile::write(path, text.as_bytes());
+            dirty = failing.report("the screening cache", path, outcome, "passes stay remembered in memory");
             written = Instant::now();
         }
         if closed {

@@ -106,6 +106,7 @@ impl Shared {
         lines.extend([
             ("connections_open", u64::from(self.abuse.connections.total()), true),
             ("bans_in_force", self.abuse.bans_count(now) as u64, true),
+            ("failure_keys_evicted", self.abuse.counters.evictions(), false),
             ("reloads", self.reloads.load(Ordering::Relaxed), false),
         ]);
         if let Some(cluster) = &self.cluster {

@@ -86,6 +86,8 @@ fn bans_survive_kill_9(io: &str) {
     wait_until("the ban written", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.5.5 until=")));
     let text = std::fs::read_to_string(&file).expect("the ban file");
     assert!(text.contains("reason=\"2 failures\" offence=1"), "{text}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).expect("the ban file").permissions());
+    assert_eq!(mode & 0o777, 0o600, "private whatever the umask (the test runs under 022)");
     let m = m.kill_and_restart(io);
     assert!(m.saw("1 bans in force restored").is_some());
     assert_denied(&m, "127.0.5.5", 0);
@@ -255,6 +257,30 @@ fn shadow_bans_are_logged_never_made(io: &str) {
     let (code, out) = run_cli(&["ban", "127.0.5.21"], &m.files.config());
     assert_eq!(code, 0, "{out}");
     assert_denied(&m, "127.0.5.21", 0);
+}
+
+/// A spread attack (issue 19): 15,000 addresses each failing twice with a threshold of 3,
+/// in counters holding 26,208 keys (1 MiB): none of them is banned (nor, by escalation,
+/// their /24s), nor any of 500 fresh addresses failing once, and every one of 50 abusers
+/// (each in a /24 of its own) failing 3 times is. (The count-min sketch this replaced
+/// banned about one in seven of each.)
+#[test]
+fn a_spread_attack_bans_nobody_below_the_threshold() {
+    use loadtest::spread::{Range, attack, count_refused};
+    use std::net::Ipv4Addr;
+    let config = config("failure_threshold = 3\ncounter_memory = \"1MiB\"\n") + "[control]\nsocket = \"mxgate.sock\"\n";
+    let m = Mxgate::start(&config, &[("white.list", "")], "uring");
+    let port = m.addr().port();
+    let range = |a, b, stride, count| Range { first: Ipv4Addr::new(127, a, b, 0), stride, count };
+    let (attackers, fresh, abusers) = (range(16, 0, 1, 15_000), range(200, 0, 1, 500), range(220, 0, 256, 50));
+    assert_eq!(attack(attackers, 2, port, 8).expect("the attack"), 0, "an attacker met a ban");
+    assert_eq!(attack(fresh, 1, port, 8).expect("the fresh addresses"), 0);
+    assert_eq!(attack(abusers, 3, port, 8).expect("the abusers"), 0);
+    assert_eq!(count_refused(abusers, port, 8).expect("the abusers asked again"), 50);
+    // 50 bans in force: the abusers', and nobody else's
+    let (code, out) = run_cli(&["stats"], &m.files.config());
+    assert!(code == 0 && out.contains("bans_in_force 50\n"), "{out}");
+    assert_eq!(count_refused(fresh, port, 8).expect("the fresh addresses asked again"), 0);
 }
 
 for_both_drivers!(

@@ -161,6 +161,8 @@ fn passes_are_kept_across_a_restart(io: &str) {
     common::wait_until("the pass is written", || {
         std::fs::read_to_string(&file).is_ok_and(|t| t.starts_with("127.0.6.40 "))
     });
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).expect("the cache").permissions());
+    assert_eq!(mode & 0o777, 0o600, "the cache names senders: private whatever the umask");
     m = m.kill_and_restart(io);
     let mut s = connect_from("127.0.6.40", m.addr());
     assert_eq!(read_replies(&mut s, 1), BANNER, "remembered after the restart");

@@ -49,7 +49,7 @@ fn every_connection_and_transaction_is_counted(io: &str) {
                     failures 1\nconversations_dropped 0\ngone_before_judged 0\ntls_handshakes 0\ntls_handshakes_failed 0\n\
                     refused_proxy_header 0\nscreen_passed 0\npregreet_failed 0\ndnsbl_blocked 0\ndns_timeouts 0\ndns_failures 0\n\
                     shadow_would_deny 0\nshadow_would_ban 0\n\
-                    connections_open 0\nbans_in_force 0\nreloads 0\n";
+                    connections_open 0\nbans_in_force 0\nfailure_keys_evicted 0\nreloads 0\n";
     assert_eq!(counts(&m), expected);
     assert_eq!(hop.messages().len(), 1);
 

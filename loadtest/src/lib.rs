@@ -11,7 +11,8 @@
 //! - [`report`]: the summary table and the JSON;
 //! - [`tls`]: the client side of STARTTLS and self-signed certificates;
 //! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes;
-//! - [`probe`]: one blocking connection at a time, for the small measuring tools.
+//! - [`probe`]: one blocking connection at a time, for the small measuring tools;
+//!   [`spread`]: an attack spread over many addresses, each below the threshold.
 
 pub mod attack;
 pub mod engine;
@@ -24,4 +25,5 @@ pub mod report;
 pub mod scenario;
 pub mod sink;
 pub mod sources;
+pub mod spread;
 pub mod tls;

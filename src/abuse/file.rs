@@ -10,12 +10,12 @@
 //! `node=` names the fleet node that made a ban (`[cluster]`); absent: made here. The
 //! same line is what the fleet's Redis holds and publishes.
 //!
-//! It is written whole and atomically (temporary file, fsync, rename, fsync of the
-//! folder), so a crash leaves the old file or the new one, never a mix.
+//! It is written whole, atomically and privately by [`crate::statefile`], so a crash
+//! leaves the old file or the new one, never a mix.
 
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::{self, Write as _};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{AbuseKey, Ban, Reason};
@@ -142,23 +142,6 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
-/// Writes `text` to `path` atomically: a temporary file beside it, fsync, rename over
-/// it, fsync of the folder.
-pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
-}
-
 /// The bans in force in the file at `path` at `now`. A missing file has none; a file
 /// that cannot be read as bans is moved aside to `<name>.corrupt-<unix time>` (so the
 /// next write does not lose what an operator may want back) and has none.
@@ -273,7 +256,7 @@ mod tests {
             (key("192.0.2.1"), Ban { until: T0 + 10, reason: Reason::Dropped, offence: 1, from: None }),
             (key("192.0.2.2"), Ban { until: T0 - 10, reason: Reason::Dropped, offence: 1, from: None }),
         ];
-        write_atomically(&path, &render(bans.iter().map(|(k, b)| (k, b)))).unwrap();
+        crate::statefile::write(&path, render(bans.iter().map(|(k, b)| (k, b))).as_bytes()).unwrap();
         let loaded = load(&path, UnixTime(T0));
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].0, key("192.0.2.1"));

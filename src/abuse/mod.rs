@@ -88,7 +88,7 @@ impl Abuse {
         };
         let (alive, dropped) = crossbeam_channel::bounded(0);
         let abuse = Arc::new(Abuse {
-            counters: FailureCounters::new(config.failure_window),
+            counters: FailureCounters::new(config.failure_window, config.counter_memory),
             connections: Arc::default(),
             bans: ArcSwap::from_pointee(book.set()),
             book: Mutex::new(book),
@@ -320,10 +320,25 @@ pub enum Change {
 }
 
 /// The ban-file writer: applies the bans made and lifted, in batches, and rewrites the
-/// file after each batch (bans that ended are left out).
+/// file after each batch (bans that ended are left out). A write that fails (a full disk)
+/// is one error line; the bans stay in force in memory and the write is tried again
+/// every [`RETRY_WRITE`] until it succeeds.
 fn persist(path: &Path, changes: &Receiver<Change>, mut records: Records) {
-    while let Ok(first) = changes.recv() {
-        for change in std::iter::once(first).chain(changes.try_iter()) {
+    let mut failing = crate::statefile::Failing::default();
+    loop {
+        let first = if failing.is_failing() {
+            match changes.recv_timeout(RETRY_WRITE) {
+                Ok(change) => Some(change),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match changes.recv() {
+                Ok(change) => Some(change),
+                Err(_) => return,
+            }
+        };
+        for change in first.into_iter().chain(changes.try_iter()) {
             match change {
                 Change::Made(key, ban) => records.insert(key, ban),
                 Change::Lifted(key) => records.remove(&key),
@@ -331,11 +346,13 @@ fn persist(path: &Path, changes: &Receiver<Change>, mut records: Records) {
         }
         let now = UnixTime::now();
         records.retain(|_, b| b.until > now.0);
-        if let Err(e) = file::write_atomically(path, &file::render(records.iter())) {
-            tracing::error!("cannot write the ban file {}: {e}; bans stay in force in memory", path.display());
-        }
+        let written = crate::statefile::write(path, file::render(records.iter()).as_bytes());
+        failing.report("the ban file", path, written, "bans stay in force in memory");
     }
 }
+
+/// How soon a ban file that could not be written is tried again.
+const RETRY_WRITE: Duration = Duration::from_secs(5);
 
 /// What failures are counted and bans are made against: an IPv4 address, or the IPv6
 /// prefix of `[abuse] ipv6_prefix` bits holding the address (one host may hold a whole
