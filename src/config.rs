@@ -415,9 +415,9 @@ impl Config {
             counter_memory: r
                 .value(t, "abuse", "counter_memory", |v| size_in(v, COUNTER_MEMORY_MIN, COUNTER_MEMORY_MAX))
                 .unwrap_or(COUNTER_MEMORY_DEFAULT),
-            ban_duration: r.value(t, "abuse", "ban_duration", duration).unwrap_or(Duration::from_secs(3600)),
+            ban_duration: r.value(t, "abuse", "ban_duration", ban_duration).unwrap_or(Duration::from_secs(3600)),
             max_ban_duration: r
-                .value(t, "abuse", "max_ban_duration", duration)
+                .value(t, "abuse", "max_ban_duration", ban_duration)
                 .unwrap_or(Duration::from_secs(7 * 86_400)),
             ipv6_prefix: r.value(t, "abuse", "ipv6_prefix", |v| int_in(v, 1, 128)).unwrap_or(64) as u8,
             escalate_after: r.value(t, "abuse", "escalate_after", |v| int_in(v, 0, 65_536)).unwrap_or(8) as u32,
@@ -777,6 +777,10 @@ fn int_in(v: &Value<'_>, min: i64, max: i64) -> Result<i64, String> {
 
 fn duration(v: &Value<'_>) -> Result<Duration, String> {
     parse_duration(str_of(v)?)
+}
+
+fn ban_duration(v: &Value<'_>) -> Result<Duration, String> {
+    crate::units::parse_ban_duration(str_of(v)?)
 }
 
 fn positive_duration(v: &Value<'_>) -> Result<Duration, String> {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::abuse::AbuseKey;
+use crate::abuse::bans::MAX_BAN_SECS;
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
 use crate::shared::Shared;
@@ -154,13 +155,17 @@ fn reload(shared: &Shared) -> String {
     }
 }
 
-/// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`.
+/// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`, at most
+/// [`MAX_BAN_SECS`] (100 years).
 fn ban(shared: &Shared, args: &str) -> String {
     let mut words = args.trim().splitn(3, ' ');
     let (Some(Ok(ip)), Some(Ok(secs))) = (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>))
     else {
         return "error: expected `ban IP SECONDS REASON`\n".to_owned();
     };
+    if !(0..=MAX_BAN_SECS).contains(&secs) {
+        return format!("error: SECONDS must be from 0 to {MAX_BAN_SECS} (100 years)\n");
+    }
     let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the operator");
     let snapshot = shared.snapshot();
     let peer = PeerIp::new(ip);

@@ -47,9 +47,9 @@ enum Command {
     Ban {
         /// An IPv4 or IPv6 address (IPv6: its `ipv6_prefix` is banned).
         ip: IpAddr,
-        /// How long (e.g. `2h`, `7d`); without it, `ban_duration` doubled for each
-        /// remembered offence, as for automatic bans.
-        #[arg(long = "for", value_name = "DURATION", value_parser = mxgate::units::parse_duration)]
+        /// How long (e.g. `2h`, `7d`; at most `36525d`, 100 years); without it,
+        /// `ban_duration` doubled for each remembered offence, as for automatic bans.
+        #[arg(long = "for", value_name = "DURATION", value_parser = mxgate::units::parse_ban_duration)]
         duration: Option<std::time::Duration>,
         /// Why, as the log and the ban file will say.
         #[arg(long, value_name = "TEXT")]

@@ -18,6 +18,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     d.ok_or_else(|| format!("`{text}` is too long a duration"))
 }
 
+/// A ban's length: a duration of at most the longest ban (100 years, `36525d`).
+pub fn parse_ban_duration(text: &str) -> Result<Duration, String> {
+    let max = crate::abuse::bans::MAX_BAN_SECS;
+    let d = parse_duration(text)?;
+    if d.as_secs() > max as u64 {
+        return Err(format!("`{text}` is longer than the longest ban ({}d, 100 years)", max / 86_400));
+    }
+    Ok(d)
+}
+
 /// Parses `<integer>[unit]` with unit `B`, `KiB`, `MiB` or `GiB` (no unit: bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let hint = || format!("`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`");
@@ -53,6 +63,15 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         for bad in ["", "10", "m", "1.5h", "-1s", "10 minutes", "10M", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn ban_durations_stop_at_a_hundred_years() {
+        assert_eq!(parse_ban_duration("36525d"), Ok(Duration::from_secs(3_155_760_000)));
+        for long in ["36526d", "100000000d"] {
+            let e = parse_ban_duration(long).unwrap_err();
+            assert!(e.contains("longer than the longest ban (36525d, 100 years)"), "{e}");
         }
     }
 

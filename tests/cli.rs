@@ -38,6 +38,35 @@ fn check_names_config_keys_with_their_lines() {
     assert!(out.contains("mxgate.toml:3: listen.io: "), "{out}");
 }
 
+/// Impossible numbers are named with their line (issue 19): they used to pass, and their
+/// arithmetic wrapped in release builds.
+#[test]
+fn check_refuses_impossible_ban_ends_and_offences() {
+    let file_with = |line: &str| {
+        let bans = format!("192.0.2.7 until=2030-01-01T00:00:00Z\n{line}\n");
+        Files::new("[abuse]\nban_file = \"bans.list\"\n", &[("bans.list", &bans)])
+    };
+    for (line, why) in [
+        ("192.0.2.8 until=99999999-01-01T00:00:00Z", "until: `99999999-01-01T00:00:00Z` is not an RFC 3339 UTC time"),
+        (
+            "192.0.2.9 until=2030-01-01T00:00:00Z offence=4294967295",
+            "offence: `4294967295` is not a number from 1 to 1000",
+        ),
+    ] {
+        let f = file_with(line);
+        let (code, out) = run_cli(&["check"], &f.config());
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(&format!("{}:2: {why}", f.path("bans.list").display())), "{out}");
+    }
+    let long = Files::new("[abuse]\nban_duration = \"36526d\"\n", &[]);
+    let out = run_cli(&["check"], &long.config()).1;
+    assert!(out.contains("abuse.ban_duration: `36526d` is longer than the longest ban (36525d, 100 years)"), "{out}");
+    // the command line refuses a ban past 100 years before asking anything
+    let (code, out) = run_cli(&["ban", "192.0.2.88", "--for", "100000000d"], &long.config());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("longer than the longest ban"), "{out}");
+}
+
 #[test]
 fn check_accepts_a_good_config() {
     let f = Files::new(

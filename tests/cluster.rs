@@ -360,3 +360,58 @@ fn a_shadow_node_crossing_the_threshold_leaves_the_ban_to_an_enforcing_node() {
     b.drain_log();
     assert!(b.saw(&format!("IP address {source} banned")).is_none(), "the shadow node made no ban");
 }
+
+/// A command Redis refuses (here an ACL user without PUBLISH) drops its batch with one
+/// warning: the connection is kept, the batch's other commands took effect, and later
+/// batches are not held behind it (issue 19: one refused command used to stop everything
+/// else reaching the fleet, retried for ever).
+#[test]
+fn a_command_redis_refuses_drops_its_batch_never_the_connection() {
+    let Some(redis) = RedisServer::start() else { return };
+    redis.cmd(&["ACL", "SETUSER", "nopublish", "on", ">pw", "~*", "&*", "+@all", "-publish"]);
+    let config = config(&redis, "a")
+        .replace("redis://127.0.0.1", "redis://nopublish@127.0.0.1")
+        .replace("[control]", "password_file = \"redis.pass\"\n[control]");
+    let mut a = Mxgate::start(&config, &[("white.list", ""), ("redis.pass", "pw\n")], "uring");
+    a.wait_for_log_once("cluster: node a connected to Redis");
+    for source in ["127.0.19.1", "127.0.19.2", "127.0.19.3"] {
+        fail(&a, source, THRESHOLD);
+        wait_until("the ban's key set in Redis", || redis.get(&format!("mxgate:ban:{source}")).is_some());
+    }
+    let stats = run_cli(&["stats"], &a.files.config()).1;
+    let refused = stats.lines().find_map(|l| l.strip_prefix("cluster_commands_refused ")?.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 3) && stats.contains("cluster_connected 1\n"), "{stats}");
+    a.drain_log();
+    let warnings = a.seen.iter().filter(|l| l.contains("cluster: Redis refused a command")).count();
+    assert_eq!(warnings, 1, "one warning a minute");
+    assert!(a.saw("cluster: lost Redis").is_none(), "the connection was kept");
+}
+
+/// The least ACL README's "Running a fleet" recommends is enough: a node under it
+/// connects, shares a ban and lifts it, and nothing is refused.
+#[test]
+fn a_node_runs_under_the_acl_the_readme_recommends() {
+    let Some(redis) = RedisServer::start() else { return };
+    let readme = include_str!("../README.md");
+    let acl = readme.lines().find(|l| l.starts_with("ACL SETUSER mxgate ")).expect("the ACL in the README");
+    let mut words: Vec<&str> = acl.split_whitespace().collect();
+    let secret = words.iter().position(|w| *w == ">SECRET").expect(">SECRET");
+    words[secret] = ">pw";
+    redis.cmd(&words);
+    let config = config(&redis, "a")
+        .replace("redis://127.0.0.1", "redis://mxgate@127.0.0.1")
+        .replace("[control]", "password_file = \"redis.pass\"\n[control]");
+    let mut a = Mxgate::start(&config, &[("white.list", ""), ("redis.pass", "pw\n")], "uring");
+    a.wait_for_log_once("cluster: node a connected to Redis");
+    let b = node(&redis, "b", "");
+    let source = "127.0.19.9";
+    fail(&a, source, THRESHOLD);
+    wait_until("the ban reaches b", || refuses(&b, source));
+    let (code, out) = run_cli(&["unban", source], &a.files.config());
+    assert_eq!(code, 0, "{out}");
+    wait_until("the lift reaches b", || !refuses(&b, source));
+    let stats = run_cli(&["stats"], &a.files.config()).1;
+    assert!(stats.contains("cluster_commands_refused 0\n") && stats.contains("cluster_connected 1\n"), "{stats}");
+    a.drain_log();
+    assert!(a.saw("cluster: lost Redis").is_none() && a.saw("refused").is_none());
+}

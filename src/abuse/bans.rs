@@ -17,6 +17,16 @@ use crate::config::Abuse as AbuseConfig;
 /// are remembered for at most as many addresses.
 pub const MAX_BANS: usize = 1_000_000;
 
+/// The longest a ban lasts: 100 years (36,525 days). A ban asked for longer (by the
+/// operator, a ban file, another node) ends then; durations in the configuration and on
+/// the command line are refused past it.
+pub const MAX_BAN_SECS: i64 = 36_525 * 86_400;
+
+/// The latest a ban made or taken in at `now` may end.
+pub fn latest_end(now: i64) -> i64 {
+    now.saturating_add(MAX_BAN_SECS)
+}
+
 /// Why an address was banned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -181,7 +191,7 @@ impl BanBook {
             _ if self.bans.len() >= MAX_BANS => return None,
             _ => self.next_offence(key, now, config),
         };
-        let until = until.unwrap_or_else(|| now.saturating_add(duration(offence, config)));
+        let until = until.unwrap_or_else(|| now.saturating_add(duration(offence, config))).min(latest_end(now));
         Some(self.record(key, Ban { until, reason, offence, from: None }))
     }
 
@@ -206,7 +216,7 @@ impl BanBook {
     /// are remembered.
     fn next_offence(&self, key: AbuseKey, now: i64, config: &AbuseConfig) -> u32 {
         match self.offences.get(&key) {
-            Some(&(n, ended)) if now < ended.saturating_add(secs(config.max_ban_duration)) => n + 1,
+            Some(&(n, ended)) if now < ended.saturating_add(secs(config.max_ban_duration)) => n.saturating_add(1),
             _ => 1,
         }
     }
@@ -231,6 +241,7 @@ impl BanBook {
     /// Takes in a ban another node made: put in force unless one in force here ends as
     /// late or later; it counts towards its prefix's escalation. Whether it was taken in.
     pub fn adopt(&mut self, key: AbuseKey, ban: Ban, now: i64, config: &AbuseConfig) -> bool {
+        let ban = Ban { until: ban.until.min(latest_end(now)), ..ban };
         if ban.until <= now || self.bans.get(&key).is_some_and(|b| b.until >= ban.until) {
             return false;
         }
@@ -321,6 +332,22 @@ mod tests {
 
     fn key(ip: &str) -> AbuseKey {
         AbuseKey::new(PeerIp::new(ip.parse().unwrap()), 64)
+    }
+
+    #[test]
+    fn no_ban_outlasts_a_hundred_years_whoever_asks() {
+        let c = config();
+        let mut book = BanBook::default();
+        let latest = T0 + MAX_BAN_SECS;
+        let imposed = book.impose(key("192.0.2.1"), Reason::Dropped, Some(i64::MAX), T0, &c).unwrap();
+        assert_eq!(imposed.until, latest, "the operator's");
+        let theirs = Ban { until: i64::MAX, reason: Reason::Dropped, offence: u32::MAX, from: Some("b".into()) };
+        assert!(book.adopt(key("192.0.2.2"), theirs, T0, &c));
+        assert_eq!(book.get(key("192.0.2.2")).map(|b| b.until), Some(latest), "another node's");
+        // an offence number at its limit does not wrap: the next is still the longest ban
+        book.expire(latest + 1, &c);
+        let next = one(book.ban(key("192.0.2.2"), Reason::Failures(30), latest + 1, &c));
+        assert_eq!((next.offence, next.until), (u32::MAX, latest + 1 + 5 * 3600));
     }
 
     #[test]

@@ -23,6 +23,10 @@ use crate::access::list::parse_net;
 use crate::datetime::UnixTime;
 use crate::problem::Problem;
 
+/// The highest offence number a ban file or the fleet may give: a ban's length stops
+/// doubling long before (at `max_ban_duration`).
+pub const MAX_OFFENCE: u32 = 1000;
+
 const HEADER: &str = "# mxgate bans: written by mxgate, read at start. One ban a line:\n\
                       # PREFIX until=RFC3339 reason=\"TEXT\" offence=N\n";
 
@@ -88,8 +92,18 @@ pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
         };
         let word = &value[..value_end];
         match name {
-            "until" => until = Some(parse_rfc3339(word).ok_or_else(|| format!("until: `{word}` is not RFC 3339"))?),
-            "offence" => offence = word.parse().map_err(|_| format!("offence: `{word}` is not a number"))?,
+            "until" => {
+                until = Some(parse_rfc3339(word).ok_or_else(|| {
+                    format!("until: `{word}` is not an RFC 3339 UTC time from 1970 to 9999 (e.g. 2030-01-01T00:00:00Z)")
+                })?);
+            }
+            "offence" => {
+                offence = word
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_OFFENCE).contains(n))
+                    .ok_or_else(|| format!("offence: `{word}` is not a number from 1 to {MAX_OFFENCE}"))?;
+            }
             "node" if crate::config::valid_node_name(word) => from = Some(word.into()),
             "node" => return Err(format!("node: `{word}` is not a node name")),
             "reason" if reason.is_some() => {}
@@ -116,10 +130,14 @@ fn unquote(s: &str) -> Option<(String, usize)> {
     None
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` (or `+00:00`) as seconds since the epoch.
+/// `YYYY-MM-DDTHH:MM:SSZ` (or `+00:00`) as seconds since the epoch, 1970 to 9999.
 fn parse_rfc3339(s: &str) -> Option<i64> {
     let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
     let (date, time) = s.split_once(['T', 't'])?;
+    let four_digit_year = date.split('-').next().is_some_and(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()));
+    if !four_digit_year || date < "1970" {
+        return None;
+    }
     let mut d = date.split('-').map(str::parse::<i64>);
     let (year, month, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.split(':').map(str::parse::<i64>);
@@ -155,7 +173,11 @@ pub fn load(path: &Path, now: UnixTime) -> Vec<(AbuseKey, Ban)> {
         }
     };
     match parse(&text, path) {
-        Ok(bans) => bans.into_iter().filter(|(_, b)| b.until > now.0).collect(),
+        Ok(bans) => bans
+            .into_iter()
+            .filter(|(_, b)| b.until > now.0)
+            .map(|(k, b)| (k, Ban { until: b.until.min(super::bans::latest_end(now.0)), ..b }))
+            .collect(),
         Err(problem) => {
             let aside = corrupt_name(path, now);
             match fs::rename(path, &aside) {
@@ -226,7 +248,12 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named() {
-        let bad: [&[u8]; 6] = [
+        let bad: [&[u8]; 11] = [
+            b"192.0.2.7 until=99999999-01-01T00:00:00Z\n",
+            b"192.0.2.7 until=+2030-01-01T00:00:00Z\n",
+            b"192.0.2.7 until=1969-12-31T23:59:59Z\n",
+            b"192.0.2.7 until=2030-01-01T00:00:00Z offence=4294967295\n",
+            b"192.0.2.7 until=2030-01-01T00:00:00Z offence=0\n",
             b"192.0.2.7 until=2030-01-01T00:00:00Z node=a/b\n",
             b"192.0.2.7 reason=\"x\"\n",
             b"192.0.2.7 until=yesterday\n",
@@ -238,6 +265,16 @@ mod tests {
             let e = parse(&[b"# ok\n".as_slice(), text].concat(), Path::new("bans.list")).unwrap_err();
             assert!(e.to_string().starts_with("bans.list:2: "), "{e}");
         }
+    }
+
+    #[test]
+    fn a_ban_ending_after_the_longest_ban_is_cut_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bans.list");
+        fs::write(&path, "192.0.2.1 until=9999-12-31T23:59:59Z offence=1000\n").unwrap();
+        let loaded = load(&path, UnixTime(T0));
+        assert_eq!(loaded[0].1.until, T0 + super::super::bans::MAX_BAN_SECS);
+        assert_eq!(loaded[0].1.offence, 1000);
     }
 
     #[test]

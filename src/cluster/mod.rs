@@ -75,6 +75,10 @@ const MAX_PENDING: usize = 100_000;
 const START_WAIT: Duration = Duration::from_secs(3);
 /// Commands in one pipeline when publishing kept bans.
 const PUBLISH_CHUNK: usize = 1000;
+/// SCAN rounds of 1,000 keys when taking in the bans: a database of 100 million keys
+/// (SCAN visits every key, MATCH filters after), far more than a fleet's keys.
+const MAX_SCAN_ROUNDS: usize = 100_000;
+
 /// Addresses whose "whitelisted here" was logged (then forgotten all at once).
 const MAX_SAID: usize = 4096;
 
@@ -90,6 +94,8 @@ pub struct Stats {
     ignored: AtomicU64,
     failures_sent: AtomicU64,
     commands: AtomicU64,
+    /// Pipelines with a command Redis refused (dropped, never retried).
+    refused: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -180,6 +186,7 @@ impl Cluster {
             ("cluster_ignored", n(&s.ignored), false),
             ("cluster_failures_sent", n(&s.failures_sent), false),
             ("cluster_commands", n(&s.commands), false),
+            ("cluster_commands_refused", n(&s.refused), false),
         ]
     }
 }
@@ -228,6 +235,7 @@ pub fn start(
         window: Window::new(node.snapshots.load().config.abuse.failure_window),
         expiring: None,
         claimed: HashSet::default(),
+        refusal_logged: None,
     };
     // bans this node made before it (re)started are published when it connects
     for (key, ban) in abuse.own_bans(UnixTime::now()) {
@@ -334,12 +342,14 @@ impl Node {
         Ok(con)
     }
 
-    /// Takes in every ban in force in Redis (SCAN, never KEYS: Redis keeps serving).
+    /// Takes in every ban in force in Redis (SCAN, never KEYS: Redis keeps serving), at
+    /// most [`MAX_SCAN_ROUNDS`] rounds: a SCAN whose cursor never comes back to 0 (a
+    /// Redis not playing fair) ends there, with a warning.
     fn load(&self) -> redis::RedisResult<()> {
         let mut con = self.connect()?;
         let pattern = self.names.ban_pattern();
         let mut cursor = 0u64;
-        loop {
+        for _ in 0..MAX_SCAN_ROUNDS {
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query(&mut con)?;
             add(&self.stats.commands, 1);
@@ -357,6 +367,8 @@ impl Node {
             }
             cursor = next;
         }
+        tracing::warn!("cluster: SCAN of the bans in Redis did not end after {MAX_SCAN_ROUNDS} rounds; stopped there");
+        Ok(())
     }
 
     /// A ban key's value, found by SCAN or by a lost SET NX.
@@ -490,6 +502,33 @@ struct Commands {
     /// Bans this node claimed with SET NX: their key holds their line already, so their
     /// publication is the PUBLISH alone.
     claimed: HashSet<AbuseKey, ahash::RandomState>,
+    /// When a refused command was last logged.
+    refusal_logged: Option<Instant>,
+}
+
+/// Why a pipeline got no replies.
+enum Failed {
+    /// Redis is unreachable (or the connection broke, or Redis is loading, read-only,
+    /// failing over): what was sent may be sent again once it is back.
+    Down,
+    /// Redis refused a command: sending it again would be refused again.
+    Refused,
+}
+
+/// At most one warning a minute about commands Redis refused.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Redis answered with an error that says the command itself is refused, not that Redis
+/// cannot serve now.
+fn refused(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    matches!(
+        e.kind(),
+        ErrorKind::Extension
+            | ErrorKind::Server(
+                S::ResponseError | S::ExecAbort | S::NoScript | S::CrossSlot | S::NotBusy | S::NoSub | S::NoPerm
+            )
+    )
 }
 
 impl Commands {
@@ -595,10 +634,8 @@ impl Commands {
                 let line = self.node.line(*key, ban);
                 pipe.cmd("SET").arg(self.node.names.ban_key(*key)).arg(line).arg("EXAT").arg(ban.until).ignore();
             }
-            let Some(con) = self.con.as_mut() else { return };
-            add(&self.node.stats.commands, chunk.len() as u64);
-            if let Err(e) = pipe.query::<()>(con) {
-                return self.lost(&e);
+            if let Err(Failed::Down) = self.query::<()>(&pipe, chunk.len()) {
+                return;
             }
         }
     }
@@ -612,21 +649,34 @@ impl Commands {
         self.node.link.set(CMD, false, Some(error));
     }
 
-    /// Runs `pipe` on the connection (when it is up); a failure drops the connection.
-    fn query<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline, commands: usize) -> Option<T> {
+    /// Runs `pipe` on the connection (when it is up). Redis refusing a command (an
+    /// error reply: a value past its limits, a key of another type, an ACL that forbids
+    /// it) fails the pipeline's replies but not the others' effects, nor the connection:
+    /// the batch is taken as done, with a warning at most once a minute, so that it is
+    /// never retried for ever. Anything else drops the connection.
+    fn query<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline, commands: usize) -> Result<T, Failed> {
         if !self.connected() {
-            return None;
+            return Err(Failed::Down);
         }
-        let con = self.con.as_mut()?;
+        let con = self.con.as_mut().ok_or(Failed::Down)?;
         add(&self.node.stats.commands, commands as u64);
         match pipe.query(con) {
             Ok(value) => {
                 self.last_said = Instant::now();
-                Some(value)
+                Ok(value)
+            }
+            Err(e) if refused(&e) => {
+                self.last_said = Instant::now();
+                add(&self.node.stats.refused, 1);
+                if self.refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                    self.refusal_logged = Some(Instant::now());
+                    tracing::warn!("cluster: Redis refused a command ({e}); that batch is dropped");
+                }
+                Err(Failed::Refused)
             }
             Err(e) => {
                 self.lost(&e);
-                None
+                Err(Failed::Down)
             }
         }
     }
@@ -634,7 +684,7 @@ impl Commands {
     fn ping(&mut self) {
         let mut pipe = redis::pipe();
         pipe.cmd("PING");
-        let _: Option<redis::Value> = self.query(&pipe, 1);
+        let _: Result<redis::Value, Failed> = self.query(&pipe, 1);
     }
 
     /// Writes the kept bans and lifts to Redis and publishes them; kept for later when
@@ -668,11 +718,14 @@ impl Commands {
                     }
                 }
             }
-            if self.query::<()>(&pipe, chunk.len() + commands).is_none() {
-                return; // kept: published once Redis is back
+            match self.query::<()>(&pipe, chunk.len() + commands) {
+                Err(Failed::Down) => return, // kept: published once Redis is back
+                Err(Failed::Refused) => {}   // never retried
+                Ok(()) => {
+                    add(&self.node.stats.bans_sent, bans);
+                    add(&self.node.stats.unbans_sent, unbans);
+                }
             }
-            add(&self.node.stats.bans_sent, bans);
-            add(&self.node.stats.unbans_sent, unbans);
             for (key, _) in &chunk {
                 self.pending.remove(key);
                 self.claimed.remove(key);
@@ -713,7 +766,7 @@ impl Commands {
             pipe.cmd("HMGET").arg(names.fails(s)).arg(&fields);
         }
         let commands = sent.len() + usize::from(expire) + earlier.len();
-        let Some(replies) = self.query::<Vec<redis::Value>>(&pipe, commands) else { return };
+        let Ok(replies) = self.query::<Vec<redis::Value>>(&pipe, commands) else { return };
         self.expiring = Some(slot);
         add(&self.node.stats.failures_sent, sent.iter().map(|(_, n)| u64::from(*n)).sum());
         let mut replies = replies.into_iter();
@@ -781,7 +834,7 @@ impl Commands {
         let name = self.node.names.ban_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(&name).arg(&line).arg("NX").arg("GET").arg("EXAT").arg(ban.until);
-        match self.query::<(Option<Vec<u8>>,)>(&pipe, 1)? {
+        match self.query::<(Option<Vec<u8>>,)>(&pipe, 1).ok()? {
             (None,) => {
                 add(&self.node.stats.fleet_bans, 1);
                 // made as any ban: logged here, handed back to this thread, published
