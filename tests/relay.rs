@@ -174,6 +174,73 @@ fn a_nul_in_the_body_is_refused_and_reaches_nothing(io: &str) {
     assert!(!hop.commands().iter().any(|c| c.contains("evil")));
 }
 
+/// Two peers flooding RCPT while the next hop sits on their MAIL (issue 19) cost the
+/// process next to nothing, and another peer still gets its banner at once: each holds a
+/// bounded queue of replies owed and is not read from past it. Once the hop answers,
+/// the 452s for recipients past max_recipients are failures that drop them (before, every
+/// RCPT was queued, each scanning the queue, and 452s were never failures).
+fn a_rcpt_flood_while_the_hop_stalls_mail_is_held_back(io: &str) {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let hop = loadtest::stallhop::StallingHop::start("127.0.0.1:0").expect("the stalling hop");
+    let m = Mxgate::start(&config(&[hop.addr], "reply_timeout = \"60s\"\n"), &[], io);
+    let peers: Vec<TcpStream> = ["127.0.12.1", "127.0.12.2"]
+        .into_iter()
+        .map(|source| {
+            let mut s = session(&m, source);
+            send(&mut s, b"MAIL FROM:<sender@client.test>\r\n");
+            s
+        })
+        .collect();
+    common::wait_until("both MAILs at the next hop", || hop.mails() == 2);
+    // one line a write, paced, so that each read ends at a line's end: every RCPT read
+    // is a command the session may take
+    let flood_until = Instant::now() + Duration::from_millis(2000);
+    let flooders: Vec<_> = peers
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_write_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                s.set_nodelay(true).expect("nodelay");
+                let mut sent = 0;
+                while Instant::now() < flood_until {
+                    if s.write_all(format!("RCPT TO:<u{sent}@example.com>\r\n").as_bytes()).is_ok() {
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                (s, sent)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (cpu_before, started) = (m.cpu_time(), Instant::now());
+    let mut slowest = Duration::ZERO;
+    while Instant::now() + Duration::from_millis(200) < flood_until {
+        let asked = Instant::now();
+        let mut s = connect_from("127.0.12.9", m.addr());
+        assert!(read_replies(&mut s, 1).starts_with("220 mx.test"));
+        slowest = slowest.max(asked.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (cpu, wall) = (m.cpu_time() - cpu_before, started.elapsed());
+    assert!(cpu.as_secs_f64() < 0.3 * wall.as_secs_f64(), "{cpu:?} of CPU in {wall:?} of flooding");
+    assert!(slowest < Duration::from_millis(300), "a fresh peer waited {slowest:?} for its banner");
+    hop.release();
+    for f in flooders {
+        let (mut s, sent) = f.join().expect("flooder");
+        assert!(sent > 500, "only {sent} RCPTs sent");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        let replies: Vec<&str> = got.lines().collect();
+        assert_eq!(replies.first(), Some(&"250 2.1.0 sender OK"), "{got}");
+        assert_eq!(replies.iter().filter(|r| r.starts_with("250 2.1.5")).count(), 100, "{got}");
+        assert_eq!(replies.iter().filter(|r| r.starts_with("452 4.5.3")).count(), 11, "10 allowed, the 11th drops it");
+        assert_eq!(replies.last(), Some(&"421 4.7.0 mx.test too many errors"), "{got}");
+    }
+}
+
 fn improper_pipelining_is_refused_and_closed(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
     let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
@@ -291,6 +358,7 @@ for_both_drivers!(
     sessions_reuse_pooled_connections,
     smuggling_reaches_nothing,
     a_nul_in_the_body_is_refused_and_reaches_nothing,
+    a_rcpt_flood_while_the_hop_stalls_mail_is_held_back,
     improper_pipelining_is_refused_and_closed,
     relay_is_refused_for_other_domains,
     random_bodies_survive_byte_exact,

@@ -190,7 +190,31 @@ fn forged_answers_are_ignored(io: &str) {
     assert!(read_to_end(&mut s).0.starts_with("550 5.7.1"), "an honest answer blocks");
 }
 
+/// Queries leave from many source ports (issue 19: one port per worker for the process's
+/// life left only the 16-bit id to guess): 60 consecutive queries from at least 20, and
+/// answers still reach their peers (a listed peer is blocked).
+fn queries_leave_from_many_ports(io: &str) {
+    let dns = DnsServer::start();
+    dns.list("127.0.6.20", "two.test", Ipv4Addr::new(127, 0, 0, 2));
+    dns.list("127.0.6.20", "one.test", Ipv4Addr::new(127, 0, 0, 2));
+    let m = with_blocklists(io, &dns, 3, false);
+    // 20 peers, three zones each: 60 queries
+    for i in 0..20 {
+        let mut s = connect_from(&format!("127.0.7.{}", i + 1), m.addr());
+        assert_eq!(read_replies(&mut s, 1), BANNER);
+    }
+    let ports = dns.source_ports();
+    assert_eq!(ports.len(), 60);
+    let mut distinct = ports.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() >= 20, "60 queries from {} ports: {ports:?}", distinct.len());
+    let mut s = connect_from("127.0.6.20", m.addr());
+    assert_eq!(read_to_end(&mut s).0, BLOCKED);
+}
+
 for_both_drivers!(
+    queries_leave_from_many_ports,
     forged_answers_are_ignored,
     passes_are_kept_across_a_restart,
     a_patient_peer_passes_and_is_remembered,

@@ -12,7 +12,8 @@
 //! - [`tls`]: the client side of STARTTLS and self-signed certificates;
 //! - [`sources`]: loopback source ranges; [`prefixes`]: synthetic prefixes;
 //! - [`probe`]: one blocking connection at a time, for the small measuring tools;
-//!   [`spread`]: an attack spread over many addresses, each below the threshold.
+//!   [`spread`]: an attack spread over many addresses, each below the threshold;
+//!   [`stallhop`]: a next hop that sits on MAIL.
 
 pub mod attack;
 pub mod engine;
@@ -26,4 +27,5 @@ pub mod scenario;
 pub mod sink;
 pub mod sources;
 pub mod spread;
+pub mod stallhop;
 pub mod tls;

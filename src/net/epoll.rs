@@ -28,8 +28,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections one listener may accept before the loop moves on to others.
 const ACCEPTS_PER_TURN: usize = 256;
 const WAKE: Token = Token(usize::MAX);
-/// The DNS sockets: IPv4 `DNS`, IPv6 `DNS + 1`.
-const DNS: usize = usize::MAX - 3;
+/// The DNS sockets: `DNS + key` (see `dns::KEYS`).
+const DNS: usize = usize::MAX - 1 - super::dns::KEYS;
 /// Listener `i` has token `LISTENER_BASE + i`; connection `key` has `2 * key` for the
 /// peer's socket and `2 * key + 1` for the next hop's.
 const LISTENER_BASE: usize = 1 << 48;
@@ -126,7 +126,7 @@ impl Worker {
             for event in &events {
                 match event.token() {
                     WAKE => self.woken(now),
-                    Token(t) if t == DNS || t == DNS + 1 => {
+                    Token(t) if (DNS..DNS + super::dns::KEYS).contains(&t) => {
                         while let Some((from, n)) = self.io.dns.receive(t - DNS, &mut self.dns_buf) {
                             self.host.dns_input(from, &self.dns_buf[..n], now, &mut self.io);
                         }
@@ -366,9 +366,9 @@ impl Io for Epoll {
     }
 
     fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        if let Some((family, fd)) = self.dns.send(to, datagram) {
+        if let Some((key, fd)) = self.dns.send(to, datagram) {
             let mut source = mio::unix::SourceFd(&fd);
-            if let Err(e) = self.poll.registry().register(&mut source, Token(DNS + family), Interest::READABLE) {
+            if let Err(e) = self.poll.registry().register(&mut source, Token(DNS + key), Interest::READABLE) {
                 tracing::warn!("cannot wait on the DNS socket: {e}");
             }
         }

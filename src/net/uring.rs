@@ -51,7 +51,7 @@ const TAG_CLOSE: u8 = 4;
 const TAG_DENY_SEND: u8 = 5;
 const TAG_WAKE: u8 = 6;
 const TAG_CANCEL: u8 = 7;
-/// The DNS socket of the family in the key is readable.
+/// The DNS socket of the key is readable.
 const TAG_DNS: u8 = 13;
 // connection operations: the peer's socket, then the next hop's
 const TAG_PEER_RECV: u8 = 8;
@@ -675,8 +675,8 @@ impl Io for Uring {
     }
 
     fn dns_send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        if let Some((family, fd)) = self.dns.send(to, datagram) {
-            push(&mut self.ring, &[dns_poll(fd, family)]);
+        if let Some((key, fd)) = self.dns.send(to, datagram) {
+            push(&mut self.ring, &[dns_poll(fd, key)]);
         }
     }
 }
@@ -717,9 +717,9 @@ fn deny_entries(fd: RawFd, line: &'static [u8]) -> [squeue::Entry; 2] {
     [send, close_entry(fd)]
 }
 
-/// Waits for the DNS socket of `family` to be readable.
-fn dns_poll(fd: RawFd, family: usize) -> squeue::Entry {
-    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(TAG_DNS, family, 0))
+/// Waits for DNS socket `key` to be readable.
+fn dns_poll(fd: RawFd, key: usize) -> squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(TAG_DNS, key, 0))
 }
 
 fn send_entry(fd: RawFd, bytes: &[u8], ud: u64) -> squeue::Entry {

@@ -22,7 +22,10 @@
 //! waiting, and the next hop offers PIPELINING (RFC 2920): it goes out behind them in the
 //! same write. Every other command waits in the input buffer (one read's worth is still
 //! taken). Replies are owed in a queue (`Session::waiting`): the next hop's, and ours to
-//! commands processed meanwhile, given in the order of the commands.
+//! commands processed meanwhile, given in the order of the commands. At [`MAX_OWED`]
+//! replies owed, nothing more is processed nor read (a peer flooding RCPT while the next
+//! hop is slow holds one read and a bounded queue, and costs nothing more); our 452 for
+//! a recipient past `max_recipients` counts as a failed recipient like a 5xx.
 //!
 //! The driver's loop, after every input to the session, serves its two ports until
 //! neither has anything to do, and keeps a timer at [`Session::poll_timeout`]:
@@ -68,6 +71,11 @@ pub const MAX_LINE_LEN: usize = 512;
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// The same after the drain timeout, when the process is about to exit.
 pub const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// Replies owed to a peer (commands pipelined behind one waiting for the next hop) at
+/// which no more of its commands are processed: the rest waits in the one read already
+/// taken, and nothing more is read until replies went out. A whole envelope of the
+/// default 100 recipients fits; a peer pipelining more waits its turn.
+pub const MAX_OWED: usize = 128;
 /// Body bytes queued for the next hop above which no more are read from the peer.
 pub const RELAY_HIGH_WATER: usize = 32 * 1024;
 /// The start of a body during which the minimum data rate is not enforced.

@@ -23,6 +23,13 @@ pub const RCPT_SYNTAX: &[u8] = b"501 5.5.4 syntax: RCPT TO:<address>\r\n";
 pub const BAD_PARAMETER: &[u8] = b"555 5.5.4 unsupported parameter\r\n";
 pub const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
+
+/// A reply that is a failure of the peer's address: every 5xx, and our 452 for a
+/// recipient past the limit (a peer flooding RCPT earns it). Never a 4xx that says the
+/// next hop or this server cannot serve now.
+pub fn counts_as_failure(reply: &[u8]) -> bool {
+    reply.first() == Some(&b'5') || reply == TOO_MANY_RECIPIENTS
+}
 pub const RELAY_DENIED: &[u8] = b"550 5.7.1 relay access denied\r\n";
 pub const NO_NULL_RECIPIENT: &[u8] = b"501 5.1.3 the null path is no recipient\r\n";
 pub const NEXT_HOP_FAILED: &[u8] = b"451 4.4.1 next hop unavailable, try again later\r\n";

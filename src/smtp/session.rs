@@ -14,8 +14,8 @@ use super::client::Upstream;
 use super::command::{self, Verb};
 use super::data::BodyFilter;
 use super::outbuf::OutBuf;
-use super::replies::LINE_TOO_LONG;
-use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, RELAY_HIGH_WATER};
+use super::replies::{LINE_TOO_LONG, counts_as_failure};
+use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, MAX_OWED, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
 use crate::tls::Negotiated;
@@ -418,6 +418,9 @@ impl Session {
     /// write, and its reply is given after theirs.
     fn may_go_on(&self) -> bool {
         let Some(first) = self.waiting.front() else { return true };
+        if self.waiting.len() >= MAX_OWED {
+            return false;
+        }
         let pipelining = matches!(&self.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
         // behind MAIL or a RCPT of the same transaction only (not behind the final dot)
         let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(_));
@@ -469,15 +472,16 @@ impl Session {
         }
     }
 
-    /// Gives a reply now: into the output, a 5xx counted as a failure.
+    /// Gives a reply now: into the output, a refusal the peer earned counted as a failure.
     pub(super) fn emit(&mut self, bytes: &[u8]) {
         self.out.push(bytes);
-        if bytes.first() == Some(&b'5') {
+        if counts_as_failure(bytes) {
             self.failed();
         }
     }
 
-    /// Recipients forwarded to the next hop and not answered yet.
+    /// Recipients forwarded to the next hop and not answered yet (at most [`MAX_OWED`]
+    /// to look at).
     pub(super) fn recipients_pending(&self) -> u32 {
         self.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(_))).count() as u32
     }

@@ -38,6 +38,8 @@ struct FakeHop {
     held: Vec<u8>,
     /// Reply to MAIL instead of 250.
     refuse_mail: Option<&'static str>,
+    /// Never answer MAIL, nor anything after it (a hop checking senders, slowly).
+    stall_mail: bool,
     /// MAIL was accepted, and how many recipients since.
     mail_open: bool,
     rcpts_ok: u32,
@@ -78,6 +80,10 @@ impl FakeHop {
                         r += &format!("\r\n250-{k}");
                     }
                     r + "\r\n250 ENHANCEDSTATUSCODES"
+                }
+                "MAIL" if self.stall_mail => {
+                    self.silent = true;
+                    continue;
                 }
                 "MAIL" => match self.refuse_mail {
                     Some(reply) => reply.into(),
@@ -922,6 +928,34 @@ fn the_101st_recipient_gets_452_by_default() {
     assert_eq!(replies.len(), 101);
     assert!(replies[..100].iter().all(|r| *r == "250 2.1.5 recipient OK"));
     assert_eq!(replies[100], "452 4.5.3 too many recipients");
+}
+
+/// A peer flooding RCPT while the next hop sits on MAIL (issue 19) holds a bounded queue
+/// and one read: nothing more is read from it until replies went out, and once the hop
+/// answers, its 452s past max_recipients are failed recipients that drop it.
+#[test]
+fn a_peer_flooding_rcpt_while_the_hop_stalls_mail_is_held_at_a_bounded_queue() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_recipients = 5\n", ""));
+    h.hop.stall_mail = true;
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "");
+    let flood: Vec<u8> = (0..20_000).flat_map(|i| format!("RCPT TO:<u{i}@example.com>\r\n").into_bytes()).collect();
+    assert_eq!(h.send(&flood), "", "nothing answered while MAIL waits");
+    assert_eq!(h.session.waiting.len(), MAX_OWED, "replies owed stop at the bound");
+    assert_eq!(h.session.poll_transmit(), Transmit::Wait, "and nothing more is read");
+    assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 100, "max_recipients forwarded");
+    // the hop answers MAIL and the 100 recipients: then our 27 452s, failures that drop it
+    let answers = "250 2.1.0 ok\r\n".to_owned() + &"250 2.1.5 ok\r\n".repeat(100);
+    h.session.handle_relay_input(answers.as_bytes(), h.now);
+    let got = h.drive();
+    let replies: Vec<&str> = got.lines().collect();
+    assert_eq!(replies[0], "250 2.1.0 sender OK");
+    assert!(replies[1..101].iter().all(|r| *r == "250 2.1.5 recipient OK"), "{replies:?}");
+    assert_eq!(replies[101..112], ["452 4.5.3 too many recipients"; 11], "10 allowed, the 11th passes the limit");
+    assert_eq!(replies[112..], ["421 4.7.0 mx.test too many errors"]);
+    let failed = h.events().into_iter().filter(|e| matches!(e, Event::Failed(Failure::Recipient))).count();
+    assert_eq!(failed, 11, "each 452 counted against the address");
+    assert!(h.closed());
 }
 
 #[test]

@@ -28,6 +28,8 @@ pub struct DnsServer {
     records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
     mode: Arc<Mutex<Mode>>,
     asked: Arc<AtomicUsize>,
+    /// The source port of each query, in order.
+    ports: Arc<Mutex<Vec<u16>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -39,13 +41,15 @@ impl DnsServer {
         let records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
         let mode = Arc::new(Mutex::new(Mode::Honest));
         let (asked, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let (r, md, a, st) = (records.clone(), mode.clone(), asked.clone(), stop.clone());
+        let ports: Arc<Mutex<Vec<u16>>> = Arc::default();
+        let (r, md, a, st, p) = (records.clone(), mode.clone(), asked.clone(), stop.clone(), ports.clone());
         let other = UdpSocket::bind("127.0.0.1:0").expect("bind a second socket");
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !st.load(Ordering::Relaxed) {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
                 a.fetch_add(1, Ordering::Relaxed);
+                p.lock().expect("lock").push(from.port());
                 let mode = *md.lock().expect("lock");
                 if mode == Mode::Silent {
                     continue;
@@ -74,7 +78,7 @@ impl DnsServer {
                 }
             }
         });
-        DnsServer { addr, records, mode, asked, stop }
+        DnsServer { addr, records, mode, asked, ports, stop }
     }
 
     /// `zone` lists `ip` (an IPv4 or IPv6 address) with `result`.
@@ -85,6 +89,11 @@ impl DnsServer {
 
     pub fn answer(&self, mode: Mode) {
         *self.mode.lock().expect("lock") = mode;
+    }
+
+    /// The source port of each query so far, in order.
+    pub fn source_ports(&self) -> Vec<u16> {
+        self.ports.lock().expect("lock").clone()
     }
 
     /// Queries received so far.

@@ -132,6 +132,17 @@ impl Mxgate {
         self.addrs[0]
     }
 
+    /// The process's CPU time so far (user and system).
+    pub fn cpu_time(&self) -> std::time::Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc/PID/stat");
+        // the fields after the command name, which is in parentheses
+        let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat").1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf only reads a system constant
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        std::time::Duration::from_millis(ticks * 1000 / hz)
+    }
+
     /// A line containing `text` among those read so far (those before start-up included).
     pub fn saw(&self, text: &str) -> Option<&str> {
         self.seen.iter().find(|l| l.contains(text)).map(String::as_str)
