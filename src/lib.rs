@@ -19,6 +19,7 @@ pub mod control;
 pub mod datetime;
 pub mod dnsbl;
 pub mod gate;
+pub mod logfmt;
 pub mod metrics;
 pub mod net;
 pub mod peer;

@@ -37,7 +37,7 @@ pub enum Header {
         source: SocketAddr,
         destination: SocketAddr,
         /// The balancer's unique id for the connection (v2 TLV 0x05), for the mail log.
-        unique_id: Option<String>,
+        unique_id: Option<Vec<u8>>,
     },
     /// v2 LOCAL: the balancer speaking for itself (a health check).
     Local,
@@ -182,7 +182,7 @@ fn v2(bytes: &[u8]) -> Parsed {
         // AF_UNSPEC and AF_UNIX carry no client address to judge
         _ => return Parsed::Done { header: Header::Unknown, consumed },
     };
-    let unique_id = tlvs.unique_id.map(printable);
+    let unique_id = tlvs.unique_id.map(<[u8]>::to_vec);
     Parsed::Done { header: Header::Proxied { source, destination, unique_id }, consumed }
 }
 
@@ -208,20 +208,6 @@ fn tlvs(mut rest: &[u8]) -> Option<Tlvs<'_>> {
         rest = &after[2 + len..];
     }
     Some(found)
-}
-
-/// A unique id for the log: printable ASCII as it is, other octets as `\xNN`.
-fn printable(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if (0x21..0x7f).contains(&b) && b != b'\\' {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "\\x{b:02x}");
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -310,7 +296,7 @@ mod tests {
         };
         assert_eq!(
             (source, unique_id.as_deref(), consumed),
-            (addr("[2001:db8::1]:1"), Some("id-1\\x00"), header.len())
+            (addr("[2001:db8::1]:1"), Some(&b"id-1\x00"[..]), header.len())
         );
         // LOCAL: the addresses (if any) are ignored
         let mut local = header.clone();

@@ -241,6 +241,54 @@ fn a_rcpt_flood_while_the_hop_stalls_mail_is_held_back(io: &str) {
     }
 }
 
+/// The keys of a logfmt line as a logfmt reader sees them: `key=value` pairs, a value
+/// bare up to the next space or quoted up to an unescaped quote; bare words are keys
+/// without a value.
+fn logfmt_keys(line: &str) -> Vec<String> {
+    let (mut keys, mut chars) = (Vec::new(), line.chars().peekable());
+    while chars.peek().is_some() {
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != ' ' && *c != '=')).collect();
+        if chars.next_if_eq(&'=').is_some() {
+            if chars.next_if_eq(&'"').is_some() {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    if !escaped && c == '"' {
+                        break;
+                    }
+                    escaped = !escaped && c == '\\';
+                }
+            } else {
+                while chars.next_if(|c| *c != ' ').is_some() {}
+            }
+        }
+        chars.next_if_eq(&' ');
+        keys.push(key);
+    }
+    keys
+}
+
+/// Peer text in the log line of a message cannot forge a field (issue 19): a quoted local
+/// part carrying ` result=250 peer=8.8.8.8` stays inside one quoted, escaped value, and
+/// hidden characters (SMTPUTF8's U+2028, a right-to-left override) are shown escaped.
+fn peer_text_cannot_forge_log_fields(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let mut m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.10");
+    let reply = transaction(&mut s, "", b"hi\r\n.\r\n");
+    assert!(reply.starts_with("250"), "{reply}");
+    send(&mut s, b"MAIL FROM:<\"x result=250 peer=8.8.8.8\"@a.test>\r\nRSET\r\n");
+    assert_eq!(read_replies(&mut s, 2), "250 2.1.0 sender OK\r\n250 2.0.0 OK\r\n");
+    let line = m.wait_for_log("from=\"<\\\"x result=250");
+    assert!(line.contains(r#" from="<\"x result=250 peer=8.8.8.8\"@a.test>" "#), "{line}");
+    let fields = logfmt_keys(&line);
+    assert_eq!(fields.iter().filter(|k| *k == "peer").count(), 1, "one peer field: {fields:?}");
+    assert_eq!(fields.iter().filter(|k| *k == "result").count(), 1, "one result field: {fields:?}");
+    send(&mut s, "MAIL FROM:<a\u{2028}b\u{202e}c@a.test> SMTPUTF8\r\nRSET\r\n".as_bytes());
+    assert_eq!(read_replies(&mut s, 2), "250 2.1.0 sender OK\r\n250 2.0.0 OK\r\n");
+    let line = m.wait_for_log(r#"from="<a\u{2028}b\u{202e}c@a.test>""#);
+    assert!(!line.contains('\u{2028}') && !line.contains('\u{202e}'), "{line}");
+}
+
 fn improper_pipelining_is_refused_and_closed(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
     let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
@@ -359,6 +407,7 @@ for_both_drivers!(
     smuggling_reaches_nothing,
     a_nul_in_the_body_is_refused_and_reaches_nothing,
     a_rcpt_flood_while_the_hop_stalls_mail_is_held_back,
+    peer_text_cannot_forge_log_fields,
     improper_pipelining_is_refused_and_closed,
     relay_is_refused_for_other_domains,
     random_bodies_survive_byte_exact,

@@ -431,7 +431,8 @@ impl Node {
         add(&self.stats.ignored, 1);
         let now = UnixTime::now().0;
         if self.garbage_said.swap(now, Ordering::Relaxed) != now {
-            tracing::warn!("cluster: ignored {what}: {why}");
+            // what Redis holds is outside text: escaped as one value
+            tracing::warn!("cluster: ignored {what}: {}", crate::logfmt::value(why));
         }
     }
 }

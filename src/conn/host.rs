@@ -530,7 +530,7 @@ fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts:
         Screened::TalkedEarly(octets) => {
             counts.add(Count::PregreetFailed);
             counts.add(Count::Failures);
-            tracing::info!(%peer, "pregreet: talked before the greeting: \"{octets}\"");
+            tracing::info!(%peer, "pregreet: talked before the greeting: {}", crate::logfmt::value(&octets));
             let config = &snapshot.config.abuse;
             let key = AbuseKey::new(peer, config.ipv6_prefix);
             if let Some(reason) = shared.abuse().failed(key, now, config) {
@@ -597,7 +597,7 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
             Event::Transaction(t) => {
                 counts.transaction(t.outcome);
                 match conn.proxy_id() {
-                    Some(id) => tracing::info!("mail {t} proxy_id={id}"),
+                    Some(id) => tracing::info!("mail {t} proxy_id={}", crate::logfmt::value(id)),
                     None => tracing::info!("mail {t}"),
                 }
             }

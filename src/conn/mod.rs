@@ -74,7 +74,7 @@ pub(crate) enum NoHeader {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Screened {
     /// The peer spoke first: its first octets, escaped for the log.
-    TalkedEarly(String),
+    TalkedEarly(Vec<u8>),
     /// The blocklists scored it at or over the threshold: refused with the 550 line
     /// naming `zone`.
     Blocked { zone: String, score: i32 },
@@ -113,7 +113,7 @@ pub struct Connection {
     /// The blocklists' answers, one per `[[screen.dnsbl]]` zone, while any is awaited.
     dns: Option<Box<[Option<Answer>]>>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
-    proxy_id: Option<String>,
+    proxy_id: Option<Vec<u8>>,
     /// A whitelisted peer is never counted or banned.
     whitelisted: bool,
     /// Its place in the connection counts, given back when the connection is freed (none
@@ -250,7 +250,7 @@ impl Connection {
         peer: PeerIp,
         whitelisted: bool,
         admission: Admission,
-        proxy_id: Option<String>,
+        proxy_id: Option<Vec<u8>>,
         screening: (Option<Instant>, usize),
         rest: &[u8],
         now: Instant,
@@ -275,7 +275,7 @@ impl Connection {
         self.no_header.take()
     }
 
-    pub(crate) fn proxy_id(&self) -> Option<&str> {
+    pub(crate) fn proxy_id(&self) -> Option<&[u8]> {
         self.proxy_id.as_deref()
     }
 
@@ -339,7 +339,7 @@ impl Connection {
             front::Front::None => {}
             front::Front::Pregreet { .. } => {
                 // spoke before the greeting was complete
-                self.screened = Some(Screened::TalkedEarly(escaped(&bytes[..bytes.len().min(16)])));
+                self.screened = Some(Screened::TalkedEarly(bytes[..bytes.len().min(16)].to_vec()));
                 self.front = front::Front::Reject { line: TALKED_EARLY.into(), sent: 0 };
                 return;
             }
@@ -590,9 +590,4 @@ impl Connection {
     pub(crate) fn armed_at(&self) -> Option<Instant> {
         self.armed
     }
-}
-
-/// Octets for the log: printable ASCII as it is, the rest as `\xNN`.
-fn escaped(bytes: &[u8]) -> String {
-    bytes.escape_ascii().to_string()
 }

@@ -117,7 +117,12 @@ impl fmt::Display for Transaction {
         write!(
             f,
             "id={} peer={} from={} rcpt={}/{} size={} ",
-            self.id, self.peer, self.from, self.accepted, self.refused, self.size
+            self.id,
+            self.peer,
+            crate::logfmt::value(&self.from.to_string()),
+            self.accepted,
+            self.refused,
+            self.size
         )?;
         match self.next_hop {
             Some(h) => write!(f, "next_hop={h} ")?,

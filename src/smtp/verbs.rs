@@ -157,7 +157,7 @@ impl Session {
             return self.refuse_recipient(NO_NULL_RECIPIENT);
         }
         if let Err(why) = self.settings.relay_domains.judge(&to) {
-            tracing::debug!(peer = %self.peer, rcpt = %to, ?why, "relay denied");
+            tracing::debug!(peer = %self.peer, rcpt = %crate::logfmt::value(&to.to_string()), ?why, "relay denied");
             return self.refuse_recipient(RELAY_DENIED);
         }
         if self.txn.as_ref().is_some_and(|t| t.broken) {
