@@ -8,13 +8,13 @@
 //! syntax), `stats` (`name value` lines). An answer whose first line starts `error:`
 //! reports a failure.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::abuse::AbuseKey;
 use crate::abuse::bans::MAX_BAN_SECS;
@@ -22,8 +22,9 @@ use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
 use crate::shared::Shared;
 
-/// Longest request line; a client gets this long to send it and to read the answer.
-const MAX_REQUEST: u64 = 512;
+/// Longest request line.
+const MAX_REQUEST: usize = 512;
+/// How long `ask` waits for the running instance.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest answer read: `bans` lists up to a million bans, a line each.
 const MAX_ANSWER: u64 = 256 << 20;
@@ -39,14 +40,8 @@ pub fn serve(path: &Path, shared: Arc<Shared>) -> io::Result<()> {
         _ => {}
     }
     let listener = bind_private(path)?;
-    std::thread::Builder::new().name("mxgate-control".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if let Err(e) = answer(stream, &shared) {
-                tracing::debug!("control request: {e}");
-            }
-        }
-    })?;
-    Ok(())
+    let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+    crate::service::serve("mxgate-control", incoming, move |stream| answer(stream, &shared))
 }
 
 /// Binds a socket at `path` that only this user can connect to, from the first moment:
@@ -70,11 +65,9 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
-fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+fn answer(mut stream: UnixStream, shared: &Shared) -> io::Result<()> {
+    let line = crate::service::read_request(&mut stream, Instant::now(), MAX_REQUEST, |r| r.contains(&b'\n'))?;
+    let line = String::from_utf8_lossy(line.split(|&b| b == b'\n').next().unwrap_or_default());
     let request = line.trim();
     let reply = match request.split_once(' ').unwrap_or((request, "")) {
         ("explain", ip) => match ip.trim().parse::<IpAddr>() {
@@ -100,7 +93,7 @@ fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
                 .to_owned()
         }
     };
-    (&stream).write_all(reply.as_bytes())
+    crate::service::write_answer(&mut stream, reply.as_bytes())
 }
 
 fn explain(shared: &Shared, peer: PeerIp) -> String {

@@ -26,6 +26,7 @@ pub mod peer;
 pub mod problem;
 pub mod proxy;
 pub mod screen;
+pub mod service;
 pub mod shadow;
 pub mod shared;
 pub mod smtp;

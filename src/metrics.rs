@@ -1,46 +1,32 @@
 //! Prometheus text at `http://<[metrics] listen>/metrics`: what `mxgate stats` says, as
-//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges. One thread answers one
-//! request a connection, each bounded in size and time; anything but `GET /metrics` is
-//! answered 404 (or 400).
+//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges. One request a connection,
+//! served as [`crate::service`] serves every operator's client (a thread each, a few at
+//! once, the whole request within a deadline); anything but `GET /metrics` is answered
+//! 404 (or 400).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use crate::shared::Shared;
 
-/// Longest request head read; a client gets this long to send it and to read the answer.
+/// Longest request head read.
 const MAX_REQUEST: usize = 4096;
-const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Listens on `addr` and answers on a thread of its own for the life of the process;
-/// returns the address bound (`addr` with port 0 gets one).
+/// Listens on `addr` and answers for the life of the process; returns the address bound
+/// (`addr` with port 0 gets one).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new().name("mxgate-metrics".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if let Err(e) = answer(stream, &shared) {
-                tracing::debug!("metrics request: {e}");
-            }
-        }
-    })?;
+    let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+    crate::service::serve("mxgate-metrics", incoming, move |stream| answer(stream, &shared))?;
     Ok(bound)
 }
 
 fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 || head.len() + n > MAX_REQUEST {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    let ended = |h: &[u8]| h.windows(4).any(|w| w == b"\r\n\r\n") || h.windows(2).any(|w| w == b"\n\n");
+    let head = crate::service::read_request(&mut stream, Instant::now(), MAX_REQUEST, ended)?;
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
@@ -54,7 +40,7 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(reply.as_bytes())
+    crate::service::write_answer(&mut stream, reply.as_bytes())
 }
 
 /// The exposition text.

@@ -86,6 +86,52 @@ fn metrics_are_served_as_prometheus_text(io: &str) {
     assert!(http(&addr, "\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request\r\n"));
 }
 
+/// Clients that drip bytes hold neither listener (issue 19): with two of them on each,
+/// `/metrics` and `mxgate stats` answer at once, and a dripping client is cut off one
+/// second after it connected however it keeps sending.
+fn dripping_clients_hold_neither_metrics_nor_control(io: &str) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\n\
+                  [metrics]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = \"mxgate.sock\"\n";
+    let m = Mxgate::start(config, &[], io);
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address").to_owned();
+    let socket = m.files.path("mxgate.sock");
+    let drip = |mut w: Box<dyn Write + Send>| {
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            // one byte every 100 ms, never ending the request, until the server closes
+            while w.write_all(b"G").is_ok() && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            started.elapsed()
+        })
+    };
+    let mut drippers = Vec::new();
+    for _ in 0..2 {
+        let http = connect_from("127.0.0.1", addr.parse().expect("address"));
+        drippers.push(drip(Box::new(http)));
+        drippers.push(drip(Box::new(UnixStream::connect(&socket).expect("the control socket"))));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    assert!(http(&addr, "GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 OK\r\n"));
+    assert!(asked.elapsed() < Duration::from_secs(1), "/metrics took {:?}", asked.elapsed());
+    let asked = Instant::now();
+    let mut control = UnixStream::connect(&socket).expect("the control socket");
+    control.write_all(b"stats\n").expect("ask");
+    let mut answer = String::new();
+    control.read_to_string(&mut answer).expect("the answer");
+    assert!(answer.contains("sessions 0\n"), "{answer}");
+    assert!(asked.elapsed() < Duration::from_secs(1), "stats took {:?}", asked.elapsed());
+    for d in drippers {
+        let held = d.join().expect("dripper");
+        assert!(held < Duration::from_secs(3), "a dripping client was held {held:?}");
+    }
+}
+
 /// Peers that reset their connection before it was handled are still connections the
 /// kernel handed over: all of them are in `connections_accepted`.
 fn connections_reset_at_once_are_counted(io: &str) {
@@ -110,5 +156,6 @@ fn connections_reset_at_once_are_counted(io: &str) {
 for_both_drivers!(
     every_connection_and_transaction_is_counted,
     metrics_are_served_as_prometheus_text,
+    dripping_clients_hold_neither_metrics_nor_control,
     connections_reset_at_once_are_counted
 );

@@ -32,8 +32,8 @@
 //! 65,535 (a key that fails that often within one sub-window has reached any threshold up
 //! to 65,535 in that sub-window alone).
 //!
-//! Memory: `[abuse] counter_memory` / [`ENTRY_BYTES`] entries, allocated zeroed at start
-//! (pages are touched as keys arrive) and never grown.
+//! Memory: `[abuse] counter_memory` / [`ENTRY_BYTES`] entries, mapped at start (pages
+//! are touched as keys arrive) and never grown.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -189,7 +189,7 @@ pub struct FailureCounters {
     hasher: ahash::RandomState,
     /// Every shard's buckets, one after the other: shard `i` holds
     /// `buckets[i * per_shard .. (i + 1) * per_shard]`.
-    buckets: Box<[Bucket]>,
+    buckets: Table,
     locks: Box<[Lock]>,
     /// Buckets in each shard.
     per_shard: usize,
@@ -209,12 +209,7 @@ impl FailureCounters {
         let buckets = usize::try_from(memory / std::mem::size_of::<Bucket>() as u64).unwrap_or(usize::MAX).max(2);
         let shards = buckets.div_ceil(SHARD_BUCKETS);
         let per_shard = (buckets / shards).max(2);
-        let zeroed = Box::<[Bucket]>::new_zeroed_slice(shards * per_shard);
-        // SAFETY: a Bucket is atomic integers only, and all zero is a valid bucket of
-        // never-used entries; the zeroed allocation leaves its pages untouched until keys
-        // arrive
-        let buckets = unsafe { zeroed.assume_init() };
-        advise_huge_pages(&buckets);
+        let buckets = Table::new(shards * per_shard);
         let locks = (0..shards).map(|_| Lock::default()).collect();
         let sub_window_secs = (window.as_secs() / SUB_WINDOWS as u64).max(1);
         FailureCounters { hasher: ahash::RandomState::new(), buckets, locks, per_shard, sub_window_secs }
@@ -347,16 +342,66 @@ fn prefetch(bucket: &Bucket) {
     let _ = bucket;
 }
 
-/// Asks for the table in 2 MiB pages (transparent huge pages, where the kernel has them
-/// for `madvise`): a failure then costs no TLB miss, whatever the table's size.
-fn advise_huge_pages(table: &[Bucket]) {
-    const HUGE: usize = 2 << 20;
-    let start = table.as_ptr() as usize;
-    let (from, to) = (start.next_multiple_of(HUGE), (start + std::mem::size_of_val(table)) / HUGE * HUGE);
-    if to > from {
-        // SAFETY: advice on whole pages inside the table's own allocation, which stays
-        // mapped as long as the table; MADV_HUGEPAGE changes no contents
-        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+/// The buckets, in memory of their own: an anonymous mapping (zero-filled by the kernel,
+/// so pages are only touched, and counted in the process's memory, as keys arrive; an
+/// allocator asked for zeroed memory aligned to 64 would write every byte at once), in
+/// transparent huge pages where the kernel has them for `madvise` (no TLB miss a failure,
+/// whatever the table's size).
+struct Table {
+    ptr: std::ptr::NonNull<Bucket>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the Table alone, and Buckets are atomics (Sync)
+unsafe impl Send for Table {}
+// SAFETY: as above: shared access only reaches the Buckets' atomics
+unsafe impl Sync for Table {}
+
+impl Table {
+    fn new(len: usize) -> Self {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<Bucket>();
+        // SAFETY: a fresh private anonymous mapping; the kernel picks the address
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let Some(ptr) = std::ptr::NonNull::new(ptr.cast::<Bucket>()).filter(|_| ptr != libc::MAP_FAILED) else {
+            // as the allocator does when memory runs out
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<Bucket>());
+        };
+        let start = ptr.as_ptr() as usize;
+        let (from, to) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+        if to > from {
+            // SAFETY: advice on whole pages inside this mapping; MADV_HUGEPAGE changes no
+            // contents (refused where THP is off: then small pages, as before)
+            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+        }
+        Table { ptr, len }
+    }
+}
+
+impl std::ops::Deref for Table {
+    type Target = [Bucket];
+
+    fn deref(&self) -> &[Bucket] {
+        // SAFETY: the mapping holds `len` Buckets (page-aligned, so aligned for Bucket),
+        // zero-filled by the kernel, and all zero is a valid Bucket (atomic integers,
+        // every entry never used); it lives as long as the Table
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in Table::new, of this size, no longer borrowed
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * std::mem::size_of::<Bucket>()) };
     }
 }
 
