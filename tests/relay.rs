@@ -289,6 +289,45 @@ fn peer_text_cannot_forge_log_fields(io: &str) {
     assert!(!line.contains('\u{2028}') && !line.contains('\u{202e}'), "{line}");
 }
 
+/// Issue 19: next-hop hygiene against a real Postfix whose message_size_limit is below
+/// one peer's SIZE. Its 552 reaches that peer alone (one failure, the peer's); the
+/// connection gets RSET before it goes back to the pool, and 30 fresh senders after it
+/// on the same worker all get 250, nothing counted against them (before: 6 of 30 got
+/// 552, until one was banned); at exit the pooled connection says QUIT.
+#[test]
+fn a_postfix_refusal_reaches_only_the_peer_that_caused_it() {
+    let Some(postfix) = common::postfix::Postfix::start("message_size_limit = 1000000\n") else { return };
+    for (n, io) in ["uring", "epoll"].into_iter().enumerate() {
+        let config =
+            config(&[postfix.addr], "").replace("threads = 2", "threads = 1") + "[control]\nsocket = \"mxgate.sock\"\n";
+        let mut m = Mxgate::start(&config, &[], io);
+        let mut s = session(&m, &format!("127.0.21.{}", 100 + n));
+        send(&mut s, b"MAIL FROM:<big@client.test> SIZE=20000000\r\n");
+        let reply = read_replies(&mut s, 1);
+        assert!(reply.starts_with("552 5.3.4 "), "{io}: {reply}");
+        send(&mut s, b"QUIT\r\n");
+        read_to_end(&mut s);
+        for i in 0..30 {
+            let mut s = session(&m, &format!("127.0.21.{}", 1 + i + 40 * n));
+            let reply = transaction(&mut s, "", b"Subject: fresh\r\n\r\nhi\r\n.\r\n");
+            assert!(reply.starts_with("250 2.0.0"), "{io}: fresh sender {i}: {reply}");
+            send(&mut s, b"QUIT\r\n");
+            read_to_end(&mut s);
+        }
+        let stats = common::run_cli(&["stats"], &m.files.config()).1;
+        assert!(stats.contains("\nfailures 1\n") && stats.contains("messages_delivered 30\n"), "{io}: {stats}");
+        m.signal(libc::SIGTERM);
+        m.wait_exit();
+        // Postfix's count of that connection's commands: one RSET, and QUIT at the end
+        common::wait_until("the pooled connection's QUIT", || {
+            postfix.log().lines().filter(|l| l.contains(" disconnect from ") && l.contains(" quit=1")).count() > n
+        });
+        let log = postfix.log();
+        let last = log.lines().rfind(|l| l.contains(" disconnect from ")).unwrap_or_default();
+        assert!(last.contains(" rset=1 ") && last.contains(" mail=30/31 "), "{io}: {last}");
+    }
+}
+
 fn improper_pipelining_is_refused_and_closed(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
     let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);

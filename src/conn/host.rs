@@ -16,7 +16,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, NoHeader, Screened};
+use super::{Connection, HopState, NoHeader, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
@@ -52,6 +52,9 @@ pub trait Io {
     fn adopt(&mut self, id: ConnId, sockets: &mut Self::Sockets, pooled: Self::Pooled) -> bool;
     /// Takes the next-hop socket out for the pool, if it has one with nothing in flight.
     fn unplug(&mut self, sockets: &mut Self::Sockets) -> Option<Self::Pooled>;
+    /// Closes a pooled connection, sending `last` (its QUIT) first without waiting: an
+    /// idle connection's send buffer takes a few bytes at once.
+    fn retire(&mut self, pooled: Self::Pooled, last: &[u8]);
     /// Both sockets are closed and nothing is in flight: the memory may be freed.
     fn closed(&self, sockets: &Self::Sockets) -> bool;
     /// Sends a DNS query on the worker's UDP socket (its answers come back through
@@ -271,7 +274,7 @@ impl<I: Io> Host<I> {
             conns.get(key).filter(|e| e.conn.generation() == generation).map(|e| e.conn.armed_at())
         });
         let idle_timeout = self.idle_timeout();
-        drop(self.pool.expire(now, idle_timeout));
+        retire(io, self.pool.expire(now, idle_timeout));
     }
 
     /// When [`Host::tick`] has something to do next; `now` when a connection's turn ran out.
@@ -343,9 +346,9 @@ impl<I: Io> Host<I> {
         self.drain != Drain::Serving && self.conns.is_empty()
     }
 
-    /// Closes the pooled connections, at exit.
-    pub fn close_pool(&mut self) {
-        drop(self.pool.drain());
+    /// Closes the pooled connections (each with QUIT), at exit.
+    pub fn close_pool(&mut self, io: &mut I) {
+        retire(io, self.pool.drain());
     }
 
     fn advance_all(&mut self, now: Instant, io: &mut I) {
@@ -405,13 +408,20 @@ fn hop<I: Io>(
             Some(pooled) => {
                 if let Some((hop, addr)) = conn.hop_released() {
                     let max = conn.snapshot().config.relay.max_idle_connections as usize;
-                    drop(pool.put(addr, pooled, hop, max, now));
+                    retire(io, pool.put(addr, pooled, hop, max, now));
                 }
                 true
             }
             None => io.hop(id, sockets, conn, now),
         },
         _ => io.hop(id, sockets, conn, now),
+    }
+}
+
+/// Closes pooled connections, each saying QUIT (through its TLS, if it has one).
+fn retire<I: Io>(io: &mut I, gone: impl IntoIterator<Item = (I::Pooled, HopState)>) {
+    for (pooled, mut hop) in gone {
+        io.retire(pooled, &hop.farewell());
     }
 }
 

@@ -88,6 +88,18 @@ pub(crate) struct HopState {
     pub tls: Option<Box<tls::HopTls>>,
 }
 
+impl HopState {
+    /// What an idle connection sends before it is closed: QUIT, under its TLS (with the
+    /// close_notify alert after it) when it has one; nothing is ever sent in clear after
+    /// STARTTLS.
+    pub fn farewell(&mut self) -> Vec<u8> {
+        match &mut self.tls {
+            None => b"QUIT\r\n".to_vec(),
+            Some(tls) => tls.farewell(b"QUIT\r\n"),
+        }
+    }
+}
+
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
 #[derive(Debug)]
 pub struct Connection {

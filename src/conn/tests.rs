@@ -233,6 +233,10 @@ impl Io for Fake {
         s.hop.take()
     }
 
+    fn retire(&mut self, mut pooled: HopConn, last: &[u8]) {
+        pooled.server.receive(last);
+    }
+
     fn closed(&self, s: &FakeSockets) -> bool {
         !s.peer_open && s.hop.is_none()
     }
@@ -405,6 +409,19 @@ fn pooled_connections_expire_after_idle_timeout() {
     assert_eq!(w.host.pooled(addr(A)), 1);
     w.wait(Duration::from_secs(1));
     assert_eq!(w.host.pooled(addr(A)), 0, "idle_timeout (30s) closes it");
+    assert_eq!(w.io.log(addr(A)).borrow().commands.last().map(String::as_str), Some("QUIT"), "saying QUIT first");
+}
+
+#[test]
+fn pooled_connections_say_quit_at_exit() {
+    let mut w = World::new(&[A]);
+    let s1 = w.session();
+    w.deliver(s1, "one");
+    w.send(s1, "QUIT\r\n");
+    assert_eq!(w.host.pooled(addr(A)), 1);
+    w.host.close_pool(&mut w.io);
+    assert_eq!(w.host.pooled(addr(A)), 0);
+    assert_eq!(w.io.log(addr(A)).borrow().commands.last().map(String::as_str), Some("QUIT"));
 }
 
 #[test]

@@ -294,4 +294,15 @@ impl HopTls {
             }
         }
     }
+
+    /// The records carrying `last` and the close_notify alert, after whatever was still
+    /// to go: the end of an idle connection.
+    pub fn farewell(&mut self, last: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        if self.tls.writer().write_all(last).is_ok() {
+            self.tls.send_close_notify();
+            self.flush();
+        }
+        self.out.split_off(self.sent.min(self.out.len()))
+    }
 }

@@ -148,7 +148,7 @@ impl Worker {
                 }
             }
         }
-        self.host.close_pool();
+        self.host.close_pool(&mut self.io);
     }
 
     fn accept(&mut self, index: usize, now: Instant, unix: UnixTime) {
@@ -359,6 +359,11 @@ impl Io for Epoll {
                 None
             }
         }
+    }
+
+    fn retire(&mut self, pooled: TcpStream, last: &[u8]) {
+        // non-blocking: what does not fit now is not waited for
+        let _ = (&pooled).write(last);
     }
 
     fn closed(&self, s: &Sockets) -> bool {

@@ -369,7 +369,7 @@ impl Worker {
                 self.complete(c.user_data(), c.result(), c.flags(), now, unix);
             }
         }
-        self.host.close_pool();
+        self.host.close_pool(&mut self.io);
         // Anything still queued (closes of denied sockets) goes before the ring does.
         let _ = self.io.ring.submit();
     }
@@ -656,6 +656,16 @@ impl Io for Uring {
         }
         sockets.relay = pooled.into_socket();
         true
+    }
+
+    fn retire(&mut self, pooled: Pooled, last: &[u8]) {
+        // one send without waiting (nothing of the pooled socket is on the ring), then
+        // the close when `pooled` is dropped
+        // SAFETY: the fd is the pooled socket's own, open until `pooled` drops below;
+        // the buffer is `last`, valid for its length
+        unsafe {
+            libc::send(pooled.fd.as_raw_fd(), last.as_ptr().cast(), last.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
     }
 
     fn unplug(&mut self, sockets: &mut Sockets) -> Option<Pooled> {

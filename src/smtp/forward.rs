@@ -263,9 +263,12 @@ impl Session {
             (Some(Waiting::Data), Command::Data) => self.answer_data(reply, now),
             (Some(Waiting::Dot), Command::Dot) => self.answer_dot(reply, now),
             (Some(Waiting::Rset), Command::Rset) => {
-                self.set_clean();
+                // the peer's transaction is gone whatever the next hop says; its
+                // connection is only kept when it said 250
+                self.settle_reset(reply);
                 self.emit(OK);
             }
+            (Some(Waiting::Reset), Command::Rset) => self.settle_reset(reply),
             (waiting, cmd) => {
                 tracing::debug!(peer = %self.peer, ?cmd, ?waiting, "next hop reply out of step");
                 if let Some(w) = waiting {
@@ -285,10 +288,12 @@ impl Session {
             }
             return self.emit(MAIL_OK);
         }
-        // what was pipelined behind MAIL gets the next hop's answers to it (503 or 5xx)
-        self.set_clean();
+        // what was pipelined behind MAIL gets the next hop's answers to it (503 or 5xx);
+        // the connection is clean again only once the next hop said 250 to our RSET (a
+        // refused MAIL may leave it in any state: it must reach no other sender)
         self.pass_on(reply);
         self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the sender" }, now);
+        self.reset_hop(now);
     }
 
     fn answer_rcpt(&mut self, to: super::address::Path, reply: &Reply) {
@@ -300,7 +305,10 @@ impl Session {
             }
             // a next hop that accepts a recipient without a sender is out of its mind
             None if reply.is_positive() => self.confused_hop(MAIL_FIRST),
-            _ => {
+            // pipelined behind a sender the next hop refused: its refusal follows from
+            // that one, which was counted
+            None => self.pass_on_uncounted(reply),
+            Some(_) => {
                 self.count_refused();
                 self.pass_on(reply);
             }
@@ -309,7 +317,8 @@ impl Session {
 
     fn answer_data(&mut self, reply: &Reply, now: Instant) {
         if reply.code != 354 {
-            return self.pass_on(reply);
+            // behind a refused sender (no transaction here any more): uncounted, as above
+            return if self.txn.is_none() { self.pass_on_uncounted(reply) } else { self.pass_on(reply) };
         }
         // The 354 comes only after a recipient was accepted: a next hop that says it
         // anyway (DATA pipelined behind refused RCPTs) gets no body.
@@ -338,17 +347,41 @@ impl Session {
     }
 
     fn answer_dot(&mut self, reply: &Reply, now: Instant) {
-        self.set_clean();
         if let Some(t) = &mut self.txn {
             t.open_upstream = false;
         }
         if reply.code == 250 {
+            self.set_clean();
             let id = self.txn.as_ref().map(|t| t.id.clone()).unwrap_or_default();
             self.emit(&queued(&id));
             return self.end_transaction(Outcome::Delivered, now);
         }
         self.pass_on(reply);
         self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the message" }, now);
+        self.reset_hop(now);
+    }
+
+    /// After the next hop refused the sender or the message: RSET, so that the
+    /// connection is clean for whoever comes next (see [`Waiting::Reset`]).
+    fn reset_hop(&mut self, now: Instant) {
+        if let Link::Up(l) = &mut self.link
+            && l.up.is_ready()
+        {
+            l.clean = false;
+            l.up.command(Command::Rset, b"RSET");
+            self.await_reply(Waiting::Reset, now);
+        }
+    }
+
+    /// The next hop's reply to an RSET: 250 leaves its connection clean; anything else,
+    /// and it is dropped (its state is unknown).
+    fn settle_reset(&mut self, reply: &Reply) {
+        if reply.code == 250 {
+            self.set_clean();
+        } else {
+            tracing::debug!(peer = %self.peer, code = reply.code, "next hop refused RSET: its connection is dropped");
+            self.drop_link();
+        }
     }
 
     /// The next hop answered positively where it could not have: our own refusal instead,
@@ -364,6 +397,13 @@ impl Session {
         let mut out = Vec::new();
         reply.render(&mut out);
         self.emit(&out);
+    }
+
+    /// The next hop's reply, to the peer, not counted as a failure of it.
+    fn pass_on_uncounted(&mut self, reply: &Reply) {
+        let mut out = Vec::new();
+        reply.render(&mut out);
+        self.out.push(&out);
     }
 
     fn set_clean(&mut self) {
@@ -432,6 +472,7 @@ impl Session {
     fn answer_failure(&mut self, waiting: Waiting, now: Instant) {
         match waiting {
             Waiting::Rset => self.reply(OK),
+            Waiting::Reset => {}
             Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
             Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => {

@@ -192,6 +192,10 @@ pub(super) enum Waiting {
     Data,
     Dot,
     Rset,
+    /// Our own RSET to the next hop after it refused the sender or the message, so that
+    /// its connection is clean again: the reply goes to no one (250: clean; else the
+    /// connection is dropped).
+    Reset,
     /// Our own reply to a pipelined command; `rcpt`: to RCPT (a 5xx is a failed recipient).
     Local {
         reply: Box<[u8]>,

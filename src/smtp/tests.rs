@@ -40,6 +40,8 @@ struct FakeHop {
     refuse_mail: Option<&'static str>,
     /// Never answer MAIL, nor anything after it (a hop checking senders, slowly).
     stall_mail: bool,
+    /// Reply to RSET instead of 250 (the transaction is not reset then).
+    rset_reply: Option<&'static str>,
     /// MAIL was accepted, and how many recipients since.
     mail_open: bool,
     rcpts_ok: u32,
@@ -102,6 +104,7 @@ impl FakeHop {
                 },
                 "DATA" if !self.mail_open => "503 5.5.1 need MAIL first".into(),
                 "DATA" if self.rcpts_ok == 0 => "554 5.5.1 no valid recipients".into(),
+                "RSET" if self.rset_reply.is_some() => self.rset_reply.unwrap_or_default().into(),
                 "RSET" => {
                     self.mail_open = false;
                     self.rcpts_ok = 0;
@@ -1033,6 +1036,44 @@ fn refused_recipients_past_the_limit_drop_the_conversation() {
 const BATCH: &[u8] = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nRCPT TO:<v@example.com>\r\nDATA\r\n";
 const GO_AHEAD: &str = "354 end data with <CR><LF>.<CR><LF>\r\n";
 
+/// Issue 19: a connection goes back to the pool only clean. After the next hop refused
+/// the message, it gets RSET; its 250 keeps the connection for the next sender.
+#[test]
+fn after_a_refused_message_the_next_hop_gets_rset_before_the_pool() {
+    let mut h = Harness::new();
+    h.hop.dot_reply = Some("552 5.3.4 message too big for me");
+    h.greet();
+    assert_eq!(h.deliver("user@example.com", b"hi\r\n.\r\n"), "552 5.3.4 message too big for me\r\n");
+    assert_eq!(h.hop.commands.last().map(String::as_str), Some("RSET"));
+    h.send(b"QUIT\r\n");
+    assert_eq!((h.released, h.closed), (1, 0), "reset, and pooled");
+}
+
+/// A next hop that refuses RSET (after its refusal, or the peer's RSET) loses its
+/// connection: the peer still hears 250 to its RSET, and nobody else gets the connection.
+#[test]
+fn a_next_hop_that_refuses_rset_is_never_pooled() {
+    for peer_rset in [false, true] {
+        let mut h = Harness::new();
+        h.hop.rset_reply = Some("500 5.5.1 no such command");
+        h.greet();
+        if peer_rset {
+            assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+            assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n", "the peer's transaction is reset here");
+        } else {
+            h.hop.refuse_mail = Some("552 5.3.4 SIZE too big");
+            assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "552 5.3.4 SIZE too big\r\n");
+        }
+        assert_eq!(h.hop.commands.last().map(String::as_str), Some("RSET"));
+        assert_eq!((h.released, h.closed), (0, 1), "peer RSET {peer_rset}: dropped at once");
+        // the next transaction gets a new connection
+        h.hop.refuse_mail = None;
+        h.hop.rset_reply = None;
+        assert!(h.deliver("user@example.com", b"hi\r\n.\r\n").starts_with("250 2.0.0"));
+        assert_eq!(h.dials.len(), 2);
+    }
+}
+
 #[test]
 fn a_pipelined_batch_reaches_the_next_hop_in_one_write() {
     let mut h = Harness::new();
@@ -1059,12 +1100,15 @@ fn a_refused_sender_makes_the_batch_get_the_next_hops_refusals() {
         "550 5.7.1 sender refused\r\n503 5.5.1 need MAIL first\r\n503 5.5.1 need MAIL first\r\n\
          503 5.5.1 need MAIL first\r\n"
     );
+    // one failure, the refused sender: the 503s behind it follow from it
     let events = h.events();
-    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count(), 2);
-    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Command)).count(), 2);
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count(), 0);
+    assert_eq!(events.iter().filter(|e| **e == Event::Failed(Failure::Command)).count(), 1);
     let refused = events.iter().filter(|e| matches!(e, Event::Transaction(t) if t.accepted == 0)).count();
     assert_eq!(refused, 1, "{events:?}");
-    // nothing is open at the next hop: the same connection serves the next batch
+    // the next hop got RSET behind the batch and said 250: the same connection serves
+    // the next batch
+    assert_eq!(h.hop.commands.last().map(String::as_str), Some("RSET"));
     h.hop.refuse_mail = None;
     assert!(h.send(BATCH).ends_with(GO_AHEAD));
     assert_eq!(h.dials.len(), 1);

@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod nexthop;
+pub mod postfix;
 pub mod redis_server;
 
 #[allow(unused_macros, reason = "not every test binary runs end-to-end behaviours")]
