@@ -67,33 +67,76 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
 
 fn answer(mut stream: UnixStream, shared: &Shared) -> io::Result<()> {
     let line = crate::service::read_request(&mut stream, Instant::now(), MAX_REQUEST, |r| r.contains(&b'\n'))?;
-    let line = String::from_utf8_lossy(line.split(|&b| b == b'\n').next().unwrap_or_default());
-    let request = line.trim();
-    let reply = match request.split_once(' ').unwrap_or((request, "")) {
-        ("explain", ip) => match ip.trim().parse::<IpAddr>() {
-            Ok(ip) => explain(shared, PeerIp::new(ip)),
-            Err(_) => format!("error: `{}` is not an IP address\n", ip.trim()),
-        },
-        ("reload", "") => reload(shared),
-        ("stats", "") => {
+    let reply = match parse_request(&line) {
+        Request::Explain(ip) => explain(shared, PeerIp::new(ip)),
+        Request::Reload => reload(shared),
+        Request::Stats => {
             let mut out: String = shared.stats().iter().map(|(name, value, _)| format!("{name} {value}\n")).collect();
             for (zone, n) in shared.blocked_by_zone() {
                 out.push_str(&format!("dnsbl_blocked{{zone=\"{zone}\"}} {n}\n"));
             }
             out
         }
-        ("ban", args) => ban(shared, args),
-        ("unban", key) => unban(shared, key.trim()),
-        ("bans", "") => {
+        Request::Ban { ip, secs, reason } => ban(shared, ip, secs, &reason),
+        Request::Unban(key) => unban(shared, &key),
+        Request::Bans => {
             let bans = shared.abuse().bans_in_force(UnixTime::now());
             crate::abuse::file::render(bans.iter().map(|(k, b)| (k, b)))
         }
-        _ => {
-            "error: unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans, stats)\n"
-                .to_owned()
-        }
+        Request::Bad(why) => format!("error: {why}\n"),
     };
     crate::service::write_answer(&mut stream, reply.as_bytes())
+}
+
+/// A request on the control socket, read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Explain(IpAddr),
+    Reload,
+    Stats,
+    /// SECONDS 0: the doubling `ban_duration`.
+    Ban {
+        ip: IpAddr,
+        secs: i64,
+        reason: String,
+    },
+    Unban(String),
+    Bans,
+    /// Not a request: what to answer (after `error: `).
+    Bad(String),
+}
+
+/// Reads a request: its first line, at most [`MAX_REQUEST`] bytes (outside bytes: any
+/// of them gets an answer, never a panic).
+pub fn parse_request(bytes: &[u8]) -> Request {
+    let line = String::from_utf8_lossy(bytes.split(|&b| b == b'\n').next().unwrap_or_default());
+    let request = line.trim();
+    match request.split_once(' ').unwrap_or((request, "")) {
+        ("explain", ip) => match ip.trim().parse::<IpAddr>() {
+            Ok(ip) => Request::Explain(ip),
+            Err(_) => Request::Bad(format!("`{}` is not an IP address", ip.trim())),
+        },
+        ("reload", "") => Request::Reload,
+        ("stats", "") => Request::Stats,
+        ("ban", args) => {
+            let mut words = args.trim().splitn(3, ' ');
+            let (Some(Ok(ip)), Some(Ok(secs))) =
+                (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>))
+            else {
+                return Request::Bad("expected `ban IP SECONDS REASON`".into());
+            };
+            if !(0..=MAX_BAN_SECS).contains(&secs) {
+                return Request::Bad(format!("SECONDS must be from 0 to {MAX_BAN_SECS} (100 years)"));
+            }
+            let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the operator");
+            Request::Ban { ip, secs, reason: reason.to_owned() }
+        }
+        ("unban", key) => Request::Unban(key.trim().to_owned()),
+        ("bans", "") => Request::Bans,
+        _ => Request::Bad(
+            "unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans, stats)".into(),
+        ),
+    }
 }
 
 fn explain(shared: &Shared, peer: PeerIp) -> String {
@@ -148,18 +191,8 @@ fn reload(shared: &Shared) -> String {
     }
 }
 
-/// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`, at most
-/// [`MAX_BAN_SECS`] (100 years).
-fn ban(shared: &Shared, args: &str) -> String {
-    let mut words = args.trim().splitn(3, ' ');
-    let (Some(Ok(ip)), Some(Ok(secs))) = (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>))
-    else {
-        return "error: expected `ban IP SECONDS REASON`\n".to_owned();
-    };
-    if !(0..=MAX_BAN_SECS).contains(&secs) {
-        return format!("error: SECONDS must be from 0 to {MAX_BAN_SECS} (100 years)\n");
-    }
-    let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the operator");
+/// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`.
+fn ban(shared: &Shared, ip: IpAddr, secs: i64, reason: &str) -> String {
     let snapshot = shared.snapshot();
     let peer = PeerIp::new(ip);
     if let (Some(rule), Some(file)) = (snapshot.whitelist.verdict(peer.ip()).rule, snapshot.whitelist.file()) {

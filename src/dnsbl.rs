@@ -118,6 +118,17 @@ pub struct Resolver<T> {
 impl<T: Copy> Resolver<T> {
     /// `random`: a source of unpredictable query ids (the server's, a CSPRNG).
     pub fn new(servers: Vec<SocketAddr>, timeout: Duration, random: Box<dyn FnMut() -> u16 + Send>) -> Self {
+        Resolver::with_cache_slots(servers, timeout, random, CACHE_SLOTS)
+    }
+
+    /// The same with a cache of `slots` slots (the fuzz target's is small: a resolver
+    /// each run).
+    pub fn with_cache_slots(
+        servers: Vec<SocketAddr>,
+        timeout: Duration,
+        random: Box<dyn FnMut() -> u16 + Send>,
+        slots: usize,
+    ) -> Self {
         Resolver {
             servers,
             next_server: 0,
@@ -126,7 +137,7 @@ impl<T: Copy> Resolver<T> {
             deadlines: VecDeque::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
-            cache: vec![CacheSlot::default(); CACHE_SLOTS].into_boxed_slice(),
+            cache: vec![CacheSlot::default(); slots.max(1)].into_boxed_slice(),
             hasher: ahash::RandomState::new(),
             random,
         }

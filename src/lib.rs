@@ -18,6 +18,7 @@ pub mod conn;
 pub mod control;
 pub mod datetime;
 pub mod dnsbl;
+pub mod fuzzing;
 pub mod gate;
 pub mod logfmt;
 pub mod metrics;

@@ -1,0 +1,326 @@
+//! The fuzz targets' bodies: every parser that reads outside bytes, driven by arbitrary
+//! input, with the invariants each must keep asserted. `fuzz/` (cargo-fuzz, nightly) runs
+//! them under libFuzzer; `tests/fuzz_corpus.rs` (stable) replays every seed and every
+//! input a campaign kept, so CI keeps them passing.
+//!
+//! | target     | outside bytes                         | what must hold                                   |
+//! |------------|---------------------------------------|--------------------------------------------------|
+//! | `session`  | a peer (and a scripted next hop)      | no 250 after DATA without the hop's 250; replies bounded; it settles |
+//! | `proxy`    | a balancer's PROXY v1/v2 header       | consumed within the bytes; a v1 header within its line |
+//! | `dns`      | a DNS server's answer                 | only an answer to the question asked is taken    |
+//! | `upstream` | a next hop's replies                  | events only for commands sent; a failure ends it |
+//! | `config`   | the operator's config, lists, ban file | a clear error or a value, never a panic        |
+//! | `control`  | a control-socket request              | an answer for every line                         |
+//! | `fleet`    | what Redis holds and publishes        | a ban or an error; an end within 100 years       |
+//!
+//! Nothing here reads a socket or a clock: time is the input's.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, RelayTls};
+use crate::datetime::UnixTime;
+use crate::peer::PeerIp;
+use crate::smtp::client::{Command, Event as UpEvent, Upstream};
+use crate::smtp::{Relay, Session, Settings, Transmit};
+
+/// The session's configuration: small limits, so that the input reaches them.
+const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5\nmax_message_size = \"2KiB\"\n\
+    command_timeout = \"60s\"\ndata_timeout = \"30s\"\nmin_data_rate = \"0\"\n[abuse]\nmax_failed_commands = 8\n\
+    max_failed_recipients = 4\n[relay]\ndomains = [\"example.com\"]\nnext_hops = [\"127.0.0.1:2526\"]\nreply_timeout = \"20s\"\n";
+
+/// Most bytes a session may answer a command line with (the EHLO reply is the longest).
+const MAX_REPLY: usize = 600;
+
+/// A next hop that answers like an SMTP server, its behaviour chosen by the input.
+struct Hop {
+    unread: Vec<u8>,
+    in_body: bool,
+    refuse_mail: bool,
+    refuse_rcpt: bool,
+    refuse_rset: bool,
+    /// The reply to the final dot.
+    dot: &'static [u8],
+    pipelining: bool,
+    /// Final dots it answered 250.
+    accepted: usize,
+}
+
+impl Hop {
+    fn answers(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            if self.in_body {
+                let Some(end) = self.unread.windows(5).position(|w| w == b"\r\n.\r\n") else { break };
+                self.unread.drain(..end + 5);
+                self.in_body = false;
+                if self.dot.starts_with(b"250") {
+                    self.accepted += 1;
+                }
+                out.extend_from_slice(self.dot);
+                continue;
+            }
+            let Some(lf) = self.unread.iter().position(|&b| b == b'\n') else { break };
+            let line: Vec<u8> = self.unread.drain(..=lf).collect();
+            let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase).unwrap_or_default();
+            let reply: &[u8] = match &verb[..] {
+                b"EHLO" if self.pipelining => b"250-hop\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000\r\n",
+                b"EHLO" => b"250-hop\r\n250 8BITMIME\r\n",
+                b"MAIL" if self.refuse_mail => b"552 5.3.4 too big\r\n",
+                b"RCPT" if self.refuse_rcpt => b"550 5.1.1 no such user\r\n",
+                b"DATA" => {
+                    self.in_body = true;
+                    b"354 go ahead\r\n"
+                }
+                b"RSET" if self.refuse_rset => b"502 5.5.1 no\r\n",
+                b"QUIT" => b"221 bye\r\n",
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            out.extend_from_slice(reply);
+        }
+        out
+    }
+}
+
+/// The SMTP session driven by a peer's arbitrary bytes, against a scripted next hop, on
+/// a clock the input moves. Input: one byte of hop behaviour, then operations of one
+/// byte each (`op % 8`), some followed by a length byte and that many bytes:
+/// 0-3 peer bytes, 4 the clock moves by the next byte's seconds, 5 the peer's EOF,
+/// 6 the next hop's connection fails, 7 shutdown (drain).
+pub fn session(data: &[u8]) {
+    messages_acknowledged(data);
+}
+
+/// [`session`]'s run: how many messages the peer was told were queued.
+pub fn messages_acknowledged(data: &[u8]) -> usize {
+    static SETTINGS: std::sync::OnceLock<Arc<Settings>> = std::sync::OnceLock::new();
+    let Some((&flags, mut ops)) = data.split_first() else { return 0 };
+    let settings = Arc::clone(SETTINGS.get_or_init(|| {
+        let Ok(config) = Config::parse(SESSION_CONFIG, Path::new("fuzz.toml"), Path::new(".")) else {
+            panic!("the fuzz configuration is valid")
+        };
+        Arc::new(Settings::new(&config, false))
+    }));
+    let start = Instant::now();
+    let mut now = start;
+    let peer = PeerIp::new(IpAddr::from([192, 0, 2, 7]));
+    let mut s = Session::new(settings, peer, now, UnixTime(1_795_894_760));
+    let mut hop = Hop {
+        unread: Vec::new(),
+        in_body: false,
+        refuse_mail: flags & 1 != 0,
+        refuse_rcpt: flags & 2 != 0,
+        refuse_rset: flags & 4 != 0,
+        dot: if flags & 8 != 0 { b"554 5.7.1 refused\r\n" } else { b"250 2.0.0 queued\r\n" },
+        pipelining: flags & 16 == 0,
+        accepted: 0,
+    };
+    let (mut peer_got, mut lines_in, mut total_out) = (Vec::new(), 0usize, 0usize);
+    let mut queued = 0usize;
+    drive(&mut s, &mut hop, &mut peer_got, now); // the banner
+    while let Some((&op, rest)) = ops.split_first() {
+        ops = rest;
+        match op % 8 {
+            0..=3 => {
+                let len = ops.first().map_or(0, |&n| usize::from(n)).min(ops.len().saturating_sub(1));
+                let bytes = ops.get(1..=len).unwrap_or_default();
+                ops = ops.get(len + 1..).unwrap_or_default();
+                if s.poll_transmit() == Transmit::Receive {
+                    lines_in += bytes.iter().filter(|&&b| b == b'\n').count();
+                    s.handle_input(bytes, now);
+                }
+            }
+            4 => {
+                let secs = ops.first().copied().unwrap_or(1);
+                ops = ops.get(1..).unwrap_or_default();
+                now += Duration::from_secs(u64::from(secs));
+                if s.poll_timeout().is_some_and(|t| t <= now) {
+                    s.handle_timeout(now);
+                }
+            }
+            5 => s.handle_eof(now),
+            6 => s.handle_relay_error(now),
+            _ => s.shutdown(now),
+        }
+        drive(&mut s, &mut hop, &mut peer_got, now);
+        queued += count(&peer_got, b"250 2.0.0 OK: queued as ");
+        total_out += peer_got.len();
+        peer_got.clear();
+        // a bounded reply per line received (and the banner, a last 421)
+        assert!(total_out <= MAX_REPLY * (lines_in + 3), "{total_out} bytes out for {lines_in} lines in");
+        // no 250 to the end of data without the next hop's 250 to it
+        assert!(queued <= hop.accepted, "{queued} messages acknowledged, the next hop took {}", hop.accepted);
+        if s.poll_transmit() == Transmit::Close {
+            break;
+        }
+    }
+    queued
+}
+
+/// Serves both ports until neither has anything to do; what the peer got is appended.
+fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
+    for _ in 0..10_000 {
+        let mut busy = false;
+        if let Transmit::Send(bytes) = s.poll_transmit() {
+            assert!(bytes.len() <= MAX_REPLY * 200, "{} bytes owed to the peer at once", bytes.len());
+            peer_got.extend_from_slice(bytes);
+            let n = bytes.len();
+            s.consume_output(n);
+            busy = true;
+        }
+        match s.poll_relay() {
+            Relay::Connect { .. } => {
+                busy = true;
+                s.dialing();
+                hop.unread.clear();
+                hop.in_body = false;
+                s.attach_upstream(Upstream::new("mx.test", RelayTls::Off), false, now);
+                s.handle_relay_input(b"220 hop ESMTP\r\n", now);
+            }
+            Relay::Send(bytes) => {
+                busy = true;
+                hop.unread.extend_from_slice(bytes);
+                let n = bytes.len();
+                s.consume_relay_output(n, now);
+                let answers = hop.answers();
+                if !answers.is_empty() {
+                    s.handle_relay_input(&answers, now);
+                }
+            }
+            Relay::Release | Relay::Close => {
+                busy = true;
+                s.detach_relay();
+                hop.unread.clear();
+                hop.in_body = false;
+            }
+            Relay::Receive | Relay::Idle => {}
+        }
+        if !busy {
+            return;
+        }
+    }
+    panic!("the session never settles");
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// A balancer's PROXY header, v1 or v2, read from arbitrary bytes.
+pub fn proxy(data: &[u8]) {
+    if let crate::proxy::Parsed::Done { consumed, header } = crate::proxy::parse(data) {
+        assert!(consumed <= data.len(), "consumed {consumed} of {} bytes", data.len());
+        if data.starts_with(b"PROXY ") {
+            assert!(consumed <= 107, "a v1 header is one line of at most 107 bytes");
+        }
+        let _ = header;
+    }
+}
+
+/// A DNS server's datagram, as the answer to a blocklist query in flight: the first two
+/// bytes are replaced by the query's id (so the input reaches past the id check), the
+/// third byte picks where it came from (the server asked, or another port).
+pub fn dns(data: &[u8]) {
+    let server: SocketAddr = ([127, 0, 0, 1], 53).into();
+    let now = Instant::now();
+    let mut resolver =
+        crate::dnsbl::Resolver::with_cache_slots(vec![server], Duration::from_secs(2), Box::new(|| 0x1234), 16);
+    let peer = IpAddr::from([192, 0, 2, 7]);
+    assert!(resolver.lookup(1u32, peer, "zen.example.org", now).is_none(), "nothing cached yet");
+    let Some((_, query)) = resolver.poll_transmit() else { panic!("a query goes out") };
+    let mut answer = data.to_vec();
+    if answer.len() >= 2 {
+        answer[..2].copy_from_slice(&query[..2]);
+    }
+    let from = if data.get(2).is_some_and(|b| b & 1 == 1) { ([127, 0, 0, 1], 5353).into() } else { server };
+    resolver.handle_datagram(from, &answer, now);
+    while let Some((token, _)) = resolver.poll_event() {
+        assert_eq!(token, 1, "an answer only for the query asked");
+        assert_eq!(from, server, "an answer only from the server asked");
+    }
+    resolver.handle_timeout(now + Duration::from_secs(3));
+}
+
+/// A next hop's replies, in the pieces the input cuts them into, to a client that sends
+/// MAIL, RCPT, DATA, the body, the dot and RSET as it becomes ready.
+pub fn upstream(data: &[u8]) {
+    let mut up = Upstream::new("mx.test", RelayTls::Off);
+    let mut sent = 0usize;
+    let mut answered = 0usize;
+    for piece in data.split(|&b| b == 0xff) {
+        up.handle_input(piece);
+        let out = up.output().len();
+        up.consume_output(out);
+        while let Some(event) = up.poll_event() {
+            match event {
+                UpEvent::Ready => {
+                    for (cmd, line) in [
+                        (Command::Mail, &b"MAIL FROM:<a@b.test>"[..]),
+                        (Command::Rcpt, b"RCPT TO:<c@example.com>"),
+                        (Command::Data, b"DATA"),
+                    ] {
+                        up.command(cmd, line);
+                        sent += 1;
+                    }
+                }
+                UpEvent::Reply(Command::Data, reply) if reply.code == 354 => {
+                    answered += 1;
+                    up.send_data(b"hi\r\n");
+                    up.end_data();
+                    up.command(Command::Rset, b"RSET");
+                    sent += 2;
+                }
+                UpEvent::Reply(_, _) => answered += 1,
+                UpEvent::Failed(_) | UpEvent::NoTls(_) => return,
+            }
+            assert!(answered <= sent, "{answered} replies to {sent} commands");
+        }
+    }
+}
+
+/// The operator's files: the configuration, an access list and a ban file, all from the
+/// same bytes.
+pub fn config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Config::parse(text, Path::new("fuzz.toml"), Path::new("/nonexistent"));
+    }
+    let mut problems = Vec::new();
+    let _ = crate::access::list::parse(data, Path::new("fuzz.list"), &mut problems);
+    if let Ok(bans) = crate::abuse::file::parse(data, Path::new("bans.list")) {
+        for (_, ban) in bans {
+            assert!((1..=crate::abuse::file::MAX_OFFENCE).contains(&ban.offence));
+            assert!(ban.until < 253_402_300_800, "until within 9999");
+        }
+    }
+}
+
+/// A request on the control socket.
+pub fn control(data: &[u8]) {
+    if let crate::control::Request::Ban { secs, .. } = crate::control::parse_request(data) {
+        assert!((0..=crate::abuse::bans::MAX_BAN_SECS).contains(&secs));
+    }
+}
+
+/// What Redis holds (a ban key's value) and what its channel carries (a message).
+pub fn fleet(data: &[u8]) {
+    if let Ok((_, ban)) = crate::cluster::wire::parse_ban(data) {
+        assert!((1..=crate::abuse::file::MAX_OFFENCE).contains(&ban.offence));
+    }
+    let _ = crate::cluster::wire::parse_message(data);
+}
+
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
+/// Every target, by name (for the corpus replay).
+pub const TARGETS: [(&str, Target); 7] = [
+    ("session", session),
+    ("proxy", proxy),
+    ("dns", dns),
+    ("upstream", upstream),
+    ("config", config),
+    ("control", control),
+    ("fleet", fleet),
+];
