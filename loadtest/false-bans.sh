@@ -24,9 +24,11 @@ trap cleanup EXIT
   printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[abuse]\nfailure_threshold = %s\nfailure_window = "1h"\n' \
     "$port" $((failures + 1))
   [ "$memory" = none ] || printf 'counter_memory = "%s"\n' "$memory"
+  printf '[control]\nsocket = "%s/mxgate.sock"\n' "$d"
 } > "$d/mxgate.toml"
 MXGATE_LOG=warn "$mxgate" --config "$d/mxgate.toml" & pid=$!
 wait_port "$port"
 echo "== $addresses addresses x $failures failures (threshold $((failures + 1)), counter_memory $memory) =="
 "$bin/falsebans" "$port" "$addresses" "$failures"
-echo "rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"
+echo "rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")" \
+  "$("$mxgate" stats --config "$d/mxgate.toml" | grep -E '^(bans_in_force|failure_keys_evicted) ' | tr '\n' ' ')"

@@ -180,7 +180,7 @@ fn a_nul_in_the_body_is_refused_and_reaches_nothing(io: &str) {
 /// the 452s for recipients past max_recipients are failures that drop them (before, every
 /// RCPT was queued, each scanning the queue, and 452s were never failures).
 fn a_rcpt_flood_while_the_hop_stalls_mail_is_held_back(io: &str) {
-    use std::io::{Read, Write};
+    use std::io::Read;
     use std::time::{Duration, Instant};
     let hop = loadtest::stallhop::StallingHop::start("127.0.0.1:0").expect("the stalling hop");
     let m = Mxgate::start(&config(&[hop.addr], "reply_timeout = \"60s\"\n"), &[], io);
@@ -200,15 +200,7 @@ fn a_rcpt_flood_while_the_hop_stalls_mail_is_held_back(io: &str) {
         .into_iter()
         .map(|mut s| {
             std::thread::spawn(move || {
-                s.set_write_timeout(Some(Duration::from_millis(50))).expect("timeout");
-                s.set_nodelay(true).expect("nodelay");
-                let mut sent = 0;
-                while Instant::now() < flood_until {
-                    if s.write_all(format!("RCPT TO:<u{sent}@example.com>\r\n").as_bytes()).is_ok() {
-                        sent += 1;
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
+                let sent = loadtest::stallhop::drip_rcpts(&mut s, flood_until, Duration::from_micros(200));
                 (s, sent)
             })
         })

@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::probe::{connect, line};
 
@@ -24,10 +25,15 @@ pub enum Met {
 
 /// One conversation from `source` to 127.0.0.1:`port` with `failures` unknown commands.
 pub fn fail(source: Ipv4Addr, port: u16, failures: usize) -> std::io::Result<Met> {
+    fail_at(source, port, failures).map(|(met, _)| met)
+}
+
+/// The same, with when its last failing reply came.
+pub fn fail_at(source: Ipv4Addr, port: u16, failures: usize) -> std::io::Result<(Met, Instant)> {
     let mut r = connect(source, port)?;
     let first = line(&mut r)?;
     if first.starts_with("530") {
-        return Ok(Met::Banned);
+        return Ok((Met::Banned, Instant::now()));
     }
     if !first.starts_with("220") {
         return Err(std::io::Error::other(format!("{source}: `{}` as the first line", first.trim())));
@@ -39,9 +45,10 @@ pub fn fail(source: Ipv4Addr, port: u16, failures: usize) -> std::io::Result<Met
             return Err(std::io::Error::other(format!("{source}: `{}` to an unknown command", reply.trim())));
         }
     }
+    let failed = Instant::now();
     r.get_mut().write_all(b"QUIT\r\n")?;
     line(&mut r)?;
-    Ok(Met::Failed)
+    Ok((Met::Failed, failed))
 }
 
 /// Whether `source` is refused with `530`.

@@ -1,17 +1,34 @@
 //! A next hop that sits on MAIL (`rcptflood` and the relay tests): it greets, offers
 //! PIPELINING, and answers nothing from MAIL on until released, reading on (a hop doing
 //! slow sender checks, or a hostile one); released, it accepts MAIL and every command it
-//! got after it, and whatever comes later.
+//! got after it, and whatever comes later. And the peer that floods RCPT behind its MAIL
+//! ([`drip_rcpts`]).
 //!
 //! ```text
 //!  220 ─► EHLO: 250 PIPELINING ─► MAIL ... (silent, counting) ─release─► 250 × owed ─► 250 ...
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Sends RCPT lines on `s` until `until`, one line a write with `pause` between (so that
+/// each read on the other side ends at a line's end: every line read is a command the
+/// session may take); a write that cannot go within 50 ms is skipped. How many went.
+pub fn drip_rcpts(s: &mut TcpStream, until: Instant, pause: Duration) -> u64 {
+    let _ = s.set_write_timeout(Some(Duration::from_millis(50)));
+    let _ = s.set_nodelay(true);
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        if s.write_all(format!("RCPT TO:<u{sent}@example.com>\r\n").as_bytes()).is_ok() {
+            sent += 1;
+        }
+        std::thread::sleep(pause);
+    }
+    sent
+}
 
 pub struct StallingHop {
     pub addr: SocketAddr,

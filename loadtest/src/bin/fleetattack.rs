@@ -8,35 +8,19 @@
 //! Prints the time until each address was refused by the whole fleet (ms: p50, p99,
 //! max), how many failures were made, and the attack's wall time.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use loadtest::probe::{connect, line};
+use loadtest::spread::{Met, fail_at, refused};
 
 /// One conversation failing `failures` times; when its last failing reply came.
 fn fail(source: Ipv4Addr, port: u16, failures: usize) -> std::io::Result<Instant> {
-    let mut r = connect(source, port)?;
-    let banner = line(&mut r)?;
-    if !banner.starts_with("220") {
-        return Err(std::io::Error::other(format!("{source} on {port}: `{}` before it failed", banner.trim())));
+    match fail_at(source, port, failures)? {
+        (Met::Failed, at) => Ok(at),
+        (Met::Banned, _) => Err(std::io::Error::other(format!("{source} on {port}: banned before it failed"))),
     }
-    r.get_mut().write_all(&b"BOGUS\r\n".repeat(failures))?;
-    for _ in 0..failures {
-        let reply = line(&mut r)?;
-        if !reply.starts_with('5') {
-            return Err(std::io::Error::other(format!("{source}: `{}` to an unknown command", reply.trim())));
-        }
-    }
-    let failed = Instant::now();
-    r.get_mut().write_all(b"QUIT\r\n")?;
-    Ok(failed)
-}
-
-fn refused(source: Ipv4Addr, port: u16) -> std::io::Result<bool> {
-    Ok(line(&mut connect(source, port)?)?.starts_with("530"))
 }
 
 /// The whole fleet's attack on one address: the time from its last failure until every

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use loadtest::probe::{connect, line};
-use loadtest::stallhop::StallingHop;
+use loadtest::stallhop::{StallingHop, drip_rcpts};
 
 fn main() {
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().unwrap_or(u64::MAX)).collect();
@@ -56,16 +56,7 @@ fn run(port: u16, seconds: Duration, flooders: u8) -> std::io::Result<()> {
         .into_iter()
         .map(|mut r| {
             std::thread::spawn(move || {
-                let s = r.get_mut();
-                let _ = s.set_write_timeout(Some(Duration::from_millis(50)));
-                let _ = s.set_nodelay(true);
-                let mut sent = 0u64;
-                while Instant::now() < until {
-                    if s.write_all(format!("RCPT TO:<u{sent}@example.com>\r\n").as_bytes()).is_ok() {
-                        sent += 1;
-                    }
-                    std::thread::sleep(Duration::from_micros(100));
-                }
+                let sent = drip_rcpts(r.get_mut(), until, Duration::from_micros(100));
                 (r, sent)
             })
         })
