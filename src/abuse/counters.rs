@@ -48,15 +48,15 @@ use super::AbuseKey;
 pub const SUB_WINDOWS: usize = 8;
 /// Entries per bucket: one cache line of heads.
 pub const WAYS: usize = 8;
-/// Buckets per shard (one lock): 160 KiB, allocated on its own.
+/// Buckets per shard (one lock): 160 KiB of the table.
 pub const SHARD_BUCKETS: usize = 512;
 /// Bytes one key takes: head (8: newest sub-window, prefix tag, fingerprint), address
 /// (16), counts (16).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Bucket>() / WAYS;
 
 /// [`WAYS`] entries: their heads in the first cache line, then addresses and counts.
-/// Atomics only so that the table can be shared without `unsafe`: every access is under
-/// the shard's lock, with relaxed loads and stores (plain moves).
+/// Atomics, so that the workers share the buckets without `UnsafeCell`: every access is
+/// under the shard's lock, with relaxed loads and stores (plain moves).
 #[repr(C, align(64))]
 #[derive(Debug)]
 struct Bucket {

@@ -7,6 +7,16 @@
 //! acknowledged anything (connecting, greeting, MAIL on a pooled connection that may be
 //! stale) the next connection or next hop is tried; after, the peer gets `451 4.4.1`,
 //! never `250`, and the rest of the transaction gets `451 4.4.1` too.
+//!
+//! A connection is clean (the pool may have it) only while no transaction is open at the
+//! next hop as far as its replies say:
+//!
+//! ```text
+//!  clean ── MAIL ──► dirty ── 250 to the final dot ─────────────────────────► clean
+//!                      │ refused MAIL or final dot: our RSET (Waiting::Reset)
+//!                      │ the peer's RSET: forwarded (Waiting::Rset)
+//!                      └──► RSET answered 250 ──► clean;   anything else ──► dropped
+//! ```
 
 use std::net::SocketAddr;
 use std::time::Instant;
