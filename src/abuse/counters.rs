@@ -13,14 +13,13 @@
 //!     not held; an entry free in either (never used, or stale: no failure within the
 //!       window) ──► take one in the bucket holding fewer live keys (b1 on a tie)
 //!     not held, none free (2 × WAYS keys failing now) ─► evict the one of the 2 × WAYS
-//!       with the fewest failures counted at its last failure (the least recently
-//!       counted among equals), count the key from 1, and count the eviction
+//!       with the fewest failures in the window (the least recently counted among
+//!       equals), count the key from 1, and count the eviction
 //! ```
 //!
-//! A bucket is one cache line of entry heads (fingerprint, prefix tag, newest sub-window,
-//! the count at the last failure: all a look-up reads to find a key, a free entry or the
-//! one to evict) and four of keys and counts, so a failure reads at most two head lines
-//! and one entry line under the lock. Two choices
+//! A bucket is one cache line of entry heads (fingerprint, prefix tag, newest sub-window:
+//! all a look-up reads to find a key or a free entry) and four of keys and counts, so a
+//! failure reads at most two head lines and one entry line under the lock. Two choices
 //! keep a table at 60 % without an eviction: 1,000,000 addresses fit the default 64 MiB.
 //!
 //! Past capacity (more keys failing within one window than the table holds), what is lost
@@ -51,8 +50,8 @@ pub const SUB_WINDOWS: usize = 8;
 pub const WAYS: usize = 8;
 /// Buckets per shard (one lock): 160 KiB of the table.
 pub const SHARD_BUCKETS: usize = 512;
-/// Bytes one key takes: head (8: newest sub-window, prefix tag, fingerprint, count at
-/// the last failure), address (16), counts (16).
+/// Bytes one key takes: head (8: newest sub-window, prefix tag, fingerprint), address
+/// (16), counts (16).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Bucket>() / WAYS;
 
 /// [`WAYS`] entries: their heads in the first cache line, then addresses and counts.
@@ -61,9 +60,9 @@ pub const ENTRY_BYTES: usize = std::mem::size_of::<Bucket>() / WAYS;
 #[repr(C, align(64))]
 #[derive(Debug)]
 struct Bucket {
-    /// Per entry (see [`head`]): newest sub-window counted, prefix tag, fingerprint, count
-    /// at the last failure. 0: never used. The prefix tag is `1 + prefix length` for IPv4
-    /// and `256 + prefix length` for IPv6, never 0.
+    /// Per entry: newest sub-window counted (high 32 bits), prefix tag (16), fingerprint
+    /// (low 16). 0: never used. The prefix tag is `1 + prefix length` for IPv4 and
+    /// `256 + prefix length` for IPv6, never 0.
     head: [AtomicU64; WAYS],
     /// Per entry, on one half of a cache line: the address (two words), then the counts,
     /// four sub-window counts a word: `s % SUB_WINDOWS` indexes sub-window `s`'s count,
@@ -100,28 +99,17 @@ impl Bucket {
     }
 }
 
-/// A head: newest sub-window (bits 63-32), prefix tag (31-23), fingerprint (22-8), and
-/// the failures counted in the window at the last update, up to 255 (7-0): what picks
-/// the entry to evict without reading the entries.
-fn head(newest: u32, tag: u16, fingerprint: u16, counted: u32) -> u64 {
-    (u64::from(newest) << 32)
-        | (u64::from(tag & 0x1ff) << 23)
-        | (u64::from(fingerprint & 0x7fff) << 8)
-        | u64::from(counted.min(255))
+fn head(newest: u32, tag: u16, fingerprint: u16) -> u64 {
+    (u64::from(newest) << 32) | (u64::from(tag) << 16) | u64::from(fingerprint)
 }
 
 fn newest_of(head: u64) -> u32 {
     (head >> 32) as u32
 }
 
-/// The head's prefix tag and fingerprint: what identifies a key (with its address).
+/// The head without its sub-window: what identifies a key (with its address).
 fn identity(head: u64) -> u32 {
-    (head >> 8) as u32 & 0xff_ffff
-}
-
-/// The failures the head says were counted at its last update (up to 255).
-fn counted_of(head: u64) -> u32 {
-    u32::from(head as u8)
+    head as u32
 }
 
 /// An entry's failures within the window that ends with sub-window `now`.
@@ -264,9 +252,8 @@ impl FailureCounters {
         let (newest, mut counts) =
             if held { (newest_of(bucket.head(w)), bucket.counts(w)) } else { (now, [0; SUB_WINDOWS]) };
         let newest = add(newest, &mut counts, now);
-        let n = sum(newest, &counts, now);
-        bucket.set(w, head(newest, tag, place.fingerprint, n), addr, &counts);
-        n
+        bucket.set(w, head(newest, tag, place.fingerprint), addr, &counts);
+        sum(newest, &counts, now)
     }
 
     /// The count of `key` within the window at `now`.
@@ -307,7 +294,7 @@ impl FailureCounters {
 
 /// Where `place`'s key is held, or the entry it takes.
 fn find(buckets: &[Bucket], place: &Place, addr: [u64; 2], tag: u16, now: u32) -> Found {
-    let wanted = identity(head(0, tag, place.fingerprint, 0));
+    let wanted = identity(head(0, tag, place.fingerprint));
     let choices: &[usize] = if place.b1 == place.b2 { &[place.b1] } else { &[place.b1, place.b2] };
     // per bucket: a free entry and how many live keys it holds
     let mut free: [(Option<usize>, usize); 2] = [(None, 0); 2];
@@ -329,14 +316,13 @@ fn find(buckets: &[Bucket], place: &Place, addr: [u64; 2], tag: u16, now: u32) -
     if let Some(w) = free[fewer].0 {
         return Found::Free(choices[fewer], w);
     }
-    // from the heads alone: each entry's count at its last update (it can only have
-    // aged since), then the least recently counted
     let mut least = (choices[0], 0, u32::MAX, u32::MAX);
     for &b in choices {
         for w in 0..WAYS {
-            let h = buckets[b].head(w);
-            if (counted_of(h), newest_of(h)) < (least.2, least.3) {
-                least = (b, w, counted_of(h), newest_of(h));
+            let newest = newest_of(buckets[b].head(w));
+            let n = buckets[b].sum(w, now);
+            if (n, newest) < (least.2, least.3) {
+                least = (b, w, n, newest);
             }
         }
     }
@@ -450,7 +436,7 @@ mod tests {
                 for w in 0..WAYS {
                     let n = bucket.sum(w, now);
                     if bucket.head(w) != 0 && n > 0 {
-                        held.push((decode(bucket.addr(w), (bucket.head(w) >> 23) as u16 & 0x1ff), n));
+                        held.push((decode(bucket.addr(w), (bucket.head(w) >> 16) as u16), n));
                     }
                 }
             }
