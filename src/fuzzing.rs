@@ -255,7 +255,9 @@ pub fn upstream(data: &[u8]) {
         up.consume_output(out);
         while let Some(event) = up.poll_event() {
             match event {
-                UpEvent::Ready => {
+                // commands go only to a client that is ready (Command's precondition): a
+                // failure may already be behind the event in the same input
+                UpEvent::Ready if up.is_ready() => {
                     for (cmd, line) in [
                         (Command::Mail, &b"MAIL FROM:<a@b.test>"[..]),
                         (Command::Rcpt, b"RCPT TO:<c@example.com>"),
@@ -265,13 +267,14 @@ pub fn upstream(data: &[u8]) {
                         sent += 1;
                     }
                 }
-                UpEvent::Reply(Command::Data, reply) if reply.code == 354 => {
+                UpEvent::Reply(Command::Data, reply) if reply.code == 354 && up.is_ready() => {
                     answered += 1;
                     up.send_data(b"hi\r\n");
                     up.end_data();
                     up.command(Command::Rset, b"RSET");
                     sent += 2;
                 }
+                UpEvent::Ready => {}
                 UpEvent::Reply(_, _) => answered += 1,
                 UpEvent::Failed(_) | UpEvent::NoTls(_) => return,
             }

@@ -135,14 +135,20 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
     let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
     let (date, time) = s.split_once(['T', 't'])?;
     let four_digit_year = date.split('-').next().is_some_and(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()));
-    if !four_digit_year || date < "1970" {
+    let digits = |text: &str, separator: u8| text.bytes().all(|b| b.is_ascii_digit() || b == separator);
+    if !four_digit_year || date < "1970" || !digits(date, b'-') || !digits(time, b':') {
         return None;
     }
     let mut d = date.split('-').map(str::parse::<i64>);
     let (year, month, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.split(':').map(str::parse::<i64>);
     let (h, m, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let valid = (1..=12).contains(&month) && (1..=31).contains(&day) && h < 24 && m < 60 && sec < 61;
+    // every field in its range (digits only, so none is negative)
+    let valid = (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && (0..24).contains(&h)
+        && (0..60).contains(&m)
+        && (0..61).contains(&sec);
     if !valid || d.next().is_some() || t.next().is_some() {
         return None;
     }
@@ -275,6 +281,22 @@ mod tests {
         let loaded = load(&path, UnixTime(T0));
         assert_eq!(loaded[0].1.until, T0 + super::super::bans::MAX_BAN_SECS);
         assert_eq!(loaded[0].1.offence, 1000);
+    }
+
+    /// Found by the `fleet` fuzz target: a negative hour passed `h < 24`, and the
+    /// arithmetic after it overflowed.
+    #[test]
+    fn negative_fields_are_not_times() {
+        for bad in [
+            "2030-01-01T-9223372036854775808:00:00Z",
+            "2030-01-01T00:-1:00Z",
+            "2030-01-01T00:00:-5Z",
+            "2030-01-01T+1:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        let line = "192.0.2.7 until=2030-01-01T-9223372036854775808:00:00Z";
+        assert!(parse_line(line).is_err());
     }
 
     #[test]
