@@ -13,13 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/loadtest/common.sh"
 addresses=${1:-1000000} failures=${2:-4} memory=${3:-64MiB}
 port=${PORT:-2740}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin falsebans)
-bin=$root/target/release
-mxgate=${MXGATE:-$bin/mxgate}
-d=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$d"; }
-trap cleanup EXIT
+one_mxgate falsebans
 {
   printf '[listen]\naddresses = ["127.0.0.1:%s"]\n[abuse]\nfailure_threshold = %s\nfailure_window = "1h"\n' \
     "$port" $((failures + 1))

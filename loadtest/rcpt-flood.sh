@@ -10,13 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-30} io=uring
 [ "${2:-}" = --io ] && io=$3
 port=${PORT:-2750} hop_port=${HOP_PORT:-2751}
-(cd "$root" && cargo build --release -q -p mxgate --bin mxgate && cargo build --release -q -p mxgate-loadtest --bin rcptflood)
-bin=$root/target/release
-mxgate=${MXGATE:-$bin/mxgate}
-d=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$d"; }
-trap cleanup EXIT
+one_mxgate rcptflood
 printf '[listen]\naddresses = ["127.0.0.1:%s"]\nthreads = 2\n[relay]\ndomains = ["example.com"]\nnext_hops = ["127.0.0.1:%s"]\nreply_timeout = "%ss"\n' \
   "$port" "$hop_port" $((seconds + 30)) > "$d/mxgate.toml"
 MXGATE_LOG=warn "$mxgate" --config "$d/mxgate.toml" --io "$io" & pid=$!
