@@ -398,30 +398,37 @@ fn a_stale_pooled_connection_is_replaced_without_the_peer_noticing() {
     assert_eq!(w.subjects(A), ["one", "two"]);
 }
 
-#[test]
-fn pooled_connections_expire_after_idle_timeout() {
+/// A world where one message went through A and its connection waits in the pool.
+fn one_pooled() -> World {
     let mut w = World::new(&[A]);
     let s1 = w.session();
     w.deliver(s1, "one");
     w.send(s1, "QUIT\r\n");
     assert_eq!(w.host.pooled(addr(A)), 1);
+    w
+}
+
+/// What A received last.
+fn last_command(w: &mut World) -> Option<String> {
+    w.io.log(addr(A)).borrow().commands.last().cloned()
+}
+
+#[test]
+fn pooled_connections_expire_after_idle_timeout() {
+    let mut w = one_pooled();
     w.wait(Duration::from_secs(29));
     assert_eq!(w.host.pooled(addr(A)), 1);
     w.wait(Duration::from_secs(1));
     assert_eq!(w.host.pooled(addr(A)), 0, "idle_timeout (30s) closes it");
-    assert_eq!(w.io.log(addr(A)).borrow().commands.last().map(String::as_str), Some("QUIT"), "saying QUIT first");
+    assert_eq!(last_command(&mut w).as_deref(), Some("QUIT"), "saying QUIT first");
 }
 
 #[test]
 fn pooled_connections_say_quit_at_exit() {
-    let mut w = World::new(&[A]);
-    let s1 = w.session();
-    w.deliver(s1, "one");
-    w.send(s1, "QUIT\r\n");
-    assert_eq!(w.host.pooled(addr(A)), 1);
+    let mut w = one_pooled();
     w.host.close_pool(&mut w.io);
     assert_eq!(w.host.pooled(addr(A)), 0);
-    assert_eq!(w.io.log(addr(A)).borrow().commands.last().map(String::as_str), Some("QUIT"));
+    assert_eq!(last_command(&mut w).as_deref(), Some("QUIT"));
 }
 
 #[test]

@@ -119,7 +119,7 @@ impl fmt::Display for Transaction {
             "id={} peer={} from={} rcpt={}/{} size={} ",
             self.id,
             self.peer,
-            crate::logfmt::value(&self.from.to_string()),
+            crate::logfmt::value(&self.from),
             self.accepted,
             self.refused,
             self.size
