@@ -807,8 +807,8 @@ fn show_size(bytes: u64) -> String {
     }
 }
 
-/// `[abuse] counter_memory`: 64 MiB holds 1,677,720 failing keys (40 bytes each), room for
-/// a million addresses failing within one window at 60 % of the table.
+/// `[abuse] counter_memory`: 64 MiB holds 2,097,152 failing keys (32 bytes each); a
+/// million addresses failing within one window fill 48 % of the table.
 pub const COUNTER_MEMORY_DEFAULT: u64 = 64 << 20;
 const COUNTER_MEMORY_MIN: u64 = 1 << 20;
 const COUNTER_MEMORY_MAX: u64 = 64 << 30;
