@@ -17,9 +17,10 @@ use mxgate::abuse::{AbuseKey, FailureCounters};
 use mxgate::gate::PeerIp;
 
 const NOW: i64 = 1_795_894_760;
-/// Distinct failing addresses the failures are spread over: a few abusers, many, and a
-/// wide attack (10 million addresses failing in one window: the maps hold them all).
-const KEY_SETS: [usize; 3] = [1_000, 100_000, 10_000_000];
+/// Distinct failing addresses the failures are spread over: a few abusers, many, the
+/// million the default table is sized for (48 % full), and a wide attack (10 million
+/// addresses failing in one window: past the table's capacity; the maps hold them all).
+const KEY_SETS: [usize; 4] = [1_000, 100_000, 1_000_000, 10_000_000];
 
 trait Count: Sync {
     /// Adds one failure; returns the count.
