@@ -309,7 +309,7 @@ pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Z
     let Ok(socket) = std::net::UdpSocket::bind(any) else {
         return vec![Answer::Failed(Failure::NotAsked); zones.len()];
     };
-    let mut resolver = Resolver::new(servers.to_vec(), timeout, Box::new(crate::tls::random_u16));
+    let mut resolver = Resolver::new(servers.to_vec(), timeout, Box::new(crate::random::u16));
     let start = Instant::now();
     for (i, zone) in zones.iter().enumerate() {
         answers[i] = resolver.lookup(i, ip, &zone.zone, start);

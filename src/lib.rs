@@ -26,6 +26,7 @@ pub mod net;
 pub mod peer;
 pub mod problem;
 pub mod proxy;
+pub mod random;
 pub mod screen;
 pub mod service;
 pub mod shadow;

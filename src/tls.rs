@@ -299,14 +299,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// An unpredictable 16-bit number from the crypto provider's random source (DNS query
-/// ids); 0 if it ever fails.
-pub fn random_u16() -> u16 {
-    let mut bytes = [0u8; 2];
-    let _ = provider().secure_random.fill(&mut bytes);
-    u16::from_ne_bytes(bytes)
-}
-
 /// A PEM error in words (the library's own text shows bytes as numbers).
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error;

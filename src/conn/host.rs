@@ -475,7 +475,7 @@ fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, coun
     if stale {
         let servers =
             if screen.resolvers.is_empty() { crate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
-        let resolver = Resolver::new(servers, screen.dns_timeout, Box::new(crate::tls::random_u16));
+        let resolver = Resolver::new(servers, screen.dns_timeout, Box::new(crate::random::u16));
         *dns = Some(Dns { resolver, configured: screen.resolvers.clone(), timeout: screen.dns_timeout });
     }
     let Some(dns) = dns.as_mut() else { return };
