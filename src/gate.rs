@@ -5,6 +5,7 @@ use crate::abuse::{Abuse, AbuseKey, Admission, Limit};
 use crate::access::Action;
 use crate::datetime::UnixTime;
 pub use crate::peer::PeerIp;
+use crate::smtp::replies;
 use crate::snapshot::Snapshot;
 use crate::template::{MAX_REPLY_LEN, ReplyTemplate};
 
@@ -75,7 +76,8 @@ impl RefusalLines {
         match refusal {
             Refusal::Deny => self.deny.line(snapshot, now),
             Refusal::Banned => self.ban.line(snapshot, now),
-            Refusal::Limit(limit) => limit.line(),
+            Refusal::Limit(Limit::PerAddress) => replies::TOO_MANY_FROM_ADDRESS,
+            Refusal::Limit(Limit::Total) => replies::BUSY,
         }
     }
 }

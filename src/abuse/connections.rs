@@ -9,28 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::AbuseKey;
-use crate::smtp::replies;
 
 const ROWS: usize = 2;
 const SLOTS: usize = 1 << 15;
 
-/// Why a connection is refused before the banner.
+/// Why a connection is refused before the banner (the gate says it to the peer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
     /// `max_connections_per_ip`.
     PerAddress,
     /// `listen.max_connections`.
     Total,
-}
-
-impl Limit {
-    /// The one line the peer gets.
-    pub fn line(self) -> &'static [u8] {
-        match self {
-            Limit::PerAddress => replies::TOO_MANY_FROM_ADDRESS,
-            Limit::Total => replies::BUSY,
-        }
-    }
 }
 
 pub struct Connections {
