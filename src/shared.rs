@@ -47,7 +47,8 @@ impl Shared {
         let cluster_config = snapshot.config.cluster.clone();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (outbox, inbox) = cluster_config.as_ref().map(|_| crate::cluster::channels()).unzip();
-        let abuse = Abuse::start(Arc::clone(&snapshot), outbox)?;
+        let fleet = outbox.map(|o| Box::new(o) as Box<dyn crate::abuse::Fleet>);
+        let abuse = Abuse::start(Arc::clone(&snapshot), fleet)?;
         let cluster = match (&cluster_config, inbox) {
             (Some(config), Some(inbox)) => Some(crate::cluster::start(config, inbox, &abuse, Arc::clone(&snapshot))?),
             _ => None,

@@ -18,9 +18,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     d.ok_or_else(|| format!("`{text}` is too long a duration"))
 }
 
+/// The longest a ban lasts: 100 years (36,525 days). Durations in the configuration and
+/// on the command line are refused past it; `abuse::bans` ends longer ones (a ban file,
+/// another node) then.
+pub const MAX_BAN_SECS: i64 = 36_525 * 86_400;
+
 /// A ban's length: a duration of at most the longest ban (100 years, `36525d`).
 pub fn parse_ban_duration(text: &str) -> Result<Duration, String> {
-    let max = crate::abuse::bans::MAX_BAN_SECS;
+    let max = MAX_BAN_SECS;
     let d = parse_duration(text)?;
     if d.as_secs() > max as u64 {
         return Err(format!("`{text}` is longer than the longest ban ({}d, 100 years)", max / 86_400));

@@ -17,10 +17,10 @@ use crate::config::Abuse as AbuseConfig;
 /// are remembered for at most as many addresses.
 pub const MAX_BANS: usize = 1_000_000;
 
-/// The longest a ban lasts: 100 years (36,525 days). A ban asked for longer (by the
-/// operator, a ban file, another node) ends then; durations in the configuration and on
-/// the command line are refused past it.
-pub const MAX_BAN_SECS: i64 = 36_525 * 86_400;
+/// The longest a ban lasts (100 years): a ban asked for longer (by the operator, a ban
+/// file, another node) ends then. Defined with the durations the configuration reads,
+/// which refuse longer ones.
+pub use crate::units::MAX_BAN_SECS;
 
 /// The latest a ban made or taken in at `now` may end.
 pub fn latest_end(now: i64) -> i64 {

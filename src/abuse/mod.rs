@@ -29,6 +29,18 @@ pub use bans::{Ban, BanBook, BanSet, Reason};
 pub use connections::{Admission, Connections, Limit};
 pub use counters::FailureCounters;
 
+/// What the abuse control tells a fleet of nodes, never waiting for it (with `[cluster]`,
+/// the fleet's threads: `cluster` implements this from above, so that the abuse control
+/// knows nothing of Redis).
+pub trait Fleet: Send + Sync {
+    /// A ban made here or lifted here (adopted bans are not handed back).
+    fn changed(&self, change: Change);
+    /// A prefix due to escalate, counting the bans taken in from the fleet.
+    fn escalate(&self, prefix: AbuseKey, distinct: u32);
+    /// A failure counted here.
+    fn failed(&self, key: AbuseKey);
+}
+
 /// What workers share for abuse control: the failure counters, the connection counts
 /// and the bans.
 ///
@@ -37,8 +49,8 @@ pub use counters::FailureCounters;
 /// would wait for a free core exactly when the cores are busiest. The ban-file writer
 /// thread is told afterwards, and a housekeeping thread drops bans that ended.
 ///
-/// With `[cluster]`, the fleet's threads are told too (never waited for: see
-/// [`crate::cluster`]): each ban made here, each lift, each failure counted, and each
+/// With `[cluster]`, a [`Fleet`] is told too (the fleet's threads, never waited for: see
+/// `cluster`, which implements it from above): each ban made here, each lift, each failure counted, and each
 /// prefix due to escalate (counting the bans taken in: the fleet claims the prefix's ban
 /// so that one node makes it). They bring back what other nodes did through
 /// [`Abuse::adopt`] and [`Abuse::lift_from`], and ban through [`Abuse::ban`] when the
@@ -51,7 +63,7 @@ pub struct Abuse {
     /// To the ban-file writer, with a `ban_file`.
     changes: Option<Sender<Change>>,
     /// To the fleet's threads, with `[cluster]`.
-    fleet: Option<crate::cluster::Outbox>,
+    fleet: Option<Box<dyn Fleet>>,
     /// Closed when the `Abuse` is dropped, which ends the housekeeping thread.
     _alive: Sender<()>,
 }
@@ -60,7 +72,7 @@ impl Abuse {
     /// Loads the ban file and starts the housekeeping thread (and the ban-file writer,
     /// with a `ban_file`); they end when the `Abuse` is dropped. Bans, lifts and failures
     /// are handed to `fleet` too, when given.
-    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>, fleet: Option<crate::cluster::Outbox>) -> io::Result<Arc<Abuse>> {
+    pub fn start(snapshots: Arc<ArcSwap<Snapshot>>, fleet: Option<Box<dyn Fleet>>) -> io::Result<Arc<Abuse>> {
         let snapshot = snapshots.load_full();
         let config = &snapshot.config.abuse;
         let mut book = BanBook::default();

@@ -2,7 +2,9 @@
 //! Redis (or Valkey), so an attacker spread over the nodes is judged as one.
 //!
 //! The per-core loops never talk to Redis: they hand what happened to two threads over
-//! bounded channels and never wait (a full channel drops the event and counts it).
+//! bounded channels and never wait (a full channel drops the event and counts it). The
+//! abuse control knows the channels only as an `abuse::Fleet`, which [`Outbox`]
+//! implements, so that it depends on nothing here.
 //!
 //! ```text
 //!  workers ── Abuse::ban / impose / lift ──try_send──► changes ──┐
@@ -121,25 +123,23 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// A ban made here or lifted here (adopted bans are not handed back).
-    pub fn changed(&self, change: Change) {
-        self.send(Event::Change(change));
-    }
-
-    /// A prefix due to escalate, counting the bans taken in from the fleet.
-    pub fn escalate(&self, prefix: AbuseKey, distinct: u32) {
-        self.send(Event::Escalate(prefix, distinct));
-    }
-
     fn send(&self, event: Event) {
         if self.changes.try_send(event).is_err() {
             add(&self.stats.events_dropped, 1);
         }
     }
+}
 
-    /// A failure counted here.
-    #[inline]
-    pub fn failed(&self, key: AbuseKey) {
+impl crate::abuse::Fleet for Outbox {
+    fn changed(&self, change: Change) {
+        self.send(Event::Change(change));
+    }
+
+    fn escalate(&self, prefix: AbuseKey, distinct: u32) {
+        self.send(Event::Escalate(prefix, distinct));
+    }
+
+    fn failed(&self, key: AbuseKey) {
         if self.failures.try_send(key).is_err() {
             add(&self.stats.events_dropped, 1);
         }
@@ -857,6 +857,7 @@ impl Commands {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abuse::Fleet;
     use crate::peer::PeerIp;
 
     #[test]
