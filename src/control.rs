@@ -106,7 +106,7 @@ pub enum Request {
     Bad(String),
 }
 
-/// Reads a request: its first line, at most [`MAX_REQUEST`] bytes (outside bytes: any
+/// Reads a request: its first line, at most `MAX_REQUEST` bytes (outside bytes: any
 /// of them gets an answer, never a panic).
 pub fn parse_request(bytes: &[u8]) -> Request {
     let line = String::from_utf8_lossy(bytes.split(|&b| b == b'\n').next().unwrap_or_default());

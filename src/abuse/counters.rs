@@ -23,7 +23,7 @@
 //! four cache lines, all four asked for at once before the lock is taken: one trip to
 //! memory a failure, however many keys are held (a line of heads per bucket with the
 //! entries apart cost a second trip after the first), and a few dozen instructions
-//! besides (see [`State`]), so that the next failure's trip starts while this one's ends.
+//! besides (see `State`), so that the next failure's trip starts while this one's ends.
 //!
 //! Two choices of four: 1,000,000 addresses fill the default 64 MiB to 48 %, where
 //! filling it evicted 11 of them (measured; 431 at 60 %). Past capacity (more keys failing
@@ -55,7 +55,7 @@ pub const WAYS: usize = 4;
 /// Buckets per shard (one lock): 64 KiB of the table.
 pub const SHARD_BUCKETS: usize = 512;
 /// Bytes one key takes: address (16), then newest sub-window (4), prefix tag (1) and
-/// eight sub-window counts of [`COUNT_BITS`] (11).
+/// eight sub-window counts of `COUNT_BITS` (11).
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Bucket>() / WAYS;
 /// Bits of one sub-window's count.
 const COUNT_BITS: usize = 11;

@@ -69,7 +69,7 @@ pub fn parse(text: &[u8], file: &Path) -> Result<Vec<(AbuseKey, Ban)>, Problem> 
     Ok(bans)
 }
 
-/// One ban's line, as [`line`] writes it (a `deny` before the prefix allowed).
+/// One ban's line, as [`line()`] writes it (a `deny` before the prefix allowed).
 pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
     let text = text.strip_prefix("deny ").map_or(text, str::trim_start);
     let (prefix, mut rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));

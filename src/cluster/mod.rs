@@ -192,7 +192,7 @@ impl Cluster {
 }
 
 /// Reads the password, starts the fleet's two threads, and waits (at most
-/// [`START_WAIT`]) for the bans in force in Redis, so a node started after a ban refuses
+/// `START_WAIT`) for the bans in force in Redis, so a node started after a ban refuses
 /// the address from its first connection. Redis unreachable is not an error: the node
 /// starts alone and joins when it can.
 pub fn start(
