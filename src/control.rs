@@ -195,7 +195,7 @@ fn reload(shared: &Shared) -> String {
 fn ban(shared: &Shared, ip: IpAddr, secs: i64, reason: &str) -> String {
     let snapshot = shared.snapshot();
     let peer = PeerIp::new(ip);
-    if let (Some(rule), Some(file)) = (snapshot.whitelist.verdict(peer.ip()).rule, snapshot.whitelist.file()) {
+    if let (Some(rule), Some(file)) = (snapshot.whitelist.decide(peer.ip()).rule, snapshot.whitelist.file()) {
         return format!(
             "error: {peer} is whitelisted ({} at {}:{}): never banned\n",
             rule.net,

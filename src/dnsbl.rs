@@ -72,11 +72,11 @@ pub enum Answer {
     /// Listed, with these result addresses (the first few).
     Listed(Vec<Ipv4Addr>),
     /// No usable answer: it scores 0.
-    Failed(Failure),
+    Failed(LookupFailure),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
+pub enum LookupFailure {
     TimedOut,
     /// SERVFAIL, REFUSED or another error code.
     ServerError,
@@ -151,10 +151,10 @@ impl<T: Copy> Resolver<T> {
             return Some(answer);
         }
         if self.servers.is_empty() || self.in_flight.len() >= MAX_IN_FLIGHT {
-            return Some(Answer::Failed(Failure::NotAsked));
+            return Some(Answer::Failed(LookupFailure::NotAsked));
         }
         let Ok(query_name) = Name::from_ascii(&name) else {
-            return Some(Answer::Failed(Failure::NotAsked));
+            return Some(Answer::Failed(LookupFailure::NotAsked));
         };
         let mut id = (self.random)();
         while self.in_flight.contains_key(&id) {
@@ -168,7 +168,7 @@ impl<T: Copy> Resolver<T> {
             .set_recursion_desired(true)
             .add_query(Query::query(query_name, RecordType::A));
         let Ok(bytes) = message.to_vec() else {
-            return Some(Answer::Failed(Failure::NotAsked));
+            return Some(Answer::Failed(LookupFailure::NotAsked));
         };
         let server = self.servers[self.next_server % self.servers.len()];
         self.next_server = self.next_server.wrapping_add(1);
@@ -203,7 +203,7 @@ impl<T: Copy> Resolver<T> {
         }
         let Some(query) = self.in_flight.remove(&id) else { return };
         let answer = if message.truncated() {
-            Answer::Failed(Failure::Truncated)
+            Answer::Failed(LookupFailure::Truncated)
         } else {
             match message.response_code() {
                 ResponseCode::NXDomain => Answer::NotListed,
@@ -219,7 +219,7 @@ impl<T: Copy> Resolver<T> {
                         .collect();
                     if listed.is_empty() { Answer::NotListed } else { Answer::Listed(listed) }
                 }
-                _ => Answer::Failed(Failure::ServerError),
+                _ => Answer::Failed(LookupFailure::ServerError),
             }
         };
         let ttl = match &answer {
@@ -252,7 +252,7 @@ impl<T: Copy> Resolver<T> {
                 && q.deadline <= now
                 && let Some(q) = self.in_flight.remove(&id)
             {
-                self.events.push_back((q.token, Answer::Failed(Failure::TimedOut)));
+                self.events.push_back((q.token, Answer::Failed(LookupFailure::TimedOut)));
             }
         }
     }
@@ -303,11 +303,11 @@ impl<T: Copy> Resolver<T> {
 pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Zone]) -> Vec<Answer> {
     let mut answers: Vec<Option<Answer>> = vec![None; zones.len()];
     let Some(server) = servers.first() else {
-        return vec![Answer::Failed(Failure::NotAsked); zones.len()];
+        return vec![Answer::Failed(LookupFailure::NotAsked); zones.len()];
     };
     let any: SocketAddr = if server.is_ipv6() { ([0u16; 8], 0).into() } else { ([0, 0, 0, 0], 0).into() };
     let Ok(socket) = std::net::UdpSocket::bind(any) else {
-        return vec![Answer::Failed(Failure::NotAsked); zones.len()];
+        return vec![Answer::Failed(LookupFailure::NotAsked); zones.len()];
     };
     let mut resolver = Resolver::new(servers.to_vec(), timeout, Box::new(crate::random::u16));
     let start = Instant::now();
@@ -330,7 +330,7 @@ pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Z
             resolver.handle_datagram(from, &buf[..n], Instant::now());
         }
     }
-    answers.into_iter().map(|a| a.unwrap_or(Answer::Failed(Failure::TimedOut))).collect()
+    answers.into_iter().map(|a| a.unwrap_or(Answer::Failed(LookupFailure::TimedOut))).collect()
 }
 
 /// One `[[screen.dnsbl]]` entry.
@@ -462,14 +462,14 @@ mod tests {
         r.lookup(3, ip, "other.test", now);
         let (to, q) = r.poll_transmit().unwrap();
         r.handle_datagram(to, &answer(&q, &[], ResponseCode::ServFail), now);
-        assert_eq!(r.poll_event(), Some((3, Answer::Failed(Failure::ServerError))));
+        assert_eq!(r.poll_event(), Some((3, Answer::Failed(LookupFailure::ServerError))));
         assert_eq!(r.lookup(4, ip, "other.test", now), None, "a failure is asked again");
         // silence: timed out at dns_timeout
         assert_eq!(r.poll_timeout(), Some(now + Duration::from_secs(2)));
         r.handle_timeout(now + Duration::from_millis(1999));
         assert_eq!(r.poll_event(), None);
         r.handle_timeout(now + Duration::from_secs(2));
-        assert_eq!(r.poll_event(), Some((4, Answer::Failed(Failure::TimedOut))));
+        assert_eq!(r.poll_event(), Some((4, Answer::Failed(LookupFailure::TimedOut))));
         assert_eq!((r.in_flight(), r.poll_timeout()), (0, None));
     }
 
@@ -491,7 +491,10 @@ mod tests {
         for i in 0..MAX_IN_FLIGHT as u32 {
             assert_eq!(r.lookup(i, IpAddr::from(i.to_be_bytes()), "bl.test", now), None);
         }
-        assert_eq!(r.lookup(0, "192.0.2.1".parse().unwrap(), "bl.test", now), Some(Answer::Failed(Failure::NotAsked)));
+        assert_eq!(
+            r.lookup(0, "192.0.2.1".parse().unwrap(), "bl.test", now),
+            Some(Answer::Failed(LookupFailure::NotAsked))
+        );
     }
 
     #[test]
@@ -506,7 +509,7 @@ mod tests {
         let listed = |a: &str| Some(Answer::Listed(vec![a.parse().unwrap()]));
         assert_eq!(score(&zones, &[listed("127.0.0.2"), listed("127.0.0.4"), None]), (3, Some(0)));
         assert_eq!(score(&zones, &[listed("127.0.0.2"), listed("127.0.0.20"), None]), (2, Some(0)), "b: no match");
-        let failed = Some(Answer::Failed(Failure::TimedOut));
+        let failed = Some(Answer::Failed(LookupFailure::TimedOut));
         assert_eq!(score(&zones, &[failed, listed("127.0.0.3"), Some(Answer::NotListed)]), (1, Some(1)));
         assert_eq!(score(&zones, &[listed("127.0.0.2"), listed("127.0.0.2"), listed("127.0.0.2")]).0, -2);
         assert_eq!(

@@ -159,7 +159,7 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
     if peer.ip() != ip {
         println!("{ip} is IPv4-mapped: judged as {peer}");
     }
-    let verdict = s.access.verdict(peer.ip());
+    let verdict = s.access.decide(peer.ip());
     println!("{peer}: {}", verdict.action);
     if s.config.listen.is_balancer(peer.ip()) {
         println!(
@@ -177,11 +177,11 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
         println!("  reply: {}", s.config.access.deny_reply.to_line(&s.config.hostname, UnixTime::now()));
     }
     if let (Some(shadow), Some(file)) = (&s.shadow, &s.config.access.shadow_list) {
-        let v = shadow.verdict(peer.ip());
+        let v = shadow.decide(peer.ip());
         let line = v.rule.map_or_else(|| "its default".to_owned(), |r| format!("line {}", r.line));
         println!("  shadow list: would {} ({}, {line}; never enforced)", v.action, file.display());
     }
-    let white = s.whitelist.verdict(peer.ip());
+    let white = s.whitelist.decide(peer.ip());
     match (white.rule, s.whitelist.file()) {
         (Some(rule), Some(file)) => println!("  whitelisted: {} at {}:{}", rule.net, file.display(), rule.line),
         _ => println!("  not whitelisted"),

@@ -54,7 +54,7 @@ pub struct Rule {
 
 /// The decision for one address, and the rule that made it (`None`: the default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Verdict<'a> {
+pub struct Decision<'a> {
     pub action: Action,
     pub rule: Option<&'a Rule>,
 }
@@ -133,13 +133,13 @@ impl AccessList {
     }
 
     /// The action for a canonical address and the rule that decided it.
-    pub fn verdict(&self, ip: IpAddr) -> Verdict<'_> {
+    pub fn decide(&self, ip: IpAddr) -> Decision<'_> {
         match self.table.lookup(ip) {
             Some(v) => {
                 let rule = &self.rules[(v >> 1) as usize];
-                Verdict { action: rule.action, rule: Some(rule) }
+                Decision { action: rule.action, rule: Some(rule) }
             }
-            None => Verdict { action: self.default, rule: None },
+            None => Decision { action: self.default, rule: None },
         }
     }
 
@@ -187,9 +187,9 @@ mod tests {
         assert_eq!(l.action(ip("127.0.2.1")), Action::Deny);
         assert_eq!(l.action(ip("128.0.0.1")), Action::Allow);
         assert_eq!(l.action(ip("::ffff:127.0.2.1")), Action::Deny);
-        let v = l.verdict(ip("127.0.1.8"));
+        let v = l.decide(ip("127.0.1.8"));
         assert_eq!((v.action, v.rule.map(|r| r.line)), (Action::Allow, Some(2)));
-        assert_eq!(l.verdict(ip("10.0.0.1")).rule, None);
+        assert_eq!(l.decide(ip("10.0.0.1")).rule, None);
     }
 
     #[test]

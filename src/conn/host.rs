@@ -20,7 +20,7 @@ use super::{Connection, HopState, NoHeader, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
-use crate::dnsbl::{Answer, Failure, Resolver};
+use crate::dnsbl::{Answer, LookupFailure, Resolver};
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
 use crate::proxy;
@@ -497,7 +497,7 @@ fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, coun
 
 fn count_dns_failure(counts: &Counts, answer: &Answer) {
     match answer {
-        Answer::Failed(Failure::TimedOut) => counts.add(Count::DnsTimeouts),
+        Answer::Failed(LookupFailure::TimedOut) => counts.add(Count::DnsTimeouts),
         Answer::Failed(_) => counts.add(Count::DnsFailures),
         _ => {}
     }
@@ -518,7 +518,7 @@ fn screening(
     if (!screen.pregreet && screen.dnsbl.is_empty()) || whitelisted {
         return (None, 0);
     }
-    let allow_listed = snapshot.access.verdict(peer.ip()).rule.is_some_and(|r| r.action == Action::Allow);
+    let allow_listed = snapshot.access.decide(peer.ip()).rule.is_some_and(|r| r.action == Action::Allow);
     if allow_listed || shared.passed().holds(peer.ip(), unix) {
         return (None, 0);
     }
@@ -553,7 +553,7 @@ fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts:
 /// `[access] shadow_list`: an allowed peer it would deny is counted, and logged at most
 /// once a minute.
 fn shadow_list(list: &AccessList, peer: PeerIp, unix: UnixTime, shared: &Shared, counts: &Counts) {
-    let verdict = list.verdict(peer.ip());
+    let verdict = list.decide(peer.ip());
     if verdict.action != Action::Deny {
         return;
     }

@@ -13,7 +13,7 @@ use super::address::{Domain, Mailbox, Path};
 
 /// Why a recipient is not ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub enum NotOurs {
     NotOurDomain,
     AddressLiteral,
     RoutingInLocalPart,
@@ -47,21 +47,21 @@ impl RelayDomains {
     }
 
     /// Whether mail for `path` may be relayed.
-    pub fn judge(&self, path: &Path) -> Result<(), Refusal> {
+    pub fn judge(&self, path: &Path) -> Result<(), NotOurs> {
         match path {
             Path::Postmaster => Ok(()),
-            Path::Null => Err(Refusal::NotOurDomain),
+            Path::Null => Err(NotOurs::NotOurDomain),
             Path::Mailbox(m) => self.judge_mailbox(m),
         }
     }
 
-    fn judge_mailbox(&self, m: &Mailbox) -> Result<(), Refusal> {
+    fn judge_mailbox(&self, m: &Mailbox) -> Result<(), NotOurs> {
         let local = m.local_unquoted();
         if local.contains(['%', '!']) || (m.is_quoted() && local.contains('@')) {
-            return Err(Refusal::RoutingInLocalPart);
+            return Err(NotOurs::RoutingInLocalPart);
         }
         let name = match &m.domain {
-            Domain::Literal(_) => return Err(Refusal::AddressLiteral),
+            Domain::Literal(_) => return Err(NotOurs::AddressLiteral),
             Domain::Name(n) => n.trim_end_matches('.').to_lowercase(),
         };
         if self.exact.contains(&name) {
@@ -74,7 +74,7 @@ impl RelayDomains {
             }
             rest = parent;
         }
-        Err(Refusal::NotOurDomain)
+        Err(NotOurs::NotOurDomain)
     }
 }
 
