@@ -50,9 +50,9 @@ pub trait Fleet: Send + Sync {
 /// thread is told afterwards, and a housekeeping thread drops bans that ended.
 ///
 /// With `[cluster]`, a [`Fleet`] is told too (the fleet's threads, never waited for: see
-/// `cluster`, which implements it from above): each ban made here, each lift, each failure counted, and each
-/// prefix due to escalate (counting the bans taken in: the fleet claims the prefix's ban
-/// so that one node makes it). They bring back what other nodes did through
+/// `cluster`, which implements it from above): each ban made here, each lift, each
+/// failure counted, and each prefix due to escalate (counting the bans taken in: the
+/// fleet claims the prefix's ban so that one node makes it). They bring back what other nodes did through
 /// [`Abuse::adopt`] and [`Abuse::lift_from`], and ban through [`Abuse::ban`] when the
 /// fleet's count crosses the threshold or a claim is won.
 pub struct Abuse {
