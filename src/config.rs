@@ -71,12 +71,23 @@ pub struct Screen {
     /// Where the passes in force are kept across restarts (none: in memory only).
     pub cache_file: Option<PathBuf>,
     /// `[[screen.dnsbl]]`: the zones asked, with their weights.
-    pub dnsbl: Vec<crate::dnsbl::Zone>,
+    pub dnsbl: Vec<Zone>,
     /// A score at or over it blocks the peer.
     pub dnsbl_threshold: i32,
     /// The DNS servers asked; empty: the nameservers of /etc/resolv.conf.
     pub resolvers: Vec<SocketAddr>,
     pub dns_timeout: Duration,
+}
+
+/// One `[[screen.dnsbl]]` entry (asked and scored by `dnsbl`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zone {
+    /// Lower case, without the trailing dot.
+    pub zone: String,
+    /// Added to the score when it lists the peer; negative for allowlists.
+    pub weight: i32,
+    /// Result addresses that count (inclusive ranges); empty: any.
+    pub matches: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -692,14 +703,14 @@ impl Reader<'_> {
     /// `[[screen.dnsbl]]` entries: `zone` (a domain name), `weight` (a non-zero whole
     /// number, negative for allowlists), `match` (result addresses or ranges
     /// `a.b.c.d-e.f.g.h`; none: any result counts).
-    fn dnsbl<'t>(&mut self, screen: Option<&'t Table<'t>>) -> Vec<crate::dnsbl::Zone> {
+    fn dnsbl<'t>(&mut self, screen: Option<&'t Table<'t>>) -> Vec<Zone> {
         const KEYS: &[&str] = &["zone", "weight", "match"];
         let Some(value) = screen.and_then(|t| find(t, "dnsbl")) else { return Vec::new() };
         let DeValue::Array(items) = value.get_ref() else {
             self.problem(Some(value.span()), "screen.dnsbl", "expected `[[screen.dnsbl]]` tables".into());
             return Vec::new();
         };
-        let mut zones: Vec<crate::dnsbl::Zone> = Vec::new();
+        let mut zones: Vec<Zone> = Vec::new();
         for item in items {
             let DeValue::Table(t) = item.get_ref() else {
                 self.problem(Some(item.span()), "screen.dnsbl", "expected a table with zone and weight".into());
@@ -724,7 +735,7 @@ impl Reader<'_> {
                     self.problem(Some(item.span()), "screen.dnsbl", format!("`{zone}` is given twice"));
                     continue;
                 }
-                zones.push(crate::dnsbl::Zone { zone, weight, matches });
+                zones.push(Zone { zone, weight, matches });
             }
         }
         zones

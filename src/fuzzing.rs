@@ -226,7 +226,7 @@ pub fn dns(data: &[u8]) {
     let server: SocketAddr = ([127, 0, 0, 1], 53).into();
     let now = Instant::now();
     let mut resolver =
-        crate::dnsbl::Resolver::with_cache_slots(vec![server], Duration::from_secs(2), Box::new(|| 0x1234), 16);
+        crate::screen::dnsbl::Resolver::with_cache_slots(vec![server], Duration::from_secs(2), Box::new(|| 0x1234), 16);
     let peer = IpAddr::from([192, 0, 2, 7]);
     assert!(resolver.lookup(1u32, peer, "zen.example.org", now).is_none(), "nothing cached yet");
     let Some((_, query)) = resolver.poll_transmit() else { panic!("a query goes out") };

@@ -17,7 +17,6 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod datetime;
-pub mod dnsbl;
 pub mod fuzzing;
 pub mod gate;
 pub mod logfmt;

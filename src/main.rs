@@ -201,22 +201,22 @@ fn explain_screening(s: &Snapshot, peer: PeerIp) {
         return;
     }
     let servers =
-        if screen.resolvers.is_empty() { mxgate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
-    let answers = mxgate::dnsbl::ask_now(&servers, screen.dns_timeout, peer.ip(), &screen.dnsbl);
+        if screen.resolvers.is_empty() { mxgate::screen::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
+    let answers = mxgate::screen::dnsbl::ask_now(&servers, screen.dns_timeout, peer.ip(), &screen.dnsbl);
     for (zone, answer) in screen.dnsbl.iter().zip(&answers) {
         let said = match answer {
-            mxgate::dnsbl::Answer::NotListed => "not listed".to_owned(),
-            mxgate::dnsbl::Answer::Listed(a) => {
+            mxgate::screen::dnsbl::Answer::NotListed => "not listed".to_owned(),
+            mxgate::screen::dnsbl::Answer::Listed(a) => {
                 let results: Vec<String> = a.iter().map(ToString::to_string).collect();
                 let counts = if zone.lists(answer) { "counts" } else { "outside its match" };
                 format!("listed ({}; {counts})", results.join(", "))
             }
-            mxgate::dnsbl::Answer::Failed(f) => format!("no answer ({f:?}): scores 0"),
+            mxgate::screen::dnsbl::Answer::Failed(f) => format!("no answer ({f:?}): scores 0"),
         };
         println!("  dnsbl {} (weight {}): {said}", zone.zone, zone.weight);
     }
-    let answers: Vec<Option<mxgate::dnsbl::Answer>> = answers.into_iter().map(Some).collect();
-    let (score, heaviest) = mxgate::dnsbl::score(&screen.dnsbl, &answers);
+    let answers: Vec<Option<mxgate::screen::dnsbl::Answer>> = answers.into_iter().map(Some).collect();
+    let (score, heaviest) = mxgate::screen::dnsbl::score(&screen.dnsbl, &answers);
     match heaviest.filter(|_| score >= screen.dnsbl_threshold) {
         Some(i) => println!(
             "  dnsbl score {score} (threshold {}): blocked using {} (unless remembered as passed)",

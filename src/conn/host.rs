@@ -20,10 +20,10 @@ use super::{Connection, HopState, NoHeader, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
-use crate::dnsbl::{Answer, LookupFailure, Resolver};
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
 use crate::proxy;
+use crate::screen::dnsbl::{Answer, LookupFailure, Resolver};
 use crate::shared::{Shared, SnapshotCache};
 use crate::smtp::{Event, Relay, Session};
 use crate::snapshot::Snapshot;
@@ -473,8 +473,11 @@ fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, coun
         (d.configured != screen.resolvers || d.timeout != screen.dns_timeout) && d.resolver.in_flight() == 0
     });
     if stale {
-        let servers =
-            if screen.resolvers.is_empty() { crate::dnsbl::system_resolvers() } else { screen.resolvers.clone() };
+        let servers = if screen.resolvers.is_empty() {
+            crate::screen::dnsbl::system_resolvers()
+        } else {
+            screen.resolvers.clone()
+        };
         let resolver = Resolver::new(servers, screen.dns_timeout, Box::new(crate::random::u16));
         *dns = Some(Dns { resolver, configured: screen.resolvers.clone(), timeout: screen.dns_timeout });
     }

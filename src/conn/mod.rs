@@ -42,8 +42,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abuse::Admission;
-use crate::dnsbl::Answer;
 use crate::peer::PeerIp;
+use crate::screen::dnsbl::Answer;
 use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
 use crate::smtp::{Event, Relay, Session, Transmit};
@@ -224,11 +224,11 @@ impl Connection {
             return;
         }
         let screen = &self.snapshot.config.screen;
-        let (score, heaviest) = crate::dnsbl::score(&screen.dnsbl, answers);
+        let (score, heaviest) = crate::screen::dnsbl::score(&screen.dnsbl, answers);
         self.dns = None;
         if score >= screen.dnsbl_threshold {
             let zone = heaviest.map(|i| screen.dnsbl[i].zone.clone()).unwrap_or_default();
-            let line = crate::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
+            let line = crate::screen::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
             self.front = front::Front::Reject { line: line.into(), sent: 0 };
             self.screening = false;
             self.screened = Some(Screened::Blocked { zone, score });

@@ -83,7 +83,7 @@ impl DnsServer {
 
     /// `zone` lists `ip` (an IPv4 or IPv6 address) with `result`.
     pub fn list(&self, ip: &str, zone: &str, result: Ipv4Addr) {
-        let name = mxgate::dnsbl::query_name(ip.parse().expect("ip"), zone);
+        let name = mxgate::screen::dnsbl::query_name(ip.parse().expect("ip"), zone);
         self.records.lock().expect("lock").entry(name).or_default().push(result);
     }
 

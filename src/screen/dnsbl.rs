@@ -333,16 +333,8 @@ pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Z
     answers.into_iter().map(|a| a.unwrap_or(Answer::Failed(LookupFailure::TimedOut))).collect()
 }
 
-/// One `[[screen.dnsbl]]` entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Zone {
-    /// Lower case, without the trailing dot.
-    pub zone: String,
-    /// Added to the score when it lists the peer; negative for allowlists.
-    pub weight: i32,
-    /// Result addresses that count (inclusive ranges); empty: any.
-    pub matches: Vec<(Ipv4Addr, Ipv4Addr)>,
-}
+/// One `[[screen.dnsbl]]` entry, as the configuration reads it.
+pub use crate::config::Zone;
 
 impl Zone {
     /// The zone's answer counts as a listing.

@@ -1,5 +1,7 @@
 //! Screening before the banner (`[screen]`), and who passed it: a peer that passed is
-//! remembered for `pass_ttl` and skips the tests on later connections.
+//! remembered for `pass_ttl` and skips the tests on later connections. The DNS
+//! blocklists (asking and scoring) are [`dnsbl`]; the pregreet test runs in the
+//! connection's front (`conn/front.rs`).
 //!
 //! [`Passed`] is that memory: fixed, shared by the workers, lock-free. Each address has
 //! two candidate slots (two keyed hashes); a slot holds a tag of the address (32 bits of a
@@ -12,6 +14,8 @@
 //! bounded channel, never blocking a worker) to a writer thread that keeps the passes in
 //! force (at most `SLOTS`) and rewrites the file atomically, as the ban file is, at most
 //! every `FLUSH_EVERY`; at start the file's passes still in force are loaded.
+
+pub mod dnsbl;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
