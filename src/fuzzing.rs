@@ -106,7 +106,13 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
     let start = Instant::now();
     let mut now = start;
     let peer = PeerIp::new(IpAddr::from([192, 0, 2, 7]));
-    let mut s = Session::new(settings, peer, now, UnixTime(1_795_894_760));
+    let mut s = Session::new(
+        settings,
+        Arc::new(crate::smtp::TransactionIds::new(UnixTime(1_795_894_760))),
+        peer,
+        now,
+        UnixTime(1_795_894_760),
+    );
     let mut hop = Hop {
         unread: Vec::new(),
         in_body: false,

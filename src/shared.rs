@@ -37,6 +37,8 @@ pub struct Shared {
     blocked_by_zone: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// The fleet's link, with `[cluster]` (read at start).
     cluster: Option<crate::cluster::Cluster>,
+    /// The mail log's transaction ids, unique to the process.
+    transaction_ids: Arc<crate::smtp::TransactionIds>,
 }
 
 impl Shared {
@@ -68,6 +70,7 @@ impl Shared {
             },
             blocked_by_zone: std::sync::Mutex::default(),
             cluster,
+            transaction_ids: Arc::new(crate::smtp::TransactionIds::new(UnixTime::now())),
         }))
     }
 
@@ -96,6 +99,11 @@ impl Shared {
     /// Failure counters, bans and connection counts.
     pub fn abuse(&self) -> &Abuse {
         &self.abuse
+    }
+
+    /// The mail log's transaction ids, for the sessions.
+    pub fn transaction_ids(&self) -> &Arc<crate::smtp::TransactionIds> {
+        &self.transaction_ids
     }
 
     /// What `mxgate stats` prints and `/metrics` serves: each name and value, and

@@ -142,7 +142,8 @@ impl<I: Io> Host<I> {
         let snapshot = self.snapshot.load();
         if snapshot.config.listen.is_balancer(peer.ip()) {
             // judged on the address its PROXY header carries, once read (`judge`)
-            let session = Session::new(Arc::clone(&snapshot.smtp), peer, now, unix);
+            let session =
+                Session::new(Arc::clone(&snapshot.smtp), Arc::clone(self.shared.transaction_ids()), peer, now, unix);
             let deadline = now + snapshot.config.listen.proxy_timeout;
             self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
             return Admit::Serve(Connection::behind_balancer(Arc::clone(snapshot), session, deadline, self.generation));
@@ -159,7 +160,13 @@ impl<I: Io> Host<I> {
                 if let Some(list) = &snapshot.shadow {
                     shadow_list(list, peer, unix, &self.shared, &self.counts);
                 }
-                let mut session = Session::new(Arc::clone(&snapshot.smtp), peer, now, unix);
+                let mut session = Session::new(
+                    Arc::clone(&snapshot.smtp),
+                    Arc::clone(self.shared.transaction_ids()),
+                    peer,
+                    now,
+                    unix,
+                );
                 if self.drain != Drain::Serving {
                     session.shutdown(now);
                 }

@@ -63,7 +63,7 @@ use crate::config::{self, Config};
 use policy::RelayDomains;
 
 pub use replies::Params;
-pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, Transmit};
+pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, TransactionIds, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE_LEN: usize = 512;

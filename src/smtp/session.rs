@@ -246,6 +246,8 @@ pub struct Session {
     /// The settings of the snapshot the connection was accepted under, kept for its
     /// whole life.
     pub(super) settings: Arc<Settings>,
+    /// Where its transactions' ids come from (one per process).
+    ids: Arc<TransactionIds>,
     pub(super) peer: PeerIp,
     pub(super) phase: Phase,
     /// Received and not yet processed (while a command waits for the next hop).
@@ -288,11 +290,12 @@ pub struct Session {
 
 impl Session {
     /// A session for a peer the gate has allowed; the banner is queued.
-    pub fn new(settings: Arc<Settings>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
+    pub fn new(settings: Arc<Settings>, ids: Arc<TransactionIds>, peer: PeerIp, now: Instant, unix: UnixTime) -> Self {
         let idle_deadline = now + settings.smtp.command_timeout;
         let out = OutBuf::from_vec(settings.replies.banner.to_vec());
         Session {
             settings,
+            ids,
             peer,
             phase: Phase::Open,
             input: Vec::new(),
@@ -706,6 +709,11 @@ impl Session {
         }));
     }
 
+    /// The next transaction's id.
+    pub(super) fn transaction_id(&self) -> String {
+        self.ids.next()
+    }
+
     pub(super) fn abandon_transaction(&mut self, why: &'static str, now: Instant) {
         if self.txn.is_some() {
             self.waiting.clear();
@@ -714,10 +722,36 @@ impl Session {
     }
 }
 
-/// A transaction id unique to this process: its start second and a counter, in hex.
-pub(super) fn next_transaction_id(unix: UnixTime) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(|| unix.0 as u32);
-    format!("{start:08X}{:06X}", COUNTER.fetch_add(1, Ordering::Relaxed))
+/// Transaction ids unique to a process: its start second and a counter, in hex. The
+/// process makes one and hands it to every session (the core keeps no global state).
+#[derive(Debug)]
+pub struct TransactionIds {
+    start: u32,
+    next: AtomicU64,
+}
+
+impl TransactionIds {
+    /// Ids for a process started at `start`.
+    pub fn new(start: UnixTime) -> Self {
+        TransactionIds { start: start.0 as u32, next: AtomicU64::new(0) }
+    }
+
+    /// The next id.
+    pub fn next(&self) -> String {
+        format!("{:08X}{:06X}", self.start, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_ids_are_the_start_and_a_count_shared_by_the_sessions() {
+        let ids = Arc::new(TransactionIds::new(UnixTime(0x6935_1A28)));
+        let (a, b) = (Arc::clone(&ids), Arc::clone(&ids));
+        assert_eq!([a.next(), b.next(), a.next()], ["69351A28000000", "69351A28000001", "69351A28000002"]);
+        let other = TransactionIds::new(UnixTime(0x6935_1A29));
+        assert_eq!(other.next(), "69351A29000000", "another process, another start");
+    }
 }

@@ -186,7 +186,13 @@ impl Harness {
     fn with_settings(settings: Settings) -> Self {
         let now = Instant::now();
         let peer = PeerIp::new("192.0.2.7".parse().unwrap());
-        let session = Session::new(Arc::new(settings), peer, now, UnixTime(1_795_894_760));
+        let session = Session::new(
+            Arc::new(settings),
+            Arc::new(TransactionIds::new(UnixTime(1_795_894_760))),
+            peer,
+            now,
+            UnixTime(1_795_894_760),
+        );
         let hop = FakeHop { ehlo: vec!["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"], ..FakeHop::default() };
         let mut h = Harness {
             session,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
 use super::replies::*;
-use super::session::{Helo, Link, Outcome, Session, Txn, next_transaction_id};
+use super::session::{Helo, Link, Outcome, Session, Txn};
 
 impl Session {
     /// One command line, LF removed.
@@ -126,7 +126,7 @@ impl Session {
         if txn.size.is_some_and(|s| s > self.settings.smtp.max_message_size) {
             return self.reply(TOO_BIG);
         }
-        txn.id = next_transaction_id(self.unix_time(now));
+        txn.id = self.transaction_id();
         self.txn = Some(txn);
         self.start_mail(now);
     }
