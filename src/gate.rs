@@ -55,24 +55,24 @@ pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) ->
     }
 }
 
-/// The line for each refusal, per worker thread; every line lives as long as the
-/// process (for a pointer handed to the kernel).
+/// The line for each refusal, per worker thread. A line is borrowed until the next
+/// call: a driver that hands it to the kernel copies it first.
 pub struct RefusalLines {
-    deny: DenyLines,
-    ban: DenyLines,
+    deny: DenyLine,
+    ban: DenyLine,
 }
 
 impl Default for RefusalLines {
     fn default() -> Self {
         RefusalLines {
-            deny: DenyLines::of(|s| &s.config.access.deny_reply),
-            ban: DenyLines::of(|s| &s.config.abuse.ban_reply),
+            deny: DenyLine::of(|s| &s.config.access.deny_reply),
+            ban: DenyLine::of(|s| &s.config.abuse.ban_reply),
         }
     }
 }
 
 impl RefusalLines {
-    pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &'static [u8] {
+    pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
         match refusal {
             Refusal::Deny => self.deny.line(snapshot, now),
             Refusal::Banned => self.ban.line(snapshot, now),
@@ -82,51 +82,30 @@ impl RefusalLines {
     }
 }
 
-/// Slots of [`DenyLines`]; a slot is rewritten at most once every this many seconds.
-const SLOTS: usize = 64;
-
-#[derive(Clone, Copy)]
-struct Slot {
+/// A rendered deny line, per worker thread: `{time}` changes once a second, so the line
+/// is rendered once a second (or when a reload makes a new snapshot), not once a
+/// connection, and a denied connection costs no allocation.
+struct DenyLine {
     second: i64,
     generation: u64,
     len: usize,
-    bytes: [u8; MAX_REPLY_LEN],
-}
-
-/// The rendered deny line, per worker thread: `{time}` changes once a second, so the
-/// line is rendered once a second, not once a connection, and a denied connection
-/// costs no allocation.
-///
-/// Lines live in `SLOTS` slots chosen by the second, in memory that is never freed, so
-/// that an io_uring send may still read a line after the call that asked for it: a slot
-/// is only rewritten `SLOTS` seconds later, and a send of one short line on a fresh
-/// connection completes when it is submitted (the socket's send buffer is empty).
-struct DenyLines {
-    slots: &'static mut [Slot; SLOTS],
+    bytes: Box<[u8; MAX_REPLY_LEN]>,
     template: fn(&Snapshot) -> &ReplyTemplate,
 }
 
-impl DenyLines {
+impl DenyLine {
     fn of(template: fn(&Snapshot) -> &ReplyTemplate) -> Self {
-        let empty = Slot { second: i64::MIN, generation: 0, len: 0, bytes: [0; MAX_REPLY_LEN] };
-        // Two leaks per worker thread, bounded by the number of workers ever started.
-        DenyLines { slots: Box::leak(Box::new([empty; SLOTS])), template }
+        DenyLine { second: i64::MIN, generation: 0, len: 0, bytes: Box::new([0; MAX_REPLY_LEN]), template }
     }
 
-    /// The line (CRLF included) for this snapshot at this time. Its memory stays
-    /// valid for the life of the process (for a pointer handed to the kernel).
-    pub fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &'static [u8] {
-        let slot = &mut self.slots[now.0.rem_euclid(SLOTS as i64) as usize];
-        if slot.second != now.0 || slot.generation != snapshot.generation {
-            let deny = (self.template)(snapshot);
-            slot.len = deny.render(&snapshot.config.hostname, now, &mut slot.bytes);
-            slot.second = now.0;
-            slot.generation = snapshot.generation;
+    /// The line (CRLF included) for this snapshot at this time.
+    fn line(&mut self, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
+        if self.second != now.0 || self.generation != snapshot.generation {
+            self.len = (self.template)(snapshot).render(&snapshot.config.hostname, now, &mut self.bytes[..]);
+            self.second = now.0;
+            self.generation = snapshot.generation;
         }
-        let line = &slot.bytes[..slot.len];
-        // SAFETY: the slots are leaked, never freed; a caller hands the line to a send at
-        // once (a pointer for the kernel, as the type's doc says) and keeps it no longer.
-        unsafe { std::slice::from_raw_parts(line.as_ptr(), line.len()) }
+        &self.bytes[..self.len]
     }
 }
 
@@ -142,7 +121,7 @@ mod tests {
             |host: &str| Config::parse(&format!("hostname = \"{host}\""), Path::new("t"), Path::new(".")).unwrap();
         let a = Snapshot::without_lists(config("mx.a.example"));
         let b = Snapshot::without_lists(config("mx.b.example"));
-        let mut lines = DenyLines::of(|s| &s.config.access.deny_reply);
+        let mut lines = DenyLine::of(|s| &s.config.access.deny_reply);
         let t = UnixTime(1_795_894_760);
         assert_eq!(
             lines.line(&a, t),

@@ -41,9 +41,8 @@ pub enum Front {
     Header { got: Vec<u8>, deadline: Instant },
     /// A whole header: the host judges the address it carries; `rest` is the session's.
     Judge { header: Header, rest: Vec<u8> },
-    /// Refused after the header: this line (the gate's, in memory that outlives the
-    /// connection), then close.
-    Refuse { line: &'static [u8] },
+    /// Refused after the header: this line (the gate's), then close.
+    Refuse { line: Box<[u8]> },
     /// No header: close without a word.
     Close,
     /// The pregreet test: the greeting's first line (`sent` of it out), then silence

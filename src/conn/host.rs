@@ -75,9 +75,10 @@ struct Dns {
     clippy::large_enum_variant,
     reason = "a refusal only writes the tag and the slice; boxing the connection would cost every allowed peer an allocation"
 )]
-pub enum Admit {
-    /// Send this one line (static memory, valid for the life of the process) and close.
-    Refuse(&'static [u8]),
+pub enum Admit<'a> {
+    /// Send this one line and close (a driver that hands it to the kernel copies it: it
+    /// is the worker's, borrowed until the next call).
+    Refuse(&'a [u8]),
     /// Serve it: hand the connection to [`Host::open`] with its sockets.
     Serve(Connection),
 }
@@ -137,7 +138,7 @@ impl<I: Io> Host<I> {
 
     /// Judges an accepted peer. A refusal costs the lookup and no allocation.
     #[inline]
-    pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit {
+    pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
         let peer = PeerIp::from(addr);
         let snapshot = self.snapshot.load();
         if snapshot.config.listen.is_balancer(peer.ip()) {

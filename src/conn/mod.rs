@@ -279,8 +279,8 @@ impl Connection {
     }
 
     /// The header's address is refused: `line`, then close, as at accept.
-    pub(crate) fn refuse(&mut self, line: &'static [u8]) {
-        self.front = front::Front::Refuse { line };
+    pub(crate) fn refuse(&mut self, line: &[u8]) {
+        self.front = front::Front::Refuse { line: line.into() };
     }
 
     pub(crate) fn take_no_header(&mut self) -> Option<NoHeader> {

@@ -2,9 +2,10 @@
 //!
 //! - A multishot accept per listener yields accepted sockets without a new submission
 //!   per connection.
-//! - A denied peer costs one `getpeername`, the table lookup and two linked entries,
-//!   send-the-deny-line then close, both silent on success: one completion (the accept)
-//!   per denied connection and no allocation.
+//! - A denied peer costs one `getpeername`, the table lookup, a copy of its line into one
+//!   of the worker's [`Lines`] and two linked entries, send-the-line then close: two
+//!   completions (the accept; the close, which gives the line's buffer back) and no
+//!   allocation once the worker has as many buffers as refusals in flight.
 //! - An allowed peer's [`Connection`] is served on two sockets: the peer's and, while a
 //!   transaction needs one, the next hop's (pooled by the [`Host`]). Each socket has at
 //!   most one recv and one send in flight (and the next hop's one connect). Bytes to send
@@ -20,8 +21,9 @@
 //!   holds no buffer. (The next hop's socket, busy only during a transaction, keeps one.)
 //!
 //! Memory handed to the kernel outlives the operation: a connection's buffers live until
-//! its last operation completes; the deny lines, the wake buffer and the buffer ring are
-//! never freed.
+//! its last operation completes, a refusal's line until its close completes; the wake
+//! buffer and the buffer ring are never freed (nor are lines still in flight when the
+//! worker stops).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -38,6 +40,7 @@ use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
 use crate::smtp::{Relay, Transmit};
+use crate::template::MAX_REPLY_LEN;
 
 /// Submission queue entries per ring; completions get twice as many.
 const RING_ENTRIES: u32 = 4096;
@@ -49,6 +52,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TAG_ACCEPT: u8 = 1;
 const TAG_CLOSE: u8 = 4;
 const TAG_DENY_SEND: u8 = 5;
+/// The close linked behind a refusal's send; the key is the line's buffer.
+const TAG_DENY_CLOSE: u8 = 14;
 const TAG_WAKE: u8 = 6;
 const TAG_CANCEL: u8 = 7;
 /// The DNS socket of the key is readable.
@@ -289,6 +294,59 @@ pub struct Uring {
     ring: IoUring,
     provided: BufRing,
     dns: DnsSockets,
+    lines: Lines,
+}
+
+/// Refusal lines on their way out: each refusal's send reads its own copy, which goes
+/// back for the next refusal when the close linked behind the send completes. The count
+/// of buffers is the most refusals ever in flight at once on this worker (each holds a
+/// socket, so the descriptor limit bounds it).
+#[derive(Default)]
+struct Lines {
+    /// Each line's bytes and the socket it goes to (closed by hand if its close was
+    /// cancelled). Boxed: a buffer the kernel reads must not move when the list grows.
+    buffers: Vec<(Box<[u8; MAX_REPLY_LEN]>, RawFd)>,
+    free: Vec<u32>,
+}
+
+impl Lines {
+    /// A copy of `line` for a send to `fd`: its buffer's index and the bytes.
+    fn copy(&mut self, line: &[u8], fd: RawFd) -> (usize, &[u8]) {
+        debug_assert!(line.len() <= MAX_REPLY_LEN, "templates are checked at load, replies are short");
+        let len = line.len().min(MAX_REPLY_LEN);
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.buffers.push((Box::new([0; MAX_REPLY_LEN]), fd));
+                self.buffers.len() - 1
+            }
+        };
+        let (bytes, owner) = &mut self.buffers[index];
+        bytes[..len].copy_from_slice(&line[..len]);
+        *owner = fd;
+        (index, &bytes[..len])
+    }
+
+    /// The close behind buffer `index`'s send completed: the buffer is free; the socket
+    /// it went to, unless `closed`, is closed here.
+    fn done(&mut self, index: usize, closed: bool) {
+        let Some((_, fd)) = self.buffers.get(index) else { return };
+        if !closed {
+            // SAFETY: the close was cancelled before it ran, so the worker still owns `fd`.
+            unsafe { libc::close(*fd) };
+        }
+        self.free.push(index as u32);
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        if self.free.len() < self.buffers.len() {
+            // sends still in flight when the worker stops may read their lines until the
+            // ring is gone: those buffers are left to the end of the process
+            std::mem::forget(std::mem::take(&mut self.buffers));
+        }
+    }
 }
 
 pub struct Worker {
@@ -319,7 +377,7 @@ impl Worker {
             .collect();
         let provided = BufRing::new(&ring)?;
         let mut w = Worker {
-            io: Uring { ring, provided, dns: DnsSockets::default() },
+            io: Uring { ring, provided, dns: DnsSockets::default(), lines: Lines::default() },
             host: Host::new(shared),
             listeners,
             wake_fd,
@@ -396,6 +454,7 @@ impl Worker {
                     push(&mut self.io.ring, &[dns_poll(fd, key)]);
                 }
             }
+            TAG_DENY_CLOSE => self.io.lines.done(key, res != -libc::ECANCELED),
             TAG_CLOSE if res == -libc::ECANCELED => {
                 // SAFETY: the close was cancelled before it ran, so we still own `key` (the fd).
                 unsafe { libc::close(key as RawFd) };
@@ -433,10 +492,7 @@ impl Worker {
         };
         let conn = match self.host.admit(addr, now, unix) {
             Admit::Serve(conn) => conn,
-            Admit::Refuse(line) => {
-                push(&mut self.io.ring, &deny_entries(fd, line));
-                return;
-            }
+            Admit::Refuse(line) => return self.io.refuse(fd, line),
         };
         let peer = Socket::open(fd);
         self.host.open(conn, Sockets { peer, relay: Socket::none() }, now, &mut self.io);
@@ -586,10 +642,11 @@ impl Io for Uring {
                 push(&mut self.ring, &[e]);
             }
             Transmit::Last(line) if !s.busy() => {
-                // as a refusal at accept: the send linked to the close, neither completing
-                push(&mut self.ring, &deny_entries(s.fd, line));
+                // as a refusal at accept: the send linked to the close
+                let len = line.len();
+                self.refuse(s.fd, line);
                 s.fd = -1;
-                conn.peer_sent(line.len(), now);
+                conn.peer_sent(len, now);
                 return true;
             }
             Transmit::Close | Transmit::Last(_) => {
@@ -716,15 +773,19 @@ fn close_socket(ring: &mut IoUring, s: &mut Socket, key: usize, generation: u32,
     false
 }
 
-/// A refusal: `line` (memory that outlives the socket), then the close, linked; neither
-/// completes unless the send fails.
-fn deny_entries(fd: RawFd, line: &'static [u8]) -> [squeue::Entry; 2] {
-    let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
-        .user_data(user_data(TAG_DENY_SEND, 0, 0));
-    [send, close_entry(fd)]
+impl Uring {
+    /// A refusal: a copy of `line`, then the close, linked; the send completes only if it
+    /// fails, the close always (giving the copy's buffer back).
+    fn refuse(&mut self, fd: RawFd, line: &[u8]) {
+        let (index, line) = self.lines.copy(line, fd);
+        let send = opcode::Send::new(types::Fd(fd), line.as_ptr(), line.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+            .user_data(user_data(TAG_DENY_SEND, 0, 0));
+        let close = opcode::Close::new(types::Fd(fd)).build().user_data(user_data(TAG_DENY_CLOSE, index, 0));
+        push(&mut self.ring, &[send, close]);
+    }
 }
 
 /// Waits for DNS socket `key` to be readable.
@@ -762,5 +823,27 @@ mod tests {
     fn user_data_round_trips() {
         assert_eq!(split_user_data(user_data(TAG_PEER_SEND, 123_456, 0xab_cdef)), (TAG_PEER_SEND, 123_456, 0xab_cdef));
         assert_eq!(split_user_data(user_data(TAG_CLOSE, 7, 0)), (TAG_CLOSE, 7, 0));
+    }
+
+    /// A refusal's copy stays put while its send is in flight and its buffer serves the
+    /// next refusal once the close completed: buffers are as many as refusals in flight.
+    #[test]
+    fn refusal_buffers_come_back_when_the_close_completes() {
+        let mut lines = Lines::default();
+        let (a, bytes) = lines.copy(b"530 first\r\n", -1);
+        let at = bytes.as_ptr();
+        let (b, _) = lines.copy(b"530 second\r\n", -1);
+        assert_ne!(a, b, "two in flight, two buffers");
+        assert_eq!(&lines.buffers[a].0[..11], b"530 first\r\n", "the first copy is untouched");
+        lines.done(a, true);
+        let (c, bytes) = lines.copy(b"530 third\r\n", -1);
+        assert_eq!((c, bytes.as_ptr(), bytes), (a, at, &b"530 third\r\n"[..]));
+        lines.done(b, true);
+        lines.done(c, true);
+        for _ in 0..1000 {
+            let (i, _) = lines.copy(b"530 again\r\n", -1);
+            lines.done(i, true);
+        }
+        assert_eq!(lines.buffers.len(), 2, "never more than were in flight at once");
     }
 }

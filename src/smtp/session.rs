@@ -39,10 +39,11 @@ pub enum Transmit<'a> {
     Wait,
     Close,
     /// Send these bytes and close at once, without waiting for the send (then
-    /// `peer_sent`): one short line on a fresh connection, in memory that outlives it, as
-    /// the gate's refusal at accept. Only a connection's front says it (the deny line
-    /// after a balancer's PROXY header); a session never does.
-    Last(&'static [u8]),
+    /// `peer_sent`): one short line on a fresh connection, as the gate's refusal at
+    /// accept (a driver that hands it to the kernel keeps its own copy until the send is
+    /// done). Only a connection's front says it (the deny line after a balancer's PROXY
+    /// header); a session never does.
+    Last(&'a [u8]),
 }
 
 /// What the driver does next on the next hop's side.
