@@ -292,11 +292,14 @@ fn a_postfix_refusal_reaches_only_the_peer_that_caused_it() {
     for (n, io) in ["uring", "epoll"].into_iter().enumerate() {
         let config =
             config(&[postfix.addr], "").replace("threads = 2", "threads = 1") + "[control]\nsocket = \"mxgate.sock\"\n";
-        let mut m = Mxgate::start(&config, &[], io);
+        // at debug level the log shows what the next hop offered, should this fail
+        let mut m = Mxgate::start_as(&config, &[], io, io, |c| {
+            c.env("MXGATE_LOG", "debug");
+        });
         let mut s = session(&m, &format!("127.0.21.{}", 100 + n));
         send(&mut s, b"MAIL FROM:<big@client.test> SIZE=20000000\r\n");
         let reply = read_replies(&mut s, 1);
-        assert!(reply.starts_with("552 5.3.4 "), "{io}: {reply}");
+        assert!(reply.starts_with("552 5.3.4 "), "{io}: {reply}\nPostfix's log:\n{}", postfix.log());
         send(&mut s, b"QUIT\r\n");
         read_to_end(&mut s);
         for i in 0..30 {

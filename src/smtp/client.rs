@@ -266,6 +266,7 @@ impl Upstream {
                 _ => {}
             }
         }
+        tracing::debug!(ext = ?self.ext, "next hop said EHLO");
         match (self.tls, self.secured, self.ext.starttls) {
             (RelayTls::Off, ..) | (_, true, _) => {}
             (_, false, true) => {
