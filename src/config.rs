@@ -245,7 +245,7 @@ pub struct Metrics {
 }
 
 /// Every key, declared once: its section (`""`: the top level) and name. Parsing
-/// refuses any other key, and a test holds the README's key table against this list.
+/// refuses any other key, and a test holds the key table of docs/operations.md against this list.
 pub const KEYS: &[(&str, &str)] = &[
     ("", "hostname"),
     ("listen", "addresses"),
@@ -959,12 +959,12 @@ mod tests {
         Config::parse(text, Path::new("m.toml"), Path::new("/nonexistent"))
     }
 
-    /// The README's key table names exactly the declared keys, and says which are read
+    /// The key table of docs/operations.md names exactly the declared keys, and says which are read
     /// at start only: the three cannot drift apart.
     #[test]
-    fn the_readme_key_table_is_the_declared_keys() {
-        let readme = include_str!("../README.md");
-        let table = readme.split("\n| key |").nth(1).expect("the README's key table");
+    fn the_documented_key_table_is_the_declared_keys() {
+        let reference = include_str!("../docs/operations.md");
+        let table = reference.split("\n| key |").nth(1).expect("the key table of docs/operations.md");
         let (mut documented, mut at_start) = (Vec::new(), Vec::new());
         for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
             let cells: Vec<&str> = row.split(" | ").collect();
@@ -982,8 +982,8 @@ mod tests {
         }
         let declared: Vec<String> =
             KEYS.iter().map(|(s, k)| if s.is_empty() { (*k).to_owned() } else { format!("{s}.{k}") }).collect();
-        assert_eq!(documented, declared, "README key table vs config::KEYS");
-        assert_eq!(at_start, READ_AT_START, "README's `at start only` vs config::READ_AT_START");
+        assert_eq!(documented, declared, "docs/operations.md key table vs config::KEYS");
+        assert_eq!(at_start, READ_AT_START, "docs/operations.md `at start only` vs config::READ_AT_START");
     }
 
     #[test]

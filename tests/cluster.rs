@@ -387,13 +387,13 @@ fn a_command_redis_refuses_drops_its_batch_never_the_connection() {
     assert!(a.saw("cluster: lost Redis").is_none(), "the connection was kept");
 }
 
-/// The least ACL README's "Running a fleet" recommends is enough: a node under it
+/// The least ACL docs/fleet.md recommends is enough: a node under it
 /// connects, shares a ban and lifts it, and nothing is refused.
 #[test]
-fn a_node_runs_under_the_acl_the_readme_recommends() {
+fn a_node_runs_under_the_acl_the_docs_recommend() {
     let Some(redis) = RedisServer::start() else { return };
-    let readme = include_str!("../README.md");
-    let acl = readme.lines().find(|l| l.starts_with("ACL SETUSER mxgate ")).expect("the ACL in the README");
+    let fleet = include_str!("../docs/fleet.md");
+    let acl = fleet.lines().find(|l| l.starts_with("ACL SETUSER mxgate ")).expect("the ACL in docs/fleet.md");
     let mut words: Vec<&str> = acl.split_whitespace().collect();
     let secret = words.iter().position(|w| *w == ">SECRET").expect(">SECRET");
     words[secret] = ">pw";
