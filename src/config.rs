@@ -15,7 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::access::Action;
-use crate::problem::{Problem, Problems};
+use crate::problem::{Conflict, EntryError, Fault, Invalid, Problem, Problems, RedisUrlFault};
 use crate::template::{MAX_REPLY_LEN, ReplyTemplate};
 use crate::units::{parse_duration, parse_size};
 
@@ -99,13 +99,17 @@ pub enum IoMode {
 }
 
 impl std::str::FromStr for IoMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         match s {
             "auto" => Ok(IoMode::Auto),
             "uring" => Ok(IoMode::Uring),
             "epoll" => Ok(IoMode::Epoll),
-            _ => Err(format!("`{s}` is not an I/O driver: use \"auto\", \"uring\" or \"epoll\"")),
+            _ => Err(Invalid::NotOneOf {
+                given: s.to_owned(),
+                what: "an I/O driver",
+                choices: "\"auto\", \"uring\" or \"epoll\"",
+            }),
         }
     }
 }
@@ -359,7 +363,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Self, Problems> {
         let text = std::fs::read_to_string(file)
-            .map_err(|e| Problems(vec![Problem::in_file(file, format!("cannot read the config file: {e}"))]))?;
+            .map_err(|e| Problems(vec![Problem::in_file(file, Fault::Unreadable { what: "the config file", reason: e.to_string() })]))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::parse(&text, file, &base)?;
         config.file = Some(file.to_owned());
@@ -372,7 +376,7 @@ impl Config {
         let mut r = Reader { file, line_starts: line_starts(text), base, problems: Vec::new() };
         let (root, syntax) = DeTable::parse_recoverable(text);
         for e in syntax {
-            r.problem(e.span(), "", format!("TOML syntax: {}", e.message()));
+            r.problem(e.span(), "", Fault::Syntax(e.message().to_owned()));
         }
         if !r.problems.is_empty() {
             return Err(Problems(r.problems));
@@ -402,7 +406,11 @@ impl Config {
                 .value(t, "access", "default", |v| match str_of(v)? {
                     "allow" => Ok(Action::Allow),
                     "deny" => Ok(Action::Deny),
-                    s => Err(format!("`{s}` is not an action: use \"allow\" or \"deny\"")),
+                    s => Err(Invalid::NotOneOf {
+                        given: s.to_owned(),
+                        what: "an action",
+                        choices: "\"allow\" or \"deny\"",
+                    }),
                 })
                 .unwrap_or(Action::Allow),
             list: r.path(t, "access", "list"),
@@ -439,7 +447,7 @@ impl Config {
             shadow: r.value(t, "abuse", "shadow", boolean).unwrap_or(false),
         };
         if abuse.ban_duration > abuse.max_ban_duration {
-            r.problem(None, "abuse.ban_duration", "is longer than abuse.max_ban_duration".into());
+            r.problem(None, "abuse.ban_duration", Conflict::BanLongerThanMax.into());
         }
 
         let t = r.section(root, "smtp", &keys_of("smtp"));
@@ -453,7 +461,7 @@ impl Config {
             transaction_timeout: r
                 .value(t, "smtp", "transaction_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(1800)),
-            min_data_rate: r.value(t, "smtp", "min_data_rate", |v| parse_size(str_of(v)?)).unwrap_or(1024),
+            min_data_rate: r.value(t, "smtp", "min_data_rate", |v| Ok(parse_size(str_of(v)?)?)).unwrap_or(1024),
             require_tls: r.value(t, "smtp", "require_tls", boolean).unwrap_or(false),
         };
 
@@ -472,7 +480,11 @@ impl Config {
                     "off" => Ok(RelayTls::Off),
                     "opportunistic" => Ok(RelayTls::Opportunistic),
                     "required" => Ok(RelayTls::Required),
-                    other => Err(format!("`{other}`: \"off\", \"opportunistic\" or \"required\"")),
+                    other => Err(Invalid::NotOneOf {
+                        given: other.to_owned(),
+                        what: "a TLS mode",
+                        choices: "\"off\", \"opportunistic\" or \"required\"",
+                    }),
                 })
                 .unwrap_or(RelayTls::Off),
             tls_ca: r.path(t, "relay", "tls_ca"),
@@ -481,7 +493,7 @@ impl Config {
                 let name = str_of(v)?;
                 match rustls::pki_types::ServerName::try_from(name) {
                     Ok(_) => Ok(name.to_ascii_lowercase()),
-                    Err(_) => Err(format!("`{name}`: not a DNS name or IP address")),
+                    Err(_) => Err(Invalid::NotAServerName(name.to_owned())),
                 }
             }),
         };
@@ -489,13 +501,17 @@ impl Config {
         let t = r.section(root, "tls", &keys_of("tls"));
         let given = |key| t.and_then(|t| find(t, key)).is_some();
         if given("cert") != given("key") {
-            r.problem(None, "tls", "give both `cert` and `key`, or neither (no STARTTLS)".into());
+            r.problem(None, "tls", Conflict::HalfTls.into());
         }
         let min_version = r
             .value(t, "tls", "min_version", |v| match str_of(v)? {
                 "1.2" => Ok(TlsVersion::V1_2),
                 "1.3" => Ok(TlsVersion::V1_3),
-                other => Err(format!("`{other}`: \"1.2\" or \"1.3\"")),
+                other => Err(Invalid::NotOneOf {
+                    given: other.to_owned(),
+                    what: "a TLS version",
+                    choices: "\"1.2\" or \"1.3\"",
+                }),
             })
             .unwrap_or(TlsVersion::V1_2);
         let sni = r.sni(t);
@@ -504,7 +520,7 @@ impl Config {
             _ => None,
         };
         if smtp.require_tls && tls.is_none() && given("cert") == given("key") {
-            r.problem(None, "smtp.require_tls", "needs [tls] cert and key (STARTTLS)".into());
+            r.problem(None, "smtp.require_tls", Conflict::RequireTlsWithoutTls.into());
         }
         let t = r.section(root, "screen", &keys_of("screen"));
         let screen = Screen {
@@ -519,9 +535,9 @@ impl Config {
         };
         let t = r.section(root, "cluster", &keys_of("cluster"));
         let cluster = t.and_then(|_| {
-            let url = r.value(t, "cluster", "redis", |v| redis_url(str_of(v)?));
+            let url = r.value(t, "cluster", "redis", |v| Ok(redis_url(str_of(v)?)?));
             if url.is_none() && t.and_then(|t| find(t, "redis")).is_none() {
-                r.problem(None, "cluster.redis", "give the fleet's Redis: `redis://host:port/db`".into());
+                r.problem(None, "cluster.redis", Conflict::ClusterWithoutRedis.into());
             }
             let node =
                 r.value(t, "cluster", "node", |v| valid_hostname(str_of(v)?)).unwrap_or_else(|| hostname.clone());
@@ -529,7 +545,7 @@ impl Config {
                 .value(t, "cluster", "prefix", |v| {
                     let p = str_of(v)?;
                     let ok = !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-                    if ok { Ok(p.to_owned()) } else { Err(format!("`{p}`: letters, digits, `_`, `.` and `-` only")) }
+                    if ok { Ok(p.to_owned()) } else { Err(Invalid::KeyPrefix(p.to_owned())) }
                 })
                 .unwrap_or_else(|| "mxgate".into());
             let flush_interval =
@@ -607,10 +623,10 @@ type Table<'t> = DeTable<'t>;
 type Value<'t> = Spanned<DeValue<'t>>;
 
 impl Reader<'_> {
-    fn problem(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
+    fn problem(&mut self, span: Option<Range<usize>>, key: &str, fault: Fault) {
         let line = span.map(|s| self.line_starts.partition_point(|&start| start <= s.start) as u32);
         let key = (!key.is_empty()).then(|| key.to_owned());
-        self.problems.push(Problem { file: self.file.to_owned(), line, key, message });
+        self.problems.push(Problem { file: self.file.to_owned(), line, key, fault });
     }
 
     /// A sub-table of the root, checked for unknown keys.
@@ -622,11 +638,8 @@ impl Reader<'_> {
                 Some(t)
             }
             other => {
-                self.problem(
-                    Some(value.span()),
-                    name,
-                    format!("expected a table `[{name}]`, found {}", other.type_str()),
-                );
+                let fault = Fault::NotATable { section: name.to_owned(), found: other.type_str() };
+                self.problem(Some(value.span()), name, fault);
                 None
             }
         }
@@ -636,7 +649,7 @@ impl Reader<'_> {
         for (key, _) in table.into_iter().flatten() {
             if !known.contains(&key.get_ref().as_ref()) {
                 let full = join(section, key.get_ref());
-                self.problem(Some(key.span()), &full, format!("unknown key; known keys here: {}", known.join(", ")));
+                self.problem(Some(key.span()), &full, Fault::UnknownKey { known: known.join(", ") });
             }
         }
     }
@@ -648,13 +661,13 @@ impl Reader<'_> {
         table: Option<&'t Table<'t>>,
         section: &str,
         key: &str,
-        convert: impl FnOnce(&Value<'t>) -> Result<T, String>,
+        convert: impl FnOnce(&Value<'t>) -> Result<T, Invalid>,
     ) -> Option<T> {
         let value = table.and_then(|t| find(t, key))?;
         match convert(value) {
             Ok(v) => Some(v),
-            Err(message) => {
-                self.problem(Some(value.span()), &join(section, key), message);
+            Err(invalid) => {
+                self.problem(Some(value.span()), &join(section, key), invalid.into());
                 None
             }
         }
@@ -665,7 +678,7 @@ impl Reader<'_> {
         let base = self.base;
         self.value(table, section, key, |v| {
             let path = base.join(PathBuf::from(str_of(v)?));
-            if path.is_file() { Ok(path) } else { Err(format!("`{}` is not a readable file", path.display())) }
+            if path.is_file() { Ok(path) } else { Err(Invalid::NotAFile(path)) }
         })
     }
 
@@ -674,18 +687,18 @@ impl Reader<'_> {
         const SNI_KEYS: &[&str] = &["name", "cert", "key"];
         let Some(value) = tls.and_then(|t| find(t, "sni")) else { return Vec::new() };
         let DeValue::Array(items) = value.get_ref() else {
-            self.problem(Some(value.span()), "tls.sni", "expected `[[tls.sni]]` tables".into());
+            self.problem(Some(value.span()), "tls.sni", type_fault("`[[tls.sni]]` tables", value));
             return Vec::new();
         };
         let mut entries = Vec::new();
         for item in items {
             let DeValue::Table(t) = item.get_ref() else {
-                self.problem(Some(item.span()), "tls.sni", "expected a table with name, cert and key".into());
+                self.problem(Some(item.span()), "tls.sni", type_fault("a table with name, cert and key", item));
                 continue;
             };
             self.unknown_keys(Some(t), "tls.sni", SNI_KEYS);
             if SNI_KEYS.iter().any(|k| find(t, k).is_none()) {
-                self.problem(Some(item.span()), "tls.sni", "each entry needs name, cert and key".into());
+                self.problem(Some(item.span()), "tls.sni", Fault::MissingKeys("name, cert and key"));
                 continue;
             }
             let name = self.value(Some(t), "tls.sni", "name", |v| {
@@ -707,18 +720,18 @@ impl Reader<'_> {
         const KEYS: &[&str] = &["zone", "weight", "match"];
         let Some(value) = screen.and_then(|t| find(t, "dnsbl")) else { return Vec::new() };
         let DeValue::Array(items) = value.get_ref() else {
-            self.problem(Some(value.span()), "screen.dnsbl", "expected `[[screen.dnsbl]]` tables".into());
+            self.problem(Some(value.span()), "screen.dnsbl", type_fault("`[[screen.dnsbl]]` tables", value));
             return Vec::new();
         };
         let mut zones: Vec<Zone> = Vec::new();
         for item in items {
             let DeValue::Table(t) = item.get_ref() else {
-                self.problem(Some(item.span()), "screen.dnsbl", "expected a table with zone and weight".into());
+                self.problem(Some(item.span()), "screen.dnsbl", type_fault("a table with zone and weight", item));
                 continue;
             };
             self.unknown_keys(Some(t), "screen.dnsbl", KEYS);
             if find(t, "zone").is_none() || find(t, "weight").is_none() {
-                self.problem(Some(item.span()), "screen.dnsbl", "each entry needs zone and weight".into());
+                self.problem(Some(item.span()), "screen.dnsbl", Fault::MissingKeys("zone and weight"));
                 continue;
             }
             let zone = self.value(Some(t), "screen.dnsbl", "zone", |v| {
@@ -726,13 +739,13 @@ impl Reader<'_> {
                 valid_hostname(s).map(|_| s.to_ascii_lowercase())
             });
             let weight = self.value(Some(t), "screen.dnsbl", "weight", |v| match int_in(v, -1000, 1000)? {
-                0 => Err("must not be 0 (a zone that weighs nothing: leave it out)".into()),
+                0 => Err(Invalid::Zero("must not be 0 (a zone that weighs nothing: leave it out)")),
                 w => Ok(w as i32),
             });
             let matches = self.value(Some(t), "screen.dnsbl", "match", |v| list_of(v, ipv4_range)).unwrap_or_default();
             if let (Some(zone), Some(weight)) = (zone, weight) {
                 if zones.iter().any(|z| z.zone == zone) {
-                    self.problem(Some(item.span()), "screen.dnsbl", format!("`{zone}` is given twice"));
+                    self.problem(Some(item.span()), "screen.dnsbl", Invalid::Twice(zone).into());
                     continue;
                 }
                 zones.push(Zone { zone, weight, matches });
@@ -745,7 +758,7 @@ impl Reader<'_> {
         let parsed = self.value(table, section, key, |v| {
             let t = ReplyTemplate::parse(str_of(v)?)?;
             if t.max_len(hostname) > MAX_REPLY_LEN {
-                return Err(format!("the reply can be longer than {MAX_REPLY_LEN} octets"));
+                return Err(Invalid::ReplyTooLong { max: MAX_REPLY_LEN });
             }
             Ok(t)
         });
@@ -765,57 +778,51 @@ fn line_starts(text: &str) -> Vec<usize> {
     std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect()
 }
 
-fn str_of<'v>(v: &'v Value<'_>) -> Result<&'v str, String> {
+/// A value of another TOML type than `expected`.
+fn type_fault(expected: &'static str, v: &Value<'_>) -> Fault {
+    Invalid::Type { expected, found: v.get_ref().type_str() }.into()
+}
+
+fn str_of<'v>(v: &'v Value<'_>) -> Result<&'v str, Invalid> {
     match v.get_ref() {
         DeValue::String(s) => Ok(s.as_ref()),
-        other => Err(format!("expected a string, found {}", other.type_str())),
+        other => Err(Invalid::Type { expected: "a string", found: other.type_str() }),
     }
 }
 
-fn boolean(v: &Value<'_>) -> Result<bool, String> {
-    v.get_ref().as_bool().ok_or_else(|| format!("expected true or false, found {}", v.get_ref().type_str()))
+fn boolean(v: &Value<'_>) -> Result<bool, Invalid> {
+    v.get_ref().as_bool().ok_or_else(|| Invalid::Type { expected: "true or false", found: v.get_ref().type_str() })
 }
 
-fn int_in(v: &Value<'_>, min: i64, max: i64) -> Result<i64, String> {
+fn int_in(v: &Value<'_>, min: i64, max: i64) -> Result<i64, Invalid> {
     let n = match v.get_ref() {
         DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
-        other => {
-            return Err(format!("expected a whole number, found {}", other.type_str()));
-        }
+        other => return Err(Invalid::Type { expected: "a whole number", found: other.type_str() }),
     };
-    n.filter(|n| (min..=max).contains(n)).ok_or_else(|| format!("must be a whole number from {min} to {max}"))
+    n.filter(|n| (min..=max).contains(n)).ok_or(Invalid::Range { min, max })
 }
 
-fn duration(v: &Value<'_>) -> Result<Duration, String> {
-    parse_duration(str_of(v)?)
+fn duration(v: &Value<'_>) -> Result<Duration, Invalid> {
+    Ok(parse_duration(str_of(v)?)?)
 }
 
-fn ban_duration(v: &Value<'_>) -> Result<Duration, String> {
-    crate::units::parse_ban_duration(str_of(v)?)
+fn ban_duration(v: &Value<'_>) -> Result<Duration, Invalid> {
+    Ok(crate::units::parse_ban_duration(str_of(v)?)?)
 }
 
-fn positive_duration(v: &Value<'_>) -> Result<Duration, String> {
-    duration(v).and_then(|d| if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) })
+fn positive_duration(v: &Value<'_>) -> Result<Duration, Invalid> {
+    duration(v).and_then(|d| if d.is_zero() { Err(Invalid::Zero("must be longer than zero")) } else { Ok(d) })
 }
 
-fn size(v: &Value<'_>) -> Result<u64, String> {
-    parse_size(str_of(v)?).and_then(|s| if s == 0 { Err("must be larger than zero".into()) } else { Ok(s) })
+fn size(v: &Value<'_>) -> Result<u64, Invalid> {
+    let s = parse_size(str_of(v)?)?;
+    if s == 0 { Err(Invalid::Zero("must be larger than zero")) } else { Ok(s) }
 }
 
 /// A size from `min` to `max` bytes.
-fn size_in(v: &Value<'_>, min: u64, max: u64) -> Result<u64, String> {
+fn size_in(v: &Value<'_>, min: u64, max: u64) -> Result<u64, Invalid> {
     let s = parse_size(str_of(v)?)?;
-    if (min..=max).contains(&s) { Ok(s) } else { Err(format!("must be from {} to {}", show_size(min), show_size(max))) }
-}
-
-/// `64MiB`, `1GiB`: a size as written in the config file (whole units only).
-fn show_size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
-        b => format!("{b}B"),
-    }
+    if (min..=max).contains(&s) { Ok(s) } else { Err(Invalid::SizeRange { min, max }) }
 }
 
 /// `[abuse] counter_memory`: 64 MiB holds 2,097,152 failing keys (32 bytes each); a
@@ -825,43 +832,44 @@ const COUNTER_MEMORY_MIN: u64 = 1 << 20;
 const COUNTER_MEMORY_MAX: u64 = 64 << 30;
 
 /// An array of strings, each converted; the first bad element is named.
-fn list_of<T>(v: &Value<'_>, convert: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+fn list_of<T, E: Into<Invalid>>(v: &Value<'_>, convert: impl Fn(&str) -> Result<T, E>) -> Result<Vec<T>, Invalid> {
     let DeValue::Array(items) = v.get_ref() else {
-        return Err(format!("expected an array of strings, found {}", v.get_ref().type_str()));
+        return Err(Invalid::Type { expected: "an array of strings", found: v.get_ref().type_str() });
     };
+    let element = |index: usize| move |fault: Invalid| Invalid::Element { index: index + 1, fault: Box::new(fault) };
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| str_of(item).and_then(&convert).map_err(|e| format!("element {}: {e}", i + 1)))
+        .map(|(i, item)| str_of(item).and_then(|s| convert(s).map_err(Into::into)).map_err(element(i)))
         .collect()
 }
 
-fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")"))
+fn socket_addr(s: &str) -> Result<SocketAddr, Invalid> {
+    s.parse().map_err(|_| Invalid::NotASocketAddress(s.to_owned()))
 }
 
 /// `redis://host[:port][/db]` or `rediss://...` (TLS): the URL, TLS, host, port
 /// (default 6379) and database (default 0). A password goes in `password_file`, never in
 /// the URL.
-fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), String> {
+fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), RedisUrlFault> {
     let (tls, rest) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
         (Some(rest), _) => (false, rest),
         (_, Some(rest)) => (true, rest),
-        _ => return Err(format!("`{s}`: a redis:// or rediss:// URL")),
+        _ => return Err(RedisUrlFault::NotAUrl(s.to_owned())),
     };
     // `user@host`: an ACL user (its password in password_file, never in the URL)
     let rest = match rest.split_once('@') {
-        Some((user, _)) if user.contains(':') => return Err("no password in the URL: give password_file".into()),
+        Some((user, _)) if user.contains(':') => return Err(RedisUrlFault::PasswordInUrl),
         Some((user, _))
             if user.is_empty() || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
         {
-            return Err(format!("`{user}`: not a user name"));
+            return Err(RedisUrlFault::NotAUser(user.to_owned()));
         }
         Some((_, rest)) => rest,
         None => rest,
     };
     let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
-    let db = if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| format!("`{db}`: not a database number"))? };
+    let db = if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| RedisUrlFault::NotADatabase(db.to_owned()))? };
     // `[v6]:port`, `[v6]`, `host:port`, `host`
     let (host, port) = match authority.strip_prefix('[').and_then(|a| a.split_once(']')) {
         Some((v6, rest)) => (v6, rest.strip_prefix(':')),
@@ -871,45 +879,44 @@ fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), String> {
         },
     };
     let port = match port {
-        Some(p) => p.parse::<u16>().map_err(|_| format!("`{p}`: not a port"))?,
+        Some(p) => p.parse::<u16>().map_err(|_| RedisUrlFault::NotAPort(p.to_owned()))?,
         None => 6379,
     };
     if host.is_empty() || (host.parse::<std::net::IpAddr>().is_err() && valid_hostname(host).is_err()) {
-        return Err(format!("`{s}`: no host"));
+        return Err(RedisUrlFault::NoHost(s.to_owned()));
     }
     Ok((s.to_owned(), tls, host.to_owned(), port, db))
 }
 
 /// `127.0.0.2` or `127.0.0.2-127.0.0.11`: an inclusive range of IPv4 addresses.
-fn ipv4_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
+fn ipv4_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), Invalid> {
     let (lo, hi) = s.split_once('-').unwrap_or((s, s));
-    let parse =
-        |a: &str| a.trim().parse::<std::net::Ipv4Addr>().map_err(|_| format!("`{s}`: not an IPv4 address or range"));
+    let parse = |a: &str| a.trim().parse::<std::net::Ipv4Addr>().map_err(|_| Invalid::NotAnIpv4Range(s.to_owned()));
     let (lo, hi) = (parse(lo)?, parse(hi)?);
     if lo > hi {
-        return Err(format!("`{s}`: the range ends before it starts"));
+        return Err(Invalid::BackwardsRange(s.to_owned()));
     }
     Ok((lo, hi))
 }
 
-fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, String> {
+fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, Invalid> {
     let addrs = list_of(v, socket_addr)?;
     if addrs.is_empty() {
-        return Err("give at least one address".into());
+        return Err(Invalid::NoAddress);
     }
     for (i, a) in addrs.iter().enumerate() {
         if addrs[..i].contains(a) {
-            return Err(format!("`{a}` is given twice"));
+            return Err(Invalid::Twice(a.to_string()));
         }
     }
     Ok(addrs)
 }
 
-fn prefixes(v: &Value<'_>) -> Result<Vec<IpNet>, String> {
-    list_of(v, crate::access::list::parse_net)
+fn prefixes(v: &Value<'_>) -> Result<Vec<IpNet>, Invalid> {
+    list_of::<_, EntryError>(v, crate::access::list::parse_net)
 }
 
-fn domains(v: &Value<'_>) -> Result<Vec<String>, String> {
+fn domains(v: &Value<'_>) -> Result<Vec<String>, Invalid> {
     list_of(v, |s| {
         let name = s.strip_prefix('.').unwrap_or(s).trim_end_matches('.');
         valid_hostname(name).map(|_| s.trim_end_matches('.').to_ascii_lowercase())
@@ -923,7 +930,7 @@ pub fn valid_node_name(s: &str) -> bool {
 
 /// A domain name fit to appear in replies: letters, digits and hyphens in dot-separated
 /// labels (RFC 1035 §2.3.1, RFC 5321 §4.1.2).
-fn valid_hostname(s: &str) -> Result<String, String> {
+fn valid_hostname(s: &str) -> Result<String, Invalid> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
@@ -932,7 +939,7 @@ fn valid_hostname(s: &str) -> Result<String, String> {
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
-        return Err(format!("`{s}` is not a domain name (letters, digits and hyphens in labels separated by dots)"));
+        return Err(Invalid::NotADomain(s.to_owned()));
     }
     Ok(s.to_owned())
 }
@@ -1119,7 +1126,7 @@ mod tests {
     fn syntax_errors_name_their_line() {
         let problems = parse("[listen]\nthreads = = 4\n").unwrap_err().0;
         assert_eq!(problems[0].line, Some(2), "{}", problems[0]);
-        assert!(problems[0].message.contains("TOML syntax"));
+        assert!(problems[0].fault.to_string().contains("TOML syntax"));
     }
 
     #[test]
@@ -1129,6 +1136,6 @@ mod tests {
         assert_eq!(keys, ["listen", "foo"]);
         let problems = parse("[listen]\naddresses = []\n[relay]\nnext_hops = [\"x\"]\n").unwrap_err().0;
         assert_eq!(problems.len(), 2);
-        assert!(problems[1].message.contains("element 1"), "{}", problems[1]);
+        assert!(problems[1].fault.to_string().contains("element 1"), "{}", problems[1]);
     }
 }

@@ -296,11 +296,20 @@ fn ask_running(snapshot: Result<Snapshot, Problems>, request: &str, not_asked: &
     }
 }
 
+/// `mxgate ban --reason` that cannot go in one control request.
+#[derive(Debug, thiserror::Error)]
+#[error("--reason: one line of at most 200 bytes")]
+struct ReasonTooLong;
+
 /// The control request for `mxgate ban`: a reason of one line, short enough for it.
-fn ban_request(ip: IpAddr, duration: Option<std::time::Duration>, reason: Option<String>) -> Result<String, String> {
+fn ban_request(
+    ip: IpAddr,
+    duration: Option<std::time::Duration>,
+    reason: Option<String>,
+) -> Result<String, ReasonTooLong> {
     let reason = reason.unwrap_or_default();
     if reason.chars().any(char::is_control) || reason.len() > 200 {
-        return Err("--reason: one line of at most 200 bytes".into());
+        return Err(ReasonTooLong);
     }
     let secs = duration.map_or(0, |d| d.as_secs().max(1));
     Ok(format!("ban {} {secs} {reason}", PeerIp::new(ip).ip()))

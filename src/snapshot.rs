@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::access::{AccessList, Action};
 use crate::config::Config;
 use crate::datetime::UnixTime;
-use crate::problem::{Problem, Problems};
+use crate::problem::{Fault, Problem, Problems};
 use crate::smtp;
 use crate::tls::TlsSettings;
 
@@ -93,11 +93,7 @@ impl Snapshot {
 fn load_whitelist(file: &Path, problems: &mut Vec<Problem>) -> AccessList {
     let list = AccessList::load(file, Action::Deny, problems);
     for rule in list.rules().iter().filter(|r| r.action == Action::Deny) {
-        problems.push(Problem::at_line(
-            file,
-            rule.line,
-            "the whitelist takes bare entries only: `deny` has no meaning here",
-        ));
+        problems.push(Problem::at_line(file, rule.line, Fault::DenyInWhitelist));
     }
     list
 }

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use crate::datetime::UnixTime;
+use crate::problem::TemplateError;
 
 /// Longest reply line, CRLF included (RFC 5321 §4.5.3.1.5).
 pub const MAX_REPLY_LEN: usize = 512;
@@ -24,27 +25,27 @@ pub struct ReplyTemplate {
 }
 
 impl ReplyTemplate {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, TemplateError> {
         let code_ok = text.len() >= 3
             && matches!(text.as_bytes()[0], b'4' | b'5')
             && text.as_bytes()[1..3].iter().all(u8::is_ascii_digit)
             && text.as_bytes().get(3).is_none_or(|&b| b == b' ');
         if !code_ok {
-            return Err(format!("`{text}` must start with a 4xx or 5xx reply code and a space, e.g. `530 5.7.1 ...`"));
+            return Err(TemplateError::NoCode(text.to_owned()));
         }
         if let Some(c) = text.chars().find(|c| c.is_control()) {
-            return Err(format!("control character {c:?} in a reply line"));
+            return Err(TemplateError::Control(c));
         }
         if !text.is_ascii() {
-            return Err("a reply line must be ASCII".into());
+            return Err(TemplateError::NotAscii);
         }
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find(['{', '}']) {
             if rest.as_bytes()[open] == b'}' {
-                return Err(format!("unmatched `}}` in `{text}`"));
+                return Err(TemplateError::UnmatchedClose(text.to_owned()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| format!("unmatched `{{` in `{text}`"))? + open;
+            let close = rest[open..].find('}').ok_or_else(|| TemplateError::UnmatchedOpen(text.to_owned()))? + open;
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_owned()));
             }
@@ -52,7 +53,7 @@ impl ReplyTemplate {
                 "hostname" => Part::Hostname,
                 "time" => Part::Time,
                 other => {
-                    return Err(format!("unknown placeholder `{{{other}}}`: known are {{hostname}} and {{time}}"));
+                    return Err(TemplateError::UnknownPlaceholder(other.to_owned()));
                 }
             });
             rest = &rest[close + 1..];
@@ -122,7 +123,7 @@ mod tests {
             ("530 time}", "unmatched `}`"),
             ("530 dénié", "ASCII"),
         ] {
-            let err = ReplyTemplate::parse(bad).unwrap_err();
+            let err = ReplyTemplate::parse(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
     }

@@ -18,7 +18,7 @@ use rustls::server::{ProducesTickets, ServerConfig};
 use rustls::sign::CertifiedKey;
 
 use crate::config::{Relay, RelayTls, Tls, TlsVersion};
-use crate::problem::Problem;
+use crate::problem::{Problem, TlsFault};
 
 /// A certificate this close to its end gets a warning from `mxgate check` and at load.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
@@ -85,7 +85,7 @@ impl TlsSettings {
         let builder = match ServerConfig::builder_with_provider(server_provider()).with_protocol_versions(versions) {
             Ok(b) => b,
             Err(e) => {
-                problems.push(Problem::in_file(&tls.cert, format!("TLS: {e}")));
+                problems.push(Problem::in_file(&tls.cert, TlsFault::Setup { key: "TLS", why: e.to_string() }));
                 return None;
             }
         };
@@ -143,17 +143,17 @@ fn certified_key(
         Ok(certs) => match certs.collect::<Result<_, _>>() {
             Ok(chain) => chain,
             Err(e) => {
-                problems.push(Problem::in_file(cert, format!("not a PEM certificate chain: {}", pem_error(&e))));
+                problems.push(Problem::in_file(cert, TlsFault::NotAChain(pem_error(&e))));
                 Vec::new()
             }
         },
         Err(e) => {
-            problems.push(Problem::in_file(cert, format!("cannot read it: {}", pem_error(&e))));
+            problems.push(Problem::in_file(cert, TlsFault::CannotRead(pem_error(&e))));
             Vec::new()
         }
     };
     if chain.is_empty() && problems.len() == before {
-        problems.push(Problem::in_file(cert, "no certificate in it (PEM `BEGIN CERTIFICATE`)"));
+        problems.push(Problem::in_file(cert, TlsFault::NoCertificate));
     }
     for (i, der) in chain.iter().enumerate() {
         match x509_parser::parse_x509_certificate(der) {
@@ -161,30 +161,30 @@ fn certified_key(
                 let not_after = parsed.validity().not_after;
                 let end = not_after.timestamp();
                 if end < now {
-                    problems.push(Problem::in_file(cert, format!("the certificate expired on {not_after}")));
+                    problems.push(Problem::in_file(cert, TlsFault::Expired(not_after.to_string())));
                 } else if end - now < EXPIRY_WARNING_SECS {
                     warnings.push(format!("{}: the certificate expires on {not_after}", cert.display()));
                 }
                 if parsed.validity().not_before.timestamp() > now {
-                    problems.push(Problem::in_file(cert, "the certificate is not valid yet"));
+                    problems.push(Problem::in_file(cert, TlsFault::NotYetValid));
                 }
             }
             Ok(_) => {}
-            Err(e) => problems.push(Problem::in_file(cert, format!("certificate {} of the chain: {e}", i + 1))),
+            Err(e) => problems.push(Problem::in_file(cert, TlsFault::BadCertificate { index: i + 1, why: e.to_string() })),
         }
     }
     let private = match PrivateKeyDer::from_pem_file(key) {
         Ok(k) => Some(k),
         Err(e) => {
             problems
-                .push(Problem::in_file(key, format!("not a PEM private key (PKCS#8, RSA or EC): {}", pem_error(&e))));
+                .push(Problem::in_file(key, TlsFault::NotAKey(pem_error(&e))));
             None
         }
     };
     let signing = private.and_then(|k| match provider().key_provider.load_private_key(k) {
         Ok(s) => Some(s),
         Err(e) => {
-            problems.push(Problem::in_file(key, format!("the key cannot sign: {e}")));
+            problems.push(Problem::in_file(key, TlsFault::CannotSign(e.to_string())));
             None
         }
     });
@@ -193,7 +193,7 @@ fn certified_key(
     }
     let certified = CertifiedKey::new(chain, signing?);
     if let Err(e) = certified.keys_match() {
-        problems.push(Problem::in_file(key, format!("does not match the certificate in {}: {e}", cert.display())));
+        problems.push(Problem::in_file(key, TlsFault::KeyMismatch { cert: cert.to_owned(), why: e.to_string() }));
         return None;
     }
     Some(Arc::new(certified))
@@ -209,7 +209,7 @@ pub fn relay_client(relay: &Relay, file: &Path, problems: &mut Vec<Problem>) -> 
     let builder = match rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions() {
         Ok(b) => b,
         Err(e) => {
-            problems.push(Problem::in_file(file, format!("relay.tls: {e}")));
+            problems.push(Problem::in_file(file, TlsFault::Setup { key: "relay.tls", why: e.to_string() }));
             return None;
         }
     };
@@ -230,14 +230,14 @@ fn ca_roots(ca: &Path, problems: &mut Vec<Problem>) -> Option<rustls::RootCertSt
     let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(ca).map(|i| i.collect()) {
         Ok(Ok(certs)) => certs,
         Ok(Err(e)) | Err(e) => {
-            problems.push(Problem::in_file(ca, format!("not PEM certificates: {}", pem_error(&e))));
+            problems.push(Problem::in_file(ca, TlsFault::NotRoots(pem_error(&e))));
             return None;
         }
     };
     let mut roots = rustls::RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(certs);
     if ignored > 0 || added == 0 {
-        problems.push(Problem::in_file(ca, format!("{added} usable root certificates, {ignored} unusable")));
+        problems.push(Problem::in_file(ca, TlsFault::UnusableRoots { added, ignored }));
         return None;
     }
     Some(roots)
@@ -250,10 +250,7 @@ fn machine_roots(file: &Path, problems: &mut Vec<Problem>) -> Option<rustls::Roo
     roots.add_parsable_certificates(found.certs);
     if roots.is_empty() {
         let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
-        problems.push(Problem::in_file(
-            file,
-            format!("relay.tls: no root certificate in this machine's trust store{why}: give relay.tls_ca"),
-        ));
+        problems.push(Problem::in_file(file, TlsFault::NoMachineRoots(why)));
         return None;
     }
     Some(roots)

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
+use crate::problem::UnitError;
+
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let hint = || format!("`{text}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s`");
+pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
+    let hint = || UnitError::NotADuration(text.to_owned());
     let (n, unit) = split(text).ok_or_else(hint)?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
@@ -15,7 +17,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => secs(86_400),
         _ => return Err(hint()),
     };
-    d.ok_or_else(|| format!("`{text}` is too long a duration"))
+    d.ok_or_else(|| UnitError::DurationTooLong(text.to_owned()))
 }
 
 /// The longest a ban lasts: 100 years (36,525 days). Durations in the configuration and
@@ -24,18 +26,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub const MAX_BAN_SECS: i64 = 36_525 * 86_400;
 
 /// A ban's length: a duration of at most the longest ban (100 years, `36525d`).
-pub fn parse_ban_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_ban_duration(text: &str) -> Result<Duration, UnitError> {
     let max = MAX_BAN_SECS;
     let d = parse_duration(text)?;
     if d.as_secs() > max as u64 {
-        return Err(format!("`{text}` is longer than the longest ban ({}d, 100 years)", max / 86_400));
+        return Err(UnitError::LongerThanBan { given: text.to_owned(), max_days: max / 86_400 });
     }
     Ok(d)
 }
 
 /// Parses `<integer>[unit]` with unit `B`, `KiB`, `MiB` or `GiB` (no unit: bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let hint = || format!("`{text}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`");
+pub fn parse_size(text: &str) -> Result<u64, UnitError> {
+    let hint = || UnitError::NotASize(text.to_owned());
     let (n, unit) = split(text).ok_or_else(hint)?;
     let mult: u64 = match unit {
         "" | "B" => 1,
@@ -44,7 +46,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "GiB" => 1 << 30,
         _ => return Err(hint()),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large a size"))
+    n.checked_mul(mult).ok_or_else(|| UnitError::SizeTooLarge(text.to_owned()))
 }
 
 /// `"50 MiB"` -> `(50, "MiB")`.
@@ -75,7 +77,7 @@ mod tests {
     fn ban_durations_stop_at_a_hundred_years() {
         assert_eq!(parse_ban_duration("36525d"), Ok(Duration::from_secs(3_155_760_000)));
         for long in ["36526d", "100000000d"] {
-            let e = parse_ban_duration(long).unwrap_err();
+            let e = parse_ban_duration(long).unwrap_err().to_string();
             assert!(e.contains("longer than the longest ban (36525d, 100 years)"), "{e}");
         }
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use super::{AbuseKey, Ban, Reason};
 use crate::access::list::parse_net;
 use crate::datetime::UnixTime;
-use crate::problem::Problem;
+use crate::problem::{BanLineError, Problem};
 
 /// The highest offence number a ban file or the fleet may give: a ban's length stops
 /// doubling long before (at `max_ban_duration`).
@@ -59,8 +59,8 @@ pub fn parse(text: &[u8], file: &Path) -> Result<Vec<(AbuseKey, Ban)>, Problem> 
     let mut bans = Vec::new();
     for (n, raw) in text.split(|&b| b == b'\n').enumerate() {
         let line = u32::try_from(n + 1).unwrap_or(u32::MAX);
-        let bad = |why: String| Problem::at_line(file, line, why);
-        let text = std::str::from_utf8(raw).map_err(|_| bad("not UTF-8 text".into()))?.trim();
+        let bad = |why: BanLineError| Problem::at_line(file, line, why);
+        let text = std::str::from_utf8(raw).map_err(|_| bad(BanLineError::NotUtf8))?.trim();
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
@@ -70,7 +70,7 @@ pub fn parse(text: &[u8], file: &Path) -> Result<Vec<(AbuseKey, Ban)>, Problem> 
 }
 
 /// One ban's line, as [`line()`] writes it (a `deny` before the prefix allowed).
-pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
+pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), BanLineError> {
     let text = text.strip_prefix("deny ").map_or(text, str::trim_start);
     let (prefix, mut rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
     let key = AbuseKey::from_net(parse_net(prefix)?);
@@ -80,9 +80,9 @@ pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
         if rest.is_empty() {
             break;
         }
-        let (name, value) = rest.split_once('=').ok_or_else(|| format!("`{rest}`: expected name=value"))?;
+        let (name, value) = rest.split_once('=').ok_or_else(|| BanLineError::NotNameValue(rest.to_owned()))?;
         let value_end = if let Some(quoted) = value.strip_prefix('"') {
-            let (text, len) = unquote(quoted).ok_or_else(|| format!("{name}: unterminated quoted text"))?;
+            let (text, len) = unquote(quoted).ok_or_else(|| BanLineError::Unterminated(name.to_owned()))?;
             if name == "reason" {
                 reason = Some(text);
             }
@@ -93,25 +93,23 @@ pub fn parse_line(text: &str) -> Result<(AbuseKey, Ban), String> {
         let word = &value[..value_end];
         match name {
             "until" => {
-                until = Some(parse_rfc3339(word).ok_or_else(|| {
-                    format!("until: `{word}` is not an RFC 3339 UTC time from 1970 to 9999 (e.g. 2030-01-01T00:00:00Z)")
-                })?);
+                until = Some(parse_rfc3339(word).ok_or_else(|| BanLineError::NotATime(word.to_owned()))?);
             }
             "offence" => {
                 offence = word
                     .parse()
                     .ok()
                     .filter(|n| (1..=MAX_OFFENCE).contains(n))
-                    .ok_or_else(|| format!("offence: `{word}` is not a number from 1 to {MAX_OFFENCE}"))?;
+                    .ok_or_else(|| BanLineError::NotAnOffence { given: word.to_owned(), max: MAX_OFFENCE })?;
             }
             "node" if crate::config::valid_node_name(word) => from = Some(word.into()),
-            "node" => return Err(format!("node: `{word}` is not a node name")),
+            "node" => return Err(BanLineError::NotANode(word.to_owned())),
             "reason" if reason.is_some() => {}
-            other => return Err(format!("unknown `{other}=`: expected until=, reason=, offence=, node=")),
+            other => return Err(BanLineError::UnknownField(other.to_owned())),
         }
         rest = &value[value_end..];
     }
-    let until = until.ok_or_else(|| format!("`{prefix}`: until= is missing"))?;
+    let until = until.ok_or_else(|| BanLineError::NoUntil(prefix.to_owned()))?;
     Ok((key, Ban { until, reason: Reason::Recorded(reason.unwrap_or_default()), offence, from }))
 }
 

@@ -18,7 +18,7 @@ use std::path::Path;
 use ipnet::{IpNet, Ipv4Net};
 
 use super::Action;
-use crate::problem::Problem;
+use crate::problem::{EntryError, Fault, Problem};
 
 /// At most this many problems are reported per file; a file of a million bad lines
 /// gets a summary line instead of a million lines of output.
@@ -44,24 +44,24 @@ pub fn parse(bytes: &[u8], file: &Path, problems: &mut Vec<Problem>) -> Vec<Line
         match parse_line(raw) {
             Ok(Some((action, net))) => lines.push(Line { action, net, line: number }),
             Ok(None) => {}
-            Err(message) => {
+            Err(fault) => {
                 bad += 1;
                 if bad <= MAX_PROBLEMS_PER_FILE {
-                    problems.push(Problem::at_line(file, number, message));
+                    problems.push(Problem::at_line(file, number, fault));
                 }
             }
         }
     }
     if bad > MAX_PROBLEMS_PER_FILE {
         let more = bad - MAX_PROBLEMS_PER_FILE;
-        problems.push(Problem::in_file(file, format!("{more} more bad lines not shown")));
+        problems.push(Problem::in_file(file, Fault::MoreBadLines(more)));
     }
     lines
 }
 
 /// One line: `Ok(None)` for a blank or comment line.
-fn parse_line(raw: &[u8]) -> Result<Option<(Option<Action>, IpNet)>, String> {
-    let text = std::str::from_utf8(raw).map_err(|_| "not UTF-8 text".to_owned())?;
+fn parse_line(raw: &[u8]) -> Result<Option<(Option<Action>, IpNet)>, EntryError> {
+    let text = std::str::from_utf8(raw).map_err(|_| EntryError::NotUtf8)?;
     let text = text.split('#').next().unwrap_or("").trim();
     if text.is_empty() {
         return Ok(None);
@@ -74,29 +74,25 @@ fn parse_line(raw: &[u8]) -> Result<Option<(Option<Action>, IpNet)>, String> {
         _ => None,
     };
     if action.is_some() {
-        word = words.next().ok_or_else(|| format!("`{text}`: an address or prefix must follow `{word}`"))?;
+        word = words.next().ok_or_else(|| EntryError::NoAddress { text: text.to_owned(), action: word.to_owned() })?;
     }
     let net = parse_net(word)?;
     if let Some(extra) = words.next() {
-        return Err(format!("unexpected `{extra}` after `{word}`: one entry a line, `#` starts a comment"));
+        return Err(EntryError::Trailing { extra: extra.to_owned(), after: word.to_owned() });
     }
     Ok(Some((action, net)))
 }
 
 /// An address (a host prefix) or a CIDR prefix, canonicalised.
-pub fn parse_net(word: &str) -> Result<IpNet, String> {
+pub fn parse_net(word: &str) -> Result<IpNet, EntryError> {
     let net = if word.contains('/') {
-        let net: IpNet = word
-            .parse()
-            .map_err(|_| format!("`{word}` is not an IP prefix (expected e.g. 192.0.2.0/24 or 2001:db8::/32)"))?;
+        let net: IpNet = word.parse().map_err(|_| EntryError::NotAPrefix(word.to_owned()))?;
         if net.trunc() != net {
-            return Err(format!("`{word}` has host bits set: did you mean {}?", net.trunc()));
+            return Err(EntryError::HostBits { given: word.to_owned(), meant: net.trunc().to_string() });
         }
         net
     } else {
-        let ip: IpAddr = word.parse().map_err(|_| {
-            format!("`{word}` is not an IP address or prefix (expected e.g. 192.0.2.7, 192.0.2.0/24 or 2001:db8::/32)")
-        })?;
+        let ip: IpAddr = word.parse().map_err(|_| EntryError::NotAnAddress(word.to_owned()))?;
         IpNet::from(ip)
     };
     Ok(canonical(net))
@@ -120,7 +116,7 @@ pub fn canonical(net: IpNet) -> IpNet {
 mod tests {
     use super::*;
 
-    fn one(line: &str) -> Result<Option<(Option<Action>, IpNet)>, String> {
+    fn one(line: &str) -> Result<Option<(Option<Action>, IpNet)>, EntryError> {
         parse_line(line.as_bytes())
     }
 
@@ -149,10 +145,10 @@ mod tests {
             ("300.1.1.1", "not an IP address"),
             ("10.0.0.0/", "not an IP prefix"),
         ] {
-            let err = one(line).unwrap_err();
+            let err = one(line).unwrap_err().to_string();
             assert!(err.contains(why), "{line:?}: {err}");
         }
-        assert_eq!(parse_line(b"deny \xff\xfe"), Err("not UTF-8 text".into()));
+        assert_eq!(parse_line(b"deny \xff\xfe"), Err(EntryError::NotUtf8));
     }
 
     #[test]
@@ -169,6 +165,6 @@ mod tests {
         let mut problems = Vec::new();
         parse(many.as_bytes(), Path::new("b.list"), &mut problems);
         assert_eq!(problems.len(), MAX_PROBLEMS_PER_FILE + 1);
-        assert!(problems.last().unwrap().message.starts_with("7 more"));
+        assert!(problems.last().unwrap().fault.to_string().starts_with("7 more"));
     }
 }

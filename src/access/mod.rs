@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-use crate::problem::Problem;
+use crate::problem::{Fault, Problem};
 pub use table::PrefixTable;
 
 /// What happens to a peer.
@@ -81,7 +81,7 @@ impl AccessList {
         match std::fs::read(file) {
             Ok(bytes) => AccessList::from_bytes(&bytes, file, default, problems),
             Err(e) => {
-                problems.push(Problem::in_file(file, format!("cannot read the list: {e}")));
+                problems.push(Problem::in_file(file, Fault::Unreadable { what: "the list", reason: e.to_string() }));
                 AccessList { file: Some(file.to_owned()), ..AccessList::empty(default) }
             }
         }
@@ -100,7 +100,7 @@ impl AccessList {
             lines.iter().map(|l| Rule { net: l.net, action: l.action.unwrap_or(bare), line: l.line }).collect();
         // rule index << 1 | 1 must stay below the table's reserved u32::MAX
         if self.rules.len() >= (1 << 31) - 1 {
-            problems.push(Problem::in_file(file, "more than 2^31 entries"));
+            problems.push(Problem::in_file(file, Fault::TooManyEntries));
             self.rules.clear();
         }
         // The same prefix twice with different actions is a contradiction to report;
@@ -110,14 +110,12 @@ impl AccessList {
         self.table = PrefixTable::build_with(rules.iter().enumerate().map(pack), |kept, dropped| {
             let (first, later) = (&rules[(kept >> 1) as usize], &rules[(dropped >> 1) as usize]);
             if later.action != first.action {
-                problems.push(Problem::at_line(
-                    file,
-                    later.line,
-                    format!(
-                        "`{} {}` contradicts `{} {}` on line {}",
-                        later.action, later.net, first.action, first.net, first.line
-                    ),
-                ));
+                let contradiction = Fault::Contradiction {
+                    later: format!("{} {}", later.action, later.net),
+                    first: format!("{} {}", first.action, first.net),
+                    first_line: first.line,
+                };
+                problems.push(Problem::at_line(file, later.line, contradiction));
             }
         });
     }
@@ -213,6 +211,6 @@ mod tests {
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].line, Some(3));
-        assert!(problems[0].message.contains("line 1"), "{}", problems[0]);
+        assert!(problems[0].fault.to_string().contains("line 1"), "{}", problems[0]);
     }
 }

@@ -427,12 +427,12 @@ impl Node {
     }
 
     /// A line that does not read: counted, logged at most once a second, skipped.
-    fn garbage(&self, what: &str, why: &str) {
+    fn garbage(&self, what: &str, why: &dyn std::fmt::Display) {
         add(&self.stats.ignored, 1);
         let now = UnixTime::now().0;
         if self.garbage_said.swap(now, Ordering::Relaxed) != now {
             // what Redis holds is outside text: escaped as one value
-            tracing::warn!("cluster: ignored {what}: {}", crate::logfmt::value(why));
+            tracing::warn!("cluster: ignored {what}: {}", crate::logfmt::value(&why.to_string()));
         }
     }
 }

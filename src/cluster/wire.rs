@@ -22,6 +22,7 @@ use crate::abuse::file::parse_line;
 use crate::abuse::{AbuseKey, Ban};
 use crate::access::list::parse_net;
 use crate::config::valid_node_name;
+use crate::problem::BanLineError;
 
 /// The longest message or key value read; a ban line is well under it.
 pub const MAX_LINE: usize = 1024;
@@ -76,41 +77,41 @@ pub fn unban_message(key: AbuseKey, node: &str) -> String {
 }
 
 /// Reads a message from the channel.
-pub fn parse_message(payload: &[u8]) -> Result<Message, String> {
+pub fn parse_message(payload: &[u8]) -> Result<Message, BanLineError> {
     let text = readable(payload)?;
     match text.split_once(' ') {
         Some(("ban", line)) => parse_ban(line.as_bytes()).map(|(key, ban)| Message::Ban(key, ban)),
         Some(("unban", rest)) => {
-            let (prefix, node) = rest.split_once(" node=").ok_or("unban: expected `unban PREFIX node=NAME`")?;
+            let (prefix, node) = rest.split_once(" node=").ok_or(BanLineError::NotAnUnban)?;
             let net = parse_net(prefix)?;
             if net.trunc() != net {
-                return Err(format!("unban: `{prefix}` has host bits set"));
+                return Err(BanLineError::UnbanHostBits(prefix.to_owned()));
             }
             if !valid_node_name(node) {
-                return Err(format!("unban: `{node}` is not a node name"));
+                return Err(BanLineError::NotANode(node.to_owned()));
             }
             Ok(Message::Unban(AbuseKey::from_net(net), node.into()))
         }
-        _ => Err("expected `ban LINE` or `unban PREFIX node=NAME`".into()),
+        _ => Err(BanLineError::UnknownMessage),
     }
 }
 
 /// Reads a ban key's value (or a `ban` message's line): a ban-file line naming its node.
-pub fn parse_ban(value: &[u8]) -> Result<(AbuseKey, Ban), String> {
+pub fn parse_ban(value: &[u8]) -> Result<(AbuseKey, Ban), BanLineError> {
     let (key, ban) = parse_line(readable(value)?)?;
     if ban.from.is_none() {
-        return Err("the ban names no node= (who made it)".into());
+        return Err(BanLineError::NoNode);
     }
     Ok((key, ban))
 }
 
-fn readable(bytes: &[u8]) -> Result<&str, String> {
+fn readable(bytes: &[u8]) -> Result<&str, BanLineError> {
     if bytes.len() > MAX_LINE {
-        return Err(format!("{} bytes: longer than {MAX_LINE}", bytes.len()));
+        return Err(BanLineError::TooLong { len: bytes.len(), max: MAX_LINE });
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+    let text = std::str::from_utf8(bytes).map_err(|_| BanLineError::NotUtf8)?;
     if text.chars().any(char::is_control) {
-        return Err("control characters in the line".into());
+        return Err(BanLineError::ControlCharacters);
     }
     Ok(text)
 }

@@ -47,7 +47,7 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("io_uring is not usable here ({0}); use `io = \"epoll\"` or `io = \"auto\"`")]
-    UringUnavailable(String),
+    UringUnavailable(uring::Unavailable),
     #[error("cannot start worker thread {thread}: {source}")]
     Worker { thread: usize, source: io::Error },
 }

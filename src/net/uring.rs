@@ -93,14 +93,29 @@ fn new_ring() -> io::Result<IoUring> {
         .or_else(|_| IoUring::new(RING_ENTRIES))
 }
 
+/// Why the driver cannot run here (then `auto` takes epoll).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// A step failed with the system's error.
+    #[error("{step}: {error}")]
+    Call { step: &'static str, error: io::Error },
+    #[error("the kernel's io_uring is too old (needs Linux 5.19 or later)")]
+    TooOld,
+    #[error("io_uring opcode {0} is not allowed")]
+    Opcode(u8),
+    #[error("multishot accept is not supported (needs Linux 5.19 or later)")]
+    NoMultishotAccept,
+}
+
 /// Checks that this kernel and its seccomp policy give us what the driver needs.
-pub fn probe() -> Result<(), String> {
-    let mut ring = new_ring().map_err(|e| format!("cannot create a ring: {e}"))?;
+pub fn probe() -> Result<(), Unavailable> {
+    let call = |step| move |error| Unavailable::Call { step, error };
+    let mut ring = new_ring().map_err(call("cannot create a ring"))?;
     if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_skip_cqe_on_success() {
-        return Err("the kernel's io_uring is too old (needs Linux 5.19 or later)".into());
+        return Err(Unavailable::TooOld);
     }
     let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| format!("cannot probe io_uring: {e}"))?;
+    ring.submitter().register_probe(&mut probe).map_err(call("cannot probe io_uring"))?;
     let needed = [
         opcode::Accept::CODE,
         opcode::Send::CODE,
@@ -110,10 +125,10 @@ pub fn probe() -> Result<(), String> {
         opcode::Read::CODE,
     ];
     if let Some(op) = needed.iter().find(|&&op| !probe.is_supported(op)) {
-        return Err(format!("io_uring opcode {op} is not allowed"));
+        return Err(Unavailable::Opcode(*op));
     }
     // Provided buffer rings (Linux 5.19), for peers' receives.
-    BufRing::new(&ring).map_err(|e| format!("cannot register provided buffers: {e}"))?;
+    BufRing::new(&ring).map_err(call("cannot register provided buffers"))?;
     // Multishot accept (Linux 5.19): arm one on a throwaway listener, then cancel it.
     let Ok(listener) = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
         return Ok(());
@@ -121,9 +136,9 @@ pub fn probe() -> Result<(), String> {
     let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).build().user_data(1);
     let cancel = opcode::AsyncCancel::new(1).build().user_data(2);
     push(&mut ring, &[accept, cancel]);
-    ring.submit_and_wait(2).map_err(|e| format!("io_uring submit failed: {e}"))?;
+    ring.submit_and_wait(2).map_err(call("io_uring submit failed"))?;
     match ring.completion().find(|c| c.user_data() == 1).map(|c| c.result()) {
-        Some(r) if r == -libc::EINVAL => Err("multishot accept is not supported (needs Linux 5.19 or later)".into()),
+        Some(r) if r == -libc::EINVAL => Err(Unavailable::NoMultishotAccept),
         _ => Ok(()),
     }
 }

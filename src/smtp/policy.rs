@@ -83,11 +83,18 @@ mod tests {
     use super::*;
     use crate::smtp::address::parse_path;
 
-    fn judge(domains: &[&str], rcpt: &str) -> Result<(), String> {
+    /// Why a recipient is refused: its syntax, or the policy.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Refused {
+        Syntax,
+        Policy(NotOurs),
+    }
+
+    fn judge(domains: &[&str], rcpt: &str) -> Result<(), Refused> {
         let r = RelayDomains::new(&domains.iter().map(|d| d.to_string()).collect::<Vec<_>>());
         match parse_path(rcpt.as_bytes(), true) {
-            Ok((path, _)) => r.judge(&path).map_err(|e| format!("{e:?}")),
-            Err(e) => Err(format!("syntax: {e}")),
+            Ok((path, _)) => r.judge(&path).map_err(Refused::Policy),
+            Err(_) => Err(Refused::Syntax),
         }
     }
 
