@@ -362,8 +362,9 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Self, Problems> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| Problems(vec![Problem::in_file(file, Fault::Unreadable { what: "the config file", reason: e.to_string() })]))?;
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Problems(vec![Problem::in_file(file, Fault::Unreadable { what: "the config file", reason: e.to_string() })])
+        })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::parse(&text, file, &base)?;
         config.file = Some(file.to_owned());
@@ -869,7 +870,8 @@ fn redis_url(s: &str) -> Result<(String, bool, String, u16, u32), RedisUrlFault>
         None => rest,
     };
     let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
-    let db = if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| RedisUrlFault::NotADatabase(db.to_owned()))? };
+    let db =
+        if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| RedisUrlFault::NotADatabase(db.to_owned()))? };
     // `[v6]:port`, `[v6]`, `host:port`, `host`
     let (host, port) = match authority.strip_prefix('[').and_then(|a| a.split_once(']')) {
         Some((v6, rest)) => (v6, rest.strip_prefix(':')),

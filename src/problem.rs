@@ -132,19 +132,35 @@ fault_from!(Invalid => Value, Conflict => Conflict, EntryError => Entry, BanLine
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Invalid {
     /// Another TOML type: what the key takes, and what was given.
-    Type { expected: &'static str, found: &'static str },
+    Type {
+        expected: &'static str,
+        found: &'static str,
+    },
     /// A whole number outside its range.
-    Range { min: i64, max: i64 },
+    Range {
+        min: i64,
+        max: i64,
+    },
     /// A size outside its range, in bytes.
-    SizeRange { min: u64, max: u64 },
+    SizeRange {
+        min: u64,
+        max: u64,
+    },
     /// Zero where it means nothing: the rule.
     Zero(&'static str),
     /// Not one of the words the key takes.
-    NotOneOf { given: String, what: &'static str, choices: &'static str },
+    NotOneOf {
+        given: String,
+        what: &'static str,
+        choices: &'static str,
+    },
     /// A duration or a size.
     Unit(UnitError),
     /// An element of an array (1-based).
-    Element { index: usize, fault: Box<Invalid> },
+    Element {
+        index: usize,
+        fault: Box<Invalid>,
+    },
     /// A path that is not a readable file.
     NotAFile(PathBuf),
     NotASocketAddress(String),
@@ -165,7 +181,9 @@ pub enum Invalid {
     /// A reply line.
     Template(TemplateError),
     /// A reply line that can render longer than the longest reply.
-    ReplyTooLong { max: usize },
+    ReplyTooLong {
+        max: usize,
+    },
 }
 
 impl fmt::Display for Invalid {
@@ -285,7 +303,10 @@ pub enum UnitError {
     NotADuration(String),
     DurationTooLong(String),
     /// Longer than the longest ban, `max_days`.
-    LongerThanBan { given: String, max_days: i64 },
+    LongerThanBan {
+        given: String,
+        max_days: i64,
+    },
     NotASize(String),
     SizeTooLarge(String),
 }
@@ -343,13 +364,22 @@ impl fmt::Display for TemplateError {
 pub enum EntryError {
     NotUtf8,
     /// `allow` or `deny` and nothing after it.
-    NoAddress { text: String, action: String },
+    NoAddress {
+        text: String,
+        action: String,
+    },
     NotAPrefix(String),
     /// Host bits set, and the prefix meant.
-    HostBits { given: String, meant: String },
+    HostBits {
+        given: String,
+        meant: String,
+    },
     NotAnAddress(String),
     /// Words after the entry.
-    Trailing { extra: String, after: String },
+    Trailing {
+        extra: String,
+        after: String,
+    },
 }
 
 impl fmt::Display for EntryError {
@@ -405,7 +435,9 @@ impl fmt::Display for BanLineError {
             BanLineError::NotATime(w) => {
                 write!(f, "until: `{w}` is not an RFC 3339 UTC time from 1970 to 9999 (e.g. 2030-01-01T00:00:00Z)")
             }
-            BanLineError::NotAnOffence { given, max } => write!(f, "offence: `{given}` is not a number from 1 to {max}"),
+            BanLineError::NotAnOffence { given, max } => {
+                write!(f, "offence: `{given}` is not a number from 1 to {max}")
+            }
             BanLineError::NotANode(w) => write!(f, "node: `{w}` is not a node name"),
             BanLineError::UnknownField(n) => write!(f, "unknown `{n}=`: expected until=, reason=, offence=, node="),
             BanLineError::NoUntil(prefix) => write!(f, "`{prefix}`: until= is missing"),
@@ -429,19 +461,31 @@ impl From<EntryError> for BanLineError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsFault {
     /// rustls refused the configuration.
-    Setup { key: &'static str, why: String },
+    Setup {
+        key: &'static str,
+        why: String,
+    },
     NotAChain(String),
     CannotRead(String),
     NoCertificate,
     Expired(String),
     NotYetValid,
     /// Certificate `index` (1-based) of the chain.
-    BadCertificate { index: usize, why: String },
+    BadCertificate {
+        index: usize,
+        why: String,
+    },
     NotAKey(String),
     CannotSign(String),
-    KeyMismatch { cert: PathBuf, why: String },
+    KeyMismatch {
+        cert: PathBuf,
+        why: String,
+    },
     NotRoots(String),
-    UnusableRoots { added: usize, ignored: usize },
+    UnusableRoots {
+        added: usize,
+        ignored: usize,
+    },
     NoMachineRoots(String),
 }
 

@@ -52,7 +52,42 @@ pub enum Parsed {
     /// A whole header, the first `consumed` bytes.
     Done { header: Header, consumed: usize },
     /// Not a header, and no more bytes can make it one.
-    Invalid(&'static str),
+    Invalid(HeaderFault),
+}
+
+/// Why bytes can never be a PROXY header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderFault {
+    #[error("neither a v1 nor a v2 header")]
+    NotAHeader,
+    #[error("v1 header over 107 octets")]
+    V1TooLong,
+    #[error("v1 header not ending in CRLF")]
+    V1NoCrlf,
+    #[error("v1 header not ASCII")]
+    V1NotAscii,
+    #[error("v1 header without its five fields")]
+    V1Fields,
+    #[error("v1 TCP4 header with a bad IPv4 address")]
+    V1BadIpv4,
+    #[error("v1 TCP6 header with a bad IPv6 address")]
+    V1BadIpv6,
+    #[error("v1 header of an unknown family")]
+    V1Family,
+    #[error("v1 header with a bad port")]
+    V1BadPort,
+    #[error("v2 header of another version")]
+    V2Version,
+    #[error("v2 header over 1024 octets")]
+    V2TooLong,
+    #[error("v2 header with an unknown command")]
+    V2Command,
+    #[error("v2 header with an unknown family or protocol")]
+    V2Family,
+    #[error("v2 header shorter than its addresses")]
+    V2Short,
+    #[error("v2 header with a TLV past its end")]
+    V2Tlv,
 }
 
 /// Parses the header at the start of `bytes`.
@@ -69,7 +104,7 @@ pub fn parse(bytes: &[u8]) -> Parsed {
         }
         return v2(bytes);
     }
-    Parsed::Invalid("neither a v1 nor a v2 header")
+    Parsed::Invalid(HeaderFault::NotAHeader)
 }
 
 /// `bytes` and `prefix` agree as far as both go.
@@ -82,14 +117,14 @@ fn starts_like(bytes: &[u8], prefix: &[u8]) -> bool {
 fn v1(bytes: &[u8]) -> Parsed {
     let window = &bytes[..bytes.len().min(MAX_V1)];
     let Some(lf) = memchr::memchr(b'\n', window) else {
-        return if bytes.len() >= MAX_V1 { Parsed::Invalid("v1 header over 107 octets") } else { Parsed::NeedMore };
+        return if bytes.len() >= MAX_V1 { Parsed::Invalid(HeaderFault::V1TooLong) } else { Parsed::NeedMore };
     };
     let Some(line) = window[..lf].strip_suffix(b"\r") else {
-        return Parsed::Invalid("v1 header not ending in CRLF");
+        return Parsed::Invalid(HeaderFault::V1NoCrlf);
     };
     let consumed = lf + 1;
     let Ok(line) = std::str::from_utf8(&line[V1_PREFIX.len()..]) else {
-        return Parsed::Invalid("v1 header not ASCII");
+        return Parsed::Invalid(HeaderFault::V1NotAscii);
     };
     let mut fields = line.split(' ');
     let family = fields.next().unwrap_or("");
@@ -100,21 +135,21 @@ fn v1(bytes: &[u8]) -> Parsed {
     let (Some(src), Some(dst), Some(sport), Some(dport), None) =
         (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
     else {
-        return Parsed::Invalid("v1 header without its five fields");
+        return Parsed::Invalid(HeaderFault::V1Fields);
     };
     let (source, destination) = match family {
         "TCP4" => match (src.parse::<Ipv4Addr>(), dst.parse::<Ipv4Addr>()) {
             (Ok(s), Ok(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
-            _ => return Parsed::Invalid("v1 TCP4 header with a bad IPv4 address"),
+            _ => return Parsed::Invalid(HeaderFault::V1BadIpv4),
         },
         "TCP6" => match (src.parse::<Ipv6Addr>(), dst.parse::<Ipv6Addr>()) {
             (Ok(s), Ok(d)) => (IpAddr::V6(s), IpAddr::V6(d)),
-            _ => return Parsed::Invalid("v1 TCP6 header with a bad IPv6 address"),
+            _ => return Parsed::Invalid(HeaderFault::V1BadIpv6),
         },
-        _ => return Parsed::Invalid("v1 header of an unknown family"),
+        _ => return Parsed::Invalid(HeaderFault::V1Family),
     };
     let (Some(sport), Some(dport)) = (port(sport), port(dport)) else {
-        return Parsed::Invalid("v1 header with a bad port");
+        return Parsed::Invalid(HeaderFault::V1BadPort);
     };
     let header = Header::Proxied {
         source: SocketAddr::new(source, sport),
@@ -139,19 +174,19 @@ fn v2(bytes: &[u8]) -> Parsed {
     let Some(fixed) = bytes.get(..16) else { return Parsed::NeedMore };
     let (version, command) = (fixed[12] >> 4, fixed[12] & 0x0f);
     if version != 2 {
-        return Parsed::Invalid("v2 header of another version");
+        return Parsed::Invalid(HeaderFault::V2Version);
     }
     let (family, protocol) = (fixed[13] >> 4, fixed[13] & 0x0f);
     let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
     let consumed = 16 + len;
     if consumed > MAX_V2 {
-        return Parsed::Invalid("v2 header over 1024 octets");
+        return Parsed::Invalid(HeaderFault::V2TooLong);
     }
     if command > 1 {
-        return Parsed::Invalid("v2 header with an unknown command");
+        return Parsed::Invalid(HeaderFault::V2Command);
     }
     if family > 3 || protocol > 2 {
-        return Parsed::Invalid("v2 header with an unknown family or protocol");
+        return Parsed::Invalid(HeaderFault::V2Family);
     }
     let address_len = match family {
         1 => 12,
@@ -160,11 +195,11 @@ fn v2(bytes: &[u8]) -> Parsed {
         _ => 0,
     };
     if len < address_len {
-        return Parsed::Invalid("v2 header shorter than its addresses");
+        return Parsed::Invalid(HeaderFault::V2Short);
     }
     let Some(body) = bytes.get(16..consumed) else { return Parsed::NeedMore };
     let Some(tlvs) = tlvs(&body[address_len..]) else {
-        return Parsed::Invalid("v2 header with a TLV past its end");
+        return Parsed::Invalid(HeaderFault::V2Tlv);
     };
     // LOCAL: the receiver uses the connection's own addresses, whatever follows
     if command == 0 {
@@ -263,7 +298,7 @@ mod tests {
             (b"PROXZ", "neither"),
         ] {
             match parse(line) {
-                Parsed::Invalid(w) => assert!(w.contains(why), "{:?}: {w}", String::from_utf8_lossy(line)),
+                Parsed::Invalid(w) => assert!(w.to_string().contains(why), "{:?}: {w}", String::from_utf8_lossy(line)),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(line)),
             }
         }
@@ -272,8 +307,8 @@ mod tests {
         assert_eq!(long.len(), MAX_V1);
         assert!(matches!(parse(long.as_bytes()), Parsed::Done { consumed: MAX_V1, .. }));
         let longer = format!("PROXY UNKNOWN {}\r\n", "x".repeat(MAX_V1 - 15));
-        assert_eq!(parse(longer.as_bytes()), Parsed::Invalid("v1 header over 107 octets"));
-        assert_eq!(parse(&longer.as_bytes()[..MAX_V1]), Parsed::Invalid("v1 header over 107 octets"));
+        assert_eq!(parse(longer.as_bytes()), Parsed::Invalid(HeaderFault::V1TooLong));
+        assert_eq!(parse(&longer.as_bytes()[..MAX_V1]), Parsed::Invalid(HeaderFault::V1TooLong));
     }
 
     #[test]
@@ -326,7 +361,7 @@ mod tests {
             (with(14, 0x04), "over 1024"),
         ] {
             match parse(&bytes) {
-                Parsed::Invalid(w) => assert!(w.contains(why), "{why}: {w}"),
+                Parsed::Invalid(w) => assert!(w.to_string().contains(why), "{why}: {w}"),
                 other => panic!("{why}: {other:?}"),
             }
         }

@@ -136,7 +136,7 @@ impl Counts {
     pub fn transaction(&self, outcome: Outcome) {
         self.add(match outcome {
             Outcome::Delivered => Count::MessagesDelivered,
-            Outcome::Refused { .. } => Count::MessagesRefused,
+            Outcome::Undelivered(_) => Count::MessagesRefused,
             Outcome::Abandoned(_) => Count::TransactionsAbandoned,
         });
     }

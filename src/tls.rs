@@ -170,14 +170,15 @@ fn certified_key(
                 }
             }
             Ok(_) => {}
-            Err(e) => problems.push(Problem::in_file(cert, TlsFault::BadCertificate { index: i + 1, why: e.to_string() })),
+            Err(e) => {
+                problems.push(Problem::in_file(cert, TlsFault::BadCertificate { index: i + 1, why: e.to_string() }))
+            }
         }
     }
     let private = match PrivateKeyDer::from_pem_file(key) {
         Ok(k) => Some(k),
         Err(e) => {
-            problems
-                .push(Problem::in_file(key, TlsFault::NotAKey(pem_error(&e))));
+            problems.push(Problem::in_file(key, TlsFault::NotAKey(pem_error(&e))));
             None
         }
     };

@@ -54,7 +54,15 @@ pub enum Front {
 }
 
 /// Why a balancer's connection ended without a header.
-pub type NoHeader = &'static str;
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoHeader {
+    #[error("{0}")]
+    Invalid(proxy::HeaderFault),
+    #[error("truncated header")]
+    Truncated,
+    #[error("no header within proxy_timeout")]
+    Late,
+}
 
 impl Front {
     pub fn header(deadline: Instant) -> Self {
@@ -85,7 +93,7 @@ impl Front {
         };
         match parsed {
             Parsed::NeedMore => Ok(()),
-            Parsed::Invalid(why) => self.fail(why),
+            Parsed::Invalid(why) => self.fail(NoHeader::Invalid(why)),
             Parsed::Done { header, consumed } => {
                 let rest = match self {
                     Front::Header { got, .. } => got.split_off(consumed),
@@ -101,7 +109,7 @@ impl Front {
     pub fn eof(&mut self) -> Option<NoHeader> {
         let Front::Header { got, .. } = self else { return None };
         // a bare TCP check (connect, close) is no malformed header
-        let why = (!got.is_empty()).then_some("truncated header");
+        let why = (!got.is_empty()).then_some(NoHeader::Truncated);
         *self = Front::Close;
         why
     }
@@ -116,7 +124,7 @@ impl Front {
     /// The deadline passed: late.
     pub fn timeout(&mut self, now: Instant) -> Option<NoHeader> {
         match self {
-            Front::Header { deadline, .. } if *deadline <= now => self.fail("no header within proxy_timeout").err(),
+            Front::Header { deadline, .. } if *deadline <= now => self.fail(NoHeader::Late).err(),
             _ => None,
         }
     }

@@ -107,10 +107,41 @@ pub enum Event {
     Ready,
     Reply(Command, Reply),
     /// The next hop broke the protocol or refused us; close the connection.
-    Failed(String),
+    Failed(ProtocolFault),
     /// The next hop cannot give the TLS `relay.tls = "required"` asks for (a fault of the
     /// operator's setup, worth a warning); close the connection.
-    NoTls(String),
+    NoTls(NoTls),
+}
+
+/// How a next hop broke the protocol, or refused us before any command.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolFault {
+    #[error("reply line too long")]
+    LineTooLong,
+    #[error("malformed reply")]
+    Malformed,
+    #[error("malformed multi-line reply")]
+    MalformedMultiLine,
+    /// A reply to no command.
+    #[error("unsolicited reply {0}")]
+    Unsolicited(u16),
+    /// Its greeting, or its answer to our EHLO or HELO.
+    #[error("refused us with {code} {text}")]
+    RefusedUs { code: u16, text: String },
+    /// Bytes behind its 220 to STARTTLS, before the handshake: an injection.
+    #[error("sent more after its 220 to STARTTLS")]
+    AfterStartTls,
+}
+
+/// Why a next hop gives no TLS where `relay.tls = "required"`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoTls {
+    #[error("does not offer STARTTLS")]
+    NotOffered,
+    #[error("knows no EHLO, so no STARTTLS")]
+    NoEhlo,
+    #[error("refused STARTTLS: {code} {text}")]
+    Refused { code: u16, text: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,13 +202,13 @@ impl Upstream {
         while self.state != State::Failed && !data.is_empty() {
             let Some(lf) = memchr::memchr(b'\n', data) else {
                 if self.line.len() + data.len() > MAX_REPLY_LINE {
-                    return self.fail("reply line too long");
+                    return self.fail(ProtocolFault::LineTooLong);
                 }
                 self.line.extend_from_slice(data);
                 return;
             };
             if self.line.len() + lf > MAX_REPLY_LINE {
-                return self.fail("reply line too long");
+                return self.fail(ProtocolFault::LineTooLong);
             }
             self.line.extend_from_slice(&data[..lf]);
             data = &data[lf + 1..];
@@ -187,7 +218,7 @@ impl Upstream {
             self.line = line; // its capacity serves the next line
             if self.state == State::Handshake && !data.is_empty() {
                 // the handshake starts with our hello: anything before it is an injection
-                return self.fail("sent more after its 220 to STARTTLS");
+                return self.fail(ProtocolFault::AfterStartTls);
             }
         }
     }
@@ -196,17 +227,17 @@ impl Upstream {
     fn reply_line(&mut self, line: &[u8]) {
         let code = match line.get(..3).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u16>().ok()) {
             Some(c) if (200..600).contains(&c) => c,
-            _ => return self.fail("malformed reply"),
+            _ => return self.fail(ProtocolFault::Malformed),
         };
         let last = match line.get(3) {
             None | Some(b' ') => true,
             Some(b'-') => false,
-            Some(_) => return self.fail("malformed reply"),
+            Some(_) => return self.fail(ProtocolFault::Malformed),
         };
         let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
         let reply = self.reply.get_or_insert_with(|| Reply { code, lines: Vec::new() });
         if reply.code != code || reply.lines.len() >= MAX_REPLY_LINES {
-            return self.fail("malformed multi-line reply");
+            return self.fail(ProtocolFault::MalformedMultiLine);
         }
         reply.lines.push(text);
         if last && let Some(reply) = self.reply.take() {
@@ -228,7 +259,7 @@ impl Upstream {
             }
             State::Hello { extended: false } if reply.code == 250 => {
                 if self.tls == RelayTls::Required {
-                    return self.fail_tls("knows no EHLO, so no STARTTLS".into());
+                    return self.fail_tls(NoTls::NoEhlo);
                 }
                 self.state = State::Ready;
                 self.events.push_back(Event::Ready);
@@ -242,12 +273,12 @@ impl Upstream {
                 self.state = State::Ready;
                 self.events.push_back(Event::Ready);
             }
-            State::StartTls => self.fail_tls(format!("refused STARTTLS: {} {}", reply.code, reply.lines.join(" "))),
+            State::StartTls => self.fail_tls(NoTls::Refused { code: reply.code, text: reply.lines.join(" ") }),
             State::Ready => match self.pending.pop_front() {
                 Some(cmd) => self.events.push_back(Event::Reply(cmd, reply)),
-                None => self.fail(&format!("unsolicited reply {}", reply.code)),
+                None => self.fail(ProtocolFault::Unsolicited(reply.code)),
             },
-            _ => self.fail(&format!("refused us with {} {}", reply.code, reply.lines.join(" "))),
+            _ => self.fail(ProtocolFault::RefusedUs { code: reply.code, text: reply.lines.join(" ") }),
         }
     }
 
@@ -273,23 +304,23 @@ impl Upstream {
                 self.state = State::StartTls;
                 return self.write_line(b"STARTTLS");
             }
-            (RelayTls::Required, false, false) => return self.fail_tls("does not offer STARTTLS".into()),
+            (RelayTls::Required, false, false) => return self.fail_tls(NoTls::NotOffered),
             (RelayTls::Opportunistic, false, false) => {}
         }
         self.state = State::Ready;
         self.events.push_back(Event::Ready);
     }
 
-    fn fail(&mut self, why: &str) {
+    fn fail(&mut self, why: ProtocolFault) {
         self.starttls = false;
         if self.state != State::Failed {
             self.state = State::Failed;
-            self.events.push_back(Event::Failed(why.to_owned()));
+            self.events.push_back(Event::Failed(why));
         }
     }
 
     /// `relay.tls = "required"` and no TLS to be had.
-    fn fail_tls(&mut self, why: String) {
+    fn fail_tls(&mut self, why: NoTls) {
         self.state = State::Failed;
         self.events.push_back(Event::NoTls(why));
     }
@@ -523,7 +554,7 @@ mod tests {
         assert_eq!(u.poll_event(), Some(Event::Ready));
         assert!(!u.is_secured());
         let mut u = offered(RelayTls::Required, b"250 sink.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("does not offer STARTTLS")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("does not offer STARTTLS")));
         // refused STARTTLS
         let mut u = offered(RelayTls::Opportunistic, WITH_STARTTLS);
         u.consume_output(10);
@@ -533,11 +564,11 @@ mod tests {
         let mut u = offered(RelayTls::Required, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"454 4.7.0 TLS not available\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("refused STARTTLS: 454")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("refused STARTTLS: 454")));
         // a next hop that knows only HELO
         let mut u = Upstream::new("mx.test", RelayTls::Required);
         u.handle_input(b"220 old.test\r\n502 what?\r\n250 old.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.contains("no STARTTLS")));
+        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("no STARTTLS")));
     }
 
     #[test]
@@ -545,7 +576,7 @@ mod tests {
         let mut u = offered(RelayTls::Required, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"220 go ahead\r\n250 injected\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("after its 220")));
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("after its 220")));
         assert!(!u.take_starttls(), "no handshake on a failed connection");
         u.tls_started();
         assert!(!u.is_secured() && u.output().is_empty(), "a failed upstream stays failed");
@@ -562,7 +593,7 @@ mod tests {
             let mut u = Upstream::new("mx.test", RelayTls::Off);
             u.handle_input(input);
             match u.poll_event() {
-                Some(Event::Failed(w)) => assert!(w.contains(why), "{w}"),
+                Some(Event::Failed(w)) => assert!(w.to_string().contains(why), "{w}"),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
             }
             u.handle_input(b"220 late\r\n");
@@ -570,9 +601,9 @@ mod tests {
         }
         let mut u = ready_upstream(b"250 sink.test\r\n");
         u.handle_input(b"421 shutting down\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("unsolicited")));
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("unsolicited")));
         let mut u = Upstream::new("mx.test", RelayTls::Off);
         u.handle_input(&vec![b'2'; MAX_REPLY_LINE + 1]);
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.contains("too long")));
+        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("too long")));
     }
 }

@@ -23,7 +23,7 @@
 
 /// Why a message is refused at its end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
+pub enum BodyFault {
     /// A CR not followed by LF, or an LF not preceded by CR.
     BareLineEnd,
     /// A NUL octet.
@@ -50,7 +50,7 @@ pub struct BodyFilter {
     /// Content bytes so far (unstuffed, line ends included).
     size: u64,
     max: u64,
-    fault: Option<Fault>,
+    fault: Option<BodyFault>,
 }
 
 impl BodyFilter {
@@ -78,7 +78,7 @@ impl BodyFilter {
             self.state = match (self.state, b) {
                 (state, 0) => {
                     let cr_pending = matches!(state, State::Cr | State::DotCr);
-                    self.fault.get_or_insert(if cr_pending { Fault::BareLineEnd } else { Fault::Nul });
+                    self.fault.get_or_insert(if cr_pending { BodyFault::BareLineEnd } else { BodyFault::Nul });
                     State::Middle
                 }
                 (State::LineStart, b'.') => State::DotStart,
@@ -108,7 +108,7 @@ impl BodyFilter {
                 }
                 (state, other) => {
                     // bare LF, or a CR followed by something other than LF
-                    self.fault.get_or_insert(Fault::BareLineEnd);
+                    self.fault.get_or_insert(BodyFault::BareLineEnd);
                     let cr_pending = matches!(state, State::Cr | State::DotCr);
                     if cr_pending && other == b'\r' { State::Cr } else { State::Middle }
                 }
@@ -125,14 +125,14 @@ impl BodyFilter {
     fn emit(&mut self, wire: &[u8], content_len: u64, out: &mut Vec<u8>) {
         self.size += content_len;
         if self.size > self.max {
-            self.fault.get_or_insert(Fault::TooBig);
+            self.fault.get_or_insert(BodyFault::TooBig);
         }
         if self.fault.is_none() {
             out.extend_from_slice(wire);
         }
     }
 
-    pub fn fault(&self) -> Option<Fault> {
+    pub fn fault(&self) -> Option<BodyFault> {
         self.fault
     }
 
@@ -148,7 +148,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     /// Feeds `input` in chunks of `chunk` bytes; returns (output, end offset, fault).
-    fn run(input: &[u8], chunk: usize, max: u64) -> (Vec<u8>, Option<usize>, Option<Fault>) {
+    fn run(input: &[u8], chunk: usize, max: u64) -> (Vec<u8>, Option<usize>, Option<BodyFault>) {
         let mut f = BodyFilter::new(max);
         let mut out = Vec::new();
         let mut offset = 0;
@@ -228,7 +228,7 @@ pub(crate) mod tests {
                 let (out, end, fault) = run(&body, chunk, u64::MAX);
                 assert_eq!(end, Some(body.len()), "{trick:?}: only the real end ends the data");
                 let nul = trick.contains(&0);
-                let want = if nul { Fault::Nul } else { Fault::BareLineEnd };
+                let want = if nul { BodyFault::Nul } else { BodyFault::BareLineEnd };
                 assert_eq!(fault, Some(want), "{trick:?} chunk {chunk}");
                 assert!(only_crlf(&out), "bare line end sent for {trick:?}");
                 assert!(!out.windows(5).any(|w| w == b"\r\n.\r\n"), "{trick:?}");
@@ -241,7 +241,7 @@ pub(crate) mod tests {
         for body in [&b"a\0b\r\n.\r\n"[..], b"\0\r\n.\r\n", b"ab\r\n.\0\r\n.\r\n", b"x\r\n\0"] {
             for chunk in [1, 2, 4096] {
                 let (out, _, fault) = run(body, chunk, u64::MAX);
-                assert_eq!(fault, Some(Fault::Nul), "{body:?} chunk {chunk}");
+                assert_eq!(fault, Some(BodyFault::Nul), "{body:?} chunk {chunk}");
                 assert!(!out.contains(&0), "{body:?}: a NUL went out");
             }
         }
@@ -253,11 +253,11 @@ pub(crate) mod tests {
         let mut body = vec![b'a'; 100];
         body.extend_from_slice(b"\r\n.\r\n");
         let (out, end, fault) = run(&body, 10, 50);
-        assert_eq!((end, fault), (Some(body.len()), Some(Fault::TooBig)));
+        assert_eq!((end, fault), (Some(body.len()), Some(BodyFault::TooBig)));
         assert!(out.len() <= 50);
         // exactly the limit is fine: 100 + CRLF = 102 content bytes
         assert_eq!(run(&body, 10, 102).2, None);
-        assert_eq!(run(&body, 10, 101).2, Some(Fault::TooBig));
+        assert_eq!(run(&body, 10, 101).2, Some(BodyFault::TooBig));
     }
 
     proptest! {

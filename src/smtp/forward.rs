@@ -22,9 +22,10 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::client::{Command, Event as UpEvent, Reply, Upstream};
-use super::data::{BodyFilter, Fault};
+use super::data::BodyFilter;
+use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Body, Link, Outcome, Phase, Relay, Session, UpLink, Waiting};
+use super::session::{Body, Link, Phase, Relay, Session, UpLink, Waiting};
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
@@ -100,7 +101,7 @@ impl Session {
 
     /// The connection to the next hop failed: refused, broken, closed.
     pub fn handle_relay_error(&mut self, now: Instant) {
-        self.relay_failed(now);
+        self.relay_failed(HopFault::Connection, now);
     }
 
     /// Hands the next-hop connection back to the driver, with its next hop's address (as
@@ -139,7 +140,7 @@ impl Session {
     /// MAIL was accepted here: send it on once a connection is ready.
     pub(super) fn start_mail(&mut self, now: Instant) {
         if self.settings.relay.next_hops.is_empty() {
-            return self.answer_failure(Waiting::Mail, now);
+            return self.answer_failure(Waiting::Mail, HopFault::NoneConfigured, now);
         }
         match &self.link {
             Link::Up(l) if l.up.is_ready() => self.send_mail(now),
@@ -178,7 +179,7 @@ impl Session {
         let ext = l.up.extensions();
         if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
             self.reply(NO_8BIT);
-            return self.end_transaction(Outcome::Refused { code: 555, why: "next hop lacks 8BITMIME/SMTPUTF8" }, now);
+            return self.end_transaction(Outcome::Undelivered(Undelivered::Lacks8Bit), now);
         }
         let mut line = format!("MAIL FROM:{}", txn.from);
         if txn.eight_bit {
@@ -217,10 +218,11 @@ impl Session {
             }
             _ => {
                 // the connection is gone: the transaction cannot go on
+                let fault = self.txn.as_ref().and_then(|t| t.broken).unwrap_or(HopFault::Connection);
                 if let Some(t) = &mut self.txn {
-                    t.broken = true;
+                    t.broken = Some(fault);
                 }
-                self.answer_failure(waiting, now);
+                self.answer_failure(waiting, fault, now);
             }
         }
     }
@@ -242,19 +244,19 @@ impl Session {
             match event {
                 UpEvent::Ready => self.link_ready(now),
                 // 421: the next hop is closing the connection
-                UpEvent::Reply(_, reply) if reply.code == 421 => return self.relay_failed(now),
+                UpEvent::Reply(_, reply) if reply.code == 421 => return self.relay_failed(HopFault::Closing, now),
                 UpEvent::Reply(cmd, reply) => {
                     l.untested = false;
                     self.answer(cmd, &reply, now);
                 }
                 UpEvent::Failed(why) => {
                     tracing::debug!(peer = %self.peer, "next hop failed: {why}");
-                    return self.relay_failed(now);
+                    return self.relay_failed(HopFault::Protocol, now);
                 }
                 UpEvent::NoTls(why) => {
                     let hop = self.settings.relay.next_hops.get(l.hop).map(ToString::to_string).unwrap_or_default();
                     tracing::warn!(peer = %self.peer, "next hop {hop} {why} (relay.tls = \"required\")");
-                    return self.relay_failed(now);
+                    return self.relay_failed(HopFault::NoTls, now);
                 }
             }
         }
@@ -284,7 +286,7 @@ impl Session {
                 if let Some(w) = waiting {
                     self.waiting.push_front(w);
                 }
-                return self.relay_failed(now);
+                return self.relay_failed(HopFault::Protocol, now);
             }
         }
         self.flush_local();
@@ -302,7 +304,7 @@ impl Session {
         // the connection is clean again only once the next hop said 250 to our RSET (a
         // refused MAIL may leave it in any state: it must reach no other sender)
         self.pass_on(reply);
-        self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the sender" }, now);
+        self.end_transaction(Outcome::Undelivered(Undelivered::SenderRefused(reply.code)), now);
         self.reset_hop(now);
     }
 
@@ -336,13 +338,13 @@ impl Session {
             None => return self.confused_hop(MAIL_FIRST),
             Some(t) if t.accepted == 0 => {
                 self.confused_hop(RCPT_FIRST);
-                return self.end_transaction(Outcome::Refused { code: 554, why: "no valid recipients" }, now);
+                return self.end_transaction(Outcome::Undelivered(Undelivered::NoValidRecipients), now);
             }
             Some(_) => {}
         }
         // Input that arrived while the next hop was deciding was sent before our 354.
         if !self.unprocessed().is_empty() {
-            self.end_transaction(Outcome::Refused { code: 503, why: "improper pipelining" }, now);
+            self.end_transaction(Outcome::Undelivered(Undelivered::ImproperPipelining), now);
             self.drop_link();
             return self.close_with(IMPROPER_PIPELINING, now);
         }
@@ -367,7 +369,7 @@ impl Session {
             return self.end_transaction(Outcome::Delivered, now);
         }
         self.pass_on(reply);
-        self.end_transaction(Outcome::Refused { code: reply.code, why: "next hop refused the message" }, now);
+        self.end_transaction(Outcome::Undelivered(Undelivered::MessageRefused(reply.code)), now);
         self.reset_hop(now);
     }
 
@@ -431,7 +433,7 @@ impl Session {
     }
 
     /// The connection failed, timed out or broke the protocol.
-    pub(super) fn relay_failed(&mut self, now: Instant) {
+    pub(super) fn relay_failed(&mut self, fault: HopFault, now: Instant) {
         let stale = matches!(&self.link, Link::Up(l) if l.untested);
         let hop = match &self.link {
             Link::Up(l) => Some(l.hop),
@@ -444,7 +446,7 @@ impl Session {
         if owed.is_empty() {
             // between commands or during a body: the transaction cannot complete
             if let Some(t) = &mut self.txn {
-                t.broken = true;
+                t.broken = Some(fault);
             }
             return;
         }
@@ -461,7 +463,7 @@ impl Session {
             }
         }
         if let Some(t) = &mut self.txn {
-            t.broken = true;
+            t.broken = Some(fault);
         }
         for waiting in owed {
             match waiting {
@@ -471,7 +473,7 @@ impl Session {
                 }
                 forwarded => {
                     self.answering_rcpt = matches!(forwarded, Waiting::Rcpt(_));
-                    self.answer_failure(forwarded, now);
+                    self.answer_failure(forwarded, fault, now);
                 }
             }
         }
@@ -479,16 +481,13 @@ impl Session {
     }
 
     /// The peer's answer for a command the next hop could not answer.
-    fn answer_failure(&mut self, waiting: Waiting, now: Instant) {
+    fn answer_failure(&mut self, waiting: Waiting, fault: HopFault, now: Instant) {
         match waiting {
             Waiting::Rset => self.reply(OK),
             Waiting::Reset => {}
             Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
-            Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => {
-                self.reply(NEXT_HOP_FAILED);
-                self.end_transaction(Outcome::Refused { code: 451, why: "next hop unavailable" }, now);
-            }
+            Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => self.undelivered(Undelivered::HopFailed(fault), now),
             Waiting::Local { reply, .. } => self.reply(&reply),
         }
     }
@@ -503,7 +502,7 @@ impl Session {
         let faulted = body.filter.fault().is_some();
         let mut discard = Vec::new();
         let sink = match &mut self.link {
-            Link::Up(l) if !txn.broken && !faulted => {
+            Link::Up(l) if txn.broken.is_none() && !faulted => {
                 l.hold &= input.is_empty();
                 l.up.data_sink()
             }
@@ -531,33 +530,24 @@ impl Session {
         let Some(txn) = &self.txn else { return };
         let fault = txn.body.as_ref().and_then(|b| b.filter.fault());
         match (fault, txn.broken) {
-            (Some(Fault::BareLineEnd), _) => {
-                self.reply(BARE_LINE_END);
-                self.end_transaction(Outcome::Refused { code: 554, why: "bare CR or LF in the body" }, now);
-            }
-            (Some(Fault::Nul), _) => {
-                self.reply(NUL_IN_BODY);
-                self.end_transaction(Outcome::Refused { code: 554, why: "NUL in the body" }, now);
-            }
-            (Some(Fault::TooBig), _) => {
-                self.reply(TOO_BIG);
-                self.end_transaction(Outcome::Refused { code: 552, why: "message too big" }, now);
-            }
-            (None, true) => {
-                self.reply(NEXT_HOP_FAILED);
-                self.end_transaction(Outcome::Refused { code: 451, why: "next hop failed" }, now);
-            }
-            (None, false) => match &mut self.link {
+            (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
+            (None, Some(hop)) => self.undelivered(Undelivered::HopFailed(hop), now),
+            (None, None) => match &mut self.link {
                 Link::Up(l) => {
                     l.up.end_data();
                     self.await_reply(Waiting::Dot, now);
                 }
-                _ => {
-                    self.reply(NEXT_HOP_FAILED);
-                    self.end_transaction(Outcome::Refused { code: 451, why: "next hop failed" }, now);
-                }
+                _ => self.undelivered(Undelivered::HopFailed(HopFault::Connection), now),
             },
         }
+    }
+
+    /// Our refusal of the message (the reply the cause gets), and the transaction's end.
+    fn undelivered(&mut self, cause: Undelivered, now: Instant) {
+        if let Some(reply) = cause.reply() {
+            self.reply(reply);
+        }
+        self.end_transaction(Outcome::Undelivered(cause), now);
     }
 
     /// The trace header (RFC 5321 §4.4), first in the message.

@@ -47,6 +47,7 @@
 
 mod command;
 mod forward;
+pub mod outcome;
 mod session;
 mod verbs;
 
@@ -62,8 +63,9 @@ use std::time::Duration;
 use crate::config::{self, Config};
 use policy::RelayDomains;
 
+pub use outcome::Outcome;
 pub use replies::Params;
-pub use session::{Event, Failure, Outcome, Relay, Session, Transaction, TransactionIds, Transmit};
+pub use session::{Event, Failure, Relay, Session, Transaction, TransactionIds, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE_LEN: usize = 512;

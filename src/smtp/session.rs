@@ -14,6 +14,7 @@ use super::client::Upstream;
 use super::command::{self, Verb};
 use super::data::BodyFilter;
 use super::outbuf::OutBuf;
+use super::outcome::{HopFault, Outcome};
 use super::replies::{LINE_TOO_LONG, counts_as_failure};
 use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, MAX_OWED, RELAY_HIGH_WATER};
 use crate::datetime::UnixTime;
@@ -103,16 +104,6 @@ pub struct Transaction {
     pub duration: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The next hop said 250 to the message, and so did we.
-    Delivered,
-    /// The reply we gave (the next hop's, or ours), and why.
-    Refused { code: u16, why: &'static str },
-    /// Ended without a reply to a message: RSET, QUIT, disconnect, timeout.
-    Abandoned(&'static str),
-}
-
 impl fmt::Display for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -132,12 +123,7 @@ impl fmt::Display for Transaction {
         if let Some(version) = self.tls {
             write!(f, "tls={version} ")?;
         }
-        match self.outcome {
-            Outcome::Delivered => write!(f, "result=250 delivered")?,
-            Outcome::Refused { code, why } => write!(f, "result={code} \"{why}\"")?,
-            Outcome::Abandoned(why) => write!(f, "result=- \"{why}\"")?,
-        }
-        write!(f, " ms={}", self.duration.as_millis())
+        write!(f, "{} ms={}", self.outcome, self.duration.as_millis())
     }
 }
 
@@ -166,8 +152,8 @@ pub(super) struct Txn {
     pub(super) accepted: u32,
     pub(super) refused: u32,
     pub(super) body: Option<Body>,
-    /// The next hop failed mid-transaction: the rest gets 451.
-    pub(super) broken: bool,
+    /// The next hop failed mid-transaction, how: the rest gets 451.
+    pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
 }
 
@@ -672,7 +658,7 @@ impl Session {
         let relay_late = self.relay_deadline.is_some_and(|d| d <= now);
         if relay_late && (!self.waiting.is_empty() || self.backpressured()) {
             tracing::debug!(peer = %self.peer, "next hop timed out");
-            return self.relay_failed(now);
+            return self.relay_failed(HopFault::TimedOut, now);
         }
         if self.txn.is_some() {
             self.abandon_transaction("timeout", now);

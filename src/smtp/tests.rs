@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::client::Upstream;
+use super::outcome::{HopFault, Undelivered};
 use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
@@ -630,7 +631,7 @@ fn next_hop_refusals_are_passed_on_with_their_codes() {
     assert_eq!(h.send(b"hello\r\n.\r\n"), "452 4.3.1 insufficient storage\r\n");
     let t = h.transactions();
     assert_eq!((t[0].accepted, t[0].refused), (1, 1));
-    assert_eq!(t[0].outcome, Outcome::Refused { code: 452, why: "next hop refused the message" });
+    assert_eq!(t[0].outcome, Outcome::Undelivered(Undelivered::MessageRefused(452)));
     // the connection is clean again: the next transaction reuses it
     h.hop.dot_reply = None;
     assert!(h.deliver("known@example.com", b"again\r\n.\r\n").starts_with("250 2.0.0"));
@@ -678,7 +679,9 @@ fn next_hop_closing_after_the_dot_is_451() {
     assert_eq!(h.send(b"body\r\n.\r\n"), "");
     h.session.handle_relay_error(h.now); // the next hop closed the connection
     assert_eq!(h.drive(), "451 4.4.1 next hop unavailable, try again later\r\n");
-    assert_eq!(h.transactions()[0].outcome, Outcome::Refused { code: 451, why: "next hop unavailable" });
+    let connection = Undelivered::HopFailed(HopFault::Connection);
+    assert_eq!(h.transactions()[0].outcome, Outcome::Undelivered(connection));
+    assert_eq!(connection.party(), outcome::Party::NextHop);
 }
 
 #[test]

@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
+use super::outcome::{Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Helo, Link, Outcome, Session, Txn};
+use super::session::{Helo, Link, Session, Txn};
 
 impl Session {
     /// One command line, LF removed.
@@ -115,7 +116,7 @@ impl Session {
             accepted: 0,
             refused: 0,
             body: None,
-            broken: false,
+            broken: None,
             hop: None,
         };
         for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
@@ -160,7 +161,7 @@ impl Session {
             tracing::debug!(peer = %self.peer, rcpt = %crate::logfmt::value(&to.to_string()), ?why, "relay denied");
             return self.refuse_recipient(RELAY_DENIED);
         }
-        if self.txn.as_ref().is_some_and(|t| t.broken) {
+        if self.txn.as_ref().is_some_and(|t| t.broken.is_some()) {
             return self.refuse_recipient(NEXT_HOP_FAILED);
         }
         self.forward_rcpt(to, now);
@@ -172,7 +173,7 @@ impl Session {
         // answer would have been, none of it may be read as commands or as a message.
         if !self.unprocessed().is_empty() {
             tracing::debug!(peer = %self.peer, "improper pipelining after DATA");
-            self.end_transaction(Outcome::Refused { code: 503, why: "improper pipelining" }, now);
+            self.end_transaction(Outcome::Undelivered(Undelivered::ImproperPipelining), now);
             self.drop_link();
             return self.close_with(IMPROPER_PIPELINING, now);
         }
@@ -187,7 +188,7 @@ impl Session {
         if txn.accepted == 0 && self.recipients_pending() == 0 {
             return self.reply(RCPT_FIRST);
         }
-        if txn.broken {
+        if txn.broken.is_some() {
             return self.reply(NEXT_HOP_FAILED);
         }
         self.forward_data(now);
