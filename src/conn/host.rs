@@ -115,6 +115,22 @@ pub struct Host<I: Io> {
     drain: Drain,
     /// Made at the first blocklist lookup.
     dns: Option<Dns>,
+    /// The wall clock as the driver last gave it: the host reads no clock of its own.
+    clock: Clock,
+}
+
+/// The wall clock the driver read, and the monotonic instant it read it at.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    at: Instant,
+    unix: UnixTime,
+}
+
+impl Clock {
+    /// The wall clock at `now` (not before the driver's reading).
+    fn at(&self, now: Instant) -> UnixTime {
+        UnixTime(self.unix.0 + now.saturating_duration_since(self.at).as_secs() as i64)
+    }
 }
 
 impl<I: Io> Host<I> {
@@ -131,6 +147,7 @@ impl<I: Io> Host<I> {
             busy: Vec::new(),
             drain: Drain::Serving,
             dns: None,
+            clock: Clock { at: Instant::now(), unix: UnixTime(0) },
         }
     }
 
@@ -139,6 +156,7 @@ impl<I: Io> Host<I> {
     /// Judges an accepted peer. A refusal costs the lookup and no allocation.
     #[inline]
     pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
+        self.clock = Clock { at: now, unix };
         let peer = PeerIp::from(addr);
         let snapshot = self.snapshot.load();
         if snapshot.config.listen.is_balancer(peer.ip()) {
@@ -216,6 +234,7 @@ impl<I: Io> Host<I> {
     pub fn advance(&mut self, key: usize, now: Instant, io: &mut I) {
         let Some(entry) = self.conns.get_mut(key) else { return };
         let id = (key, entry.conn.generation());
+        let unix = self.clock.at(now);
         let mut turn_over = true;
         for _ in 0..STEPS_PER_TURN {
             let Entry { conn, sockets } = &mut *entry;
@@ -223,11 +242,11 @@ impl<I: Io> Host<I> {
                 ask_dns(&mut self.dns, id, conn, &self.counts, now, io);
             }
             if let Some((header, rest)) = conn.take_header() {
-                judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, now);
+                judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, (now, unix));
             }
             let peer = io.peer(id, sockets, conn, now);
             let hop = hop(&mut self.pool, id, sockets, conn, now, io);
-            report(conn, &self.shared, &self.counts);
+            report(conn, &self.shared, &self.counts, unix);
             if !peer && !hop {
                 turn_over = false;
                 break;
@@ -245,9 +264,10 @@ impl<I: Io> Host<I> {
         }
     }
 
-    /// Once per loop turn: deadlines that came (the drain's too), connections whose turn
-    /// ran out, pooled connections idle too long.
-    pub fn tick(&mut self, now: Instant, io: &mut I) {
+    /// Once per loop turn, with the clocks the driver read: deadlines that came (the
+    /// drain's too), connections whose turn ran out, pooled connections idle too long.
+    pub fn tick(&mut self, now: Instant, unix: UnixTime, io: &mut I) {
+        self.clock = Clock { at: now, unix };
         if let Some(dns) = &mut self.dns {
             dns.resolver.handle_timeout(now);
             self.dns_events(now, io);
@@ -445,7 +465,7 @@ fn judge(
     shared: &Shared,
     counts: &Counts,
     refusals: &mut RefusalLines,
-    now: Instant,
+    (now, unix): (Instant, UnixTime),
 ) {
     let balancer = conn.session().peer();
     let (peer, proxy_id) = match header {
@@ -453,7 +473,6 @@ fn judge(
         proxy::Header::Local | proxy::Header::Unknown => (balancer, None),
     };
     let snapshot = Arc::clone(conn.snapshot_arc());
-    let unix = UnixTime::now();
     let verdict = gate::admit(&snapshot, shared.abuse(), peer, unix);
     counts.verdict(&verdict);
     match verdict {
@@ -538,10 +557,9 @@ fn screening(
 
 /// What screening found: talking first is a failure of the address, like a 5xx; a
 /// blocklist score over the threshold is logged and counted.
-fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts: &Counts) {
+fn screened_peer(conn: &Connection, screened: Screened, shared: &Shared, counts: &Counts, now: UnixTime) {
     let peer = conn.session().peer();
     let snapshot = conn.snapshot();
-    let now = UnixTime::now();
     match screened {
         Screened::Blocked { zone, score } => {
             counts.add(Count::DnsblBlocked);
@@ -590,7 +608,7 @@ fn shadow_ban(key: AbuseKey, reason: Reason, now: UnixTime, shared: &Shared, cou
 /// Acts on what a connection reports: a balancer's missing header, screening's findings
 /// and passes, then its session's events: one log line per transaction (the mail log),
 /// and failures counted against the peer's address (never a whitelisted one's).
-fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
+fn report(conn: &mut Connection, shared: &Shared, counts: &Counts, now: UnixTime) {
     if let Some(ended) = conn.take_no_header() {
         let balancer = conn.session().peer();
         match ended {
@@ -602,12 +620,12 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
         }
     }
     if let Some(screened) = conn.take_screened() {
-        screened_peer(conn, screened, shared, counts);
+        screened_peer(conn, screened, shared, counts, now);
     }
     if conn.take_passed() {
         counts.add(Count::ScreenPassed);
         let ttl = conn.snapshot().config.screen.pass_ttl;
-        shared.passed().remember(conn.session().peer().ip(), UnixTime::now(), ttl);
+        shared.passed().remember(conn.session().peer().ip(), now, ttl);
     }
     while let Some(event) = conn.poll_event() {
         let session = conn.session();
@@ -625,7 +643,6 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
             Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
             Event::Failed(_) => {
                 counts.add(Count::Failures);
-                let now = UnixTime::now();
                 if let Some(reason) = abuse.failed(key(), now, config) {
                     shadow_ban(key(), reason, now, shared, counts);
                 }
@@ -638,11 +655,11 @@ fn report(conn: &mut Connection, shared: &Shared, counts: &Counts) {
             Event::Dropped => {
                 counts.add(Count::Dropped);
                 tracing::info!(peer = %session.peer(), "dropped: too many errors");
-                if config.ban_on_drop && !conn.whitelisted() {
-                    let now = UnixTime::now();
-                    if let Some(reason) = abuse.ban(key(), Reason::Dropped, now, config) {
-                        shadow_ban(key(), reason, now, shared, counts);
-                    }
+                if config.ban_on_drop
+                    && !conn.whitelisted()
+                    && let Some(reason) = abuse.ban(key(), Reason::Dropped, now, config)
+                {
+                    shadow_ban(key(), reason, now, shared, counts);
                 }
             }
         }

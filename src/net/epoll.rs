@@ -108,7 +108,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            self.host.tick(now, &mut self.io);
+            self.host.tick(now, UnixTime::now(), &mut self.io);
             self.retry_accepts(now);
             if self.host.finished() {
                 break;

@@ -415,7 +415,7 @@ impl Worker {
         let mut completions: Vec<cqueue::Entry> = Vec::with_capacity(RING_ENTRIES as usize);
         loop {
             let now = Instant::now();
-            self.host.tick(now, &mut self.io);
+            self.host.tick(now, UnixTime::now(), &mut self.io);
             self.retry_accepts(now);
             if self.host.finished() && self.listeners.iter().all(|l| !l.armed) {
                 break;
