@@ -5,11 +5,12 @@
 //! address it carries.
 //!
 //! ```text
-//!   accept (a balancer) ─► Header ──header whole──► Judge ──host: allowed──► None (the session
-//!                            │  ▲ need more            │                    gets the peer and
-//!                            │  └──────┘               │                    the bytes after it)
-//!                            │                         └─host: refused──► Refuse: the line and
-//!                            │                                             close at once (Last)
+//!   accept (a balancer) ─► Header ──header whole──► Judge ──reported──► Waiting ──host: allowed──►
+//!                            │  ▲ need more                             │   None (the session gets
+//!                            │  └──────┘                                │   the peer and the bytes
+//!                            │                                          │   after the header)
+//!                            │                                          └─host: refused──► Refuse:
+//!                            │                                             the line, close (Last)
 //!                            └─ malformed, over its size, closed, late ─► Close (no banner)
 //! ```
 //!
@@ -41,6 +42,8 @@ pub enum Front {
     Header { got: Vec<u8>, deadline: Instant },
     /// A whole header: the host judges the address it carries; `rest` is the session's.
     Judge { header: Header, rest: Vec<u8> },
+    /// The host has the header and is judging it.
+    Waiting,
     /// Refused after the header: this line (the gate's), then close.
     Refuse { line: Box<[u8]> },
     /// No header: close without a word.

@@ -16,7 +16,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, HopState, NoHeader, Screened};
+use super::{Connection, HopState, NoHeader, Report, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
@@ -238,21 +238,18 @@ impl<I: Io> Host<I> {
         let mut turn_over = true;
         for _ in 0..STEPS_PER_TURN {
             let Entry { conn, sockets } = &mut *entry;
-            if conn.take_dns_request() {
-                ask_dns(&mut self.dns, id, conn, &self.counts, now, io);
-            }
-            if let Some((header, rest)) = conn.take_header() {
-                judge(conn, header, &rest, &self.shared, &self.counts, &mut self.refusals, (now, unix));
-            }
+            let mut parts = Parts { shared: &self.shared, counts: &self.counts, refusals: &mut self.refusals };
+            reports(id, conn, &mut parts, &mut self.dns, (now, unix), io);
             let peer = io.peer(id, sockets, conn, now);
             let hop = hop(&mut self.pool, id, sockets, conn, now, io);
-            report(conn, &self.shared, &self.counts, unix);
             if !peer && !hop {
                 turn_over = false;
                 break;
             }
         }
         let Entry { conn, sockets } = &mut *entry;
+        let mut parts = Parts { shared: &self.shared, counts: &self.counts, refusals: &mut self.refusals };
+        reports(id, conn, &mut parts, &mut self.dns, (now, unix), io);
         if io.closed(sockets) && conn.finished() {
             self.conns.remove(key);
             return;
@@ -605,62 +602,85 @@ fn shadow_ban(key: AbuseKey, reason: Reason, now: UnixTime, shared: &Shared, cou
     }
 }
 
-/// Acts on what a connection reports: a balancer's missing header, screening's findings
-/// and passes, then its session's events: one log line per transaction (the mail log),
-/// and failures counted against the peer's address (never a whitelisted one's).
-fn report(conn: &mut Connection, shared: &Shared, counts: &Counts, now: UnixTime) {
-    if let Some(ended) = conn.take_no_header() {
-        let balancer = conn.session().peer();
-        match ended {
-            NoHeader::Refused(why) => {
-                counts.add(Count::RefusedProxyHeader);
-                tracing::debug!(%balancer, "PROXY header refused: {why}");
+/// What acting on a connection's reports needs of the host.
+struct Parts<'h> {
+    shared: &'h Shared,
+    counts: &'h Counts,
+    refusals: &'h mut RefusalLines,
+}
+
+/// Everything the connection has to report, acted on: a balancer's header judged, the
+/// blocklists asked, the rest counted and logged.
+fn reports<I: Io>(
+    id: ConnId,
+    conn: &mut Connection,
+    parts: &mut Parts<'_>,
+    dns: &mut Option<Dns>,
+    (now, unix): (Instant, UnixTime),
+    io: &mut I,
+) {
+    while let Some(report) = conn.poll_report() {
+        match report {
+            Report::Header { header, rest } => {
+                judge(conn, header, &rest, parts.shared, parts.counts, parts.refusals, (now, unix));
             }
-            NoHeader::Gone => counts.add(Count::Vanished),
+            Report::AskDns => ask_dns(dns, id, conn, parts.counts, now, io),
+            report => act(conn, report, parts.shared, parts.counts, unix),
         }
     }
-    if let Some(screened) = conn.take_screened() {
-        screened_peer(conn, screened, shared, counts, now);
-    }
-    if conn.take_passed() {
-        counts.add(Count::ScreenPassed);
-        let ttl = conn.snapshot().config.screen.pass_ttl;
-        shared.passed().remember(conn.session().peer().ip(), now, ttl);
-    }
-    while let Some(event) = conn.poll_event() {
-        let session = conn.session();
-        let config = &conn.snapshot().config.abuse;
-        let key = || AbuseKey::new(session.peer(), config.ipv6_prefix);
-        let abuse = shared.abuse();
-        match event {
-            Event::Transaction(t) => {
-                counts.transaction(t.outcome);
-                match conn.proxy_id() {
-                    Some(id) => tracing::info!("mail {t} proxy_id={}", crate::logfmt::value(id)),
-                    None => tracing::info!("mail {t}"),
-                }
+}
+
+/// Acts on what a connection reports: a balancer's missing header, screening's findings
+/// and passes, and its session's events: one log line per transaction (the mail log),
+/// and failures counted against the peer's address (never a whitelisted one's).
+fn act(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now: UnixTime) {
+    let session = conn.session();
+    let config = &conn.snapshot().config;
+    let key = || AbuseKey::new(session.peer(), config.abuse.ipv6_prefix);
+    let event = match report {
+        Report::Session(event) => event,
+        Report::NoHeader(NoHeader::Refused(why)) => {
+            counts.add(Count::RefusedProxyHeader);
+            return tracing::debug!(balancer = %session.peer(), "PROXY header refused: {why}");
+        }
+        Report::NoHeader(NoHeader::Gone) => return counts.add(Count::Vanished),
+        Report::Screened(screened) => return screened_peer(conn, screened, shared, counts, now),
+        Report::Passed => {
+            counts.add(Count::ScreenPassed);
+            return shared.passed().remember(session.peer().ip(), now, config.screen.pass_ttl);
+        }
+        // the host acts on these itself (`reports`)
+        Report::Header { .. } | Report::AskDns => return,
+    };
+    let abuse = shared.abuse();
+    match event {
+        Event::Transaction(t) => {
+            counts.transaction(t.outcome);
+            match conn.proxy_id() {
+                Some(id) => tracing::info!("mail {t} proxy_id={}", crate::logfmt::value(id)),
+                None => tracing::info!("mail {t}"),
             }
-            Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
-            Event::Failed(_) => {
-                counts.add(Count::Failures);
-                if let Some(reason) = abuse.failed(key(), now, config) {
-                    shadow_ban(key(), reason, now, shared, counts);
-                }
+        }
+        Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
+        Event::Failed(_) => {
+            counts.add(Count::Failures);
+            if let Some(reason) = abuse.failed(key(), now, &config.abuse) {
+                shadow_ban(key(), reason, now, shared, counts);
             }
-            Event::Handshake { ok: true } => counts.add(Count::TlsHandshakes),
-            Event::Handshake { ok: false } => {
-                counts.add(Count::TlsFailed);
-                tracing::debug!(peer = %session.peer(), "TLS handshake failed");
-            }
-            Event::Dropped => {
-                counts.add(Count::Dropped);
-                tracing::info!(peer = %session.peer(), "dropped: too many errors");
-                if config.ban_on_drop
-                    && !conn.whitelisted()
-                    && let Some(reason) = abuse.ban(key(), Reason::Dropped, now, config)
-                {
-                    shadow_ban(key(), reason, now, shared, counts);
-                }
+        }
+        Event::Handshake { ok: true } => counts.add(Count::TlsHandshakes),
+        Event::Handshake { ok: false } => {
+            counts.add(Count::TlsFailed);
+            tracing::debug!(peer = %session.peer(), "TLS handshake failed");
+        }
+        Event::Dropped => {
+            counts.add(Count::Dropped);
+            tracing::info!(peer = %session.peer(), "dropped: too many errors");
+            if config.abuse.ban_on_drop
+                && !conn.whitelisted()
+                && let Some(reason) = abuse.ban(key(), Reason::Dropped, now, &config.abuse)
+            {
+                shadow_ban(key(), reason, now, shared, counts);
             }
         }
     }

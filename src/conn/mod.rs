@@ -24,7 +24,10 @@
 //!   over a pooled connection, or the driver dials and reports `hop_connected` or
 //!   `hop_failed`), `Send(bytes)` (then `hop_sent(n)`), `Receive` (then `hop_input` or
 //!   `hop_failed`), `Release` (the host pools the socket) or `Close`;
-//! - one deadline: [`Connection::poll_timeout`], then `handle_timeout`.
+//! - one deadline: [`Connection::poll_timeout`], then `handle_timeout`;
+//! - the host's side: [`Connection::poll_report`] gives one [`Report`] at a time (a
+//!   balancer's header to judge, the blocklists to ask, what screening found, the
+//!   session's events), which the host acts on, counts and logs.
 //!
 //! The run-loop rule: after every completion, serve both ports until neither can start
 //! anything ([`Host::advance`] does it), then arm the deadline.
@@ -38,6 +41,7 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +63,25 @@ pub enum Transport {
     #[default]
     Plain,
     Tls(Box<tls::TlsLayer>),
+}
+
+/// What a connection tells its host, one at a time ([`Connection::poll_report`]): what
+/// to act on (judge a balancer's address, ask the blocklists), and what to count and log.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// A balancer's header is whole: the host judges the address it carries, then calls
+    /// [`Connection::serve`] or [`Connection::refuse`]; `rest` is the session's.
+    Header { header: crate::proxy::Header, rest: Vec<u8> },
+    /// The blocklists are to be asked about the peer (answers: `dns_answer`).
+    AskDns,
+    /// A balancer's connection ended without a header.
+    NoHeader(NoHeader),
+    /// Screening refused the peer.
+    Screened(Screened),
+    /// The peer passed screening: remember it.
+    Passed,
+    /// What the session reports.
+    Session(Event),
 }
 
 /// How a trusted balancer's connection ended before its header was whole.
@@ -100,6 +123,14 @@ impl HopState {
     }
 }
 
+/// The blocklists' answers awaited, one per zone.
+#[derive(Debug)]
+struct Blocklists {
+    answers: Box<[Option<Answer>]>,
+    /// The queries were asked for ([`Report::AskDns`]).
+    asked: bool,
+}
+
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
 #[derive(Debug)]
 pub struct Connection {
@@ -110,20 +141,15 @@ pub struct Connection {
     transport: Transport,
     /// The next hop's TLS, after its 220 to STARTTLS (`[relay] tls`).
     hop_tls: Option<Box<tls::HopTls>>,
-    /// Before the session: a trusted balancer's PROXY header (front.rs).
+    /// Before the session: a trusted balancer's PROXY header, the pregreet test and
+    /// refusals (front.rs).
     front: front::Front,
-    /// How a balancer's connection ended without a header, for the host to count.
-    no_header: Option<NoHeader>,
-    /// How screening ended, for the host.
-    screened: Option<Screened>,
     /// Screening is under way (the pregreet test, the blocklists, or both).
     screening: bool,
-    /// Screening ended and the peer passed both tests, for the host to remember.
-    passed: bool,
-    /// The blocklists' queries went out.
-    dns_asked: bool,
     /// The blocklists' answers, one per `[[screen.dnsbl]]` zone, while any is awaited.
-    dns: Option<Box<[Option<Answer>]>>,
+    dns: Option<Blocklists>,
+    /// What the host is yet to hear, before the session's own events.
+    reports: VecDeque<Report>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
     proxy_id: Option<Vec<u8>>,
     /// A whitelisted peer is never counted or banned.
@@ -164,12 +190,9 @@ impl Connection {
             transport: Transport::default(),
             hop_tls: None,
             front,
-            no_header: None,
-            screened: None,
             screening: false,
-            passed: false,
-            dns_asked: false,
             dns: None,
+            reports: VecDeque::new(),
             proxy_id: None,
             whitelisted: false,
             _admission: None,
@@ -178,16 +201,20 @@ impl Connection {
         }
     }
 
-    /// The balancer's header is whole: what it says, and the bytes after it (the host
-    /// judges the address, then calls [`Connection::serve`] or [`Connection::refuse`]).
-    pub(crate) fn take_header(&mut self) -> Option<(crate::proxy::Header, Vec<u8>)> {
-        if !matches!(self.front, front::Front::Judge { .. }) {
-            return None;
+    /// The next thing the host is to act on, count or log: a balancer's whole header
+    /// first, the blocklists to ask, what the connection found, then the session's events.
+    pub(crate) fn poll_report(&mut self) -> Option<Report> {
+        if matches!(self.front, front::Front::Judge { .. })
+            && let front::Front::Judge { header, rest } = std::mem::replace(&mut self.front, front::Front::Waiting)
+        {
+            return Some(Report::Header { header, rest });
         }
-        match std::mem::take(&mut self.front) {
-            front::Front::Judge { header, rest } => Some((header, rest)),
-            _ => None,
+        if let Some(dns) = &mut self.dns
+            && !std::mem::replace(&mut dns.asked, true)
+        {
+            return Some(Report::AskDns);
         }
+        self.reports.pop_front().or_else(|| self.session.poll_event().map(Report::Session))
     }
 
     /// Screening before the session: the pregreet test until `pregreet` (the greeting's
@@ -197,21 +224,15 @@ impl Connection {
             self.front = front::Front::Pregreet { sent: 0, deadline };
         }
         if zones > 0 {
-            self.dns = Some(vec![None; zones].into_boxed_slice());
+            self.dns = Some(Blocklists { answers: vec![None; zones].into_boxed_slice(), asked: false });
         }
         self.screening = pregreet.is_some() || zones > 0;
-    }
-
-    /// True once, when the blocklists are to be asked (the host sends the queries once
-    /// the connection has its id).
-    pub(crate) fn take_dns_request(&mut self) -> bool {
-        self.dns.is_some() && !std::mem::replace(&mut self.dns_asked, true)
     }
 
     /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
     /// refuses the peer with the 550 line of its heaviest listing.
     pub(crate) fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
-        let Some(answers) = self.dns.as_mut() else { return };
+        let Some(Blocklists { answers, .. }) = self.dns.as_mut() else { return };
         if let Some(slot) = answers.get_mut(zone) {
             *slot = Some(answer);
         }
@@ -231,7 +252,7 @@ impl Connection {
             let line = crate::screen::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
             self.front = front::Front::Reject { line: line.into(), sent: 0 };
             self.screening = false;
-            self.screened = Some(Screened::Blocked { zone, score });
+            self.reports.push_back(Report::Screened(Screened::Blocked { zone, score }));
             return;
         }
         self.screen_done(now);
@@ -241,17 +262,9 @@ impl Connection {
     fn screen_done(&mut self, now: Instant) {
         if self.screening && matches!(self.front, front::Front::None) && self.dns.is_none() {
             self.screening = false;
-            self.passed = true;
+            self.reports.push_back(Report::Passed);
             self.settle(now);
         }
-    }
-
-    pub(crate) fn take_passed(&mut self) -> bool {
-        std::mem::take(&mut self.passed)
-    }
-
-    pub(crate) fn take_screened(&mut self) -> Option<Screened> {
-        self.screened.take()
     }
 
     /// The header's address is allowed: the session is its (after the screening it gets:
@@ -281,10 +294,6 @@ impl Connection {
     /// The header's address is refused: `line`, then close, as at accept.
     pub(crate) fn refuse(&mut self, line: &[u8]) {
         self.front = front::Front::Refuse { line: line.into() };
-    }
-
-    pub(crate) fn take_no_header(&mut self) -> Option<NoHeader> {
-        self.no_header.take()
     }
 
     pub(crate) fn proxy_id(&self) -> Option<&[u8]> {
@@ -318,7 +327,7 @@ impl Connection {
         match &self.front {
             front::Front::None => {}
             front::Front::Header { .. } => return Transmit::Receive,
-            front::Front::Judge { .. } => return Transmit::Wait,
+            front::Front::Judge { .. } | front::Front::Waiting => return Transmit::Wait,
             front::Front::Refuse { line } => return Transmit::Last(line),
             front::Front::Close => return Transmit::Close,
             front::Front::Pregreet { sent, .. } => {
@@ -351,13 +360,14 @@ impl Connection {
             front::Front::None => {}
             front::Front::Pregreet { .. } => {
                 // spoke before the greeting was complete
-                self.screened = Some(Screened::TalkedEarly(bytes[..bytes.len().min(16)].to_vec()));
+                let octets = bytes[..bytes.len().min(16)].to_vec();
+                self.reports.push_back(Report::Screened(Screened::TalkedEarly(octets)));
                 self.front = front::Front::Reject { line: TALKED_EARLY.into(), sent: 0 };
                 return;
             }
             _ => {
                 if let Err(why) = self.front.input(bytes) {
-                    self.no_header = Some(NoHeader::Refused(why));
+                    self.reports.push_back(Report::NoHeader(NoHeader::Refused(why)));
                 }
                 return;
             }
@@ -396,7 +406,8 @@ impl Connection {
             front::Front::None => self.session.handle_eof(now),
             front::Front::Pregreet { .. } => self.front = front::Front::Close,
             front::Front::Header { .. } => {
-                self.no_header = Some(self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused));
+                let ended = self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused);
+                self.reports.push_back(Report::NoHeader(ended));
             }
             _ => self.front = front::Front::Close,
         }
@@ -543,7 +554,7 @@ impl Connection {
         }
         if !matches!(self.front, front::Front::None) {
             if let Some(why) = self.front.timeout(now) {
-                self.no_header = Some(NoHeader::Refused(why));
+                self.reports.push_back(Report::NoHeader(NoHeader::Refused(why)));
             }
             return;
         }
@@ -573,7 +584,7 @@ impl Connection {
     }
 
     fn close_front(&mut self) {
-        if matches!(self.front, front::Front::Header { .. } | front::Front::Judge { .. }) {
+        if matches!(self.front, front::Front::Header { .. } | front::Front::Judge { .. } | front::Front::Waiting) {
             self.front = front::Front::Close;
         }
     }
@@ -589,10 +600,6 @@ impl Connection {
     /// Nothing left to do but free it, once the driver's sockets are closed.
     pub fn finished(&self) -> bool {
         self.poll_peer() == Transmit::Close && self.poll_hop() == Relay::Idle
-    }
-
-    pub(crate) fn poll_event(&mut self) -> Option<Event> {
-        self.session.poll_event()
     }
 
     pub(crate) fn armed(&mut self) -> &mut Option<Instant> {
