@@ -25,7 +25,7 @@
 //!   `hop_failed`), `Send(bytes)` (then `hop_sent(n)`), `Receive` (then `hop_input` or
 //!   `hop_failed`), `Release` (the host pools the socket) or `Close`;
 //! - one deadline: [`Connection::poll_timeout`], then `handle_timeout`;
-//! - the host's side: [`Connection::poll_report`] gives one [`Report`] at a time (a
+//! - the host's side: `Connection::poll_report` gives one `Report` at a time (a
 //!   balancer's header to judge, the blocklists to ask, what screening found, the
 //!   session's events), which the host acts on, counts and logs.
 //!
