@@ -350,7 +350,7 @@ impl Connection {
         }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
-            Transport::Tls(t) => t.poll(&self.session),
+            Transport::Tls(t) => t.poll(self.session.poll_transmit()),
         }
     }
 
@@ -447,10 +447,20 @@ impl Connection {
             }
         }
         if let Transport::Tls(t) = &mut self.transport {
-            t.settle(&mut self.session, now);
+            while !t.failed() && tls_step(t, &mut self.session, now) {}
+            t.flush();
         }
         if let Some(t) = &mut self.hop_tls {
-            t.settle(&mut self.session, now);
+            // the session's commands and body into records, while few wait to go out
+            while t.takes_more() {
+                let Relay::Send(bytes) = self.session.poll_relay() else { break };
+                let n = t.write(bytes);
+                if n == 0 {
+                    break;
+                }
+                self.session.consume_relay_output(n, now);
+            }
+            t.flush();
         }
     }
 
@@ -473,7 +483,7 @@ impl Connection {
     pub fn poll_hop(&self) -> Relay<'_> {
         match &self.hop_tls {
             None => self.session.poll_relay(),
-            Some(t) => t.poll(&self.session),
+            Some(t) => t.poll(self.session.poll_relay()),
         }
     }
 
@@ -498,9 +508,24 @@ impl Connection {
     }
 
     pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {
-        match &mut self.hop_tls {
+        match self.hop_tls.as_mut().map(|t| (t.addr(), t.received(bytes))) {
             None => self.session.handle_relay_input(bytes, now),
-            Some(t) => t.received(bytes, &mut self.session, now),
+            Some((_, Ok(read))) => {
+                if read.started {
+                    self.session.relay_tls_started();
+                }
+                if !read.plaintext.is_empty() {
+                    self.session.handle_relay_input(&read.plaintext, now);
+                }
+                if read.closed {
+                    // close_notify: the next hop is done with this connection
+                    self.session.handle_relay_error(now);
+                }
+            }
+            Some((addr, Err(e))) => {
+                tracing::warn!(peer = %self.session.peer(), "next hop {addr}: TLS: {e}");
+                self.session.handle_relay_error(now);
+            }
         }
         self.settle(now);
     }
@@ -609,4 +634,55 @@ impl Connection {
     pub(crate) fn armed_at(&self) -> Option<Instant> {
         self.armed
     }
+}
+
+/// One round of moving plaintext between the peer's TLS and the session; true when
+/// something moved. Ciphertext goes into rustls only while the handshake runs or the
+/// session reads; decrypted bytes reach the session only when it reads.
+fn tls_step(t: &mut tls::TlsLayer, session: &mut Session, now: Instant) -> bool {
+    let mut moved = false;
+    if t.handshaking() || session.poll_transmit() == Transmit::Receive {
+        match t.take_in() {
+            Ok(took) => moved |= took,
+            Err(e) => {
+                tracing::debug!(peer = %session.peer(), "TLS: {e}");
+                // the alert rustls queued goes out before the close
+                session.tls_failed(now);
+                return false;
+            }
+        }
+    }
+    if let Some(negotiated) = t.started() {
+        session.tls_started(negotiated, now);
+        moved = true;
+    }
+    if t.handshaking() {
+        return moved;
+    }
+    if session.poll_transmit() == Transmit::Receive {
+        let mut buf = [0u8; 4096];
+        match t.read(&mut buf) {
+            tls::Plaintext::Closed => {
+                // close_notify: the peer is done
+                session.handle_eof(now);
+                moved = true;
+            }
+            tls::Plaintext::Data(n) => {
+                session.handle_input(&buf[..n], now);
+                moved = true;
+            }
+            tls::Plaintext::None => {}
+        }
+    }
+    if let Transmit::Send(bytes) = session.poll_transmit() {
+        let n = t.write(bytes);
+        if n > 0 {
+            session.consume_output(n);
+            moved = true;
+        }
+    }
+    if session.poll_transmit() == Transmit::Close {
+        t.close();
+    }
+    moved
 }

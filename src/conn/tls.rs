@@ -1,45 +1,43 @@
-//! A connection's TLS transport after STARTTLS: rustls's sans-IO `ServerConnection`
-//! between the driver's bytes and the session. The driver still only moves bytes: it
-//! sends what [`TlsLayer::outgoing`] holds and hands received bytes to
-//! [`TlsLayer::received`]; [`TlsLayer::settle`] moves everything it can between rustls
-//! and the session.
+//! A connection's TLS after STARTTLS, bytes in and bytes out: rustls's sans-IO
+//! `ServerConnection` ([`TlsLayer`]) and `ClientConnection` ([`HopTls`]) with their
+//! ciphertext buffers. Neither knows the session: the connection moves plaintext
+//! between them and the session, the driver moves ciphertext between them and the
+//! sockets.
 //!
 //! ```text
-//!   STARTTLS ─► 220 in clear (first bytes of `out`) ─► handshake ─┬─ done ─► session reset
-//!                                                                  │         (tls_started)
+//!   STARTTLS ─► 220 in clear (first bytes of `out`) ─► handshake ─┬─ done ─► started()
+//!                                                                  │         (session reset)
 //!                                                                  ├─ error ─► alert, close
-//!                                                                  │          (tls_failed)
 //!                                                                  └─ the session's timeout
 //!                                                                     or the drain: close
-//!   after it:  peer bytes ─► pending ─► rustls ─► plaintext ─► session (when it reads)
-//!              session replies ─► rustls ─► records ─► out ─► peer
-//!              session closes ─► close_notify ─► out ─► Close
+//!   after it:  peer bytes ─► pending ─► take_in ─► read ─► (connection) ─► session
+//!              session ─► (connection) ─► write ─► records ─► out ─► peer
+//!              close ─► close_notify ─► out ─► Close
 //! ```
 //!
 //! Memory: ciphertext is taken from the peer only when the session would read (or
-//! during the handshake), and `out` and `pending` give their space back when empty.
+//! during the handshake: the connection says which), and `out` and `pending` give their
+//! space back when empty.
 //!
-//! [`HopTls`] is the same for the next hop's side (`[relay] tls`), with rustls's
-//! `ClientConnection` between the driver's bytes and the session's next-hop client:
+//! [`HopTls`] is the next hop's side (`[relay] tls`):
 //!
 //! ```text
 //!   220 to STARTTLS (Upstream: Handshake) ─► HopTls::new: our hello ─► handshake ─┬─ done ─► EHLO
 //!                                                                                 │  (tls_started)
 //!                                                                                 └─ error ─► failed
-//!   after it:  the client's commands and body ─► rustls ─► out (≤ HOP_HIGH) ─► next hop   next hop
-//!              next hop's records ─► rustls ─► replies ─► client                  (the session
-//!   pooled with its socket: the TLS session goes on with the next transaction      tries the next)
+//!   after it:  the client's commands and body ─► write ─► out (≤ HOP_HIGH) ─► next hop
+//!              next hop's records ─► received ─► plaintext ─► the client
+//!   pooled with its socket: the TLS session goes on with the next transaction
 //! ```
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
-use crate::smtp::{Relay, Session, Transmit};
+use crate::smtp::{Relay, Transmit};
 use crate::tls::Negotiated;
 
 /// Buffers above this are freed when they empty (an idle session keeps none).
@@ -73,8 +71,9 @@ impl TlsLayer {
         })
     }
 
-    /// What the driver does next on the peer's socket.
-    pub fn poll<'a>(&'a self, session: &'a Session) -> Transmit<'a> {
+    /// What the driver does next on the peer's socket, given what the session would do
+    /// (`session`) if it had the socket.
+    pub fn poll(&self, session: Transmit<'_>) -> Transmit<'_> {
         if self.sent < self.out.len() {
             return Transmit::Send(&self.out[self.sent..]);
         }
@@ -84,13 +83,13 @@ impl TlsLayer {
         if self.handshaking {
             // the session says nothing during the handshake unless it gave up (its timeout,
             // a drain): a reply can go neither in clear nor under TLS, so the connection ends
-            return match session.poll_transmit() {
+            return match session {
                 Transmit::Receive | Transmit::Wait if self.pending.is_empty() => Transmit::Receive,
                 Transmit::Receive | Transmit::Wait => Transmit::Wait,
                 Transmit::Send(_) | Transmit::Close | Transmit::Last(_) => Transmit::Close,
             };
         }
-        match session.poll_transmit() {
+        match session {
             Transmit::Close | Transmit::Last(_) => Transmit::Close,
             Transmit::Receive if self.pending.is_empty() => Transmit::Receive,
             // a reply rustls would not take yet, or ciphertext waiting for the session
@@ -106,9 +105,67 @@ impl TlsLayer {
         self.pending.extend_from_slice(bytes);
     }
 
-    /// Moves bytes between rustls and the session until neither can go on.
-    pub fn settle(&mut self, session: &mut Session, now: Instant) {
-        while !self.failed && self.step(session, now) {}
+    pub fn handshaking(&self) -> bool {
+        self.handshaking
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Ciphertext received into rustls (only while the handshake runs or the session
+    /// reads, so what waits stays in `pending`): true when some was taken. An error fails
+    /// the layer; the alert rustls queued goes out before the close.
+    pub fn take_in(&mut self) -> Result<bool, rustls::Error> {
+        if self.pending.is_empty() {
+            return Ok(false);
+        }
+        let mut rest = &self.pending[..];
+        // an error here is rustls's plaintext buffer being full: the session reads first
+        let taken = self.tls.read_tls(&mut rest).unwrap_or(0);
+        self.pending.drain(..taken);
+        match self.tls.process_new_packets() {
+            Ok(_) => Ok(taken > 0),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// What was negotiated, once, when the handshake has just completed.
+    pub fn started(&mut self) -> Option<Negotiated> {
+        if self.handshaking && !self.tls.is_handshaking() {
+            self.handshaking = false;
+            return Some(Negotiated::of(&self.tls));
+        }
+        None
+    }
+
+    /// Plaintext from the peer into `buf`.
+    pub fn read(&mut self, buf: &mut [u8]) -> Plaintext {
+        match self.tls.reader().read(buf) {
+            Ok(0) => Plaintext::Closed,
+            Ok(n) => Plaintext::Data(n),
+            Err(_) => Plaintext::None,
+        }
+    }
+
+    /// Plaintext for the peer: how much rustls took.
+    pub fn write(&mut self, bytes: &[u8]) -> usize {
+        self.tls.writer().write(bytes).unwrap_or(0)
+    }
+
+    /// The session closes: close_notify, once.
+    pub fn close(&mut self) {
+        if !self.close_notify {
+            self.tls.send_close_notify();
+            self.close_notify = true;
+        }
+    }
+
+    /// Records rustls has for the peer into `out`; `pending`'s space back when empty.
+    pub fn flush(&mut self) {
         while self.tls.wants_write() {
             if self.tls.write_tls(&mut self.out).is_err() {
                 break;
@@ -118,66 +175,16 @@ impl TlsLayer {
             self.pending = Vec::new();
         }
     }
+}
 
-    /// One round; true when something moved.
-    fn step(&mut self, session: &mut Session, now: Instant) -> bool {
-        let mut moved = false;
-        let reading = self.handshaking || session.poll_transmit() == Transmit::Receive;
-        // ciphertext into rustls
-        if reading && !self.pending.is_empty() {
-            let mut rest = &self.pending[..];
-            // an error here is rustls's plaintext buffer being full: the session reads first
-            let taken = self.tls.read_tls(&mut rest).unwrap_or(0);
-            if taken > 0 {
-                self.pending.drain(..taken);
-                moved = true;
-            }
-            if let Err(e) = self.tls.process_new_packets() {
-                tracing::debug!(peer = %session.peer(), "TLS: {e}");
-                self.failed = true;
-                // the alert rustls queued goes out before the close
-                session.tls_failed(now);
-                return false;
-            }
-        }
-        if self.handshaking && !self.tls.is_handshaking() {
-            self.handshaking = false;
-            session.tls_started(Negotiated::of(&self.tls), now);
-            moved = true;
-        }
-        if self.handshaking {
-            return moved;
-        }
-        // plaintext to the session, when it reads
-        if session.poll_transmit() == Transmit::Receive {
-            let mut buf = [0u8; 4096];
-            match self.tls.reader().read(&mut buf) {
-                Ok(0) => {
-                    // close_notify: the peer is done
-                    session.handle_eof(now);
-                    moved = true;
-                }
-                Ok(n) => {
-                    session.handle_input(&buf[..n], now);
-                    moved = true;
-                }
-                Err(_) => {} // nothing decrypted yet
-            }
-        }
-        // the session's replies into records
-        if let Transmit::Send(bytes) = session.poll_transmit() {
-            let n = self.tls.writer().write(bytes).unwrap_or(0);
-            if n > 0 {
-                session.consume_output(n);
-                moved = true;
-            }
-        }
-        if session.poll_transmit() == Transmit::Close && !self.close_notify {
-            self.tls.send_close_notify();
-            self.close_notify = true;
-        }
-        moved
-    }
+/// What reading decrypted data gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plaintext {
+    Data(usize),
+    /// close_notify: the other side is done.
+    Closed,
+    /// Nothing decrypted yet.
+    None,
 }
 
 /// `n` more bytes of `out` went out (from `*at` on); an emptied buffer is cleared, and
@@ -197,6 +204,16 @@ fn sent(out: &mut Vec<u8>, at: &mut usize, n: usize) {
 /// Records waiting for the next hop above which no more of the body is encrypted: the
 /// rest waits in the next-hop client's buffer, whose high-water mark stops the peer.
 const HOP_HIGH: usize = 64 * 1024;
+
+/// What records from the next hop gave.
+#[derive(Debug, Default)]
+pub struct HopRead {
+    pub plaintext: Vec<u8>,
+    /// The handshake completed.
+    pub started: bool,
+    /// close_notify: the next hop is done with the connection.
+    pub closed: bool,
+}
 
 /// The next hop's side after its 220 to STARTTLS.
 #[derive(Debug)]
@@ -220,9 +237,9 @@ impl HopTls {
         Ok(hop)
     }
 
-    /// What the driver does next on the next hop's socket.
-    pub fn poll<'a>(&'a self, session: &'a Session) -> Relay<'a> {
-        let relay = session.poll_relay();
+    /// What the driver does next on the next hop's socket, given what the session's
+    /// next-hop side would do (`relay`) if it had the socket.
+    pub fn poll<'a>(&'a self, relay: Relay<'a>) -> Relay<'a> {
         if matches!(relay, Relay::Close | Relay::Connect { .. }) || self.failed {
             return if self.failed { Relay::Close } else { relay };
         }
@@ -230,7 +247,7 @@ impl HopTls {
             return Relay::Send(&self.out[self.sent..]);
         }
         match relay {
-            // plaintext `settle` could not take yet: the next hop reads what is out first
+            // plaintext `write` could not take yet: the next hop reads what is out first
             Relay::Send(_) => Relay::Receive,
             other => other,
         }
@@ -240,30 +257,37 @@ impl HopTls {
         sent(&mut self.out, &mut self.sent, n);
     }
 
-    /// Records from the next hop: through rustls to the session's next-hop client.
-    pub fn received(&mut self, mut bytes: &[u8], session: &mut Session, now: Instant) {
-        while !self.failed && !bytes.is_empty() {
+    /// The next hop, for the log.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Records from the next hop, all taken: the plaintext they carried, whether the
+    /// handshake completed with them, and whether the next hop closed (close_notify). An
+    /// error fails the layer.
+    pub fn received(&mut self, mut bytes: &[u8]) -> Result<HopRead, rustls::Error> {
+        let mut read = HopRead::default();
+        while !bytes.is_empty() {
             let before = bytes.len();
             // an error here is rustls's plaintext buffer being full: emptied below
             let _ = self.tls.read_tls(&mut bytes);
             if let Err(e) = self.tls.process_new_packets() {
-                tracing::warn!(peer = %session.peer(), "next hop {}: TLS: {e}", self.addr);
                 self.failed = true;
-                return session.handle_relay_error(now);
+                return Err(e);
             }
             if self.handshaking && !self.tls.is_handshaking() {
                 self.handshaking = false;
-                session.relay_tls_started();
+                read.started = true;
             }
             let mut buf = [0u8; 4096];
             loop {
                 match self.tls.reader().read(&mut buf) {
                     Ok(0) => {
-                        // close_notify: the next hop is done with this connection
                         self.failed = true;
-                        return session.handle_relay_error(now);
+                        read.closed = true;
+                        return Ok(read);
                     }
-                    Ok(n) => session.handle_relay_input(&buf[..n], now),
+                    Ok(n) => read.plaintext.extend_from_slice(&buf[..n]),
                     Err(_) => break, // nothing more decrypted
                 }
             }
@@ -271,23 +295,22 @@ impl HopTls {
                 break;
             }
         }
+        Ok(read)
     }
 
-    /// The session's commands and body into records, while few wait to go out.
-    pub fn settle(&mut self, session: &mut Session, now: Instant) {
-        while !self.handshaking && !self.failed && self.out.len() - self.sent < HOP_HIGH {
-            let Relay::Send(bytes) = session.poll_relay() else { break };
-            let n = self.tls.writer().write(bytes).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            session.consume_relay_output(n, now);
-            self.flush();
-        }
+    /// Room for more plaintext: the handshake is done and few records wait to go out.
+    pub fn takes_more(&self) -> bool {
+        !self.handshaking && !self.failed && self.out.len() - self.sent < HOP_HIGH
+    }
+
+    /// Plaintext for the next hop into records: how much rustls took.
+    pub fn write(&mut self, bytes: &[u8]) -> usize {
+        let n = self.tls.writer().write(bytes).unwrap_or(0);
         self.flush();
+        n
     }
 
-    fn flush(&mut self) {
+    pub fn flush(&mut self) {
         while self.tls.wants_write() {
             if self.tls.write_tls(&mut self.out).is_err() {
                 break;
