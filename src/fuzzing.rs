@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, RelayTls};
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
-use crate::smtp::client::{Command, Event as UpEvent, Upstream};
-use crate::smtp::{Relay, Session, Settings, Transmit};
+use crate::smtp::client::{Command, Progress, Upstream};
+use crate::smtp::{HopTransmit, Session, Settings, Transmit};
 
 /// The session's configuration: small limits, so that the input reaches them.
 const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5\nmax_message_size = \"2KiB\"\n\
@@ -177,7 +177,7 @@ fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
             busy = true;
         }
         match s.poll_relay() {
-            Relay::Connect { .. } => {
+            HopTransmit::Connect { .. } => {
                 busy = true;
                 s.dialing();
                 hop.unread.clear();
@@ -185,7 +185,7 @@ fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
                 s.attach_upstream(Upstream::new("mx.test", RelayTls::Off), false, now);
                 s.handle_relay_input(b"220 hop ESMTP\r\n", now);
             }
-            Relay::Send(bytes) => {
+            HopTransmit::Send(bytes) => {
                 busy = true;
                 hop.unread.extend_from_slice(bytes);
                 let n = bytes.len();
@@ -195,13 +195,13 @@ fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
                     s.handle_relay_input(&answers, now);
                 }
             }
-            Relay::Release | Relay::Close => {
+            HopTransmit::Release | HopTransmit::Close => {
                 busy = true;
                 s.detach_relay();
                 hop.unread.clear();
                 hop.in_body = false;
             }
-            Relay::Receive | Relay::Idle => {}
+            HopTransmit::Receive | HopTransmit::Idle => {}
         }
         if !busy {
             return;
@@ -263,7 +263,7 @@ pub fn upstream(data: &[u8]) {
             match event {
                 // commands go only to a client that is ready (Command's precondition): a
                 // failure may already be behind the event in the same input
-                UpEvent::Ready if up.is_ready() => {
+                Progress::Ready if up.is_ready() => {
                     for (cmd, line) in [
                         (Command::Mail, &b"MAIL FROM:<a@b.test>"[..]),
                         (Command::Rcpt, b"RCPT TO:<c@example.com>"),
@@ -273,16 +273,16 @@ pub fn upstream(data: &[u8]) {
                         sent += 1;
                     }
                 }
-                UpEvent::Reply(Command::Data, reply) if reply.code == 354 && up.is_ready() => {
+                Progress::Reply(Command::Data, reply) if reply.code == 354 && up.is_ready() => {
                     answered += 1;
                     up.send_data(b"hi\r\n");
                     up.end_data();
                     up.command(Command::Rset, b"RSET");
                     sent += 2;
                 }
-                UpEvent::Ready => {}
-                UpEvent::Reply(_, _) => answered += 1,
-                UpEvent::Failed(_) | UpEvent::NoTls(_) => return,
+                Progress::Ready => {}
+                Progress::Reply(_, _) => answered += 1,
+                Progress::Failed(_) | Progress::NoTls(_) => return,
             }
             assert!(answered <= sent, "{answered} replies to {sent} commands");
         }

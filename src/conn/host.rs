@@ -25,7 +25,7 @@ use crate::peer::PeerIp;
 use crate::proxy;
 use crate::screen::dnsbl::{Answer, LookupFailure, Resolver};
 use crate::shared::{Shared, SnapshotCache};
-use crate::smtp::{Event, Relay, Session};
+use crate::smtp::{Event, HopTransmit, Session};
 use crate::snapshot::Snapshot;
 use crate::stats::{Count, Counts};
 
@@ -414,7 +414,7 @@ fn hop<I: Io>(
     io: &mut I,
 ) -> bool {
     match conn.poll_hop() {
-        Relay::Connect { addr, pooled_ok } => {
+        HopTransmit::Connect { addr, pooled_ok } => {
             let pooled = if pooled_ok { pool.take(addr, conn.snapshot().config.relay.tls) } else { None };
             if let Some((socket, hop)) = pooled
                 && io.adopt(id, sockets, socket)
@@ -429,7 +429,7 @@ fn hop<I: Io>(
             }
             true
         }
-        Relay::Release => match io.unplug(sockets) {
+        HopTransmit::Release => match io.unplug(sockets) {
             Some(pooled) => {
                 if let Some((hop, addr)) = conn.hop_released() {
                     let max = conn.snapshot().config.relay.max_idle_connections as usize;

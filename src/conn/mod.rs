@@ -50,7 +50,7 @@ use crate::peer::PeerIp;
 use crate::screen::dnsbl::Answer;
 use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
-use crate::smtp::{Event, Relay, Session, Transmit};
+use crate::smtp::{Event, HopTransmit, Session, Transmit};
 use crate::snapshot::Snapshot;
 
 pub use host::{Admit, Host, Io};
@@ -453,7 +453,7 @@ impl Connection {
         if let Some(t) = &mut self.hop_tls {
             // the session's commands and body into records, while few wait to go out
             while t.takes_more() {
-                let Relay::Send(bytes) = self.session.poll_relay() else { break };
+                let HopTransmit::Send(bytes) = self.session.poll_relay() else { break };
                 let n = t.write(bytes);
                 if n == 0 {
                     break;
@@ -480,7 +480,7 @@ impl Connection {
     // ---- the next hop --------------------------------------------------------------------
 
     /// What the driver does next on the next hop's side.
-    pub fn poll_hop(&self) -> Relay<'_> {
+    pub fn poll_hop(&self) -> HopTransmit<'_> {
         match &self.hop_tls {
             None => self.session.poll_relay(),
             Some(t) => t.poll(self.session.poll_relay()),
@@ -624,7 +624,7 @@ impl Connection {
 
     /// Nothing left to do but free it, once the driver's sockets are closed.
     pub fn finished(&self) -> bool {
-        self.poll_peer() == Transmit::Close && self.poll_hop() == Relay::Idle
+        self.poll_peer() == Transmit::Close && self.poll_hop() == HopTransmit::Idle
     }
 
     pub(crate) fn armed(&mut self) -> &mut Option<Instant> {

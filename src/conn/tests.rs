@@ -16,7 +16,7 @@ use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
-use crate::smtp::{Relay, Transmit};
+use crate::smtp::{HopTransmit, Transmit};
 use crate::snapshot::Snapshot;
 
 const A: &str = "127.0.0.1:2601";
@@ -177,23 +177,23 @@ impl Io for Fake {
     fn hop(&mut self, _: ConnId, s: &mut FakeSockets, conn: &mut Connection, now: Instant) -> bool {
         self.ops += 1;
         match (conn.poll_hop(), s.hop.as_mut()) {
-            (Relay::Release | Relay::Close, _) => {
+            (HopTransmit::Release | HopTransmit::Close, _) => {
                 s.hop = None;
                 conn.hop_closed();
                 true
             }
             (_, Some(h)) if h.connecting => false,
-            (Relay::Send(bytes), Some(h)) => {
+            (HopTransmit::Send(bytes), Some(h)) => {
                 h.server.receive(bytes);
                 let n = bytes.len();
                 conn.hop_sent(n, now);
                 true
             }
-            (Relay::Receive, Some(h)) if h.server.gone => {
+            (HopTransmit::Receive, Some(h)) if h.server.gone => {
                 conn.hop_failed(now);
                 true
             }
-            (Relay::Receive, Some(h)) if !h.server.out.is_empty() => {
+            (HopTransmit::Receive, Some(h)) if !h.server.out.is_empty() => {
                 let answer = std::mem::take(&mut h.server.out);
                 conn.hop_input(&answer, now);
                 true

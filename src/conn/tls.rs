@@ -37,7 +37,7 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
-use crate::smtp::{Relay, Transmit};
+use crate::smtp::{HopTransmit, Transmit};
 use crate::tls::Negotiated;
 
 /// Buffers above this are freed when they empty (an idle session keeps none).
@@ -239,16 +239,16 @@ impl HopTls {
 
     /// What the driver does next on the next hop's socket, given what the session's
     /// next-hop side would do (`relay`) if it had the socket.
-    pub fn poll<'a>(&'a self, relay: Relay<'a>) -> Relay<'a> {
-        if matches!(relay, Relay::Close | Relay::Connect { .. }) || self.failed {
-            return if self.failed { Relay::Close } else { relay };
+    pub fn poll<'a>(&'a self, relay: HopTransmit<'a>) -> HopTransmit<'a> {
+        if matches!(relay, HopTransmit::Close | HopTransmit::Connect { .. }) || self.failed {
+            return if self.failed { HopTransmit::Close } else { relay };
         }
         if self.sent < self.out.len() {
-            return Relay::Send(&self.out[self.sent..]);
+            return HopTransmit::Send(&self.out[self.sent..]);
         }
         match relay {
             // plaintext `write` could not take yet: the next hop reads what is out first
-            Relay::Send(_) => Relay::Receive,
+            HopTransmit::Send(_) => HopTransmit::Receive,
             other => other,
         }
     }

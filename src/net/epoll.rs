@@ -21,7 +21,7 @@ use super::dns::{DATAGRAM_LEN, DnsSockets};
 use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
-use crate::smtp::{Relay, Transmit};
+use crate::smtp::{HopTransmit, Transmit};
 
 /// Wait before accepting again after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -287,22 +287,22 @@ impl Io for Epoll {
 
     fn hop(&mut self, _: ConnId, s: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
         let result = match (conn.poll_hop(), s.relay.as_mut()) {
-            (Relay::Idle | Relay::Connect { .. }, _) => return false,
-            (Relay::Release | Relay::Close, _) => {
+            (HopTransmit::Idle | HopTransmit::Connect { .. }, _) => return false,
+            (HopTransmit::Release | HopTransmit::Close, _) => {
                 // closing the socket also takes it out of the epoll set
                 drop(s.relay.take());
                 conn.hop_closed();
                 return true;
             }
             (_, Some(r)) if r.connecting => return false,
-            (Relay::Send(_), Some(r)) if !r.ready.write => return false,
-            (Relay::Send(bytes), Some(r)) => r
+            (HopTransmit::Send(_), Some(r)) if !r.ready.write => return false,
+            (HopTransmit::Send(bytes), Some(r)) => r
                 .stream
                 .write(bytes)
                 .map(|n| conn.hop_sent(n, now))
                 .inspect_err(|e| r.ready.write &= e.kind() != io::ErrorKind::WouldBlock),
-            (Relay::Receive, Some(r)) if !r.ready.read => return false,
-            (Relay::Receive, Some(r)) => r
+            (HopTransmit::Receive, Some(r)) if !r.ready.read => return false,
+            (HopTransmit::Receive, Some(r)) => r
                 .stream
                 .read(&mut self.read_buf)
                 .and_then(|n| {
@@ -316,7 +316,7 @@ impl Io for Epoll {
                     }
                 })
                 .inspect_err(|e| r.ready.read &= e.kind() != io::ErrorKind::WouldBlock),
-            (Relay::Send(_) | Relay::Receive, None) => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            (HopTransmit::Send(_) | HopTransmit::Receive, None) => Err(io::Error::from(io::ErrorKind::NotConnected)),
         };
         match result {
             Ok(()) => true,

@@ -39,7 +39,7 @@ use super::dns::{DATAGRAM_LEN, DnsSockets};
 use crate::conn::{Admit, ConnId, Connection, Host, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
-use crate::smtp::{Relay, Transmit};
+use crate::smtp::{HopTransmit, Transmit};
 use crate::template::MAX_REPLY_LEN;
 
 /// Submission queue entries per ring; completions get twice as many.
@@ -676,7 +676,7 @@ impl Io for Uring {
     fn hop(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, _: Instant) -> bool {
         let s = &mut sockets.relay;
         match conn.poll_hop() {
-            Relay::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
+            HopTransmit::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
                 s.write_buf.clear();
                 s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
                 s.send = true;
@@ -684,13 +684,13 @@ impl Io for Uring {
                 push(&mut self.ring, &[e]);
                 false
             }
-            Relay::Receive if !s.recv && !s.connect && s.fd >= 0 => {
+            HopTransmit::Receive if !s.recv && !s.connect && s.fd >= 0 => {
                 s.recv = true;
                 let e = recv_entry(s.fd, &mut s.read_buf, user_data(TAG_RELAY_RECV, key, generation));
                 push(&mut self.ring, &[e]);
                 false
             }
-            Relay::Release | Relay::Close => {
+            HopTransmit::Release | HopTransmit::Close => {
                 let closed = (s.fd < 0 && !s.busy())
                     || close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
                 if closed {

@@ -102,7 +102,7 @@ pub enum Command {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum Progress {
     /// Greeted and EHLO done: commands may be sent.
     Ready,
     Reply(Command, Reply),
@@ -168,7 +168,7 @@ pub struct Upstream {
     /// The reply being received: its code and the lines so far.
     reply: Option<Reply>,
     pending: VecDeque<Command>,
-    events: VecDeque<Event>,
+    events: VecDeque<Progress>,
     ext: Extensions,
     /// `[relay] tls`: whether to ask for STARTTLS.
     tls: RelayTls,
@@ -262,7 +262,7 @@ impl Upstream {
                     return self.fail_tls(NoTls::NoEhlo);
                 }
                 self.state = State::Ready;
-                self.events.push_back(Event::Ready);
+                self.events.push_back(Progress::Ready);
             }
             State::StartTls if reply.code == 220 => {
                 self.state = State::Handshake;
@@ -271,11 +271,11 @@ impl Upstream {
             State::StartTls if self.tls == RelayTls::Opportunistic => {
                 // refused: on in clear, with what the first EHLO offered
                 self.state = State::Ready;
-                self.events.push_back(Event::Ready);
+                self.events.push_back(Progress::Ready);
             }
             State::StartTls => self.fail_tls(NoTls::Refused { code: reply.code, text: reply.lines.join(" ") }),
             State::Ready => match self.pending.pop_front() {
-                Some(cmd) => self.events.push_back(Event::Reply(cmd, reply)),
+                Some(cmd) => self.events.push_back(Progress::Reply(cmd, reply)),
                 None => self.fail(ProtocolFault::Unsolicited(reply.code)),
             },
             _ => self.fail(ProtocolFault::RefusedUs { code: reply.code, text: reply.lines.join(" ") }),
@@ -308,21 +308,21 @@ impl Upstream {
             (RelayTls::Opportunistic, false, false) => {}
         }
         self.state = State::Ready;
-        self.events.push_back(Event::Ready);
+        self.events.push_back(Progress::Ready);
     }
 
     fn fail(&mut self, why: ProtocolFault) {
         self.starttls = false;
         if self.state != State::Failed {
             self.state = State::Failed;
-            self.events.push_back(Event::Failed(why));
+            self.events.push_back(Progress::Failed(why));
         }
     }
 
     /// `relay.tls = "required"` and no TLS to be had.
     fn fail_tls(&mut self, why: NoTls) {
         self.state = State::Failed;
-        self.events.push_back(Event::NoTls(why));
+        self.events.push_back(Progress::NoTls(why));
     }
 
     fn write_line(&mut self, line: &[u8]) {
@@ -330,7 +330,7 @@ impl Upstream {
         self.out.push(b"\r\n");
     }
 
-    /// Sends a command line (CRLF added); its reply will come as `Event::Reply(cmd, _)`.
+    /// Sends a command line (CRLF added); its reply will come as `Progress::Reply(cmd, _)`.
     pub fn command(&mut self, cmd: Command, line: &[u8]) {
         debug_assert_eq!(self.state, State::Ready);
         self.write_line(line);
@@ -347,7 +347,7 @@ impl Upstream {
         self.out.vec_mut()
     }
 
-    /// Ends the body: the final dot, whose reply comes as `Event::Reply(Command::Dot, _)`.
+    /// Ends the body: the final dot, whose reply comes as `Progress::Reply(Command::Dot, _)`.
     pub fn end_data(&mut self) {
         self.out.push(b".\r\n");
         self.pending.push_back(Command::Dot);
@@ -379,7 +379,7 @@ impl Upstream {
         self.secured
     }
 
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<Progress> {
         self.events.pop_front()
     }
 
@@ -433,7 +433,7 @@ mod tests {
         assert_eq!(u.output(), b"EHLO mx.test\r\n");
         u.consume_output(14);
         u.handle_input(ehlo);
-        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert_eq!(u.poll_event(), Some(Progress::Ready));
         u
     }
 
@@ -457,7 +457,7 @@ mod tests {
         u.handle_input(b"502 what?\r\n");
         assert_eq!(u.output(), b"HELO mx.test\r\n");
         u.handle_input(b"250 old.test\r\n");
-        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert_eq!(u.poll_event(), Some(Progress::Ready));
     }
 
     #[test]
@@ -471,9 +471,9 @@ mod tests {
         }
         assert_eq!(
             u.poll_event(),
-            Some(Event::Reply(Command::Mail, Reply { code: 250, lines: vec!["2.1.0 ok".into()] }))
+            Some(Progress::Reply(Command::Mail, Reply { code: 250, lines: vec!["2.1.0 ok".into()] }))
         );
-        let Some(Event::Reply(Command::Rcpt, reply)) = u.poll_event() else { panic!() };
+        let Some(Progress::Reply(Command::Rcpt, reply)) = u.poll_event() else { panic!() };
         assert_eq!(reply.lines, ["5.1.1 no such", "5.1.1 user"]);
         let mut out = Vec::new();
         reply.render(&mut out);
@@ -499,7 +499,7 @@ mod tests {
         let mut u = ready_upstream(b"250 sink.test\r\n");
         u.command(Command::Data, b"DATA");
         u.handle_input(b"354 go ahead\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Reply(Command::Data, Reply { code: 354, .. }))));
+        assert!(matches!(u.poll_event(), Some(Progress::Reply(Command::Data, Reply { code: 354, .. }))));
         u.consume_output(u.output().len());
         u.send_data(b"Subject: x\r\n\r\nhello\r\n");
         u.end_data();
@@ -507,7 +507,7 @@ mod tests {
         assert!(!u.is_idle());
         u.consume_output(u.output().len());
         u.handle_input(b"250 queued\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Reply(Command::Dot, Reply { code: 250, .. }))));
+        assert!(matches!(u.poll_event(), Some(Progress::Reply(Command::Dot, Reply { code: 250, .. }))));
         assert!(u.is_idle());
     }
 
@@ -539,36 +539,38 @@ mod tests {
             assert_eq!(u.output(), b"EHLO mx.test\r\n");
             u.consume_output(14);
             u.handle_input(b"250-sink.test\r\n250 8BITMIME\r\n");
-            assert_eq!(u.poll_event(), Some(Event::Ready));
+            assert_eq!(u.poll_event(), Some(Progress::Ready));
             let ext = u.extensions();
             assert!(ext.eight_bit_mime && !ext.pipelining && !ext.starttls, "only what it said under TLS: {ext:?}");
         }
         let mut u = offered(RelayTls::Off, WITH_STARTTLS);
-        assert_eq!(u.poll_event(), Some(Event::Ready), "off: never asked");
+        assert_eq!(u.poll_event(), Some(Progress::Ready), "off: never asked");
         assert!(u.output().is_empty() && !u.is_secured());
     }
 
     #[test]
     fn without_starttls_opportunistic_goes_on_in_clear_and_required_fails() {
         let mut u = offered(RelayTls::Opportunistic, b"250 sink.test\r\n");
-        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert_eq!(u.poll_event(), Some(Progress::Ready));
         assert!(!u.is_secured());
         let mut u = offered(RelayTls::Required, b"250 sink.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("does not offer STARTTLS")));
+        assert!(
+            matches!(u.poll_event(), Some(Progress::NoTls(w)) if w.to_string().contains("does not offer STARTTLS"))
+        );
         // refused STARTTLS
         let mut u = offered(RelayTls::Opportunistic, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"454 4.7.0 TLS not available\r\n");
-        assert_eq!(u.poll_event(), Some(Event::Ready));
+        assert_eq!(u.poll_event(), Some(Progress::Ready));
         assert!(u.extensions().pipelining, "the first EHLO's extensions hold");
         let mut u = offered(RelayTls::Required, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"454 4.7.0 TLS not available\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("refused STARTTLS: 454")));
+        assert!(matches!(u.poll_event(), Some(Progress::NoTls(w)) if w.to_string().contains("refused STARTTLS: 454")));
         // a next hop that knows only HELO
         let mut u = Upstream::new("mx.test", RelayTls::Required);
         u.handle_input(b"220 old.test\r\n502 what?\r\n250 old.test\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::NoTls(w)) if w.to_string().contains("no STARTTLS")));
+        assert!(matches!(u.poll_event(), Some(Progress::NoTls(w)) if w.to_string().contains("no STARTTLS")));
     }
 
     #[test]
@@ -576,7 +578,7 @@ mod tests {
         let mut u = offered(RelayTls::Required, WITH_STARTTLS);
         u.consume_output(10);
         u.handle_input(b"220 go ahead\r\n250 injected\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("after its 220")));
+        assert!(matches!(u.poll_event(), Some(Progress::Failed(w)) if w.to_string().contains("after its 220")));
         assert!(!u.take_starttls(), "no handshake on a failed connection");
         u.tls_started();
         assert!(!u.is_secured() && u.output().is_empty(), "a failed upstream stays failed");
@@ -593,7 +595,7 @@ mod tests {
             let mut u = Upstream::new("mx.test", RelayTls::Off);
             u.handle_input(input);
             match u.poll_event() {
-                Some(Event::Failed(w)) => assert!(w.to_string().contains(why), "{w}"),
+                Some(Progress::Failed(w)) => assert!(w.to_string().contains(why), "{w}"),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
             }
             u.handle_input(b"220 late\r\n");
@@ -601,9 +603,9 @@ mod tests {
         }
         let mut u = ready_upstream(b"250 sink.test\r\n");
         u.handle_input(b"421 shutting down\r\n");
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("unsolicited")));
+        assert!(matches!(u.poll_event(), Some(Progress::Failed(w)) if w.to_string().contains("unsolicited")));
         let mut u = Upstream::new("mx.test", RelayTls::Off);
         u.handle_input(&vec![b'2'; MAX_REPLY_LINE + 1]);
-        assert!(matches!(u.poll_event(), Some(Event::Failed(w)) if w.to_string().contains("too long")));
+        assert!(matches!(u.poll_event(), Some(Progress::Failed(w)) if w.to_string().contains("too long")));
     }
 }

@@ -21,38 +21,38 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::client::{Command, Event as UpEvent, Reply, Upstream};
+use super::client::{Command, Progress, Reply, Upstream};
 use super::data::BodyFilter;
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Body, Link, Phase, Relay, Session, UpLink, Waiting};
+use super::session::{Body, HopTransmit, Link, Phase, Session, UpLink, Waiting};
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
 
     /// What the driver does next on the next hop's side.
-    pub fn poll_relay(&self) -> Relay<'_> {
+    pub fn poll_relay(&self) -> HopTransmit<'_> {
         let open = self.phase == Phase::Open;
         match &self.link {
-            Link::None => Relay::Idle,
+            Link::None => HopTransmit::Idle,
             Link::Wanted { hop, pooled_ok } if open => match self.settings.relay.next_hops.get(*hop) {
-                Some(&addr) => Relay::Connect { addr, pooled_ok: *pooled_ok },
+                Some(&addr) => HopTransmit::Connect { addr, pooled_ok: *pooled_ok },
                 // `start_mail` and `relay_failed` only ask for hops the settings have
-                None => Relay::Idle,
+                None => HopTransmit::Idle,
             },
-            Link::Wanted { .. } => Relay::Idle,
-            Link::Dialing { .. } if open => Relay::Idle,
-            Link::Dialing { .. } | Link::Dropped => Relay::Close,
+            Link::Wanted { .. } => HopTransmit::Idle,
+            Link::Dialing { .. } if open => HopTransmit::Idle,
+            Link::Dialing { .. } | Link::Dropped => HopTransmit::Close,
             Link::Up(l) if !open => {
                 if l.clean && l.up.is_idle() {
-                    Relay::Release
+                    HopTransmit::Release
                 } else {
-                    Relay::Close
+                    HopTransmit::Close
                 }
             }
-            Link::Up(l) if !l.up.output().is_empty() && !l.hold => Relay::Send(l.up.output()),
-            Link::Up(l) if l.up.awaits_reply() => Relay::Receive,
-            Link::Up(_) => Relay::Idle,
+            Link::Up(l) if !l.up.output().is_empty() && !l.hold => HopTransmit::Send(l.up.output()),
+            Link::Up(l) if l.up.awaits_reply() => HopTransmit::Receive,
+            Link::Up(_) => HopTransmit::Idle,
         }
     }
 
@@ -242,18 +242,18 @@ impl Session {
             let Link::Up(l) = &mut self.link else { return };
             let Some(event) = l.up.poll_event() else { return };
             match event {
-                UpEvent::Ready => self.link_ready(now),
+                Progress::Ready => self.link_ready(now),
                 // 421: the next hop is closing the connection
-                UpEvent::Reply(_, reply) if reply.code == 421 => return self.relay_failed(HopFault::Closing, now),
-                UpEvent::Reply(cmd, reply) => {
+                Progress::Reply(_, reply) if reply.code == 421 => return self.relay_failed(HopFault::Closing, now),
+                Progress::Reply(cmd, reply) => {
                     l.untested = false;
                     self.answer(cmd, &reply, now);
                 }
-                UpEvent::Failed(why) => {
+                Progress::Failed(why) => {
                     tracing::debug!(peer = %self.peer, "next hop failed: {why}");
                     return self.relay_failed(HopFault::Protocol, now);
                 }
-                UpEvent::NoTls(why) => {
+                Progress::NoTls(why) => {
                     let hop = self.settings.relay.next_hops.get(l.hop).map(ToString::to_string).unwrap_or_default();
                     tracing::warn!(peer = %self.peer, "next hop {hop} {why} (relay.tls = \"required\")");
                     return self.relay_failed(HopFault::NoTls, now);

@@ -65,7 +65,7 @@ use policy::RelayDomains;
 
 pub use outcome::Outcome;
 pub use replies::Params;
-pub use session::{Event, Failure, Relay, Session, Transaction, TransactionIds, Transmit};
+pub use session::{Event, Failure, HopTransmit, Session, Transaction, TransactionIds, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE_LEN: usize = 512;

@@ -49,7 +49,7 @@ pub enum Transmit<'a> {
 
 /// What the driver does next on the next hop's side.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Relay<'a> {
+pub enum HopTransmit<'a> {
     Idle,
     /// Connect to `addr`, a next hop of this session's own snapshot (whatever a reload
     /// made current since); a pooled connection to it will do when `pooled_ok`.

@@ -223,7 +223,7 @@ impl Harness {
                 busy = true;
             }
             match self.session.poll_relay() {
-                Relay::Connect { addr, pooled_ok } => {
+                HopTransmit::Connect { addr, pooled_ok } => {
                     busy = true;
                     // CONFIG's next hops are ports 2526 and 2527
                     let hop = usize::from(addr.port() - 2526);
@@ -247,7 +247,7 @@ impl Harness {
                         self.session.handle_relay_input(b"220 hop.test ESMTP\r\n", self.now);
                     }
                 }
-                Relay::Send(b) => {
+                HopTransmit::Send(b) => {
                     busy = true;
                     let b = &b[..b.len().min(self.relay_send_limit)];
                     self.hop.writes.push(b.to_vec());
@@ -260,18 +260,18 @@ impl Harness {
                         self.session.handle_relay_input(&answers, self.now);
                     }
                 }
-                Relay::Release => {
+                HopTransmit::Release => {
                     busy = true;
                     self.released += 1;
                     self.pool.push(self.session.detach_relay().unwrap().0);
                 }
-                Relay::Close => {
+                HopTransmit::Close => {
                     busy = true;
                     self.closed += 1;
                     self.session.detach_relay();
                     self.hop.disconnect();
                 }
-                Relay::Receive | Relay::Idle => {}
+                HopTransmit::Receive | HopTransmit::Idle => {}
             }
             if !busy {
                 return String::from_utf8(peer_got).unwrap();
@@ -416,9 +416,9 @@ fn the_trace_header_goes_out_with_the_first_body_bytes() {
     h.send(b"RCPT TO:<u@example.com>\r\n");
     assert_eq!(h.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
     // a segment of its own would cost a send here and a wakeup and an ACK at the next hop
-    assert_eq!(h.session.poll_relay(), Relay::Idle, "the header waits for the body");
+    assert_eq!(h.session.poll_relay(), HopTransmit::Idle, "the header waits for the body");
     h.session.handle_input(b"Subject: x\r\n", h.now);
-    let Relay::Send(first) = h.session.poll_relay() else { panic!("the body is not sent") };
+    let HopTransmit::Send(first) = h.session.poll_relay() else { panic!("the body is not sent") };
     assert!(first.starts_with(b"Received: from client.test ") && first.ends_with(b"Subject: x\r\n"));
     h.drive();
     assert!(h.send(b"\r\nbody\r\n.\r\n").starts_with("250 2.0.0 OK"));
@@ -769,7 +769,7 @@ fn bodies_stream_with_bounded_memory() {
             h.session.handle_input(&chunk, h.now);
             total += chunk.len();
         }
-        if let Relay::Send(b) = h.session.poll_relay() {
+        if let HopTransmit::Send(b) = h.session.poll_relay() {
             let n = b.len().min(3000);
             h.session.consume_relay_output(n, h.now);
         }
