@@ -14,7 +14,7 @@
 //!                            └─ malformed, over its size, closed, late ─► Close (no banner)
 //! ```
 //!
-//! The pregreet test (`[screen] pregreet`) is a front too, for an allowed peer not
+//! The pregreet test (`[screen] pregreet`, `screen::pregreet`) is a front too, for an allowed peer not
 //! remembered as passing (after a balancer's header, or at accept):
 //!
 //! ```text
@@ -50,7 +50,7 @@ pub enum Front {
     Close,
     /// The pregreet test: the greeting's first line (`sent` of it out), then silence
     /// until `deadline`.
-    Pregreet { sent: usize, deadline: Instant },
+    Pregreet(crate::screen::pregreet::Pregreet),
     /// Refused by screening: `line` (`replies::TALKED_EARLY`, or the DNSBL's 550),
     /// `sent` of it out, then close.
     Reject { line: std::borrow::Cow<'static, [u8]>, sent: usize },
@@ -119,7 +119,8 @@ impl Front {
 
     pub fn deadline(&self) -> Option<Instant> {
         match self {
-            Front::Header { deadline, .. } | Front::Pregreet { deadline, .. } => Some(*deadline),
+            Front::Header { deadline, .. } => Some(*deadline),
+            Front::Pregreet(test) => Some(test.deadline()),
             _ => None,
         }
     }

@@ -47,7 +47,8 @@ use std::time::Instant;
 
 use crate::abuse::Admission;
 use crate::peer::PeerIp;
-use crate::screen::dnsbl::Answer;
+use crate::screen::dnsbl::{self, Answer};
+use crate::screen::pregreet::Pregreet;
 use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
 use crate::smtp::{Event, HopTransmit, Session, Transmit};
@@ -123,14 +124,6 @@ impl HopState {
     }
 }
 
-/// The blocklists' answers awaited, one per zone.
-#[derive(Debug)]
-struct Blocklists {
-    answers: Box<[Option<Answer>]>,
-    /// The queries were asked for ([`Report::AskDns`]).
-    asked: bool,
-}
-
 /// One allowed peer's connection: its session, its next-hop side and its deadline.
 #[derive(Debug)]
 pub struct Connection {
@@ -147,7 +140,7 @@ pub struct Connection {
     /// Screening is under way (the pregreet test, the blocklists, or both).
     screening: bool,
     /// The blocklists' answers, one per `[[screen.dnsbl]]` zone, while any is awaited.
-    dns: Option<Blocklists>,
+    dns: Option<dnsbl::Pending>,
     /// What the host is yet to hear, before the session's own events.
     reports: VecDeque<Report>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
@@ -210,7 +203,7 @@ impl Connection {
             return Some(Report::Header { header, rest });
         }
         if let Some(dns) = &mut self.dns
-            && !std::mem::replace(&mut dns.asked, true)
+            && dns.ask()
         {
             return Some(Report::AskDns);
         }
@@ -221,10 +214,10 @@ impl Connection {
     /// first line, then silence), and `zones` blocklists' answers awaited.
     pub(crate) fn screen(&mut self, pregreet: Option<Instant>, zones: usize) {
         if let Some(deadline) = pregreet {
-            self.front = front::Front::Pregreet { sent: 0, deadline };
+            self.front = front::Front::Pregreet(Pregreet::new(deadline));
         }
         if zones > 0 {
-            self.dns = Some(Blocklists { answers: vec![None; zones].into_boxed_slice(), asked: false });
+            self.dns = Some(dnsbl::Pending::new(zones));
         }
         self.screening = pregreet.is_some() || zones > 0;
     }
@@ -232,30 +225,21 @@ impl Connection {
     /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
     /// refuses the peer with the 550 line of its heaviest listing.
     pub(crate) fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
-        let Some(Blocklists { answers, .. }) = self.dns.as_mut() else { return };
-        if let Some(slot) = answers.get_mut(zone) {
-            *slot = Some(answer);
-        }
-        if answers.iter().any(Option::is_none) {
-            return;
-        }
-        if matches!(self.front, front::Front::Reject { .. } | front::Front::Close) {
-            // refused already (it talked first): nothing left to decide
-            self.dns = None;
-            return;
-        }
+        let Some(pending) = self.dns.as_mut() else { return };
         let screen = &self.snapshot.config.screen;
-        let (score, heaviest) = crate::screen::dnsbl::score(&screen.dnsbl, answers);
+        let ip = self.session.peer().ip();
+        let Some(scored) = pending.answer(zone, answer, &screen.dnsbl, screen.dnsbl_threshold, ip) else { return };
         self.dns = None;
-        if score >= screen.dnsbl_threshold {
-            let zone = heaviest.map(|i| screen.dnsbl[i].zone.clone()).unwrap_or_default();
-            let line = crate::screen::dnsbl::blocked_reply(self.session.peer().ip(), &zone);
-            self.front = front::Front::Reject { line: line.into(), sent: 0 };
-            self.screening = false;
-            self.reports.push_back(Report::Screened(Screened::Blocked { zone, score }));
-            return;
+        match scored {
+            // refused already (it talked first): nothing left to decide
+            _ if matches!(self.front, front::Front::Reject { .. } | front::Front::Close) => {}
+            dnsbl::Scored::Blocked { zone, score, reply } => {
+                self.front = front::Front::Reject { line: reply.into(), sent: 0 };
+                self.screening = false;
+                self.reports.push_back(Report::Screened(Screened::Blocked { zone, score }));
+            }
+            dnsbl::Scored::Passed => self.screen_done(now),
         }
-        self.screen_done(now);
     }
 
     /// Both tests are behind the peer: passed (a refusal ends screening on its own).
@@ -330,12 +314,9 @@ impl Connection {
             front::Front::Judge { .. } | front::Front::Waiting => return Transmit::Wait,
             front::Front::Refuse { line } => return Transmit::Last(line),
             front::Front::Close => return Transmit::Close,
-            front::Front::Pregreet { sent, .. } => {
-                let first = &self.session.settings().replies.greeting_first;
-                return match first.get(*sent..) {
-                    Some(rest) if !rest.is_empty() => Transmit::Send(rest),
-                    _ => Transmit::Receive,
-                };
+            front::Front::Pregreet(test) => {
+                let rest = test.output(&self.session.settings().replies.greeting_first);
+                return if rest.is_empty() { Transmit::Receive } else { Transmit::Send(rest) };
             }
             front::Front::Reject { line, sent } => {
                 return match line.get(*sent..) {
@@ -358,9 +339,9 @@ impl Connection {
     pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
         match self.front {
             front::Front::None => {}
-            front::Front::Pregreet { .. } => {
+            front::Front::Pregreet(_) => {
                 // spoke before the greeting was complete
-                let octets = bytes[..bytes.len().min(16)].to_vec();
+                let octets = Pregreet::talked_early(bytes);
                 self.reports.push_back(Report::Screened(Screened::TalkedEarly(octets)));
                 self.front = front::Front::Reject { line: TALKED_EARLY.into(), sent: 0 };
                 return;
@@ -383,7 +364,8 @@ impl Connection {
     pub fn peer_sent(&mut self, n: usize, now: Instant) {
         match &mut self.front {
             front::Front::None => {}
-            front::Front::Pregreet { sent, .. } | front::Front::Reject { sent, .. } => {
+            front::Front::Pregreet(test) => return test.sent(n),
+            front::Front::Reject { sent, .. } => {
                 *sent += n;
                 return;
             }
@@ -404,7 +386,7 @@ impl Connection {
     pub fn peer_eof(&mut self, now: Instant) {
         match &mut self.front {
             front::Front::None => self.session.handle_eof(now),
-            front::Front::Pregreet { .. } => self.front = front::Front::Close,
+            front::Front::Pregreet(_) => self.front = front::Front::Close,
             front::Front::Header { .. } => {
                 let ended = self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused);
                 self.reports.push_back(Report::NoHeader(ended));
@@ -568,8 +550,8 @@ impl Connection {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let front::Front::Pregreet { deadline, .. } = self.front {
-            if deadline <= now {
+        if let front::Front::Pregreet(test) = self.front {
+            if test.passed(now) {
                 // silent for greet_wait: the session's banner ends the greeting (once the
                 // blocklists have answered)
                 self.front = front::Front::None;
@@ -617,7 +599,7 @@ impl Connection {
     /// Draining during the pregreet test: the session's banner ends the greeting (a
     /// reply cannot change its code mid-way), then its 421.
     fn end_pregreet(&mut self) {
-        if matches!(self.front, front::Front::Pregreet { .. }) {
+        if matches!(self.front, front::Front::Pregreet(_)) {
             self.front = front::Front::None;
         }
     }

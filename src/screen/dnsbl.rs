@@ -362,6 +362,57 @@ pub fn score(zones: &[Zone], answers: &[Option<Answer>]) -> (i32, Option<usize>)
     (total, heaviest)
 }
 
+/// One connection's lookups: an answer per zone, awaited.
+#[derive(Debug)]
+pub struct Pending {
+    answers: Box<[Option<Answer>]>,
+    /// The lookups were asked for.
+    asked: bool,
+}
+
+/// All answers are in: the peer is blocked (the zone of its heaviest listing, its
+/// score, and its reply) or passed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Scored {
+    Blocked { zone: String, score: i32, reply: Vec<u8> },
+    Passed,
+}
+
+impl Pending {
+    pub fn new(zones: usize) -> Self {
+        Pending { answers: vec![None; zones].into_boxed_slice(), asked: false }
+    }
+
+    /// True once: the lookups are to be asked now.
+    pub fn ask(&mut self) -> bool {
+        !std::mem::replace(&mut self.asked, true)
+    }
+
+    /// Zone `zone`'s answer; with every answer in, the verdict on `ip` against
+    /// `threshold`.
+    pub fn answer(
+        &mut self,
+        zone: usize,
+        answer: Answer,
+        zones: &[Zone],
+        threshold: i32,
+        ip: IpAddr,
+    ) -> Option<Scored> {
+        if let Some(slot) = self.answers.get_mut(zone) {
+            *slot = Some(answer);
+        }
+        if self.answers.iter().any(Option::is_none) {
+            return None;
+        }
+        let (score, heaviest) = score(zones, &self.answers);
+        if score < threshold {
+            return Some(Scored::Passed);
+        }
+        let zone = heaviest.map(|i| zones[i].zone.clone()).unwrap_or_default();
+        Some(Scored::Blocked { reply: blocked_reply(ip, &zone), zone, score })
+    }
+}
+
 /// The reply to a peer scored at or over the threshold.
 pub fn blocked_reply(ip: IpAddr, zone: &str) -> Vec<u8> {
     format!("550 5.7.1 Service unavailable; client [{}] blocked using {zone}\r\n", ip.to_canonical()).into_bytes()

@@ -1,7 +1,8 @@
 //! Screening before the banner (`[screen]`), and who passed it: a peer that passed is
-//! remembered for `pass_ttl` and skips the tests on later connections. The DNS
-//! blocklists (asking and scoring) are [`dnsbl`]; the pregreet test runs in the
-//! connection's front (`conn/front.rs`).
+//! remembered for `pass_ttl` and skips the tests on later connections. The tests
+//! themselves are sans-IO: the DNS blocklists (asking, the answers a connection awaits,
+//! scoring) are [`dnsbl`], the pregreet test is [`pregreet`]; a connection runs them
+//! (`conn/front.rs`) and its host asks the resolver.
 //!
 //! [`Passed`] is that memory: fixed, shared by the workers, lock-free. Each address has
 //! two candidate slots (two keyed hashes); a slot holds a tag of the address (32 bits of a
@@ -16,6 +17,7 @@
 //! every `FLUSH_EVERY`; at start the file's passes still in force are loaded.
 
 pub mod dnsbl;
+pub mod pregreet;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
