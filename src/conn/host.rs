@@ -16,7 +16,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, HopState, NoHeader, Report, Screened};
+use super::{Connection, HopState, Input, NoHeader, Report, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::UnixTime;
@@ -275,7 +275,7 @@ impl<I: Io> Host<I> {
         });
         for key in due {
             if let Some(e) = self.conns.get_mut(key) {
-                e.conn.handle_timeout(now);
+                e.conn.handle(Input::Timeout, now);
             }
             self.advance(key, now, io);
         }
@@ -285,7 +285,7 @@ impl<I: Io> Host<I> {
             tracing::warn!("drain timeout: closing {} connections", self.conns.len());
             self.drain = Drain::Aborting;
             for (_, e) in &mut self.conns {
-                e.conn.abort(now);
+                e.conn.handle(Input::Abort, now);
             }
             self.advance_all(now, io);
         }
@@ -332,7 +332,7 @@ impl<I: Io> Host<I> {
         while let Some(((id, zone), answer)) = dns.resolver.poll_event() {
             count_dns_failure(&self.counts, &answer);
             if let Some(e) = self.conns.get_mut(id.0).filter(|e| e.conn.generation() == id.1) {
-                e.conn.dns_answer(zone, answer, now);
+                e.conn.handle(Input::DnsAnswer { zone, answer }, now);
                 touched.push(id.0);
             }
         }
@@ -360,7 +360,7 @@ impl<I: Io> Host<I> {
         }
         self.drain = Drain::Draining { deadline: now + self.snapshot.load().config.listen.drain_timeout };
         for (_, e) in &mut self.conns {
-            e.conn.shutdown(now);
+            e.conn.handle(Input::Drain, now);
         }
         self.advance_all(now, io);
         true
@@ -422,10 +422,10 @@ fn hop<I: Io>(
                 conn.hop_adopted(hop, now);
                 return true;
             }
-            conn.hop_dialing();
+            conn.handle(Input::HopDialing, now);
             if let Err(e) = io.dial(id, sockets, addr) {
                 tracing::debug!("cannot connect to next hop {addr}: {e}");
-                conn.hop_failed(now);
+                conn.handle(Input::HopFailed, now);
             }
             true
         }
@@ -518,7 +518,7 @@ fn ask_dns<I: Io>(dns: &mut Option<Dns>, id: ConnId, conn: &mut Connection, coun
     }
     for (i, answer) in known {
         count_dns_failure(counts, &answer);
-        conn.dns_answer(i, answer, now);
+        conn.handle(Input::DnsAnswer { zone: i, answer }, now);
     }
 }
 

@@ -17,14 +17,16 @@
 //!                                              └───────────────────────────┘
 //! ```
 //!
-//! A [`Connection`] is driven through operations out and completions in:
-//! - peer: [`Connection::poll_peer`] gives `Send(bytes)` (then `peer_sent(n)`), `Receive`
-//!   (then `peer_input(bytes)` or `peer_eof`), `Wait`, or `Close`;
+//! A [`Connection`] is driven through operations out and one way in,
+//! [`Connection::handle`] with an [`Input`] and the time:
+//! - peer: [`Connection::poll_peer`] gives `Send(bytes)` (then `PeerSent(n)`), `Receive`
+//!   (then `PeerBytes` or `PeerEof`), `Wait`, or `Close`;
 //! - next hop: [`Connection::poll_hop`] gives `Connect { addr, .. }` (the [`Host`] hands
-//!   over a pooled connection, or the driver dials and reports `hop_connected` or
-//!   `hop_failed`), `Send(bytes)` (then `hop_sent(n)`), `Receive` (then `hop_input` or
-//!   `hop_failed`), `Release` (the host pools the socket) or `Close`;
-//! - one deadline: [`Connection::poll_timeout`], then `handle_timeout`;
+//!   over a pooled connection, or the driver dials: `HopDialing`, then `HopConnected` or
+//!   `HopFailed`), `Send(bytes)` (then `HopSent(n)`), `Receive` (then `HopBytes` or
+//!   `HopFailed`), `Release` (the host pools the socket) or `Close` (then `HopClosed`);
+//! - one deadline: [`Connection::poll_timeout`], then `Timeout`; the server's life:
+//!   `Drain`, `Abort`; the host's resolver: `DnsAnswer`;
 //! - the host's side: `Connection::poll_report` gives one `Report` at a time (a
 //!   balancer's header to judge, the blocklists to ask, what screening found, the
 //!   session's events), which the host acts on, counts and logs.
@@ -64,6 +66,40 @@ pub enum Transport {
     #[default]
     Plain,
     Tls(Box<tls::TlsLayer>),
+}
+
+/// Everything that happens to a connection, from its driver or its host: one way in,
+/// [`Connection::handle`], with the time it happened.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// Bytes the peer sent.
+    PeerBytes(&'a [u8]),
+    /// `n` bytes of the last peer `Send` went out.
+    PeerSent(usize),
+    /// The peer closed its side, or its connection broke.
+    PeerEof,
+    /// The driver started connecting to the address `Connect` named.
+    HopDialing,
+    /// The new connection to the next hop is made; its greeting comes next.
+    HopConnected,
+    /// Bytes from the next hop.
+    HopBytes(&'a [u8]),
+    /// `n` bytes of the last next-hop `Send` went out.
+    HopSent(usize),
+    /// Connecting failed, or the next hop's connection broke or closed.
+    HopFailed,
+    /// The driver closed the next-hop socket after `Close` (or `Release` without a socket
+    /// to pool).
+    HopClosed,
+    /// A blocklist's answer about the peer (zone `zone` of the snapshot's
+    /// `[[screen.dnsbl]]`), from the host's resolver.
+    DnsAnswer { zone: usize, answer: Answer },
+    /// The deadline [`Connection::poll_timeout`] gave came.
+    Timeout,
+    /// The server is draining (see `smtp::Session::shutdown`).
+    Drain,
+    /// The drain's time is over.
+    Abort,
 }
 
 /// What a connection tells its host, one at a time ([`Connection::poll_report`]): what
@@ -224,7 +260,7 @@ impl Connection {
 
     /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
     /// refuses the peer with the 550 line of its heaviest listing.
-    pub(crate) fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
+    fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
         let Some(pending) = self.dns.as_mut() else { return };
         let screen = &self.snapshot.config.screen;
         let ip = self.session.peer().ip();
@@ -304,6 +340,25 @@ impl Connection {
         self.whitelisted
     }
 
+    /// Something happened to the connection.
+    pub fn handle(&mut self, input: Input<'_>, now: Instant) {
+        match input {
+            Input::PeerBytes(bytes) => self.peer_input(bytes, now),
+            Input::PeerSent(n) => self.peer_sent(n, now),
+            Input::PeerEof => self.peer_eof(now),
+            Input::HopDialing => self.hop_dialing(),
+            Input::HopConnected => self.hop_connected(now),
+            Input::HopBytes(bytes) => self.hop_input(bytes, now),
+            Input::HopSent(n) => self.hop_sent(n, now),
+            Input::HopFailed => self.hop_failed(now),
+            Input::HopClosed => self.hop_closed(),
+            Input::DnsAnswer { zone, answer } => self.dns_answer(zone, answer, now),
+            Input::Timeout => self.handle_timeout(now),
+            Input::Drain => self.shutdown(now),
+            Input::Abort => self.abort(now),
+        }
+    }
+
     // ---- the peer ------------------------------------------------------------------------
 
     /// What the driver does next on the peer's socket.
@@ -336,7 +391,7 @@ impl Connection {
     }
 
     /// Bytes the peer sent.
-    pub fn peer_input(&mut self, bytes: &[u8], now: Instant) {
+    fn peer_input(&mut self, bytes: &[u8], now: Instant) {
         match self.front {
             front::Front::None => {}
             front::Front::Pregreet(_) => {
@@ -361,7 +416,7 @@ impl Connection {
     }
 
     /// `n` bytes of the last `Send` went out.
-    pub fn peer_sent(&mut self, n: usize, now: Instant) {
+    fn peer_sent(&mut self, n: usize, now: Instant) {
         match &mut self.front {
             front::Front::None => {}
             front::Front::Pregreet(test) => return test.sent(n),
@@ -383,7 +438,7 @@ impl Connection {
     }
 
     /// The peer closed its side, or its connection broke.
-    pub fn peer_eof(&mut self, now: Instant) {
+    fn peer_eof(&mut self, now: Instant) {
         match &mut self.front {
             front::Front::None => self.session.handle_eof(now),
             front::Front::Pregreet(_) => self.front = front::Front::Close,
@@ -470,12 +525,12 @@ impl Connection {
     }
 
     /// The driver started connecting to the address `Connect` named.
-    pub fn hop_dialing(&mut self) {
+    fn hop_dialing(&mut self) {
         self.session.dialing();
     }
 
     /// The new connection to the next hop is made; its greeting comes next.
-    pub fn hop_connected(&mut self, now: Instant) {
+    fn hop_connected(&mut self, now: Instant) {
         let upstream = Upstream::new(self.session.hostname(), self.snapshot.config.relay.tls);
         self.hop_tls = None;
         self.session.attach_upstream(upstream, false, now);
@@ -489,7 +544,7 @@ impl Connection {
         self.settle(now);
     }
 
-    pub fn hop_input(&mut self, bytes: &[u8], now: Instant) {
+    fn hop_input(&mut self, bytes: &[u8], now: Instant) {
         match self.hop_tls.as_mut().map(|t| (t.addr(), t.received(bytes))) {
             None => self.session.handle_relay_input(bytes, now),
             Some((_, Ok(read))) => {
@@ -512,7 +567,7 @@ impl Connection {
         self.settle(now);
     }
 
-    pub fn hop_sent(&mut self, n: usize, now: Instant) {
+    fn hop_sent(&mut self, n: usize, now: Instant) {
         match &mut self.hop_tls {
             None => self.session.consume_relay_output(n, now),
             Some(t) => t.sent(n),
@@ -521,14 +576,14 @@ impl Connection {
     }
 
     /// Connecting failed, or the connection broke or closed.
-    pub fn hop_failed(&mut self, now: Instant) {
+    fn hop_failed(&mut self, now: Instant) {
         self.session.handle_relay_error(now);
         self.settle(now);
     }
 
     /// The driver closed the next-hop socket after `Close` (or `Release` without a
     /// socket to pool).
-    pub fn hop_closed(&mut self) {
+    fn hop_closed(&mut self) {
         self.hop_tls = None;
         self.session.detach_relay();
     }
@@ -549,7 +604,7 @@ impl Connection {
         }
     }
 
-    pub fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout(&mut self, now: Instant) {
         if let front::Front::Pregreet(test) = self.front {
             if test.passed(now) {
                 // silent for greet_wait: the session's banner ends the greeting (once the
@@ -571,7 +626,7 @@ impl Connection {
 
     /// The server is draining (see `smtp::Session::shutdown`); a balancer's connection
     /// still without a session just closes.
-    pub fn shutdown(&mut self, now: Instant) {
+    fn shutdown(&mut self, now: Instant) {
         self.end_pregreet();
         if !matches!(self.front, front::Front::None) {
             return self.close_front();
@@ -581,7 +636,7 @@ impl Connection {
     }
 
     /// The drain timeout passed.
-    pub fn abort(&mut self, now: Instant) {
+    fn abort(&mut self, now: Instant) {
         self.end_pregreet();
         if !matches!(self.front, front::Front::None) {
             return self.close_front();

@@ -145,16 +145,16 @@ impl Io for Fake {
             Transmit::Send(bytes) => {
                 self.got.entry(id).or_default().extend_from_slice(bytes);
                 let n = bytes.len();
-                conn.peer_sent(n, now);
+                conn.handle(Input::PeerSent(n), now);
                 true
             }
             Transmit::Receive if !s.peer_in.is_empty() => {
                 let input = std::mem::take(&mut s.peer_in);
-                conn.peer_input(&input, now);
+                conn.handle(Input::PeerBytes(&input), now);
                 true
             }
             Transmit::Receive if s.peer_eof => {
-                conn.peer_eof(now);
+                conn.handle(Input::PeerEof, now);
                 true
             }
             Transmit::Receive | Transmit::Wait => {
@@ -168,7 +168,7 @@ impl Io for Fake {
             Transmit::Last(line) => {
                 self.got.entry(id).or_default().extend_from_slice(line);
                 s.peer_open = false;
-                conn.peer_sent(line.len(), now);
+                conn.handle(Input::PeerSent(line.len()), now);
                 true
             }
         }
@@ -179,23 +179,23 @@ impl Io for Fake {
         match (conn.poll_hop(), s.hop.as_mut()) {
             (HopTransmit::Release | HopTransmit::Close, _) => {
                 s.hop = None;
-                conn.hop_closed();
+                conn.handle(Input::HopClosed, now);
                 true
             }
             (_, Some(h)) if h.connecting => false,
             (HopTransmit::Send(bytes), Some(h)) => {
                 h.server.receive(bytes);
                 let n = bytes.len();
-                conn.hop_sent(n, now);
+                conn.handle(Input::HopSent(n), now);
                 true
             }
             (HopTransmit::Receive, Some(h)) if h.server.gone => {
-                conn.hop_failed(now);
+                conn.handle(Input::HopFailed, now);
                 true
             }
             (HopTransmit::Receive, Some(h)) if !h.server.out.is_empty() => {
                 let answer = std::mem::take(&mut h.server.out);
-                conn.hop_input(&answer, now);
+                conn.handle(Input::HopBytes(&answer), now);
                 true
             }
             _ => {
@@ -292,7 +292,7 @@ impl World {
                 let Some((conn, s)) = self.host.get(key) else { continue };
                 if let Some(h) = s.hop.as_mut().filter(|h| h.connecting) {
                     h.connecting = false;
-                    conn.hop_connected(self.now);
+                    conn.handle(Input::HopConnected, self.now);
                     moved = true;
                 }
                 let before = self.io.ops;

@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::READ_LEN;
 use super::dns::{DATAGRAM_LEN, DnsSockets};
-use crate::conn::{Admit, ConnId, Connection, Host, Io};
+use crate::conn::{Admit, ConnId, Connection, Host, Input, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
 use crate::smtp::{HopTransmit, Transmit};
@@ -225,13 +225,13 @@ fn connect_done(conn: &mut Connection, relay: &mut RelaySocket, now: Instant) {
     match connected {
         Ok(()) => {
             relay.connecting = false;
-            conn.hop_connected(now);
+            conn.handle(Input::HopConnected, now);
         }
         Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // still connecting
         Err(e) => {
             tracing::debug!("next hop connection failed: {e}");
             // the session lets go of the link: the socket is closed at its `Close`
-            conn.hop_failed(now);
+            conn.handle(Input::HopFailed, now);
         }
     }
 }
@@ -246,7 +246,7 @@ impl Io for Epoll {
         let result = match conn.poll_peer() {
             Transmit::Send(bytes) if ready.write => stream
                 .write(bytes)
-                .map(|n| conn.peer_sent(n, now))
+                .map(|n| conn.handle(Input::PeerSent(n), now))
                 .inspect_err(|e| ready.write &= e.kind() != io::ErrorKind::WouldBlock),
             Transmit::Receive if ready.read => stream
                 .read(&mut self.read_buf)
@@ -254,8 +254,8 @@ impl Io for Epoll {
                     // a short read emptied the socket: the next input comes with an event
                     ready.read = n == self.read_buf.len();
                     match n {
-                        0 => conn.peer_eof(now),
-                        n => conn.peer_input(&self.read_buf[..n], now),
+                        0 => conn.handle(Input::PeerEof, now),
+                        n => conn.handle(Input::PeerBytes(&self.read_buf[..n]), now),
                     }
                 })
                 .inspect_err(|e| ready.read &= e.kind() != io::ErrorKind::WouldBlock),
@@ -264,7 +264,7 @@ impl Io for Epoll {
                 // a fresh socket's send buffer is empty: the line goes in one write
                 let _ = stream.write(line);
                 drop(s.peer.take());
-                conn.peer_sent(line.len(), now);
+                conn.handle(Input::PeerSent(line.len()), now);
                 return true;
             }
             Transmit::Close => {
@@ -279,7 +279,7 @@ impl Io for Epoll {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
                 tracing::debug!("peer connection error: {e}");
-                conn.peer_eof(now);
+                conn.handle(Input::PeerEof, now);
                 true
             }
         }
@@ -291,7 +291,7 @@ impl Io for Epoll {
             (HopTransmit::Release | HopTransmit::Close, _) => {
                 // closing the socket also takes it out of the epoll set
                 drop(s.relay.take());
-                conn.hop_closed();
+                conn.handle(Input::HopClosed, now);
                 return true;
             }
             (_, Some(r)) if r.connecting => return false,
@@ -299,7 +299,7 @@ impl Io for Epoll {
             (HopTransmit::Send(bytes), Some(r)) => r
                 .stream
                 .write(bytes)
-                .map(|n| conn.hop_sent(n, now))
+                .map(|n| conn.handle(Input::HopSent(n), now))
                 .inspect_err(|e| r.ready.write &= e.kind() != io::ErrorKind::WouldBlock),
             (HopTransmit::Receive, Some(r)) if !r.ready.read => return false,
             (HopTransmit::Receive, Some(r)) => r
@@ -310,7 +310,7 @@ impl Io for Epoll {
                     match n {
                         0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
                         n => {
-                            conn.hop_input(&self.read_buf[..n], now);
+                            conn.handle(Input::HopBytes(&self.read_buf[..n]), now);
                             Ok(())
                         }
                     }
@@ -324,7 +324,7 @@ impl Io for Epoll {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
                 tracing::debug!("next hop connection error: {e}");
-                conn.hop_failed(now);
+                conn.handle(Input::HopFailed, now);
                 true
             }
         }

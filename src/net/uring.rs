@@ -36,7 +36,7 @@ use socket2::SockRef;
 
 use super::READ_LEN;
 use super::dns::{DATAGRAM_LEN, DnsSockets};
-use crate::conn::{Admit, ConnId, Connection, Host, Io};
+use crate::conn::{Admit, ConnId, Connection, Host, Input, Io};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
 use crate::smtp::{HopTransmit, Transmit};
@@ -571,9 +571,9 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
         TAG_PEER_RECV => {
             s.peer.recv = false;
             match (res, provided) {
-                (0, _) => conn.peer_eof(now),
-                (n, Some(bid)) if n > 0 => conn.peer_input(io.provided.bytes(bid, n as usize), now),
-                _ if failed => conn.peer_eof(now),
+                (0, _) => conn.handle(Input::PeerEof, now),
+                (n, Some(bid)) if n > 0 => conn.handle(Input::PeerBytes(io.provided.bytes(bid, n as usize)), now),
+                _ if failed => conn.handle(Input::PeerEof, now),
                 _ => {}
             }
             if let Some(bid) = provided {
@@ -583,25 +583,25 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
         TAG_PEER_SEND => {
             s.peer.send = false;
             match res {
-                n if n >= 0 => conn.peer_sent(n as usize, now),
-                _ if failed => conn.peer_eof(now),
+                n if n >= 0 => conn.handle(Input::PeerSent(n as usize), now),
+                _ if failed => conn.handle(Input::PeerEof, now),
                 _ => {}
             }
         }
         TAG_RELAY_RECV => {
             s.relay.recv = false;
             match res {
-                n if n > 0 => conn.hop_input(&s.relay.read_buf[..n as usize], now),
-                0 => conn.hop_failed(now),
-                _ if failed => conn.hop_failed(now),
+                n if n > 0 => conn.handle(Input::HopBytes(&s.relay.read_buf[..n as usize]), now),
+                0 => conn.handle(Input::HopFailed, now),
+                _ if failed => conn.handle(Input::HopFailed, now),
                 _ => {}
             }
         }
         TAG_RELAY_SEND => {
             s.relay.send = false;
             match res {
-                n if n >= 0 => conn.hop_sent(n as usize, now),
-                _ if failed => conn.hop_failed(now),
+                n if n >= 0 => conn.handle(Input::HopSent(n as usize), now),
+                _ if failed => conn.handle(Input::HopFailed, now),
                 _ => {}
             }
         }
@@ -609,7 +609,7 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
             s.relay.connect = false;
             s.relay.connect_to = None;
             if res == 0 && !s.relay.cancelling {
-                conn.hop_connected(now);
+                conn.handle(Input::HopConnected, now);
             } else {
                 if failed {
                     tracing::debug!("next hop connection failed: {}", io::Error::from_raw_os_error(-res));
@@ -617,7 +617,7 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
                 push(&mut io.ring, &[close_entry(s.relay.fd)]);
                 s.relay.fd = -1;
                 if failed {
-                    conn.hop_failed(now);
+                    conn.handle(Input::HopFailed, now);
                 }
             }
         }
@@ -661,7 +661,7 @@ impl Io for Uring {
                 let len = line.len();
                 self.refuse(s.fd, line);
                 s.fd = -1;
-                conn.peer_sent(len, now);
+                conn.handle(Input::PeerSent(len), now);
                 return true;
             }
             Transmit::Close | Transmit::Last(_) => {
@@ -673,7 +673,7 @@ impl Io for Uring {
     }
 
     /// Starts what the next hop's socket is asked; true when it closed the socket.
-    fn hop(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, _: Instant) -> bool {
+    fn hop(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
         let s = &mut sockets.relay;
         match conn.poll_hop() {
             HopTransmit::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
@@ -694,7 +694,7 @@ impl Io for Uring {
                 let closed = (s.fd < 0 && !s.busy())
                     || close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
                 if closed {
-                    conn.hop_closed();
+                    conn.handle(Input::HopClosed, now);
                 }
                 closed
             }
