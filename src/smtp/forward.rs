@@ -1,6 +1,6 @@
-//! The session's side toward the next hop: getting a connection (pooled or new, next
-//! hops in order), forwarding each command and answering the peer with the reply, and
-//! streaming the body through the filter.
+//! The session's side toward the next hop: asking its [`Link`] for a connection (pooled
+//! or new, next hops in order: link.rs), forwarding each command and answering the peer
+//! with the reply in the order owed, and streaming the body through the filter.
 //!
 //! Failures: a next hop that cannot be reached, breaks the protocol, closes or stays
 //! silent past `reply_timeout` gets its connection dropped. Before the next hop has
@@ -23,55 +23,29 @@ use std::time::Instant;
 
 use super::client::{Command, Progress, Reply, Upstream};
 use super::data::BodyFilter;
+use super::link::Link;
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Body, HopTransmit, Link, Phase, Session, UpLink, Waiting};
+use super::session::{Body, HopTransmit, Phase, Session, Waiting};
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
 
     /// What the driver does next on the next hop's side.
     pub fn poll_relay(&self) -> HopTransmit<'_> {
-        let open = self.phase == Phase::Open;
-        match &self.link {
-            Link::None => HopTransmit::Idle,
-            Link::Wanted { hop, pooled_ok } if open => match self.settings.relay.next_hops.get(*hop) {
-                Some(&addr) => HopTransmit::Connect { addr, pooled_ok: *pooled_ok },
-                // `start_mail` and `relay_failed` only ask for hops the settings have
-                None => HopTransmit::Idle,
-            },
-            Link::Wanted { .. } => HopTransmit::Idle,
-            Link::Dialing { .. } if open => HopTransmit::Idle,
-            Link::Dialing { .. } | Link::Dropped => HopTransmit::Close,
-            Link::Up(l) if !open => {
-                if l.clean && l.up.is_idle() {
-                    HopTransmit::Release
-                } else {
-                    HopTransmit::Close
-                }
-            }
-            Link::Up(l) if !l.up.output().is_empty() && !l.hold => HopTransmit::Send(l.up.output()),
-            Link::Up(l) if l.up.awaits_reply() => HopTransmit::Receive,
-            Link::Up(_) => HopTransmit::Idle,
-        }
+        self.link.poll(self.phase == Phase::Open, &self.settings.relay.next_hops)
     }
 
     /// The driver started connecting to the hop `poll_relay` asked for.
     pub fn dialing(&mut self) {
-        if let Link::Wanted { hop, .. } = self.link {
-            self.link = Link::Dialing { hop };
-        }
+        self.link.dialing();
     }
 
     /// A connection to the hop asked for: new (greeting still to come) or, when
     /// `reused`, from the pool (ready).
     pub fn attach_upstream(&mut self, up: Upstream, reused: bool, now: Instant) {
-        let hop = match self.link {
-            Link::Wanted { hop, .. } | Link::Dialing { hop } => hop,
-            _ => 0,
-        };
         let ready = up.is_ready();
-        self.link = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true, hold: false }));
+        self.link.attach(up, reused);
         self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
         if ready {
             self.link_ready(now);
@@ -108,14 +82,11 @@ impl Session {
     /// this session's settings name it, whatever a reload changed since): the driver
     /// pools it after `Release` and closes it after `Close`.
     pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
-        let old = std::mem::replace(&mut self.link, Link::None);
-        if let (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) = (self.waiting.front(), self.phase) {
-            self.link = Link::Wanted { hop: *hop, pooled_ok: *pooled_ok };
-        }
-        match old {
-            Link::Up(l) => self.settings.relay.next_hops.get(l.hop).map(|&addr| (l.up, addr)),
+        let wanted = match (self.waiting.front(), self.phase) {
+            (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) => Some((*hop, *pooled_ok)),
             _ => None,
-        }
+        };
+        self.link.detach(&self.settings.relay.next_hops, wanted)
     }
 
     /// The next hop said 220 to STARTTLS: its address (as this session's settings name
@@ -142,16 +113,12 @@ impl Session {
         if self.settings.relay.next_hops.is_empty() {
             return self.answer_failure(Waiting::Mail, HopFault::NoneConfigured, now);
         }
-        match &self.link {
-            Link::Up(l) if l.up.is_ready() => self.send_mail(now),
-            _ => {
-                self.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
-                if matches!(self.link, Link::None) {
-                    self.link = Link::Wanted { hop: 0, pooled_ok: true };
-                }
-                self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
-            }
+        if self.link.ready() {
+            return self.send_mail(now);
         }
+        self.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
+        self.link.want(0, true);
+        self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
     }
 
     /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
@@ -419,27 +386,17 @@ impl Session {
     }
 
     fn set_clean(&mut self) {
-        if let Link::Up(l) = &mut self.link {
-            l.clean = true;
-        }
+        self.link.set_clean();
     }
 
     /// Drops the connection to the next hop (the driver closes it).
     pub(super) fn drop_link(&mut self) {
-        self.link = match std::mem::replace(&mut self.link, Link::None) {
-            Link::None | Link::Wanted { .. } => Link::None,
-            Link::Dialing { .. } | Link::Up(_) | Link::Dropped => Link::Dropped,
-        };
+        self.link.drop();
     }
 
     /// The connection failed, timed out or broke the protocol.
     pub(super) fn relay_failed(&mut self, fault: HopFault, now: Instant) {
-        let stale = matches!(&self.link, Link::Up(l) if l.untested);
-        let hop = match &self.link {
-            Link::Up(l) => Some(l.hop),
-            Link::Wanted { hop, .. } | Link::Dialing { hop } => Some(*hop),
-            _ => None,
-        };
+        let failover = self.link.failover(self.settings.relay.next_hops.len());
         self.drop_link();
         self.relay_deadline = None;
         let mut owed = std::mem::take(&mut self.waiting);
@@ -453,14 +410,13 @@ impl Session {
         // Nothing acknowledged yet (MAIL unanswered): try a new connection (a pooled one
         // may just have been stale), then the next hop in order; what was pipelined behind
         // MAIL is sent again there.
-        if let (Some(Waiting::Link { .. } | Waiting::Mail), Some(hop)) = (owed.front(), hop) {
-            let (hop, pooled_ok) = if stale { (hop, false) } else { (hop + 1, true) };
-            if hop < self.settings.relay.next_hops.len() && self.txn.is_some() {
-                owed[0] = Waiting::Link { hop, pooled_ok };
-                self.waiting = owed;
-                self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
-                return;
-            }
+        if let (Some(Waiting::Link { .. } | Waiting::Mail), Some((hop, pooled_ok))) = (owed.front(), failover)
+            && self.txn.is_some()
+        {
+            owed[0] = Waiting::Link { hop, pooled_ok };
+            self.waiting = owed;
+            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+            return;
         }
         if let Some(t) = &mut self.txn {
             t.broken = Some(fault);

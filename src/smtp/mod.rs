@@ -47,6 +47,7 @@
 
 mod command;
 mod forward;
+mod link;
 pub mod outcome;
 mod session;
 mod verbs;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::Settings;
 use super::address::Path;
-use super::client::Upstream;
 use super::command::{self, Verb};
 use super::data::BodyFilter;
+use super::link::Link;
 use super::outbuf::OutBuf;
 use super::outcome::{HopFault, Outcome};
 use super::replies::{LINE_TOO_LONG, counts_as_failure};
@@ -195,36 +195,6 @@ impl Waiting {
     pub(super) fn forwarded(&self) -> bool {
         !matches!(self, Waiting::Local { .. })
     }
-}
-
-/// The session's connection to the next hop.
-#[derive(Debug)]
-pub(super) enum Link {
-    None,
-    Wanted {
-        hop: usize,
-        pooled_ok: bool,
-    },
-    Dialing {
-        hop: usize,
-    },
-    Up(Box<UpLink>),
-    /// For the driver to close.
-    Dropped,
-}
-
-#[derive(Debug)]
-pub(super) struct UpLink {
-    pub(super) up: Upstream,
-    pub(super) hop: usize,
-    /// Came from the pool, and no reply has come on it since: a failure may be a stale
-    /// connection, so the command is tried again on a new one.
-    pub(super) untested: bool,
-    /// No transaction is open at the next hop: reusable as it is.
-    pub(super) clean: bool,
-    /// The trace header waits for the body's first bytes, to go out in one segment with
-    /// them: a segment of its own costs a send here and a wakeup and an ACK at the next hop.
-    pub(super) hold: bool,
 }
 
 /// One peer's SMTP conversation, and its relay to the next hop.

@@ -774,7 +774,7 @@ fn bodies_stream_with_bounded_memory() {
             h.session.consume_relay_output(n, h.now);
         }
         let relay_held = match &h.session.link {
-            super::session::Link::Up(l) => l.up.held(),
+            super::link::Link::Up(l) => l.up.held(),
             _ => 0,
         };
         assert!(relay_held <= 2 * RELAY_HIGH_WATER + 8192, "the next-hop queue holds {relay_held} bytes after {total}");

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
+use super::link::Link;
 use super::outcome::{Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Helo, Link, Session, Txn};
+use super::session::{Helo, Session, Txn};
 
 impl Session {
     /// One command line, LF removed.
