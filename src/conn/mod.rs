@@ -4,10 +4,10 @@
 //! a connection *is* lives here, once.
 //!
 //! ```text
-//!   accept ─► Host::admit ── refused ──► the one line (a static buffer), close: no Connection
+//!   accept ─► Host::admit ── refused ──► the one line (the worker's), close: no Connection
 //!   (gate: access list,     │
 //!    bans, limits)          └ allowed ─► Connection ─────────────────────────────────► freed
-//!   (a trusted balancer: a Connection     │ Front (front.rs): a balancer's PROXY header, ▲
+//!   (a trusted balancer: a Connection     │ Stage (stage.rs): a balancer's PROXY header, ▲
 //!    at once, judged after its header)    │   then the gate on the address it carries;  │
 //!                                         │   screening: pregreet, DNSBL (host's resolver)│
 //!                                         │ Transport: Plain, TLS after STARTTLS (tls.rs)│
@@ -34,9 +34,9 @@
 //! The run-loop rule: after every completion, serve both ports until neither can start
 //! anything ([`Host::advance`] does it), then arm the deadline.
 
-mod front;
 mod host;
 mod pool;
+mod stage;
 mod timers;
 mod tls;
 
@@ -55,6 +55,7 @@ use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
 use crate::smtp::{Event, HopTransmit, Session, Transmit};
 use crate::snapshot::Snapshot;
+use stage::Stage;
 
 pub use host::{Admit, Host, Io};
 pub use timers::ConnId;
@@ -125,7 +126,7 @@ pub(crate) enum Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum NoHeader {
     /// Malformed, oversized, truncated or late: refused (`refused_proxy_header`).
-    Refused(front::NoHeader),
+    Refused(stage::NoHeader),
     /// Closed before sending anything (a bare TCP health check): gone before judged.
     Gone,
 }
@@ -170,13 +171,9 @@ pub struct Connection {
     transport: Transport,
     /// The next hop's TLS, after its 220 to STARTTLS (`[relay] tls`).
     hop_tls: Option<Box<tls::HopTls>>,
-    /// Before the session: a trusted balancer's PROXY header, the pregreet test and
-    /// refusals (front.rs).
-    front: front::Front,
-    /// Screening is under way (the pregreet test, the blocklists, or both).
-    screening: bool,
-    /// The blocklists' answers, one per `[[screen.dnsbl]]` zone, while any is awaited.
-    dns: Option<dnsbl::Pending>,
+    /// Where it is in its life: a balancer's header, judging, screening, the session,
+    /// a refusal (stage.rs).
+    stage: Stage,
     /// What the host is yet to hear, before the session's own events.
     reports: VecDeque<Report>,
     /// The balancer's unique id for the connection (PROXY v2), for the mail log.
@@ -200,7 +197,7 @@ impl Connection {
         admission: Admission,
         generation: u32,
     ) -> Self {
-        let mut conn = Self::with_front(snapshot, session, front::Front::None, generation);
+        let mut conn = Self::with_stage(snapshot, session, Stage::Session, generation);
         conn.whitelisted = whitelisted;
         conn._admission = Some(admission);
         conn
@@ -209,18 +206,16 @@ impl Connection {
     /// A trusted balancer's connection: its PROXY header first, by `deadline`; `session`
     /// waits (its banner unsent) for the address the header carries.
     pub fn behind_balancer(snapshot: Arc<Snapshot>, session: Session, deadline: Instant, generation: u32) -> Self {
-        Self::with_front(snapshot, session, front::Front::header(deadline), generation)
+        Self::with_stage(snapshot, session, Stage::header(deadline), generation)
     }
 
-    fn with_front(snapshot: Arc<Snapshot>, session: Session, front: front::Front, generation: u32) -> Self {
+    fn with_stage(snapshot: Arc<Snapshot>, session: Session, stage: Stage, generation: u32) -> Self {
         Connection {
             snapshot,
             session,
             transport: Transport::default(),
             hop_tls: None,
-            front,
-            screening: false,
-            dns: None,
+            stage,
             reports: VecDeque::new(),
             proxy_id: None,
             whitelisted: false,
@@ -233,12 +228,12 @@ impl Connection {
     /// The next thing the host is to act on, count or log: a balancer's whole header
     /// first, the blocklists to ask, what the connection found, then the session's events.
     pub(crate) fn poll_report(&mut self) -> Option<Report> {
-        if matches!(self.front, front::Front::Judge { .. })
-            && let front::Front::Judge { header, rest } = std::mem::replace(&mut self.front, front::Front::Waiting)
+        if matches!(self.stage, Stage::Judge { .. })
+            && let Stage::Judge { header, rest } = std::mem::replace(&mut self.stage, Stage::Waiting)
         {
             return Some(Report::Header { header, rest });
         }
-        if let Some(dns) = &mut self.dns
+        if let Stage::Screening { dns: Some(dns), .. } = &mut self.stage
             && dns.ask()
         {
             return Some(Report::AskDns);
@@ -249,39 +244,35 @@ impl Connection {
     /// Screening before the session: the pregreet test until `pregreet` (the greeting's
     /// first line, then silence), and `zones` blocklists' answers awaited.
     pub(crate) fn screen(&mut self, pregreet: Option<Instant>, zones: usize) {
-        if let Some(deadline) = pregreet {
-            self.front = front::Front::Pregreet(Pregreet::new(deadline));
-        }
-        if zones > 0 {
-            self.dns = Some(dnsbl::Pending::new(zones));
-        }
-        self.screening = pregreet.is_some() || zones > 0;
+        self.stage = Stage::screening(pregreet, zones);
     }
 
     /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
     /// refuses the peer with the 550 line of its heaviest listing.
     fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
-        let Some(pending) = self.dns.as_mut() else { return };
+        // refused already (it talked first), or draining: nothing left to decide
+        let Stage::Screening { dns: Some(pending), .. } = &mut self.stage else { return };
         let screen = &self.snapshot.config.screen;
         let ip = self.session.peer().ip();
         let Some(scored) = pending.answer(zone, answer, &screen.dnsbl, screen.dnsbl_threshold, ip) else { return };
-        self.dns = None;
         match scored {
-            // refused already (it talked first): nothing left to decide
-            _ if matches!(self.front, front::Front::Reject { .. } | front::Front::Close) => {}
             dnsbl::Scored::Blocked { zone, score, reply } => {
-                self.front = front::Front::Reject { line: reply.into(), sent: 0 };
-                self.screening = false;
+                self.stage = Stage::Reject { line: reply.into(), sent: 0 };
                 self.reports.push_back(Report::Screened(Screened::Blocked { zone, score }));
             }
-            dnsbl::Scored::Passed => self.screen_done(now),
+            dnsbl::Scored::Passed => {
+                if let Stage::Screening { dns, .. } = &mut self.stage {
+                    *dns = None;
+                }
+                self.screen_done(now);
+            }
         }
     }
 
     /// Both tests are behind the peer: passed (a refusal ends screening on its own).
     fn screen_done(&mut self, now: Instant) {
-        if self.screening && matches!(self.front, front::Front::None) && self.dns.is_none() {
-            self.screening = false;
+        if matches!(self.stage, Stage::Screening { pregreet: None, dns: None }) {
+            self.stage = Stage::Session;
             self.reports.push_back(Report::Passed);
             self.settle(now);
         }
@@ -300,7 +291,6 @@ impl Connection {
         rest: &[u8],
         now: Instant,
     ) {
-        self.front = front::Front::None;
         self.screen(screening.0, screening.1);
         self.session.set_peer(peer);
         self.whitelisted = whitelisted;
@@ -313,7 +303,7 @@ impl Connection {
 
     /// The header's address is refused: `line`, then close, as at accept.
     pub(crate) fn refuse(&mut self, line: &[u8]) {
-        self.front = front::Front::Refuse { line: line.into() };
+        self.stage = Stage::Refuse { line: line.into() };
     }
 
     pub(crate) fn proxy_id(&self) -> Option<&[u8]> {
@@ -363,26 +353,28 @@ impl Connection {
 
     /// What the driver does next on the peer's socket.
     pub fn poll_peer(&self) -> Transmit<'_> {
-        match &self.front {
-            front::Front::None => {}
-            front::Front::Header { .. } => return Transmit::Receive,
-            front::Front::Judge { .. } | front::Front::Waiting => return Transmit::Wait,
-            front::Front::Refuse { line } => return Transmit::Last(line),
-            front::Front::Close => return Transmit::Close,
-            front::Front::Pregreet(test) => {
+        match &self.stage {
+            Stage::Session => {}
+            Stage::Header { .. } => return Transmit::Receive,
+            Stage::Judge { .. } | Stage::Waiting => return Transmit::Wait,
+            Stage::Refuse { line } => return Transmit::Last(line),
+            Stage::Close => return Transmit::Close,
+            Stage::Screening { pregreet: Some(test), .. } => {
                 let rest = test.output(&self.session.settings().replies.greeting_first);
                 return if rest.is_empty() { Transmit::Receive } else { Transmit::Send(rest) };
             }
-            front::Front::Reject { line, sent } => {
+            Stage::Screening { pregreet: None, .. } => {
+                if self.session.poll_transmit() != Transmit::Close {
+                    // the banner waits for the blocklists' answers
+                    return Transmit::Wait;
+                }
+            }
+            Stage::Reject { line, sent } => {
                 return match line.get(*sent..) {
                     Some(rest) if !rest.is_empty() => Transmit::Send(rest),
                     _ => Transmit::Close,
                 };
             }
-        }
-        if self.dns.is_some() && self.session.poll_transmit() != Transmit::Close {
-            // the banner waits for the blocklists' answers
-            return Transmit::Wait;
         }
         match &self.transport {
             Transport::Plain => self.session.poll_transmit(),
@@ -392,17 +384,17 @@ impl Connection {
 
     /// Bytes the peer sent.
     fn peer_input(&mut self, bytes: &[u8], now: Instant) {
-        match self.front {
-            front::Front::None => {}
-            front::Front::Pregreet(_) => {
+        match self.stage {
+            _ if self.stage.in_session() => {}
+            Stage::Screening { .. } => {
                 // spoke before the greeting was complete
                 let octets = Pregreet::talked_early(bytes);
                 self.reports.push_back(Report::Screened(Screened::TalkedEarly(octets)));
-                self.front = front::Front::Reject { line: TALKED_EARLY.into(), sent: 0 };
+                self.stage = Stage::Reject { line: TALKED_EARLY.into(), sent: 0 };
                 return;
             }
             _ => {
-                if let Err(why) = self.front.input(bytes) {
+                if let Err(why) = self.stage.input(bytes) {
                     self.reports.push_back(Report::NoHeader(NoHeader::Refused(why)));
                 }
                 return;
@@ -417,16 +409,16 @@ impl Connection {
 
     /// `n` bytes of the last `Send` went out.
     fn peer_sent(&mut self, n: usize, now: Instant) {
-        match &mut self.front {
-            front::Front::None => {}
-            front::Front::Pregreet(test) => return test.sent(n),
-            front::Front::Reject { sent, .. } => {
+        match &mut self.stage {
+            Stage::Session | Stage::Screening { pregreet: None, .. } => {}
+            Stage::Screening { pregreet: Some(test), .. } => return test.sent(n),
+            Stage::Reject { sent, .. } => {
                 *sent += n;
                 return;
             }
             // the last words are out (or on their way, the socket closing behind them)
             _ => {
-                self.front = front::Front::Close;
+                self.stage = Stage::Close;
                 return;
             }
         }
@@ -439,14 +431,13 @@ impl Connection {
 
     /// The peer closed its side, or its connection broke.
     fn peer_eof(&mut self, now: Instant) {
-        match &mut self.front {
-            front::Front::None => self.session.handle_eof(now),
-            front::Front::Pregreet(_) => self.front = front::Front::Close,
-            front::Front::Header { .. } => {
-                let ended = self.front.eof().map_or(NoHeader::Gone, NoHeader::Refused);
+        match &mut self.stage {
+            stage if stage.in_session() => self.session.handle_eof(now),
+            Stage::Header { .. } => {
+                let ended = self.stage.eof().map_or(NoHeader::Gone, NoHeader::Refused);
                 self.reports.push_back(Report::NoHeader(ended));
             }
-            _ => self.front = front::Front::Close,
+            _ => self.stage = Stage::Close,
         }
     }
 
@@ -598,24 +589,21 @@ impl Connection {
     // ---- time and the server's life ------------------------------------------------------
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match &self.front {
-            front::Front::None => self.session.poll_timeout(),
-            other => other.deadline(),
-        }
+        if self.stage.in_session() { self.session.poll_timeout() } else { self.stage.deadline() }
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        if let front::Front::Pregreet(test) = self.front {
-            if test.passed(now) {
+        if let Stage::Screening { pregreet: pregreet @ Some(_), .. } = &mut self.stage {
+            if pregreet.is_some_and(|test| test.passed(now)) {
                 // silent for greet_wait: the session's banner ends the greeting (once the
                 // blocklists have answered)
-                self.front = front::Front::None;
+                *pregreet = None;
                 self.screen_done(now);
             }
             return;
         }
-        if !matches!(self.front, front::Front::None) {
-            if let Some(why) = self.front.timeout(now) {
+        if !self.stage.in_session() {
+            if let Some(why) = self.stage.timeout(now) {
                 self.reports.push_back(Report::NoHeader(NoHeader::Refused(why)));
             }
             return;
@@ -628,8 +616,8 @@ impl Connection {
     /// still without a session just closes.
     fn shutdown(&mut self, now: Instant) {
         self.end_pregreet();
-        if !matches!(self.front, front::Front::None) {
-            return self.close_front();
+        if !self.stage.in_session() {
+            return self.close_early();
         }
         self.session.shutdown(now);
         self.settle(now);
@@ -638,24 +626,27 @@ impl Connection {
     /// The drain timeout passed.
     fn abort(&mut self, now: Instant) {
         self.end_pregreet();
-        if !matches!(self.front, front::Front::None) {
-            return self.close_front();
+        if !self.stage.in_session() {
+            return self.close_early();
         }
         self.session.abort(now);
         self.settle(now);
     }
 
-    fn close_front(&mut self) {
-        if matches!(self.front, front::Front::Header { .. } | front::Front::Judge { .. } | front::Front::Waiting) {
-            self.front = front::Front::Close;
+    /// Draining before the session: a balancer's connection closes.
+    fn close_early(&mut self) {
+        if matches!(self.stage, Stage::Header { .. } | Stage::Judge { .. } | Stage::Waiting) {
+            self.stage = Stage::Close;
         }
     }
 
     /// Draining during the pregreet test: the session's banner ends the greeting (a
-    /// reply cannot change its code mid-way), then its 421.
+    /// reply cannot change its code mid-way), then its 421; no pass is remembered.
     fn end_pregreet(&mut self) {
-        if matches!(self.front, front::Front::Pregreet(_)) {
-            self.front = front::Front::None;
+        match &mut self.stage {
+            Stage::Screening { pregreet: Some(_), dns: None } => self.stage = Stage::Session,
+            Stage::Screening { pregreet, .. } => *pregreet = None,
+            _ => {}
         }
     }
 
