@@ -4,6 +4,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use common::{
     Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send, wait_until,
 };
@@ -12,10 +14,7 @@ const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
 const TOO_MANY: &str = "421 4.7.0 mx.test too many errors\r\n";
 
 fn config(abuse: &str) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [abuse]\nwhitelist = \"white.list\"\n{abuse}"
-    )
+    Config::new().set("abuse", "whitelist", "\"white.list\"").extra(abuse).to_string()
 }
 
 fn start(abuse: &str, io: &str) -> Mxgate {

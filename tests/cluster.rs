@@ -6,6 +6,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
@@ -16,13 +18,14 @@ const UNKNOWN: &str = "500 5.5.2 command unrecognized\r\n";
 const THRESHOLD: usize = 6;
 
 fn config(redis: &RedisServer, node: &str) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [abuse]\nwhitelist = \"white.list\"\nban_file = \"bans.list\"\nfailure_threshold = {THRESHOLD}\n\
-         escalate_after = 0\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nflush_interval = \"50ms\"\n\
-         [control]\nsocket = \"mxgate.sock\"\n",
-        redis.url()
-    )
+    Config::new()
+        .extra(&format!(
+            "[abuse]\nwhitelist = \"white.list\"\nban_file = \"bans.list\"\nfailure_threshold = {THRESHOLD}\n\
+             escalate_after = 0\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nflush_interval = \"50ms\"\n\
+             [control]\nsocket = \"mxgate.sock\"\n",
+            redis.url()
+        ))
+        .to_string()
 }
 
 /// Node `name` of the fleet, whitelisting `white`, once it is connected to Redis.

@@ -3,12 +3,12 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use common::{DENY_PREFIX, End, Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, send};
 
 fn config(extra: &str) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n[access]\nlist = \"access.list\"\n{extra}"
-    )
+    Config::new().set("access", "list", "\"access.list\"").extra(extra).to_string()
 }
 
 fn denied_and_allowed_peers(io: &str) {
@@ -36,7 +36,7 @@ fn default_deny_grants_only_listed_peers(io: &str) {
 }
 
 fn dual_stack_listener_judges_ipv4_peers_by_ipv4_rules(io: &str) {
-    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"[::]:0\"]\n[access]\nlist = \"access.list\"\n";
+    let config = &config("[listen]\naddresses = [\"[::]:0\"]\n");
     // the entry in mapped form must act exactly like the plain one
     let m = Mxgate::start(config, &[("access.list", "127.0.0.1\n::ffff:127.0.5.0/120\n")], io);
     let port = m.addr().port();
@@ -50,7 +50,7 @@ fn dual_stack_listener_judges_ipv4_peers_by_ipv4_rules(io: &str) {
 }
 
 fn ipv6_rules_on_an_ipv6_listener(io: &str) {
-    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"[::1]:0\", \"127.0.0.1:0\"]\n[access]\nlist = \"access.list\"\n";
+    let config = &config("[listen]\naddresses = [\"[::1]:0\", \"127.0.0.1:0\"]\n");
     let m = Mxgate::start(config, &[("access.list", "deny ::1\n")], io);
     assert_denied(&m, "::1", 0);
     assert_allowed(&m, "127.0.0.1", 1);

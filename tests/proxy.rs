@@ -5,6 +5,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -15,12 +17,14 @@ use loadtest::proxy::{v1_header, v2_header};
 const BANNER: &str = "220 mx.test ESMTP mxgate\r\n";
 
 fn config(next_hop: SocketAddr, extra: &str) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         proxy_protocol_from = [\"127.0.8.0/24\"]\nproxy_timeout = \"1s\"\n\
-         [access]\nlist = \"access.list\"\n[relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{next_hop}\"]\n\
-         [control]\nsocket = \"mxgate.sock\"\n{extra}"
-    )
+    Config::new()
+        .set("listen", "proxy_protocol_from", "[\"127.0.8.0/24\"]")
+        .set("listen", "proxy_timeout", "\"1s\"")
+        .set("access", "list", "\"access.list\"")
+        .relay_to(&[next_hop])
+        .set("control", "socket", "\"mxgate.sock\"")
+        .extra(extra)
+        .to_string()
 }
 
 const LIST: &str = "deny 192.0.2.66\ndeny 2001:db8::66\ndeny 127.0.8.9\n";

@@ -3,18 +3,15 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::net::{SocketAddr, TcpStream};
 
 use common::nexthop::{AtDot, NextHop};
 use common::{End, Mxgate, connect_from, read_replies, read_to_end, send};
 
 fn config(next_hops: &[SocketAddr], extra: &str) -> String {
-    let hops: Vec<String> = next_hops.iter().map(|h| format!("\"{h}\"")).collect();
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [relay]\ndomains = [\"example.com\"]\nnext_hops = [{}]\n{extra}",
-        hops.join(", ")
-    )
+    Config::new().relay_to(next_hops).extra(extra).to_string()
 }
 
 /// Connects from `source`, reads the banner, says EHLO.

@@ -4,16 +4,19 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::net::SocketAddr;
 
 use common::nexthop::{AtDot, NextHop};
 use common::{Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send};
 
 fn config(hostname: &str, extra: &str) -> String {
-    format!(
-        "hostname = \"{hostname}\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [access]\nlist = \"access.list\"\n{extra}"
-    )
+    Config::new()
+        .set("", "hostname", format!("\"{hostname}\""))
+        .set("access", "list", "\"access.list\"")
+        .extra(extra)
+        .to_string()
 }
 
 fn write(m: &Mxgate, name: &str, text: &str) {
@@ -119,10 +122,7 @@ fn mxgate_reload_asks_the_running_instance(io: &str) {
 }
 
 fn relay_config(next_hop: SocketAddr) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 1\n\
-         [relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{next_hop}\"]\n"
-    )
+    Config::new().set("listen", "threads", 1).relay_to(&[next_hop]).to_string()
 }
 
 /// A transaction open across a reload finishes on its next hop; that connection is then

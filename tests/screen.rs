@@ -4,6 +4,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::time::{Duration, Instant};
 
 use std::net::Ipv4Addr;
@@ -16,12 +18,14 @@ const BANNER: &str = "220 mx.test ESMTP mxgate\r\n";
 const TALKED_EARLY: &str = "554 5.7.1 protocol error: talked before the greeting\r\n";
 
 fn start(io: &str, extra: &str) -> Mxgate {
-    let config = format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [access]\nlist = \"access.list\"\n[abuse]\nwhitelist = \"white.list\"\n{extra}\
-         [screen]\npregreet = true\ngreet_wait = \"1s\"\npass_ttl = \"1h\"\n\
-         [control]\nsocket = \"mxgate.sock\"\n"
-    );
+    let config = Config::new()
+        .set("access", "list", "\"access.list\"")
+        .set("abuse", "whitelist", "\"white.list\"")
+        .extra(extra)
+        .extra(
+            "[screen]\npregreet = true\ngreet_wait = \"1s\"\npass_ttl = \"1h\"\n[control]\nsocket = \"mxgate.sock\"\n",
+        )
+        .to_string();
     Mxgate::start(&config, &[("access.list", "allow 127.0.6.50\n"), ("white.list", "127.0.6.51\n")], io)
 }
 
@@ -72,17 +76,16 @@ fn an_early_talker_fails_and_is_counted(io: &str) {
 
 /// mxgate asking `dns` about two blocklists (weights 2 and 1) and an allowlist (-5).
 fn with_blocklists(io: &str, dns: &DnsServer, threshold: u32, pregreet: bool) -> Mxgate {
-    let config = format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\", \"[::1]:0\"]\nthreads = 2\n\
-         [screen]\npregreet = {pregreet}\ngreet_wait = \"1s\"\nresolvers = [\"{}\"]\ndns_timeout = \"1s\"\n\
+    let config = Config::new().set("listen", "addresses", "[\"127.0.0.1:0\", \"[::1]:0\"]").extra(&format!(
+        "[screen]\npregreet = {pregreet}\ngreet_wait = \"1s\"\nresolvers = [\"{}\"]\ndns_timeout = \"1s\"\n\
          dnsbl_threshold = {threshold}\n\
          [[screen.dnsbl]]\nzone = \"two.test\"\nweight = 2\nmatch = [\"127.0.0.2-127.0.0.11\"]\n\
          [[screen.dnsbl]]\nzone = \"one.test\"\nweight = 1\n\
          [[screen.dnsbl]]\nzone = \"white.test\"\nweight = -5\n\
          [control]\nsocket = \"mxgate.sock\"\n",
         dns.addr
-    );
-    Mxgate::start(&config, &[], io)
+    ));
+    Mxgate::start(&config.to_string(), &[], io)
 }
 
 const BLOCKED: &str = "550 5.7.1 Service unavailable; client [127.0.6.20] blocked using two.test\r\n";

@@ -3,6 +3,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use common::nexthop::{AtDot, NextHop};
 use common::{
     Mxgate, assert_allowed, assert_denied, connect_from, read_replies, read_to_end, run_cli, send, wait_until,
@@ -23,12 +25,11 @@ fn counts(m: &Mxgate) -> String {
 
 fn every_connection_and_transaction_is_counted(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
-    let config = format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [access]\nlist = \"access.list\"\n[relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{}\"]\n\
-         [control]\nsocket = \"mxgate.sock\"\n",
-        hop.addr
-    );
+    let config = Config::new()
+        .set("access", "list", "\"access.list\"")
+        .relay_to(&[hop.addr])
+        .set("control", "socket", "\"mxgate.sock\"")
+        .to_string();
     let mut m = Mxgate::start(&config, &[("access.list", "deny 127.0.9.1\n")], io);
     assert_denied(&m, "127.0.9.1", 0);
     assert_denied(&m, "127.0.9.1", 0);
@@ -66,9 +67,8 @@ fn http(addr: &str, request: &str) -> String {
 }
 
 fn metrics_are_served_as_prometheus_text(io: &str) {
-    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\n\
-                  [access]\nlist = \"access.list\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
-    let m = Mxgate::start(config, &[("access.list", "deny 127.0.9.1\n")], io);
+    let config = Config::new().set("access", "list", "\"access.list\"").set("metrics", "listen", "\"127.0.0.1:0\"");
+    let m = Mxgate::start(&config.to_string(), &[("access.list", "deny 127.0.9.1\n")], io);
     let line = m.saw("metrics at http://").expect("the metrics address is logged");
     let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address").to_owned();
     assert_denied(&m, "127.0.9.1", 0);
@@ -93,9 +93,8 @@ fn dripping_clients_hold_neither_metrics_nor_control(io: &str) {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
-    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\n\
-                  [metrics]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = \"mxgate.sock\"\n";
-    let m = Mxgate::start(config, &[], io);
+    let config = Config::new().set("metrics", "listen", "\"127.0.0.1:0\"").set("control", "socket", "\"mxgate.sock\"");
+    let m = Mxgate::start(&config.to_string(), &[], io);
     let line = m.saw("metrics at http://").expect("the metrics address is logged");
     let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address").to_owned();
     let socket = m.files.path("mxgate.sock");
@@ -136,9 +135,8 @@ fn dripping_clients_hold_neither_metrics_nor_control(io: &str) {
 /// kernel handed over: all of them are in `connections_accepted`.
 fn connections_reset_at_once_are_counted(io: &str) {
     const PEERS: u32 = 300;
-    let config = "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-                  [control]\nsocket = \"mxgate.sock\"\n";
-    let m = Mxgate::start(config, &[], io);
+    let config = Config::new().set("control", "socket", "\"mxgate.sock\"");
+    let m = Mxgate::start(&config.to_string(), &[], io);
     for i in 0..PEERS {
         let s = connect_from(&format!("127.0.31.{}", 1 + i % 250), m.addr());
         // SO_LINGER 0: the close is a reset, before the server has looked at the socket

@@ -4,6 +4,8 @@
 #[macro_use]
 mod common;
 
+use common::config::Config;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -28,11 +30,12 @@ fn certificate_ending(names: &[&str], not_after: time::OffsetDateTime) -> (Strin
 }
 
 fn config(next_hop: SocketAddr, extra: &str) -> String {
-    format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 2\n\
-         [relay]\ndomains = [\"example.com\"]\nnext_hops = [\"{next_hop}\"]\n\
-         [tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{extra}"
-    )
+    Config::new()
+        .relay_to(&[next_hop])
+        .set("tls", "cert", "\"cert.pem\"")
+        .set("tls", "key", "\"key.pem\"")
+        .extra(extra)
+        .to_string()
 }
 
 struct Server {
@@ -357,12 +360,8 @@ with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="client.test", s
 /// mxgate (one worker, so that sessions share its pool) relaying to `hops` in order,
 /// `relay` added to `[relay]`.
 fn relaying(io: &str, hops: &[SocketAddr], relay: &str, files: &[(&str, &str)]) -> Mxgate {
-    let hops = hops.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ");
-    let config = format!(
-        "hostname = \"mx.test\"\n[listen]\naddresses = [\"127.0.0.1:0\"]\nthreads = 1\n\
-         [relay]\ndomains = [\"example.com\"]\nnext_hops = [{hops}]\n{relay}"
-    );
-    Mxgate::start(&config, files, io)
+    let config = Config::new().set("listen", "threads", 1).relay_to(hops).extra(relay);
+    Mxgate::start(&config.to_string(), files, io)
 }
 
 /// One message in clear from `source`: the reply to its final dot, or the refusal of MAIL.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
+pub mod config;
 pub mod dns;
 pub mod nexthop;
 pub mod postfix;
