@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, RelayTls};
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
+use crate::scripted::ScriptedHop;
 use crate::smtp::client::{Command, Progress, Upstream};
 use crate::smtp::{HopTransmit, Session, Settings, Transmit};
 
@@ -33,56 +34,6 @@ const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5
 
 /// Most bytes a session may answer a command line with (the EHLO reply is the longest).
 const MAX_REPLY: usize = 600;
-
-/// A next hop that answers like an SMTP server, its behaviour chosen by the input.
-struct Hop {
-    unread: Vec<u8>,
-    in_body: bool,
-    refuse_mail: bool,
-    refuse_rcpt: bool,
-    refuse_rset: bool,
-    /// The reply to the final dot.
-    dot: &'static [u8],
-    pipelining: bool,
-    /// Final dots it answered 250.
-    accepted: usize,
-}
-
-impl Hop {
-    fn answers(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            if self.in_body {
-                let Some(end) = self.unread.windows(5).position(|w| w == b"\r\n.\r\n") else { break };
-                self.unread.drain(..end + 5);
-                self.in_body = false;
-                if self.dot.starts_with(b"250") {
-                    self.accepted += 1;
-                }
-                out.extend_from_slice(self.dot);
-                continue;
-            }
-            let Some(lf) = self.unread.iter().position(|&b| b == b'\n') else { break };
-            let line: Vec<u8> = self.unread.drain(..=lf).collect();
-            let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase).unwrap_or_default();
-            let reply: &[u8] = match &verb[..] {
-                b"EHLO" if self.pipelining => b"250-hop\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000\r\n",
-                b"EHLO" => b"250-hop\r\n250 8BITMIME\r\n",
-                b"MAIL" if self.refuse_mail => b"552 5.3.4 too big\r\n",
-                b"RCPT" if self.refuse_rcpt => b"550 5.1.1 no such user\r\n",
-                b"DATA" => {
-                    self.in_body = true;
-                    b"354 go ahead\r\n"
-                }
-                b"RSET" if self.refuse_rset => b"502 5.5.1 no\r\n",
-                b"QUIT" => b"221 bye\r\n",
-                _ => b"250 2.0.0 ok\r\n",
-            };
-            out.extend_from_slice(reply);
-        }
-        out
-    }
-}
 
 /// The SMTP session driven by a peer's arbitrary bytes, against a scripted next hop, on
 /// a clock the input moves. Input: one byte of hop behaviour, then operations of one
@@ -113,16 +64,15 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
         now,
         UnixTime(1_795_894_760),
     );
-    let mut hop = Hop {
-        unread: Vec::new(),
-        in_body: false,
-        refuse_mail: flags & 1 != 0,
-        refuse_rcpt: flags & 2 != 0,
-        refuse_rset: flags & 4 != 0,
-        dot: if flags & 8 != 0 { b"554 5.7.1 refused\r\n" } else { b"250 2.0.0 queued\r\n" },
-        pipelining: flags & 16 == 0,
-        accepted: 0,
-    };
+    let ehlo: &[&'static str] =
+        if flags & 16 == 0 { &["PIPELINING", "8BITMIME", "SIZE 100000"] } else { &["8BITMIME"] };
+    let mut hop = ScriptedHop::offering(ehlo);
+    hop.refuse_mail = (flags & 1 != 0).then_some("552 5.3.4 too big");
+    hop.refuse_rcpt = (flags & 2 != 0).then_some(("", "550 5.1.1 no such user"));
+    hop.rset_reply = (flags & 4 != 0).then_some("502 5.5.1 no");
+    hop.dot_reply = (flags & 8 != 0).then_some("554 5.7.1 refused");
+    // a hop that answers RCPT without MAIL and DATA without a recipient
+    hop.lax = flags & 32 != 0;
     let (mut peer_got, mut lines_in, mut total_out) = (Vec::new(), 0usize, 0usize);
     let mut queued = 0usize;
     drive(&mut s, &mut hop, &mut peer_got, now); // the banner
@@ -166,7 +116,7 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
 }
 
 /// Serves both ports until neither has anything to do; what the peer got is appended.
-fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
+fn drive(s: &mut Session, hop: &mut ScriptedHop, peer_got: &mut Vec<u8>, now: Instant) {
     for _ in 0..10_000 {
         let mut busy = false;
         if let Transmit::Send(bytes) = s.poll_transmit() {
@@ -180,17 +130,15 @@ fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
             HopTransmit::Connect { .. } => {
                 busy = true;
                 s.dialing();
-                hop.unread.clear();
-                hop.in_body = false;
+                hop.disconnect();
                 s.attach_upstream(Upstream::new("mx.test", RelayTls::Off), false, now);
                 s.handle_relay_input(b"220 hop ESMTP\r\n", now);
             }
             HopTransmit::Send(bytes) => {
                 busy = true;
-                hop.unread.extend_from_slice(bytes);
+                let answers = hop.receive(bytes);
                 let n = bytes.len();
                 s.consume_relay_output(n, now);
-                let answers = hop.answers();
                 if !answers.is_empty() {
                     s.handle_relay_input(&answers, now);
                 }
@@ -198,8 +146,7 @@ fn drive(s: &mut Session, hop: &mut Hop, peer_got: &mut Vec<u8>, now: Instant) {
             HopTransmit::Release | HopTransmit::Close => {
                 busy = true;
                 s.detach_relay();
-                hop.unread.clear();
-                hop.in_body = false;
+                hop.disconnect();
             }
             HopTransmit::Receive | HopTransmit::Idle => {}
         }

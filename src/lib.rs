@@ -27,6 +27,7 @@ pub mod problem;
 pub mod proxy;
 pub mod random;
 pub mod screen;
+pub mod scripted;
 pub mod service;
 pub mod shadow;
 pub mod shared;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
+use crate::scripted::ScriptedHop;
 use crate::shared::Shared;
 use crate::smtp::{HopTransmit, Transmit};
 use crate::snapshot::Snapshot;
@@ -44,56 +45,32 @@ struct HopLog {
     commands: Vec<String>,
 }
 
-/// A scripted SMTP server on one connection.
+/// One connection to a next hop: the scripted server on it, what it has to say, and what
+/// it received recorded in its next hop's log.
 struct Server {
     log: Rc<RefCell<HopLog>>,
-    unread: Vec<u8>,
+    script: ScriptedHop,
     out: Vec<u8>,
-    in_body: bool,
     /// The server closed the connection (a pooled connection gone stale).
     gone: bool,
-    /// The server stopped answering.
-    silent: bool,
 }
 
 impl Server {
+    fn new(log: Rc<RefCell<HopLog>>) -> Self {
+        let script = ScriptedHop::offering(&["PIPELINING", "8BITMIME"]);
+        Server { log, script, out: b"220 hop.test\r\n".to_vec(), gone: false }
+    }
+
     fn receive(&mut self, bytes: &[u8]) {
         if self.gone {
             return;
         }
-        self.unread.extend_from_slice(bytes);
-        if self.silent {
-            return;
-        }
-        loop {
-            if self.in_body {
-                let Some(end) = find(&self.unread, b"\r\n.\r\n") else { return };
-                self.log.borrow_mut().messages.push(self.unread[..end + 2].to_vec());
-                self.unread.drain(..end + 5);
-                self.in_body = false;
-                self.out.extend_from_slice(b"250 2.0.0 queued\r\n");
-                continue;
-            }
-            let Some(lf) = find(&self.unread, b"\r\n") else { return };
-            let line = String::from_utf8_lossy(&self.unread[..lf]).into_owned();
-            self.unread.drain(..lf + 2);
-            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
-            self.log.borrow_mut().commands.push(line);
-            let reply: &[u8] = match verb.as_str() {
-                "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
-                "DATA" => {
-                    self.in_body = true;
-                    b"354 go ahead\r\n"
-                }
-                _ => b"250 2.0.0 ok\r\n",
-            };
-            self.out.extend_from_slice(reply);
-        }
+        let answers = self.script.receive(bytes);
+        self.out.extend_from_slice(&answers);
+        let mut log = self.log.borrow_mut();
+        log.commands.append(&mut self.script.commands);
+        log.messages.append(&mut self.script.messages);
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A connection to a next hop: its server, and whether the connect completed.
@@ -212,14 +189,7 @@ impl Io for Fake {
         }
         let log = self.log(addr);
         log.borrow_mut().connections += 1;
-        let server = Server {
-            log,
-            unread: Vec::new(),
-            out: b"220 hop.test\r\n".to_vec(),
-            in_body: false,
-            gone: false,
-            silent: false,
-        };
+        let server = Server::new(log);
         s.hop = Some(HopConn { server, connecting: true });
         Ok(())
     }
@@ -466,7 +436,7 @@ fn a_silent_next_hop_times_out_with_451_and_its_connection_is_closed() {
     let s = w.session();
     let got = w.send(s, "MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
     assert!(got.ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
-    w.host.get_current(s).unwrap().1.hop.as_mut().unwrap().server.silent = true;
+    w.host.get_current(s).unwrap().1.hop.as_mut().unwrap().server.script.silent = true;
     assert_eq!(w.send(s, "Subject: x\r\n\r\nbody\r\n.\r\n"), "");
     w.wait(Duration::from_secs(19));
     assert_eq!(w.take(s), "");

@@ -11,145 +11,12 @@ use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
+use crate::scripted::ScriptedHop;
 
-/// A next hop that answers like an SMTP server.
-#[derive(Default)]
-struct FakeHop {
-    /// Everything received on the current connection.
-    received: Vec<u8>,
-    /// Bytes received not yet answered.
-    unread: Vec<u8>,
-    in_body: bool,
-    /// Complete messages (body up to, not including, the final dot).
-    messages: Vec<Vec<u8>>,
-    /// All command lines received, over all connections.
-    commands: Vec<String>,
-    /// EHLO keywords offered.
-    ehlo: Vec<&'static str>,
-    /// Reply to RCPT for recipients containing this text.
-    refuse_rcpt: Option<(&'static str, &'static str)>,
-    /// Reply to the final dot instead of 250.
-    dot_reply: Option<&'static str>,
-    /// Stop answering (a silent next hop).
-    silent: bool,
-    /// Where the search for the end of the body resumes.
-    scan: usize,
-    /// Hold back the reply to DATA until the test releases it.
-    hold_data_reply: bool,
-    held: Vec<u8>,
-    /// Reply to MAIL instead of 250.
-    refuse_mail: Option<&'static str>,
-    /// Never answer MAIL, nor anything after it (a hop checking senders, slowly).
-    stall_mail: bool,
-    /// Reply to RSET instead of 250 (the transaction is not reset then).
-    rset_reply: Option<&'static str>,
-    /// MAIL was accepted, and how many recipients since.
-    mail_open: bool,
-    rcpts_ok: u32,
-    /// Each write received, as it came (for pipelining).
-    writes: Vec<Vec<u8>>,
-}
-
-impl FakeHop {
-    /// Answers to whatever complete lines (or body) arrived.
-    fn answers(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            if self.in_body {
-                let from = self.scan.saturating_sub(4);
-                let Some(end) = find(&self.unread[from..], b"\r\n.\r\n").map(|e| e + from) else {
-                    self.scan = self.unread.len();
-                    break;
-                };
-                self.messages.push(self.unread[..end + 2].to_vec());
-                self.unread.drain(..end + 5);
-                self.in_body = false;
-                self.scan = 0;
-                self.mail_open = false;
-                self.rcpts_ok = 0;
-                out.extend_from_slice(self.dot_reply.unwrap_or("250 2.0.0 queued").as_bytes());
-                out.extend_from_slice(b"\r\n");
-                continue;
-            }
-            let Some(lf) = find(&self.unread, b"\r\n") else { break };
-            let line = String::from_utf8_lossy(&self.unread[..lf]).into_owned();
-            self.unread.drain(..lf + 2);
-            self.commands.push(line.clone());
-            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
-            let reply = match verb.as_str() {
-                "EHLO" => {
-                    let mut r = String::from("250-hop.test");
-                    for k in &self.ehlo {
-                        r += &format!("\r\n250-{k}");
-                    }
-                    r + "\r\n250 ENHANCEDSTATUSCODES"
-                }
-                "MAIL" if self.stall_mail => {
-                    self.silent = true;
-                    continue;
-                }
-                "MAIL" => match self.refuse_mail {
-                    Some(reply) => reply.into(),
-                    None => {
-                        self.mail_open = true;
-                        "250 2.1.0 ok".into()
-                    }
-                },
-                "RCPT" if !self.mail_open => "503 5.5.1 need MAIL first".into(),
-                "RCPT" => match self.refuse_rcpt {
-                    Some((needle, reply)) if line.contains(needle) => reply.into(),
-                    _ => {
-                        self.rcpts_ok += 1;
-                        "250 2.1.5 ok".into()
-                    }
-                },
-                "DATA" if !self.mail_open => "503 5.5.1 need MAIL first".into(),
-                "DATA" if self.rcpts_ok == 0 => "554 5.5.1 no valid recipients".into(),
-                "RSET" if self.rset_reply.is_some() => self.rset_reply.unwrap_or_default().into(),
-                "RSET" => {
-                    self.mail_open = false;
-                    self.rcpts_ok = 0;
-                    "250 2.0.0 ok".into()
-                }
-                "DATA" if self.hold_data_reply => {
-                    self.in_body = true;
-                    self.held.extend_from_slice(b"354 go ahead\r\n");
-                    continue;
-                }
-                "DATA" => {
-                    self.in_body = true;
-                    "354 go ahead".into()
-                }
-                "QUIT" => "221 bye".into(),
-                _ => "250 2.0.0 ok".into(),
-            };
-            out.extend_from_slice(reply.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        if self.silent { Vec::new() } else { out }
-    }
-}
-
-impl FakeHop {
-    /// The connection closed: whatever was half-received is gone.
-    fn disconnect(&mut self) {
-        self.unread.clear();
-        self.mail_open = false;
-        self.rcpts_ok = 0;
-        self.in_body = false;
-        self.scan = 0;
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Drives a session as a driver would, with the fake next hop behind the relay port.
 struct Harness {
     session: Session,
     now: Instant,
-    hop: FakeHop,
+    hop: ScriptedHop,
     /// Connections asked for: (hop index, pooled ok).
     dials: Vec<(usize, bool)>,
     /// Hops whose connection attempts fail.
@@ -194,7 +61,7 @@ impl Harness {
             now,
             UnixTime(1_795_894_760),
         );
-        let hop = FakeHop { ehlo: vec!["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"], ..FakeHop::default() };
+        let hop = ScriptedHop::offering(&["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"]);
         let mut h = Harness {
             session,
             now,
@@ -238,7 +105,6 @@ impl Harness {
                         self.session.handle_relay_error(self.now);
                     } else {
                         self.session.dialing();
-                        self.hop.received.clear();
                         self.session.attach_upstream(
                             Upstream::new("mx.test", crate::config::RelayTls::Off),
                             false,
@@ -250,12 +116,9 @@ impl Harness {
                 HopTransmit::Send(b) => {
                     busy = true;
                     let b = &b[..b.len().min(self.relay_send_limit)];
-                    self.hop.writes.push(b.to_vec());
-                    self.hop.received.extend_from_slice(b);
-                    self.hop.unread.extend_from_slice(b);
+                    let answers = self.hop.receive(b);
                     let n = b.len();
                     self.session.consume_relay_output(n, self.now);
-                    let answers = self.hop.answers();
                     if !answers.is_empty() {
                         self.session.handle_relay_input(&answers, self.now);
                     }
