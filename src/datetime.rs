@@ -3,6 +3,22 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The wall clock as a driver read it, with the monotonic instant it read it at: code
+/// that must read no clock of its own (the host, the session) derives the wall clock at
+/// any later instant from it.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    pub at: std::time::Instant,
+    pub unix: UnixTime,
+}
+
+impl WallClock {
+    /// The wall clock at `now` (not before the reading).
+    pub fn at(&self, now: std::time::Instant) -> UnixTime {
+        UnixTime(self.unix.0 + now.saturating_duration_since(self.at).as_secs() as i64)
+    }
+}
+
 /// A UTC instant with one-second resolution, formatted as RFC 5322 wants:
 /// `Sat, 28 Nov 2026 19:39:20 +0000`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -19,7 +19,7 @@ use super::timers::{ConnId, Timers};
 use super::{Connection, HopState, Input, NoHeader, Report, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
-use crate::datetime::UnixTime;
+use crate::datetime::{UnixTime, WallClock};
 use crate::gate::{self, RefusalLines, Verdict};
 use crate::peer::PeerIp;
 use crate::proxy;
@@ -116,21 +116,7 @@ pub struct Host<I: Io> {
     /// Made at the first blocklist lookup.
     dns: Option<Dns>,
     /// The wall clock as the driver last gave it: the host reads no clock of its own.
-    clock: Clock,
-}
-
-/// The wall clock the driver read, and the monotonic instant it read it at.
-#[derive(Clone, Copy, Debug)]
-struct Clock {
-    at: Instant,
-    unix: UnixTime,
-}
-
-impl Clock {
-    /// The wall clock at `now` (not before the driver's reading).
-    fn at(&self, now: Instant) -> UnixTime {
-        UnixTime(self.unix.0 + now.saturating_duration_since(self.at).as_secs() as i64)
-    }
+    clock: WallClock,
 }
 
 impl<I: Io> Host<I> {
@@ -147,7 +133,7 @@ impl<I: Io> Host<I> {
             busy: Vec::new(),
             drain: Drain::Serving,
             dns: None,
-            clock: Clock { at: Instant::now(), unix: UnixTime(0) },
+            clock: WallClock { at: Instant::now(), unix: UnixTime(0) },
         }
     }
 
@@ -156,7 +142,7 @@ impl<I: Io> Host<I> {
     /// Judges an accepted peer. A refusal costs the lookup and no allocation.
     #[inline]
     pub fn admit(&mut self, addr: SocketAddr, now: Instant, unix: UnixTime) -> Admit<'_> {
-        self.clock = Clock { at: now, unix };
+        self.clock = WallClock { at: now, unix };
         let peer = PeerIp::from(addr);
         let snapshot = self.snapshot.load();
         if snapshot.config.listen.is_balancer(peer.ip()) {
@@ -264,7 +250,7 @@ impl<I: Io> Host<I> {
     /// Once per loop turn, with the clocks the driver read: deadlines that came (the
     /// drain's too), connections whose turn ran out, pooled connections idle too long.
     pub fn tick(&mut self, now: Instant, unix: UnixTime, io: &mut I) {
-        self.clock = Clock { at: now, unix };
+        self.clock = WallClock { at: now, unix };
         if let Some(dns) = &mut self.dns {
             dns.resolver.handle_timeout(now);
             self.dns_events(now, io);

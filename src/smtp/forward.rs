@@ -33,20 +33,20 @@ impl Session {
 
     /// What the driver does next on the next hop's side.
     pub fn poll_relay(&self) -> HopTransmit<'_> {
-        self.link.poll(self.phase == Phase::Open, &self.settings.relay.next_hops)
+        self.fwd.link.poll(self.phase == Phase::Open, &self.settings.relay.next_hops)
     }
 
     /// The driver started connecting to the hop `poll_relay` asked for.
     pub fn dialing(&mut self) {
-        self.link.dialing();
+        self.fwd.link.dialing();
     }
 
     /// A connection to the hop asked for: new (greeting still to come) or, when
     /// `reused`, from the pool (ready).
     pub fn attach_upstream(&mut self, up: Upstream, reused: bool, now: Instant) {
         let ready = up.is_ready();
-        self.link.attach(up, reused);
-        self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+        self.fwd.link.attach(up, reused);
+        self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
         if ready {
             self.link_ready(now);
         }
@@ -54,7 +54,7 @@ impl Session {
 
     /// Bytes from the next hop.
     pub fn handle_relay_input(&mut self, data: &[u8], now: Instant) {
-        if let Link::Up(l) = &mut self.link {
+        if let Link::Up(l) = &mut self.fwd.link {
             l.up.handle_input(data);
             self.upstream_events(now);
         }
@@ -63,12 +63,12 @@ impl Session {
 
     /// `n` bytes of the last relay `Send` went out.
     pub fn consume_relay_output(&mut self, n: usize, now: Instant) {
-        if let Link::Up(l) = &mut self.link {
+        if let Link::Up(l) = &mut self.fwd.link {
             l.up.consume_output(n);
-            if self.waiting.is_empty() {
+            if self.fwd.waiting.is_empty() {
                 // body streaming: the next hop keeps taking bytes
                 let pending = !l.up.output().is_empty();
-                self.relay_deadline = pending.then(|| now + self.settings.relay.reply_timeout);
+                self.fwd.deadline = pending.then(|| now + self.settings.relay.reply_timeout);
             }
         }
     }
@@ -82,17 +82,17 @@ impl Session {
     /// this session's settings name it, whatever a reload changed since): the driver
     /// pools it after `Release` and closes it after `Close`.
     pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
-        let wanted = match (self.waiting.front(), self.phase) {
+        let wanted = match (self.fwd.waiting.front(), self.phase) {
             (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) => Some((*hop, *pooled_ok)),
             _ => None,
         };
-        self.link.detach(&self.settings.relay.next_hops, wanted)
+        self.fwd.link.detach(&self.settings.relay.next_hops, wanted)
     }
 
     /// The next hop said 220 to STARTTLS: its address (as this session's settings name
     /// it), once, for the connection's TLS layer to start the handshake.
     pub fn take_relay_starttls(&mut self) -> Option<SocketAddr> {
-        let Link::Up(l) = &mut self.link else { return None };
+        let Link::Up(l) = &mut self.fwd.link else { return None };
         if !l.up.take_starttls() {
             return None;
         }
@@ -101,7 +101,7 @@ impl Session {
 
     /// The handshake with the next hop is done: EHLO again, under TLS.
     pub fn relay_tls_started(&mut self) {
-        if let Link::Up(l) = &mut self.link {
+        if let Link::Up(l) = &mut self.fwd.link {
             l.up.tls_started();
         }
     }
@@ -113,27 +113,27 @@ impl Session {
         if self.settings.relay.next_hops.is_empty() {
             return self.answer_failure(Waiting::Mail, HopFault::NoneConfigured, now);
         }
-        if self.link.ready() {
+        if self.fwd.link.ready() {
             return self.send_mail(now);
         }
-        self.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
-        self.link.want(0, true);
-        self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+        self.fwd.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
+        self.fwd.link.want(0, true);
+        self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
     }
 
     /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
     /// sent again after a stale or failed connection), then pipelined input goes on.
     fn link_ready(&mut self, now: Instant) {
-        if !matches!(self.waiting.front(), Some(Waiting::Link { .. })) {
+        if !matches!(self.fwd.waiting.front(), Some(Waiting::Link { .. })) {
             return;
         }
-        let behind = std::mem::take(&mut self.waiting);
+        let behind = std::mem::take(&mut self.fwd.waiting);
         self.send_mail(now);
         for waiting in behind.into_iter().skip(1) {
             match waiting {
                 Waiting::Rcpt(to) if self.txn.is_some() => self.forward_rcpt(to, now),
                 Waiting::Data if self.txn.is_some() => self.forward_data(now),
-                Waiting::Local { .. } => self.waiting.push_back(waiting),
+                Waiting::Local { .. } => self.fwd.waiting.push_back(waiting),
                 // the sender was refused here after all (8BITMIME): no transaction to go on
                 _ => self.reply(MAIL_FIRST),
             }
@@ -142,7 +142,7 @@ impl Session {
     }
 
     fn send_mail(&mut self, now: Instant) {
-        let (Link::Up(l), Some(txn)) = (&mut self.link, &mut self.txn) else { return };
+        let (Link::Up(l), Some(txn)) = (&mut self.fwd.link, &mut self.txn) else { return };
         let ext = l.up.extensions();
         if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
             self.reply(NO_8BIT);
@@ -178,7 +178,7 @@ impl Session {
     }
 
     fn forward(&mut self, cmd: Command, line: &[u8], waiting: Waiting, now: Instant) {
-        match &mut self.link {
+        match &mut self.fwd.link {
             Link::Up(l) if l.up.is_ready() => {
                 l.up.command(cmd, line);
                 self.await_reply(waiting, now);
@@ -196,17 +196,17 @@ impl Session {
 
     /// A command went to the next hop; the deadline runs for the oldest reply owed.
     fn await_reply(&mut self, waiting: Waiting, now: Instant) {
-        if self.waiting.is_empty() {
-            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+        if self.fwd.waiting.is_empty() {
+            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
         }
-        self.waiting.push_back(waiting);
+        self.fwd.waiting.push_back(waiting);
     }
 
     // ---- the next hop's answers ----------------------------------------------------------
 
     fn upstream_events(&mut self, now: Instant) {
         while self.phase == Phase::Open {
-            let Link::Up(l) = &mut self.link else { return };
+            let Link::Up(l) = &mut self.fwd.link else { return };
             let Some(event) = l.up.poll_event() else { return };
             match event {
                 Progress::Ready => self.link_ready(now),
@@ -232,9 +232,9 @@ impl Session {
     /// The next hop's reply to the oldest command forwarded; then our own replies that
     /// waited behind it, and the input that waited.
     fn answer(&mut self, cmd: Command, reply: &Reply, now: Instant) {
-        let waiting = self.waiting.pop_front();
-        let more = self.waiting.iter().any(Waiting::forwarded);
-        self.relay_deadline = more.then(|| now + self.settings.relay.reply_timeout);
+        let waiting = self.fwd.waiting.pop_front();
+        let more = self.fwd.waiting.iter().any(Waiting::forwarded);
+        self.fwd.deadline = more.then(|| now + self.settings.relay.reply_timeout);
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(reply, now),
@@ -251,7 +251,7 @@ impl Session {
             (waiting, cmd) => {
                 tracing::debug!(peer = %self.peer, ?cmd, ?waiting, "next hop reply out of step");
                 if let Some(w) = waiting {
-                    self.waiting.push_front(w);
+                    self.fwd.waiting.push_front(w);
                 }
                 return self.relay_failed(HopFault::Protocol, now);
             }
@@ -317,7 +317,7 @@ impl Session {
         }
         let header = self.received_header(now);
         let max = self.settings.smtp.max_message_size;
-        if let (Link::Up(l), Some(t)) = (&mut self.link, &mut self.txn) {
+        if let (Link::Up(l), Some(t)) = (&mut self.fwd.link, &mut self.txn) {
             l.up.send_data(header.as_bytes());
             l.hold = true;
             t.body = Some(Body { filter: BodyFilter::new(max), started: now, last_input: now });
@@ -343,7 +343,7 @@ impl Session {
     /// After the next hop refused the sender or the message: RSET, so that the
     /// connection is clean for whoever comes next (see [`Waiting::Reset`]).
     fn reset_hop(&mut self, now: Instant) {
-        if let Link::Up(l) = &mut self.link
+        if let Link::Up(l) = &mut self.fwd.link
             && l.up.is_ready()
         {
             l.clean = false;
@@ -386,20 +386,20 @@ impl Session {
     }
 
     fn set_clean(&mut self) {
-        self.link.set_clean();
+        self.fwd.link.set_clean();
     }
 
     /// Drops the connection to the next hop (the driver closes it).
     pub(super) fn drop_link(&mut self) {
-        self.link.drop();
+        self.fwd.link.drop();
     }
 
     /// The connection failed, timed out or broke the protocol.
     pub(super) fn relay_failed(&mut self, fault: HopFault, now: Instant) {
-        let failover = self.link.failover(self.settings.relay.next_hops.len());
+        let failover = self.fwd.link.failover(self.settings.relay.next_hops.len());
         self.drop_link();
-        self.relay_deadline = None;
-        let mut owed = std::mem::take(&mut self.waiting);
+        self.fwd.deadline = None;
+        let mut owed = std::mem::take(&mut self.fwd.waiting);
         if owed.is_empty() {
             // between commands or during a body: the transaction cannot complete
             if let Some(t) = &mut self.txn {
@@ -414,8 +414,8 @@ impl Session {
             && self.txn.is_some()
         {
             owed[0] = Waiting::Link { hop, pooled_ok };
-            self.waiting = owed;
-            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+            self.fwd.waiting = owed;
+            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
             return;
         }
         if let Some(t) = &mut self.txn {
@@ -452,12 +452,12 @@ impl Session {
 
     /// Feeds buffered input to the body filter, up to the end of data.
     pub(super) fn body_input(&mut self, now: Instant) {
-        let input = &self.input[self.input_pos..];
+        let input = &self.reader.input[self.reader.pos..];
         let Some(txn) = self.txn.as_mut() else { return };
         let Some(body) = txn.body.as_mut() else { return };
         let faulted = body.filter.fault().is_some();
         let mut discard = Vec::new();
-        let sink = match &mut self.link {
+        let sink = match &mut self.fwd.link {
             Link::Up(l) if txn.broken.is_none() && !faulted => {
                 l.hold &= input.is_empty();
                 l.up.data_sink()
@@ -466,16 +466,16 @@ impl Session {
         };
         let end = body.filter.feed(input, sink);
         let fault_now = !faulted && body.filter.fault().is_some();
-        self.input_pos = end.map_or(self.input.len(), |n| self.input_pos + n);
+        self.reader.pos = end.map_or(self.reader.input.len(), |n| self.reader.pos + n);
         if fault_now {
             // abandon what the next hop has of the message: close without the final dot
             self.drop_link();
         }
-        if let Link::Up(l) = &self.link
-            && self.relay_deadline.is_none()
+        if let Link::Up(l) = &self.fwd.link
+            && self.fwd.deadline.is_none()
             && !l.up.output().is_empty()
         {
-            self.relay_deadline = Some(now + self.settings.relay.reply_timeout);
+            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
         }
         if end.is_some() {
             self.end_of_data(now);
@@ -488,7 +488,7 @@ impl Session {
         match (fault, txn.broken) {
             (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
             (None, Some(hop)) => self.undelivered(Undelivered::HopFailed(hop), now),
-            (None, None) => match &mut self.link {
+            (None, None) => match &mut self.fwd.link {
                 Link::Up(l) => {
                     l.up.end_data();
                     self.await_reply(Waiting::Dot, now);

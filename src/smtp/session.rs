@@ -17,7 +17,7 @@ use super::outbuf::OutBuf;
 use super::outcome::{HopFault, Outcome};
 use super::replies::{LINE_TOO_LONG, counts_as_failure};
 use super::{ABORT_GRACE, CLOSE_GRACE, DATA_RATE_GRACE, MAX_LINE_LEN, MAX_OWED, RELAY_HIGH_WATER};
-use crate::datetime::UnixTime;
+use crate::datetime::{UnixTime, WallClock};
 use crate::peer::PeerIp;
 use crate::tls::Negotiated;
 
@@ -197,6 +197,39 @@ impl Waiting {
     }
 }
 
+/// The peer's bytes on their way to commands.
+#[derive(Debug, Default)]
+pub(super) struct Reader {
+    /// Received and not yet processed (while a command waits for the next hop), from
+    /// `pos` on.
+    pub(super) input: Vec<u8>,
+    pub(super) pos: usize,
+    /// The command line being received, CRLF not yet seen.
+    pub(super) line: Vec<u8>,
+    /// The current line passed `MAX_LINE_LEN`: skip to its end, then reply once.
+    pub(super) overlong: bool,
+}
+
+/// The session's side toward the next hop (forward.rs).
+#[derive(Debug)]
+pub(super) struct Forward {
+    /// Replies owed, oldest first; the first is always a forwarded command's.
+    pub(super) waiting: VecDeque<Waiting>,
+    pub(super) link: Link,
+    /// When the next hop must have answered (or taken more body) by.
+    pub(super) deadline: Option<Instant>,
+}
+
+/// Failures of one conversation, against `max_failed_commands` and
+/// `max_failed_recipients`.
+#[derive(Debug, Default)]
+pub(super) struct Strikes {
+    pub(super) commands: u32,
+    pub(super) recipients: u32,
+    /// A failure passed a limit: the 421 goes out once the current reply is queued.
+    pub(super) dropping: bool,
+}
+
 /// One peer's SMTP conversation, and its relay to the next hop.
 #[derive(Debug)]
 pub struct Session {
@@ -207,34 +240,23 @@ pub struct Session {
     ids: Arc<TransactionIds>,
     pub(super) peer: PeerIp,
     pub(super) phase: Phase,
-    /// Received and not yet processed (while a command waits for the next hop).
-    pub(super) input: Vec<u8>,
-    pub(super) input_pos: usize,
-    /// The command line being received, CRLF not yet seen.
-    pub(super) line: Vec<u8>,
-    /// The current line passed `MAX_LINE_LEN`: skip to its end, then reply once.
-    pub(super) overlong: bool,
+    /// The peer's bytes: those not yet processed, the command line being received.
+    pub(super) reader: Reader,
     pub(super) out: OutBuf,
     /// When waiting for the next command ends.
     pub(super) idle_deadline: Instant,
-    /// The wall clock at `clock_base`: dates are derived from these, the session reads
-    /// no clock.
-    unix_base: UnixTime,
-    clock_base: Instant,
+    /// The wall clock when it began: dates are derived from it, the session reads no
+    /// clock.
+    clock: WallClock,
     pub(super) helo: Option<Helo>,
     pub(super) txn: Option<Txn>,
-    /// Replies owed, oldest first; the first is always a forwarded command's.
-    pub(super) waiting: VecDeque<Waiting>,
-    pub(super) link: Link,
-    /// When the next hop must have answered (or taken more body) by.
-    pub(super) relay_deadline: Option<Instant>,
+    /// The side toward the next hop: replies owed, the link, its deadline.
+    pub(super) fwd: Forward,
     pub(super) events: VecDeque<Event>,
     /// The reply being given is to RCPT: a 5xx is a failed recipient.
     pub(super) answering_rcpt: bool,
-    pub(super) failed_commands: u32,
-    pub(super) failed_recipients: u32,
-    /// A failure passed a limit: the 421 goes out once the current reply is queued.
-    pub(super) dropping: bool,
+    /// Failures counted against this conversation's limits.
+    pub(super) strikes: Strikes,
     /// The server is stopping: the transaction under way finishes, the next command
     /// after it gets 421.
     pub(super) draining: bool,
@@ -255,24 +277,16 @@ impl Session {
             ids,
             peer,
             phase: Phase::Open,
-            input: Vec::new(),
-            input_pos: 0,
-            line: Vec::new(),
-            overlong: false,
+            reader: Reader::default(),
             out,
             idle_deadline,
-            unix_base: unix,
-            clock_base: now,
+            clock: WallClock { at: now, unix },
             helo: None,
             txn: None,
-            waiting: VecDeque::new(),
-            link: Link::None,
-            relay_deadline: None,
+            fwd: Forward { waiting: VecDeque::new(), link: Link::None, deadline: None },
             events: VecDeque::new(),
             answering_rcpt: false,
-            failed_commands: 0,
-            failed_recipients: 0,
-            dropping: false,
+            strikes: Strikes::default(),
             draining: false,
             tls_pending: false,
             tls: None,
@@ -310,7 +324,7 @@ impl Session {
         if let Some(body) = self.txn.as_mut().and_then(|t| t.body.as_mut()) {
             body.last_input = now;
         }
-        self.input.extend_from_slice(data);
+        self.reader.input.extend_from_slice(data);
         self.process(now);
         self.drop_if_over(now);
     }
@@ -330,7 +344,7 @@ impl Session {
         self.tls = Some(negotiated);
         self.helo = None;
         self.discard_input();
-        self.overlong = false;
+        self.reader.overlong = false;
         self.idle_deadline = now + self.settings.smtp.command_timeout;
     }
 
@@ -348,36 +362,36 @@ impl Session {
     /// Processes buffered input until it is used up or a command waits for the next hop.
     pub(super) fn process(&mut self, now: Instant) {
         while self.phase == Phase::Open
-            && !self.dropping
+            && !self.strikes.dropping
             && !self.tls_pending
-            && self.input_pos < self.input.len()
+            && self.reader.pos < self.reader.input.len()
             && self.may_go_on()
         {
             if self.in_body() {
                 self.body_input(now);
                 continue;
             }
-            let rest = &self.input[self.input_pos..];
+            let rest = &self.reader.input[self.reader.pos..];
             let Some(lf) = memchr::memchr(b'\n', rest) else {
-                self.take_partial_line(self.input.len());
+                self.take_partial_line(self.reader.input.len());
                 break;
             };
-            self.take_partial_line(self.input_pos + lf);
-            self.input_pos += 1; // the LF
+            self.take_partial_line(self.reader.pos + lf);
+            self.reader.pos += 1; // the LF
             self.answering_rcpt = false;
-            if std::mem::take(&mut self.overlong) {
+            if std::mem::take(&mut self.reader.overlong) {
                 self.reply(LINE_TOO_LONG);
             } else {
-                let line = std::mem::take(&mut self.line);
+                let line = std::mem::take(&mut self.reader.line);
                 self.command(&line, now);
-                self.line = line;
-                self.line.clear();
+                self.reader.line = line;
+                self.reader.line.clear();
             }
             self.idle_deadline = now + self.settings.smtp.command_timeout;
         }
-        if self.input_pos >= self.input.len() {
-            self.input.clear();
-            self.input_pos = 0;
+        if self.reader.pos >= self.reader.input.len() {
+            self.reader.input.clear();
+            self.reader.pos = 0;
         }
     }
 
@@ -386,14 +400,14 @@ impl Session {
     /// next hop that takes pipelined commands: it goes out behind them, in the same
     /// write, and its reply is given after theirs.
     fn may_go_on(&self) -> bool {
-        let Some(first) = self.waiting.front() else { return true };
-        if self.waiting.len() >= MAX_OWED {
+        let Some(first) = self.fwd.waiting.front() else { return true };
+        if self.fwd.waiting.len() >= MAX_OWED {
             return false;
         }
-        let pipelining = matches!(&self.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
+        let pipelining = matches!(&self.fwd.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
         // behind MAIL or a RCPT of the same transaction only (not behind the final dot)
         let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(_));
-        if !pipelining || !in_envelope || self.in_body() || !self.line.is_empty() {
+        if !pipelining || !in_envelope || self.in_body() || !self.reader.line.is_empty() {
             return false;
         }
         let rest = self.unprocessed();
@@ -409,35 +423,35 @@ impl Session {
     /// Moves input up to `end` into the line being received, or drops it once the line
     /// is too long to be valid.
     fn take_partial_line(&mut self, end: usize) {
-        let part = &self.input[self.input_pos..end];
+        let part = &self.reader.input[self.reader.pos..end];
         // MAX_LINE_LEN counts the CRLF; the LF is never stored
-        if !self.overlong && self.line.len() + part.len() < MAX_LINE_LEN {
-            self.line.extend_from_slice(part);
+        if !self.reader.overlong && self.reader.line.len() + part.len() < MAX_LINE_LEN {
+            self.reader.line.extend_from_slice(part);
         } else {
-            self.overlong = true;
-            self.line.clear();
+            self.reader.overlong = true;
+            self.reader.line.clear();
         }
-        self.input_pos = end;
+        self.reader.pos = end;
     }
 
     /// Input received and not processed yet.
     pub(super) fn unprocessed(&self) -> &[u8] {
-        &self.input[self.input_pos..]
+        &self.reader.input[self.reader.pos..]
     }
 
     pub(super) fn discard_input(&mut self) {
-        self.input.clear();
-        self.input_pos = 0;
-        self.line.clear();
+        self.reader.input.clear();
+        self.reader.pos = 0;
+        self.reader.line.clear();
     }
 
     /// Our reply to the command being processed: given now, or, when replies to earlier
     /// commands are still owed (pipelined behind forwarded ones), after them.
     pub(super) fn reply(&mut self, bytes: &[u8]) {
-        if self.waiting.is_empty() {
+        if self.fwd.waiting.is_empty() {
             self.emit(bytes);
         } else {
-            self.waiting.push_back(Waiting::Local { reply: bytes.into(), rcpt: self.answering_rcpt });
+            self.fwd.waiting.push_back(Waiting::Local { reply: bytes.into(), rcpt: self.answering_rcpt });
         }
     }
 
@@ -452,16 +466,16 @@ impl Session {
     /// Recipients forwarded to the next hop and not answered yet (at most [`MAX_OWED`]
     /// to look at).
     pub(super) fn recipients_pending(&self) -> u32 {
-        self.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(_))).count() as u32
+        self.fwd.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(_))).count() as u32
     }
 
     /// Gives our own replies that waited for the ones now given (none after a reply
     /// that passed a failure limit: the 421 comes next).
     pub(super) fn flush_local(&mut self) {
-        while !self.dropping
-            && let Some(Waiting::Local { .. }) = self.waiting.front()
+        while !self.strikes.dropping
+            && let Some(Waiting::Local { .. }) = self.fwd.waiting.front()
         {
-            if let Some(Waiting::Local { reply, rcpt }) = self.waiting.pop_front() {
+            if let Some(Waiting::Local { reply, rcpt }) = self.fwd.waiting.pop_front() {
                 self.answering_rcpt = rcpt;
                 self.emit(&reply);
             }
@@ -472,22 +486,22 @@ impl Session {
     fn failed(&mut self) {
         let limits = &self.settings;
         let (failure, over) = if self.answering_rcpt {
-            self.failed_recipients += 1;
-            (Failure::Recipient, self.failed_recipients > limits.max_failed_recipients)
+            self.strikes.recipients += 1;
+            (Failure::Recipient, self.strikes.recipients > limits.max_failed_recipients)
         } else {
-            self.failed_commands += 1;
-            (Failure::Command, self.failed_commands > limits.max_failed_commands)
+            self.strikes.commands += 1;
+            (Failure::Command, self.strikes.commands > limits.max_failed_commands)
         };
         self.events.push_back(Event::Failed(failure));
-        if over && self.phase == Phase::Open && !self.dropping {
-            self.dropping = true;
+        if over && self.phase == Phase::Open && !self.strikes.dropping {
+            self.strikes.dropping = true;
             self.events.push_back(Event::Dropped);
         }
     }
 
     /// Too many failures: `421 4.7.0` after the reply that passed the limit, and close.
     pub(super) fn drop_if_over(&mut self, now: Instant) {
-        if self.dropping && self.phase == Phase::Open {
+        if self.strikes.dropping && self.phase == Phase::Open {
             let settings = Arc::clone(&self.settings);
             self.out.push(&settings.replies.too_many_errors);
             self.begin_close(now);
@@ -506,7 +520,7 @@ impl Session {
             self.discard_input();
             self.abandon_transaction("connection closed", now);
             // replies still owed to pipelined commands are never given
-            self.waiting.clear();
+            self.fwd.waiting.clear();
         }
     }
 
@@ -524,7 +538,7 @@ impl Session {
             return;
         }
         self.draining = true;
-        if self.txn.is_none() && self.waiting.is_empty() {
+        if self.txn.is_none() && self.fwd.waiting.is_empty() {
             self.say_shutdown(now);
         }
     }
@@ -555,14 +569,14 @@ impl Session {
             // Input is read even while a command waits for the next hop (one read's
             // worth at most): pipelined commands wait their turn in the buffer, and a
             // body sent before our 354 is there to be seen as improper pipelining.
-            Phase::Open if self.input_pos < self.input.len() || self.backpressured() => Transmit::Wait,
+            Phase::Open if self.reader.pos < self.reader.input.len() || self.backpressured() => Transmit::Wait,
             Phase::Open => Transmit::Receive,
         }
     }
 
     /// Body bytes for the next hop are piling up: read no more from the peer.
     fn backpressured(&self) -> bool {
-        self.in_body() && matches!(&self.link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
+        self.in_body() && matches!(&self.fwd.link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
     }
 
     /// `n` bytes of the last `Send` went out.
@@ -583,12 +597,12 @@ impl Session {
         match self.phase {
             Phase::Closed => None,
             Phase::Closing { until } => Some(until),
-            Phase::Open if !self.waiting.is_empty() => self.relay_deadline.into_iter().chain(txn_deadline).min(),
+            Phase::Open if !self.fwd.waiting.is_empty() => self.fwd.deadline.into_iter().chain(txn_deadline).min(),
             Phase::Open => match self.txn.as_ref().and_then(|t| t.body.as_ref()) {
                 Some(body) => {
                     let smtp = &self.settings.smtp;
                     let block = body.last_input + smtp.data_timeout;
-                    let relay = self.relay_deadline.filter(|_| self.backpressured());
+                    let relay = self.fwd.deadline.filter(|_| self.backpressured());
                     [Some(block), self.rate_deadline(body), relay, txn_deadline].into_iter().flatten().min()
                 }
                 None => Some(self.idle_deadline),
@@ -625,8 +639,8 @@ impl Session {
     }
 
     fn timed_out(&mut self, now: Instant) {
-        let relay_late = self.relay_deadline.is_some_and(|d| d <= now);
-        if relay_late && (!self.waiting.is_empty() || self.backpressured()) {
+        let relay_late = self.fwd.deadline.is_some_and(|d| d <= now);
+        if relay_late && (!self.fwd.waiting.is_empty() || self.backpressured()) {
             tracing::debug!(peer = %self.peer, "next hop timed out");
             return self.relay_failed(HopFault::TimedOut, now);
         }
@@ -639,7 +653,7 @@ impl Session {
 
     /// Now on the wall clock.
     pub(super) fn unix_time(&self, now: Instant) -> UnixTime {
-        UnixTime(self.unix_base.0 + now.saturating_duration_since(self.clock_base).as_secs() as i64)
+        self.clock.at(now)
     }
 
     // ---- transactions ------------------------------------------------------------------
@@ -673,7 +687,7 @@ impl Session {
 
     pub(super) fn abandon_transaction(&mut self, why: &'static str, now: Instant) {
         if self.txn.is_some() {
-            self.waiting.clear();
+            self.fwd.waiting.clear();
             self.end_transaction(Outcome::Abandoned(why), now);
         }
     }

@@ -636,12 +636,12 @@ fn bodies_stream_with_bounded_memory() {
             let n = b.len().min(3000);
             h.session.consume_relay_output(n, h.now);
         }
-        let relay_held = match &h.session.link {
+        let relay_held = match &h.session.fwd.link {
             super::link::Link::Up(l) => l.up.held(),
             _ => 0,
         };
         assert!(relay_held <= 2 * RELAY_HIGH_WATER + 8192, "the next-hop queue holds {relay_held} bytes after {total}");
-        assert!(h.session.input.capacity() <= 64 << 10 && h.session.out.held() <= 64 << 10);
+        assert!(h.session.reader.input.capacity() <= 64 << 10 && h.session.out.held() <= 64 << 10);
     }
 }
 
@@ -816,7 +816,7 @@ fn a_peer_flooding_rcpt_while_the_hop_stalls_mail_is_held_at_a_bounded_queue() {
     assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "");
     let flood: Vec<u8> = (0..20_000).flat_map(|i| format!("RCPT TO:<u{i}@example.com>\r\n").into_bytes()).collect();
     assert_eq!(h.send(&flood), "", "nothing answered while MAIL waits");
-    assert_eq!(h.session.waiting.len(), MAX_OWED, "replies owed stop at the bound");
+    assert_eq!(h.session.fwd.waiting.len(), MAX_OWED, "replies owed stop at the bound");
     assert_eq!(h.session.poll_transmit(), Transmit::Wait, "and nothing more is read");
     assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 100, "max_recipients forwarded");
     // the hop answers MAIL and the 100 recipients: then our 27 452s, failures that drop it

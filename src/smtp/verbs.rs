@@ -52,7 +52,7 @@ impl Session {
         // a new greeting resets any transaction (RFC 5321 §4.1.4); one open at the next
         // hop leaves that connection unusable, so it goes
         self.abandon_transaction("new EHLO/HELO", now);
-        if matches!(&self.link, Link::Up(l) if !l.clean) {
+        if matches!(&self.fwd.link, Link::Up(l) if !l.clean) {
             self.drop_link();
         }
         let name = String::from_utf8_lossy(args).into_owned();
@@ -72,7 +72,7 @@ impl Session {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
-        if self.tls.is_some() || self.txn.is_some() || !self.waiting.is_empty() {
+        if self.tls.is_some() || self.txn.is_some() || !self.fwd.waiting.is_empty() {
             return self.reply(STARTTLS_NOT_NOW);
         }
         self.discard_input();
@@ -201,7 +201,7 @@ impl Session {
         }
         let open_upstream = self.txn.as_ref().is_some_and(|t| t.open_upstream);
         self.abandon_transaction("RSET", now);
-        match &self.link {
+        match &self.fwd.link {
             Link::Up(l) if open_upstream && !l.clean => self.forward_rset(now),
             _ => self.reply(OK),
         }
