@@ -1,7 +1,8 @@
 //! A next hop that answers like an SMTP server, sans-IO, its behaviour set by the caller:
-//! the one scripted next hop of the in-crate tests (`smtp` and `conn`) and of the
-//! `session` fuzz target. It records what it received (command lines, messages, each
-//! write) and counts the messages it accepted.
+//! the one scripted next hop of the in-crate tests (`smtp` and `conn`), of the `session`
+//! fuzz target, and (on a socket, with rustls after STARTTLS) of the end-to-end tests
+//! (`tests/common/nexthop.rs`). It records what it received (command lines, messages
+//! with their envelopes, each write) and counts the messages it accepted.
 //!
 //! ```text
 //!   bytes ─► receive ─► command lines ─► replies (EHLO: `ehlo`'s keywords; MAIL, RCPT,
@@ -32,6 +33,21 @@ pub struct ScriptedHop {
     /// Answers RCPT without MAIL and DATA without a recipient positively, as no sane
     /// server does (for the fuzz target).
     pub lax: bool,
+    /// Offers STARTTLS (until it is done); after its 220 the caller takes `tls_now` and
+    /// starts the handshake.
+    pub starttls: bool,
+    pub tls_now: bool,
+    /// Bytes came after the STARTTLS line, before the handshake (RFC 3207 §4 forbids it):
+    /// nothing after them was read.
+    pub injected: bool,
+    /// At the final dot: no answer, and the connection is to be closed (`closing`).
+    pub close_at_dot: bool,
+    /// At the final dot: no answer, ever again.
+    pub silent_at_dot: bool,
+    /// QUIT was answered, or the dot closes: the caller closes the connection.
+    pub closing: bool,
+    /// Each message's MAIL line and RCPT lines, as `messages`.
+    pub envelopes: Vec<(String, Vec<String>)>,
     /// Each write received, as it came (for pipelining).
     pub writes: Vec<Vec<u8>>,
     /// All command lines received, over all connections.
@@ -47,6 +63,10 @@ pub struct ScriptedHop {
     /// MAIL was accepted, and how many recipients since.
     mail_open: bool,
     rcpts_ok: u32,
+    /// The transaction's MAIL and RCPT lines.
+    envelope: (String, Vec<String>),
+    /// STARTTLS was done on this connection.
+    secured: bool,
 }
 
 impl ScriptedHop {
@@ -64,6 +84,7 @@ impl ScriptedHop {
 
     /// The connection closed: whatever was half-received is gone.
     pub fn disconnect(&mut self) {
+        self.secured = false;
         self.unread.clear();
         self.mail_open = false;
         self.rcpts_ok = 0;
@@ -81,11 +102,18 @@ impl ScriptedHop {
                     break;
                 };
                 self.messages.push(self.unread[..end + 2].to_vec());
+                self.envelopes.push(std::mem::take(&mut self.envelope));
                 self.unread.drain(..end + 5);
                 self.in_body = false;
                 self.scan = 0;
                 self.mail_open = false;
                 self.rcpts_ok = 0;
+                if self.close_at_dot || self.silent_at_dot {
+                    self.closing |= self.close_at_dot;
+                    self.silent = true;
+                    self.unread.clear();
+                    break;
+                }
                 let reply = self.dot_reply.unwrap_or("250 2.0.0 queued");
                 self.accepted += usize::from(reply.starts_with('2'));
                 out.extend_from_slice(reply.as_bytes());
@@ -100,6 +128,9 @@ impl ScriptedHop {
             let reply = match verb.as_str() {
                 "EHLO" => {
                     let mut r = String::from("250-hop.test");
+                    if self.starttls && !self.secured {
+                        r += "\r\n250-STARTTLS";
+                    }
                     for k in &self.ehlo {
                         r += &format!("\r\n250-{k}");
                     }
@@ -109,10 +140,22 @@ impl ScriptedHop {
                     self.silent = true;
                     continue;
                 }
+                "STARTTLS" if !self.starttls || self.secured => "503 5.5.1 not now".into(),
+                "STARTTLS" => {
+                    if !self.unread.is_empty() {
+                        self.injected = true;
+                        self.unread.clear();
+                        break;
+                    }
+                    self.secured = true;
+                    self.tls_now = true;
+                    "220 2.0.0 go ahead".into()
+                }
                 "MAIL" => match self.refuse_mail {
                     Some(reply) => reply.into(),
                     None => {
                         self.mail_open = true;
+                        self.envelope = (line.clone(), Vec::new());
                         "250 2.1.0 ok".into()
                     }
                 },
@@ -121,6 +164,7 @@ impl ScriptedHop {
                     Some((needle, reply)) if line.contains(needle) => reply.into(),
                     _ => {
                         self.rcpts_ok += 1;
+                        self.envelope.1.push(line.clone());
                         "250 2.1.5 ok".into()
                     }
                 },
@@ -141,7 +185,10 @@ impl ScriptedHop {
                     self.in_body = true;
                     "354 go ahead".into()
                 }
-                "QUIT" => "221 bye".into(),
+                "QUIT" => {
+                    self.closing = true;
+                    "221 bye".into()
+                }
                 _ => "250 2.0.0 ok".into(),
             };
             out.extend_from_slice(reply.as_bytes());

@@ -1,11 +1,14 @@
-//! A next hop for end-to-end tests: an SMTP server on 127.0.0.1 that records exactly
-//! what it receives, and can be told to misbehave, or to offer STARTTLS (rustls).
+//! A next hop for end-to-end tests: the library's scripted next hop on a socket on
+//! 127.0.0.1, recording exactly what it receives; it can be told to misbehave at the
+//! final dot, or to offer STARTTLS (rustls).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use mxgate::scripted::ScriptedHop;
 
 use super::WAIT;
 
@@ -131,6 +134,8 @@ impl Drop for NextHop {
 trait Wire: Read + Write + Send {}
 impl<T: Read + Write + Send> Wire for T {}
 
+/// One connection: the library's scripted next hop (`mxgate::scripted`) on the socket,
+/// switched to rustls after its 220 to STARTTLS; what it received goes to `state`.
 fn serve(
     stream: TcpStream,
     state: Arc<Mutex<State>>,
@@ -140,112 +145,48 @@ fn serve(
 ) {
     let _ = stream.set_read_timeout(Some(WAIT));
     let Ok(raw) = stream.try_clone() else { return };
-    let mut reader: BufReader<Box<dyn Wire>> = BufReader::new(Box::new(stream));
-    let say = |reader: &mut BufReader<Box<dyn Wire>>, line: &str| {
-        let out = reader.get_mut();
-        out.write_all(format!("{line}\r\n").as_bytes()).is_ok() && out.flush().is_ok()
-    };
-    if !say(&mut reader, "220 hop.test ESMTP test next hop") {
+    let mut wire: Box<dyn Wire> = Box::new(stream);
+    let mut hop = ScriptedHop::offering(&["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 0"]);
+    hop.starttls = tls.is_some();
+    match at_dot {
+        AtDot::Accept => {}
+        AtDot::Reply(reply) => hop.dot_reply = Some(reply),
+        AtDot::Close => hop.close_at_dot = true,
+        AtDot::Silent => hop.silent_at_dot = true,
+    }
+    if wire.write_all(b"220 hop.test ESMTP test next hop\r\n").is_err() {
         return;
     }
-    let (mut from, mut rcpts, mut secured) = (String::new(), Vec::new(), false);
-    let mut line = Vec::new();
+    let (mut secured, mut buf) = (false, vec![0u8; 64 << 10]);
     while !stop.load(Ordering::Relaxed) {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
+        let n = match wire.read(&mut buf) {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-        state.lock().expect("lock").commands.push(text.clone());
-        let verb = text.split(' ').next().unwrap_or("").to_ascii_uppercase();
-        let ok = match verb.as_str() {
-            "EHLO" => {
-                let starttls = if tls.is_some() && !secured { "250-STARTTLS\r\n" } else { "" };
-                say(
-                    &mut reader,
-                    &format!("250-hop.test\r\n{starttls}250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0"),
-                )
-            }
-            "STARTTLS" => {
-                let Some(config) = tls.as_ref().filter(|_| !secured) else {
-                    say(&mut reader, "503 5.5.1 not now");
-                    continue;
-                };
-                if !reader.buffer().is_empty() {
-                    // a client must wait for the 220 (RFC 3207 §4)
-                    state.lock().expect("lock").commands.push("(pipelined after STARTTLS)".into());
-                    return;
-                }
-                say(&mut reader, "220 2.0.0 go ahead");
-                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else { return };
-                let Ok(sock) = raw.try_clone() else { return };
-                reader = BufReader::new(Box::new(rustls::StreamOwned::new(conn, sock)));
-                secured = true;
-                true
-            }
-            "MAIL" => {
-                from = text.clone();
-                rcpts.clear();
-                say(&mut reader, "250 2.1.0 ok")
-            }
-            "RCPT" => {
-                rcpts.push(text.clone());
-                say(&mut reader, "250 2.1.5 ok")
-            }
-            "DATA" => {
-                say(&mut reader, "354 go ahead");
-                let Some(body) = read_body(&mut reader) else { return };
-                match at_dot {
-                    AtDot::Accept | AtDot::Reply(_) => {
-                        if at_dot == AtDot::Accept {
-                            let m = Message {
-                                mail_from: from.clone(),
-                                rcpt_to: rcpts.clone(),
-                                wire_body: body,
-                                tls: secured,
-                            };
-                            state.lock().expect("lock").messages.push(m);
-                        }
-                        let reply = match at_dot {
-                            AtDot::Reply(r) => r,
-                            _ => "250 2.0.0 queued",
-                        };
-                        say(&mut reader, reply)
-                    }
-                    AtDot::Close => return,
-                    AtDot::Silent => {
-                        let mut sink = [0u8; 1024];
-                        while reader.read(&mut sink).is_ok_and(|n| n > 0) {}
-                        return;
-                    }
+            Ok(n) => n,
+        };
+        let answers = hop.receive(&buf[..n]);
+        {
+            let mut state = state.lock().expect("lock");
+            state.commands.append(&mut hop.commands);
+            let bodies = std::mem::take(&mut hop.messages);
+            for (body, (mail_from, rcpt_to)) in bodies.into_iter().zip(hop.envelopes.drain(..)) {
+                if at_dot == AtDot::Accept {
+                    state.messages.push(Message { mail_from, rcpt_to, wire_body: body, tls: secured });
                 }
             }
-            "RSET" | "NOOP" => say(&mut reader, "250 2.0.0 ok"),
-            "QUIT" => {
-                say(&mut reader, "221 bye");
+            if hop.injected {
+                // a client must wait for the 220 (RFC 3207 §4)
+                state.commands.push("(pipelined after STARTTLS)".into());
                 return;
             }
-            _ => say(&mut reader, "500 unknown"),
-        };
-        if !ok {
+        }
+        if wire.write_all(&answers).and_then(|()| wire.flush()).is_err() || hop.closing {
             return;
         }
-    }
-}
-
-/// Reads a body up to CRLF.CRLF; returns it with the CRLF before the dot.
-fn read_body(reader: &mut impl BufRead) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).ok()? == 0 {
-            return None;
+        if std::mem::take(&mut hop.tls_now) {
+            let (Some(config), Ok(sock)) = (tls.as_ref(), raw.try_clone()) else { return };
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else { return };
+            wire = Box::new(rustls::StreamOwned::new(conn, sock));
+            secured = true;
         }
-        if line == b".\r\n" {
-            return Some(body);
-        }
-        body.extend_from_slice(&line);
     }
 }
