@@ -126,7 +126,7 @@ pub(crate) enum Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum NoHeader {
     /// Malformed, oversized, truncated or late: refused (`refused_proxy_header`).
-    Refused(stage::NoHeader),
+    Refused(stage::BadHeader),
     /// Closed before sending anything (a bare TCP health check): gone before judged.
     Gone,
 }

@@ -50,9 +50,9 @@ pub enum Stage {
     Reject { line: std::borrow::Cow<'static, [u8]>, sent: usize },
 }
 
-/// Why a balancer's connection ended without a header.
+/// Why a balancer's header was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum NoHeader {
+pub enum BadHeader {
     #[error("{0}")]
     Invalid(proxy::HeaderFault),
     #[error("truncated header")]
@@ -83,7 +83,7 @@ impl Stage {
     /// Bytes from the balancer; `Err` when they can never be a header. The parser says
     /// "need more" only short of a header's bounded size, so what is kept stays under
     /// `proxy::MAX_V2` and one read.
-    pub fn input(&mut self, bytes: &[u8]) -> Result<(), NoHeader> {
+    pub fn input(&mut self, bytes: &[u8]) -> Result<(), BadHeader> {
         let Stage::Header { got, .. } = self else { return Ok(()) };
         let parsed = if got.is_empty() {
             // the common case: the whole header in the first read, parsed where it lies
@@ -104,7 +104,7 @@ impl Stage {
         };
         match parsed {
             Parsed::NeedMore => Ok(()),
-            Parsed::Invalid(why) => self.fail(NoHeader::Invalid(why)),
+            Parsed::Invalid(why) => self.fail(BadHeader::Invalid(why)),
             Parsed::Done { header, consumed } => {
                 let rest = match self {
                     Stage::Header { got, .. } => got.split_off(consumed),
@@ -117,10 +117,10 @@ impl Stage {
     }
 
     /// The balancer closed its side (or the connection broke) before a whole header.
-    pub fn eof(&mut self) -> Option<NoHeader> {
+    pub fn eof(&mut self) -> Option<BadHeader> {
         let Stage::Header { got, .. } = self else { return None };
         // a bare TCP check (connect, close) is no malformed header
-        let why = (!got.is_empty()).then_some(NoHeader::Truncated);
+        let why = (!got.is_empty()).then_some(BadHeader::Truncated);
         *self = Stage::Close;
         why
     }
@@ -134,14 +134,14 @@ impl Stage {
     }
 
     /// The deadline passed: late.
-    pub fn timeout(&mut self, now: Instant) -> Option<NoHeader> {
+    pub fn timeout(&mut self, now: Instant) -> Option<BadHeader> {
         match self {
-            Stage::Header { deadline, .. } if *deadline <= now => self.fail(NoHeader::Late).err(),
+            Stage::Header { deadline, .. } if *deadline <= now => self.fail(BadHeader::Late).err(),
             _ => None,
         }
     }
 
-    fn fail(&mut self, why: NoHeader) -> Result<(), NoHeader> {
+    fn fail(&mut self, why: BadHeader) -> Result<(), BadHeader> {
         *self = Stage::Close;
         Err(why)
     }
