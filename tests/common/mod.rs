@@ -23,6 +23,19 @@ macro_rules! for_both_drivers {
     };
 }
 
+#[allow(unused_macros, reason = "not every test binary has behaviours the driver takes no part in")]
+/// `on_one_driver!(a, b)`: tests `once::a`, ... calling `a("uring")`: behaviours the
+/// driver takes no part in beyond moving bytes (configuration and reload, the control
+/// socket, metrics, state files, log lines, TLS settings) run once; the drivers' own
+/// paths (accept, bytes, timers, pooling, drain) run on both (`for_both_drivers!`).
+macro_rules! on_one_driver {
+    ($($name:ident),* $(,)?) => {
+        mod once {
+            $(#[test] fn $name() { super::$name("uring") })*
+        }
+    };
+}
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
