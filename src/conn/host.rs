@@ -46,7 +46,7 @@ pub trait Io {
     /// when [`Io::unplug`] gave nothing); true when the connection may have more to do.
     fn hop(&mut self, id: ConnId, sockets: &mut Self::Sockets, conn: &mut Connection, now: Instant) -> bool;
     /// Starts connecting the next-hop socket to `addr`; completes with
-    /// `conn.hop_connected` or `conn.hop_failed`.
+    /// `Input::HopConnected` or `Input::HopFailed`.
     fn dial(&mut self, id: ConnId, sockets: &mut Self::Sockets, addr: SocketAddr) -> io::Result<()>;
     /// Makes a pooled connection the next-hop socket; false when it cannot be used.
     fn adopt(&mut self, id: ConnId, sockets: &mut Self::Sockets, pooled: Self::Pooled) -> bool;

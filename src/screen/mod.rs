@@ -2,7 +2,7 @@
 //! remembered for `pass_ttl` and skips the tests on later connections. The tests
 //! themselves are sans-IO: the DNS blocklists (asking, the answers a connection awaits,
 //! scoring) are [`dnsbl`], the pregreet test is [`pregreet`]; a connection runs them
-//! (`conn/front.rs`) and its host asks the resolver.
+//! (`conn/stage.rs`) and its host asks the resolver.
 //!
 //! [`Passed`] is that memory: fixed, shared by the workers, lock-free. Each address has
 //! two candidate slots (two keyed hashes); a slot holds a tag of the address (32 bits of a
