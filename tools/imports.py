@@ -15,7 +15,8 @@ for path in sorted(src.iterdir()):
     if name in ("lib", "main"):
         continue
     files = sorted(path.rglob("*.rs")) if path.is_dir() else [path]
-    modules[name] = files
+    # a module's tests.rs is its test module in a file of its own
+    modules[name] = [f for f in files if f.name != "tests.rs"]
 
 uses, lines = {}, {}
 for name, files in modules.items():
