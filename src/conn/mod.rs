@@ -386,7 +386,7 @@ impl Connection {
     fn peer_input(&mut self, bytes: &[u8], now: Instant) {
         match self.stage {
             _ if self.stage.in_session() => {}
-            Stage::Screening { .. } => {
+            Stage::Screening { pregreet: Some(_), .. } => {
                 // spoke before the greeting was complete
                 let octets = Pregreet::talked_early(bytes);
                 self.reports.push_back(Report::Screened(Screened::TalkedEarly(octets)));
