@@ -62,185 +62,110 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 /// What is wrong with a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Fault {
     /// The file cannot be read: which file it is, and the system's reason.
+    #[error("cannot read {what}: {reason}")]
     Unreadable { what: &'static str, reason: String },
     /// The TOML does not parse (the parser's words).
+    #[error("TOML syntax: {0}")]
     Syntax(String),
     /// A key its section does not have, and the keys it has.
+    #[error("unknown key; known keys here: {known}")]
     UnknownKey { known: String },
     /// A section that is not a table.
+    #[error("expected a table `[{section}]`, found {found}")]
     NotATable { section: String, found: &'static str },
     /// An entry of an array of tables without the keys it needs.
+    #[error("each entry needs {0}")]
     MissingKeys(&'static str),
     /// A value of the wrong form or out of range.
-    Value(Invalid),
+    #[error(transparent)]
+    Value(#[from] Invalid),
     /// Keys that do not go together.
-    Conflict(Conflict),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     /// A list line.
-    Entry(EntryError),
+    #[error(transparent)]
+    Entry(#[from] EntryError),
     /// The same prefix twice with contradicting actions.
+    #[error("`{later}` contradicts `{first}` on line {first_line}")]
     Contradiction { later: String, first: String, first_line: u32 },
     /// `deny` in the whitelist, which takes bare entries only.
+    #[error("the whitelist takes bare entries only: `deny` has no meaning here")]
     DenyInWhitelist,
     /// Bad lines past the ones reported.
+    #[error("{0} more bad lines not shown")]
     MoreBadLines(usize),
     /// More entries than the table takes.
+    #[error("more than 2^31 entries")]
     TooManyEntries,
     /// A ban-file line.
-    Ban(BanLineError),
+    #[error(transparent)]
+    Ban(#[from] BanLineError),
     /// A certificate, a key or roots.
-    Tls(TlsFault),
+    #[error(transparent)]
+    Tls(#[from] TlsFault),
 }
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fault::Unreadable { what, reason } => write!(f, "cannot read {what}: {reason}"),
-            Fault::Syntax(why) => write!(f, "TOML syntax: {why}"),
-            Fault::UnknownKey { known } => write!(f, "unknown key; known keys here: {known}"),
-            Fault::NotATable { section, found } => write!(f, "expected a table `[{section}]`, found {found}"),
-            Fault::MissingKeys(keys) => write!(f, "each entry needs {keys}"),
-            Fault::Value(v) => v.fmt(f),
-            Fault::Conflict(c) => c.fmt(f),
-            Fault::Entry(e) => e.fmt(f),
-            Fault::Contradiction { later, first, first_line } => {
-                write!(f, "`{later}` contradicts `{first}` on line {first_line}")
-            }
-            Fault::DenyInWhitelist => f.write_str("the whitelist takes bare entries only: `deny` has no meaning here"),
-            Fault::MoreBadLines(n) => write!(f, "{n} more bad lines not shown"),
-            Fault::TooManyEntries => f.write_str("more than 2^31 entries"),
-            Fault::Ban(b) => b.fmt(f),
-            Fault::Tls(t) => t.fmt(f),
-        }
-    }
-}
-
-macro_rules! fault_from {
-    ($($t:ty => $v:ident),* $(,)?) => {
-        $(impl From<$t> for Fault {
-            fn from(e: $t) -> Self {
-                Fault::$v(e)
-            }
-        })*
-    };
-}
-fault_from!(Invalid => Value, Conflict => Conflict, EntryError => Entry, BanLineError => Ban, TlsFault => Tls);
 
 /// A config value that is not what its key takes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
     /// Another TOML type: what the key takes, and what was given.
-    Type {
-        expected: &'static str,
-        found: &'static str,
-    },
+    #[error("expected {expected}, found {found}")]
+    Type { expected: &'static str, found: &'static str },
     /// A whole number outside its range.
-    Range {
-        min: i64,
-        max: i64,
-    },
+    #[error("must be a whole number from {min} to {max}")]
+    Range { min: i64, max: i64 },
     /// A size outside its range, in bytes.
-    SizeRange {
-        min: u64,
-        max: u64,
-    },
+    #[error("must be from {} to {}", show_size(*.min), show_size(*.max))]
+    SizeRange { min: u64, max: u64 },
     /// Zero where it means nothing: the rule.
+    #[error("{0}")]
     Zero(&'static str),
     /// Not one of the words the key takes.
-    NotOneOf {
-        given: String,
-        what: &'static str,
-        choices: &'static str,
-    },
+    #[error("`{given}` is not {what}: use {choices}")]
+    NotOneOf { given: String, what: &'static str, choices: &'static str },
     /// A duration or a size.
-    Unit(UnitError),
+    #[error(transparent)]
+    Unit(#[from] UnitError),
     /// An element of an array (1-based).
-    Element {
-        index: usize,
-        fault: Box<Invalid>,
-    },
+    #[error("element {index}: {fault}")]
+    Element { index: usize, fault: Box<Invalid> },
     /// A path that is not a readable file.
+    #[error("`{}` is not a readable file", .0.display())]
     NotAFile(PathBuf),
+    #[error("`{0}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")")]
     NotASocketAddress(String),
+    #[error("`{0}` is not a domain name (letters, digits and hyphens in labels separated by dots)")]
     NotADomain(String),
     /// Not a name a certificate can carry (DNS name or IP address).
+    #[error("`{0}`: not a DNS name or IP address")]
     NotAServerName(String),
     /// An address or prefix.
-    Net(EntryError),
+    #[error(transparent)]
+    Net(#[from] EntryError),
     /// `cluster.redis`.
-    Redis(RedisUrlFault),
+    #[error(transparent)]
+    Redis(#[from] RedisUrlFault),
+    #[error("`{0}`: not an IPv4 address or range")]
     NotAnIpv4Range(String),
+    #[error("`{0}`: the range ends before it starts")]
     BackwardsRange(String),
     /// The same thing given twice.
+    #[error("`{0}` is given twice")]
     Twice(String),
+    #[error("give at least one address")]
     NoAddress,
     /// `cluster.prefix`: a character it cannot have.
+    #[error("`{0}`: letters, digits, `_`, `.` and `-` only")]
     KeyPrefix(String),
     /// A reply line.
-    Template(TemplateError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
     /// A reply line that can render longer than the longest reply.
-    ReplyTooLong {
-        max: usize,
-    },
-}
-
-impl fmt::Display for Invalid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Invalid::Type { expected, found } => write!(f, "expected {expected}, found {found}"),
-            Invalid::Range { min, max } => write!(f, "must be a whole number from {min} to {max}"),
-            Invalid::SizeRange { min, max } => write!(f, "must be from {} to {}", show_size(*min), show_size(*max)),
-            Invalid::Zero(rule) => f.write_str(rule),
-            Invalid::NotOneOf { given, what, choices } => write!(f, "`{given}` is not {what}: use {choices}"),
-            Invalid::Unit(u) => u.fmt(f),
-            Invalid::Element { index, fault } => write!(f, "element {index}: {fault}"),
-            Invalid::NotAFile(p) => write!(f, "`{}` is not a readable file", p.display()),
-            Invalid::NotASocketAddress(s) => {
-                write!(f, "`{s}` is not a socket address (e.g. \"127.0.0.1:25\" or \"[::]:25\")")
-            }
-            Invalid::NotADomain(s) => {
-                write!(f, "`{s}` is not a domain name (letters, digits and hyphens in labels separated by dots)")
-            }
-            Invalid::NotAServerName(s) => write!(f, "`{s}`: not a DNS name or IP address"),
-            Invalid::Net(e) => e.fmt(f),
-            Invalid::Redis(r) => r.fmt(f),
-            Invalid::NotAnIpv4Range(s) => write!(f, "`{s}`: not an IPv4 address or range"),
-            Invalid::BackwardsRange(s) => write!(f, "`{s}`: the range ends before it starts"),
-            Invalid::Twice(s) => write!(f, "`{s}` is given twice"),
-            Invalid::NoAddress => f.write_str("give at least one address"),
-            Invalid::KeyPrefix(p) => write!(f, "`{p}`: letters, digits, `_`, `.` and `-` only"),
-            Invalid::Template(t) => t.fmt(f),
-            Invalid::ReplyTooLong { max } => write!(f, "the reply can be longer than {max} octets"),
-        }
-    }
-}
-
-impl std::error::Error for Invalid {}
-
-impl From<UnitError> for Invalid {
-    fn from(e: UnitError) -> Self {
-        Invalid::Unit(e)
-    }
-}
-
-impl From<EntryError> for Invalid {
-    fn from(e: EntryError) -> Self {
-        Invalid::Net(e)
-    }
-}
-
-impl From<TemplateError> for Invalid {
-    fn from(e: TemplateError) -> Self {
-        Invalid::Template(e)
-    }
-}
-
-impl From<RedisUrlFault> for Invalid {
-    fn from(e: RedisUrlFault) -> Self {
-        Invalid::Redis(e)
-    }
+    #[error("the reply can be longer than {max} octets")]
+    ReplyTooLong { max: usize },
 }
 
 /// `64MiB`, `1GiB`: a size as written in the config file (whole units only).
@@ -254,263 +179,153 @@ fn show_size(bytes: u64) -> String {
 }
 
 /// Keys that do not go together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Conflict {
+    #[error("is longer than abuse.max_ban_duration")]
     BanLongerThanMax,
+    #[error("give both `cert` and `key`, or neither (no STARTTLS)")]
     HalfTls,
+    #[error("needs [tls] cert and key (STARTTLS)")]
     RequireTlsWithoutTls,
+    #[error("give the fleet's Redis: `redis://host:port/db`")]
     ClusterWithoutRedis,
 }
 
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Conflict::BanLongerThanMax => "is longer than abuse.max_ban_duration",
-            Conflict::HalfTls => "give both `cert` and `key`, or neither (no STARTTLS)",
-            Conflict::RequireTlsWithoutTls => "needs [tls] cert and key (STARTTLS)",
-            Conflict::ClusterWithoutRedis => "give the fleet's Redis: `redis://host:port/db`",
-        })
-    }
-}
-
 /// `cluster.redis`, refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RedisUrlFault {
+    #[error("`{0}`: a redis:// or rediss:// URL")]
     NotAUrl(String),
+    #[error("no password in the URL: give password_file")]
     PasswordInUrl,
+    #[error("`{0}`: not a user name")]
     NotAUser(String),
+    #[error("`{0}`: not a database number")]
     NotADatabase(String),
+    #[error("`{0}`: not a port")]
     NotAPort(String),
+    #[error("`{0}`: no host")]
     NoHost(String),
 }
 
-impl fmt::Display for RedisUrlFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedisUrlFault::NotAUrl(s) => write!(f, "`{s}`: a redis:// or rediss:// URL"),
-            RedisUrlFault::PasswordInUrl => f.write_str("no password in the URL: give password_file"),
-            RedisUrlFault::NotAUser(u) => write!(f, "`{u}`: not a user name"),
-            RedisUrlFault::NotADatabase(d) => write!(f, "`{d}`: not a database number"),
-            RedisUrlFault::NotAPort(p) => write!(f, "`{p}`: not a port"),
-            RedisUrlFault::NoHost(s) => write!(f, "`{s}`: no host"),
-        }
-    }
-}
-
 /// A duration (`30s`) or a size (`50MiB`) that does not read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
+    #[error("`{0}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s`")]
     NotADuration(String),
+    #[error("`{0}` is too long a duration")]
     DurationTooLong(String),
     /// Longer than the longest ban, `max_days`.
-    LongerThanBan {
-        given: String,
-        max_days: i64,
-    },
+    #[error("`{given}` is longer than the longest ban ({max_days}d, 100 years)")]
+    LongerThanBan { given: String, max_days: i64 },
+    #[error("`{0}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`")]
     NotASize(String),
+    #[error("`{0}` is too large a size")]
     SizeTooLarge(String),
 }
 
-impl fmt::Display for UnitError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UnitError::NotADuration(t) => {
-                write!(f, "`{t}` is not a duration: write a whole number and a unit (ms, s, m, h, d), e.g. `30s`")
-            }
-            UnitError::DurationTooLong(t) => write!(f, "`{t}` is too long a duration"),
-            UnitError::LongerThanBan { given, max_days } => {
-                write!(f, "`{given}` is longer than the longest ban ({max_days}d, 100 years)")
-            }
-            UnitError::NotASize(t) => {
-                write!(f, "`{t}` is not a size: write a whole number and a unit (B, KiB, MiB, GiB), e.g. `50MiB`")
-            }
-            UnitError::SizeTooLarge(t) => write!(f, "`{t}` is too large a size"),
-        }
-    }
-}
-
-impl std::error::Error for UnitError {}
-
 /// A reply line (`deny_reply`, `ban_reply`) that cannot be one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
+    #[error("`{0}` must start with a 4xx or 5xx reply code and a space, e.g. `530 5.7.1 ...`")]
     NoCode(String),
+    #[error("control character {0:?} in a reply line")]
     Control(char),
+    #[error("a reply line must be ASCII")]
     NotAscii,
+    #[error("unmatched `}}` in `{0}`")]
     UnmatchedClose(String),
+    #[error("unmatched `{{` in `{0}`")]
     UnmatchedOpen(String),
+    #[error("unknown placeholder `{{{0}}}`: known are {{hostname}} and {{time}}")]
     UnknownPlaceholder(String),
 }
 
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TemplateError::NoCode(t) => {
-                write!(f, "`{t}` must start with a 4xx or 5xx reply code and a space, e.g. `530 5.7.1 ...`")
-            }
-            TemplateError::Control(c) => write!(f, "control character {c:?} in a reply line"),
-            TemplateError::NotAscii => f.write_str("a reply line must be ASCII"),
-            TemplateError::UnmatchedClose(t) => write!(f, "unmatched `}}` in `{t}`"),
-            TemplateError::UnmatchedOpen(t) => write!(f, "unmatched `{{` in `{t}`"),
-            TemplateError::UnknownPlaceholder(p) => {
-                write!(f, "unknown placeholder `{{{p}}}`: known are {{hostname}} and {{time}}")
-            }
-        }
-    }
-}
-
 /// A list line (or an address or prefix elsewhere) that does not read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
+    #[error("not UTF-8 text")]
     NotUtf8,
     /// `allow` or `deny` and nothing after it.
-    NoAddress {
-        text: String,
-        action: String,
-    },
+    #[error("`{text}`: an address or prefix must follow `{action}`")]
+    NoAddress { text: String, action: String },
+    #[error("`{0}` is not an IP prefix (expected e.g. 192.0.2.0/24 or 2001:db8::/32)")]
     NotAPrefix(String),
     /// Host bits set, and the prefix meant.
-    HostBits {
-        given: String,
-        meant: String,
-    },
+    #[error("`{given}` has host bits set: did you mean {meant}?")]
+    HostBits { given: String, meant: String },
+    #[error("`{0}` is not an IP address or prefix (expected e.g. 192.0.2.7, 192.0.2.0/24 or 2001:db8::/32)")]
     NotAnAddress(String),
     /// Words after the entry.
-    Trailing {
-        extra: String,
-        after: String,
-    },
-}
-
-impl fmt::Display for EntryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EntryError::NotUtf8 => f.write_str("not UTF-8 text"),
-            EntryError::NoAddress { text, action } => {
-                write!(f, "`{text}`: an address or prefix must follow `{action}`")
-            }
-            EntryError::NotAPrefix(w) => {
-                write!(f, "`{w}` is not an IP prefix (expected e.g. 192.0.2.0/24 or 2001:db8::/32)")
-            }
-            EntryError::HostBits { given, meant } => write!(f, "`{given}` has host bits set: did you mean {meant}?"),
-            EntryError::NotAnAddress(w) => write!(
-                f,
-                "`{w}` is not an IP address or prefix (expected e.g. 192.0.2.7, 192.0.2.0/24 or 2001:db8::/32)"
-            ),
-            EntryError::Trailing { extra, after } => {
-                write!(f, "unexpected `{extra}` after `{after}`: one entry a line, `#` starts a comment")
-            }
-        }
-    }
+    #[error("unexpected `{extra}` after `{after}`: one entry a line, `#` starts a comment")]
+    Trailing { extra: String, after: String },
 }
 
 /// A ban-file line (or a ban the fleet published) that does not read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BanLineError {
+    #[error("not UTF-8 text")]
     NotUtf8,
-    Prefix(EntryError),
+    #[error(transparent)]
+    Prefix(#[from] EntryError),
+    #[error("`{0}`: expected name=value")]
     NotNameValue(String),
+    #[error("{0}: unterminated quoted text")]
     Unterminated(String),
+    #[error("until: `{0}` is not an RFC 3339 UTC time from 1970 to 9999 (e.g. 2030-01-01T00:00:00Z)")]
     NotATime(String),
+    #[error("offence: `{given}` is not a number from 1 to {max}")]
     NotAnOffence { given: String, max: u32 },
+    #[error("node: `{0}` is not a node name")]
     NotANode(String),
+    #[error("unknown `{0}=`: expected until=, reason=, offence=, node=")]
     UnknownField(String),
+    #[error("`{0}`: until= is missing")]
     NoUntil(String),
     // what only the fleet's messages can get wrong
+    #[error("{len} bytes: longer than {max}")]
     TooLong { len: usize, max: usize },
+    #[error("control characters in the line")]
     ControlCharacters,
+    #[error("the ban names no node= (who made it)")]
     NoNode,
+    #[error("unban: expected `unban PREFIX node=NAME`")]
     NotAnUnban,
+    #[error("unban: `{0}` has host bits set")]
     UnbanHostBits(String),
+    #[error("expected `ban LINE` or `unban PREFIX node=NAME`")]
     UnknownMessage,
 }
 
-impl fmt::Display for BanLineError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BanLineError::NotUtf8 => f.write_str("not UTF-8 text"),
-            BanLineError::Prefix(e) => e.fmt(f),
-            BanLineError::NotNameValue(rest) => write!(f, "`{rest}`: expected name=value"),
-            BanLineError::Unterminated(name) => write!(f, "{name}: unterminated quoted text"),
-            BanLineError::NotATime(w) => {
-                write!(f, "until: `{w}` is not an RFC 3339 UTC time from 1970 to 9999 (e.g. 2030-01-01T00:00:00Z)")
-            }
-            BanLineError::NotAnOffence { given, max } => {
-                write!(f, "offence: `{given}` is not a number from 1 to {max}")
-            }
-            BanLineError::NotANode(w) => write!(f, "node: `{w}` is not a node name"),
-            BanLineError::UnknownField(n) => write!(f, "unknown `{n}=`: expected until=, reason=, offence=, node="),
-            BanLineError::NoUntil(prefix) => write!(f, "`{prefix}`: until= is missing"),
-            BanLineError::TooLong { len, max } => write!(f, "{len} bytes: longer than {max}"),
-            BanLineError::ControlCharacters => f.write_str("control characters in the line"),
-            BanLineError::NoNode => f.write_str("the ban names no node= (who made it)"),
-            BanLineError::NotAnUnban => f.write_str("unban: expected `unban PREFIX node=NAME`"),
-            BanLineError::UnbanHostBits(p) => write!(f, "unban: `{p}` has host bits set"),
-            BanLineError::UnknownMessage => f.write_str("expected `ban LINE` or `unban PREFIX node=NAME`"),
-        }
-    }
-}
-
-impl From<EntryError> for BanLineError {
-    fn from(e: EntryError) -> Self {
-        BanLineError::Prefix(e)
-    }
-}
-
 /// A certificate, a key or roots that cannot serve (the TLS library's words in `why`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TlsFault {
     /// rustls refused the configuration.
-    Setup {
-        key: &'static str,
-        why: String,
-    },
+    #[error("{key}: {why}")]
+    Setup { key: &'static str, why: String },
+    #[error("not a PEM certificate chain: {0}")]
     NotAChain(String),
+    #[error("cannot read it: {0}")]
     CannotRead(String),
+    #[error("no certificate in it (PEM `BEGIN CERTIFICATE`)")]
     NoCertificate,
+    #[error("the certificate expired on {0}")]
     Expired(String),
+    #[error("the certificate is not valid yet")]
     NotYetValid,
     /// Certificate `index` (1-based) of the chain.
-    BadCertificate {
-        index: usize,
-        why: String,
-    },
+    #[error("certificate {index} of the chain: {why}")]
+    BadCertificate { index: usize, why: String },
+    #[error("not a PEM private key (PKCS#8, RSA or EC): {0}")]
     NotAKey(String),
+    #[error("the key cannot sign: {0}")]
     CannotSign(String),
-    KeyMismatch {
-        cert: PathBuf,
-        why: String,
-    },
+    #[error("does not match the certificate in {}: {why}", .cert.display())]
+    KeyMismatch { cert: PathBuf, why: String },
+    #[error("not PEM certificates: {0}")]
     NotRoots(String),
-    UnusableRoots {
-        added: usize,
-        ignored: usize,
-    },
+    #[error("{added} usable root certificates, {ignored} unusable")]
+    UnusableRoots { added: usize, ignored: usize },
+    #[error("relay.tls: no root certificate in this machine's trust store{0}: give relay.tls_ca")]
     NoMachineRoots(String),
-}
-
-impl fmt::Display for TlsFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TlsFault::Setup { key, why } => write!(f, "{key}: {why}"),
-            TlsFault::NotAChain(why) => write!(f, "not a PEM certificate chain: {why}"),
-            TlsFault::CannotRead(why) => write!(f, "cannot read it: {why}"),
-            TlsFault::NoCertificate => f.write_str("no certificate in it (PEM `BEGIN CERTIFICATE`)"),
-            TlsFault::Expired(on) => write!(f, "the certificate expired on {on}"),
-            TlsFault::NotYetValid => f.write_str("the certificate is not valid yet"),
-            TlsFault::BadCertificate { index, why } => write!(f, "certificate {index} of the chain: {why}"),
-            TlsFault::NotAKey(why) => write!(f, "not a PEM private key (PKCS#8, RSA or EC): {why}"),
-            TlsFault::CannotSign(why) => write!(f, "the key cannot sign: {why}"),
-            TlsFault::KeyMismatch { cert, why } => {
-                write!(f, "does not match the certificate in {}: {why}", cert.display())
-            }
-            TlsFault::NotRoots(why) => write!(f, "not PEM certificates: {why}"),
-            TlsFault::UnusableRoots { added, ignored } => {
-                write!(f, "{added} usable root certificates, {ignored} unusable")
-            }
-            TlsFault::NoMachineRoots(why) => {
-                write!(f, "relay.tls: no root certificate in this machine's trust store{why}: give relay.tls_ca")
-            }
-        }
-    }
 }
