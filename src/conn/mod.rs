@@ -542,8 +542,10 @@ impl Connection {
                 if read.started {
                     self.session.relay_tls_started();
                 }
-                if !read.plaintext.is_empty() {
-                    self.session.handle_relay_input(&read.plaintext, now);
+                if let Some(t) = &self.hop_tls
+                    && !t.plaintext().is_empty()
+                {
+                    self.session.handle_relay_input(t.plaintext(), now);
                 }
                 if read.closed {
                     // close_notify: the next hop is done with this connection

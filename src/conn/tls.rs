@@ -208,7 +208,6 @@ const HOP_HIGH: usize = 64 * 1024;
 /// What records from the next hop gave.
 #[derive(Debug, Default)]
 pub struct HopRead {
-    pub plaintext: Vec<u8>,
     /// The handshake completed.
     pub started: bool,
     /// close_notify: the next hop is done with the connection.
@@ -224,6 +223,8 @@ pub struct HopTls {
     /// Records for the next hop, from `sent` on.
     out: Vec<u8>,
     sent: usize,
+    /// What the last records carried, for the connection to hand to the client.
+    plain: Vec<u8>,
     handshaking: bool,
     failed: bool,
 }
@@ -232,7 +233,8 @@ impl HopTls {
     /// Our hello goes out first; `name` is what the next hop's certificate must carry.
     pub fn new(config: Arc<ClientConfig>, name: ServerName<'static>, addr: SocketAddr) -> Result<Self, rustls::Error> {
         let tls = ClientConnection::new(config, name)?;
-        let mut hop = HopTls { tls, addr, out: Vec::new(), sent: 0, handshaking: true, failed: false };
+        let mut hop =
+            HopTls { tls, addr, out: Vec::new(), sent: 0, plain: Vec::new(), handshaking: true, failed: false };
         hop.flush();
         Ok(hop)
     }
@@ -262,11 +264,16 @@ impl HopTls {
         self.addr
     }
 
-    /// Records from the next hop, all taken: the plaintext they carried, whether the
-    /// handshake completed with them, and whether the next hop closed (close_notify). An
-    /// error fails the layer.
+    /// Records from the next hop, all taken: whether the handshake completed with them,
+    /// and whether the next hop closed (close_notify); the plaintext they carried is
+    /// [`HopTls::plaintext`] until the next call. An error fails the layer.
     pub fn received(&mut self, mut bytes: &[u8]) -> Result<HopRead, rustls::Error> {
         let mut read = HopRead::default();
+        if self.plain.capacity() > KEEP {
+            self.plain = Vec::new();
+        } else {
+            self.plain.clear();
+        }
         while !bytes.is_empty() {
             let before = bytes.len();
             // an error here is rustls's plaintext buffer being full: emptied below
@@ -287,7 +294,7 @@ impl HopTls {
                         read.closed = true;
                         return Ok(read);
                     }
-                    Ok(n) => read.plaintext.extend_from_slice(&buf[..n]),
+                    Ok(n) => self.plain.extend_from_slice(&buf[..n]),
                     Err(_) => break, // nothing more decrypted
                 }
             }
@@ -296,6 +303,11 @@ impl HopTls {
             }
         }
         Ok(read)
+    }
+
+    /// The plaintext the last [`HopTls::received`] decrypted.
+    pub fn plaintext(&self) -> &[u8] {
+        &self.plain
     }
 
     /// Room for more plaintext: the handshake is done and few records wait to go out.
