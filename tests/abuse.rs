@@ -282,15 +282,12 @@ fn a_spread_attack_bans_nobody_below_the_threshold() {
     assert_eq!(count_refused(fresh, port, 8).expect("the fresh addresses asked again"), 0);
 }
 
-for_both_drivers!(
+on_one_driver!(
     concurrency_limits_spare_the_whitelist,
     bans_escalate_to_the_prefix_but_not_over_the_whitelist,
     the_threshold_is_exact_across_conversations,
     a_whitelisted_address_is_never_banned_but_is_dropped,
     ban_on_drop_bans_a_dropped_address,
-);
-
-on_one_driver!(
     shadow_bans_are_logged_never_made,
     the_operator_bans_lists_and_unbans,
     explain_shows_the_failure_count_and_the_ban,

@@ -128,8 +128,6 @@ fn many_peers_at_once(io: &str) {
 
 for_both_drivers!(
     denied_and_allowed_peers,
-    longest_prefix_decides,
-    default_deny_grants_only_listed_peers,
     dual_stack_listener_judges_ipv4_peers_by_ipv4_rules,
     ipv6_rules_on_an_ipv6_listener,
     pipelined_commands_are_answered_in_order,
@@ -137,3 +135,5 @@ for_both_drivers!(
     sigterm_drains_and_exits,
     many_peers_at_once,
 );
+
+on_one_driver!(longest_prefix_decides, default_deny_grants_only_listed_peers,);

@@ -429,17 +429,20 @@ fn sigterm_lets_the_message_in_flight_finish(io: &str) {
 for_both_drivers!(
     sigterm_lets_the_message_in_flight_finish,
     bodies_are_relayed_byte_exact,
-    next_hop_refusals_never_become_250,
     a_silent_next_hop_times_out,
     failover_to_the_second_next_hop,
     no_next_hop_means_451,
     a_hundred_messages_reuse_one_connection,
     sessions_reuse_pooled_connections,
-    smuggling_reaches_nothing,
-    a_nul_in_the_body_is_refused_and_reaches_nothing,
     a_rcpt_flood_while_the_hop_stalls_mail_is_held_back,
-    improper_pipelining_is_refused_and_closed,
     random_bodies_survive_byte_exact,
 );
 
-on_one_driver!(peer_text_cannot_forge_log_fields, relay_is_refused_for_other_domains,);
+on_one_driver!(
+    next_hop_refusals_never_become_250,
+    smuggling_reaches_nothing,
+    a_nul_in_the_body_is_refused_and_reaches_nothing,
+    improper_pipelining_is_refused_and_closed,
+    peer_text_cannot_forge_log_fields,
+    relay_is_refused_for_other_domains,
+);

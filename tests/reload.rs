@@ -226,13 +226,10 @@ fn a_shadow_list_is_logged_never_enforced(io: &str) {
     assert!(code == 0 && stats.contains("shadow_would_deny 3\n"), "{stats}");
 }
 
-for_both_drivers!(
+on_one_driver!(
     a_session_keeps_the_next_hops_it_started_with,
     a_changed_list_applies_to_new_connections_and_open_ones_go_on,
     a_transaction_open_across_a_reload_finishes_on_its_next_hop,
-);
-
-on_one_driver!(
     a_shadow_list_is_logged_never_enforced,
     a_bad_file_changes_nothing,
     settings_apply_and_those_read_at_start_wait_for_the_next,

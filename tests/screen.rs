@@ -219,10 +219,12 @@ fn queries_leave_from_many_ports(io: &str) {
 for_both_drivers!(
     queries_leave_from_many_ports,
     forged_answers_are_ignored,
-    a_patient_peer_passes_and_is_remembered,
-    an_early_talker_fails_and_is_counted,
-    blocklists_score_and_block,
     a_silent_dns_server_delays_no_one_past_dns_timeout,
 );
 
-on_one_driver!(passes_are_kept_across_a_restart,);
+on_one_driver!(
+    a_patient_peer_passes_and_is_remembered,
+    an_early_talker_fails_and_is_counted,
+    blocklists_score_and_block,
+    passes_are_kept_across_a_restart,
+);

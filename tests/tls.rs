@@ -481,19 +481,19 @@ fn big_bodies_to_a_tls_next_hop_arrive_whole(io: &str) {
 
 for_both_drivers!(
     relays_to_the_next_hop_under_starttls,
-    opportunistic_goes_on_in_clear,
-    required_skips_next_hops_without_trusted_tls,
     big_bodies_to_a_tls_next_hop_arrive_whole,
     big_bodies_under_tls_arrive_whole,
     a_stalled_handshake_is_cut_off,
+);
+
+on_one_driver!(
+    opportunistic_goes_on_in_clear,
+    required_skips_next_hops_without_trusted_tls,
     python_smtplib_sends_over_starttls,
     relays_over_tls_1_3,
     relays_over_tls_1_2,
     nothing_pipelined_behind_starttls_runs,
     failed_handshakes_close_count_and_ban,
-);
-
-on_one_driver!(
     sni_picks_the_certificate,
     min_version_refuses_older_clients,
     reloads_certificates_or_keeps_the_old_one,

@@ -4,8 +4,10 @@
 //!
 //! A driver implements [`Io`] (start or perform one operation on a connection's sockets)
 //! and calls the host: [`Host::admit`] for each accepted socket, [`Host::advance`] after
-//! each completion, [`Host::tick`] once per loop turn, [`Host::start_drain`] when told to
-//! stop. The host never touches a socket.
+//! each completion it handed to a connection, [`Host::tick`] once per loop turn,
+//! [`Host::start_drain`] when told to stop. The host never touches a socket: it polls each
+//! connection's outputs, hands the socket operations to the driver, and acts itself on the
+//! rest (the pool, the deadlines, the reports).
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, HopState, Input, NoHeader, Report, Screened};
+use super::{Connection, HopState, Input, NoHeader, Output, Report, Screened};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::{UnixTime, WallClock};
@@ -25,12 +27,12 @@ use crate::peer::PeerIp;
 use crate::proxy;
 use crate::screen::dnsbl::{Answer, LookupFailure, Resolver};
 use crate::shared::{Shared, SnapshotCache};
-use crate::smtp::{Event, HopTransmit, Session};
+use crate::smtp::{Event, Session};
 use crate::snapshot::Snapshot;
 use crate::stats::{Count, Counts};
 
-/// Operations one connection may start before the worker moves on to others.
-const STEPS_PER_TURN: usize = 32;
+/// Outputs one connection may have before the worker moves on to others.
+const STEPS_PER_TURN: usize = 64;
 
 /// The operations a driver performs for the host: on io_uring each starts a submission
 /// whose completion comes later, on epoll each is done at once while the socket is ready.
@@ -40,11 +42,11 @@ pub trait Io {
     /// A next-hop connection waiting in the pool (closed when dropped).
     type Pooled;
 
-    /// Starts what `conn.poll_peer()` asks; true when the connection may have more to do.
-    fn peer(&mut self, id: ConnId, sockets: &mut Self::Sockets, conn: &mut Connection, now: Instant) -> bool;
-    /// Starts what `conn.poll_hop()` asks (`Send`, `Receive`, `Close`; also `Release`
-    /// when [`Io::unplug`] gave nothing); true when the connection may have more to do.
-    fn hop(&mut self, id: ConnId, sockets: &mut Self::Sockets, conn: &mut Connection, now: Instant) -> bool;
+    /// Starts a socket operation a connection asked for (`PeerSend`, `PeerReceive`,
+    /// `PeerLast`, `PeerClose`, `HopSend`, `HopReceive`, `HopClose`; the host acts on the
+    /// other outputs itself). A completion known at once is returned (its bytes in the
+    /// driver's buffer); any other comes later, handed to the connection by the driver.
+    fn perform<'s>(&'s mut self, id: ConnId, sockets: &mut Self::Sockets, op: Output<'_>) -> Option<Input<'s>>;
     /// Starts connecting the next-hop socket to `addr`; completes with
     /// `Input::HopConnected` or `Input::HopFailed`.
     fn dial(&mut self, id: ConnId, sockets: &mut Self::Sockets, addr: SocketAddr) -> io::Result<()>;
@@ -98,6 +100,10 @@ enum Drain {
 struct Entry<S> {
     conn: Connection,
     sockets: S,
+    /// The connection's deadline as it last gave it.
+    deadline: Option<Instant>,
+    /// Its entry in the timers, if any.
+    armed: Option<Instant>,
 }
 
 pub struct Host<I: Io> {
@@ -198,7 +204,7 @@ impl<I: Io> Host<I> {
     /// Starts serving an admitted connection on its sockets.
     pub fn open(&mut self, conn: Connection, sockets: I::Sockets, now: Instant, io: &mut I) -> ConnId {
         let generation = conn.generation();
-        let key = self.conns.insert(Entry { conn, sockets });
+        let key = self.conns.insert(Entry { conn, sockets, deadline: None, armed: None });
         self.advance(key, now, io);
         (key, generation)
     }
@@ -215,33 +221,57 @@ impl<I: Io> Host<I> {
         self.get(key).filter(|(c, _)| c.generation() == generation)
     }
 
-    /// Serves the connection's two ports until neither can start anything, the
-    /// connection ends (freed once its sockets are closed) or its turn is over.
+    /// Acts on the connection's outputs until it has none, it ends (freed once its sockets
+    /// are closed) or its turn is over.
     pub fn advance(&mut self, key: usize, now: Instant, io: &mut I) {
         let Some(entry) = self.conns.get_mut(key) else { return };
         let id = (key, entry.conn.generation());
         let unix = self.clock.at(now);
         let mut turn_over = true;
         for _ in 0..STEPS_PER_TURN {
-            let Entry { conn, sockets } = &mut *entry;
-            let mut parts = Parts { shared: &self.shared, counts: &self.counts, refusals: &mut self.refusals };
-            reports(id, conn, &mut parts, &mut self.dns, (now, unix), io);
-            let peer = io.peer(id, sockets, conn, now);
-            let hop = hop(&mut self.pool, id, sockets, conn, now, io);
-            if !peer && !hop {
+            let Entry { conn, sockets, deadline, armed } = &mut *entry;
+            let Some(output) = conn.poll() else {
                 turn_over = false;
                 break;
+            };
+            match output {
+                Output::Report(report) => {
+                    let mut parts = Parts { shared: &self.shared, counts: &self.counts, refusals: &mut self.refusals };
+                    act(id, conn, report, &mut parts, &mut self.dns, (now, unix), io);
+                }
+                Output::Deadline(at) => {
+                    *deadline = at;
+                    self.timers.arm(armed, at, id);
+                }
+                Output::HopConnect { addr, pooled_ok } => {
+                    connect(&mut self.pool, id, sockets, conn, addr, pooled_ok, now, io)
+                }
+                Output::HopRelease { hop, addr } => {
+                    let max = conn.snapshot().config.relay.max_idle_connections as usize;
+                    let closed = match io.unplug(sockets) {
+                        Some(pooled) => {
+                            retire(io, self.pool.put(addr, pooled, hop, max, now));
+                            Some(Input::HopClosed)
+                        }
+                        // something in flight on it: closed instead (after it ends)
+                        None => io.perform(id, sockets, Output::HopClose),
+                    };
+                    if let Some(input) = closed {
+                        conn.handle(input, now);
+                    }
+                }
+                op => {
+                    if let Some(input) = io.perform(id, sockets, op) {
+                        conn.handle(input, now);
+                    }
+                }
             }
         }
-        let Entry { conn, sockets } = &mut *entry;
-        let mut parts = Parts { shared: &self.shared, counts: &self.counts, refusals: &mut self.refusals };
-        reports(id, conn, &mut parts, &mut self.dns, (now, unix), io);
+        let Entry { conn, sockets, .. } = &mut *entry;
         if io.closed(sockets) && conn.finished() {
             self.conns.remove(key);
             return;
         }
-        let deadline = conn.poll_timeout();
-        self.timers.arm(conn.armed(), deadline, id);
         if turn_over {
             self.busy.push(id);
         }
@@ -255,10 +285,7 @@ impl<I: Io> Host<I> {
             dns.resolver.handle_timeout(now);
             self.dns_events(now, io);
         }
-        let due = self.timers.expired(now, &mut self.conns, |e| {
-            let deadline = e.conn.poll_timeout();
-            (e.conn.generation(), e.conn.armed(), deadline)
-        });
+        let due = self.timers.expired(now, &mut self.conns, |e| (e.conn.generation(), &mut e.armed, e.deadline));
         for key in due {
             if let Some(e) = self.conns.get_mut(key) {
                 e.conn.handle(Input::Timeout, now);
@@ -282,7 +309,7 @@ impl<I: Io> Host<I> {
         }
         let conns = &self.conns;
         self.timers.compact(conns.len(), |(key, generation)| {
-            conns.get(key).filter(|e| e.conn.generation() == generation).map(|e| e.conn.armed_at())
+            conns.get(key).filter(|e| e.conn.generation() == generation).map(|e| e.armed)
         });
         let idle_timeout = self.idle_timeout();
         retire(io, self.pool.expire(now, idle_timeout));
@@ -388,49 +415,34 @@ impl<I: Io> Host<I> {
     }
 }
 
-/// The next-hop port, with the pool's policy: a pooled connection to the same
-/// address when the session allows one, else a new one; a clean idle one back in (at
-/// most the session's snapshot's `max_idle_connections` per next hop).
-fn hop<I: Io>(
+/// A connection to the next hop, with the pool's policy: a pooled connection to the
+/// same address when the session allows one, else a new one.
+#[allow(clippy::too_many_arguments, reason = "the host's parts, taken apart for the borrow")]
+fn connect<I: Io>(
     pool: &mut Pool<I::Pooled>,
     id: ConnId,
     sockets: &mut I::Sockets,
     conn: &mut Connection,
+    addr: SocketAddr,
+    pooled_ok: bool,
     now: Instant,
     io: &mut I,
-) -> bool {
-    match conn.poll_hop() {
-        HopTransmit::Connect { addr, pooled_ok } => {
-            let pooled = if pooled_ok { pool.take(addr, conn.snapshot().config.relay.tls) } else { None };
-            if let Some((socket, hop)) = pooled
-                && io.adopt(id, sockets, socket)
-            {
-                conn.hop_adopted(hop, now);
-                return true;
-            }
-            conn.handle(Input::HopDialing, now);
-            if let Err(e) = io.dial(id, sockets, addr) {
-                tracing::debug!("cannot connect to next hop {addr}: {e}");
-                conn.handle(Input::HopFailed, now);
-            }
-            true
-        }
-        HopTransmit::Release => match io.unplug(sockets) {
-            Some(pooled) => {
-                if let Some((hop, addr)) = conn.hop_released() {
-                    let max = conn.snapshot().config.relay.max_idle_connections as usize;
-                    retire(io, pool.put(addr, pooled, hop, max, now));
-                }
-                true
-            }
-            None => io.hop(id, sockets, conn, now),
-        },
-        _ => io.hop(id, sockets, conn, now),
+) {
+    let pooled = if pooled_ok { pool.take(addr, conn.snapshot().config.relay.tls) } else { None };
+    if let Some((socket, hop)) = pooled
+        && io.adopt(id, sockets, socket)
+    {
+        return conn.handle(Input::HopAdopted(hop), now);
+    }
+    conn.handle(Input::HopDialing, now);
+    if let Err(e) = io.dial(id, sockets, addr) {
+        tracing::debug!("cannot connect to next hop {addr}: {e}");
+        conn.handle(Input::HopFailed, now);
     }
 }
 
 /// Closes pooled connections, each saying QUIT (through its TLS, if it has one).
-fn retire<I: Io>(io: &mut I, gone: impl IntoIterator<Item = (I::Pooled, HopState)>) {
+fn retire<I: Io>(io: &mut I, gone: impl IntoIterator<Item = (I::Pooled, Box<HopState>)>) {
     for (pooled, mut hop) in gone {
         io.retire(pooled, &hop.farewell());
     }
@@ -595,31 +607,30 @@ struct Parts<'h> {
     refusals: &'h mut RefusalLines,
 }
 
-/// Everything the connection has to report, acted on: a balancer's header judged, the
-/// blocklists asked, the rest counted and logged.
-fn reports<I: Io>(
+/// Acts on a connection's report: a balancer's header judged, the blocklists asked, the
+/// rest counted and logged.
+fn act<I: Io>(
     id: ConnId,
     conn: &mut Connection,
+    report: Report,
     parts: &mut Parts<'_>,
     dns: &mut Option<Dns>,
     (now, unix): (Instant, UnixTime),
     io: &mut I,
 ) {
-    while let Some(report) = conn.poll_report() {
-        match report {
-            Report::Header { header, rest } => {
-                judge(conn, header, &rest, parts.shared, parts.counts, parts.refusals, (now, unix));
-            }
-            Report::AskDns => ask_dns(dns, id, conn, parts.counts, now, io),
-            report => act(conn, report, parts.shared, parts.counts, unix),
+    match report {
+        Report::Header { header, rest } => {
+            judge(conn, header, &rest, parts.shared, parts.counts, parts.refusals, (now, unix));
         }
+        Report::AskDns => ask_dns(dns, id, conn, parts.counts, now, io),
+        report => record(conn, report, parts.shared, parts.counts, unix),
     }
 }
 
-/// Acts on what a connection reports: a balancer's missing header, screening's findings
+/// Records what a connection reports: a balancer's missing header, screening's findings
 /// and passes, and its session's events: one log line per transaction (the mail log),
 /// and failures counted against the peer's address (never a whitelisted one's).
-fn act(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now: UnixTime) {
+fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now: UnixTime) {
     let session = conn.session();
     let config = &conn.snapshot().config;
     let key = || AbuseKey::new(session.peer(), config.abuse.ipv6_prefix);
@@ -635,7 +646,7 @@ fn act(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now:
             counts.add(Count::ScreenPassed);
             return shared.passed().remember(session.peer().ip(), now, config.screen.pass_ttl);
         }
-        // the host acts on these itself (`reports`)
+        // acted on, not recorded (`act`)
         Report::Header { .. } | Report::AskDns => return,
     };
     let abuse = shared.abuse();

@@ -12,27 +12,34 @@
 //!                                         │   screening: pregreet, DNSBL (host's resolver)│
 //!                                         │ Transport: Plain, TLS after STARTTLS (tls.rs)│
 //!                                         │ Session (smtp): banner … QUIT / 421 / EOF ──┤
-//!                                         └ next hop: none ─► Connect(addr) ─► up ──────┘
-//!                                              ▲  pooled (Host's pool) ─┘  │ Release / Close
-//!                                              └───────────────────────────┘
+//!                                         └ next hop: none ─► HopConnect ─► up ─────────┘
+//!                                              ▲  pooled (Host's pool) ─┘  │ HopRelease /
+//!                                              └───────────────────────────┘ HopClose
 //! ```
 //!
-//! A [`Connection`] is driven through operations out and one way in,
-//! [`Connection::handle`] with an [`Input`] and the time:
-//! - peer: [`Connection::poll_peer`] gives `Send(bytes)` (then `PeerSent(n)`), `Receive`
-//!   (then `PeerBytes` or `PeerEof`), `Wait`, or `Close`;
-//! - next hop: [`Connection::poll_hop`] gives `Connect { addr, .. }` (the [`Host`] hands
-//!   over a pooled connection, or the driver dials: `HopDialing`, then `HopConnected` or
-//!   `HopFailed`), `Send(bytes)` (then `HopSent(n)`), `Receive` (then `HopBytes` or
-//!   `HopFailed`), `Release` (the host pools the socket) or `Close` (then `HopClosed`);
-//! - one deadline: [`Connection::poll_timeout`], then `Timeout`; the server's life:
-//!   `Drain`, `Abort`; the host's resolver: `DnsAnswer`;
-//! - the host's side: `Connection::poll_report` gives one `Report` at a time (a
-//!   balancer's header to judge, the blocklists to ask, what screening found, the
-//!   session's events), which the host acts on, counts and logs.
+//! A [`Connection`] is driven like quinn-proto's: one way in, [`Connection::handle`] with
+//! an [`Input`] and the time, and one way out, [`Connection::poll`], which gives one
+//! [`Output`] at a time until it has nothing to ask. Each socket operation it asks for
+//! is asked once and is in flight until its completion comes back as an input:
 //!
-//! The run-loop rule: after every completion, serve both ports until neither can start
-//! anything ([`Host::advance`] does it), then arm the deadline.
+//! ```text
+//!   Output                       completes with (Input)
+//!   PeerSend(bytes)              PeerSent(n), n <= len (0: ask again; the socket was full)
+//!   PeerReceive                  PeerBytes(bytes) or PeerEof
+//!   PeerLast(line), PeerClose    nothing: the peer's side is over
+//!   HopConnect { addr, .. }      HopAdopted(pooled) (the host's pool), or HopDialing then
+//!                                HopConnected or HopFailed (the driver)
+//!   HopSend(bytes)               HopSent(n), or HopFailed
+//!   HopReceive                   HopBytes(bytes), or HopFailed
+//!   HopRelease { hop, addr }     HopClosed (the host pooled the socket, or closed it)
+//!   HopClose                     HopClosed (once what was in flight on it has ended)
+//!   Report(report)               the host acts on it (judges a header, asks the
+//!                                blocklists: DnsAnswer), counts it, logs it
+//!   Deadline(at)                 Timeout once `at` has come (the last one given counts)
+//! ```
+//!
+//! Besides: `Drain` and `Abort` (the server's life). The run-loop rule: after every
+//! input, poll until `None` ([`Host::advance`] does it).
 
 mod host;
 mod pool;
@@ -44,6 +51,7 @@ mod tls;
 mod tests;
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,27 +83,30 @@ pub enum Transport {
 pub enum Input<'a> {
     /// Bytes the peer sent.
     PeerBytes(&'a [u8]),
-    /// `n` bytes of the last peer `Send` went out.
+    /// `n` bytes of the last `PeerSend` went out (0: none could; ask again).
     PeerSent(usize),
     /// The peer closed its side, or its connection broke.
     PeerEof,
-    /// The driver started connecting to the address `Connect` named.
+    /// The host hands over a pooled connection to the address `HopConnect` named, ready
+    /// for MAIL.
+    HopAdopted(Box<HopState>),
+    /// The driver started connecting to the address `HopConnect` named.
     HopDialing,
     /// The new connection to the next hop is made; its greeting comes next.
     HopConnected,
     /// Bytes from the next hop.
     HopBytes(&'a [u8]),
-    /// `n` bytes of the last next-hop `Send` went out.
+    /// `n` bytes of the last `HopSend` went out.
     HopSent(usize),
     /// Connecting failed, or the next hop's connection broke or closed.
     HopFailed,
-    /// The driver closed the next-hop socket after `Close` (or `Release` without a socket
-    /// to pool).
+    /// The next-hop socket is no longer the connection's, after `HopClose` or
+    /// `HopRelease`: closed, or pooled.
     HopClosed,
     /// A blocklist's answer about the peer (zone `zone` of the snapshot's
     /// `[[screen.dnsbl]]`), from the host's resolver.
     DnsAnswer { zone: usize, answer: Answer },
-    /// The deadline [`Connection::poll_timeout`] gave came.
+    /// The last `Deadline` given came (an early or stale one changes nothing).
     Timeout,
     /// The server is draining (see `smtp::Session::shutdown`).
     Drain,
@@ -103,12 +114,41 @@ pub enum Input<'a> {
     Abort,
 }
 
-/// What a connection tells its host, one at a time ([`Connection::poll_report`]): what
-/// to act on (judge a balancer's address, ask the blocklists), and what to count and log.
+/// What a connection asks of its driver and host, one at a time ([`Connection::poll`]);
+/// each socket operation once, until its completion comes back (see the module's table).
 #[derive(Debug)]
-pub(crate) enum Report {
+pub enum Output<'a> {
+    /// Send (a first part of) these bytes to the peer.
+    PeerSend(&'a [u8]),
+    /// Read what the peer sends next.
+    PeerReceive,
+    /// Send this line, then close the peer's socket: a refusal, as at accept.
+    PeerLast(&'a [u8]),
+    /// Close the peer's socket, cancelling what is in flight on it.
+    PeerClose,
+    /// A connection to the next hop at `addr`: a pooled one when `pooled_ok`, else a new one.
+    HopConnect { addr: SocketAddr, pooled_ok: bool },
+    /// Send (a first part of) these bytes to the next hop.
+    HopSend(&'a [u8]),
+    /// Read what the next hop sends next.
+    HopReceive,
+    /// The next-hop connection is idle and clean: into the pool with its state (its next
+    /// hop's address as this connection's snapshot names it), or closed if it cannot go.
+    HopRelease { hop: Box<HopState>, addr: SocketAddr },
+    /// Close the next-hop socket, cancelling what is in flight on it.
+    HopClose,
+    /// For the host to act on, count and log.
+    Report(Report),
+    /// When `Timeout` is next due (`None`: never); given when it changed.
+    Deadline(Option<Instant>),
+}
+
+/// What a connection tells its host ([`Output::Report`]): what to act on (judge a
+/// balancer's address, ask the blocklists), and what to count and log.
+#[derive(Debug)]
+pub enum Report {
     /// A balancer's header is whole: the host judges the address it carries, then calls
-    /// [`Connection::serve`] or [`Connection::refuse`]; `rest` is the session's.
+    /// `Connection::serve` or `Connection::refuse`; `rest` is the session's.
     Header { header: crate::proxy::Header, rest: Vec<u8> },
     /// The blocklists are to be asked about the peer (answers: `dns_answer`).
     AskDns,
@@ -124,7 +164,7 @@ pub(crate) enum Report {
 
 /// How a trusted balancer's connection ended before its header was whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum NoHeader {
+pub enum NoHeader {
     /// Malformed, oversized, truncated or late: refused (`refused_proxy_header`).
     Refused(stage::BadHeader),
     /// Closed before sending anything (a bare TCP health check): gone before judged.
@@ -133,7 +173,7 @@ pub(crate) enum NoHeader {
 
 /// What screening found, for the host to count and log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Screened {
+pub enum Screened {
     /// The peer spoke first: its first octets, escaped for the log.
     TalkedEarly(Vec<u8>),
     /// The blocklists scored it at or over the threshold: refused with the 550 line
@@ -144,9 +184,9 @@ pub(crate) enum Screened {
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
 /// STARTTLS): what the pool keeps with the socket between sessions.
 #[derive(Debug)]
-pub(crate) struct HopState {
-    pub up: Upstream,
-    pub tls: Option<Box<tls::HopTls>>,
+pub struct HopState {
+    pub(crate) up: Upstream,
+    tls: Option<Box<tls::HopTls>>,
 }
 
 impl HopState {
@@ -185,8 +225,25 @@ pub struct Connection {
     _admission: Option<Admission>,
     /// Tells reuses of a slab key apart.
     generation: u32,
-    /// The deadline armed in the host's timers, if any.
-    armed: Option<Instant>,
+    /// What is in flight on the sockets, and the deadline last given.
+    ports: Ports,
+}
+
+/// The operations a connection asked for and has not had back, per socket, so that
+/// [`Connection::poll`] asks each once; and the deadline it last gave.
+#[derive(Debug, Default)]
+struct Ports {
+    peer_sending: bool,
+    peer_receiving: bool,
+    /// `PeerLast` or `PeerClose` was given: the peer's side is over.
+    peer_closed: bool,
+    /// `HopConnect` given, not yet answered (adopted, dialing, failed).
+    hop_connect: bool,
+    hop_sending: bool,
+    hop_receiving: bool,
+    /// `HopClose` or `HopRelease` given, `HopClosed` not yet back.
+    hop_closing: bool,
+    deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -221,13 +278,81 @@ impl Connection {
             whitelisted: false,
             _admission: None,
             generation,
-            armed: None,
+            ports: Ports::default(),
         }
     }
 
-    /// The next thing the host is to act on, count or log: a balancer's whole header
-    /// first, the blocklists to ask, what the connection found, then the session's events.
-    pub(crate) fn poll_report(&mut self) -> Option<Report> {
+    /// What the connection asks next, if anything: the reports first (a balancer's whole
+    /// header, the blocklists to ask, what the connection found, the session's events),
+    /// then the next hop's connection given back, the peer's operations, the next hop's,
+    /// and last the deadline, when it changed.
+    pub fn poll(&mut self) -> Option<Output<'_>> {
+        if let Some(report) = self.next_report() {
+            return Some(Output::Report(report));
+        }
+        if !self.ports.hop_closing && hop_wants(&self.session, &self.hop_tls) == HopTransmit::Release {
+            self.ports.hop_closing = true;
+            let tls = self.hop_tls.take();
+            return Some(match self.session.detach_relay() {
+                Some((up, addr)) => Output::HopRelease { hop: Box::new(HopState { up, tls }), addr },
+                // a next hop this snapshot does not name: cannot happen
+                None => Output::HopClose,
+            });
+        }
+        let Connection { stage, session, transport, hop_tls, ports, .. } = self;
+        if !ports.peer_closed {
+            match peer_wants(stage, session, transport) {
+                Transmit::Send(bytes) if !ports.peer_sending => {
+                    ports.peer_sending = true;
+                    return Some(Output::PeerSend(bytes));
+                }
+                Transmit::Receive if !ports.peer_receiving => {
+                    ports.peer_receiving = true;
+                    return Some(Output::PeerReceive);
+                }
+                Transmit::Last(line) => {
+                    ports.peer_closed = true;
+                    return Some(Output::PeerLast(line));
+                }
+                Transmit::Close => {
+                    ports.peer_closed = true;
+                    return Some(Output::PeerClose);
+                }
+                _ => {}
+            }
+        }
+        if !ports.hop_closing {
+            match hop_wants(session, hop_tls) {
+                HopTransmit::Connect { addr, pooled_ok } if !ports.hop_connect => {
+                    ports.hop_connect = true;
+                    return Some(Output::HopConnect { addr, pooled_ok });
+                }
+                HopTransmit::Send(bytes) if !ports.hop_sending => {
+                    ports.hop_sending = true;
+                    return Some(Output::HopSend(bytes));
+                }
+                HopTransmit::Receive if !ports.hop_receiving => {
+                    ports.hop_receiving = true;
+                    return Some(Output::HopReceive);
+                }
+                HopTransmit::Close => {
+                    ports.hop_closing = true;
+                    return Some(Output::HopClose);
+                }
+                _ => {}
+            }
+        }
+        let deadline = if stage.in_session() { session.poll_timeout() } else { stage.deadline() };
+        if deadline != ports.deadline {
+            ports.deadline = deadline;
+            return Some(Output::Deadline(deadline));
+        }
+        None
+    }
+
+    /// The next report: a balancer's whole header first, the blocklists to ask, what the
+    /// connection found, then the session's events.
+    fn next_report(&mut self) -> Option<Report> {
         if matches!(self.stage, Stage::Judge { .. })
             && let Stage::Judge { header, rest } = std::mem::replace(&mut self.stage, Stage::Waiting)
         {
@@ -333,15 +458,44 @@ impl Connection {
     /// Something happened to the connection.
     pub fn handle(&mut self, input: Input<'_>, now: Instant) {
         match input {
-            Input::PeerBytes(bytes) => self.peer_input(bytes, now),
-            Input::PeerSent(n) => self.peer_sent(n, now),
-            Input::PeerEof => self.peer_eof(now),
-            Input::HopDialing => self.hop_dialing(),
-            Input::HopConnected => self.hop_connected(now),
-            Input::HopBytes(bytes) => self.hop_input(bytes, now),
-            Input::HopSent(n) => self.hop_sent(n, now),
-            Input::HopFailed => self.hop_failed(now),
+            // what completes after the peer's side is over changes nothing
+            Input::PeerBytes(_) | Input::PeerSent(_) | Input::PeerEof if self.ports.peer_closed => {}
+            Input::PeerBytes(bytes) => {
+                self.ports.peer_receiving = false;
+                self.peer_input(bytes, now);
+            }
+            Input::PeerSent(n) => {
+                self.ports.peer_sending = false;
+                self.peer_sent(n, now);
+            }
+            Input::PeerEof => {
+                self.ports.peer_receiving = false;
+                self.peer_eof(now);
+            }
             Input::HopClosed => self.hop_closed(),
+            // nor what completes on a next-hop socket being closed
+            _ if self.ports.hop_closing && input.on_hop() => {}
+            Input::HopAdopted(hop) => {
+                self.ports.hop_connect = false;
+                self.hop_adopted(*hop, now);
+            }
+            Input::HopDialing => {
+                self.ports.hop_connect = false;
+                self.session.dialing();
+            }
+            Input::HopConnected => self.hop_connected(now),
+            Input::HopBytes(bytes) => {
+                self.ports.hop_receiving = false;
+                self.hop_input(bytes, now);
+            }
+            Input::HopSent(n) => {
+                self.ports.hop_sending = false;
+                self.hop_sent(n, now);
+            }
+            Input::HopFailed => {
+                self.ports.hop_connect = false;
+                self.hop_failed(now);
+            }
             Input::DnsAnswer { zone, answer } => self.dns_answer(zone, answer, now),
             Input::Timeout => self.handle_timeout(now),
             Input::Drain => self.shutdown(now),
@@ -350,37 +504,6 @@ impl Connection {
     }
 
     // ---- the peer ------------------------------------------------------------------------
-
-    /// What the driver does next on the peer's socket.
-    pub fn poll_peer(&self) -> Transmit<'_> {
-        match &self.stage {
-            Stage::Session => {}
-            Stage::Header { .. } => return Transmit::Receive,
-            Stage::Judge { .. } | Stage::Waiting => return Transmit::Wait,
-            Stage::Refuse { line } => return Transmit::Last(line),
-            Stage::Close => return Transmit::Close,
-            Stage::Screening { pregreet: Some(test), .. } => {
-                let rest = test.output(&self.session.settings().replies.greeting_first);
-                return if rest.is_empty() { Transmit::Receive } else { Transmit::Send(rest) };
-            }
-            Stage::Screening { pregreet: None, .. } => {
-                if self.session.poll_transmit() != Transmit::Close {
-                    // the banner waits for the blocklists' answers
-                    return Transmit::Wait;
-                }
-            }
-            Stage::Reject { line, sent } => {
-                return match line.get(*sent..) {
-                    Some(rest) if !rest.is_empty() => Transmit::Send(rest),
-                    _ => Transmit::Close,
-                };
-            }
-        }
-        match &self.transport {
-            Transport::Plain => self.session.poll_transmit(),
-            Transport::Tls(t) => t.poll(self.session.poll_transmit()),
-        }
-    }
 
     /// Bytes the peer sent.
     fn peer_input(&mut self, bytes: &[u8], now: Instant) {
@@ -442,7 +565,7 @@ impl Connection {
     }
 
     /// After every completion that may have made the session say or want something (the
-    /// detaching ones, `hop_closed` and `hop_released`, change neither): a STARTTLS
+    /// detaching one, `hop_closed`, changes neither): a STARTTLS
     /// just answered switches the transport (the 220 still goes out in clear), and the TLS
     /// layer moves what it can between rustls and the session.
     fn settle(&mut self, now: Instant) {
@@ -507,19 +630,6 @@ impl Connection {
 
     // ---- the next hop --------------------------------------------------------------------
 
-    /// What the driver does next on the next hop's side.
-    pub fn poll_hop(&self) -> HopTransmit<'_> {
-        match &self.hop_tls {
-            None => self.session.poll_relay(),
-            Some(t) => t.poll(self.session.poll_relay()),
-        }
-    }
-
-    /// The driver started connecting to the address `Connect` named.
-    fn hop_dialing(&mut self) {
-        self.session.dialing();
-    }
-
     /// The new connection to the next hop is made; its greeting comes next.
     fn hop_connected(&mut self, now: Instant) {
         let upstream = Upstream::new(self.session.hostname(), self.snapshot.config.relay.tls);
@@ -529,7 +639,7 @@ impl Connection {
     }
 
     /// A pooled connection, ready for MAIL.
-    pub(crate) fn hop_adopted(&mut self, hop: HopState, now: Instant) {
+    fn hop_adopted(&mut self, hop: HopState, now: Instant) {
         self.hop_tls = hop.tls;
         self.session.attach_upstream(hop.up, true, now);
         self.settle(now);
@@ -574,27 +684,23 @@ impl Connection {
         self.settle(now);
     }
 
-    /// The driver closed the next-hop socket after `Close` (or `Release` without a
-    /// socket to pool).
+    /// The next-hop socket is no longer the connection's (after `HopClose`, or
+    /// `HopRelease`, which let go of its state already): whatever the session still
+    /// needs comes on a new one.
     fn hop_closed(&mut self) {
+        let ports = &mut self.ports;
+        (ports.hop_connect, ports.hop_sending, ports.hop_receiving, ports.hop_closing) = (false, false, false, false);
         self.hop_tls = None;
         self.session.detach_relay();
     }
 
-    /// Takes the idle next-hop connection for the pool after `Release`, with the address
-    /// of its next hop as this connection's snapshot names it.
-    pub(crate) fn hop_released(&mut self) -> Option<(HopState, std::net::SocketAddr)> {
-        let tls = self.hop_tls.take();
-        self.session.detach_relay().map(|(up, addr)| (HopState { up, tls }, addr))
-    }
-
     // ---- time and the server's life ------------------------------------------------------
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.stage.in_session() { self.session.poll_timeout() } else { self.stage.deadline() }
-    }
-
     fn handle_timeout(&mut self, now: Instant) {
+        let deadline = if self.stage.in_session() { self.session.poll_timeout() } else { self.stage.deadline() };
+        if deadline.is_none_or(|at| at > now) {
+            return;
+        }
         if let Stage::Screening { pregreet: pregreet @ Some(_), .. } = &mut self.stage {
             if pregreet.is_some_and(|test| test.passed(now)) {
                 // silent for greet_wait: the session's banner ends the greeting (once the
@@ -652,17 +758,67 @@ impl Connection {
         }
     }
 
-    /// Nothing left to do but free it, once the driver's sockets are closed.
+    /// Nothing left to do but free it, once the driver's sockets are closed: the peer's
+    /// side is over and the next hop's socket given back.
     pub fn finished(&self) -> bool {
-        self.poll_peer() == Transmit::Close && self.poll_hop() == HopTransmit::Idle
+        let ports = &self.ports;
+        ports.peer_closed
+            && !(ports.hop_connect || ports.hop_sending || ports.hop_receiving || ports.hop_closing)
+            && hop_wants(&self.session, &self.hop_tls) == HopTransmit::Idle
     }
+}
 
-    pub(crate) fn armed(&mut self) -> &mut Option<Instant> {
-        &mut self.armed
+impl Input<'_> {
+    /// A completion on the next hop's socket.
+    fn on_hop(&self) -> bool {
+        matches!(
+            self,
+            Input::HopAdopted(_)
+                | Input::HopDialing
+                | Input::HopConnected
+                | Input::HopBytes(_)
+                | Input::HopSent(_)
+                | Input::HopFailed
+        )
     }
+}
 
-    pub(crate) fn armed_at(&self) -> Option<Instant> {
-        self.armed
+/// What the peer's socket is wanted for now (whether or not it is asked already).
+fn peer_wants<'a>(stage: &'a Stage, session: &'a Session, transport: &'a Transport) -> Transmit<'a> {
+    match stage {
+        Stage::Session => {}
+        Stage::Header { .. } => return Transmit::Receive,
+        Stage::Judge { .. } | Stage::Waiting => return Transmit::Wait,
+        Stage::Refuse { line } => return Transmit::Last(line),
+        Stage::Close => return Transmit::Close,
+        Stage::Screening { pregreet: Some(test), .. } => {
+            let rest = test.output(&session.settings().replies.greeting_first);
+            return if rest.is_empty() { Transmit::Receive } else { Transmit::Send(rest) };
+        }
+        Stage::Screening { pregreet: None, .. } => {
+            if session.poll_transmit() != Transmit::Close {
+                // the banner waits for the blocklists' answers
+                return Transmit::Wait;
+            }
+        }
+        Stage::Reject { line, sent } => {
+            return match line.get(*sent..) {
+                Some(rest) if !rest.is_empty() => Transmit::Send(rest),
+                _ => Transmit::Close,
+            };
+        }
+    }
+    match transport {
+        Transport::Plain => session.poll_transmit(),
+        Transport::Tls(t) => t.poll(session.poll_transmit()),
+    }
+}
+
+/// What the next hop's socket is wanted for now (whether or not it is asked already).
+fn hop_wants<'a>(session: &'a Session, hop_tls: &'a Option<Box<tls::HopTls>>) -> HopTransmit<'a> {
+    match hop_tls {
+        None => session.poll_relay(),
+        Some(t) => t.poll(session.poll_relay()),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::config::RelayTls;
 
 struct Idle<S> {
     socket: S,
-    hop: HopState,
+    hop: Box<HopState>,
     since: Instant,
 }
 
@@ -36,7 +36,7 @@ impl<S> Default for Pool<S> {
 impl<S> Pool<S> {
     /// The most recently used connection to `addr` made under `tls` (the least likely
     /// to be stale).
-    pub fn take(&mut self, addr: SocketAddr, tls: RelayTls) -> Option<(S, HopState)> {
+    pub fn take(&mut self, addr: SocketAddr, tls: RelayTls) -> Option<(S, Box<HopState>)> {
         let entry = self.idle.get_mut(&(addr, tls))?.pop_back()?;
         Some((entry.socket, entry.hop))
     }
@@ -47,10 +47,10 @@ impl<S> Pool<S> {
         &mut self,
         addr: SocketAddr,
         socket: S,
-        hop: HopState,
+        hop: Box<HopState>,
         max: usize,
         now: Instant,
-    ) -> Option<(S, HopState)> {
+    ) -> Option<(S, Box<HopState>)> {
         if max == 0 {
             return Some((socket, hop));
         }
@@ -61,7 +61,7 @@ impl<S> Pool<S> {
     }
 
     /// Removes the connections idle for `timeout` or longer, to be closed (with QUIT).
-    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<(S, HopState)> {
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<(S, Box<HopState>)> {
         let mut gone = Vec::new();
         for queue in self.idle.values_mut() {
             while queue.front().is_some_and(|e| now.saturating_duration_since(e.since) >= timeout) {
@@ -88,7 +88,7 @@ impl<S> Pool<S> {
     }
 
     /// Every connection, for closing (with QUIT) at shutdown.
-    pub fn drain(&mut self) -> Vec<(S, HopState)> {
+    pub fn drain(&mut self) -> Vec<(S, Box<HopState>)> {
         self.idle.drain().flat_map(|(_, q)| q.into_iter().map(|e| (e.socket, e.hop))).collect()
     }
 }
@@ -98,8 +98,8 @@ mod tests {
     use super::*;
     use crate::smtp::client::Upstream;
 
-    fn plain(tls: RelayTls) -> HopState {
-        HopState { up: Upstream::new("h", tls), tls: None }
+    fn plain(tls: RelayTls) -> Box<HopState> {
+        Box::new(HopState { up: Upstream::new("h", tls), tls: None })
     }
 
     #[test]
@@ -110,8 +110,8 @@ mod tests {
         let mut pool: Pool<u32> = Pool::default();
         assert!(pool.put(hop, 1, plain(RelayTls::Off), 2, t0).is_none());
         assert!(pool.put(hop, 2, plain(RelayTls::Off), 2, t0 + Duration::from_secs(1)).is_none());
-        let socket = |gone: Option<(u32, HopState)>| gone.map(|(s, _)| s);
-        let sockets = |gone: Vec<(u32, HopState)>| gone.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        let socket = |gone: Option<(u32, Box<HopState>)>| gone.map(|(s, _)| s);
+        let sockets = |gone: Vec<(u32, Box<HopState>)>| gone.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
         assert_eq!(
             socket(pool.put(hop, 3, plain(RelayTls::Off), 2, t0 + Duration::from_secs(2))),
             Some(1),

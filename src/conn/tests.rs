@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::datetime::UnixTime;
 use crate::scripted::ScriptedHop;
 use crate::shared::Shared;
-use crate::smtp::{HopTransmit, Transmit};
 use crate::snapshot::Snapshot;
 
 const A: &str = "127.0.0.1:2601";
@@ -85,7 +84,11 @@ struct FakeSockets {
     /// Sent by the peer, not yet read.
     peer_in: Vec<u8>,
     peer_eof: bool,
+    /// A receive asked while the peer had sent nothing: done when it does.
+    peer_receive: bool,
     hop: Option<HopConn>,
+    /// A receive asked while the next hop had said nothing: done when it does.
+    hop_receive: bool,
 }
 
 /// The fake I/O: next hops by address.
@@ -101,11 +104,36 @@ struct Fake {
     ops: usize,
     /// DNS queries sent, for the test to answer.
     dns_sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// The bytes of the last receive.
+    read: Vec<u8>,
 }
 
 impl Fake {
     fn log(&mut self, addr: SocketAddr) -> Rc<RefCell<HopLog>> {
         self.hops.entry(addr).or_default().clone()
+    }
+
+    /// The peer's next bytes (or its end), if it sent any since the receive was asked.
+    fn peer_read(&mut self, s: &mut FakeSockets) -> Option<Input<'_>> {
+        if !s.peer_in.is_empty() {
+            self.read = std::mem::take(&mut s.peer_in);
+            return Some(Input::PeerBytes(&self.read));
+        }
+        s.peer_eof.then_some(Input::PeerEof)
+    }
+
+    /// The next hop's answers (or its end), if it said anything since the receive was
+    /// asked.
+    fn hop_read(&mut self, s: &mut FakeSockets) -> Option<Input<'_>> {
+        let server = &mut s.hop.as_mut()?.server;
+        if server.gone {
+            return Some(Input::HopFailed);
+        }
+        if server.out.is_empty() {
+            return None;
+        }
+        self.read = std::mem::take(&mut server.out);
+        Some(Input::HopBytes(&self.read))
     }
 }
 
@@ -113,72 +141,42 @@ impl Io for Fake {
     type Sockets = FakeSockets;
     type Pooled = HopConn;
 
-    fn peer(&mut self, id: ConnId, s: &mut FakeSockets, conn: &mut Connection, now: Instant) -> bool {
-        if !s.peer_open {
-            return false;
-        }
+    fn perform<'s>(&'s mut self, id: ConnId, s: &mut FakeSockets, op: Output<'_>) -> Option<Input<'s>> {
         self.ops += 1;
-        match conn.poll_peer() {
-            Transmit::Send(bytes) => {
+        match (op, s.hop.as_mut()) {
+            (Output::PeerSend(bytes), _) => {
                 self.got.entry(id).or_default().extend_from_slice(bytes);
-                let n = bytes.len();
-                conn.handle(Input::PeerSent(n), now);
-                true
+                Some(Input::PeerSent(bytes.len()))
             }
-            Transmit::Receive if !s.peer_in.is_empty() => {
-                let input = std::mem::take(&mut s.peer_in);
-                conn.handle(Input::PeerBytes(&input), now);
-                true
+            (Output::PeerReceive, _) => {
+                s.peer_receive = s.peer_in.is_empty() && !s.peer_eof;
+                self.peer_read(s)
             }
-            Transmit::Receive if s.peer_eof => {
-                conn.handle(Input::PeerEof, now);
-                true
-            }
-            Transmit::Receive | Transmit::Wait => {
-                self.ops -= 1;
-                false
-            }
-            Transmit::Close => {
-                s.peer_open = false;
-                true
-            }
-            Transmit::Last(line) => {
+            (Output::PeerLast(line), _) => {
                 self.got.entry(id).or_default().extend_from_slice(line);
                 s.peer_open = false;
-                conn.handle(Input::PeerSent(line.len()), now);
-                true
+                None
             }
-        }
-    }
-
-    fn hop(&mut self, _: ConnId, s: &mut FakeSockets, conn: &mut Connection, now: Instant) -> bool {
-        self.ops += 1;
-        match (conn.poll_hop(), s.hop.as_mut()) {
-            (HopTransmit::Release | HopTransmit::Close, _) => {
-                s.hop = None;
-                conn.handle(Input::HopClosed, now);
-                true
+            (Output::PeerClose, _) => {
+                s.peer_open = false;
+                None
             }
-            (_, Some(h)) if h.connecting => false,
-            (HopTransmit::Send(bytes), Some(h)) => {
+            (Output::HopSend(bytes), Some(h)) => {
                 h.server.receive(bytes);
-                let n = bytes.len();
-                conn.handle(Input::HopSent(n), now);
-                true
+                Some(Input::HopSent(bytes.len()))
             }
-            (HopTransmit::Receive, Some(h)) if h.server.gone => {
-                conn.handle(Input::HopFailed, now);
-                true
+            (Output::HopReceive, Some(_)) => {
+                let input = self.hop_read(s);
+                s.hop_receive = input.is_none();
+                input
             }
-            (HopTransmit::Receive, Some(h)) if !h.server.out.is_empty() => {
-                let answer = std::mem::take(&mut h.server.out);
-                conn.handle(Input::HopBytes(&answer), now);
-                true
+            (Output::HopSend(_) | Output::HopReceive, None) => Some(Input::HopFailed),
+            (Output::HopClose, _) => {
+                s.hop = None;
+                s.hop_receive = false;
+                Some(Input::HopClosed)
             }
-            _ => {
-                self.ops -= 1;
-                false
-            }
+            _ => None,
         }
     }
 
@@ -200,6 +198,9 @@ impl Io for Fake {
     }
 
     fn unplug(&mut self, s: &mut FakeSockets) -> Option<HopConn> {
+        if s.hop_receive {
+            return None;
+        }
         s.hop.take()
     }
 
@@ -247,11 +248,19 @@ impl World {
     fn connect(&mut self) -> (ConnId, String) {
         let peer = SocketAddr::from(([192, 0, 2, self.next_peer], 40000));
         self.next_peer += 1;
-        let Admit::Serve(conn) = self.host.admit(peer, self.now, self.unix) else { panic!("refused") };
+        self.connect_from(peer).expect("refused")
+    }
+
+    /// `peer` connects: its id and the banner it got, or the line it was refused with.
+    fn connect_from(&mut self, peer: SocketAddr) -> Result<(ConnId, String), String> {
+        let conn = match self.host.admit(peer, self.now, self.unix) {
+            Admit::Serve(conn) => conn,
+            Admit::Refuse(line) => return Err(String::from_utf8_lossy(line).into_owned()),
+        };
         let sockets = FakeSockets { peer_open: true, ..FakeSockets::default() };
         let id = self.host.open(conn, sockets, self.now, &mut self.io);
         self.settle();
-        (id, self.take(id))
+        Ok((id, self.take(id)))
     }
 
     /// Completes pending connects and advances every connection until nothing moves.
@@ -263,6 +272,20 @@ impl World {
                 if let Some(h) = s.hop.as_mut().filter(|h| h.connecting) {
                     h.connecting = false;
                     conn.handle(Input::HopConnected, self.now);
+                    moved = true;
+                }
+                if s.peer_receive
+                    && let Some(input) = self.io.peer_read(s)
+                {
+                    s.peer_receive = false;
+                    conn.handle(input, self.now);
+                    moved = true;
+                }
+                if s.hop_receive
+                    && let Some(input) = self.io.hop_read(s)
+                {
+                    s.hop_receive = false;
+                    conn.handle(input, self.now);
                     moved = true;
                 }
                 let before = self.io.ops;
@@ -617,4 +640,45 @@ fn blocklists_beside_the_pregreet_test() {
     assert_eq!(w.take(clean), "220 mx.test ESMTP mxgate\r\n");
     let ip = w.host.get_current(clean).unwrap().0.session().peer().ip();
     assert!(w.shared.passed().holds(ip, w.unix));
+}
+
+#[test]
+fn failures_add_up_across_conversations_and_the_threshold_is_exact() {
+    let mut config = config(&[A]);
+    config.abuse.failure_threshold = 5;
+    let mut w = World::with(config);
+    let peer = addr("192.0.2.77:40000");
+    let fail = |w: &mut World, n: usize| {
+        let (id, banner) = w.connect_from(peer).expect("served");
+        assert_eq!(banner, "220 mx.test ESMTP mxgate\r\n");
+        let got = w.send(id, &"BOGUS\r\n".repeat(n));
+        assert_eq!(got.matches("500 5.5.2").count(), n, "{got}");
+        assert_eq!(w.send(id, "QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
+        assert!(!w.open(id));
+    };
+    fail(&mut w, 2);
+    fail(&mut w, 2);
+    fail(&mut w, 0);
+    fail(&mut w, 1);
+    let refused = w.connect_from(peer).expect_err("the fifth failure bans");
+    assert!(refused.starts_with("530 5.7.1 mx.test ESMTP denied access at "), "{refused}");
+    assert!(w.connect_from(addr("192.0.2.78:40000")).is_ok(), "a neighbour is still served");
+}
+
+#[test]
+fn a_next_hops_refusals_reach_the_peer_as_they_are_never_as_250() {
+    let mut w = World::new(&[A]);
+    let s = w.session();
+    assert_eq!(w.send(s, "MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    w.host.get_current(s).unwrap().1.hop.as_mut().unwrap().server.script.refuse_rcpt =
+        Some(("u@example.com", "550 5.1.1 no such user"));
+    assert_eq!(w.send(s, "RCPT TO:<u@example.com>\r\n"), "550 5.1.1 no such user\r\n");
+    assert_eq!(w.send(s, "DATA\r\n"), "554 5.5.1 no valid recipients\r\n");
+    assert_eq!(w.send(s, "RSET\r\n"), "250 2.0.0 OK\r\n");
+    let script = &mut w.host.get_current(s).unwrap().1.hop.as_mut().unwrap().server.script;
+    script.refuse_rcpt = None;
+    script.dot_reply = Some("554 5.7.1 rejected by policy");
+    assert_eq!(w.deliver(s, "refused"), "554 5.7.1 rejected by policy\r\n");
+    assert_eq!(w.send(s, "QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
+    assert_eq!(w.host.pooled(addr(A)), 1, "the hop said 250 to our RSET after its refusal: clean, pooled");
 }

@@ -5,8 +5,9 @@
 //! Sockets are edge-triggered, and each remembers what it last reported (readable,
 //! writable) until an operation would block: an operation the connection asks for is
 //! performed at once while its socket is ready for it, so no read is tried before an
-//! answer can have arrived. A listener yields after `ACCEPTS_PER_TURN` accepts, so that
-//! connections get their turn.
+//! answer can have arrived; otherwise it waits for the socket's event (a receive is then
+//! done, a send answered `Sent(0)` for the connection to ask again: nothing is copied). A
+//! listener yields after `ACCEPTS_PER_TURN` accepts, so that connections get their turn.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -18,10 +19,9 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::READ_LEN;
 use super::dns::{DATAGRAM_LEN, DnsSockets};
-use crate::conn::{Admit, ConnId, Connection, Host, Input, Io};
+use crate::conn::{Admit, ConnId, Connection, Host, Input, Io, Output};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
-use crate::smtp::{HopTransmit, Transmit};
 
 /// Wait before accepting again after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -52,16 +52,106 @@ impl Ready {
 /// A connection's sockets.
 pub struct Sockets {
     /// The peer's socket; `None` once closed.
-    peer: Option<TcpStream>,
-    peer_ready: Ready,
+    peer: Option<Port>,
     relay: Option<RelaySocket>,
 }
 
 struct RelaySocket {
-    stream: TcpStream,
+    port: Port,
     /// Connecting: the socket becomes writable when the connection is made or refused.
     connecting: bool,
+}
+
+/// A socket, what it last reported, and the operation asked of it that waits for it.
+struct Port {
+    stream: TcpStream,
     ready: Ready,
+    /// A receive found nothing yet: done when the socket is readable.
+    receive: bool,
+    /// A send found the socket full: answered `Sent(0)` when it is writable.
+    send: bool,
+}
+
+impl Port {
+    fn new(stream: TcpStream, ready: Ready) -> Self {
+        Port { stream, ready, receive: false, send: false }
+    }
+
+    /// Sends what the socket takes of `bytes`: `None` when it is full (the send then
+    /// waits for the socket to be writable).
+    fn send(&mut self, bytes: &[u8]) -> Option<io::Result<usize>> {
+        if self.ready.write {
+            match self.stream.write(bytes) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready.write = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Some(Ok(0)),
+                done => return Some(done),
+            }
+        }
+        self.send = true;
+        None
+    }
+
+    /// Reads into `buf`: `None` when nothing is there (the receive then waits for the
+    /// socket to be readable); 0 at the end.
+    fn receive(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        while self.ready.read {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    // a short read emptied the socket: the next input comes with an event
+                    self.ready.read = n == buf.len();
+                    self.receive = false;
+                    return Some(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready.read = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.receive = false;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.receive = true;
+        None
+    }
+
+    /// The socket reported `event`: what waited for it, done for the connection.
+    fn ready(&mut self, event: &mio::event::Event, conn: &mut Connection, buf: &mut [u8], hop: bool, now: Instant) {
+        self.ready.note(event);
+        if self.send && self.ready.write {
+            self.send = false;
+            conn.handle(if hop { Input::HopSent(0) } else { Input::PeerSent(0) }, now);
+        }
+        if self.receive
+            && self.ready.read
+            && let Some(read) = self.receive(buf)
+        {
+            conn.handle(if hop { hop_read(read, buf) } else { peer_read(read, buf) }, now);
+        }
+    }
+}
+
+/// What a read from the peer is for its connection.
+fn peer_read(read: io::Result<usize>, buf: &[u8]) -> Input<'_> {
+    match read {
+        Ok(0) => Input::PeerEof,
+        Ok(n) => Input::PeerBytes(&buf[..n]),
+        Err(e) => {
+            tracing::debug!("peer connection error: {e}");
+            Input::PeerEof
+        }
+    }
+}
+
+/// What a read from the next hop is for its connection.
+fn hop_read(read: io::Result<usize>, buf: &[u8]) -> Input<'_> {
+    match read {
+        Ok(n) if n > 0 => Input::HopBytes(&buf[..n]),
+        Ok(_) => Input::HopFailed,
+        Err(e) => {
+            tracing::debug!("next hop connection error: {e}");
+            Input::HopFailed
+        }
+    }
 }
 
 struct Listener {
@@ -134,11 +224,17 @@ impl Worker {
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE, now, unix),
                     Token(t) => {
                         if let Some((conn, sockets)) = self.host.get(t / 2) {
-                            match (t % 2, sockets.relay.as_mut()) {
-                                (0, _) => sockets.peer_ready.note(event),
-                                (_, Some(relay)) => {
-                                    relay.ready.note(event);
-                                    connect_done(conn, relay, now);
+                            let buf = &mut self.io.read_buf;
+                            match (t % 2, sockets.peer.as_mut(), sockets.relay.as_mut()) {
+                                (0, Some(peer), _) => peer.ready(event, conn, buf, false, now),
+                                (1, _, Some(relay)) => {
+                                    if relay.connecting {
+                                        relay.port.ready.note(event);
+                                        connect_done(conn, relay, now);
+                                    }
+                                    if !relay.connecting {
+                                        relay.port.ready(event, conn, buf, true, now);
+                                    }
                                 }
                                 _ => {}
                             }
@@ -185,7 +281,7 @@ impl Worker {
                 continue;
             }
             // accepted sockets can take the banner at once; input is reported by an event
-            let sockets = Sockets { peer: Some(stream), peer_ready: Ready { read: false, write: true }, relay: None };
+            let sockets = Sockets { peer: Some(Port::new(stream, Ready { read: false, write: true })), relay: None };
             self.host.open(conn, sockets, now, &mut self.io);
         }
         // The backlog may hold more: come back after the others had their turn.
@@ -215,12 +311,9 @@ impl Worker {
 
 /// An event on a next-hop socket being connected: the connection is made or refused.
 fn connect_done(conn: &mut Connection, relay: &mut RelaySocket, now: Instant) {
-    if !relay.connecting {
-        return;
-    }
-    let connected = match relay.stream.take_error() {
+    let connected = match relay.port.stream.take_error() {
         Ok(Some(e)) | Err(e) => Err(e),
-        Ok(None) => relay.stream.peer_addr().map(|_| ()),
+        Ok(None) => relay.port.stream.peer_addr().map(|_| ()),
     };
     match connected {
         Ok(()) => {
@@ -240,93 +333,44 @@ impl Io for Epoll {
     type Sockets = Sockets;
     type Pooled = TcpStream;
 
-    fn peer(&mut self, _: ConnId, s: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
-        let Some(stream) = s.peer.as_mut() else { return false };
-        let ready = &mut s.peer_ready;
-        let result = match conn.poll_peer() {
-            Transmit::Send(bytes) if ready.write => stream
-                .write(bytes)
-                .map(|n| conn.handle(Input::PeerSent(n), now))
-                .inspect_err(|e| ready.write &= e.kind() != io::ErrorKind::WouldBlock),
-            Transmit::Receive if ready.read => stream
-                .read(&mut self.read_buf)
-                .map(|n| {
-                    // a short read emptied the socket: the next input comes with an event
-                    ready.read = n == self.read_buf.len();
-                    match n {
-                        0 => conn.handle(Input::PeerEof, now),
-                        n => conn.handle(Input::PeerBytes(&self.read_buf[..n]), now),
-                    }
-                })
-                .inspect_err(|e| ready.read &= e.kind() != io::ErrorKind::WouldBlock),
-            Transmit::Send(_) | Transmit::Receive | Transmit::Wait => return false,
-            Transmit::Last(line) => {
+    fn perform<'s>(&'s mut self, _: ConnId, s: &mut Sockets, op: Output<'_>) -> Option<Input<'s>> {
+        let relay = s.relay.as_mut().map(|r| &mut r.port);
+        match (op, s.peer.as_mut(), relay) {
+            (Output::PeerSend(bytes), Some(peer), _) => peer.send(bytes).map(|sent| match sent {
+                Ok(n) => Input::PeerSent(n),
+                Err(e) => peer_read(Err(e), &[]),
+            }),
+            (Output::PeerReceive, Some(peer), _) => {
+                let read = peer.receive(&mut self.read_buf)?;
+                Some(peer_read(read, &self.read_buf))
+            }
+            (Output::PeerLast(line), Some(peer), _) => {
                 // a fresh socket's send buffer is empty: the line goes in one write
-                let _ = stream.write(line);
-                drop(s.peer.take());
-                conn.handle(Input::PeerSent(line.len()), now);
-                return true;
-            }
-            Transmit::Close => {
+                let _ = peer.stream.write(line);
                 // closing the socket also takes it out of the epoll set
-                drop(s.peer.take());
-                return true;
+                s.peer = None;
+                None
             }
-        };
-        match result {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
-            Err(e) => {
-                tracing::debug!("peer connection error: {e}");
-                conn.handle(Input::PeerEof, now);
-                true
+            (Output::PeerClose, ..) => {
+                s.peer = None;
+                None
             }
-        }
-    }
-
-    fn hop(&mut self, _: ConnId, s: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
-        let result = match (conn.poll_hop(), s.relay.as_mut()) {
-            (HopTransmit::Idle | HopTransmit::Connect { .. }, _) => return false,
-            (HopTransmit::Release | HopTransmit::Close, _) => {
-                // closing the socket also takes it out of the epoll set
-                drop(s.relay.take());
-                conn.handle(Input::HopClosed, now);
-                return true;
+            (Output::PeerSend(_) | Output::PeerReceive, None, _) => Some(Input::PeerEof),
+            (Output::HopSend(bytes), _, Some(hop)) => hop.send(bytes).map(|sent| match sent {
+                Ok(n) => Input::HopSent(n),
+                Err(e) => hop_read(Err(e), &[]),
+            }),
+            (Output::HopReceive, _, Some(hop)) => {
+                let read = hop.receive(&mut self.read_buf)?;
+                Some(hop_read(read, &self.read_buf))
             }
-            (_, Some(r)) if r.connecting => return false,
-            (HopTransmit::Send(_), Some(r)) if !r.ready.write => return false,
-            (HopTransmit::Send(bytes), Some(r)) => r
-                .stream
-                .write(bytes)
-                .map(|n| conn.handle(Input::HopSent(n), now))
-                .inspect_err(|e| r.ready.write &= e.kind() != io::ErrorKind::WouldBlock),
-            (HopTransmit::Receive, Some(r)) if !r.ready.read => return false,
-            (HopTransmit::Receive, Some(r)) => r
-                .stream
-                .read(&mut self.read_buf)
-                .and_then(|n| {
-                    r.ready.read = n == self.read_buf.len();
-                    match n {
-                        0 => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                        n => {
-                            conn.handle(Input::HopBytes(&self.read_buf[..n]), now);
-                            Ok(())
-                        }
-                    }
-                })
-                .inspect_err(|e| r.ready.read &= e.kind() != io::ErrorKind::WouldBlock),
-            (HopTransmit::Send(_) | HopTransmit::Receive, None) => Err(io::Error::from(io::ErrorKind::NotConnected)),
-        };
-        match result {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
-            Err(e) => {
-                tracing::debug!("next hop connection error: {e}");
-                conn.handle(Input::HopFailed, now);
-                true
+            (Output::HopSend(_) | Output::HopReceive, _, None) => Some(Input::HopFailed),
+            (Output::HopClose, ..) => {
+                s.relay = None;
+                Some(Input::HopClosed)
             }
+            // the host's own
+            _ => None,
         }
     }
 
@@ -335,7 +379,7 @@ impl Io for Epoll {
         // commands and the final dot are small writes awaited one at a time
         let _ = stream.set_nodelay(true);
         self.poll.registry().register(&mut stream, Token(2 * key + 1), Interest::READABLE | Interest::WRITABLE)?;
-        s.relay = Some(RelaySocket { stream, connecting: true, ready: Ready::default() });
+        s.relay = Some(RelaySocket { port: Port::new(stream, Ready::default()), connecting: true });
         Ok(())
     }
 
@@ -347,13 +391,13 @@ impl Io for Epoll {
         if self.poll.registry().reregister(&mut stream, Token(2 * key + 1), interest).is_err() {
             return false;
         }
-        s.relay = Some(RelaySocket { stream, connecting: false, ready: Ready { read: false, write: true } });
+        s.relay = Some(RelaySocket { port: Port::new(stream, Ready { read: false, write: true }), connecting: false });
         true
     }
 
     fn unplug(&mut self, s: &mut Sockets) -> Option<TcpStream> {
         match s.relay.take() {
-            Some(r) if !r.connecting => Some(r.stream),
+            Some(r) if !r.connecting && !r.port.receive && !r.port.send => Some(r.port.stream),
             other => {
                 s.relay = other;
                 None

@@ -36,10 +36,9 @@ use socket2::SockRef;
 
 use super::READ_LEN;
 use super::dns::{DATAGRAM_LEN, DnsSockets};
-use crate::conn::{Admit, ConnId, Connection, Host, Input, Io};
+use crate::conn::{Admit, ConnId, Connection, Host, Input, Io, Output};
 use crate::datetime::UnixTime;
 use crate::shared::Shared;
-use crate::smtp::{HopTransmit, Transmit};
 use crate::template::MAX_REPLY_LEN;
 
 /// Submission queue entries per ring; completions get twice as many.
@@ -242,7 +241,7 @@ struct Socket {
     recv: bool,
     send: bool,
     connect: bool,
-    /// A cancel of what is in flight was asked for (the socket is being closed).
+    /// The socket is to be closed once what is in flight (cancelled) has completed.
     cancelling: bool,
     read_buf: Box<[u8]>,
     /// The bytes of the send in flight (a copy: the session may append meanwhile).
@@ -454,7 +453,7 @@ impl Worker {
             TAG_PEER_RECV..=TAG_RELAY_CONNECT => {
                 let provided = cqueue::buffer_select(flags);
                 if let Some((conn, sockets)) = self.host.get_current((key, generation)) {
-                    op_done(&mut self.io, tag, conn, sockets, (res, provided), now);
+                    op_done(&mut self.io, (tag, key, generation), conn, sockets, (res, provided), now);
                     self.host.advance(key, now, &mut self.io);
                 } else if let Some(bid) = provided {
                     self.io.provided.provide(bid);
@@ -561,18 +560,27 @@ impl Worker {
 }
 
 /// An operation on one of a connection's sockets completed: its result (and the
-/// provided buffer it took), to the connection.
-fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done: (i32, Option<u16>), now: Instant) {
+/// provided buffer it took), to the connection; a socket being closed is closed once
+/// nothing is in flight on it.
+fn op_done(
+    io: &mut Uring,
+    (tag, key, generation): (u8, usize, u32),
+    conn: &mut Connection,
+    s: &mut Sockets,
+    done: (i32, Option<u16>),
+    now: Instant,
+) {
     let (res, provided) = done;
-    // ENOBUFS: no provided buffer was left; the recv is asked again (buffers come back as
-    // this turn's completions are handled)
-    let failed = res < 0 && res != -libc::ECANCELED && res != -libc::ENOBUFS;
+    let failed = res < 0 && res != -libc::ECANCELED;
     match tag {
         TAG_PEER_RECV => {
             s.peer.recv = false;
             match (res, provided) {
                 (0, _) => conn.handle(Input::PeerEof, now),
                 (n, Some(bid)) if n > 0 => conn.handle(Input::PeerBytes(io.provided.bytes(bid, n as usize)), now),
+                // no provided buffer was left: asked again (buffers come back as this
+                // turn's completions are handled)
+                _ if res == -libc::ENOBUFS && !s.peer.cancelling => io.peer_recv(&mut s.peer, key, generation),
                 _ if failed => conn.handle(Input::PeerEof, now),
                 _ => {}
             }
@@ -622,10 +630,12 @@ fn op_done(io: &mut Uring, tag: u8, conn: &mut Connection, s: &mut Sockets, done
             }
         }
     }
-    for socket in [&mut s.peer, &mut s.relay] {
-        if !socket.busy() {
-            socket.cancelling = false;
-        }
+    if s.peer.cancelling && !s.peer.busy() {
+        close_socket(&mut io.ring, &mut s.peer, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]);
+    }
+    if s.relay.cancelling && !s.relay.busy() {
+        close_socket(&mut io.ring, &mut s.relay, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
+        conn.handle(Input::HopClosed, now);
     }
 }
 
@@ -633,73 +643,41 @@ impl Io for Uring {
     type Sockets = Sockets;
     type Pooled = Pooled;
 
-    /// Starts what the peer's socket is asked; true when it closed the socket.
-    fn peer(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
-        let s = &mut sockets.peer;
-        if s.fd < 0 {
-            return false;
-        }
-        match conn.poll_peer() {
-            Transmit::Send(bytes) if !s.send => {
-                s.write_buf.clear();
-                s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
-                s.send = true;
-                let e = send_entry(s.fd, &s.write_buf, user_data(TAG_PEER_SEND, key, generation));
-                push(&mut self.ring, &[e]);
-            }
-            Transmit::Receive if !s.recv => {
-                s.recv = true;
-                let e = opcode::Recv::new(types::Fd(s.fd), std::ptr::null_mut(), READ_LEN as u32)
-                    .buf_group(BUFFER_GROUP)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-                    .user_data(user_data(TAG_PEER_RECV, key, generation));
-                push(&mut self.ring, &[e]);
-            }
-            Transmit::Last(line) if !s.busy() => {
+    fn perform<'s>(
+        &'s mut self,
+        (key, generation): ConnId,
+        sockets: &mut Sockets,
+        op: Output<'_>,
+    ) -> Option<Input<'s>> {
+        let (peer, relay) = (&mut sockets.peer, &mut sockets.relay);
+        match op {
+            Output::PeerSend(_) | Output::PeerReceive if peer.fd < 0 => return Some(Input::PeerEof),
+            Output::PeerSend(bytes) => self.send(peer, bytes, user_data(TAG_PEER_SEND, key, generation)),
+            Output::PeerReceive => self.peer_recv(peer, key, generation),
+            Output::PeerLast(line) if peer.fd >= 0 && !peer.busy() => {
                 // as a refusal at accept: the send linked to the close
-                let len = line.len();
-                self.refuse(s.fd, line);
-                s.fd = -1;
-                conn.handle(Input::PeerSent(len), now);
-                return true;
+                self.refuse(peer.fd, line);
+                peer.fd = -1;
             }
-            Transmit::Close | Transmit::Last(_) => {
-                return close_socket(&mut self.ring, s, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]);
+            Output::PeerLast(_) | Output::PeerClose => {
+                close_socket(&mut self.ring, peer, key, generation, [TAG_PEER_RECV, TAG_PEER_SEND]);
             }
+            Output::HopSend(_) | Output::HopReceive if relay.fd < 0 || relay.connect => return Some(Input::HopFailed),
+            Output::HopSend(bytes) => self.send(relay, bytes, user_data(TAG_RELAY_SEND, key, generation)),
+            Output::HopReceive => {
+                relay.recv = true;
+                let e = recv_entry(relay.fd, &mut relay.read_buf, user_data(TAG_RELAY_RECV, key, generation));
+                push(&mut self.ring, &[e]);
+            }
+            Output::HopClose => {
+                let closed = close_socket(&mut self.ring, relay, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
+                // else once what is in flight has completed (`op_done`)
+                return closed.then_some(Input::HopClosed);
+            }
+            // the host's own
             _ => {}
         }
-        false
-    }
-
-    /// Starts what the next hop's socket is asked; true when it closed the socket.
-    fn hop(&mut self, (key, generation): ConnId, sockets: &mut Sockets, conn: &mut Connection, now: Instant) -> bool {
-        let s = &mut sockets.relay;
-        match conn.poll_hop() {
-            HopTransmit::Send(bytes) if !s.send && !s.connect && s.fd >= 0 => {
-                s.write_buf.clear();
-                s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
-                s.send = true;
-                let e = send_entry(s.fd, &s.write_buf, user_data(TAG_RELAY_SEND, key, generation));
-                push(&mut self.ring, &[e]);
-                false
-            }
-            HopTransmit::Receive if !s.recv && !s.connect && s.fd >= 0 => {
-                s.recv = true;
-                let e = recv_entry(s.fd, &mut s.read_buf, user_data(TAG_RELAY_RECV, key, generation));
-                push(&mut self.ring, &[e]);
-                false
-            }
-            HopTransmit::Release | HopTransmit::Close => {
-                let closed = (s.fd < 0 && !s.busy())
-                    || close_socket(&mut self.ring, s, key, generation, [TAG_RELAY_RECV, TAG_RELAY_SEND]);
-                if closed {
-                    conn.handle(Input::HopClosed, now);
-                }
-                closed
-            }
-            _ => false,
-        }
+        None
     }
 
     fn dial(&mut self, (key, generation): ConnId, sockets: &mut Sockets, addr: SocketAddr) -> io::Result<()> {
@@ -764,14 +742,14 @@ impl Io for Uring {
 }
 
 /// Closes a connection's socket: at once when nothing is in flight (true), else cancels
-/// what is (once) and waits for it to complete (false).
+/// what is (once) and closes it when that has completed (false; see `op_done`).
 fn close_socket(ring: &mut IoUring, s: &mut Socket, key: usize, generation: u32, tags: [u8; 2]) -> bool {
-    if s.fd < 0 {
-        return false;
-    }
     if !s.busy() {
-        push(ring, &[close_entry(s.fd)]);
-        s.fd = -1;
+        if s.fd >= 0 {
+            push(ring, &[close_entry(s.fd)]);
+            s.fd = -1;
+        }
+        s.cancelling = false;
         return true;
     }
     if !s.cancelling {
@@ -789,6 +767,27 @@ fn close_socket(ring: &mut IoUring, s: &mut Socket, key: usize, generation: u32,
 }
 
 impl Uring {
+    /// Sends a copy of (the first `MAX_SEND` of) `bytes` on `s`: the connection may add
+    /// to what it has to send meanwhile.
+    fn send(&mut self, s: &mut Socket, bytes: &[u8], ud: u64) {
+        debug_assert!(!s.send, "one send at a time");
+        s.write_buf.clear();
+        s.write_buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SEND)]);
+        s.send = true;
+        push(&mut self.ring, &[send_entry(s.fd, &s.write_buf, ud)]);
+    }
+
+    /// A receive on the peer's socket `s`, into a provided buffer taken when data comes.
+    fn peer_recv(&mut self, s: &mut Socket, key: usize, generation: u32) {
+        s.recv = true;
+        let e = opcode::Recv::new(types::Fd(s.fd), std::ptr::null_mut(), READ_LEN as u32)
+            .buf_group(BUFFER_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data(TAG_PEER_RECV, key, generation));
+        push(&mut self.ring, &[e]);
+    }
+
     /// A refusal: a copy of `line`, then the close, linked; the send completes only if it
     /// fails, the close always (giving the copy's buffer back).
     fn refuse(&mut self, fd: RawFd, line: &[u8]) {

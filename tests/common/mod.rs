@@ -25,9 +25,12 @@ macro_rules! for_both_drivers {
 
 #[allow(unused_macros, reason = "not every test binary has behaviours the driver takes no part in")]
 /// `on_one_driver!(a, b)`: tests `once::a`, ... calling `a("uring")`: behaviours the
-/// driver takes no part in beyond moving bytes (configuration and reload, the control
-/// socket, metrics, state files, log lines, TLS settings) run once; the drivers' own
-/// paths (accept, bytes, timers, pooling, drain) run on both (`for_both_drivers!`).
+/// driver takes no part in beyond moving bytes (the gate's and abuse control's decisions,
+/// SMTP rules, configuration and reload, the control socket, metrics, state files, log
+/// lines, TLS settings) run once; the drivers' own paths (accept, the deny line, bytes,
+/// timers, connect failures, pooling, drain, DNS sockets) run on both
+/// (`for_both_drivers!`). What the drivers share is also tested through the fake I/O
+/// (`src/conn/tests.rs`).
 macro_rules! on_one_driver {
     ($($name:ident),* $(,)?) => {
         mod once {
