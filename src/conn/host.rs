@@ -18,7 +18,7 @@ use slab::Slab;
 
 use super::pool::Pool;
 use super::timers::{ConnId, Timers};
-use super::{Connection, HopState, Input, NoHeader, Output, Report, Screened};
+use super::{Connection, HopState, Input, NoHeader, Output, Report, Screened, Screening};
 use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::{UnixTime, WallClock};
@@ -182,10 +182,9 @@ impl<I: Io> Host<I> {
                     session.shutdown(now);
                 }
                 self.generation = self.generation.wrapping_add(1) & GENERATION_MASK;
-                let mut conn = Connection::new(Arc::clone(snapshot), session, whitelisted, admission, self.generation);
-                let (pregreet, zones) = screening(snapshot, &self.shared, peer, whitelisted, now, unix);
-                conn.screen(pregreet, zones);
-                Admit::Serve(conn)
+                let screening = screening(snapshot, &self.shared, peer, whitelisted, now, unix);
+                let gate = (whitelisted, admission);
+                Admit::Serve(Connection::new(Arc::clone(snapshot), session, gate, screening, self.generation))
             }
         }
     }
@@ -473,7 +472,7 @@ fn judge(
     match verdict {
         Verdict::Refuse(refusal) => {
             tracing::debug!(%peer, %balancer, ?refusal, "refused");
-            conn.refuse(refusals.line(refusal, &snapshot, unix));
+            conn.handle(Input::Refused(refusals.line(refusal, &snapshot, unix)), now);
         }
         Verdict::Allow { whitelisted, admission } => {
             tracing::debug!(%peer, %balancer, "allowed");
@@ -481,7 +480,7 @@ fn judge(
                 shadow_list(list, peer, unix, shared, counts);
             }
             let screening = screening(&snapshot, shared, peer, whitelisted, now, unix);
-            conn.serve(peer, whitelisted, admission, proxy_id, screening, rest, now);
+            conn.handle(Input::Allowed { peer, whitelisted, admission, proxy_id, screening, rest }, now);
         }
     }
 }
@@ -538,16 +537,16 @@ fn screening(
     whitelisted: bool,
     now: Instant,
     unix: UnixTime,
-) -> (Option<Instant>, usize) {
+) -> Screening {
     let screen = &snapshot.config.screen;
     if (!screen.pregreet && screen.dnsbl.is_empty()) || whitelisted {
-        return (None, 0);
+        return Screening::default();
     }
     let allow_listed = snapshot.access.decide(peer.ip()).rule.is_some_and(|r| r.action == Action::Allow);
     if allow_listed || shared.passed().holds(peer.ip(), unix) {
-        return (None, 0);
+        return Screening::default();
     }
-    (screen.pregreet.then(|| now + screen.greet_wait), screen.dnsbl.len())
+    Screening { pregreet: screen.pregreet.then(|| now + screen.greet_wait), zones: screen.dnsbl.len() }
 }
 
 /// What screening found: talking first is a failure of the address, like a 5xx; a

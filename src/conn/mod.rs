@@ -103,6 +103,20 @@ pub enum Input<'a> {
     /// The next-hop socket is no longer the connection's, after `HopClose` or
     /// `HopRelease`: closed, or pooled.
     HopClosed,
+    /// The gate allowed the address a balancer's header carries (`Report::Header`): the
+    /// session is that peer's, after the screening it gets, and `rest` (what came after
+    /// the header) is its first input.
+    Allowed {
+        peer: PeerIp,
+        whitelisted: bool,
+        admission: Admission,
+        proxy_id: Option<Vec<u8>>,
+        screening: Screening,
+        rest: &'a [u8],
+    },
+    /// The gate refused the address a balancer's header carries: this line, then close,
+    /// as at accept.
+    Refused(&'a [u8]),
     /// A blocklist's answer about the peer (zone `zone` of the snapshot's
     /// `[[screen.dnsbl]]`), from the host's resolver.
     DnsAnswer { zone: usize, answer: Answer },
@@ -147,8 +161,8 @@ pub enum Output<'a> {
 /// balancer's address, ask the blocklists), and what to count and log.
 #[derive(Debug)]
 pub enum Report {
-    /// A balancer's header is whole: the host judges the address it carries, then calls
-    /// `Connection::serve` or `Connection::refuse`; `rest` is the session's.
+    /// A balancer's header is whole: the host judges the address it carries and gives
+    /// its verdict (`Input::Allowed`, `Input::Refused`); `rest` is the session's.
     Header { header: crate::proxy::Header, rest: Vec<u8> },
     /// The blocklists are to be asked about the peer (answers: `dns_answer`).
     AskDns,
@@ -179,6 +193,15 @@ pub enum Screened {
     /// The blocklists scored it at or over the threshold: refused with the 550 line
     /// naming `zone`.
     Blocked { zone: String, score: i32 },
+}
+
+/// The screening an allowed peer gets before its session: the pregreet test until
+/// `pregreet` (the greeting's first line, then silence), and the answers of `zones`
+/// blocklists awaited; none for a peer that needs none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Screening {
+    pub pregreet: Option<Instant>,
+    pub zones: usize,
 }
 
 /// A next-hop connection's state apart from its socket (its client, and its TLS after
@@ -247,14 +270,16 @@ struct Ports {
 }
 
 impl Connection {
+    /// An allowed peer's connection, its session after `screening`.
     pub fn new(
         snapshot: Arc<Snapshot>,
         session: Session,
-        whitelisted: bool,
-        admission: Admission,
+        (whitelisted, admission): (bool, Admission),
+        screening: Screening,
         generation: u32,
     ) -> Self {
-        let mut conn = Self::with_stage(snapshot, session, Stage::Session, generation);
+        let stage = Stage::screening(screening.pregreet, screening.zones);
+        let mut conn = Self::with_stage(snapshot, session, stage, generation);
         conn.whitelisted = whitelisted;
         conn._admission = Some(admission);
         conn
@@ -366,12 +391,6 @@ impl Connection {
         self.reports.pop_front().or_else(|| self.session.poll_event().map(Report::Session))
     }
 
-    /// Screening before the session: the pregreet test until `pregreet` (the greeting's
-    /// first line, then silence), and `zones` blocklists' answers awaited.
-    pub(crate) fn screen(&mut self, pregreet: Option<Instant>, zones: usize) {
-        self.stage = Stage::screening(pregreet, zones);
-    }
-
     /// Zone `zone`'s answer. With every answer in: a score at or over the threshold
     /// refuses the peer with the 550 line of its heaviest listing.
     fn dns_answer(&mut self, zone: usize, answer: Answer, now: Instant) {
@@ -403,32 +422,25 @@ impl Connection {
         }
     }
 
-    /// The header's address is allowed: the session is its (after the screening it gets:
-    /// see [`Connection::screen`]), and gets the bytes that came after the header.
-    #[allow(clippy::too_many_arguments, reason = "the gate's verdict, taken apart")]
-    pub(crate) fn serve(
-        &mut self,
-        peer: PeerIp,
-        whitelisted: bool,
-        admission: Admission,
-        proxy_id: Option<Vec<u8>>,
-        screening: (Option<Instant>, usize),
-        rest: &[u8],
-        now: Instant,
-    ) {
-        self.screen(screening.0, screening.1);
-        self.session.set_peer(peer);
-        self.whitelisted = whitelisted;
-        self._admission = Some(admission);
-        self.proxy_id = proxy_id;
-        if !rest.is_empty() {
-            self.peer_input(rest, now);
+    /// The gate's verdict on the address a balancer's header carries.
+    fn judged(&mut self, input: Input<'_>, now: Instant) {
+        if !matches!(self.stage, Stage::Waiting) {
+            return;
         }
-    }
-
-    /// The header's address is refused: `line`, then close, as at accept.
-    pub(crate) fn refuse(&mut self, line: &[u8]) {
-        self.stage = Stage::Refuse { line: line.into() };
+        match input {
+            Input::Allowed { peer, whitelisted, admission, proxy_id, screening, rest } => {
+                self.stage = Stage::screening(screening.pregreet, screening.zones);
+                self.session.set_peer(peer);
+                self.whitelisted = whitelisted;
+                self._admission = Some(admission);
+                self.proxy_id = proxy_id;
+                if !rest.is_empty() {
+                    self.peer_input(rest, now);
+                }
+            }
+            Input::Refused(line) => self.stage = Stage::Refuse { line: line.into() },
+            _ => {}
+        }
     }
 
     pub(crate) fn proxy_id(&self) -> Option<&[u8]> {
@@ -496,6 +508,7 @@ impl Connection {
                 self.ports.hop_connect = false;
                 self.hop_failed(now);
             }
+            input @ (Input::Allowed { .. } | Input::Refused(_)) => self.judged(input, now),
             Input::DnsAnswer { zone, answer } => self.dns_answer(zone, answer, now),
             Input::Timeout => self.handle_timeout(now),
             Input::Drain => self.shutdown(now),
