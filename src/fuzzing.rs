@@ -25,7 +25,7 @@ use crate::datetime::UnixTime;
 use crate::peer::PeerIp;
 use crate::scripted::ScriptedHop;
 use crate::smtp::client::{Command, Progress, Upstream};
-use crate::smtp::{HopTransmit, Session, Settings, Transmit};
+use crate::smtp::{HopTransmit, Link, Session, Settings, Transmit};
 
 /// The session's configuration: small limits, so that the input reaches them.
 const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5\nmax_message_size = \"2KiB\"\n\
@@ -73,9 +73,10 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
     hop.dot_reply = (flags & 8 != 0).then_some("554 5.7.1 refused");
     // a hop that answers RCPT without MAIL and DATA without a recipient
     hop.lax = flags & 32 != 0;
+    let mut link = Link::None;
     let (mut peer_got, mut lines_in, mut total_out) = (Vec::new(), 0usize, 0usize);
     let mut queued = 0usize;
-    drive(&mut s, &mut hop, &mut peer_got, now); // the banner
+    drive(&mut s, &mut link, &mut hop, &mut peer_got, now); // the banner
     while let Some((&op, rest)) = ops.split_first() {
         ops = rest;
         match op % 8 {
@@ -83,24 +84,24 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
                 let len = ops.first().map_or(0, |&n| usize::from(n)).min(ops.len().saturating_sub(1));
                 let bytes = ops.get(1..=len).unwrap_or_default();
                 ops = ops.get(len + 1..).unwrap_or_default();
-                if s.poll_transmit() == Transmit::Receive {
+                if s.poll_transmit(&link) == Transmit::Receive {
                     lines_in += bytes.iter().filter(|&&b| b == b'\n').count();
-                    s.handle_input(bytes, now);
+                    s.handle_input(&mut link, bytes, now);
                 }
             }
             4 => {
                 let secs = ops.first().copied().unwrap_or(1);
                 ops = ops.get(1..).unwrap_or_default();
                 now += Duration::from_secs(u64::from(secs));
-                if s.poll_timeout().is_some_and(|t| t <= now) {
-                    s.handle_timeout(now);
+                if s.poll_timeout(&link).is_some_and(|t| t <= now) {
+                    s.handle_timeout(&mut link, now);
                 }
             }
             5 => s.handle_eof(now),
-            6 => s.handle_relay_error(now),
+            6 => s.handle_relay_error(&mut link, now),
             _ => s.shutdown(now),
         }
-        drive(&mut s, &mut hop, &mut peer_got, now);
+        drive(&mut s, &mut link, &mut hop, &mut peer_got, now);
         queued += count(&peer_got, b"250 2.0.0 OK: queued as ");
         total_out += peer_got.len();
         peer_got.clear();
@@ -108,7 +109,7 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
         assert!(total_out <= MAX_REPLY * (lines_in + 3), "{total_out} bytes out for {lines_in} lines in");
         // no 250 to the end of data without the next hop's 250 to it
         assert!(queued <= hop.accepted, "{queued} messages acknowledged, the next hop took {}", hop.accepted);
-        if s.poll_transmit() == Transmit::Close {
+        if s.poll_transmit(&link) == Transmit::Close {
             break;
         }
     }
@@ -116,36 +117,37 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
 }
 
 /// Serves both ports until neither has anything to do; what the peer got is appended.
-fn drive(s: &mut Session, hop: &mut ScriptedHop, peer_got: &mut Vec<u8>, now: Instant) {
+fn drive(s: &mut Session, link: &mut Link, hop: &mut ScriptedHop, peer_got: &mut Vec<u8>, now: Instant) {
     for _ in 0..10_000 {
         let mut busy = false;
-        if let Transmit::Send(bytes) = s.poll_transmit() {
+        if let Transmit::Send(bytes) = s.poll_transmit(link) {
             assert!(bytes.len() <= MAX_REPLY * 200, "{} bytes owed to the peer at once", bytes.len());
             peer_got.extend_from_slice(bytes);
             let n = bytes.len();
             s.consume_output(n);
             busy = true;
         }
-        match s.poll_relay() {
+        match link.poll(s.is_open(), &s.settings().relay.next_hops) {
             HopTransmit::Connect { .. } => {
                 busy = true;
-                s.dialing();
+                link.dialing();
                 hop.disconnect();
-                s.attach_upstream(Upstream::new("mx.test", RelayTls::Off), false, now);
-                s.handle_relay_input(b"220 hop ESMTP\r\n", now);
+                link.attach(Upstream::new("mx.test", RelayTls::Off), false);
+                s.link_attached(link, now);
+                s.handle_relay_input(link, b"220 hop ESMTP\r\n", now);
             }
             HopTransmit::Send(bytes) => {
                 busy = true;
                 let answers = hop.receive(bytes);
                 let n = bytes.len();
-                s.consume_relay_output(n, now);
+                s.consume_relay_output(link, n, now);
                 if !answers.is_empty() {
-                    s.handle_relay_input(&answers, now);
+                    s.handle_relay_input(link, &answers, now);
                 }
             }
             HopTransmit::Release | HopTransmit::Close => {
                 busy = true;
-                s.detach_relay();
+                link.detach(&s.settings().relay.next_hops, s.wanted_link());
                 hop.disconnect();
             }
             HopTransmit::Receive | HopTransmit::Idle => {}

@@ -61,7 +61,7 @@ use crate::screen::dnsbl::{self, Answer};
 use crate::screen::pregreet::Pregreet;
 use crate::smtp::client::Upstream;
 use crate::smtp::replies::TALKED_EARLY;
-use crate::smtp::{Event, HopTransmit, Session, Transmit};
+use crate::smtp::{Event, HopTransmit, Link, Session, Transmit};
 use crate::snapshot::Snapshot;
 use stage::Stage;
 
@@ -230,7 +230,10 @@ pub struct Connection {
     /// The snapshot it was accepted under, kept for its whole life (its session holds
     /// the part it needs).
     snapshot: Arc<Snapshot>,
+    /// The peer's dialogue.
     session: Session,
+    /// The connection to the next hop the session forwards on, lent to it call by call.
+    link: Link,
     transport: Transport,
     /// The next hop's TLS, after its 220 to STARTTLS (`[relay] tls`).
     hop_tls: Option<Box<tls::HopTls>>,
@@ -295,6 +298,7 @@ impl Connection {
         Connection {
             snapshot,
             session,
+            link: Link::None,
             transport: Transport::default(),
             hop_tls: None,
             stage,
@@ -315,18 +319,19 @@ impl Connection {
         if let Some(report) = self.next_report() {
             return Some(Output::Report(report));
         }
-        if !self.ports.hop_closing && hop_wants(&self.session, &self.hop_tls) == HopTransmit::Release {
+        if !self.ports.hop_closing && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Release {
             self.ports.hop_closing = true;
             let tls = self.hop_tls.take();
-            return Some(match self.session.detach_relay() {
+            let next_hops = &self.session.settings().relay.next_hops;
+            return Some(match self.link.detach(next_hops, self.session.wanted_link()) {
                 Some((up, addr)) => Output::HopRelease { hop: Box::new(HopState { up, tls }), addr },
                 // a next hop this snapshot does not name: cannot happen
                 None => Output::HopClose,
             });
         }
-        let Connection { stage, session, transport, hop_tls, ports, .. } = self;
+        let Connection { stage, session, link, transport, hop_tls, ports, .. } = self;
         if !ports.peer_closed {
-            match peer_wants(stage, session, transport) {
+            match peer_wants(stage, session, link, transport) {
                 Transmit::Send(bytes) if !ports.peer_sending => {
                     ports.peer_sending = true;
                     return Some(Output::PeerSend(bytes));
@@ -347,7 +352,7 @@ impl Connection {
             }
         }
         if !ports.hop_closing {
-            match hop_wants(session, hop_tls) {
+            match hop_wants(session, link, hop_tls) {
                 HopTransmit::Connect { addr, pooled_ok } if !ports.hop_connect => {
                     ports.hop_connect = true;
                     return Some(Output::HopConnect { addr, pooled_ok });
@@ -367,7 +372,7 @@ impl Connection {
                 _ => {}
             }
         }
-        let deadline = if stage.in_session() { session.poll_timeout() } else { stage.deadline() };
+        let deadline = if stage.in_session() { session.poll_timeout(link) } else { stage.deadline() };
         if deadline != ports.deadline {
             ports.deadline = deadline;
             return Some(Output::Deadline(deadline));
@@ -493,7 +498,7 @@ impl Connection {
             }
             Input::HopDialing => {
                 self.ports.hop_connect = false;
-                self.session.dialing();
+                self.link.dialing();
             }
             Input::HopConnected => self.hop_connected(now),
             Input::HopBytes(bytes) => {
@@ -537,7 +542,7 @@ impl Connection {
             }
         }
         match &mut self.transport {
-            Transport::Plain => self.session.handle_input(bytes, now),
+            Transport::Plain => self.session.handle_input(&mut self.link, bytes, now),
             Transport::Tls(t) => t.received(bytes),
         }
         self.settle(now);
@@ -584,7 +589,7 @@ impl Connection {
     fn settle(&mut self, now: Instant) {
         if matches!(self.transport, Transport::Plain) && self.session.take_starttls() {
             let mut clear = Vec::new();
-            while let Transmit::Send(bytes) = self.session.poll_transmit() {
+            while let Transmit::Send(bytes) = self.session.poll_transmit(&self.link) {
                 clear.extend_from_slice(bytes);
                 let n = bytes.len();
                 self.session.consume_output(n);
@@ -600,29 +605,32 @@ impl Connection {
             }
         }
         if self.hop_tls.is_none()
-            && let Some(addr) = self.session.take_relay_starttls()
+            && let Some(addr) = self.link.take_starttls(&self.session.settings().relay.next_hops)
         {
             match self.hop_tls_layer(addr) {
                 Ok(layer) => self.hop_tls = Some(Box::new(layer)),
                 Err(e) => {
                     tracing::warn!(peer = %self.session.peer(), "next hop {addr}: cannot start TLS: {e}");
-                    self.session.handle_relay_error(now);
+                    self.session.handle_relay_error(&mut self.link, now);
                 }
             }
         }
         if let Transport::Tls(t) = &mut self.transport {
-            while !t.failed() && tls_step(t, &mut self.session, now) {}
+            while !t.failed() && tls_step(t, &mut self.session, &mut self.link, now) {}
             t.flush();
         }
         if let Some(t) = &mut self.hop_tls {
             // the session's commands and body into records, while few wait to go out
             while t.takes_more() {
-                let HopTransmit::Send(bytes) = self.session.poll_relay() else { break };
+                let open = self.session.is_open();
+                let HopTransmit::Send(bytes) = self.link.poll(open, &self.session.settings().relay.next_hops) else {
+                    break;
+                };
                 let n = t.write(bytes);
                 if n == 0 {
                     break;
                 }
-                self.session.consume_relay_output(n, now);
+                self.session.consume_relay_output(&mut self.link, n, now);
             }
             t.flush();
         }
@@ -647,37 +655,39 @@ impl Connection {
     fn hop_connected(&mut self, now: Instant) {
         let upstream = Upstream::new(self.session.hostname(), self.snapshot.config.relay.tls);
         self.hop_tls = None;
-        self.session.attach_upstream(upstream, false, now);
+        self.link.attach(upstream, false);
+        self.session.link_attached(&mut self.link, now);
         self.settle(now);
     }
 
     /// A pooled connection, ready for MAIL.
     fn hop_adopted(&mut self, hop: HopState, now: Instant) {
         self.hop_tls = hop.tls;
-        self.session.attach_upstream(hop.up, true, now);
+        self.link.attach(hop.up, true);
+        self.session.link_attached(&mut self.link, now);
         self.settle(now);
     }
 
     fn hop_input(&mut self, bytes: &[u8], now: Instant) {
         match self.hop_tls.as_mut().map(|t| (t.addr(), t.received(bytes))) {
-            None => self.session.handle_relay_input(bytes, now),
+            None => self.session.handle_relay_input(&mut self.link, bytes, now),
             Some((_, Ok(read))) => {
                 if read.started {
-                    self.session.relay_tls_started();
+                    self.link.tls_started();
                 }
                 if let Some(t) = &self.hop_tls
                     && !t.plaintext().is_empty()
                 {
-                    self.session.handle_relay_input(t.plaintext(), now);
+                    self.session.handle_relay_input(&mut self.link, t.plaintext(), now);
                 }
                 if read.closed {
                     // close_notify: the next hop is done with this connection
-                    self.session.handle_relay_error(now);
+                    self.session.handle_relay_error(&mut self.link, now);
                 }
             }
             Some((addr, Err(e))) => {
                 tracing::warn!(peer = %self.session.peer(), "next hop {addr}: TLS: {e}");
-                self.session.handle_relay_error(now);
+                self.session.handle_relay_error(&mut self.link, now);
             }
         }
         self.settle(now);
@@ -685,7 +695,7 @@ impl Connection {
 
     fn hop_sent(&mut self, n: usize, now: Instant) {
         match &mut self.hop_tls {
-            None => self.session.consume_relay_output(n, now),
+            None => self.session.consume_relay_output(&mut self.link, n, now),
             Some(t) => t.sent(n),
         }
         self.settle(now);
@@ -693,7 +703,7 @@ impl Connection {
 
     /// Connecting failed, or the connection broke or closed.
     fn hop_failed(&mut self, now: Instant) {
-        self.session.handle_relay_error(now);
+        self.session.handle_relay_error(&mut self.link, now);
         self.settle(now);
     }
 
@@ -704,13 +714,14 @@ impl Connection {
         let ports = &mut self.ports;
         (ports.hop_connect, ports.hop_sending, ports.hop_receiving, ports.hop_closing) = (false, false, false, false);
         self.hop_tls = None;
-        self.session.detach_relay();
+        self.link.detach(&self.session.settings().relay.next_hops, self.session.wanted_link());
     }
 
     // ---- time and the server's life ------------------------------------------------------
 
     fn handle_timeout(&mut self, now: Instant) {
-        let deadline = if self.stage.in_session() { self.session.poll_timeout() } else { self.stage.deadline() };
+        let deadline =
+            if self.stage.in_session() { self.session.poll_timeout(&self.link) } else { self.stage.deadline() };
         if deadline.is_none_or(|at| at > now) {
             return;
         }
@@ -729,7 +740,7 @@ impl Connection {
             }
             return;
         }
-        self.session.handle_timeout(now);
+        self.session.handle_timeout(&mut self.link, now);
         self.settle(now);
     }
 
@@ -777,7 +788,7 @@ impl Connection {
         let ports = &self.ports;
         ports.peer_closed
             && !(ports.hop_connect || ports.hop_sending || ports.hop_receiving || ports.hop_closing)
-            && hop_wants(&self.session, &self.hop_tls) == HopTransmit::Idle
+            && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Idle
     }
 }
 
@@ -797,7 +808,7 @@ impl Input<'_> {
 }
 
 /// What the peer's socket is wanted for now (whether or not it is asked already).
-fn peer_wants<'a>(stage: &'a Stage, session: &'a Session, transport: &'a Transport) -> Transmit<'a> {
+fn peer_wants<'a>(stage: &'a Stage, session: &'a Session, link: &Link, transport: &'a Transport) -> Transmit<'a> {
     match stage {
         Stage::Session => {}
         Stage::Header { .. } => return Transmit::Receive,
@@ -809,7 +820,7 @@ fn peer_wants<'a>(stage: &'a Stage, session: &'a Session, transport: &'a Transpo
             return if rest.is_empty() { Transmit::Receive } else { Transmit::Send(rest) };
         }
         Stage::Screening { pregreet: None, .. } => {
-            if session.poll_transmit() != Transmit::Close {
+            if session.poll_transmit(link) != Transmit::Close {
                 // the banner waits for the blocklists' answers
                 return Transmit::Wait;
             }
@@ -822,25 +833,26 @@ fn peer_wants<'a>(stage: &'a Stage, session: &'a Session, transport: &'a Transpo
         }
     }
     match transport {
-        Transport::Plain => session.poll_transmit(),
-        Transport::Tls(t) => t.poll(session.poll_transmit()),
+        Transport::Plain => session.poll_transmit(link),
+        Transport::Tls(t) => t.poll(session.poll_transmit(link)),
     }
 }
 
 /// What the next hop's socket is wanted for now (whether or not it is asked already).
-fn hop_wants<'a>(session: &'a Session, hop_tls: &'a Option<Box<tls::HopTls>>) -> HopTransmit<'a> {
+fn hop_wants<'a>(session: &Session, link: &'a Link, hop_tls: &'a Option<Box<tls::HopTls>>) -> HopTransmit<'a> {
+    let wants = link.poll(session.is_open(), &session.settings().relay.next_hops);
     match hop_tls {
-        None => session.poll_relay(),
-        Some(t) => t.poll(session.poll_relay()),
+        None => wants,
+        Some(t) => t.poll(wants),
     }
 }
 
 /// One round of moving plaintext between the peer's TLS and the session; true when
 /// something moved. Ciphertext goes into rustls only while the handshake runs or the
 /// session reads; decrypted bytes reach the session only when it reads.
-fn tls_step(t: &mut tls::TlsLayer, session: &mut Session, now: Instant) -> bool {
+fn tls_step(t: &mut tls::TlsLayer, session: &mut Session, link: &mut Link, now: Instant) -> bool {
     let mut moved = false;
-    if t.handshaking() || session.poll_transmit() == Transmit::Receive {
+    if t.handshaking() || session.poll_transmit(link) == Transmit::Receive {
         match t.take_in() {
             Ok(took) => moved |= took,
             Err(e) => {
@@ -858,7 +870,7 @@ fn tls_step(t: &mut tls::TlsLayer, session: &mut Session, now: Instant) -> bool 
     if t.handshaking() {
         return moved;
     }
-    if session.poll_transmit() == Transmit::Receive {
+    if session.poll_transmit(link) == Transmit::Receive {
         let mut buf = [0u8; 4096];
         match t.read(&mut buf) {
             tls::Plaintext::Closed => {
@@ -867,20 +879,20 @@ fn tls_step(t: &mut tls::TlsLayer, session: &mut Session, now: Instant) -> bool 
                 moved = true;
             }
             tls::Plaintext::Data(n) => {
-                session.handle_input(&buf[..n], now);
+                session.handle_input(link, &buf[..n], now);
                 moved = true;
             }
             tls::Plaintext::None => {}
         }
     }
-    if let Transmit::Send(bytes) = session.poll_transmit() {
+    if let Transmit::Send(bytes) = session.poll_transmit(link) {
         let n = t.write(bytes);
         if n > 0 {
             session.consume_output(n);
             moved = true;
         }
     }
-    if session.poll_transmit() == Transmit::Close {
+    if session.poll_transmit(link) == Transmit::Close {
         t.close();
     }
     moved

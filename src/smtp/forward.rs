@@ -18,52 +18,44 @@
 //!                      └──► RSET answered 250 ──► clean;   anything else ──► dropped
 //! ```
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::client::{Command, Progress, Reply, Upstream};
+use super::client::{Command, Progress, Reply};
 use super::data::BodyFilter;
 use super::link::Link;
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Body, HopTransmit, Phase, Session, Waiting};
+use super::session::{Body, Phase, Session, Waiting};
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
 
-    /// What the driver does next on the next hop's side.
-    pub fn poll_relay(&self) -> HopTransmit<'_> {
-        self.fwd.link.poll(self.phase == Phase::Open, &self.settings.relay.next_hops)
+    /// Still in conversation: the link it is lent serves it (else the link is let go).
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
     }
 
-    /// The driver started connecting to the hop `poll_relay` asked for.
-    pub fn dialing(&mut self) {
-        self.fwd.link.dialing();
-    }
-
-    /// A connection to the hop asked for: new (greeting still to come) or, when
-    /// `reused`, from the pool (ready).
-    pub fn attach_upstream(&mut self, up: Upstream, reused: bool, now: Instant) {
-        let ready = up.is_ready();
-        self.fwd.link.attach(up, reused);
+    /// The connection the session asked for came up on `link`: new (its greeting still to
+    /// come) or from the pool (ready for MAIL).
+    pub fn link_attached(&mut self, link: &mut Link, now: Instant) {
         self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
-        if ready {
-            self.link_ready(now);
+        if link.ready() {
+            self.link_ready(link, now);
         }
     }
 
-    /// Bytes from the next hop.
-    pub fn handle_relay_input(&mut self, data: &[u8], now: Instant) {
-        if let Link::Up(l) = &mut self.fwd.link {
+    /// Bytes from the next hop, on `link`.
+    pub fn handle_relay_input(&mut self, link: &mut Link, data: &[u8], now: Instant) {
+        if let Link::Up(l) = link {
             l.up.handle_input(data);
-            self.upstream_events(now);
+            self.upstream_events(link, now);
         }
         self.drop_if_over(now);
     }
 
-    /// `n` bytes of the last relay `Send` went out.
-    pub fn consume_relay_output(&mut self, n: usize, now: Instant) {
-        if let Link::Up(l) = &mut self.fwd.link {
+    /// `n` bytes of what `link` had to send went out.
+    pub fn consume_relay_output(&mut self, link: &mut Link, n: usize, now: Instant) {
+        if let Link::Up(l) = link {
             l.up.consume_output(n);
             if self.fwd.waiting.is_empty() {
                 // body streaming: the next hop keeps taking bytes
@@ -74,75 +66,56 @@ impl Session {
     }
 
     /// The connection to the next hop failed: refused, broken, closed.
-    pub fn handle_relay_error(&mut self, now: Instant) {
-        self.relay_failed(HopFault::Connection, now);
+    pub fn handle_relay_error(&mut self, link: &mut Link, now: Instant) {
+        self.relay_failed(link, HopFault::Connection, now);
     }
 
-    /// Hands the next-hop connection back to the driver, with its next hop's address (as
-    /// this session's settings name it, whatever a reload changed since): the driver
-    /// pools it after `Release` and closes it after `Close`.
-    pub fn detach_relay(&mut self) -> Option<(Upstream, SocketAddr)> {
-        let wanted = match (self.fwd.waiting.front(), self.phase) {
+    /// What the session still needs once its link's connection is let go: a connection
+    /// for MAIL (to `next_hops[hop]`, pooled when `pooled_ok`), after a failed one.
+    pub fn wanted_link(&self) -> Option<(usize, bool)> {
+        match (self.fwd.waiting.front(), self.phase) {
             (Some(Waiting::Link { hop, pooled_ok }), Phase::Open) => Some((*hop, *pooled_ok)),
             _ => None,
-        };
-        self.fwd.link.detach(&self.settings.relay.next_hops, wanted)
-    }
-
-    /// The next hop said 220 to STARTTLS: its address (as this session's settings name
-    /// it), once, for the connection's TLS layer to start the handshake.
-    pub fn take_relay_starttls(&mut self) -> Option<SocketAddr> {
-        let Link::Up(l) = &mut self.fwd.link else { return None };
-        if !l.up.take_starttls() {
-            return None;
-        }
-        self.settings.relay.next_hops.get(l.hop).copied()
-    }
-
-    /// The handshake with the next hop is done: EHLO again, under TLS.
-    pub fn relay_tls_started(&mut self) {
-        if let Link::Up(l) = &mut self.fwd.link {
-            l.up.tls_started();
         }
     }
 
     // ---- forwarding commands -------------------------------------------------------------
 
     /// MAIL was accepted here: send it on once a connection is ready.
-    pub(super) fn start_mail(&mut self, now: Instant) {
+    pub(super) fn start_mail(&mut self, link: &mut Link, now: Instant) {
         if self.settings.relay.next_hops.is_empty() {
             return self.answer_failure(Waiting::Mail, HopFault::NoneConfigured, now);
         }
-        if self.fwd.link.ready() {
-            return self.send_mail(now);
+        if link.ready() {
+            return self.send_mail(link, now);
         }
         self.fwd.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
-        self.fwd.link.want(0, true);
+        link.want(0, true);
         self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
     }
 
     /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
     /// sent again after a stale or failed connection), then pipelined input goes on.
-    fn link_ready(&mut self, now: Instant) {
+    fn link_ready(&mut self, link: &mut Link, now: Instant) {
         if !matches!(self.fwd.waiting.front(), Some(Waiting::Link { .. })) {
             return;
         }
         let behind = std::mem::take(&mut self.fwd.waiting);
-        self.send_mail(now);
+        self.send_mail(link, now);
         for waiting in behind.into_iter().skip(1) {
             match waiting {
-                Waiting::Rcpt(to) if self.txn.is_some() => self.forward_rcpt(to, now),
-                Waiting::Data if self.txn.is_some() => self.forward_data(now),
+                Waiting::Rcpt(to) if self.txn.is_some() => self.forward_rcpt(link, to, now),
+                Waiting::Data if self.txn.is_some() => self.forward_data(link, now),
                 Waiting::Local { .. } => self.fwd.waiting.push_back(waiting),
                 // the sender was refused here after all (8BITMIME): no transaction to go on
                 _ => self.reply(MAIL_FIRST),
             }
         }
-        self.process(now);
+        self.process(link, now);
     }
 
-    fn send_mail(&mut self, now: Instant) {
-        let (Link::Up(l), Some(txn)) = (&mut self.fwd.link, &mut self.txn) else { return };
+    fn send_mail(&mut self, link: &mut Link, now: Instant) {
+        let (Link::Up(l), Some(txn)) = (link, &mut self.txn) else { return };
         let ext = l.up.extensions();
         if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
             self.reply(NO_8BIT);
@@ -164,21 +137,21 @@ impl Session {
         self.await_reply(Waiting::Mail, now);
     }
 
-    pub(super) fn forward_rcpt(&mut self, to: super::address::Path, now: Instant) {
+    pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: super::address::Path, now: Instant) {
         let line = format!("RCPT TO:{to}");
-        self.forward(Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to), now);
+        self.forward(link, Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to), now);
     }
 
-    pub(super) fn forward_data(&mut self, now: Instant) {
-        self.forward(Command::Data, b"DATA", Waiting::Data, now);
+    pub(super) fn forward_data(&mut self, link: &mut Link, now: Instant) {
+        self.forward(link, Command::Data, b"DATA", Waiting::Data, now);
     }
 
-    pub(super) fn forward_rset(&mut self, now: Instant) {
-        self.forward(Command::Rset, b"RSET", Waiting::Rset, now);
+    pub(super) fn forward_rset(&mut self, link: &mut Link, now: Instant) {
+        self.forward(link, Command::Rset, b"RSET", Waiting::Rset, now);
     }
 
-    fn forward(&mut self, cmd: Command, line: &[u8], waiting: Waiting, now: Instant) {
-        match &mut self.fwd.link {
+    fn forward(&mut self, link: &mut Link, cmd: Command, line: &[u8], waiting: Waiting, now: Instant) {
+        match link {
             Link::Up(l) if l.up.is_ready() => {
                 l.up.command(cmd, line);
                 self.await_reply(waiting, now);
@@ -204,26 +177,28 @@ impl Session {
 
     // ---- the next hop's answers ----------------------------------------------------------
 
-    fn upstream_events(&mut self, now: Instant) {
+    fn upstream_events(&mut self, link: &mut Link, now: Instant) {
         while self.phase == Phase::Open {
-            let Link::Up(l) = &mut self.fwd.link else { return };
+            let Link::Up(l) = link else { return };
             let Some(event) = l.up.poll_event() else { return };
             match event {
-                Progress::Ready => self.link_ready(now),
+                Progress::Ready => self.link_ready(link, now),
                 // 421: the next hop is closing the connection
-                Progress::Reply(_, reply) if reply.code == 421 => return self.relay_failed(HopFault::Closing, now),
+                Progress::Reply(_, reply) if reply.code == 421 => {
+                    return self.relay_failed(link, HopFault::Closing, now);
+                }
                 Progress::Reply(cmd, reply) => {
                     l.untested = false;
-                    self.answer(cmd, &reply, now);
+                    self.answer(link, cmd, &reply, now);
                 }
                 Progress::Failed(why) => {
                     tracing::debug!(peer = %self.peer, "next hop failed: {why}");
-                    return self.relay_failed(HopFault::Protocol, now);
+                    return self.relay_failed(link, HopFault::Protocol, now);
                 }
                 Progress::NoTls(why) => {
                     let hop = self.settings.relay.next_hops.get(l.hop).map(ToString::to_string).unwrap_or_default();
                     tracing::warn!(peer = %self.peer, "next hop {hop} {why} (relay.tls = \"required\")");
-                    return self.relay_failed(HopFault::NoTls, now);
+                    return self.relay_failed(link, HopFault::NoTls, now);
                 }
             }
         }
@@ -231,36 +206,36 @@ impl Session {
 
     /// The next hop's reply to the oldest command forwarded; then our own replies that
     /// waited behind it, and the input that waited.
-    fn answer(&mut self, cmd: Command, reply: &Reply, now: Instant) {
+    fn answer(&mut self, link: &mut Link, cmd: Command, reply: &Reply, now: Instant) {
         let waiting = self.fwd.waiting.pop_front();
         let more = self.fwd.waiting.iter().any(Waiting::forwarded);
         self.fwd.deadline = more.then(|| now + self.settings.relay.reply_timeout);
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
-            (Some(Waiting::Mail), Command::Mail) => self.answer_mail(reply, now),
-            (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(to, reply),
-            (Some(Waiting::Data), Command::Data) => self.answer_data(reply, now),
-            (Some(Waiting::Dot), Command::Dot) => self.answer_dot(reply, now),
+            (Some(Waiting::Mail), Command::Mail) => self.answer_mail(link, reply, now),
+            (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
+            (Some(Waiting::Data), Command::Data) => self.answer_data(link, reply, now),
+            (Some(Waiting::Dot), Command::Dot) => self.answer_dot(link, reply, now),
             (Some(Waiting::Rset), Command::Rset) => {
                 // the peer's transaction is gone whatever the next hop says; its
                 // connection is only kept when it said 250
-                self.settle_reset(reply);
+                self.settle_reset(link, reply);
                 self.emit(OK);
             }
-            (Some(Waiting::Reset), Command::Rset) => self.settle_reset(reply),
+            (Some(Waiting::Reset), Command::Rset) => self.settle_reset(link, reply),
             (waiting, cmd) => {
                 tracing::debug!(peer = %self.peer, ?cmd, ?waiting, "next hop reply out of step");
                 if let Some(w) = waiting {
                     self.fwd.waiting.push_front(w);
                 }
-                return self.relay_failed(HopFault::Protocol, now);
+                return self.relay_failed(link, HopFault::Protocol, now);
             }
         }
         self.flush_local();
-        self.process(now);
+        self.process(link, now);
     }
 
-    fn answer_mail(&mut self, reply: &Reply, now: Instant) {
+    fn answer_mail(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
         if reply.is_positive() {
             if let Some(t) = &mut self.txn {
                 t.open_upstream = true;
@@ -272,10 +247,10 @@ impl Session {
         // refused MAIL may leave it in any state: it must reach no other sender)
         self.pass_on(reply);
         self.end_transaction(Outcome::Undelivered(Undelivered::SenderRefused(reply.code)), now);
-        self.reset_hop(now);
+        self.reset_hop(link, now);
     }
 
-    fn answer_rcpt(&mut self, to: super::address::Path, reply: &Reply) {
+    fn answer_rcpt(&mut self, link: &mut Link, to: super::address::Path, reply: &Reply) {
         match &mut self.txn {
             Some(t) if reply.is_positive() => {
                 t.accepted += 1;
@@ -283,7 +258,7 @@ impl Session {
                 self.emit(RCPT_OK);
             }
             // a next hop that accepts a recipient without a sender is out of its mind
-            None if reply.is_positive() => self.confused_hop(MAIL_FIRST),
+            None if reply.is_positive() => self.confused_hop(link, MAIL_FIRST),
             // pipelined behind a sender the next hop refused: its refusal follows from
             // that one, which was counted
             None => self.pass_on_uncounted(reply),
@@ -294,7 +269,7 @@ impl Session {
         }
     }
 
-    fn answer_data(&mut self, reply: &Reply, now: Instant) {
+    fn answer_data(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
         if reply.code != 354 {
             // behind a refused sender (no transaction here any more): uncounted, as above
             return if self.txn.is_none() { self.pass_on_uncounted(reply) } else { self.pass_on(reply) };
@@ -302,9 +277,9 @@ impl Session {
         // The 354 comes only after a recipient was accepted: a next hop that says it
         // anyway (DATA pipelined behind refused RCPTs) gets no body.
         match &self.txn {
-            None => return self.confused_hop(MAIL_FIRST),
+            None => return self.confused_hop(link, MAIL_FIRST),
             Some(t) if t.accepted == 0 => {
-                self.confused_hop(RCPT_FIRST);
+                self.confused_hop(link, RCPT_FIRST);
                 return self.end_transaction(Outcome::Undelivered(Undelivered::NoValidRecipients), now);
             }
             Some(_) => {}
@@ -312,12 +287,12 @@ impl Session {
         // Input that arrived while the next hop was deciding was sent before our 354.
         if !self.unprocessed().is_empty() {
             self.end_transaction(Outcome::Undelivered(Undelivered::ImproperPipelining), now);
-            self.drop_link();
+            link.drop();
             return self.close_with(IMPROPER_PIPELINING, now);
         }
         let header = self.received_header(now);
         let max = self.settings.smtp.max_message_size;
-        if let (Link::Up(l), Some(t)) = (&mut self.fwd.link, &mut self.txn) {
+        if let (Link::Up(l), Some(t)) = (link, &mut self.txn) {
             l.up.send_data(header.as_bytes());
             l.hold = true;
             t.body = Some(Body { filter: BodyFilter::new(max), started: now, last_input: now });
@@ -325,25 +300,25 @@ impl Session {
         self.emit(GO_AHEAD);
     }
 
-    fn answer_dot(&mut self, reply: &Reply, now: Instant) {
+    fn answer_dot(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
         if let Some(t) = &mut self.txn {
             t.open_upstream = false;
         }
         if reply.code == 250 {
-            self.set_clean();
+            link.set_clean();
             let id = self.txn.as_ref().map(|t| t.id.clone()).unwrap_or_default();
             self.emit(&queued(&id));
             return self.end_transaction(Outcome::Delivered, now);
         }
         self.pass_on(reply);
         self.end_transaction(Outcome::Undelivered(Undelivered::MessageRefused(reply.code)), now);
-        self.reset_hop(now);
+        self.reset_hop(link, now);
     }
 
     /// After the next hop refused the sender or the message: RSET, so that the
     /// connection is clean for whoever comes next (see [`Waiting::Reset`]).
-    fn reset_hop(&mut self, now: Instant) {
-        if let Link::Up(l) = &mut self.fwd.link
+    fn reset_hop(&mut self, link: &mut Link, now: Instant) {
+        if let Link::Up(l) = link
             && l.up.is_ready()
         {
             l.clean = false;
@@ -354,20 +329,20 @@ impl Session {
 
     /// The next hop's reply to an RSET: 250 leaves its connection clean; anything else,
     /// and it is dropped (its state is unknown).
-    fn settle_reset(&mut self, reply: &Reply) {
+    fn settle_reset(&mut self, link: &mut Link, reply: &Reply) {
         if reply.code == 250 {
-            self.set_clean();
+            link.set_clean();
         } else {
             tracing::debug!(peer = %self.peer, code = reply.code, "next hop refused RSET: its connection is dropped");
-            self.drop_link();
+            link.drop();
         }
     }
 
     /// The next hop answered positively where it could not have: our own refusal instead,
     /// and that connection goes (its state is unknown).
-    fn confused_hop(&mut self, refusal: &[u8]) {
+    fn confused_hop(&mut self, link: &mut Link, refusal: &[u8]) {
         tracing::debug!(peer = %self.peer, "next hop accepted a command out of sequence");
-        self.drop_link();
+        link.drop();
         self.emit(refusal);
     }
 
@@ -385,19 +360,10 @@ impl Session {
         self.out.push(&out);
     }
 
-    fn set_clean(&mut self) {
-        self.fwd.link.set_clean();
-    }
-
-    /// Drops the connection to the next hop (the driver closes it).
-    pub(super) fn drop_link(&mut self) {
-        self.fwd.link.drop();
-    }
-
     /// The connection failed, timed out or broke the protocol.
-    pub(super) fn relay_failed(&mut self, fault: HopFault, now: Instant) {
-        let failover = self.fwd.link.failover(self.settings.relay.next_hops.len());
-        self.drop_link();
+    pub(super) fn relay_failed(&mut self, link: &mut Link, fault: HopFault, now: Instant) {
+        let failover = link.failover(self.settings.relay.next_hops.len());
+        link.drop();
         self.fwd.deadline = None;
         let mut owed = std::mem::take(&mut self.fwd.waiting);
         if owed.is_empty() {
@@ -433,7 +399,7 @@ impl Session {
                 }
             }
         }
-        self.process(now);
+        self.process(link, now);
     }
 
     /// The peer's answer for a command the next hop could not answer.
@@ -451,13 +417,13 @@ impl Session {
     // ---- the body ------------------------------------------------------------------------
 
     /// Feeds buffered input to the body filter, up to the end of data.
-    pub(super) fn body_input(&mut self, now: Instant) {
+    pub(super) fn body_input(&mut self, link: &mut Link, now: Instant) {
         let input = &self.reader.input[self.reader.pos..];
         let Some(txn) = self.txn.as_mut() else { return };
         let Some(body) = txn.body.as_mut() else { return };
         let faulted = body.filter.fault().is_some();
         let mut discard = Vec::new();
-        let sink = match &mut self.fwd.link {
+        let sink = match &mut *link {
             Link::Up(l) if txn.broken.is_none() && !faulted => {
                 l.hold &= input.is_empty();
                 l.up.data_sink()
@@ -469,26 +435,26 @@ impl Session {
         self.reader.pos = end.map_or(self.reader.input.len(), |n| self.reader.pos + n);
         if fault_now {
             // abandon what the next hop has of the message: close without the final dot
-            self.drop_link();
+            link.drop();
         }
-        if let Link::Up(l) = &self.fwd.link
+        if let Link::Up(l) = &*link
             && self.fwd.deadline.is_none()
             && !l.up.output().is_empty()
         {
             self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
         }
         if end.is_some() {
-            self.end_of_data(now);
+            self.end_of_data(link, now);
         }
     }
 
-    fn end_of_data(&mut self, now: Instant) {
+    fn end_of_data(&mut self, link: &mut Link, now: Instant) {
         let Some(txn) = &self.txn else { return };
         let fault = txn.body.as_ref().and_then(|b| b.filter.fault());
         match (fault, txn.broken) {
             (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
             (None, Some(hop)) => self.undelivered(Undelivered::HopFailed(hop), now),
-            (None, None) => match &mut self.fwd.link {
+            (None, None) => match link {
                 Link::Up(l) => {
                     l.up.end_data();
                     self.await_reply(Waiting::Dot, now);

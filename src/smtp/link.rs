@@ -1,7 +1,9 @@
-//! A session's connection to the next hop, apart from the conversation it carries: which
+//! A connection's link to the next hop, apart from the conversation it carries: which
 //! next hop (`next_hops` in order), whether a pooled connection will do, dialing, the
-//! client on it, whether it is clean, and the failover rule. The session owns the replies
-//! owed to the peer; this owns the connection they depend on.
+//! client on it, whether it is clean, and the failover rule. `conn::Connection` owns it
+//! beside the [`Session`](super::Session) (the peer's dialogue, which owns the replies
+//! owed to the peer) and lends it to each session call that may forward, answer or fail
+//! over; the connection dials, adopts, releases and closes it itself.
 //!
 //! ```text
 //!   None ── MAIL ──► Wanted { hop, pooled_ok } ──driver dials──► Dialing { hop }
@@ -19,11 +21,29 @@
 use std::net::SocketAddr;
 
 use super::client::Upstream;
-use super::session::HopTransmit;
 
-/// The session's connection to the next hop.
-#[derive(Debug)]
-pub(super) enum Link {
+/// What the next hop's socket is wanted for ([`Link::poll`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum HopTransmit<'a> {
+    Idle,
+    /// Connect to `addr`, a next hop of the session's own snapshot (whatever a reload
+    /// made current since); a pooled connection to it will do when `pooled_ok`.
+    Connect {
+        addr: SocketAddr,
+        pooled_ok: bool,
+    },
+    Send(&'a [u8]),
+    Receive,
+    /// The connection is idle and clean: [`Link::detach`] it into the pool.
+    Release,
+    /// [`Link::detach`] it and close the connection (or give up connecting).
+    Close,
+}
+
+/// The connection to the next hop.
+#[derive(Debug, Default)]
+pub enum Link {
+    #[default]
     None,
     Wanted {
         hop: usize,
@@ -38,7 +58,7 @@ pub(super) enum Link {
 }
 
 #[derive(Debug)]
-pub(super) struct UpLink {
+pub struct UpLink {
     pub(super) up: Upstream,
     pub(super) hop: usize,
     /// Came from the pool, and no reply has come on it since: a failure may be a stale
@@ -53,7 +73,7 @@ pub(super) struct UpLink {
 
 impl Link {
     /// What the driver does next on the next hop's side; `open`: the session goes on.
-    pub(super) fn poll<'a>(&'a self, open: bool, next_hops: &[SocketAddr]) -> HopTransmit<'a> {
+    pub fn poll<'a>(&'a self, open: bool, next_hops: &[SocketAddr]) -> HopTransmit<'a> {
         match self {
             Link::None => HopTransmit::Idle,
             Link::Wanted { hop, pooled_ok } if open => match next_hops.get(*hop) {
@@ -86,7 +106,7 @@ impl Link {
     }
 
     /// The driver started connecting.
-    pub(super) fn dialing(&mut self) {
+    pub fn dialing(&mut self) {
         if let Link::Wanted { hop, .. } = *self {
             *self = Link::Dialing { hop };
         }
@@ -94,7 +114,7 @@ impl Link {
 
     /// The connection asked for: new (its greeting still to come) or, when `reused`,
     /// from the pool.
-    pub(super) fn attach(&mut self, up: Upstream, reused: bool) {
+    pub fn attach(&mut self, up: Upstream, reused: bool) {
         let hop = match *self {
             Link::Wanted { hop, .. } | Link::Dialing { hop } => hop,
             _ => 0,
@@ -104,8 +124,8 @@ impl Link {
 
     /// Takes the connection for the driver (to pool after `Release`, to close after
     /// `Close`), with its next hop's address; `wanted` is what the session still needs
-    /// (a connection for MAIL, after a failed one).
-    pub(super) fn detach(
+    /// (a connection for MAIL, after a failed one: `Session::wanted_link`).
+    pub fn detach(
         &mut self,
         next_hops: &[SocketAddr],
         wanted: Option<(usize, bool)>,
@@ -131,6 +151,23 @@ impl Link {
     /// Connected and greeted, with what it offers.
     pub(super) fn ready(&self) -> bool {
         matches!(self, Link::Up(l) if l.up.is_ready())
+    }
+
+    /// The next hop said 220 to STARTTLS: its address (as `next_hops` names it), once,
+    /// for the connection's TLS layer to start the handshake.
+    pub fn take_starttls(&mut self, next_hops: &[SocketAddr]) -> Option<SocketAddr> {
+        let Link::Up(l) = self else { return None };
+        if !l.up.take_starttls() {
+            return None;
+        }
+        next_hops.get(l.hop).copied()
+    }
+
+    /// The handshake with the next hop is done: EHLO again, under TLS.
+    pub fn tls_started(&mut self) {
+        if let Link::Up(l) = self {
+            l.up.tls_started();
+        }
     }
 
     /// No transaction is open at the next hop (so far as its replies say) from now on.

@@ -21,21 +21,27 @@
 //! RCPT, or a DATA ending what was received, of the transaction whose MAIL or RCPT is
 //! waiting, and the next hop offers PIPELINING (RFC 2920): it goes out behind them in the
 //! same write. Every other command waits in the input buffer (one read's worth is still
-//! taken). Replies are owed in a queue (`Session::waiting`): the next hop's, and ours to
+//! taken). Replies are owed in a queue (`Forward::waiting`): the next hop's, and ours to
 //! commands processed meanwhile, given in the order of the commands. At [`MAX_OWED`]
 //! replies owed, nothing more is processed nor read (a peer flooding RCPT while the next
 //! hop is slow holds one read and a bounded queue, and costs nothing more); our 452 for
 //! a recipient past `max_recipients` counts as a failed recipient like a 5xx.
 //!
-//! The driver's loop, after every input to the session, serves its two ports until
-//! neither has anything to do, and keeps a timer at [`Session::poll_timeout`]:
+//! The peer's dialogue and the connection to the next hop are two values: the
+//! [`Session`] (what the peer said, the transaction, the replies owed in order) and the
+//! [`Link`] (link.rs: which next hop, pooled or new, the client on it, whether it is
+//! clean, the failover rule). Their owner (`conn::Connection`) keeps both and lends the
+//! link to each session call that may forward, answer or fail over; it dials, adopts,
+//! releases and closes the link itself. Its loop, after every input, serves both ports
+//! until neither has anything to do, and keeps a timer at [`Session::poll_timeout`]:
 //! - peer port, [`Session::poll_transmit`]: `Send` (then `consume_output`), `Receive`
 //!   (then `handle_input`, or `handle_eof`), `Wait`, `Close`;
-//! - next-hop port, [`Session::poll_relay`]: `Connect` a next hop (a pooled connection
-//!   via `attach_upstream(.., reused = true)`, or a new one, then `attach_upstream` or
-//!   `handle_relay_error`), `Send` (then `consume_relay_output`), `Receive` (then
-//!   `handle_relay_input`, or `handle_relay_error`), `Release` an idle connection to the
-//!   pool or `Close` it (both with `detach_relay`).
+//! - next-hop port, [`Link::poll`] (with [`Session::is_open`]): `Connect` a next hop (a
+//!   pooled connection, or a new one: `Link::dialing`, then `Link::attach` and
+//!   `Session::link_attached`, or `handle_relay_error`), `Send` (then
+//!   `consume_relay_output`), `Receive` (then `handle_relay_input`, or
+//!   `handle_relay_error`), `Release` an idle connection to the pool or `Close` it (both
+//!   with `Link::detach`, told what the session still needs: `Session::wanted_link`).
 //!
 //! Memory per session is bounded: a read holds at most `READ_LEN` bytes, input is only
 //! read when everything before it was processed, each command line gets one reply of
@@ -64,9 +70,10 @@ use std::time::Duration;
 use crate::config::{self, Config};
 use policy::RelayDomains;
 
+pub use link::{HopTransmit, Link};
 pub use outcome::Outcome;
 pub use replies::Params;
-pub use session::{Event, Failure, HopTransmit, Session, Transaction, TransactionIds, Transmit};
+pub use session::{Event, Failure, Session, Transaction, TransactionIds, Transmit};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE_LEN: usize = 512;

@@ -1,5 +1,5 @@
-//! The session's state, its two ports and its clock. Commands are in `verbs.rs`, the
-//! next-hop side and the body in `forward.rs`.
+//! The session's state, its peer's port and its clock. Commands are in `verbs.rs`, what
+//! goes to the next hop over the lent [`Link`] and the body in `forward.rs`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -45,24 +45,6 @@ pub enum Transmit<'a> {
     /// done). Only a connection's front says it (the deny line after a balancer's PROXY
     /// header); a session never does.
     Last(&'a [u8]),
-}
-
-/// What the driver does next on the next hop's side.
-#[derive(Debug, PartialEq, Eq)]
-pub enum HopTransmit<'a> {
-    Idle,
-    /// Connect to `addr`, a next hop of this session's own snapshot (whatever a reload
-    /// made current since); a pooled connection to it will do when `pooled_ok`.
-    Connect {
-        addr: SocketAddr,
-        pooled_ok: bool,
-    },
-    Send(&'a [u8]),
-    Receive,
-    /// The connection is idle and clean: `detach_relay` it into the pool.
-    Release,
-    /// `detach_relay` and close the connection (or give up connecting).
-    Close,
 }
 
 /// Something for the driver to log or count.
@@ -210,12 +192,13 @@ pub(super) struct Reader {
     pub(super) overlong: bool,
 }
 
-/// The session's side toward the next hop (forward.rs).
+/// The session's side toward the next hop (forward.rs): what it owes the peer and by
+/// when the next hop must answer; the connection itself is the [`Link`] the session is
+/// lent for each call that may use it.
 #[derive(Debug)]
 pub(super) struct Forward {
     /// Replies owed, oldest first; the first is always a forwarded command's.
     pub(super) waiting: VecDeque<Waiting>,
-    pub(super) link: Link,
     /// When the next hop must have answered (or taken more body) by.
     pub(super) deadline: Option<Instant>,
 }
@@ -230,7 +213,8 @@ pub(super) struct Strikes {
     pub(super) dropping: bool,
 }
 
-/// One peer's SMTP conversation, and its relay to the next hop.
+/// One peer's SMTP conversation: its transactions, each relayed in-line over the
+/// [`Link`] its connection lends it, and the replies it owes, in order.
 #[derive(Debug)]
 pub struct Session {
     /// The settings of the snapshot the connection was accepted under, kept for its
@@ -250,7 +234,7 @@ pub struct Session {
     clock: WallClock,
     pub(super) helo: Option<Helo>,
     pub(super) txn: Option<Txn>,
-    /// The side toward the next hop: replies owed, the link, its deadline.
+    /// The side toward the next hop: replies owed, and by when.
     pub(super) fwd: Forward,
     pub(super) events: VecDeque<Event>,
     /// The reply being given is to RCPT: a 5xx is a failed recipient.
@@ -283,7 +267,7 @@ impl Session {
             clock: WallClock { at: now, unix },
             helo: None,
             txn: None,
-            fwd: Forward { waiting: VecDeque::new(), link: Link::None, deadline: None },
+            fwd: Forward { waiting: VecDeque::new(), deadline: None },
             events: VecDeque::new(),
             answering_rcpt: false,
             strikes: Strikes::default(),
@@ -316,8 +300,9 @@ impl Session {
 
     // ---- the peer's port ---------------------------------------------------------------
 
-    /// Bytes from the peer. Each complete command line gets its reply, in order.
-    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+    /// Bytes from the peer. Each complete command line gets its reply, in order (those
+    /// for the next hop forwarded on `link`).
+    pub fn handle_input(&mut self, link: &mut Link, data: &[u8], now: Instant) {
         if self.phase != Phase::Open {
             return;
         }
@@ -325,7 +310,7 @@ impl Session {
             body.last_input = now;
         }
         self.reader.input.extend_from_slice(data);
-        self.process(now);
+        self.process(link, now);
         self.drop_if_over(now);
     }
 
@@ -360,15 +345,15 @@ impl Session {
     }
 
     /// Processes buffered input until it is used up or a command waits for the next hop.
-    pub(super) fn process(&mut self, now: Instant) {
+    pub(super) fn process(&mut self, link: &mut Link, now: Instant) {
         while self.phase == Phase::Open
             && !self.strikes.dropping
             && !self.tls_pending
             && self.reader.pos < self.reader.input.len()
-            && self.may_go_on()
+            && self.may_go_on(link)
         {
             if self.in_body() {
-                self.body_input(now);
+                self.body_input(link, now);
                 continue;
             }
             let rest = &self.reader.input[self.reader.pos..];
@@ -383,7 +368,7 @@ impl Session {
                 self.reply(LINE_TOO_LONG);
             } else {
                 let line = std::mem::take(&mut self.reader.line);
-                self.command(&line, now);
+                self.command(link, &line, now);
                 self.reader.line = line;
                 self.reader.line.clear();
             }
@@ -399,12 +384,12 @@ impl Session {
     /// or a DATA that ends what was received, pipelined behind commands forwarded to a
     /// next hop that takes pipelined commands: it goes out behind them, in the same
     /// write, and its reply is given after theirs.
-    fn may_go_on(&self) -> bool {
+    fn may_go_on(&self, link: &Link) -> bool {
         let Some(first) = self.fwd.waiting.front() else { return true };
         if self.fwd.waiting.len() >= MAX_OWED {
             return false;
         }
-        let pipelining = matches!(&self.fwd.link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
+        let pipelining = matches!(link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
         // behind MAIL or a RCPT of the same transaction only (not behind the final dot)
         let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(_));
         if !pipelining || !in_envelope || self.in_body() || !self.reader.line.is_empty() {
@@ -560,8 +545,9 @@ impl Session {
         self.begin_close(now);
     }
 
-    /// What the driver does next on the peer's socket.
-    pub fn poll_transmit(&self) -> Transmit<'_> {
+    /// What the driver does next on the peer's socket (`link`: the next hop's, whose
+    /// backlog of body bytes holds back reading).
+    pub fn poll_transmit(&self, link: &Link) -> Transmit<'_> {
         match self.phase {
             Phase::Closed => Transmit::Close,
             _ if !self.out.pending().is_empty() => Transmit::Send(self.out.pending()),
@@ -569,14 +555,14 @@ impl Session {
             // Input is read even while a command waits for the next hop (one read's
             // worth at most): pipelined commands wait their turn in the buffer, and a
             // body sent before our 354 is there to be seen as improper pipelining.
-            Phase::Open if self.reader.pos < self.reader.input.len() || self.backpressured() => Transmit::Wait,
+            Phase::Open if self.reader.pos < self.reader.input.len() || self.backpressured(link) => Transmit::Wait,
             Phase::Open => Transmit::Receive,
         }
     }
 
     /// Body bytes for the next hop are piling up: read no more from the peer.
-    fn backpressured(&self) -> bool {
-        self.in_body() && matches!(&self.fwd.link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
+    fn backpressured(&self, link: &Link) -> bool {
+        self.in_body() && matches!(link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
     }
 
     /// `n` bytes of the last `Send` went out.
@@ -592,7 +578,7 @@ impl Session {
     // ---- time ---------------------------------------------------------------------------
 
     /// When [`Session::handle_timeout`] is due; `None` once closed.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self, link: &Link) -> Option<Instant> {
         let txn_deadline = self.txn.as_ref().map(|t| t.started + self.settings.smtp.transaction_timeout);
         match self.phase {
             Phase::Closed => None,
@@ -602,7 +588,7 @@ impl Session {
                 Some(body) => {
                     let smtp = &self.settings.smtp;
                     let block = body.last_input + smtp.data_timeout;
-                    let relay = self.fwd.deadline.filter(|_| self.backpressured());
+                    let relay = self.fwd.deadline.filter(|_| self.backpressured(link));
                     [Some(block), self.rate_deadline(body), relay, txn_deadline].into_iter().flatten().min()
                 }
                 None => Some(self.idle_deadline),
@@ -622,7 +608,7 @@ impl Session {
     }
 
     /// The time reached [`Session::poll_timeout`] (or passed it).
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, link: &mut Link, now: Instant) {
         match self.phase {
             Phase::Closed => {}
             Phase::Closing { until } => {
@@ -631,18 +617,18 @@ impl Session {
                 }
             }
             Phase::Open => {
-                if self.poll_timeout().is_some_and(|t| t <= now) {
-                    self.timed_out(now);
+                if self.poll_timeout(link).is_some_and(|t| t <= now) {
+                    self.timed_out(link, now);
                 }
             }
         }
     }
 
-    fn timed_out(&mut self, now: Instant) {
+    fn timed_out(&mut self, link: &mut Link, now: Instant) {
         let relay_late = self.fwd.deadline.is_some_and(|d| d <= now);
-        if relay_late && (!self.fwd.waiting.is_empty() || self.backpressured()) {
+        if relay_late && (!self.fwd.waiting.is_empty() || self.backpressured(link)) {
             tracing::debug!(peer = %self.peer, "next hop timed out");
-            return self.relay_failed(HopFault::TimedOut, now);
+            return self.relay_failed(link, HopFault::TimedOut, now);
         }
         if self.txn.is_some() {
             self.abandon_transaction("timeout", now);

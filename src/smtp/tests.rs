@@ -15,6 +15,8 @@ use crate::scripted::ScriptedHop;
 
 struct Harness {
     session: Session,
+    /// The next-hop connection the session is lent, as a connection keeps it.
+    link: Link,
     now: Instant,
     hop: ScriptedHop,
     /// Connections asked for: (hop index, pooled ok).
@@ -64,6 +66,7 @@ impl Harness {
         let hop = ScriptedHop::offering(&["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000"]);
         let mut h = Harness {
             session,
+            link: Link::None,
             now,
             hop,
             dials: Vec::new(),
@@ -78,39 +81,49 @@ impl Harness {
         h
     }
 
+    /// What the next hop's socket is wanted for.
+    fn relay(&self) -> HopTransmit<'_> {
+        self.link.poll(self.session.is_open(), &self.session.settings().relay.next_hops)
+    }
+
+    /// Lets go of the next-hop connection, as the connection does after `Release` or
+    /// `Close`.
+    fn detach(&mut self) -> Option<Upstream> {
+        let next_hops = &self.session.settings().relay.next_hops;
+        self.link.detach(next_hops, self.session.wanted_link()).map(|(up, _)| up)
+    }
+
     /// Serves both ports until neither has anything to do; returns what the peer got.
     fn drive(&mut self) -> String {
         let mut peer_got = Vec::new();
         for _ in 0..10_000 {
             let mut busy = false;
-            if let Transmit::Send(b) = self.session.poll_transmit() {
+            if let Transmit::Send(b) = self.session.poll_transmit(&self.link) {
                 peer_got.extend_from_slice(b);
                 let n = b.len();
                 self.session.consume_output(n);
                 busy = true;
             }
-            match self.session.poll_relay() {
+            match self.link.poll(self.session.is_open(), &self.session.settings().relay.next_hops) {
                 HopTransmit::Connect { addr, pooled_ok } => {
                     busy = true;
                     // CONFIG's next hops are ports 2526 and 2527
                     let hop = usize::from(addr.port() - 2526);
                     self.dials.push((hop, pooled_ok));
                     if pooled_ok && let Some(up) = self.pool.pop() {
-                        self.session.attach_upstream(up, true, self.now);
+                        self.link.attach(up, true);
+                        self.session.link_attached(&mut self.link, self.now);
                         if self.stale_pool {
-                            self.session.handle_relay_error(self.now);
+                            self.session.handle_relay_error(&mut self.link, self.now);
                         }
                     } else if self.unreachable.contains(&hop) {
-                        self.session.dialing();
-                        self.session.handle_relay_error(self.now);
+                        self.link.dialing();
+                        self.session.handle_relay_error(&mut self.link, self.now);
                     } else {
-                        self.session.dialing();
-                        self.session.attach_upstream(
-                            Upstream::new("mx.test", crate::config::RelayTls::Off),
-                            false,
-                            self.now,
-                        );
-                        self.session.handle_relay_input(b"220 hop.test ESMTP\r\n", self.now);
+                        self.link.dialing();
+                        self.link.attach(Upstream::new("mx.test", crate::config::RelayTls::Off), false);
+                        self.session.link_attached(&mut self.link, self.now);
+                        self.session.handle_relay_input(&mut self.link, b"220 hop.test ESMTP\r\n", self.now);
                     }
                 }
                 HopTransmit::Send(b) => {
@@ -118,20 +131,21 @@ impl Harness {
                     let b = &b[..b.len().min(self.relay_send_limit)];
                     let answers = self.hop.receive(b);
                     let n = b.len();
-                    self.session.consume_relay_output(n, self.now);
+                    self.session.consume_relay_output(&mut self.link, n, self.now);
                     if !answers.is_empty() {
-                        self.session.handle_relay_input(&answers, self.now);
+                        self.session.handle_relay_input(&mut self.link, &answers, self.now);
                     }
                 }
                 HopTransmit::Release => {
                     busy = true;
                     self.released += 1;
-                    self.pool.push(self.session.detach_relay().unwrap().0);
+                    let up = self.detach().unwrap();
+                    self.pool.push(up);
                 }
                 HopTransmit::Close => {
                     busy = true;
                     self.closed += 1;
-                    self.session.detach_relay();
+                    self.detach();
                     self.hop.disconnect();
                 }
                 HopTransmit::Receive | HopTransmit::Idle => {}
@@ -145,22 +159,22 @@ impl Harness {
 
     /// The peer sends; returns what it got back.
     fn send(&mut self, bytes: &[u8]) -> String {
-        assert_eq!(self.session.poll_transmit(), Transmit::Receive, "the driver reads only when asked");
-        self.session.handle_input(bytes, self.now);
+        assert_eq!(self.session.poll_transmit(&self.link), Transmit::Receive, "the driver reads only when asked");
+        self.session.handle_input(&mut self.link, bytes, self.now);
         self.drive()
     }
 
     /// Moves the clock, firing the timer when it is due.
     fn wait(&mut self, d: Duration) -> String {
         self.now += d;
-        if self.session.poll_timeout().is_some_and(|t| t <= self.now) {
-            self.session.handle_timeout(self.now);
+        if self.session.poll_timeout(&self.link).is_some_and(|t| t <= self.now) {
+            self.session.handle_timeout(&mut self.link, self.now);
         }
         self.drive()
     }
 
     fn closed(&self) -> bool {
-        self.session.poll_transmit() == Transmit::Close
+        self.session.poll_transmit(&self.link) == Transmit::Close
     }
 
     fn transactions(&mut self) -> Vec<super::Transaction> {
@@ -279,9 +293,9 @@ fn the_trace_header_goes_out_with_the_first_body_bytes() {
     h.send(b"RCPT TO:<u@example.com>\r\n");
     assert_eq!(h.send(b"DATA\r\n"), "354 end data with <CR><LF>.<CR><LF>\r\n");
     // a segment of its own would cost a send here and a wakeup and an ACK at the next hop
-    assert_eq!(h.session.poll_relay(), HopTransmit::Idle, "the header waits for the body");
-    h.session.handle_input(b"Subject: x\r\n", h.now);
-    let HopTransmit::Send(first) = h.session.poll_relay() else { panic!("the body is not sent") };
+    assert_eq!(h.relay(), HopTransmit::Idle, "the header waits for the body");
+    h.session.handle_input(&mut h.link, b"Subject: x\r\n", h.now);
+    let HopTransmit::Send(first) = h.relay() else { panic!("the body is not sent") };
     assert!(first.starts_with(b"Received: from client.test ") && first.ends_with(b"Subject: x\r\n"));
     h.drive();
     assert!(h.send(b"\r\nbody\r\n.\r\n").starts_with("250 2.0.0 OK"));
@@ -540,7 +554,7 @@ fn next_hop_closing_after_the_dot_is_451() {
     h.send(b"DATA\r\n");
     h.hop.silent = true;
     assert_eq!(h.send(b"body\r\n.\r\n"), "");
-    h.session.handle_relay_error(h.now); // the next hop closed the connection
+    h.session.handle_relay_error(&mut h.link, h.now); // the next hop closed the connection
     assert_eq!(h.drive(), "451 4.4.1 next hop unavailable, try again later\r\n");
     let connection = Undelivered::HopFailed(HopFault::Connection);
     assert_eq!(h.transactions()[0].outcome, Outcome::Undelivered(connection));
@@ -628,15 +642,15 @@ fn bodies_stream_with_bounded_memory() {
     // As a driver does: input keeps arriving while the next hop takes 3000 bytes a
     // send, so its queue never quite drains.
     while total < 5 << 20 {
-        if h.session.poll_transmit() == Transmit::Receive {
-            h.session.handle_input(&chunk, h.now);
+        if h.session.poll_transmit(&h.link) == Transmit::Receive {
+            h.session.handle_input(&mut h.link, &chunk, h.now);
             total += chunk.len();
         }
-        if let HopTransmit::Send(b) = h.session.poll_relay() {
+        if let HopTransmit::Send(b) = h.relay() {
             let n = b.len().min(3000);
-            h.session.consume_relay_output(n, h.now);
+            h.session.consume_relay_output(&mut h.link, n, h.now);
         }
-        let relay_held = match &h.session.fwd.link {
+        let relay_held = match &h.link {
             super::link::Link::Up(l) => l.up.held(),
             _ => 0,
         };
@@ -742,11 +756,11 @@ fn abort_cuts_a_transaction_off_without_250() {
 
     // a closing peer that does not read gets ABORT_GRACE, not CLOSE_GRACE
     let mut h = Harness::new();
-    h.session.handle_input(b"QUIT\r\n", h.now);
+    h.session.handle_input(&mut h.link, b"QUIT\r\n", h.now);
     h.session.abort(h.now);
     h.now += ABORT_GRACE;
-    h.session.handle_timeout(h.now);
-    assert_eq!(h.session.poll_transmit(), Transmit::Close);
+    h.session.handle_timeout(&mut h.link, h.now);
+    assert_eq!(h.session.poll_transmit(&h.link), Transmit::Close);
 }
 
 #[test]
@@ -757,11 +771,11 @@ fn shutdown_says_421_and_a_peer_that_never_reads_is_dropped() {
     assert!(h.closed());
 
     let mut h = Harness::new();
-    h.session.handle_input(b"QUIT\r\n", h.now);
-    assert!(matches!(h.session.poll_transmit(), Transmit::Send(_)));
+    h.session.handle_input(&mut h.link, b"QUIT\r\n", h.now);
+    assert!(matches!(h.session.poll_transmit(&h.link), Transmit::Send(_)));
     h.now += CLOSE_GRACE;
-    h.session.handle_timeout(h.now);
-    assert_eq!(h.session.poll_transmit(), Transmit::Close);
+    h.session.handle_timeout(&mut h.link, h.now);
+    assert_eq!(h.session.poll_transmit(&h.link), Transmit::Close);
 }
 
 #[test]
@@ -817,11 +831,11 @@ fn a_peer_flooding_rcpt_while_the_hop_stalls_mail_is_held_at_a_bounded_queue() {
     let flood: Vec<u8> = (0..20_000).flat_map(|i| format!("RCPT TO:<u{i}@example.com>\r\n").into_bytes()).collect();
     assert_eq!(h.send(&flood), "", "nothing answered while MAIL waits");
     assert_eq!(h.session.fwd.waiting.len(), MAX_OWED, "replies owed stop at the bound");
-    assert_eq!(h.session.poll_transmit(), Transmit::Wait, "and nothing more is read");
+    assert_eq!(h.session.poll_transmit(&h.link), Transmit::Wait, "and nothing more is read");
     assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 100, "max_recipients forwarded");
     // the hop answers MAIL and the 100 recipients: then our 27 452s, failures that drop it
     let answers = "250 2.1.0 ok\r\n".to_owned() + &"250 2.1.5 ok\r\n".repeat(100);
-    h.session.handle_relay_input(answers.as_bytes(), h.now);
+    h.session.handle_relay_input(&mut h.link, answers.as_bytes(), h.now);
     let got = h.drive();
     let replies: Vec<&str> = got.lines().collect();
     assert_eq!(replies[0], "250 2.1.0 sender OK");
@@ -844,7 +858,7 @@ fn a_body_sent_before_the_354_is_improper_pipelining() {
     // the client does not wait for the 354; the session still reads while it waits
     assert_eq!(h.send(b"MAIL FROM:<evil@client.test>\r\nRCPT TO:<v@example.com>\r\n"), "");
     let held = std::mem::take(&mut h.hop.held);
-    h.session.handle_relay_input(&held, h.now);
+    h.session.handle_relay_input(&mut h.link, &held, h.now);
     assert_eq!(h.drive(), "503 5.5.0 improper use of SMTP command pipelining\r\n");
     assert!(h.closed());
     assert!(h.hop.messages.is_empty());
@@ -1102,7 +1116,7 @@ fn starttls_is_offered_and_nothing_sent_after_it_in_clear_is_ever_run() {
     let ehlo = h.send(b"EHLO client.test\r\n");
     assert!(ehlo.ends_with("250 ENHANCEDSTATUSCODES\r\n") && !ehlo.contains("STARTTLS"), "{ehlo}");
     assert_eq!(h.send(b"STARTTLS\r\n"), "503 5.5.1 STARTTLS not allowed now\r\n");
-    assert!(h.session.poll_transmit() == Transmit::Receive);
+    assert!(h.session.poll_transmit(&h.link) == Transmit::Receive);
 }
 
 #[test]
@@ -1145,7 +1159,7 @@ fn a_failed_handshake_counts_one_failure_and_closes() {
     h.send(b"STARTTLS\r\n");
     assert!(h.session.take_starttls());
     h.session.tls_failed(h.now);
-    assert!(h.session.poll_transmit() == Transmit::Close);
+    assert!(h.session.poll_transmit(&h.link) == Transmit::Close);
     let failures = h.events().iter().filter(|e| matches!(e, Event::Failed(Failure::Command))).count();
     assert_eq!(failures, 1);
 }

@@ -12,7 +12,7 @@ use super::session::{Helo, Session, Txn};
 
 impl Session {
     /// One command line, LF removed.
-    pub(super) fn command(&mut self, line: &[u8], now: Instant) {
+    pub(super) fn command(&mut self, link: &mut Link, line: &[u8], now: Instant) {
         let Some(line) = line.strip_suffix(b"\r") else {
             return self.reply(BARE_LF);
         };
@@ -27,12 +27,12 @@ impl Session {
         }
         self.answering_rcpt = verb == Verb::Rcpt;
         match verb {
-            Verb::Ehlo => self.hello(args, true, now),
-            Verb::Helo => self.hello(args, false, now),
-            Verb::Mail => self.mail(args, now),
-            Verb::Rcpt => self.rcpt(args, now),
-            Verb::Data => self.data(args, now),
-            Verb::Rset => self.rset(args, now),
+            Verb::Ehlo => self.hello(link, args, true, now),
+            Verb::Helo => self.hello(link, args, false, now),
+            Verb::Mail => self.mail(link, args, now),
+            Verb::Rcpt => self.rcpt(link, args, now),
+            Verb::Data => self.data(link, args, now),
+            Verb::Rset => self.rset(link, args, now),
             Verb::Noop => self.reply(OK),
             Verb::Vrfy => self.reply(CANNOT_VERIFY),
             Verb::Help => self.reply(HELP),
@@ -43,7 +43,7 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, args: &[u8], extended: bool, now: Instant) {
+    fn hello(&mut self, link: &mut Link, args: &[u8], extended: bool, now: Instant) {
         // One word of printable ASCII: a domain or an address literal. It is not
         // checked further; it only ever goes into our own trace headers.
         if args.is_empty() || !args.iter().all(u8::is_ascii_graphic) {
@@ -52,8 +52,8 @@ impl Session {
         // a new greeting resets any transaction (RFC 5321 §4.1.4); one open at the next
         // hop leaves that connection unusable, so it goes
         self.abandon_transaction("new EHLO/HELO", now);
-        if matches!(&self.fwd.link, Link::Up(l) if !l.clean) {
-            self.drop_link();
+        if matches!(link, Link::Up(l) if !l.clean) {
+            link.drop();
         }
         let name = String::from_utf8_lossy(args).into_owned();
         self.helo = Some(Helo { name, extended });
@@ -80,7 +80,7 @@ impl Session {
         self.tls_pending = true;
     }
 
-    fn mail(&mut self, args: &[u8], now: Instant) {
+    fn mail(&mut self, link: &mut Link, args: &[u8], now: Instant) {
         let Some(extended) = self.helo.as_ref().map(|h| h.extended) else {
             return self.reply(GREET_FIRST);
         };
@@ -130,10 +130,10 @@ impl Session {
         }
         txn.id = self.transaction_id();
         self.txn = Some(txn);
-        self.start_mail(now);
+        self.start_mail(link, now);
     }
 
-    fn rcpt(&mut self, args: &[u8], now: Instant) {
+    fn rcpt(&mut self, link: &mut Link, args: &[u8], now: Instant) {
         let Some(txn) = &self.txn else {
             return self.reply(MAIL_FIRST);
         };
@@ -165,17 +165,17 @@ impl Session {
         if self.txn.as_ref().is_some_and(|t| t.broken.is_some()) {
             return self.refuse_recipient(NEXT_HOP_FAILED);
         }
-        self.forward_rcpt(to, now);
+        self.forward_rcpt(link, to, now);
     }
 
-    fn data(&mut self, args: &[u8], now: Instant) {
+    fn data(&mut self, link: &mut Link, args: &[u8], now: Instant) {
         // RFC 2920: DATA ends a pipelined group; anything already sent after it could
         // only be meant as a body, sent before a 354 allowed one. Whatever DATA's own
         // answer would have been, none of it may be read as commands or as a message.
         if !self.unprocessed().is_empty() {
             tracing::debug!(peer = %self.peer, "improper pipelining after DATA");
             self.end_transaction(Outcome::Undelivered(Undelivered::ImproperPipelining), now);
-            self.drop_link();
+            link.drop();
             return self.close_with(IMPROPER_PIPELINING, now);
         }
         let Some(txn) = &self.txn else {
@@ -192,17 +192,17 @@ impl Session {
         if txn.broken.is_some() {
             return self.reply(NEXT_HOP_FAILED);
         }
-        self.forward_data(now);
+        self.forward_data(link, now);
     }
 
-    fn rset(&mut self, args: &[u8], now: Instant) {
+    fn rset(&mut self, link: &mut Link, args: &[u8], now: Instant) {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
         let open_upstream = self.txn.as_ref().is_some_and(|t| t.open_upstream);
         self.abandon_transaction("RSET", now);
-        match &self.fwd.link {
-            Link::Up(l) if open_upstream && !l.clean => self.forward_rset(now),
+        match link {
+            Link::Up(l) if open_upstream && !l.clean => self.forward_rset(link, now),
             _ => self.reply(OK),
         }
     }
