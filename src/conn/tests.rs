@@ -682,3 +682,35 @@ fn a_next_hops_refusals_reach_the_peer_as_they_are_never_as_250() {
     assert_eq!(w.send(s, "QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
     assert_eq!(w.host.pooled(addr(A)), 1, "the hop said 250 to our RSET after its refusal: clean, pooled");
 }
+
+#[test]
+fn a_freed_connection_gives_its_place_back() {
+    let mut config = config(&[A]);
+    config.abuse.max_connections_per_ip = 2;
+    let mut w = World::with(config);
+    let peer = addr("192.0.2.90:40000");
+    let (first, _) = w.connect_from(peer).expect("served");
+    w.connect_from(peer).expect("served");
+    let refused = w.connect_from(peer).expect_err("a third at once");
+    assert_eq!(refused, "421 4.7.0 too many connections from your address\r\n");
+    assert!(w.connect_from(addr("192.0.2.91:40000")).is_ok(), "another address is not held back");
+    assert_eq!(w.send(first, "QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
+    assert!(!w.open(first), "freed");
+    assert!(w.connect_from(peer).is_ok(), "its place is free again");
+}
+
+#[test]
+fn ban_on_drop_bans_the_address_of_a_dropped_conversation() {
+    let mut config = config(&[A]);
+    config.abuse.max_failed_commands = 2;
+    config.abuse.ban_on_drop = true;
+    let mut w = World::with(config);
+    let peer = addr("192.0.2.95:40000");
+    let (id, _) = w.connect_from(peer).expect("served");
+    let got = w.send(id, &"BOGUS\r\n".repeat(3));
+    assert!(got.ends_with("421 4.7.0 mx.test too many errors\r\n"), "{got}");
+    w.wait(Duration::from_secs(5));
+    assert!(!w.open(id), "dropped");
+    let refused = w.connect_from(peer).expect_err("banned");
+    assert!(refused.starts_with("530 5.7.1 mx.test ESMTP denied access at "), "{refused}");
+}
