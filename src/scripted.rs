@@ -19,6 +19,8 @@ pub struct ScriptedHop {
     pub refuse_mail: Option<&'static str>,
     /// The reply to RCPT for recipients whose line holds the first text.
     pub refuse_rcpt: Option<(&'static str, &'static str)>,
+    /// The reply to DATA instead of 354.
+    pub refuse_data: Option<&'static str>,
     /// The reply to the final dot instead of 250.
     pub dot_reply: Option<&'static str>,
     /// The reply to RSET instead of 250 (the transaction is not reset then).
@@ -176,6 +178,7 @@ impl ScriptedHop {
                     self.rcpts_ok = 0;
                     "250 2.0.0 ok".into()
                 }
+                "DATA" if self.refuse_data.is_some() => self.refuse_data.unwrap_or_default().into(),
                 "DATA" if self.hold_data_reply => {
                     self.in_body = true;
                     self.held.extend_from_slice(b"354 go ahead\r\n");

@@ -82,10 +82,11 @@ fn pipelined_commands_are_answered_in_order(io: &str) {
     let got = read_replies(&mut s, 20);
     let lines: Vec<&str> = got.lines().collect();
     assert_eq!(lines[0], "250-mx.test");
-    assert_eq!(lines[5], "250 ENHANCEDSTATUSCODES");
-    assert!(lines[6..24].iter().all(|l| *l == "250 2.0.0 OK"), "{lines:?}");
-    assert_eq!(lines[24], "500 5.5.2 command unrecognized");
-    assert_eq!(lines.len(), 25);
+    assert_eq!(lines[4], "250-CHUNKING");
+    assert_eq!(lines[6], "250 ENHANCEDSTATUSCODES");
+    assert!(lines[7..25].iter().all(|l| *l == "250 2.0.0 OK"), "{lines:?}");
+    assert_eq!(lines[25], "500 5.5.2 command unrecognized");
+    assert_eq!(lines.len(), 26);
 }
 
 fn idle_peers_are_dropped_with_421(io: &str) {

@@ -129,6 +129,38 @@ fn a_hundred_messages_reuse_one_connection(io: &str) {
     assert_eq!(hop.connections(), 1);
 }
 
+/// CHUNKING through the driver: a message of several chunks, the biggest far over what a
+/// read or the relay's high water holds, written as a sender would (command and octets
+/// in one stream), with bare LFs and a line starting with a dot inside; the next hop gets
+/// it as one DATA body with CRLF line ends, the last chunk the next hop's 250.
+fn bdat_chunks_are_relayed_whole(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let mut s = session(&m, "127.0.10.9");
+    send(&mut s, b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<user@example.com>\r\n");
+    assert_eq!(read_replies(&mut s, 2), "250 2.1.0 sender OK\r\n250 2.1.5 recipient OK\r\n");
+    let line = |i: usize| format!("line {i:06} {}\n", "x".repeat(60));
+    let big: String = (0..20_000).map(line).collect(); // 1.4 MB, bare LFs
+    let chunks: [&[u8]; 3] = [b"Subject: chunked\r\n\r\n.dot first\n", big.as_bytes(), b"the end"];
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = if i == chunks.len() - 1 { " LAST" } else { "" };
+        let mut wire = format!("BDAT {}{last}\r\n", chunk.len()).into_bytes();
+        wire.extend_from_slice(chunk);
+        send(&mut s, &wire);
+        let reply = read_replies(&mut s, 1);
+        if last.is_empty() {
+            assert_eq!(reply, format!("250 2.0.0 {} octets received\r\n", chunk.len()));
+        } else {
+            assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+        }
+    }
+    let messages = hop.wait_messages(1);
+    let expected =
+        [b"Subject: chunked\r\n\r\n.dot first\r\n".as_slice(), big.replace('\n', "\r\n").as_bytes(), b"the end\r\n"]
+            .concat();
+    assert_eq!(after_received(&messages[0].content()), &expected[..], "whole, line ends CRLF, a last CRLF added");
+}
+
 fn sessions_reuse_pooled_connections(io: &str) {
     let hop = NextHop::start(AtDot::Accept);
     let m = Mxgate::start(&config(&[hop.addr], "").replace("threads = 2", "threads = 1"), &[], io);
@@ -428,6 +460,7 @@ fn sigterm_lets_the_message_in_flight_finish(io: &str) {
 
 for_both_drivers!(
     sigterm_lets_the_message_in_flight_finish,
+    bdat_chunks_are_relayed_whole,
     bodies_are_relayed_byte_exact,
     a_silent_next_hop_times_out,
     failover_to_the_second_next_hop,

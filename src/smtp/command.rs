@@ -8,6 +8,8 @@ pub enum Verb {
     Mail,
     Rcpt,
     Data,
+    /// RFC 3030 CHUNKING.
+    Bdat,
     Noop,
     Vrfy,
     Rset,
@@ -19,9 +21,8 @@ pub enum Verb {
     Unknown,
 }
 
-const NOT_IMPLEMENTED: &[&[u8]] = &[
-    b"MAIL", b"RCPT", b"DATA", b"BDAT", b"VRFY", b"EXPN", b"AUTH", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
-];
+const NOT_IMPLEMENTED: &[&[u8]] =
+    &[b"MAIL", b"RCPT", b"DATA", b"VRFY", b"EXPN", b"AUTH", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML"];
 
 impl Verb {
     pub fn parse(word: &[u8]) -> Verb {
@@ -36,6 +37,8 @@ impl Verb {
             Verb::Rcpt
         } else if is(b"DATA") {
             Verb::Data
+        } else if is(b"BDAT") {
+            Verb::Bdat
         } else if is(b"NOOP") {
             Verb::Noop
         } else if is(b"VRFY") {
@@ -74,7 +77,8 @@ mod tests {
         assert_eq!(Verb::parse(b"ehlo"), Verb::Ehlo);
         assert_eq!(Verb::parse(b"QuIt"), Verb::Quit);
         assert_eq!(Verb::parse(b"mail"), Verb::Mail);
-        assert_eq!(Verb::parse(b"bdat"), Verb::NotImplemented);
+        assert_eq!(Verb::parse(b"bdat"), Verb::Bdat);
+        assert_eq!(Verb::parse(b"EXPN"), Verb::NotImplemented);
         assert_eq!(Verb::parse(b"EHLOX"), Verb::Unknown);
         assert_eq!(Verb::parse(b"\xff\xfe"), Verb::Unknown);
         assert_eq!(Verb::parse(b""), Verb::Unknown);

@@ -142,6 +142,96 @@ impl BodyFilter {
     }
 }
 
+/// The body of a BDAT transaction (RFC 3030), streamed: chunks of counted octets, which
+/// never end anything by their content. For a next hop that takes DATA they go out as a
+/// DATA body: every line end made CRLF (a bare CR or LF too, as RFC 3030 §3 lets a
+/// receiver of a BDAT message do), a leading dot stuffed, a last CRLF added if the
+/// message does not end with one, so that nothing in a chunk can end the next hop's
+/// data early. A NUL faults the message as in DATA; the size is the octets received.
+///
+/// ```text
+///   LineStart ── '.' ──► ".." out, Middle        any other octet ──► out, Middle
+///   Middle    ── CR ──► PendingCr ── LF ──► CRLF out, LineStart
+///                                    └ other: CRLF out, LineStart, then the octet
+///   any state ── bare LF ──► CRLF out, LineStart;   NUL ──► faulted (nothing more out)
+/// ```
+#[derive(Debug)]
+pub struct ChunkFilter {
+    /// At the start of a line (the next octet is the first of a line).
+    line_start: bool,
+    /// A CR was seen, its LF not yet.
+    pending_cr: bool,
+    size: u64,
+    fault: Option<BodyFault>,
+}
+
+impl Default for ChunkFilter {
+    fn default() -> Self {
+        ChunkFilter { line_start: true, pending_cr: false, size: 0, fault: None }
+    }
+}
+
+impl ChunkFilter {
+    /// Takes chunk octets; appends their DATA form to `out` (nothing once faulty).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.size = self.size.saturating_add(input.len() as u64);
+        let mut i = 0;
+        while i < input.len() && self.fault.is_none() {
+            if self.pending_cr {
+                self.pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                self.line_start = true;
+                if input[i] == b'\n' {
+                    i += 1;
+                    continue;
+                }
+            }
+            let b = input[i];
+            if self.line_start && b == b'.' {
+                out.extend_from_slice(b"..");
+                self.line_start = false;
+                i += 1;
+                continue;
+            }
+            // everything up to the next CR, LF or NUL is plain content
+            let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
+            if run > 0 {
+                out.extend_from_slice(&input[i..i + run]);
+                self.line_start = false;
+                i += run;
+                continue;
+            }
+            i += 1;
+            match b {
+                b'\r' => self.pending_cr = true,
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                }
+                _ => self.fault = Some(BodyFault::Nul),
+            }
+        }
+    }
+
+    /// The last chunk is in: the line end the message lacks, if it lacks one.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.fault.is_none() && (self.pending_cr || !self.line_start) {
+            out.extend_from_slice(b"\r\n");
+            self.pending_cr = false;
+            self.line_start = true;
+        }
+    }
+
+    pub fn fault(&self) -> Option<BodyFault> {
+        self.fault
+    }
+
+    /// Octets received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -285,6 +375,56 @@ pub(crate) mod tests {
             }
             prop_assert_eq!(unstuffed, content.clone());
             prop_assert_eq!(out, wire[..wire.len() - 3].to_vec());
+        }
+    }
+
+    /// Feeds `input` to a chunk filter in pieces of `piece` octets, then finishes.
+    fn chunked(input: &[u8], piece: usize) -> (Vec<u8>, Option<BodyFault>) {
+        let mut f = ChunkFilter::default();
+        let mut out = Vec::new();
+        for part in input.chunks(piece.max(1)) {
+            f.feed(part, &mut out);
+        }
+        f.finish(&mut out);
+        assert_eq!(f.size(), input.len() as u64);
+        (out, f.fault())
+    }
+
+    #[test]
+    fn chunks_become_a_data_body_that_nothing_inside_can_end() {
+        for piece in [1, 2, 3, 5, 1000] {
+            let c = |input: &[u8]| chunked(input, piece);
+            assert_eq!(c(b"a\r\nb\r\n"), (b"a\r\nb\r\n".to_vec(), None), "piece {piece}");
+            assert_eq!(c(b"a\nb\rc\r\r\n"), (b"a\r\nb\r\nc\r\n\r\n".to_vec(), None), "bare LF and CR made CRLF");
+            assert_eq!(c(b".\r\n..x\n.\r"), (b"..\r\n...x\r\n..\r\n".to_vec(), None), "leading dots stuffed");
+            assert_eq!(c(b"no end"), (b"no end\r\n".to_vec(), None), "a last line end added");
+            assert_eq!(c(b""), (Vec::new(), None), "an empty message is empty");
+            assert_eq!(c(b"x\0y"), (b"x".to_vec(), Some(BodyFault::Nul)), "NUL: nothing more out");
+            for trick in SMUGGLING_TRICKS {
+                let (out, _) = c(&[b"a".as_slice(), trick, b"MAIL FROM:<x>\r\n"].concat());
+                assert!(only_crlf(&out), "{trick:?} -> {out:?}");
+                assert!(!out.windows(5).any(|w| w == b"\r\n.\r\n"), "{trick:?} -> {out:?}");
+                assert!(!out.starts_with(b".\r\n"), "{trick:?}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_filter_output_is_a_clean_data_body(input in proptest::collection::vec(proptest::sample::select(vec![b'a', b'.', b'\r', b'\n']), 0..200), piece in 1usize..50) {
+            let (out, fault) = chunked(&input, piece);
+            prop_assert_eq!(fault, None);
+            prop_assert!(only_crlf(&out));
+            prop_assert!(out.is_empty() || out.ends_with(b"\r\n"));
+            // no line of the output is a lone dot: it cannot end the next hop's data
+            prop_assert!(!out.split(|&b| b == b'\n').any(|l| l == b".\r"));
+            // read back as DATA (unstuffed), the content is the input with line ends as CRLF
+            let mut f = BodyFilter::new(u64::MAX);
+            let mut back = Vec::new();
+            let mut wire = out.clone();
+            wire.extend_from_slice(b".\r\n");
+            prop_assert_eq!(f.feed(&wire, &mut back), Some(wire.len()));
+            prop_assert_eq!(back, out);
         }
     }
 }

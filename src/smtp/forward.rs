@@ -25,7 +25,7 @@ use super::data::BodyFilter;
 use super::link::Link;
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Body, Phase, Session, Waiting};
+use super::session::{Body, Phase, Reader, Session, Waiting};
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
@@ -146,6 +146,11 @@ impl Session {
         self.forward(link, Command::Data, b"DATA", Waiting::Data, now);
     }
 
+    /// DATA for a message that comes in BDAT chunks: its 354 opens the body.
+    pub(super) fn forward_chunk_data(&mut self, link: &mut Link, now: Instant) {
+        self.forward(link, Command::Data, b"DATA", Waiting::ChunkData, now);
+    }
+
     pub(super) fn forward_rset(&mut self, link: &mut Link, now: Instant) {
         self.forward(link, Command::Rset, b"RSET", Waiting::Rset, now);
     }
@@ -215,6 +220,7 @@ impl Session {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(link, reply, now),
             (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
             (Some(Waiting::Data), Command::Data) => self.answer_data(link, reply, now),
+            (Some(Waiting::ChunkData), Command::Data) => self.answer_chunk_data(link, reply, now),
             (Some(Waiting::Dot), Command::Dot) => self.answer_dot(link, reply, now),
             (Some(Waiting::Rset), Command::Rset) => {
                 // the peer's transaction is gone whatever the next hop says; its
@@ -409,12 +415,112 @@ impl Session {
             Waiting::Reset => {}
             Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
+            Waiting::ChunkData => {
+                // the chunk being received gets the 451 after its octets
+                if let Some(chunk) = &mut self.reader.chunk {
+                    chunk.refused = Some(NEXT_HOP_FAILED.into());
+                }
+                self.end_transaction(Outcome::Undelivered(Undelivered::HopFailed(fault)), now);
+            }
             Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => self.undelivered(Undelivered::HopFailed(fault), now),
             Waiting::Local { reply, .. } => self.reply(&reply),
         }
     }
 
     // ---- the body ------------------------------------------------------------------------
+
+    /// The next hop's reply to our DATA for a chunked message: 354 opens the body (the
+    /// trace header first); anything else is the reply the chunk being received gets,
+    /// after its octets, and the transaction's end.
+    fn answer_chunk_data(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
+        if reply.code == 354 {
+            let header = self.received_header(now);
+            if let (Link::Up(l), Some(t)) = (link, &mut self.txn)
+                && let Some(chunks) = &mut t.chunks
+            {
+                l.up.send_data(header.as_bytes());
+                l.hold = true;
+                chunks.open = true;
+            }
+            return;
+        }
+        let mut out = Vec::new();
+        reply.render(&mut out);
+        if let Some(chunk) = &mut self.reader.chunk {
+            chunk.refused = Some(out.into());
+        }
+        self.end_transaction(Outcome::Undelivered(Undelivered::MessageRefused(reply.code)), now);
+        self.reset_hop(link, now);
+    }
+
+    /// The octets of the BDAT chunk being received: swallowed (a refused chunk), or into
+    /// the message once the next hop said 354 to our DATA; at the chunk's end, its reply
+    /// (the last chunk's is the next hop's reply to the final dot). False when nothing
+    /// could be taken: the octets wait for the 354, or for the peer.
+    pub(super) fn chunk_input(&mut self, link: &mut Link, now: Instant) -> bool {
+        let Reader { input, pos, chunk: Some(chunk), .. } = &mut self.reader else { return false };
+        let take = usize::try_from(chunk.remaining).unwrap_or(usize::MAX).min(input.len() - *pos);
+        let octets = &input[*pos..*pos + take];
+        if chunk.refused.is_none() {
+            let Some(txn) = self.txn.as_mut() else { return false };
+            let Some(chunks) = txn.chunks.as_mut() else { return false };
+            if !chunks.open && txn.broken.is_none() {
+                return false;
+            }
+            let faulted = chunks.filter.fault().is_some();
+            let mut discard = Vec::new();
+            let sink = match &mut *link {
+                Link::Up(l) if txn.broken.is_none() && !faulted => {
+                    l.hold &= octets.is_empty();
+                    l.up.data_sink()
+                }
+                _ => &mut discard,
+            };
+            chunks.filter.feed(octets, sink);
+            if !faulted && chunks.filter.fault().is_some() {
+                // abandon what the next hop has of the message: close without the final dot
+                link.drop();
+            }
+        }
+        chunk.remaining -= take as u64;
+        *pos += take;
+        if let Link::Up(l) = &*link
+            && self.fwd.deadline.is_none()
+            && !l.up.output().is_empty()
+        {
+            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
+        }
+        if self.reader.chunk.as_ref().is_some_and(|c| c.remaining > 0) {
+            return take > 0;
+        }
+        if let Some(chunk) = self.reader.chunk.take() {
+            self.chunk_done(link, chunk, now);
+        }
+        true
+    }
+
+    /// A chunk's octets are all in: its reply.
+    fn chunk_done(&mut self, link: &mut Link, chunk: super::session::Chunk, now: Instant) {
+        if let Some(reply) = chunk.refused {
+            return self.reply(&reply);
+        }
+        let Some(txn) = &mut self.txn else { return };
+        let Some(chunks) = &mut txn.chunks else { return };
+        match (chunks.filter.fault(), txn.broken) {
+            (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
+            (None, Some(hop)) => self.undelivered(Undelivered::HopFailed(hop), now),
+            (None, None) if !chunk.last => self.reply(&chunk_taken(chunk.size)),
+            (None, None) => match link {
+                Link::Up(l) => {
+                    chunks.filter.finish(l.up.data_sink());
+                    l.hold = false;
+                    l.up.end_data();
+                    self.await_reply(Waiting::Dot, now);
+                }
+                _ => self.undelivered(Undelivered::HopFailed(HopFault::Connection), now),
+            },
+        }
+    }
 
     /// Feeds buffered input to the body filter, up to the end of data.
     pub(super) fn body_input(&mut self, link: &mut Link, now: Instant) {

@@ -6,7 +6,7 @@
 use crate::config::Config;
 
 pub const OK: &[u8] = b"250 2.0.0 OK\r\n";
-pub const HELP: &[u8] = b"214 2.0.0 commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n";
+pub const HELP: &[u8] = b"214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT\r\n";
 pub const UNRECOGNIZED: &[u8] = b"500 5.5.2 command unrecognized\r\n";
 pub const BARE_LF: &[u8] = b"500 5.5.2 line must end with CRLF\r\n";
 pub const BAD_CHARACTER: &[u8] = b"500 5.5.2 CR or NUL inside a command line\r\n";
@@ -22,6 +22,18 @@ pub const MAIL_SYNTAX: &[u8] = b"501 5.5.4 syntax: MAIL FROM:<address> [paramete
 pub const RCPT_SYNTAX: &[u8] = b"501 5.5.4 syntax: RCPT TO:<address>\r\n";
 pub const BAD_PARAMETER: &[u8] = b"555 5.5.4 unsupported parameter\r\n";
 pub const TOO_BIG: &[u8] = b"552 5.3.4 message size exceeds the limit\r\n";
+/// BDAT whose size is not a number: where its octets end cannot be known, so the
+/// connection is closed after this.
+pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 syntax: BDAT size [LAST]\r\n";
+/// BDAT (its octets swallowed) in a transaction without an accepted recipient.
+pub const BDAT_NO_RCPT: &[u8] = b"503 5.5.1 no valid recipients\r\n";
+/// DATA in a transaction whose body came in BDAT chunks.
+pub const DATA_AFTER_BDAT: &[u8] = b"503 5.5.1 DATA after BDAT\r\n";
+
+/// The reply to a BDAT chunk that is not the last: its octets are taken.
+pub fn chunk_taken(octets: u64) -> Vec<u8> {
+    format!("250 2.0.0 {octets} octets received\r\n").into_bytes()
+}
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
 
 /// A reply that is a failure of the peer's address: every 5xx, and our 452 for a
@@ -82,7 +94,7 @@ impl Params {
         let ehlo = |starttls: bool| {
             let tls = if starttls { "250-STARTTLS\r\n" } else { "" };
             format!(
-                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n"
+                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n"
             )
         };
         Params {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::Settings;
 use super::address::Path;
 use super::command::{self, Verb};
-use super::data::BodyFilter;
+use super::data::{BodyFilter, ChunkFilter};
 use super::link::Link;
 use super::outbuf::OutBuf;
 use super::outcome::{HopFault, Outcome};
@@ -134,6 +134,8 @@ pub(super) struct Txn {
     pub(super) accepted: u32,
     pub(super) refused: u32,
     pub(super) body: Option<Body>,
+    /// The body, when it comes in BDAT chunks.
+    pub(super) chunks: Option<Chunks>,
     /// The next hop failed mid-transaction, how: the rest gets 451.
     pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
@@ -144,6 +146,27 @@ pub(super) struct Body {
     pub(super) filter: BodyFilter,
     pub(super) started: Instant,
     pub(super) last_input: Instant,
+}
+
+/// The body of a transaction that comes in BDAT chunks (forward.rs): it goes to the
+/// next hop as a DATA body.
+#[derive(Debug)]
+pub(super) struct Chunks {
+    pub(super) filter: ChunkFilter,
+    /// The next hop said 354 to our DATA: octets go out.
+    pub(super) open: bool,
+    pub(super) last_input: Instant,
+}
+
+/// A BDAT chunk being received: its octets are data, never commands.
+#[derive(Debug)]
+pub(super) struct Chunk {
+    pub(super) size: u64,
+    pub(super) remaining: u64,
+    pub(super) last: bool,
+    /// Its octets are swallowed and this reply is given after them; `None`: they go to
+    /// the message.
+    pub(super) refused: Option<Box<[u8]>>,
 }
 
 /// A reply owed to the peer, in the order of its commands: a command forwarded to the
@@ -159,6 +182,9 @@ pub(super) enum Waiting {
     Mail,
     Rcpt(Path),
     Data,
+    /// Our DATA for a message that comes in BDAT chunks: its 354 opens the body; any
+    /// other reply refuses the chunk being received.
+    ChunkData,
     Dot,
     Rset,
     /// Our own RSET to the next hop after it refused the sender or the message, so that
@@ -190,6 +216,8 @@ pub(super) struct Reader {
     pub(super) line: Vec<u8>,
     /// The current line passed `MAX_LINE_LEN`: skip to its end, then reply once.
     pub(super) overlong: bool,
+    /// The octets of a BDAT chunk come next.
+    pub(super) chunk: Option<Chunk>,
 }
 
 /// The session's side toward the next hop (forward.rs): what it owes the peer and by
@@ -306,8 +334,13 @@ impl Session {
         if self.phase != Phase::Open {
             return;
         }
-        if let Some(body) = self.txn.as_mut().and_then(|t| t.body.as_mut()) {
-            body.last_input = now;
+        if let Some(t) = self.txn.as_mut() {
+            if let Some(body) = t.body.as_mut() {
+                body.last_input = now;
+            }
+            if let Some(chunks) = t.chunks.as_mut() {
+                chunks.last_input = now;
+            }
         }
         self.reader.input.extend_from_slice(data);
         self.process(link, now);
@@ -349,9 +382,18 @@ impl Session {
         while self.phase == Phase::Open
             && !self.strikes.dropping
             && !self.tls_pending
-            && self.reader.pos < self.reader.input.len()
-            && self.may_go_on(link)
+            && (self.reader.pos < self.reader.input.len()
+                || self.reader.chunk.as_ref().is_some_and(|c| c.remaining == 0))
         {
+            if self.reader.chunk.is_some() {
+                if !self.chunk_input(link, now) {
+                    break;
+                }
+                continue;
+            }
+            if !self.may_go_on(link) {
+                break;
+            }
             if self.in_body() {
                 self.body_input(link, now);
                 continue;
@@ -562,7 +604,8 @@ impl Session {
 
     /// Body bytes for the next hop are piling up: read no more from the peer.
     fn backpressured(&self, link: &Link) -> bool {
-        self.in_body() && matches!(link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
+        (self.in_body() || self.reader.chunk.is_some())
+            && matches!(link, Link::Up(l) if l.up.output().len() >= RELAY_HIGH_WATER)
     }
 
     /// `n` bytes of the last `Send` went out.
@@ -591,7 +634,15 @@ impl Session {
                     let relay = self.fwd.deadline.filter(|_| self.backpressured(link));
                     [Some(block), self.rate_deadline(body), relay, txn_deadline].into_iter().flatten().min()
                 }
-                None => Some(self.idle_deadline),
+                // a chunk's octets are awaited as a body's are
+                None => match (self.reader.chunk.as_ref(), self.txn.as_ref().and_then(|t| t.chunks.as_ref())) {
+                    (Some(_), Some(chunks)) => {
+                        let block = chunks.last_input + self.settings.smtp.data_timeout;
+                        let relay = self.fwd.deadline.filter(|_| self.backpressured(link));
+                        [Some(block), relay, txn_deadline].into_iter().flatten().min()
+                    }
+                    _ => Some(self.idle_deadline),
+                },
             },
         }
     }
@@ -658,7 +709,7 @@ impl Session {
             from: t.from.to_string(),
             accepted: t.accepted,
             refused: t.refused,
-            size: t.body.map_or(0, |b| b.filter.size()),
+            size: t.body.map_or(0, |b| b.filter.size()) + t.chunks.map_or(0, |c| c.filter.size()),
             next_hop,
             tls: self.tls.map(|t| t.version),
             outcome,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::client::Upstream;
-use super::outcome::{HopFault, Undelivered};
+use super::outcome::{HopFault, Outcome, Undelivered};
 use super::*;
 use crate::config::Config;
 use crate::datetime::UnixTime;
@@ -211,14 +211,14 @@ fn greeting_and_simple_commands() {
     let mut h = Harness::new();
     assert_eq!(
         h.send(b"EHLO client.test\r\n"),
-        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
+        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
     );
     assert_eq!(h.send(b"HELO client.test\r\n"), "250 mx.test\r\n");
     assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
     assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
     assert!(h.send(b"VRFY someone\r\n").starts_with("252 2.5.0 "));
     assert!(h.send(b"HELP\r\n").starts_with("214 2.0.0 "));
-    assert_eq!(h.send(b"BDAT 10 LAST\r\n"), "502 5.5.1 command not implemented\r\n");
+    assert_eq!(h.send(b"EXPN staff\r\n"), "502 5.5.1 command not implemented\r\n");
     assert_eq!(h.send(b"STARTTLS\r\n"), "502 5.5.1 command not implemented\r\n");
     assert_eq!(h.send(b"QUIT\r\n"), "221 2.0.0 mx.test closing connection\r\n");
     assert!(h.closed());
@@ -1162,4 +1162,175 @@ fn a_failed_handshake_counts_one_failure_and_closes() {
     assert!(h.session.poll_transmit(&h.link) == Transmit::Close);
     let failures = h.events().iter().filter(|e| matches!(e, Event::Failed(Failure::Command))).count();
     assert_eq!(failures, 1);
+}
+
+// ---- CHUNKING (RFC 3030) ---------------------------------------------------------------
+
+const QUEUED: &str = "250 2.0.0 OK: queued as ";
+
+impl Harness {
+    /// MAIL and one accepted recipient.
+    fn envelope(&mut self) {
+        assert_eq!(self.send(b"MAIL FROM:<sender@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+        assert_eq!(self.send(b"RCPT TO:<u@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    }
+
+    /// The body of the last message the next hop took, after our trace header.
+    fn last_body(&self) -> String {
+        let message = String::from_utf8_lossy(self.hop.messages.last().expect("a message")).into_owned();
+        // the trace header ends with its date line: ";" CRLF TAB date CRLF
+        let (_, after) = message.split_once(";\r\n\t").expect("a trace header");
+        after.split_once("\r\n").map_or("", |(_, body)| body).to_owned()
+    }
+}
+
+#[test]
+fn chunks_are_relayed_as_one_data_body_and_the_last_gets_the_hops_reply() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 12\r\nSubject: x\r\n"), "250 2.0.0 12 octets received\r\n");
+    assert!(h.hop.commands.iter().any(|c| c == "DATA"), "the next hop is in DATA");
+    let got = h.send(b"BDAT 11 LAST\r\n\r\n.body\nend");
+    assert!(got.starts_with(QUEUED), "{got}");
+    assert_eq!(h.hop.messages.len(), 1);
+    // on the wire: line ends made CRLF, the leading dot stuffed, a last CRLF added
+    assert_eq!(h.last_body(), "Subject: x\r\n\r\n..body\r\nend\r\n");
+    let t = h.transactions();
+    assert_eq!((t.len(), t[0].size, t[0].outcome), (1, 23, Outcome::Delivered));
+    // and the session goes on: another message, in DATA this time
+    assert!(h.deliver("u@example.com", b"Subject: y\r\n\r\nz\r\n.\r\n").starts_with(QUEUED));
+}
+
+#[test]
+fn chunk_octets_are_never_commands() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    let evil = b"a\r\n.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nforged\r\n.\r\nQUIT\r\n";
+    let mut input = format!("BDAT {} LAST\r\n", evil.len()).into_bytes();
+    input.extend_from_slice(evil);
+    let got = h.send(&input);
+    assert!(got.starts_with(QUEUED), "{got}");
+    assert!(!h.closed(), "the QUIT inside was data");
+    assert_eq!(h.hop.messages.len(), 1, "one message");
+    assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("MAIL")).count(), 1, "{:?}", h.hop.commands);
+    assert!(h.last_body().contains("\r\n..\r\nMAIL FROM:<evil@x.test>\r\n"), "{}", h.last_body());
+}
+
+#[test]
+fn a_refused_chunk_is_swallowed_whole_before_its_reply() {
+    let mut h = Harness::new();
+    h.greet();
+    // before MAIL: the octets (a QUIT among them) are data, swallowed
+    assert_eq!(h.send(b"BDAT 6\r\nQUIT\r\n"), "503 5.5.1 send MAIL first\r\n");
+    assert!(!h.closed());
+    // without an accepted recipient
+    assert_eq!(h.send(b"MAIL FROM:<sender@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@elsewhere.test>\r\n"), "550 5.7.1 relay access denied\r\n");
+    assert_eq!(h.send(b"BDAT 4 LAST\r\nab"), "", "the reply waits for all the octets");
+    assert_eq!(h.send(b"cd"), "503 5.5.1 no valid recipients\r\n");
+    assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 OK\r\n");
+    assert!(h.hop.messages.is_empty());
+}
+
+#[test]
+fn a_chunk_past_the_size_limit_is_swallowed_and_ends_the_transaction() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 1000\r\n"), "");
+    assert_eq!(h.send(&[b'x'; 1000]), "250 2.0.0 1000 octets received\r\n");
+    let mut over = b"BDAT 25 LAST\r\n".to_vec();
+    over.extend_from_slice(&[b'y'; 25]);
+    assert_eq!(h.send(&over), "552 5.3.4 message size exceeds the limit\r\n", "1,025 octets of 1 KiB");
+    assert!(h.hop.messages.is_empty(), "nothing delivered");
+    assert_eq!(h.closed, 1, "what the next hop had of it was abandoned with its connection");
+    let t = h.transactions();
+    assert_eq!(t[0].outcome, Outcome::Undelivered(Undelivered::Body(super::data::BodyFault::TooBig)));
+    assert_eq!(h.send(b"BDAT 1 LAST\r\nz"), "503 5.5.1 send MAIL first\r\n", "the transaction is over");
+}
+
+#[test]
+fn a_malformed_bdat_closes_the_connection() {
+    for line in ["BDAT\r\n", "BDAT x\r\n", "BDAT 5 FIRST\r\n", "BDAT -1\r\n", "BDAT 99999999999999999999999\r\n"] {
+        let mut h = Harness::new();
+        h.greet();
+        h.envelope();
+        assert_eq!(h.send(line.as_bytes()), "501 5.5.4 syntax: BDAT size [LAST]\r\n", "{line:?}");
+        assert!(h.closed(), "{line:?}: where the octets end is unknown");
+        assert!(h.hop.messages.is_empty());
+    }
+}
+
+#[test]
+fn bdat_0_last_ends_a_message_and_data_after_bdat_is_refused() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 3\r\nabc"), "250 2.0.0 3 octets received\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "503 5.5.1 DATA after BDAT\r\n");
+    assert!(h.send(b"BDAT 0 LAST\r\n").starts_with(QUEUED));
+    assert_eq!(h.last_body(), "abc\r\n");
+    // an empty message in one chunk
+    h.envelope();
+    assert!(h.send(b"BDAT 0 LAST\r\n").starts_with(QUEUED));
+    assert_eq!(h.hop.messages.len(), 2);
+}
+
+#[test]
+fn a_nul_in_a_chunk_refuses_the_message_and_relays_nothing() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 5 LAST\r\na\0bcd"), "554 5.6.0 message refused: NUL in the body\r\n");
+    assert!(h.hop.messages.is_empty());
+    assert_eq!(h.closed, 1, "the next hop's DATA abandoned with its connection");
+    assert!(matches!(h.transactions()[0].outcome, Outcome::Undelivered(Undelivered::Body(_))));
+}
+
+#[test]
+fn pipelined_envelope_and_chunks_are_answered_in_order() {
+    let mut h = Harness::new();
+    h.greet();
+    let got = h.send(
+        b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<u@example.com>\r\nRCPT TO:<w@elsewhere.test>\r\n\
+          BDAT 4\r\nab\r\nBDAT 3 LAST\r\ncd\n",
+    );
+    let replies: Vec<&str> = got.split_inclusive("\r\n").collect();
+    assert_eq!(replies.len(), 5, "{got}");
+    assert_eq!(
+        replies[..4],
+        [
+            "250 2.1.0 sender OK\r\n",
+            "250 2.1.5 recipient OK\r\n",
+            "550 5.7.1 relay access denied\r\n",
+            "250 2.0.0 4 octets received\r\n"
+        ]
+    );
+    assert!(replies[4].starts_with(QUEUED));
+    assert_eq!(h.last_body(), "ab\r\ncd\r\n");
+}
+
+#[test]
+fn rset_between_chunks_abandons_the_message() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 3\r\nabc"), "250 2.0.0 3 octets received\r\n");
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+    assert_eq!(h.closed, 1, "no RSET can reach a next hop inside DATA: its connection goes");
+    assert!(h.hop.messages.is_empty());
+    assert!(h.deliver("u@example.com", b"Subject: after\r\n\r\nok\r\n.\r\n").starts_with(QUEUED));
+}
+
+#[test]
+fn a_next_hop_refusing_data_refuses_the_chunk() {
+    let mut h = Harness::new();
+    h.hop.lax = true;
+    h.greet();
+    h.envelope();
+    h.hop.refuse_data = Some("554 5.7.1 no thanks");
+    assert_eq!(h.send(b"BDAT 3\r\nabc"), "554 5.7.1 no thanks\r\n");
+    assert_eq!(h.send(b"BDAT 1 LAST\r\nz"), "503 5.5.1 send MAIL first\r\n");
 }

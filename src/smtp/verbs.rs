@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use super::address::{AddressError, Path, parse_path};
 use super::command::{self, Verb};
+use super::data::{BodyFault, ChunkFilter};
 use super::link::Link;
 use super::outcome::{Outcome, Undelivered};
 use super::replies::*;
-use super::session::{Helo, Session, Txn};
+use super::session::{Chunk, Chunks, Helo, Session, Txn};
 
 impl Session {
     /// One command line, LF removed.
@@ -32,6 +33,7 @@ impl Session {
             Verb::Mail => self.mail(link, args, now),
             Verb::Rcpt => self.rcpt(link, args, now),
             Verb::Data => self.data(link, args, now),
+            Verb::Bdat => self.bdat(link, args, now),
             Verb::Rset => self.rset(link, args, now),
             Verb::Noop => self.reply(OK),
             Verb::Vrfy => self.reply(CANNOT_VERIFY),
@@ -117,6 +119,7 @@ impl Session {
             accepted: 0,
             refused: 0,
             body: None,
+            chunks: None,
             broken: None,
             hop: None,
         };
@@ -184,6 +187,9 @@ impl Session {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
+        if txn.chunks.is_some() {
+            return self.reply(DATA_AFTER_BDAT);
+        }
         // with recipients still before the next hop, DATA goes behind them: its 354 comes
         // only if one of them was accepted
         if txn.accepted == 0 && self.recipients_pending() == 0 {
@@ -195,11 +201,57 @@ impl Session {
         self.forward_data(link, now);
     }
 
+    /// RFC 3030: `BDAT size [LAST]`, then exactly `size` octets, taken as data whatever
+    /// the state (a refused chunk's octets are swallowed before its reply). A size that is
+    /// not a number leaves the octets' end unknown: 501 and close. The chunk's octets
+    /// are taken by `chunk_input` (forward.rs).
+    fn bdat(&mut self, link: &mut Link, args: &[u8], now: Instant) {
+        let mut words = args.split(|&b| b == b' ');
+        let size = words.next().filter(|w| !w.is_empty() && w.iter().all(u8::is_ascii_digit));
+        let size = size.and_then(|w| std::str::from_utf8(w).ok()).and_then(|w| w.parse::<u64>().ok());
+        let last = match (words.next(), words.next()) {
+            (None, None) => Some(false),
+            (Some(w), None) if w.eq_ignore_ascii_case(b"LAST") => Some(true),
+            _ => None,
+        };
+        let (Some(size), Some(last)) = (size, last) else {
+            self.end_transaction(Outcome::Abandoned("malformed BDAT"), now);
+            link.drop();
+            return self.close_with(BDAT_SYNTAX, now);
+        };
+        let refused: Option<&[u8]> = match &self.txn {
+            None => Some(MAIL_FIRST),
+            Some(t) if t.accepted == 0 => Some(BDAT_NO_RCPT),
+            Some(t) if t.broken.is_some() => Some(NEXT_HOP_FAILED),
+            Some(t) => {
+                let so_far = t.chunks.as_ref().map_or(0, |c| c.filter.size());
+                (so_far.saturating_add(size) > self.settings.smtp.max_message_size).then_some(TOO_BIG)
+            }
+        };
+        if refused == Some(TOO_BIG) {
+            // the transaction ends here; what the next hop has of it is abandoned
+            self.end_transaction(Outcome::Undelivered(Undelivered::Body(BodyFault::TooBig)), now);
+            link.drop();
+        }
+        self.reader.chunk = Some(Chunk { size, remaining: size, last, refused: refused.map(Into::into) });
+        if refused.is_none()
+            && let Some(t) = &mut self.txn
+            && t.chunks.is_none()
+        {
+            t.chunks = Some(Chunks { filter: ChunkFilter::default(), open: false, last_input: now });
+            self.forward_chunk_data(link, now);
+        }
+    }
+
     fn rset(&mut self, link: &mut Link, args: &[u8], now: Instant) {
         if !args.is_empty() {
             return self.reply(NO_PARAMETERS);
         }
         let open_upstream = self.txn.as_ref().is_some_and(|t| t.open_upstream);
+        if self.txn.as_ref().is_some_and(|t| t.chunks.is_some()) {
+            // the next hop is inside our DATA: no RSET can reach it there
+            link.drop();
+        }
         self.abandon_transaction("RSET", now);
         match link {
             Link::Up(l) if open_upstream && !l.clean => self.forward_rset(link, now),
