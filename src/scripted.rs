@@ -7,7 +7,9 @@
 //! ```text
 //!   bytes ─► receive ─► command lines ─► replies (EHLO: `ehlo`'s keywords; MAIL, RCPT,
 //!                    │                    DATA, RSET as set; anything else 250)
-//!                    └─ after 354: the body up to CRLF.CRLF ─► `messages`, `dot_reply`
+//!                    ├─ after 354: the body up to CRLF.CRLF ─► `messages`, `dot_reply`
+//!                    └─ BDAT n [LAST] (offered when `ehlo` has CHUNKING): n octets; the
+//!                       last chunk's ─► `messages` (the chunks joined), `dot_reply`
 //! ```
 
 /// What it does; everything else answers as a well-behaved server.
@@ -56,10 +58,16 @@ pub struct ScriptedHop {
     pub commands: Vec<String>,
     /// Complete messages (the body up to, not including, the final dot).
     pub messages: Vec<Vec<u8>>,
+    /// For each of `messages`: it came in BDAT chunks (as sent), not as a DATA body.
+    pub chunked: Vec<bool>,
     /// Final dots answered with a 2xx.
     pub accepted: usize,
     unread: Vec<u8>,
     in_body: bool,
+    /// A BDAT chunk's octets still to come, and whether it is the last.
+    chunk: Option<(usize, bool)>,
+    /// The message so far, from BDAT chunks.
+    chunk_bytes: Vec<u8>,
     /// Where the search for the end of the body resumes.
     scan: usize,
     /// MAIL was accepted, and how many recipients since.
@@ -92,11 +100,37 @@ impl ScriptedHop {
         self.rcpts_ok = 0;
         self.in_body = false;
         self.scan = 0;
+        self.chunk = None;
+        self.chunk_bytes.clear();
     }
 
     fn answers(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         loop {
+            if let Some((remaining, last)) = self.chunk {
+                let take = remaining.min(self.unread.len());
+                self.chunk_bytes.extend(self.unread.drain(..take));
+                if take < remaining {
+                    self.chunk = Some((remaining - take, last));
+                    break;
+                }
+                self.chunk = None;
+                if !last {
+                    out.extend_from_slice(b"250 2.0.0 chunk taken\r\n");
+                    continue;
+                }
+                let message = std::mem::take(&mut self.chunk_bytes);
+                self.messages.push(message);
+                self.chunked.push(true);
+                self.envelopes.push(std::mem::take(&mut self.envelope));
+                self.mail_open = false;
+                self.rcpts_ok = 0;
+                let reply = self.dot_reply.unwrap_or("250 2.0.0 queued");
+                self.accepted += usize::from(reply.starts_with('2'));
+                out.extend_from_slice(reply.as_bytes());
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
             if self.in_body {
                 let from = self.scan.saturating_sub(4);
                 let Some(end) = find(&self.unread[from..], b"\r\n.\r\n").map(|e| e + from) else {
@@ -104,6 +138,7 @@ impl ScriptedHop {
                     break;
                 };
                 self.messages.push(self.unread[..end + 2].to_vec());
+                self.chunked.push(false);
                 self.envelopes.push(std::mem::take(&mut self.envelope));
                 self.unread.drain(..end + 5);
                 self.in_body = false;
@@ -177,6 +212,13 @@ impl ScriptedHop {
                     self.mail_open = false;
                     self.rcpts_ok = 0;
                     "250 2.0.0 ok".into()
+                }
+                "BDAT" => {
+                    let mut words = line.split(' ').skip(1);
+                    let size = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    let last = words.next().is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
+                    self.chunk = Some((size, last));
+                    continue;
                 }
                 "DATA" if self.refuse_data.is_some() => self.refuse_data.unwrap_or_default().into(),
                 "DATA" if self.hold_data_reply => {

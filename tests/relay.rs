@@ -134,7 +134,13 @@ fn a_hundred_messages_reuse_one_connection(io: &str) {
 /// in one stream), with bare LFs and a line starting with a dot inside; the next hop gets
 /// it as one DATA body with CRLF line ends, the last chunk the next hop's 250.
 fn bdat_chunks_are_relayed_whole(io: &str) {
-    let hop = NextHop::start(AtDot::Accept);
+    // a next hop that takes DATA gets the chunks as one DATA body
+    chunks_to(NextHop::start(AtDot::Accept), io, "250 2.0.0 {n} octets received\r\n");
+    // one that takes BDAT gets them as chunks, the octets as sent, and answers each
+    chunks_to(NextHop::chunking(AtDot::Accept), io, "250 2.0.0 chunk taken\r\n");
+}
+
+fn chunks_to(hop: NextHop, io: &str, chunk_reply: &str) {
     let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
     let mut s = session(&m, "127.0.10.9");
     send(&mut s, b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<user@example.com>\r\n");
@@ -149,16 +155,21 @@ fn bdat_chunks_are_relayed_whole(io: &str) {
         send(&mut s, &wire);
         let reply = read_replies(&mut s, 1);
         if last.is_empty() {
-            assert_eq!(reply, format!("250 2.0.0 {} octets received\r\n", chunk.len()));
+            assert_eq!(reply, chunk_reply.replace("{n}", &chunk.len().to_string()));
         } else {
             assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
         }
     }
     let messages = hop.wait_messages(1);
-    let expected =
-        [b"Subject: chunked\r\n\r\n.dot first\r\n".as_slice(), big.replace('\n', "\r\n").as_bytes(), b"the end\r\n"]
-            .concat();
-    assert_eq!(after_received(&messages[0].content()), &expected[..], "whole, line ends CRLF, a last CRLF added");
+    assert_eq!(messages[0].chunked, chunk_reply.contains("chunk taken"), "BDAT exactly to a hop that takes it");
+    let expected = match messages[0].chunked {
+        false => {
+            [b"Subject: chunked\r\n\r\n.dot first\r\n".as_slice(), big.replace('\n', "\r\n").as_bytes(), b"the end\r\n"]
+                .concat()
+        }
+        true => chunks.concat(),
+    };
+    assert_eq!(after_received(&messages[0].content()), &expected[..], "whole (as DATA: line ends CRLF, a last CRLF)");
 }
 
 fn sessions_reuse_pooled_connections(io: &str) {

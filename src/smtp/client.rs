@@ -87,6 +87,8 @@ pub struct Extensions {
     /// `SIZE n`; `Some(0)` for SIZE without a limit.
     pub size: Option<u64>,
     pub starttls: bool,
+    /// RFC 3030: takes BDAT.
+    pub chunking: bool,
 }
 
 /// The command a reply answers.
@@ -97,6 +99,10 @@ pub enum Command {
     Data,
     /// The final dot after the body.
     Dot,
+    /// A BDAT chunk but the last, its octets after it.
+    Bdat,
+    /// `BDAT n LAST`: its reply is the one to the whole message.
+    BdatLast,
     Rset,
     Quit,
 }
@@ -294,6 +300,7 @@ impl Upstream {
                 "SMTPUTF8" => self.ext.smtputf8 = true,
                 "SIZE" => self.ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "STARTTLS" => self.ext.starttls = true,
+                "CHUNKING" => self.ext.chunking = true,
                 _ => {}
             }
         }
@@ -442,7 +449,14 @@ mod tests {
         let u = ready_upstream(b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
         assert_eq!(
             u.extensions(),
-            Extensions { pipelining: true, eight_bit_mime: true, smtputf8: true, size: Some(1000), starttls: false }
+            Extensions {
+                pipelining: true,
+                eight_bit_mime: true,
+                smtputf8: true,
+                size: Some(1000),
+                starttls: false,
+                chunking: false
+            }
         );
         assert!(u.is_idle());
         let u = ready_upstream(b"250 sink.test\r\n");

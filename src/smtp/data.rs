@@ -157,6 +157,8 @@ impl BodyFilter {
 /// ```
 #[derive(Debug)]
 pub struct ChunkFilter {
+    /// The next hop takes BDAT: octets go out as they are (only counted and checked).
+    verbatim: bool,
     /// At the start of a line (the next octet is the first of a line).
     line_start: bool,
     /// A CR was seen, its LF not yet.
@@ -167,14 +169,34 @@ pub struct ChunkFilter {
 
 impl Default for ChunkFilter {
     fn default() -> Self {
-        ChunkFilter { line_start: true, pending_cr: false, size: 0, fault: None }
+        ChunkFilter { verbatim: false, line_start: true, pending_cr: false, size: 0, fault: None }
     }
 }
 
 impl ChunkFilter {
+    /// For a next hop that takes BDAT: the octets go out as they came, up to a NUL.
+    pub fn verbatim() -> Self {
+        ChunkFilter { verbatim: true, ..ChunkFilter::default() }
+    }
+
+    /// The octets go out as they came (BDAT to the next hop), not as a DATA body.
+    pub fn is_verbatim(&self) -> bool {
+        self.verbatim
+    }
+
     /// Takes chunk octets; appends their DATA form to `out` (nothing once faulty).
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         self.size = self.size.saturating_add(input.len() as u64);
+        if self.verbatim {
+            if self.fault.is_none() {
+                let clean = memchr::memchr(0, input).unwrap_or(input.len());
+                out.extend_from_slice(&input[..clean]);
+                if clean < input.len() {
+                    self.fault = Some(BodyFault::Nul);
+                }
+            }
+            return;
+        }
         let mut i = 0;
         while i < input.len() && self.fault.is_none() {
             if self.pending_cr {
@@ -215,7 +237,7 @@ impl ChunkFilter {
 
     /// The last chunk is in: the line end the message lacks, if it lacks one.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.fault.is_none() && (self.pending_cr || !self.line_start) {
+        if !self.verbatim && self.fault.is_none() && (self.pending_cr || !self.line_start) {
             out.extend_from_slice(b"\r\n");
             self.pending_cr = false;
             self.line_start = true;

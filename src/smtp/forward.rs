@@ -151,6 +151,26 @@ impl Session {
         self.forward(link, Command::Data, b"DATA", Waiting::ChunkData, now);
     }
 
+    /// A chunk to a next hop that takes BDAT: the command now (the first chunk carries the
+    /// trace header ahead of the peer's octets), the octets as they come (`chunk_input`);
+    /// the next hop's reply is the peer's.
+    pub(super) fn forward_chunk(&mut self, link: &mut Link, size: u64, last: bool, first: bool, now: Instant) {
+        let header = if first { self.received_header(now) } else { String::new() };
+        let total = size.saturating_add(header.len() as u64);
+        let (cmd, waiting, line) = match last {
+            true => (Command::BdatLast, Waiting::ChunkLast, format!("BDAT {total} LAST")),
+            false => (Command::Bdat, Waiting::Chunk, format!("BDAT {total}")),
+        };
+        self.forward(link, cmd, line.as_bytes(), waiting, now);
+        if let Link::Up(l) = link
+            && l.up.is_ready()
+        {
+            l.up.send_data(header.as_bytes());
+            // the command and header wait for the first octets, to go out in one segment
+            l.hold = size > 0;
+        }
+    }
+
     pub(super) fn forward_rset(&mut self, link: &mut Link, now: Instant) {
         self.forward(link, Command::Rset, b"RSET", Waiting::Rset, now);
     }
@@ -221,6 +241,8 @@ impl Session {
             (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
             (Some(Waiting::Data), Command::Data) => self.answer_data(link, reply, now),
             (Some(Waiting::ChunkData), Command::Data) => self.answer_chunk_data(link, reply, now),
+            (Some(Waiting::Chunk), Command::Bdat) => self.answer_chunk(link, reply, now),
+            (Some(Waiting::ChunkLast), Command::BdatLast) => self.answer_dot(link, reply, now),
             (Some(Waiting::Dot), Command::Dot) => self.answer_dot(link, reply, now),
             (Some(Waiting::Rset), Command::Rset) => {
                 // the peer's transaction is gone whatever the next hop says; its
@@ -415,10 +437,11 @@ impl Session {
             Waiting::Reset => {}
             Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
-            Waiting::ChunkData => {
+            Waiting::ChunkData | Waiting::Chunk | Waiting::ChunkLast => {
                 // the chunk being received gets the 451 after its octets
-                if let Some(chunk) = &mut self.reader.chunk {
-                    chunk.refused = Some(NEXT_HOP_FAILED.into());
+                match &mut self.reader.chunk {
+                    Some(chunk) => chunk.refused = Some(NEXT_HOP_FAILED.into()),
+                    None => self.reply(NEXT_HOP_FAILED),
                 }
                 self.end_transaction(Outcome::Undelivered(Undelivered::HopFailed(fault)), now);
             }
@@ -453,6 +476,16 @@ impl Session {
         self.reset_hop(link, now);
     }
 
+    /// The next hop's reply to a chunk but the last: the peer's; a refusal ends the
+    /// transaction (and RSETs the next hop, for whoever comes next).
+    fn answer_chunk(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
+        self.pass_on(reply);
+        if !reply.is_positive() {
+            self.end_transaction(Outcome::Undelivered(Undelivered::MessageRefused(reply.code)), now);
+            self.reset_hop(link, now);
+        }
+    }
+
     /// The octets of the BDAT chunk being received: swallowed (a refused chunk), or into
     /// the message once the next hop said 354 to our DATA; at the chunk's end, its reply
     /// (the last chunk's is the next hop's reply to the final dot). False when nothing
@@ -478,8 +511,11 @@ impl Session {
             };
             chunks.filter.feed(octets, sink);
             if !faulted && chunks.filter.fault().is_some() {
-                // abandon what the next hop has of the message: close without the final dot
+                // abandon what the next hop has of the message: close without its end; a
+                // chunk's reply will never come from it
                 link.drop();
+                self.fwd.waiting.retain(|w| !matches!(w, Waiting::Chunk | Waiting::ChunkLast));
+                self.fwd.deadline = None;
             }
         }
         chunk.remaining -= take as u64;
@@ -509,6 +545,8 @@ impl Session {
         match (chunks.filter.fault(), txn.broken) {
             (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
             (None, Some(hop)) => self.undelivered(Undelivered::HopFailed(hop), now),
+            // the next hop's reply to the chunk is the peer's
+            (None, None) if chunks.filter.is_verbatim() => {}
             (None, None) if !chunk.last => self.reply(&chunk_taken(chunk.size)),
             (None, None) => match link {
                 Link::Up(l) => {

@@ -185,6 +185,10 @@ pub(super) enum Waiting {
     /// Our DATA for a message that comes in BDAT chunks: its 354 opens the body; any
     /// other reply refuses the chunk being received.
     ChunkData,
+    /// A BDAT chunk forwarded as one (the next hop takes BDAT): its reply is the peer's.
+    Chunk,
+    /// The last BDAT chunk forwarded: the next hop's reply to the whole message.
+    ChunkLast,
     Dot,
     Rset,
     /// Our own RSET to the next hop after it refused the sender or the message, so that

@@ -1334,3 +1334,31 @@ fn a_next_hop_refusing_data_refuses_the_chunk() {
     assert_eq!(h.send(b"BDAT 3\r\nabc"), "554 5.7.1 no thanks\r\n");
     assert_eq!(h.send(b"BDAT 1 LAST\r\nz"), "503 5.5.1 send MAIL first\r\n");
 }
+
+#[test]
+fn a_next_hop_that_takes_bdat_gets_the_chunks_as_chunks() {
+    let mut h = Harness::new();
+    h.hop.ehlo.push("CHUNKING");
+    h.greet();
+    h.envelope();
+    // bare LFs and NUL-free binary pass as they are; the next hop answers each chunk
+    assert_eq!(h.send(b"BDAT 4\r\na\nb\r"), "250 2.0.0 chunk taken\r\n");
+    assert!(h.hop.commands.iter().any(|c| c.starts_with("BDAT ") && !c.ends_with("LAST")), "{:?}", h.hop.commands);
+    assert!(!h.hop.commands.iter().any(|c| c == "DATA"));
+    assert!(h.send(b"BDAT 3 LAST\r\n\n.x").starts_with(QUEUED));
+    let message = h.hop.messages.last().unwrap().clone();
+    assert!(message.starts_with(b"Received: "), "the trace header comes first, in the first chunk");
+    assert!(message.ends_with(b"+0000\r\na\nb\r\n.x"), "{:?}", String::from_utf8_lossy(&message));
+    // the next hop's refusal of the whole message is the peer's reply to LAST
+    h.hop.dot_reply = Some("554 5.7.1 not this one");
+    h.envelope();
+    assert_eq!(h.send(b"BDAT 2 LAST\r\nno"), "554 5.7.1 not this one\r\n");
+    assert!(matches!(h.transactions().last().unwrap().outcome, Outcome::Undelivered(Undelivered::MessageRefused(554))));
+    // a NUL: the next hop's connection goes before the message can end, the peer gets 554
+    h.hop.dot_reply = None;
+    h.envelope();
+    let closed = h.closed;
+    assert_eq!(h.send(b"BDAT 3 LAST\r\na\0b"), "554 5.6.0 message refused: NUL in the body\r\n");
+    assert_eq!(h.closed, closed + 1);
+    assert_eq!(h.hop.accepted, 1);
+}

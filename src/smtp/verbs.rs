@@ -234,12 +234,22 @@ impl Session {
             link.drop();
         }
         self.reader.chunk = Some(Chunk { size, remaining: size, last, refused: refused.map(Into::into) });
-        if refused.is_none()
-            && let Some(t) = &mut self.txn
-            && t.chunks.is_none()
-        {
-            t.chunks = Some(Chunks { filter: ChunkFilter::default(), open: false, last_input: now });
-            self.forward_chunk_data(link, now);
+        let Some(t) = self.txn.as_mut().filter(|_| refused.is_none()) else { return };
+        let first = t.chunks.is_none();
+        // a next hop that takes BDAT gets the chunks as chunks, one that does not a DATA body
+        let verbatim = match (&t.chunks, &*link) {
+            (Some(chunks), _) => chunks.filter.is_verbatim(),
+            (None, Link::Up(l)) => l.up.extensions().chunking,
+            (None, _) => false,
+        };
+        if first {
+            let filter = if verbatim { ChunkFilter::verbatim() } else { ChunkFilter::default() };
+            t.chunks = Some(Chunks { filter, open: verbatim, last_input: now });
+        }
+        match (verbatim, first) {
+            (true, _) => self.forward_chunk(link, size, last, first, now),
+            (false, true) => self.forward_chunk_data(link, now),
+            (false, false) => {}
         }
     }
 

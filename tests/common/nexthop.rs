@@ -32,11 +32,16 @@ pub struct Message {
     pub wire_body: Vec<u8>,
     /// It came after a STARTTLS handshake.
     pub tls: bool,
+    /// It came in BDAT chunks: `wire_body` is the octets as sent, nothing stuffed.
+    pub chunked: bool,
 }
 
 impl Message {
     /// The body with dot-stuffing undone.
     pub fn content(&self) -> Vec<u8> {
+        if self.chunked {
+            return self.wire_body.clone();
+        }
         let mut out = Vec::new();
         for line in self.wire_body.split_inclusive(|&b| b == b'\n') {
             out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
@@ -60,7 +65,12 @@ pub struct NextHop {
 
 impl NextHop {
     pub fn start(at_dot: AtDot) -> Self {
-        Self::serving(at_dot, None)
+        Self::serving(at_dot, None, false)
+    }
+
+    /// Offers CHUNKING (and takes BDAT) besides the rest.
+    pub fn chunking(at_dot: AtDot) -> Self {
+        Self::serving(at_dot, None, true)
     }
 
     /// Offers STARTTLS with this certificate chain and key (PEM).
@@ -75,10 +85,10 @@ impl NextHop {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .expect("the next hop's certificate");
-        Self::serving(at_dot, Some(Arc::new(config)))
+        Self::serving(at_dot, Some(Arc::new(config)), false)
     }
 
-    fn serving(at_dot: AtDot, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+    fn serving(at_dot: AtDot, tls: Option<Arc<rustls::ServerConfig>>, chunking: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the next hop");
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(Mutex::new(State::default()));
@@ -92,7 +102,7 @@ impl NextHop {
                 let Ok(stream) = stream else { continue };
                 s.lock().expect("lock").connections += 1;
                 let (s, st, tls) = (s.clone(), st.clone(), tls.clone());
-                std::thread::spawn(move || serve(stream, s, st, at_dot, tls));
+                std::thread::spawn(move || serve(stream, s, st, at_dot, tls, chunking));
             }
         });
         NextHop { addr, state, stop }
@@ -142,12 +152,16 @@ fn serve(
     stop: Arc<AtomicBool>,
     at_dot: AtDot,
     tls: Option<Arc<rustls::ServerConfig>>,
+    chunking: bool,
 ) {
     let _ = stream.set_read_timeout(Some(WAIT));
     let Ok(raw) = stream.try_clone() else { return };
     let mut wire: Box<dyn Wire> = Box::new(stream);
     let mut hop = ScriptedHop::offering(&["PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 0"]);
     hop.starttls = tls.is_some();
+    if chunking {
+        hop.ehlo.push("CHUNKING");
+    }
     match at_dot {
         AtDot::Accept => {}
         AtDot::Reply(reply) => hop.dot_reply = Some(reply),
@@ -168,9 +182,10 @@ fn serve(
             let mut state = state.lock().expect("lock");
             state.commands.append(&mut hop.commands);
             let bodies = std::mem::take(&mut hop.messages);
-            for (body, (mail_from, rcpt_to)) in bodies.into_iter().zip(hop.envelopes.drain(..)) {
+            let envelopes = hop.envelopes.drain(..).zip(hop.chunked.drain(..));
+            for (body, ((mail_from, rcpt_to), chunked)) in bodies.into_iter().zip(envelopes) {
                 if at_dot == AtDot::Accept {
-                    state.messages.push(Message { mail_from, rcpt_to, wire_body: body, tls: secured });
+                    state.messages.push(Message { mail_from, rcpt_to, wire_body: body, tls: secured, chunked });
                 }
             }
             if hop.injected {
