@@ -7,6 +7,7 @@ use common::config::Config;
 
 use std::net::{SocketAddr, TcpStream};
 
+use common::exim;
 use common::nexthop::{AtDot, NextHop};
 use common::{End, Mxgate, connect_from, read_replies, read_to_end, send};
 
@@ -170,6 +171,25 @@ fn chunks_to(hop: NextHop, io: &str, chunk_reply: &str) {
         true => chunks.concat(),
     };
     assert_eq!(after_received(&messages[0].content()), &expected[..], "whole (as DATA: line ends CRLF, a last CRLF)");
+}
+
+/// A real Exim (the client Exim installations and Microsoft's resemble: BDAT whenever it
+/// is offered) delivers through mxgate with CHUNKING: its whole pipelined MAIL, RCPT and
+/// BDAT LAST, and the next hop gets the message with CRLF line ends.
+fn a_real_exim_sends_with_chunking(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let m = Mxgate::start(&config(&[hop.addr], ""), &[], io);
+    let message = b"Subject: from exim\n\nline one\n.leading dot\nlast line\n";
+    let Some(sent) = exim::send(m.addr(), "user@example.com", message) else { return };
+    assert!(sent.transcript.contains("will write message using CHUNKING"), "{}", sent.transcript);
+    assert!(sent.transcript.contains("BDAT "), "{}", sent.transcript);
+    assert!(sent.ok, "{}", sent.transcript);
+    assert!(sent.transcript.contains("250 2.0.0 OK: queued as "), "{}", sent.transcript);
+    let messages = hop.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    let content = String::from_utf8_lossy(&messages[0].content()).into_owned();
+    assert!(content.contains("\r\nSubject: from exim\r\n"), "{content}");
+    assert!(content.ends_with("\r\n\r\nline one\r\n.leading dot\r\nlast line\r\n"), "{content}");
 }
 
 fn sessions_reuse_pooled_connections(io: &str) {
@@ -483,6 +503,7 @@ for_both_drivers!(
 );
 
 on_one_driver!(
+    a_real_exim_sends_with_chunking,
     next_hop_refusals_never_become_250,
     smuggling_reaches_nothing,
     a_nul_in_the_body_is_refused_and_reaches_nothing,

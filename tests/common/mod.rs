@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod dns;
+pub mod exim;
 pub mod nexthop;
 pub mod postfix;
 pub mod redis_server;
