@@ -7,7 +7,8 @@
 //!          (--tls: after EHLO's 250, STARTTLS ─► 220 ─► the engine's handshake ─► EHLO
 //!           again under TLS ─► 250 ─MAIL─► ...)
 //!                                   ▲  (--pipeline: MAIL RCPT DATA in one write,  │ more
-//!                                   │   three replies)                             │ messages
+//!                                   │   three replies; --bdat: BDAT <n> LAST and   │ messages
+//!                                   │   the message in place of DATA, 354, body.)  │
 //!                                   └──────────────────────────────────────────────┘
 //!                                  last message ─QUIT─► 221 ─► EOF ─► Done
 //! ```
@@ -43,6 +44,8 @@ pub enum Script {
 #[derive(Clone, Debug)]
 pub struct Relay {
     pub pipeline: bool,
+    /// Each message in one `BDAT <n> LAST` chunk (CHUNKING) in place of DATA.
+    pub bdat: bool,
     /// STARTTLS after the first EHLO.
     pub tls: Option<TlsClient>,
     pub messages: u32,
@@ -73,7 +76,29 @@ impl Relay {
             tail_wire.extend_from_slice(line);
         }
         let rcpt_line = format!("RCPT TO:<{rcpt}>\r\n").into_bytes();
-        Relay { pipeline, tls: None, messages, rcpt_line, tail_wire, tail_content, hashed: true }
+        Relay { pipeline, bdat: false, tls: None, messages, rcpt_line, tail_wire, tail_content, hashed: true }
+    }
+
+    /// Messages in BDAT chunks.
+    pub fn in_chunks(self) -> Self {
+        Relay { bdat: true, ..self }
+    }
+
+    /// Appends message `id` as one last chunk, `BDAT <n> LAST` and its content as it is
+    /// (nothing stuffed), to `out`; returns the hash of its content.
+    pub fn chunk(&self, id: u64, out: &mut Vec<u8>) -> u64 {
+        use std::io::Write;
+        let header = format!("Subject: loadtest {id}\r\nX-Loadtest-Id: {id}\r\n");
+        let _ = write!(out, "BDAT {} LAST\r\n", header.len() + self.tail_content.len());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&self.tail_content);
+        if !self.hashed {
+            return 0;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(header.as_bytes());
+        h.write(&self.tail_content);
+        h.finish()
     }
 
     /// Over STARTTLS.
@@ -367,7 +392,7 @@ impl Peer {
             }
             match self.state {
                 State::Mail if pipeline => self.state = State::Rcpt,
-                State::Rcpt if pipeline => self.state = State::Data,
+                State::Rcpt if pipeline => self.state = if relay.bdat { State::Dot } else { State::Data },
                 _ => return self.after_message(true),
             }
             return Ok(());
@@ -388,7 +413,11 @@ impl Peer {
             State::Ehlo => self.start_message(now),
             State::Mail if pipeline => self.state = State::Rcpt,
             State::Mail => self.send_state(State::Rcpt),
-            State::Rcpt if pipeline => self.state = State::Data,
+            State::Rcpt if pipeline => self.state = if relay.bdat { State::Dot } else { State::Data },
+            State::Rcpt if relay.bdat => {
+                self.current.1 = relay.chunk(self.current.0, &mut self.out);
+                self.state = State::Dot;
+            }
             State::Rcpt => self.send_state(State::Data),
             State::Data if self.current.0 == u64::MAX => {
                 // a 354 after a refused MAIL or RCPT of the batch
@@ -436,7 +465,11 @@ impl Peer {
         self.out.extend_from_slice(mail);
         if relay.pipeline {
             self.out.extend_from_slice(&relay.rcpt_line);
-            self.out.extend_from_slice(b"DATA\r\n");
+            if relay.bdat {
+                self.current.1 = relay.chunk(self.current.0, &mut self.out);
+            } else {
+                self.out.extend_from_slice(b"DATA\r\n");
+            }
         }
         self.state = State::Mail;
     }
@@ -495,6 +528,24 @@ mod tests {
         assert_eq!(p.eof(), Err(Failure::Closed), "before 221");
         p.input(b"221 bye\r\n", now).unwrap();
         assert!(p.finished() && p.eof().is_ok());
+    }
+
+    #[test]
+    fn a_message_in_one_last_chunk_hashes_as_its_data_twin() {
+        let now = Instant::now();
+        let script = Relay::new("u@example.com", true, 1, 200).in_chunks();
+        let mut p = Peer::new(Arc::new(Script::Relay(script.clone())), 7, now);
+        p.input(b"220 mx\r\n250 mx\r\n", now).unwrap();
+        let sent = take(&mut p);
+        let (commands, content) = sent.split_once("BDAT ").expect("a chunk");
+        assert_eq!(commands, "EHLO loadtest.test\r\nMAIL FROM:<loadtest@loadtest.test>\r\nRCPT TO:<u@example.com>\r\n");
+        let (size, content) = content.split_once(" LAST\r\n").expect("LAST");
+        assert_eq!(size.parse::<usize>().unwrap(), content.len(), "the chunk is exactly its octets");
+        assert!(content.contains("\r\n.a line that starts with a dot\r\n"), "nothing stuffed");
+        p.input(b"250 ok\r\n250 ok\r\n250 queued\r\n", now).unwrap();
+        let Event::Accepted { hash, .. } = p.events[0] else { panic!("{:?}", p.events) };
+        assert_eq!(hash, content_hash(content.as_bytes()), "what a sink hashes of the content");
+        assert_eq!(take(&mut p), "QUIT\r\n");
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub struct Options {
     /// Source range; default by scenario.
     pub sources: Option<String>,
     pub pipeline: bool,
+    /// Messages in BDAT chunks (CHUNKING), not DATA.
+    pub bdat: bool,
     pub messages_per_connection: u32,
     pub body_size: usize,
     /// What a denied peer's line starts with.
@@ -163,6 +165,7 @@ impl Default for Options {
             threads: 2,
             sources: None,
             pipeline: false,
+            bdat: false,
             messages_per_connection: 1,
             body_size: 2048,
             expect: "530".into(),
@@ -399,6 +402,7 @@ impl Groups {
             opts.messages_per_connection.max(1),
             opts.body_size,
         );
+        let relay = if opts.bdat { relay.in_chunks() } else { relay };
         let relay_script = if opts.unchecked { relay.unhashed() } else { relay };
         let relay = Script::Relay(relay_script.clone());
         let dictionary = |whitelisted| Script::Dictionary {

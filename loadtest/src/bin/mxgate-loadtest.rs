@@ -42,6 +42,9 @@ struct Cli {
     /// MAIL, RCPT and DATA in one write, as real MTAs send them.
     #[arg(long)]
     pipeline: bool,
+    /// Each message in one `BDAT <n> LAST` chunk (CHUNKING) in place of DATA.
+    #[arg(long)]
+    bdat: bool,
     #[arg(long, default_value_t = 1)]
     messages_per_connection: u32,
     /// Bytes of each message's content.
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         threads: cli.threads,
         sources: cli.sources,
         pipeline: cli.pipeline,
+        bdat: cli.bdat,
         messages_per_connection: cli.messages_per_connection,
         body_size: cli.body_size,
         expect: cli.expect,
