@@ -207,7 +207,10 @@ impl Session {
             let Link::Up(l) = link else { return };
             let Some(event) = l.up.poll_event() else { return };
             match event {
-                Progress::Ready => self.link_ready(link, now),
+                Progress::Ready => {
+                    self.settings.hop_limits.learn(l.hop, l.up.extensions().size);
+                    self.link_ready(link, now);
+                }
                 // 421: the next hop is closing the connection
                 Progress::Reply(_, reply) if reply.code == 421 => {
                     return self.relay_failed(link, HopFault::Closing, now);

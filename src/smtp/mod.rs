@@ -65,6 +65,7 @@ pub mod outbuf;
 pub mod policy;
 pub mod replies;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::{self, Config};
@@ -88,6 +89,8 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 pub const MAX_OWED: usize = 128;
 /// Body bytes queued for the next hop above which no more are read from the peer.
 pub const RELAY_HIGH_WATER: usize = 32 * 1024;
+/// Room left under a next hop's SIZE for the trace header mxgate adds to each message.
+pub const TRACE_ROOM: u64 = 1024;
 /// The start of a body during which the minimum data rate is not enforced.
 pub const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
 
@@ -105,6 +108,40 @@ pub struct Settings {
     pub relay_domains: RelayDomains,
     /// `[tls]` is configured: STARTTLS is offered.
     pub starttls: bool,
+    /// What the next hops said they take, learned by the sessions' connections.
+    pub hop_limits: HopLimits,
+}
+
+/// The message size each next hop said it takes (`SIZE` in its EHLO reply), learned
+/// by every connection to it and shared by the sessions of one snapshot, so that mxgate
+/// offers (and holds a peer's declared `SIZE=` to) the smaller of `max_message_size` and
+/// theirs: a message a next hop would refuse whole is refused before it is sent.
+#[derive(Debug)]
+pub struct HopLimits {
+    /// Per next hop, in `next_hops` order: 0 until its first EHLO, `u64::MAX` when it
+    /// states no limit.
+    sizes: Box<[AtomicU64]>,
+}
+
+impl HopLimits {
+    fn new(hops: usize) -> Self {
+        HopLimits { sizes: (0..hops).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Next hop `hop` said EHLO: `size` is its SIZE (`None`: not offered; 0: offered
+    /// without a limit).
+    pub fn learn(&self, hop: usize, size: Option<u64>) {
+        // what we offer leaves room for the trace header we add ahead of the message
+        let limit = size.filter(|&s| s > 0).map_or(u64::MAX, |s| s.saturating_sub(TRACE_ROOM).max(1));
+        if let Some(slot) = self.sizes.get(hop) {
+            slot.store(limit, Ordering::Relaxed);
+        }
+    }
+
+    /// The smaller of `max` and every next hop's limit known so far.
+    pub fn size(&self, max: u64) -> u64 {
+        self.sizes.iter().map(|s| s.load(Ordering::Relaxed)).filter(|&s| s > 0).fold(max, u64::min)
+    }
 }
 
 impl Settings {
@@ -118,6 +155,7 @@ impl Settings {
             max_failed_recipients: config.abuse.max_failed_recipients,
             replies: Params::new(config, starttls),
             relay_domains: RelayDomains::new(&config.relay.domains),
+            hop_limits: HopLimits::new(config.relay.next_hops.len()),
         }
     }
 }

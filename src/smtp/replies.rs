@@ -76,9 +76,12 @@ pub struct Params {
     pub(super) banner: Box<[u8]>,
     /// The pregreet test's first line of a two-line greeting; the banner is the second.
     pub greeting_first: Box<[u8]>,
-    pub(super) ehlo: Box<[u8]>,
-    /// The EHLO reply without STARTTLS, after it (the same as `ehlo` without `[tls]`).
-    pub(super) ehlo_tls: Box<[u8]>,
+    /// The EHLO reply up to its SIZE number (which the session puts in: see
+    /// `HopLimits`), and after it: with STARTTLS when `[tls]` offers it, and without (after
+    /// STARTTLS).
+    pub(super) ehlo_head: Box<[u8]>,
+    pub(super) ehlo_tail: Box<[u8]>,
+    pub(super) ehlo_tail_tls: Box<[u8]>,
     pub(super) helo: Box<[u8]>,
     pub(super) quit: Box<[u8]>,
     pub(super) idle_timeout: Box<[u8]>,
@@ -89,19 +92,17 @@ pub struct Params {
 impl Params {
     pub fn new(config: &Config, starttls: bool) -> Self {
         let host = &config.hostname;
-        let max = config.smtp.max_message_size;
         let lines = |s: String| s.into_bytes().into_boxed_slice();
-        let ehlo = |starttls: bool| {
+        let ehlo_tail = |starttls: bool| {
             let tls = if starttls { "250-STARTTLS\r\n" } else { "" };
-            format!(
-                "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n"
-            )
+            format!("\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n")
         };
         Params {
             banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
             greeting_first: lines(format!("220-{host} ESMTP\r\n")),
-            ehlo: lines(ehlo(starttls)),
-            ehlo_tls: lines(ehlo(false)),
+            ehlo_head: lines(format!("250-{host}\r\n250-PIPELINING\r\n250-SIZE ")),
+            ehlo_tail: lines(ehlo_tail(starttls)),
+            ehlo_tail_tls: lines(ehlo_tail(false)),
             helo: lines(format!("250 {host}\r\n")),
             quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
             idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),

@@ -325,6 +325,12 @@ impl Session {
         self.peer = peer;
     }
 
+    /// The message size offered, and held to at MAIL: the smaller of `max_message_size`
+    /// and what the next hops said they take.
+    pub(super) fn size_limit(&self) -> u64 {
+        self.settings.hop_limits.size(self.settings.smtp.max_message_size)
+    }
+
     /// Our name, for the next hop's EHLO.
     pub fn hostname(&self) -> &str {
         &self.settings.hostname

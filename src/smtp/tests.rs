@@ -53,11 +53,20 @@ impl Harness {
         Harness::with_settings(Settings::new(&config, true))
     }
 
+    /// A second session under the same settings (of one snapshot) as `h`.
+    fn with_settings_of(h: &Harness) -> Self {
+        Harness::with_arc(Arc::clone(&h.session.settings))
+    }
+
     fn with_settings(settings: Settings) -> Self {
+        Harness::with_arc(Arc::new(settings))
+    }
+
+    fn with_arc(settings: Arc<Settings>) -> Self {
         let now = Instant::now();
         let peer = PeerIp::new("192.0.2.7".parse().unwrap());
         let session = Session::new(
-            Arc::new(settings),
+            settings,
             Arc::new(TransactionIds::new(UnixTime(1_795_894_760))),
             peer,
             now,
@@ -1361,4 +1370,21 @@ fn a_next_hop_that_takes_bdat_gets_the_chunks_as_chunks() {
     assert_eq!(h.send(b"BDAT 3 LAST\r\na\0b"), "554 5.6.0 message refused: NUL in the body\r\n");
     assert_eq!(h.closed, closed + 1);
     assert_eq!(h.hop.accepted, 1);
+}
+
+#[test]
+fn the_size_offered_follows_the_next_hops() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_message_size = \"1KiB\"", "max_message_size = \"10MiB\""));
+    h.hop.ehlo = vec!["PIPELINING", "8BITMIME", "SIZE 5000"];
+    let ehlo = h.send(b"EHLO client.test\r\n");
+    assert!(ehlo.contains("250-SIZE 10485760\r\n"), "nothing learned yet: our own limit\n{ehlo}");
+    assert!(h.deliver("u@example.com", b"Subject: x\r\n\r\ny\r\n.\r\n").starts_with(QUEUED));
+    // the next hop said SIZE 5000: that, less room for our trace header, from now on
+    let ehlo = h.send(b"EHLO client.test\r\n");
+    assert!(ehlo.contains("250-SIZE 3976\r\n"), "{ehlo}");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test> SIZE=3977\r\n"), "552 5.3.4 message size exceeds the limit\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test> SIZE=3976\r\n"), "250 2.1.0 sender OK\r\n");
+    // another session of the same snapshot knows it too
+    let mut other = Harness::with_settings_of(&h);
+    assert!(other.send(b"EHLO other.test\r\n").contains("250-SIZE 3976\r\n"));
 }

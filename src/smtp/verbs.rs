@@ -59,9 +59,14 @@ impl Session {
         }
         let name = String::from_utf8_lossy(args).into_owned();
         self.helo = Some(Helo { name, extended });
-        let smtp = &self.settings.replies;
-        let ehlo = if self.tls.is_some() { &smtp.ehlo_tls } else { &smtp.ehlo };
-        self.out.push(if extended { ehlo } else { &smtp.helo });
+        let replies = &self.settings.replies;
+        if !extended {
+            return self.out.push(&replies.helo);
+        }
+        let tail = if self.tls.is_some() { &replies.ehlo_tail_tls } else { &replies.ehlo_tail };
+        self.out.push(&replies.ehlo_head);
+        self.out.push(self.size_limit().to_string().as_bytes());
+        self.out.push(tail);
     }
 
     /// RFC 3207. After the 220 the connection starts the handshake (`take_starttls`);
@@ -128,7 +133,7 @@ impl Session {
                 return self.reply(BAD_PARAMETER);
             }
         }
-        if txn.size.is_some_and(|s| s > self.settings.smtp.max_message_size) {
+        if txn.size.is_some_and(|s| s > self.size_limit()) {
             return self.reply(TOO_BIG);
         }
         txn.id = self.transaction_id();
