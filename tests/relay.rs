@@ -341,6 +341,26 @@ fn peer_text_cannot_forge_log_fields(io: &str) {
     assert!(!line.contains('\u{2028}') && !line.contains('\u{202e}'), "{line}");
 }
 
+/// A real Postfix's `message_size_limit` becomes the SIZE mxgate offers (less room for its
+/// trace header) once a connection has heard Postfix's EHLO, and a MAIL declaring more is
+/// refused at once, before anything reaches Postfix.
+#[test]
+fn the_size_offered_follows_postfixs_limit() {
+    let Some(postfix) = common::postfix::Postfix::start("message_size_limit = 20000\n") else { return };
+    let m = Mxgate::start(&config(&[postfix.addr], "").replace("threads = 2", "threads = 1"), &[], "uring");
+    let mut s = connect_from("127.0.22.1", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, b"EHLO client.test\r\n");
+    assert!(read_replies(&mut s, 1).contains("250-SIZE 52428800\r\n"), "nothing learned yet");
+    assert!(transaction(&mut s, "", b"Subject: first\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0"));
+    send(&mut s, b"EHLO client.test\r\n");
+    let ehlo = read_replies(&mut s, 1);
+    assert!(ehlo.contains("250-SIZE 18976\r\n"), "Postfix's 20000 less 1 KiB: {ehlo}");
+    send(&mut s, b"MAIL FROM:<big@client.test> SIZE=19000\r\n");
+    // our words, not Postfix's ("Message size exceeds fixed limit"): refused here
+    assert_eq!(read_replies(&mut s, 1), "552 5.3.4 message size exceeds the limit\r\n");
+}
+
 /// Issue 19: next-hop hygiene against a real Postfix whose message_size_limit is below
 /// one peer's SIZE. Its 552 reaches that peer alone (one failure, the peer's); the
 /// connection gets RSET before it goes back to the pool, and 30 fresh senders after it

@@ -89,6 +89,8 @@ pub struct Extensions {
     pub starttls: bool,
     /// RFC 3030: takes BDAT.
     pub chunking: bool,
+    /// RFC 3461: takes DSN parameters.
+    pub dsn: bool,
 }
 
 /// The command a reply answers.
@@ -301,6 +303,7 @@ impl Upstream {
                 "SIZE" => self.ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "STARTTLS" => self.ext.starttls = true,
                 "CHUNKING" => self.ext.chunking = true,
+                "DSN" => self.ext.dsn = true,
                 _ => {}
             }
         }
@@ -455,7 +458,8 @@ mod tests {
                 smtputf8: true,
                 size: Some(1000),
                 starttls: false,
-                chunking: false
+                chunking: false,
+                dsn: false
             }
         );
         assert!(u.is_idle());

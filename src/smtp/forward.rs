@@ -104,7 +104,7 @@ impl Session {
         self.send_mail(link, now);
         for waiting in behind.into_iter().skip(1) {
             match waiting {
-                Waiting::Rcpt(to) if self.txn.is_some() => self.forward_rcpt(link, to, now),
+                Waiting::Rcpt(to, dsn) if self.txn.is_some() => self.forward_rcpt(link, to, dsn, now),
                 Waiting::Data if self.txn.is_some() => self.forward_data(link, now),
                 Waiting::Local { .. } => self.fwd.waiting.push_back(waiting),
                 // the sender was refused here after all (8BITMIME): no transaction to go on
@@ -131,15 +131,21 @@ impl Session {
         if let (Some(size), Some(_)) = (txn.size, ext.size) {
             line.push_str(&format!(" SIZE={size}"));
         }
+        if ext.dsn {
+            line.push_str(&txn.dsn);
+        }
         l.up.command(Command::Mail, line.as_bytes());
         l.clean = false;
         txn.hop = Some(l.hop);
         self.await_reply(Waiting::Mail, now);
     }
 
-    pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: super::address::Path, now: Instant) {
-        let line = format!("RCPT TO:{to}");
-        self.forward(link, Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to), now);
+    /// A recipient, with its DSN parameters when the next hop takes DSN (else they are
+    /// left out: DSN was offered because the next hops known then took it).
+    pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: super::address::Path, dsn: Box<str>, now: Instant) {
+        let hop_dsn = matches!(link, Link::Up(l) if l.up.extensions().dsn);
+        let line = if hop_dsn { format!("RCPT TO:{to}{dsn}") } else { format!("RCPT TO:{to}") };
+        self.forward(link, Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to, dsn), now);
     }
 
     pub(super) fn forward_data(&mut self, link: &mut Link, now: Instant) {
@@ -208,7 +214,7 @@ impl Session {
             let Some(event) = l.up.poll_event() else { return };
             match event {
                 Progress::Ready => {
-                    self.settings.hop_limits.learn(l.hop, l.up.extensions().size);
+                    self.settings.hop_offers.learn(l.hop, &l.up.extensions());
                     self.link_ready(link, now);
                 }
                 // 421: the next hop is closing the connection
@@ -241,7 +247,7 @@ impl Session {
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(link, reply, now),
-            (Some(Waiting::Rcpt(to)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
+            (Some(Waiting::Rcpt(to, _)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
             (Some(Waiting::Data), Command::Data) => self.answer_data(link, reply, now),
             (Some(Waiting::ChunkData), Command::Data) => self.answer_chunk_data(link, reply, now),
             (Some(Waiting::Chunk), Command::Bdat) => self.answer_chunk(link, reply, now),
@@ -425,7 +431,7 @@ impl Session {
                     self.emit(&reply);
                 }
                 forwarded => {
-                    self.answering_rcpt = matches!(forwarded, Waiting::Rcpt(_));
+                    self.answering_rcpt = matches!(forwarded, Waiting::Rcpt(..));
                     self.answer_failure(forwarded, fault, now);
                 }
             }
@@ -438,7 +444,7 @@ impl Session {
         match waiting {
             Waiting::Rset => self.reply(OK),
             Waiting::Reset => {}
-            Waiting::Rcpt(_) => self.refuse_recipient(NEXT_HOP_FAILED),
+            Waiting::Rcpt(..) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
             Waiting::ChunkData | Waiting::Chunk | Waiting::ChunkLast => {
                 // the chunk being received gets the 451 after its octets

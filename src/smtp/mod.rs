@@ -65,7 +65,7 @@ pub mod outbuf;
 pub mod policy;
 pub mod replies;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::{self, Config};
@@ -109,33 +109,50 @@ pub struct Settings {
     /// `[tls]` is configured: STARTTLS is offered.
     pub starttls: bool,
     /// What the next hops said they take, learned by the sessions' connections.
-    pub hop_limits: HopLimits,
+    pub hop_offers: HopOffers,
 }
 
-/// The message size each next hop said it takes (`SIZE` in its EHLO reply), learned
-/// by every connection to it and shared by the sessions of one snapshot, so that mxgate
-/// offers (and holds a peer's declared `SIZE=` to) the smaller of `max_message_size` and
-/// theirs: a message a next hop would refuse whole is refused before it is sent.
+/// What each next hop said it takes in its EHLO reply (SIZE, DSN), learned by every new
+/// connection to it and shared by the sessions of one snapshot, so that mxgate offers
+/// what it can pass on: SIZE, the smaller of `max_message_size` and theirs (a message a
+/// next hop would refuse whole is refused before it is sent); DSN, when the next hops
+/// known so far all take it.
 #[derive(Debug)]
-pub struct HopLimits {
+pub struct HopOffers {
     /// Per next hop, in `next_hops` order: 0 until its first EHLO, `u64::MAX` when it
     /// states no limit.
     sizes: Box<[AtomicU64]>,
+    /// Per next hop: 0 until its first EHLO, then 1 without DSN, 2 with.
+    dsn: Box<[AtomicU8]>,
 }
 
-impl HopLimits {
+impl HopOffers {
     fn new(hops: usize) -> Self {
-        HopLimits { sizes: (0..hops).map(|_| AtomicU64::new(0)).collect() }
+        HopOffers {
+            sizes: (0..hops).map(|_| AtomicU64::new(0)).collect(),
+            dsn: (0..hops).map(|_| AtomicU8::new(0)).collect(),
+        }
     }
 
-    /// Next hop `hop` said EHLO: `size` is its SIZE (`None`: not offered; 0: offered
-    /// without a limit).
-    pub fn learn(&self, hop: usize, size: Option<u64>) {
+    /// Next hop `hop` said EHLO offering `ext`.
+    pub fn learn(&self, hop: usize, ext: &client::Extensions) {
         // what we offer leaves room for the trace header we add ahead of the message
-        let limit = size.filter(|&s| s > 0).map_or(u64::MAX, |s| s.saturating_sub(TRACE_ROOM).max(1));
-        if let Some(slot) = self.sizes.get(hop) {
-            slot.store(limit, Ordering::Relaxed);
+        let limit = ext.size.filter(|&s| s > 0).map_or(u64::MAX, |s| s.saturating_sub(TRACE_ROOM).max(1));
+        if let (Some(size), Some(dsn)) = (self.sizes.get(hop), self.dsn.get(hop)) {
+            size.store(limit, Ordering::Relaxed);
+            dsn.store(if ext.dsn { 2 } else { 1 }, Ordering::Relaxed);
         }
+    }
+
+    /// DSN can be offered: some next hop is known, and every known one takes it.
+    pub fn dsn(&self) -> bool {
+        let known = self.dsn.iter().map(|d| d.load(Ordering::Relaxed)).filter(|&d| d > 0);
+        let (mut any, mut all) = (false, true);
+        for d in known {
+            any = true;
+            all &= d == 2;
+        }
+        any && all
     }
 
     /// The smaller of `max` and every next hop's limit known so far.
@@ -155,7 +172,7 @@ impl Settings {
             max_failed_recipients: config.abuse.max_failed_recipients,
             replies: Params::new(config, starttls),
             relay_domains: RelayDomains::new(&config.relay.domains),
-            hop_limits: HopLimits::new(config.relay.next_hops.len()),
+            hop_offers: HopOffers::new(config.relay.next_hops.len()),
         }
     }
 }

@@ -35,6 +35,10 @@ pub fn chunk_taken(octets: u64) -> Vec<u8> {
     format!("250 2.0.0 {octets} octets received\r\n").into_bytes()
 }
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
+/// A DSN parameter (RFC 3461) whose value is malformed, or given twice.
+pub const DSN_SYNTAX: &[u8] = b"501 5.5.4 malformed DSN parameter\r\n";
+/// EHLO's line offering DSN.
+pub const DSN_OFFER: &[u8] = b"250-DSN\r\n";
 
 /// A reply that is a failure of the peer's address: every 5xx, and our 452 for a
 /// recipient past the limit (a peer flooding RCPT earns it). Never a 4xx that says the
@@ -76,12 +80,13 @@ pub struct Params {
     pub(super) banner: Box<[u8]>,
     /// The pregreet test's first line of a two-line greeting; the banner is the second.
     pub greeting_first: Box<[u8]>,
-    /// The EHLO reply up to its SIZE number (which the session puts in: see
-    /// `HopLimits`), and after it: with STARTTLS when `[tls]` offers it, and without (after
-    /// STARTTLS).
+    /// The EHLO reply in parts, as the session puts it together (see `HopOffers`): up to
+    /// its SIZE number, the number, then `ehlo_mid`, DSN when offered, and the end: with
+    /// STARTTLS when `[tls]` offers it, without after STARTTLS.
     pub(super) ehlo_head: Box<[u8]>,
-    pub(super) ehlo_tail: Box<[u8]>,
-    pub(super) ehlo_tail_tls: Box<[u8]>,
+    pub(super) ehlo_mid: Box<[u8]>,
+    pub(super) ehlo_end: Box<[u8]>,
+    pub(super) ehlo_end_tls: Box<[u8]>,
     pub(super) helo: Box<[u8]>,
     pub(super) quit: Box<[u8]>,
     pub(super) idle_timeout: Box<[u8]>,
@@ -93,16 +98,17 @@ impl Params {
     pub fn new(config: &Config, starttls: bool) -> Self {
         let host = &config.hostname;
         let lines = |s: String| s.into_bytes().into_boxed_slice();
-        let ehlo_tail = |starttls: bool| {
+        let ehlo_end = |starttls: bool| {
             let tls = if starttls { "250-STARTTLS\r\n" } else { "" };
-            format!("\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n{tls}250 ENHANCEDSTATUSCODES\r\n")
+            format!("{tls}250 ENHANCEDSTATUSCODES\r\n")
         };
         Params {
             banner: lines(format!("220 {host} ESMTP mxgate\r\n")),
             greeting_first: lines(format!("220-{host} ESMTP\r\n")),
             ehlo_head: lines(format!("250-{host}\r\n250-PIPELINING\r\n250-SIZE ")),
-            ehlo_tail: lines(ehlo_tail(starttls)),
-            ehlo_tail_tls: lines(ehlo_tail(false)),
+            ehlo_mid: lines("\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n".into()),
+            ehlo_end: lines(ehlo_end(starttls)),
+            ehlo_end_tls: lines(ehlo_end(false)),
             helo: lines(format!("250 {host}\r\n")),
             quit: lines(format!("221 2.0.0 {host} closing connection\r\n")),
             idle_timeout: lines(format!("421 4.4.2 {host} timeout exceeded, closing connection\r\n")),

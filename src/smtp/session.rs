@@ -114,6 +114,8 @@ impl fmt::Display for Transaction {
 pub(super) struct Helo {
     pub(super) name: String,
     pub(super) extended: bool,
+    /// Its EHLO reply offered DSN: DSN parameters are taken.
+    pub(super) dsn: bool,
 }
 
 /// A transaction from MAIL to the reply after its body (or its abandonment).
@@ -136,6 +138,9 @@ pub(super) struct Txn {
     pub(super) body: Option<Body>,
     /// The body, when it comes in BDAT chunks.
     pub(super) chunks: Option<Chunks>,
+    /// MAIL's DSN parameters as given (" RET=... ENVID=..."), for a next hop that takes
+    /// DSN.
+    pub(super) dsn: String,
     /// The next hop failed mid-transaction, how: the rest gets 451.
     pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
@@ -180,7 +185,8 @@ pub(super) enum Waiting {
         pooled_ok: bool,
     },
     Mail,
-    Rcpt(Path),
+    /// A recipient and its DSN parameters as given (" NOTIFY=... ORCPT=...").
+    Rcpt(Path, Box<str>),
     Data,
     /// Our DATA for a message that comes in BDAT chunks: its 354 opens the body; any
     /// other reply refuses the chunk being received.
@@ -328,7 +334,7 @@ impl Session {
     /// The message size offered, and held to at MAIL: the smaller of `max_message_size`
     /// and what the next hops said they take.
     pub(super) fn size_limit(&self) -> u64 {
-        self.settings.hop_limits.size(self.settings.smtp.max_message_size)
+        self.settings.hop_offers.size(self.settings.smtp.max_message_size)
     }
 
     /// Our name, for the next hop's EHLO.
@@ -443,7 +449,7 @@ impl Session {
         }
         let pipelining = matches!(link, Link::Up(l) if l.up.is_ready() && l.up.extensions().pipelining);
         // behind MAIL or a RCPT of the same transaction only (not behind the final dot)
-        let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(_));
+        let in_envelope = matches!(first, Waiting::Mail | Waiting::Rcpt(..));
         if !pipelining || !in_envelope || self.in_body() || !self.reader.line.is_empty() {
             return false;
         }
@@ -503,7 +509,7 @@ impl Session {
     /// Recipients forwarded to the next hop and not answered yet (at most [`MAX_OWED`]
     /// to look at).
     pub(super) fn recipients_pending(&self) -> u32 {
-        self.fwd.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(_))).count() as u32
+        self.fwd.waiting.iter().filter(|w| matches!(w, Waiting::Rcpt(..))).count() as u32
     }
 
     /// Gives our own replies that waited for the ones now given (none after a reply

@@ -1388,3 +1388,41 @@ fn the_size_offered_follows_the_next_hops() {
     let mut other = Harness::with_settings_of(&h);
     assert!(other.send(b"EHLO other.test\r\n").contains("250-SIZE 3976\r\n"));
 }
+
+#[test]
+fn dsn_is_offered_when_the_next_hops_take_it_and_its_parameters_pass_verbatim() {
+    let mut h = Harness::new();
+    h.hop.ehlo.push("DSN");
+    let ehlo = h.send(b"EHLO client.test\r\n");
+    assert!(!ehlo.contains("DSN"), "no next hop known yet: not offered\n{ehlo}");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test> RET=HDRS\r\n"), "555 5.5.4 unsupported parameter\r\n");
+    h.envelope();
+    assert!(h.send(b"BDAT 0 LAST\r\n").starts_with(QUEUED), "a first message: the next hop's EHLO is known");
+    let ehlo = h.send(b"EHLO client.test\r\n");
+    assert!(ehlo.contains("250-DSN\r\n"), "{ehlo}");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test> RET=HDRS ENVID=QQ+2B1\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(
+        h.send(b"RCPT TO:<u@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u+40example.com\r\n"),
+        "250 2.1.5 recipient OK\r\n"
+    );
+    let commands = h.hop.commands.clone();
+    assert!(commands.contains(&"MAIL FROM:<a@client.test> RET=HDRS ENVID=QQ+2B1".to_owned()), "{commands:?}");
+    assert!(
+        commands.contains(&"RCPT TO:<u@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u+40example.com".to_owned())
+    );
+    // malformed values and repeats: 501, nothing forwarded
+    for (rcpt, why) in [
+        ("NOTIFY=SOMETIMES", "not a NOTIFY value"),
+        ("NOTIFY=NEVER NOTIFY=NEVER", "given twice"),
+        ("ORCPT=u@example.com", "no address type"),
+        ("ORCPT=rfc822;a=b", "= is not xtext"),
+        ("ORCPT=rfc822;a+2", "a short hex escape"),
+    ] {
+        let line = format!("RCPT TO:<v@example.com> {rcpt}\r\n");
+        assert_eq!(h.send(line.as_bytes()), "501 5.5.4 malformed DSN parameter\r\n", "{why}");
+    }
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test> RET=MOST\r\n"), "501 5.5.4 malformed DSN parameter\r\n");
+    let long = format!("MAIL FROM:<a@client.test> ENVID={}\r\n", "x".repeat(101));
+    assert_eq!(h.send(long.as_bytes()), "501 5.5.4 malformed DSN parameter\r\n", "ENVID over 100");
+}

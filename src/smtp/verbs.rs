@@ -58,15 +58,22 @@ impl Session {
             link.drop();
         }
         let name = String::from_utf8_lossy(args).into_owned();
-        self.helo = Some(Helo { name, extended });
+        // DSN is offered (and its parameters taken) when the next hops take it
+        let dsn = extended && self.settings.hop_offers.dsn();
+        self.helo = Some(Helo { name, extended, dsn });
         let replies = &self.settings.replies;
         if !extended {
             return self.out.push(&replies.helo);
         }
-        let tail = if self.tls.is_some() { &replies.ehlo_tail_tls } else { &replies.ehlo_tail };
-        self.out.push(&replies.ehlo_head);
-        self.out.push(self.size_limit().to_string().as_bytes());
-        self.out.push(tail);
+        let size = self.size_limit().to_string();
+        let end = if self.tls.is_some() { &replies.ehlo_end_tls } else { &replies.ehlo_end };
+        for part in [&replies.ehlo_head[..], size.as_bytes(), &replies.ehlo_mid] {
+            self.out.push(part);
+        }
+        if dsn {
+            self.out.push(DSN_OFFER);
+        }
+        self.out.push(end);
     }
 
     /// RFC 3207. After the 220 the connection starts the handshake (`take_starttls`);
@@ -88,7 +95,7 @@ impl Session {
     }
 
     fn mail(&mut self, link: &mut Link, args: &[u8], now: Instant) {
-        let Some(extended) = self.helo.as_ref().map(|h| h.extended) else {
+        let Some((extended, dsn)) = self.helo.as_ref().map(|h| (h.extended, h.dsn)) else {
             return self.reply(GREET_FIRST);
         };
         if self.settings.smtp.require_tls && self.tls.is_none() {
@@ -125,10 +132,17 @@ impl Session {
             refused: 0,
             body: None,
             chunks: None,
+            dsn: String::new(),
             broken: None,
             hop: None,
         };
         for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+            if dsn && let Some(valid) = dsn_parameter(param, &[b"RET", b"ENVID"], &mut txn.dsn) {
+                if !valid {
+                    return self.reply(DSN_SYNTAX);
+                }
+                continue;
+            }
             if !extended || !mail_parameter(param, &mut txn) {
                 return self.reply(BAD_PARAMETER);
             }
@@ -160,8 +174,14 @@ impl Session {
                 return self.address_error(e, b"5.1.3");
             }
         };
-        if !params.iter().all(|&b| b == b' ') {
-            return self.refuse_recipient(BAD_PARAMETER);
+        let dsn = self.helo.as_ref().is_some_and(|h| h.dsn);
+        let mut dsn_params = String::new();
+        for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+            match dsn.then(|| dsn_parameter(param, &[b"NOTIFY", b"ORCPT"], &mut dsn_params)).flatten() {
+                Some(true) => {}
+                Some(false) => return self.refuse_recipient(DSN_SYNTAX),
+                None => return self.refuse_recipient(BAD_PARAMETER),
+            }
         }
         if to == Path::Null {
             return self.refuse_recipient(NO_NULL_RECIPIENT);
@@ -173,7 +193,7 @@ impl Session {
         if self.txn.as_ref().is_some_and(|t| t.broken.is_some()) {
             return self.refuse_recipient(NEXT_HOP_FAILED);
         }
-        self.forward_rcpt(link, to, now);
+        self.forward_rcpt(link, to, dsn_params.into(), now);
     }
 
     fn data(&mut self, link: &mut Link, args: &[u8], now: Instant) {
@@ -342,4 +362,62 @@ fn mail_parameter(param: &[u8], txn: &mut Txn) -> bool {
         (b"SMTPUTF8", None) => true,
         _ => false,
     }
+}
+
+/// A DSN parameter (RFC 3461) among `keys`, checked and appended to `kept` as it came
+/// (" KEY=value"): `None` when `param` is none of them, `Some(false)` when its value is
+/// malformed or it was given already.
+fn dsn_parameter(param: &[u8], keys: &[&[u8]], kept: &mut String) -> Option<bool> {
+    let eq = param.iter().position(|&b| b == b'=')?;
+    let (key, value) = (&param[..eq], &param[eq + 1..]);
+    let key = keys.iter().find(|k| key.eq_ignore_ascii_case(k))?;
+    let upper = value.to_ascii_uppercase();
+    let valid = match *key {
+        b"RET" => upper == b"FULL" || upper == b"HDRS",
+        b"ENVID" => value.len() <= 100 && is_xtext(value),
+        b"NOTIFY" => {
+            upper == b"NEVER" || upper.split(|&b| b == b',').all(|w| matches!(w, b"SUCCESS" | b"FAILURE" | b"DELAY"))
+        }
+        // addr-type ";" xtext, as RFC 3461 §4.2 (rfc822, utf-8, ...)
+        b"ORCPT" => match value.iter().position(|&b| b == b';') {
+            Some(semi) => {
+                let addr_type = &value[..semi];
+                value.len() <= 500
+                    && !addr_type.is_empty()
+                    && addr_type.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+                    && is_xtext(&value[semi + 1..])
+            }
+            None => false,
+        },
+        _ => false,
+    };
+    let name = std::str::from_utf8(key).unwrap_or_default();
+    let again = kept.split(' ').any(|p| p.split('=').next().is_some_and(|k| k.eq_ignore_ascii_case(name)));
+    if !valid || again {
+        return Some(false);
+    }
+    // checked: printable ASCII only
+    kept.push(' ');
+    kept.push_str(&String::from_utf8_lossy(param));
+    Some(true)
+}
+
+/// RFC 3461 xtext: printable ASCII but "+" and "=", and "+" two upper-case hex digits.
+fn is_xtext(value: &[u8]) -> bool {
+    let mut i = 0;
+    while i < value.len() {
+        match value[i] {
+            b'+' => {
+                let hex = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b));
+                if !(hex(value.get(i + 1)) && hex(value.get(i + 2))) {
+                    return false;
+                }
+                i += 3;
+            }
+            b'=' => return false,
+            b'!'..=b'~' => i += 1,
+            _ => return false,
+        }
+    }
+    !value.is_empty()
 }
