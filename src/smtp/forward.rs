@@ -291,6 +291,9 @@ impl Session {
         match &mut self.txn {
             Some(t) if reply.is_positive() => {
                 t.accepted += 1;
+                if t.to.len() < super::session::LOGGED_RECIPIENTS {
+                    t.to.push(to.to_string());
+                }
                 t.first_rcpt.get_or_insert(to);
                 self.emit(RCPT_OK);
             }
@@ -343,8 +346,12 @@ impl Session {
         }
         if reply.code == 250 {
             link.set_clean();
+            let hop_id = hop_queue_id(reply);
             let id = self.txn.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-            self.emit(&queued(&id));
+            self.emit(&queued(&id, hop_id.as_deref()));
+            if let Some(t) = &mut self.txn {
+                t.hop_id = hop_id;
+            }
             return self.end_transaction(Outcome::Delivered, now);
         }
         self.pass_on(reply);
@@ -655,4 +662,17 @@ impl Session {
         let _ = write!(h, ";\r\n\t{}\r\n", self.unix_time(now));
         h
     }
+}
+
+/// The next hop's own id for a message it took, from its reply to the end of data:
+/// "queued as ID" (Postfix, mxgate) or "id=ID" (Exim); letters, digits, `.`, `-`, `_`,
+/// at most 64, or none.
+pub(super) fn hop_queue_id(reply: &Reply) -> Option<String> {
+    let text = reply.lines.join(" ");
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    let after_queued_as = words.windows(3).find(|w| w[0].eq_ignore_ascii_case("queued") && w[1] == "as").map(|w| w[2]);
+    let id_equals = words.iter().find_map(|w| w.strip_prefix("id="));
+    let id = after_queued_as.or(id_equals)?.trim_end_matches([')', '.', ',', ';']);
+    let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    (plain && (1..=64).contains(&id.len())).then(|| id.to_owned())
 }

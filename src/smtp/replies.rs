@@ -69,9 +69,13 @@ pub const TLS_FIRST: &[u8] = b"530 5.7.0 must issue a STARTTLS command first\r\n
 /// The pregreet test: the peer spoke before the greeting was complete.
 pub const TALKED_EARLY: &[u8] = b"554 5.7.1 protocol error: talked before the greeting\r\n";
 
-/// The reply to the final dot when the next hop took the message.
-pub fn queued(id: &str) -> Vec<u8> {
-    format!("250 2.0.0 OK: queued as {id}\r\n").into_bytes()
+/// The reply to the end of data when the next hop took the message: our id, and the
+/// next hop's when its reply gave one.
+pub fn queued(id: &str, hop_id: Option<&str>) -> Vec<u8> {
+    match hop_id {
+        Some(hop) => format!("250 2.0.0 OK: queued as {id} (next hop: {hop})\r\n").into_bytes(),
+        None => format!("250 2.0.0 OK: queued as {id}\r\n").into_bytes(),
+    }
 }
 
 /// Replies fixed for one configuration, built once per snapshot.

@@ -51,7 +51,7 @@ pub enum Transmit<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// A transaction ended; one mail-log line.
-    Transaction(Transaction),
+    Transaction(Box<Transaction>),
     /// A command or a recipient was answered 5xx: one more failure of the peer's address.
     Failed(Failure),
     /// The conversation passed `max_failed_commands` or `max_failed_recipients` and is
@@ -80,11 +80,19 @@ pub struct Transaction {
     pub refused: u32,
     pub size: u64,
     pub next_hop: Option<SocketAddr>,
+    /// The accepted recipients, the first `LOGGED_RECIPIENTS` of them (`accepted` says how
+    /// many in all).
+    pub to: Vec<String>,
+    /// The next hop's own id for the message, from its reply to the end of data.
+    pub hop_id: Option<String>,
     /// The TLS version the message came under, if it did.
     pub tls: Option<&'static str>,
     pub outcome: Outcome,
     pub duration: Duration,
 }
+
+/// Recipients a mail-log line names (the rest are counted).
+pub const LOGGED_RECIPIENTS: usize = 10;
 
 impl fmt::Display for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -98,9 +106,20 @@ impl fmt::Display for Transaction {
             self.refused,
             self.size
         )?;
+        if !self.to.is_empty() {
+            let more = (self.accepted as usize).saturating_sub(self.to.len());
+            let mut to = self.to.join(",");
+            if more > 0 {
+                to.push_str(&format!(",+{more}"));
+            }
+            write!(f, "to={} ", crate::logfmt::value(&to))?;
+        }
         match self.next_hop {
             Some(h) => write!(f, "next_hop={h} ")?,
             None => write!(f, "next_hop=- ")?,
+        }
+        if let Some(id) = &self.hop_id {
+            write!(f, "hop_id={} ", crate::logfmt::value(id))?;
         }
         if let Some(version) = self.tls {
             write!(f, "tls={version} ")?;
@@ -141,6 +160,10 @@ pub(super) struct Txn {
     /// MAIL's DSN parameters as given (" RET=... ENVID=..."), for a next hop that takes
     /// DSN.
     pub(super) dsn: String,
+    /// Accepted recipients, for the mail log (the first `LOGGED_RECIPIENTS`).
+    pub(super) to: Vec<String>,
+    /// The next hop's id for the message, from its reply to the end of data.
+    pub(super) hop_id: Option<String>,
     /// The next hop failed mid-transaction, how: the rest gets 451.
     pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
@@ -719,7 +742,7 @@ impl Session {
     pub(super) fn end_transaction(&mut self, outcome: Outcome, now: Instant) {
         let Some(t) = self.txn.take() else { return };
         let next_hop = t.hop.and_then(|h| self.settings.relay.next_hops.get(h).copied());
-        self.events.push_back(Event::Transaction(Transaction {
+        self.events.push_back(Event::Transaction(Box::new(Transaction {
             id: t.id,
             peer: self.peer,
             from: t.from.to_string(),
@@ -727,10 +750,12 @@ impl Session {
             refused: t.refused,
             size: t.body.map_or(0, |b| b.filter.size()) + t.chunks.map_or(0, |c| c.filter.size()),
             next_hop,
+            to: t.to,
+            hop_id: t.hop_id,
             tls: self.tls.map(|t| t.version),
             outcome,
             duration: now.saturating_duration_since(t.started),
-        }));
+        })));
     }
 
     /// The next transaction's id.

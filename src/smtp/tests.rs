@@ -5,7 +5,7 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::client::Upstream;
+use super::client::{Reply, Upstream};
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::*;
 use crate::config::Config;
@@ -190,7 +190,7 @@ impl Harness {
         self.events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Transaction(t) => Some(t),
+                Event::Transaction(t) => Some(*t),
                 _ => None,
             })
             .collect()
@@ -1425,4 +1425,36 @@ fn dsn_is_offered_when_the_next_hops_take_it_and_its_parameters_pass_verbatim() 
     assert_eq!(h.send(b"MAIL FROM:<a@client.test> RET=MOST\r\n"), "501 5.5.4 malformed DSN parameter\r\n");
     let long = format!("MAIL FROM:<a@client.test> ENVID={}\r\n", "x".repeat(101));
     assert_eq!(h.send(long.as_bytes()), "501 5.5.4 malformed DSN parameter\r\n", "ENVID over 100");
+}
+
+#[test]
+fn the_mail_log_names_recipients_and_the_next_hops_id() {
+    let mut h = Harness::with_config(&CONFIG.replace("max_recipients = 5", "max_recipients = 20"));
+    h.greet();
+    h.hop.dot_reply = Some("250 2.0.0 Ok: queued as 783DA98C2DC");
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    for i in 0..12 {
+        let rcpt = format!("RCPT TO:<u{i}@example.com>\r\n");
+        assert_eq!(h.send(rcpt.as_bytes()), "250 2.1.5 recipient OK\r\n");
+    }
+    assert_eq!(h.send(b"RCPT TO:<x@elsewhere.test>\r\n"), "550 5.7.1 relay access denied\r\n");
+    let got = h.send(b"BDAT 2 LAST\r\nhi");
+    assert!(got.starts_with(QUEUED) && got.ends_with(" (next hop: 783DA98C2DC)\r\n"), "both ids: {got}");
+    let t = h.transactions().remove(0);
+    assert_eq!((t.accepted, t.to.len(), t.hop_id.as_deref()), (12, 10, Some("783DA98C2DC")));
+    let line = t.to_string();
+    assert!(line.contains(" to=<u0@example.com>,<u1@example.com>,"), "{line}");
+    assert!(line.contains(",<u9@example.com>,+2 next_hop=127.0.0.1:2526 hop_id=783DA98C2DC "), "{line}");
+}
+
+#[test]
+fn the_next_hops_id_is_read_from_its_words_and_only_when_plain() {
+    let reply = |text: &str| Reply { code: 250, lines: vec![text.to_owned()] };
+    let id = |text: &str| forward::hop_queue_id(&reply(text));
+    assert_eq!(id("2.0.0 Ok: queued as 783DA98C2DC").as_deref(), Some("783DA98C2DC"), "Postfix");
+    assert_eq!(id("OK id=1xacbV-0003kk-2O").as_deref(), Some("1xacbV-0003kk-2O"), "Exim");
+    assert_eq!(id("2.0.0 OK: queued as 6B16EE1D000000 (next hop: 1)").as_deref(), Some("6B16EE1D000000"), "mxgate");
+    assert_eq!(id("2.0.0 Ok"), None);
+    assert_eq!(id("queued as <script>"), None, "not plain: left out");
+    assert_eq!(id(&format!("queued as {}", "a".repeat(65))), None, "too long");
 }

@@ -133,6 +133,8 @@ impl Session {
             body: None,
             chunks: None,
             dsn: String::new(),
+            to: Vec::new(),
+            hop_id: None,
             broken: None,
             hop: None,
         };
