@@ -188,7 +188,9 @@ pub struct Relay {
     /// Lower-case domains; a leading `.` also matches every subdomain.
     pub domains: Vec<String>,
     pub next_hops: Vec<SocketAddr>,
-    /// Longest wait for a connection to, or any reply of, the next hop.
+    /// Longest wait for a connection to the next hop to be made.
+    pub connect_timeout: Duration,
+    /// Longest wait for any reply of the next hop (its greeting too).
     pub reply_timeout: Duration,
     /// Idle next-hop connections each worker keeps per next hop for reuse.
     pub max_idle_connections: u32,
@@ -287,6 +289,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("smtp", "require_tls"),
     ("relay", "domains"),
     ("relay", "next_hops"),
+    ("relay", "connect_timeout"),
     ("relay", "reply_timeout"),
     ("relay", "max_idle_connections"),
     ("relay", "idle_timeout"),
@@ -472,6 +475,9 @@ impl Config {
             next_hops: r
                 .value(t, "relay", "next_hops", socket_addrs)
                 .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2526))]),
+            connect_timeout: r
+                .value(t, "relay", "connect_timeout", positive_duration)
+                .unwrap_or(Duration::from_secs(10)),
             reply_timeout: r.value(t, "relay", "reply_timeout", positive_duration).unwrap_or(Duration::from_secs(120)),
             max_idle_connections: r.value(t, "relay", "max_idle_connections", |v| int_in(v, 0, 10_000)).unwrap_or(32)
                 as u32,

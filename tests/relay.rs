@@ -110,6 +110,35 @@ fn failover_to_the_second_next_hop(io: &str) {
     assert_eq!(hop.wait_messages(1).len(), 1);
 }
 
+/// A next hop that takes connections and never says a word (hung): the first message
+/// waits `reply_timeout` for its greeting and goes to the next hop in order; from then on
+/// it is down, and the next message goes straight to the second hop (one WARN line says
+/// so), never connecting to the hung one during its backoff.
+fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_addr = hung.local_addr().expect("address");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hung.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream); // open and silent
+        }
+    });
+    let hop = NextHop::start(AtDot::Accept);
+    let config = config(&[hung_addr, hop.addr], "").replace("[relay]\n", "[relay]\nreply_timeout = \"1s\"\n");
+    let mut m = Mxgate::start(&config, &[], io);
+    let mut s = session(&m, "127.0.10.10");
+    assert!(transaction(&mut s, "", b"Subject: first\r\n\r\nx\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    m.wait_for_log(&format!("next hop {hung_addr} is down (timed out)"));
+    let mut s = session(&m, "127.0.10.11");
+    assert!(transaction(&mut s, "", b"Subject: second\r\n\r\nx\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(hop.wait_messages(2).len(), 2);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the hung hop was not tried again");
+}
+
 fn no_next_hop_means_451(io: &str) {
     let dead = common::unused_port();
     let m = Mxgate::start(&config(&[dead], ""), &[], io);
@@ -523,6 +552,7 @@ for_both_drivers!(
 );
 
 on_one_driver!(
+    a_hung_next_hop_is_skipped_after_it_timed_out,
     a_real_exim_sends_with_chunking,
     next_hop_refusals_never_become_250,
     smuggling_reaches_nothing,

@@ -30,6 +30,11 @@ use super::session::{Body, Phase, Reader, Session, Waiting};
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
 
+    /// How long a probe of a next hop that was down may take before another is allowed.
+    fn probe_time(&self) -> std::time::Duration {
+        self.settings.relay.connect_timeout + self.settings.relay.reply_timeout
+    }
+
     /// Still in conversation: the link it is lent serves it (else the link is let go).
     pub fn is_open(&self) -> bool {
         self.phase == Phase::Open
@@ -89,9 +94,12 @@ impl Session {
         if link.ready() {
             return self.send_mail(link, now);
         }
-        self.fwd.waiting.push_back(Waiting::Link { hop: 0, pooled_ok: true });
-        link.want(0, true);
-        self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
+        let Some(hop) = self.settings.hop_book.pick(0, now, self.probe_time()) else {
+            return self.answer_failure(Waiting::Mail, HopFault::AllDown, now);
+        };
+        self.fwd.waiting.push_back(Waiting::Link { hop, pooled_ok: true });
+        link.want(hop, true);
+        self.fwd.deadline = Some(now + self.settings.relay.connect_timeout);
     }
 
     /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
@@ -214,7 +222,8 @@ impl Session {
             let Some(event) = l.up.poll_event() else { return };
             match event {
                 Progress::Ready => {
-                    self.settings.hop_offers.learn(l.hop, &l.up.extensions());
+                    let addr = self.settings.relay.next_hops.get(l.hop).copied();
+                    self.settings.hop_book.learn(l.hop, addr, &l.up.extensions());
                     self.link_ready(link, now);
                 }
                 // 421: the next hop is closing the connection
@@ -406,7 +415,21 @@ impl Session {
 
     /// The connection failed, timed out or broke the protocol.
     pub(super) fn relay_failed(&mut self, link: &mut Link, fault: HopFault, now: Instant) {
-        let failover = link.failover(self.settings.relay.next_hops.len());
+        // a next hop that could not be reached or that hangs is down for a while
+        if let Some(hop) = link.hop()
+            && (fault == HopFault::TimedOut || (fault == HopFault::Connection && link.connecting()))
+        {
+            let addr = self.settings.relay.next_hops.get(hop).copied();
+            let why = if fault == HopFault::TimedOut { "timed out" } else { "connection failed" };
+            self.settings.hop_book.failed(hop, addr, why, now);
+        }
+        let mut failover = link.failover(self.settings.relay.next_hops.len());
+        if let Some((hop, pooled_ok)) = failover
+            && link.hop() != Some(hop)
+        {
+            // the next hop in order that is not down
+            failover = self.settings.hop_book.pick(hop, now, self.probe_time()).map(|hop| (hop, pooled_ok));
+        }
         link.drop();
         self.fwd.deadline = None;
         let mut owed = std::mem::take(&mut self.fwd.waiting);
@@ -425,7 +448,7 @@ impl Session {
         {
             owed[0] = Waiting::Link { hop, pooled_ok };
             self.fwd.waiting = owed;
-            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
+            self.fwd.deadline = Some(now + self.settings.relay.connect_timeout);
             return;
         }
         if let Some(t) = &mut self.txn {

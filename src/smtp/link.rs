@@ -148,6 +148,24 @@ impl Link {
         };
     }
 
+    /// The next hop (its index in `next_hops`) it is, or is to be, connected to.
+    pub(super) fn hop(&self) -> Option<usize> {
+        match self {
+            Link::Wanted { hop, .. } | Link::Dialing { hop } => Some(*hop),
+            Link::Up(l) => Some(l.hop),
+            Link::None | Link::Dropped => None,
+        }
+    }
+
+    /// Being connected: dialing, or connected and not yet greeted (not a pooled one).
+    pub(super) fn connecting(&self) -> bool {
+        match self {
+            Link::Wanted { .. } | Link::Dialing { .. } => true,
+            Link::Up(l) => !l.untested && !l.up.is_ready(),
+            Link::None | Link::Dropped => false,
+        }
+    }
+
     /// Connected and greeted, with what it offers.
     pub(super) fn ready(&self) -> bool {
         matches!(self, Link::Up(l) if l.up.is_ready())

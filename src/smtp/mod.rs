@@ -65,8 +65,9 @@ pub mod outbuf;
 pub mod policy;
 pub mod replies;
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{self, Config};
 use policy::RelayDomains;
@@ -109,33 +110,98 @@ pub struct Settings {
     /// `[tls]` is configured: STARTTLS is offered.
     pub starttls: bool,
     /// What the next hops said they take, learned by the sessions' connections.
-    pub hop_offers: HopOffers,
+    pub hop_book: HopBook,
 }
 
-/// What each next hop said it takes in its EHLO reply (SIZE, DSN), learned by every new
-/// connection to it and shared by the sessions of one snapshot, so that mxgate offers
-/// what it can pass on: SIZE, the smaller of `max_message_size` and theirs (a message a
-/// next hop would refuse whole is refused before it is sent); DSN, when the next hops
-/// known so far all take it.
+/// What mxgate knows of each next hop, shared by the sessions of one snapshot: what it
+/// said it takes in its EHLO reply (SIZE, DSN), learned by every new connection to it, so
+/// that mxgate offers what it can pass on (SIZE: the smaller of `max_message_size` and
+/// theirs, so a message a next hop would refuse whole is refused before it is sent; DSN:
+/// when the next hops known so far all take it); and whether it is down.
+///
+/// ```text
+///   up ── could not be reached, or timed out ──► down until now + backoff (5 s first;
+///    ▲                                            WARN once)  │ skipped meanwhile
+///    │                                                        ▼ backoff over
+///    └──── its EHLO came (INFO when it was down) ◄── one probe (the next transaction;
+///                                                     others skip it for a probe's time)
+///                                       the probe failed: backoff doubled, to 2 min at most
+/// ```
 #[derive(Debug)]
-pub struct HopOffers {
+pub struct HopBook {
     /// Per next hop, in `next_hops` order: 0 until its first EHLO, `u64::MAX` when it
     /// states no limit.
     sizes: Box<[AtomicU64]>,
     /// Per next hop: 0 until its first EHLO, then 1 without DSN, 2 with.
     dsn: Box<[AtomicU8]>,
+    health: Box<[Mutex<Health>]>,
 }
 
-impl HopOffers {
+/// A next hop's health: down until when (none: up), and the backoff that put it there.
+#[derive(Debug, Default)]
+struct Health {
+    down_until: Option<Instant>,
+    backoff: Duration,
+}
+
+/// The first backoff of a next hop gone down, and the longest.
+pub const HOP_BACKOFF: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(120));
+
+impl HopBook {
     fn new(hops: usize) -> Self {
-        HopOffers {
+        HopBook {
             sizes: (0..hops).map(|_| AtomicU64::new(0)).collect(),
             dsn: (0..hops).map(|_| AtomicU8::new(0)).collect(),
+            health: (0..hops).map(|_| Mutex::default()).collect(),
         }
     }
 
-    /// Next hop `hop` said EHLO offering `ext`.
-    pub fn learn(&self, hop: usize, ext: &client::Extensions) {
+    fn health(&self, hop: usize) -> Option<std::sync::MutexGuard<'_, Health>> {
+        self.health.get(hop).map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The first next hop from `from` on that may be tried at `now`: one that is up, or
+    /// one whose backoff is over (this try is its probe: the others skip it for `probe`).
+    pub fn pick(&self, from: usize, now: Instant, probe: Duration) -> Option<usize> {
+        (from..self.health.len()).find(|&hop| {
+            let Some(mut h) = self.health(hop) else { return false };
+            match h.down_until {
+                None => true,
+                Some(until) if until <= now => {
+                    h.down_until = Some(now + probe);
+                    true
+                }
+                Some(_) => false,
+            }
+        })
+    }
+
+    /// Next hop `hop` (at `addr`) could not be reached, or timed out: down for a backoff,
+    /// doubled when it was down already (a probe failed).
+    pub fn failed(&self, hop: usize, addr: Option<std::net::SocketAddr>, why: &str, now: Instant) {
+        let Some(mut h) = self.health(hop) else { return };
+        let was_up = h.down_until.is_none();
+        h.backoff = if was_up { HOP_BACKOFF.0 } else { (h.backoff * 2).clamp(HOP_BACKOFF.0, HOP_BACKOFF.1) };
+        h.down_until = Some(now + h.backoff);
+        if was_up {
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!("next hop {addr} is down ({why}): skipped for {:?}, then probed", h.backoff);
+        }
+    }
+
+    /// Next hop `hop` answered (its greeting and EHLO): up.
+    fn succeeded(&self, hop: usize, addr: Option<std::net::SocketAddr>) {
+        let Some(mut h) = self.health(hop) else { return };
+        if h.down_until.take().is_some() {
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!("next hop {addr} is back");
+        }
+        h.backoff = Duration::ZERO;
+    }
+
+    /// Next hop `hop` (at `addr`) said EHLO offering `ext`: it is up.
+    pub fn learn(&self, hop: usize, addr: Option<std::net::SocketAddr>, ext: &client::Extensions) {
+        self.succeeded(hop, addr);
         // what we offer leaves room for the trace header we add ahead of the message
         let limit = ext.size.filter(|&s| s > 0).map_or(u64::MAX, |s| s.saturating_sub(TRACE_ROOM).max(1));
         if let (Some(size), Some(dsn)) = (self.sizes.get(hop), self.dsn.get(hop)) {
@@ -172,7 +238,7 @@ impl Settings {
             max_failed_recipients: config.abuse.max_failed_recipients,
             replies: Params::new(config, starttls),
             relay_domains: RelayDomains::new(&config.relay.domains),
-            hop_offers: HopOffers::new(config.relay.next_hops.len()),
+            hop_book: HopBook::new(config.relay.next_hops.len()),
         }
     }
 }

@@ -82,6 +82,8 @@ pub enum HopFault {
     Protocol,
     /// It gives no TLS where `relay.tls = "required"`.
     NoTls,
+    /// Every next hop is down (could not be reached or timed out lately): not tried.
+    AllDown,
 }
 
 impl Undelivered {
@@ -136,6 +138,7 @@ impl Undelivered {
             Undelivered::HopFailed(HopFault::Closing) => "next hop unavailable: it said 421",
             Undelivered::HopFailed(HopFault::Protocol) => "next hop unavailable: it broke the protocol",
             Undelivered::HopFailed(HopFault::NoTls) => "next hop unavailable: no TLS",
+            Undelivered::HopFailed(HopFault::AllDown) => "next hop unavailable: every next hop is down",
         }
     }
 }
@@ -178,6 +181,7 @@ mod tests {
             (Undelivered::HopFailed(HopFault::Closing), Party::NextHop, 451, Some("451 4.4.1 ")),
             (Undelivered::HopFailed(HopFault::Protocol), Party::NextHop, 451, Some("451 4.4.1 ")),
             (Undelivered::HopFailed(HopFault::NoTls), Party::NextHop, 451, Some("451 4.4.1 ")),
+            (Undelivered::HopFailed(HopFault::AllDown), Party::NextHop, 451, Some("451 4.4.1 ")),
         ];
         for &(cause, party, code, reply) in table {
             assert_eq!((cause.party(), cause.code()), (party, code), "{cause:?}");

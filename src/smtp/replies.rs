@@ -84,7 +84,7 @@ pub struct Params {
     pub(super) banner: Box<[u8]>,
     /// The pregreet test's first line of a two-line greeting; the banner is the second.
     pub greeting_first: Box<[u8]>,
-    /// The EHLO reply in parts, as the session puts it together (see `HopOffers`): up to
+    /// The EHLO reply in parts, as the session puts it together (see `HopBook`): up to
     /// its SIZE number, the number, then `ehlo_mid`, DSN when offered, and the end: with
     /// STARTTLS when `[tls]` offers it, without after STARTTLS.
     pub(super) ehlo_head: Box<[u8]>,

@@ -357,7 +357,7 @@ impl Session {
     /// The message size offered, and held to at MAIL: the smaller of `max_message_size`
     /// and what the next hops said they take.
     pub(super) fn size_limit(&self) -> u64 {
-        self.settings.hop_offers.size(self.settings.smtp.max_message_size)
+        self.settings.hop_book.size(self.settings.smtp.max_message_size)
     }
 
     /// Our name, for the next hop's EHLO.

@@ -1458,3 +1458,54 @@ fn the_next_hops_id_is_read_from_its_words_and_only_when_plain() {
     assert_eq!(id("queued as <script>"), None, "not plain: left out");
     assert_eq!(id(&format!("queued as {}", "a".repeat(65))), None, "too long");
 }
+
+#[test]
+fn a_next_hop_that_cannot_be_reached_is_skipped_until_its_backoff_is_over() {
+    let mut h = Harness::new();
+    h.unreachable = vec![0];
+    h.greet();
+    assert!(h.deliver("u@example.com", b"Subject: 1\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(h.dials, [(0, true), (1, true)], "hop 0 failed, hop 1 took it");
+    // another session of the snapshot: hop 0 is down, straight to hop 1
+    let session = |h: &Harness, after: u64| {
+        let mut s = Harness::with_settings_of(h);
+        s.now = h.now + Duration::from_secs(after);
+        s.unreachable = h.unreachable.clone();
+        s.greet();
+        s
+    };
+    let mut s = session(&h, 1);
+    assert!(s.deliver("u@example.com", b"Subject: 2\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(s.dials, [(1, true)], "hop 0 skipped while down");
+    // its backoff (5 s) over: one probe, which fails; the next backoff is 10 s
+    let mut s = session(&h, 6);
+    assert!(s.deliver("u@example.com", b"Subject: 3\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(s.dials, [(0, true), (1, true)], "probed");
+    let mut s = session(&h, 12);
+    assert!(s.deliver("u@example.com", b"Subject: 4\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(s.dials, [(1, true)], "10 s from the failed probe: still skipped");
+    // reachable again: the next probe brings it back
+    h.unreachable.clear();
+    let mut s = session(&h, 17);
+    assert!(s.deliver("u@example.com", b"Subject: 5\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(s.dials, [(0, true)], "probed, up");
+    let mut s = session(&h, 18);
+    assert!(s.deliver("u@example.com", b"Subject: 6\r\n\r\nx\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(s.dials, [(0, true)], "up: first in order again");
+}
+
+#[test]
+fn every_next_hop_down_is_451_at_once() {
+    let mut h = Harness::new();
+    h.unreachable = vec![0, 1];
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.dials, [(0, true), (1, true)]);
+    let mut s = Harness::with_settings_of(&h);
+    s.now = h.now + Duration::from_secs(1);
+    s.greet();
+    assert_eq!(s.send(b"MAIL FROM:<a@client.test>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert!(s.dials.is_empty(), "both known down: not tried, no wait");
+    let t = s.transactions();
+    assert_eq!(t[0].outcome, Outcome::Undelivered(Undelivered::HopFailed(HopFault::AllDown)));
+}

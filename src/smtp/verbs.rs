@@ -59,7 +59,7 @@ impl Session {
         }
         let name = String::from_utf8_lossy(args).into_owned();
         // DSN is offered (and its parameters taken) when the next hops take it
-        let dsn = extended && self.settings.hop_offers.dsn();
+        let dsn = extended && self.settings.hop_book.dsn();
         self.helo = Some(Helo { name, extended, dsn });
         let replies = &self.settings.replies;
         if !extended {
