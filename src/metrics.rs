@@ -1,5 +1,6 @@
 //! Prometheus text at `http://<[metrics] listen>/metrics`: what `mxgate stats` says, as
-//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges. One request a connection,
+//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges, and per next hop (label
+//! `next_hop`) whether it is up and its failures. One request a connection,
 //! served as [`crate::service`] serves every operator's client (a thread each, a few at
 //! once, the whole request within a deadline); anything but `GET /metrics` is answered
 //! 404 (or 400).
@@ -50,6 +51,20 @@ fn text(shared: &Shared) -> String {
         let (name, kind) =
             if gauge { (format!("mxgate_{name}"), "gauge") } else { (format!("mxgate_{name}_total"), "counter") };
         out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    // each next hop of the snapshot in force (its counts start again at a reload)
+    let snapshot = shared.snapshot();
+    let settings = &snapshot.smtp;
+    let hops: Vec<_> = settings.relay.next_hops.iter().zip(settings.hop_book.report()).collect();
+    if !hops.is_empty() {
+        out.push_str("# TYPE mxgate_next_hop_up gauge\n");
+        for (addr, (up, _)) in &hops {
+            out.push_str(&format!("mxgate_next_hop_up{{next_hop=\"{addr}\"}} {}\n", u8::from(*up)));
+        }
+        out.push_str("# TYPE mxgate_next_hop_failures_total counter\n");
+        for (addr, (_, failures)) in &hops {
+            out.push_str(&format!("mxgate_next_hop_failures_total{{next_hop=\"{addr}\"}} {failures}\n"));
+        }
     }
     let zones = shared.blocked_by_zone();
     if !zones.is_empty() {

@@ -127,7 +127,8 @@ fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
         }
     });
     let hop = NextHop::start(AtDot::Accept);
-    let config = config(&[hung_addr, hop.addr], "").replace("[relay]\n", "[relay]\nreply_timeout = \"1s\"\n");
+    let config = config(&[hung_addr, hop.addr], "").replace("[relay]\n", "[relay]\nreply_timeout = \"1s\"\n")
+        + "[metrics]\nlisten = \"127.0.0.1:0\"\n";
     let mut m = Mxgate::start(&config, &[], io);
     let mut s = session(&m, "127.0.10.10");
     assert!(transaction(&mut s, "", b"Subject: first\r\n\r\nx\r\n.\r\n").starts_with("250 2.0.0"));
@@ -137,6 +138,15 @@ fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
     assert!(transaction(&mut s, "", b"Subject: second\r\n\r\nx\r\n.\r\n").starts_with("250 2.0.0"));
     assert_eq!(hop.wait_messages(2).len(), 2);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the hung hop was not tried again");
+    // the metrics say which hop is down, and its failures
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let metrics = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address");
+    let mut c = connect_from("127.0.0.1", metrics.parse().expect("address"));
+    send(&mut c, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let body = read_to_end(&mut c).0;
+    assert!(body.contains(&format!("mxgate_next_hop_up{{next_hop=\"{hung_addr}\"}} 0\n")), "{body}");
+    assert!(body.contains(&format!("mxgate_next_hop_up{{next_hop=\"{}\"}} 1\n", hop.addr)), "{body}");
+    assert!(body.contains(&format!("mxgate_next_hop_failures_total{{next_hop=\"{hung_addr}\"}} 1\n")), "{body}");
 }
 
 fn no_next_hop_means_451(io: &str) {

@@ -135,6 +135,8 @@ pub struct HopBook {
     /// Per next hop: 0 until its first EHLO, then 1 without DSN, 2 with.
     dsn: Box<[AtomicU8]>,
     health: Box<[Mutex<Health>]>,
+    /// Per next hop: connections that failed or timed out (the metrics' failures).
+    failures: Box<[AtomicU64]>,
 }
 
 /// A next hop's health: down until when (none: up), and the backoff that put it there.
@@ -153,7 +155,15 @@ impl HopBook {
             sizes: (0..hops).map(|_| AtomicU64::new(0)).collect(),
             dsn: (0..hops).map(|_| AtomicU8::new(0)).collect(),
             health: (0..hops).map(|_| Mutex::default()).collect(),
+            failures: (0..hops).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Per next hop, in `next_hops` order: whether it is up (not down for a backoff), and
+    /// its failures so far (for the metrics).
+    pub fn report(&self) -> Vec<(bool, u64)> {
+        let up = (0..self.health.len()).map(|hop| self.health(hop).is_some_and(|h| h.down_until.is_none()));
+        up.zip(self.failures.iter().map(|f| f.load(Ordering::Relaxed))).collect()
     }
 
     fn health(&self, hop: usize) -> Option<std::sync::MutexGuard<'_, Health>> {
@@ -180,6 +190,9 @@ impl HopBook {
     /// doubled when it was down already (a probe failed).
     pub fn failed(&self, hop: usize, addr: Option<std::net::SocketAddr>, why: &str, now: Instant) {
         let Some(mut h) = self.health(hop) else { return };
+        if let Some(failures) = self.failures.get(hop) {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
         let was_up = h.down_until.is_none();
         h.backoff = if was_up { HOP_BACKOFF.0 } else { (h.backoff * 2).clamp(HOP_BACKOFF.0, HOP_BACKOFF.1) };
         h.down_until = Some(now + h.backoff);
