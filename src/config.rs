@@ -205,6 +205,18 @@ pub struct Relay {
     pub tls_verify: bool,
     /// The name next hops' certificates must carry; none: each next hop's IP address.
     pub tls_name: Option<String>,
+    /// How the peer's identity is told to the next hop; `None`: whichever it offers
+    /// (XCLIENT first).
+    pub forward_client: Option<ForwardClient>,
+}
+
+/// `[relay] forward_client`: the peer's address, port and greeting told to the next hop
+/// (Postfix's XCLIENT or XFORWARD), or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardClient {
+    Xclient,
+    Xforward,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -297,6 +309,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("relay", "tls_ca"),
     ("relay", "tls_verify"),
     ("relay", "tls_name"),
+    ("relay", "forward_client"),
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "min_version"),
@@ -502,6 +515,16 @@ impl Config {
                     Ok(_) => Ok(name.to_ascii_lowercase()),
                     Err(_) => Err(Invalid::NotAServerName(name.to_owned())),
                 }
+            }),
+            forward_client: r.value(t, "relay", "forward_client", |v| match str_of(v)? {
+                "xclient" => Ok(ForwardClient::Xclient),
+                "xforward" => Ok(ForwardClient::Xforward),
+                "off" => Ok(ForwardClient::Off),
+                other => Err(Invalid::NotOneOf {
+                    given: other.to_owned(),
+                    what: "a way to forward the client",
+                    choices: "\"xclient\", \"xforward\" or \"off\"",
+                }),
             }),
         };
 

@@ -220,6 +220,12 @@ impl ScriptedHop {
                     self.chunk = Some((size, last));
                     continue;
                 }
+                "XCLIENT" => {
+                    // a new session for the client named: greeted again, EHLO expected
+                    self.mail_open = false;
+                    self.rcpts_ok = 0;
+                    "220 hop.test ESMTP".into()
+                }
                 "DATA" if self.refuse_data.is_some() => self.refuse_data.unwrap_or_default().into(),
                 "DATA" if self.hold_data_reply => {
                     self.in_body = true;

@@ -380,6 +380,27 @@ fn peer_text_cannot_forge_log_fields(io: &str) {
     assert!(!line.contains('\u{2028}') && !line.contains('\u{202e}'), "{line}");
 }
 
+/// A real Postfix that trusts mxgate for XCLIENT (`smtpd_authorized_xclient_hosts`)
+/// logs the peer's own address for each message, not mxgate's: its checks judge the
+/// sender (Postfix offers XCLIENT only to the hosts it trusts so; to others nothing is sent).
+#[test]
+fn postfix_sees_the_peer_through_xclient() {
+    let Some(postfix) = common::postfix::Postfix::start("smtpd_authorized_xclient_hosts = 127.0.0.0/8\n") else {
+        return;
+    };
+    let m = Mxgate::start(&config(&[postfix.addr], ""), &[], "uring");
+    for i in 0..2 {
+        let mut s = session(&m, &format!("127.0.23.{}", 5 + i));
+        assert!(transaction(&mut s, "", b"Subject: who\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0"));
+    }
+    for peer in ["127.0.23.5", "127.0.23.6"] {
+        common::wait_until("Postfix's log names the peer", || {
+            postfix.log().contains(&format!("client=unknown[{peer}]"))
+        });
+    }
+    assert!(!postfix.log().contains("client=localhost[127.0.0.1]"), "{}", postfix.log());
+}
+
 /// A real Postfix's `message_size_limit` becomes the SIZE mxgate offers (less room for its
 /// trace header) once a connection has heard Postfix's EHLO, and a MAIL declaring more is
 /// refused at once, before anything reaches Postfix.

@@ -178,6 +178,7 @@ impl<I: Io> Host<I> {
                     now,
                     unix,
                 );
+                session.set_port(addr.port());
                 if self.drain != Drain::Serving {
                     session.shutdown(now);
                 }
@@ -462,9 +463,9 @@ fn judge(
     (now, unix): (Instant, UnixTime),
 ) {
     let balancer = conn.session().peer();
-    let (peer, proxy_id) = match header {
-        proxy::Header::Proxied { source, unique_id, .. } => (PeerIp::from(source), unique_id),
-        proxy::Header::Local | proxy::Header::Unknown => (balancer, None),
+    let (peer, port, proxy_id) = match header {
+        proxy::Header::Proxied { source, unique_id, .. } => (PeerIp::from(source), Some(source.port()), unique_id),
+        proxy::Header::Local | proxy::Header::Unknown => (balancer, None, None),
     };
     let snapshot = Arc::clone(conn.snapshot_arc());
     let verdict = gate::admit(&snapshot, shared.abuse(), peer, unix);
@@ -480,7 +481,7 @@ fn judge(
                 shadow_list(list, peer, unix, shared, counts);
             }
             let screening = screening(&snapshot, shared, peer, whitelisted, now, unix);
-            conn.handle(Input::Allowed { peer, whitelisted, admission, proxy_id, screening, rest }, now);
+            conn.handle(Input::Allowed { peer, port, whitelisted, admission, proxy_id, screening, rest }, now);
         }
     }
 }

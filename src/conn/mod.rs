@@ -108,6 +108,8 @@ pub enum Input<'a> {
     /// the header) is its first input.
     Allowed {
         peer: PeerIp,
+        /// The peer's source port, when the header carries one.
+        port: Option<u16>,
         whitelisted: bool,
         admission: Admission,
         proxy_id: Option<Vec<u8>>,
@@ -433,9 +435,12 @@ impl Connection {
             return;
         }
         match input {
-            Input::Allowed { peer, whitelisted, admission, proxy_id, screening, rest } => {
+            Input::Allowed { peer, port, whitelisted, admission, proxy_id, screening, rest } => {
                 self.stage = Stage::screening(screening.pregreet, screening.zones);
                 self.session.set_peer(peer);
+                if let Some(port) = port {
+                    self.session.set_port(port);
+                }
                 self.whitelisted = whitelisted;
                 self._admission = Some(admission);
                 self.proxy_id = proxy_id;

@@ -91,6 +91,33 @@ pub struct Extensions {
     pub chunking: bool,
     /// RFC 3461: takes DSN parameters.
     pub dsn: bool,
+    /// Postfix's XCLIENT: the attributes it takes (`attrs::*`); `None`: not offered.
+    pub xclient: Option<u8>,
+    /// Postfix's XFORWARD: the attributes it takes; `None`: not offered.
+    pub xforward: Option<u8>,
+}
+
+/// The client attributes XCLIENT and XFORWARD carry, as a next hop lists them.
+pub mod attrs {
+    pub const NAME: u8 = 1;
+    pub const ADDR: u8 = 2;
+    pub const PORT: u8 = 4;
+    pub const PROTO: u8 = 8;
+    pub const HELO: u8 = 16;
+
+    /// The attributes named in an EHLO line's words after the keyword.
+    pub fn parse<'a>(words: impl Iterator<Item = &'a str>) -> u8 {
+        words
+            .map(|w| match w.to_ascii_uppercase().as_str() {
+                "NAME" => NAME,
+                "ADDR" => ADDR,
+                "PORT" => PORT,
+                "PROTO" => PROTO,
+                "HELO" => HELO,
+                _ => 0,
+            })
+            .fold(0, |a, b| a | b)
+    }
 }
 
 /// The command a reply answers.
@@ -105,6 +132,8 @@ pub enum Command {
     Bdat,
     /// `BDAT n LAST`: its reply is the one to the whole message.
     BdatLast,
+    /// XFORWARD: the client's attributes for the next transaction.
+    Xforward,
     Rset,
     Quit,
 }
@@ -162,6 +191,8 @@ enum State {
     StartTls,
     /// 220 to STARTTLS: the TLS layer does the handshake.
     Handshake,
+    /// XCLIENT sent: the next hop greets again (220), then EHLO again.
+    Xclient,
     Ready,
     Failed,
 }
@@ -272,6 +303,17 @@ impl Upstream {
                 self.state = State::Ready;
                 self.events.push_back(Progress::Ready);
             }
+            State::Xclient if reply.code == 220 => {
+                // a new session at the next hop, for the client named: greet it again
+                self.state = State::Hello { extended: true };
+                self.write_line(format!("EHLO {}", self.hostname).as_bytes());
+            }
+            State::Xclient => {
+                // refused (not authorized): on as ourselves
+                tracing::debug!(code = reply.code, "next hop refused XCLIENT");
+                self.state = State::Ready;
+                self.events.push_back(Progress::Ready);
+            }
             State::StartTls if reply.code == 220 => {
                 self.state = State::Handshake;
                 self.starttls = true;
@@ -304,6 +346,8 @@ impl Upstream {
                 "STARTTLS" => self.ext.starttls = true,
                 "CHUNKING" => self.ext.chunking = true,
                 "DSN" => self.ext.dsn = true,
+                "XCLIENT" => self.ext.xclient = Some(attrs::parse(words)),
+                "XFORWARD" => self.ext.xforward = Some(attrs::parse(words)),
                 _ => {}
             }
         }
@@ -345,6 +389,14 @@ impl Upstream {
         debug_assert_eq!(self.state, State::Ready);
         self.write_line(line);
         self.pending.push_back(cmd);
+    }
+
+    /// Sends XCLIENT (`line`, CRLF added): the next hop greets again and is asked EHLO
+    /// again; `Progress::Ready` comes when it is ready for MAIL (also when it refuses).
+    pub fn xclient(&mut self, line: &[u8]) {
+        debug_assert_eq!(self.state, State::Ready);
+        self.write_line(line);
+        self.state = State::Xclient;
     }
 
     /// Body bytes, already dot-stuffed, CRLF line ends only.
@@ -420,7 +472,7 @@ impl Upstream {
     /// A reply is expected: to the greeting, EHLO or a command sent.
     pub fn awaits_reply(&self) -> bool {
         match self.state {
-            State::Greeting | State::Hello { .. } | State::StartTls | State::Handshake => true,
+            State::Greeting | State::Hello { .. } | State::StartTls | State::Handshake | State::Xclient => true,
             State::Ready => !self.pending.is_empty(),
             State::Failed => false,
         }
@@ -459,7 +511,9 @@ mod tests {
                 size: Some(1000),
                 starttls: false,
                 chunking: false,
-                dsn: false
+                dsn: false,
+                xclient: None,
+                xforward: None
             }
         );
         assert!(u.is_idle());

@@ -26,6 +26,7 @@ use super::link::Link;
 use super::outcome::{HopFault, Outcome, Undelivered};
 use super::replies::*;
 use super::session::{Body, Phase, Reader, Session, Waiting};
+use crate::config::ForwardClient;
 
 impl Session {
     // ---- the next hop's port -------------------------------------------------------------
@@ -110,6 +111,11 @@ impl Session {
         }
         let behind = std::mem::take(&mut self.fwd.waiting);
         self.send_mail(link, now);
+        if matches!(self.fwd.waiting.front(), Some(Waiting::Link { .. })) {
+            // MAIL waits for the next hop to greet again (XCLIENT): so does what followed it
+            self.fwd.waiting.extend(behind.into_iter().skip(1));
+            return;
+        }
         for waiting in behind.into_iter().skip(1) {
             match waiting {
                 Waiting::Rcpt(to, dsn) if self.txn.is_some() => self.forward_rcpt(link, to, dsn, now),
@@ -123,6 +129,10 @@ impl Session {
     }
 
     fn send_mail(&mut self, link: &mut Link, now: Instant) {
+        if self.txn.as_ref().is_some_and(|t| !t.introduced) && self.introduce(link, now) {
+            // MAIL once the next hop greeted again (XCLIENT) or said yes (XFORWARD)
+            return;
+        }
         let (Link::Up(l), Some(txn)) = (link, &mut self.txn) else { return };
         let ext = l.up.extensions();
         if (txn.eight_bit && !ext.eight_bit_mime) || (txn.smtputf8 && !ext.smtputf8) {
@@ -150,6 +160,63 @@ impl Session {
 
     /// A recipient, with its DSN parameters when the next hop takes DSN (else they are
     /// left out: DSN was offered because the next hops known then took it).
+    /// Tells the next hop who the peer is before the transaction (`[relay]
+    /// forward_client`), as it offers: XCLIENT (it greets again; MAIL follows its
+    /// Ready), else XFORWARD (its reply goes to no one; MAIL right behind it, as Postfix,
+    /// the one server that offers it, takes). True when MAIL must wait.
+    fn introduce(&mut self, link: &mut Link, now: Instant) -> bool {
+        let Some(txn) = &mut self.txn else { return false };
+        txn.introduced = true;
+        let Link::Up(l) = link else { return false };
+        let ext = l.up.extensions();
+        let mode = self.settings.relay.forward_client;
+        let (verb, offered) = match (mode, ext.xclient, ext.xforward) {
+            (Some(ForwardClient::Off), ..) => return false,
+            (None | Some(ForwardClient::Xclient), Some(offered), _) => ("XCLIENT", offered),
+            (None | Some(ForwardClient::Xforward), _, Some(offered)) => ("XFORWARD", offered),
+            _ => return false,
+        };
+        let line = format!("{verb}{}", self.client_attributes(offered));
+        if verb == "XCLIENT" {
+            l.up.xclient(line.as_bytes());
+            self.fwd.waiting.push_front(Waiting::Link { hop: l.hop, pooled_ok: false });
+            self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
+            return true;
+        }
+        l.up.command(Command::Xforward, line.as_bytes());
+        self.await_reply(Waiting::Xforward, now);
+        false
+    }
+
+    /// The peer's attributes the next hop takes (`offered`), each value xtext: its
+    /// address (IPv6 as `IPV6:`), port, greeting name and protocol; its name unknown.
+    fn client_attributes(&self, offered: u8) -> String {
+        use super::client::attrs;
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        if offered & attrs::NAME != 0 {
+            out.push_str(" NAME=[UNAVAILABLE]");
+        }
+        if offered & attrs::ADDR != 0 {
+            let _ = match self.peer.ip() {
+                std::net::IpAddr::V4(a) => write!(out, " ADDR={a}"),
+                std::net::IpAddr::V6(a) => write!(out, " ADDR=IPV6:{a}"),
+            };
+        }
+        if let (true, Some(port)) = (offered & attrs::PORT != 0, self.port) {
+            let _ = write!(out, " PORT={port}");
+        }
+        if let (true, Some(helo)) = (offered & attrs::HELO != 0, &self.helo) {
+            out.push_str(" HELO=");
+            xtext(helo.name.as_bytes(), &mut out);
+        }
+        if offered & attrs::PROTO != 0 {
+            let extended = self.helo.as_ref().is_some_and(|h| h.extended);
+            out.push_str(if extended { " PROTO=ESMTP" } else { " PROTO=SMTP" });
+        }
+        out
+    }
+
     pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: super::address::Path, dsn: Box<str>, now: Instant) {
         let hop_dsn = matches!(link, Link::Up(l) if l.up.extensions().dsn);
         let line = if hop_dsn { format!("RCPT TO:{to}{dsn}") } else { format!("RCPT TO:{to}") };
@@ -257,6 +324,8 @@ impl Session {
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(link, reply, now),
             (Some(Waiting::Rcpt(to, _)), Command::Rcpt) => self.answer_rcpt(link, to, reply),
+            // refused or not, MAIL went on behind it
+            (Some(Waiting::Xforward), Command::Xforward) => {}
             (Some(Waiting::Data), Command::Data) => self.answer_data(link, reply, now),
             (Some(Waiting::ChunkData), Command::Data) => self.answer_chunk_data(link, reply, now),
             (Some(Waiting::Chunk), Command::Bdat) => self.answer_chunk(link, reply, now),
@@ -433,6 +502,13 @@ impl Session {
         link.drop();
         self.fwd.deadline = None;
         let mut owed = std::mem::take(&mut self.fwd.waiting);
+        if matches!(owed.front(), Some(Waiting::Xforward)) {
+            // the introduction goes again on the next connection, with MAIL
+            owed.pop_front();
+        }
+        if let Some(t) = &mut self.txn {
+            t.introduced = false;
+        }
         if owed.is_empty() {
             // between commands or during a body: the transaction cannot complete
             if let Some(t) = &mut self.txn {
@@ -473,7 +549,7 @@ impl Session {
     fn answer_failure(&mut self, waiting: Waiting, fault: HopFault, now: Instant) {
         match waiting {
             Waiting::Rset => self.reply(OK),
-            Waiting::Reset => {}
+            Waiting::Reset | Waiting::Xforward => {}
             Waiting::Rcpt(..) => self.refuse_recipient(NEXT_HOP_FAILED),
             Waiting::Data => self.reply(NEXT_HOP_FAILED),
             Waiting::ChunkData | Waiting::Chunk | Waiting::ChunkLast => {
@@ -698,4 +774,17 @@ pub(super) fn hop_queue_id(reply: &Reply) -> Option<String> {
     let id = after_queued_as.or(id_equals)?.trim_end_matches([')', '.', ',', ';']);
     let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     (plain && (1..=64).contains(&id.len())).then(|| id.to_owned())
+}
+
+/// Appends `value` as RFC 3461 xtext: printable ASCII but "+" and "=" as they are, any
+/// other octet as "+XX".
+pub(super) fn xtext(value: &[u8], out: &mut String) {
+    use std::fmt::Write as _;
+    for &b in value {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "+{b:02X}");
+        }
+    }
 }

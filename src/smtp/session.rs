@@ -164,6 +164,8 @@ pub(super) struct Txn {
     pub(super) to: Vec<String>,
     /// The next hop's id for the message, from its reply to the end of data.
     pub(super) hop_id: Option<String>,
+    /// The peer's identity was told to the next hop (XCLIENT, XFORWARD), or need not be.
+    pub(super) introduced: bool,
     /// The next hop failed mid-transaction, how: the rest gets 451.
     pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
@@ -208,6 +210,8 @@ pub(super) enum Waiting {
         pooled_ok: bool,
     },
     Mail,
+    /// Our XFORWARD before MAIL: its reply goes to no one.
+    Xforward,
     /// A recipient and its DSN parameters as given (" NOTIFY=... ORCPT=...").
     Rcpt(Path, Box<str>),
     Data,
@@ -284,6 +288,8 @@ pub struct Session {
     /// Where its transactions' ids come from (one per process).
     ids: Arc<TransactionIds>,
     pub(super) peer: PeerIp,
+    /// The peer's source port, when known (for XCLIENT and XFORWARD).
+    pub(super) port: Option<u16>,
     pub(super) phase: Phase,
     /// The peer's bytes: those not yet processed, the command line being received.
     pub(super) reader: Reader,
@@ -321,6 +327,7 @@ impl Session {
             settings,
             ids,
             peer,
+            port: None,
             phase: Phase::Open,
             reader: Reader::default(),
             out,
@@ -352,6 +359,11 @@ impl Session {
     /// balancer's PROXY header named (before the banner goes out).
     pub fn set_peer(&mut self, peer: PeerIp) {
         self.peer = peer;
+    }
+
+    /// The peer's source port (told to a next hop that takes XCLIENT or XFORWARD).
+    pub fn set_port(&mut self, port: u16) {
+        self.port = Some(port);
     }
 
     /// The message size offered, and held to at MAIL: the smaller of `max_message_size`

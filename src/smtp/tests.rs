@@ -1509,3 +1509,41 @@ fn every_next_hop_down_is_451_at_once() {
     let t = s.transactions();
     assert_eq!(t[0].outcome, Outcome::Undelivered(Undelivered::HopFailed(HopFault::AllDown)));
 }
+
+#[test]
+fn the_peer_is_introduced_to_a_next_hop_by_xclient_before_each_transaction() {
+    let mut h = Harness::new();
+    h.session.set_port(40007);
+    h.hop.ehlo.push("XCLIENT NAME ADDR PORT PROTO HELO LOGIN");
+    assert!(h.send(b"EHLO client+x.test\r\n").starts_with("250-mx.test"));
+    // pipelined envelope: the RCPT waits for the next hop to greet again after XCLIENT
+    let got = h.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\n");
+    assert_eq!(got, "250 2.1.0 sender OK\r\n250 2.1.5 recipient OK\r\n");
+    let commands = h.hop.commands.clone();
+    let xclient = "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40007 HELO=client+2Bx.test PROTO=ESMTP";
+    let at = commands.iter().position(|c| c == xclient).unwrap_or_else(|| panic!("{commands:?}"));
+    assert!(commands[at + 1].starts_with("EHLO "), "greeted again, EHLO again: {commands:?}");
+    assert!(commands[at + 2].starts_with("MAIL FROM:<a@client.test>"), "{commands:?}");
+    assert!(!commands.iter().any(|c| c.contains("LOGIN=")), "LOGIN never");
+    assert!(h.send(b"BDAT 1 LAST\r\nx").starts_with(QUEUED));
+    // the next transaction on the same connection is introduced again
+    h.envelope();
+    assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("XCLIENT ")).count(), 2);
+}
+
+#[test]
+fn xforward_goes_ahead_of_mail_and_off_means_off() {
+    let mut h = Harness::new();
+    h.hop.ehlo.push("XFORWARD NAME ADDR PROTO HELO SOURCE");
+    h.greet();
+    h.envelope();
+    let commands = h.hop.commands.clone();
+    let at = commands.iter().position(|c| c.starts_with("XFORWARD ")).expect("XFORWARD");
+    assert_eq!(commands[at], "XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=client.test PROTO=ESMTP");
+    assert!(commands[at + 1].starts_with("MAIL FROM:"), "{commands:?}");
+    let mut off = Harness::with_config(&format!("{CONFIG}forward_client = \"off\"\n"));
+    off.hop.ehlo.push("XCLIENT NAME ADDR PORT PROTO HELO");
+    off.greet();
+    off.envelope();
+    assert!(!off.hop.commands.iter().any(|c| c.starts_with("XCLIENT")), "{:?}", off.hop.commands);
+}

@@ -135,6 +135,7 @@ impl Session {
             dsn: String::new(),
             to: Vec::new(),
             hop_id: None,
+            introduced: false,
             broken: None,
             hop: None,
         };
