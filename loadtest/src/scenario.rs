@@ -131,6 +131,8 @@ pub struct Options {
     pub sink: Option<SocketAddr>,
     /// The sink forgets every Nth message it answers 250 to (a faulty next hop; 0: never).
     pub sink_drops_every: u64,
+    /// The sink offers XCLIENT (and greets again after one, as Postfix does).
+    pub sink_xclient: bool,
     /// A progress line a second on standard error.
     pub progress: bool,
     /// `relay` against a server whose next hop is not the harness's sink (the C yardstick,
@@ -171,6 +173,7 @@ impl Default for Options {
             expect: "530".into(),
             sink: None,
             sink_drops_every: 0,
+            sink_xclient: false,
             progress: false,
             unchecked: false,
             reload_every: Duration::from_millis(200),
@@ -193,7 +196,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let sink = if opts.scenario.relays() && !opts.unchecked {
         let at = opts.sink.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         check_target(at)?;
-        Some(Sink::start(at, opts.sink_drops_every).map_err(|e| format!("cannot start the sink on {at}: {e}"))?)
+        Some(
+            Sink::start(at, opts.sink_drops_every, opts.sink_xclient)
+                .map_err(|e| format!("cannot start the sink on {at}: {e}"))?,
+        )
     } else {
         None
     };

@@ -33,7 +33,8 @@ pub struct Sink {
 impl Sink {
     /// Listens on `addr` (port 0: any). `drop_every`: answer 250 to every such message but
     /// forget it, as a faulty next hop would (0: never), for the harness's own test.
-    pub fn start(addr: SocketAddr, drop_every: u64) -> std::io::Result<Sink> {
+    /// `xclient`: offers XCLIENT (Postfix's) and, after one, greets again as Postfix does.
+    pub fn start(addr: SocketAddr, drop_every: u64, xclient: bool) -> std::io::Result<Sink> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Received::default()));
@@ -48,7 +49,7 @@ impl Sink {
                 let Ok(stream) = stream else { continue };
                 let (r, c) = (r.clone(), c.clone());
                 let _ = std::thread::Builder::new().name("sink-conn".into()).spawn(move || {
-                    let _ = serve(stream, &r, &c, drop_every);
+                    let _ = serve(stream, &r, &c, drop_every, xclient);
                 });
             }
         })?;
@@ -68,7 +69,13 @@ impl Drop for Sink {
     }
 }
 
-fn serve(stream: TcpStream, received: &Mutex<Received>, count: &AtomicU64, drop_every: u64) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    received: &Mutex<Received>,
+    count: &AtomicU64,
+    drop_every: u64,
+    xclient: bool,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -83,8 +90,13 @@ fn serve(stream: TcpStream, received: &Mutex<Received>, count: &AtomicU64, drop_
         let verb = line.split(|&b| b == b' ' || b == b'\r').next().unwrap_or_default().to_ascii_uppercase();
         match verb.as_slice() {
             b"EHLO" => {
-                replies.extend_from_slice(b"250-sink.loadtest\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0\r\n")
+                replies.extend_from_slice(b"250-sink.loadtest\r\n250-PIPELINING\r\n250-8BITMIME\r\n");
+                if xclient {
+                    replies.extend_from_slice(b"250-XCLIENT NAME ADDR PORT PROTO HELO\r\n");
+                }
+                replies.extend_from_slice(b"250 SIZE 0\r\n");
             }
+            b"XCLIENT" if xclient => replies.extend_from_slice(b"220 sink.loadtest ESMTP\r\n"),
             // the users a dictionary attack guesses do not exist
             b"RCPT" if line.windows(8).any(|w| w.eq_ignore_ascii_case(b"<unknown")) => {
                 replies.extend_from_slice(b"550 5.1.1 no such user here\r\n");

@@ -45,6 +45,9 @@ struct Cli {
     /// Each message in one `BDAT <n> LAST` chunk (CHUNKING) in place of DATA.
     #[arg(long)]
     bdat: bool,
+    /// The sink offers XCLIENT (Postfix's) and greets again after one.
+    #[arg(long)]
+    sink_xclient: bool,
     #[arg(long, default_value_t = 1)]
     messages_per_connection: u32,
     /// Bytes of each message's content.
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         expect: cli.expect,
         sink: cli.sink,
         sink_drops_every: 0,
+        sink_xclient: cli.sink_xclient,
         progress: true,
         unchecked: cli.unchecked,
         reload_every: cli.reload_every,
