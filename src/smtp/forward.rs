@@ -617,13 +617,7 @@ impl Session {
             }
             let faulted = chunks.filter.fault().is_some();
             let mut discard = Vec::new();
-            let sink = match &mut *link {
-                Link::Up(l) if txn.broken.is_none() && !faulted => {
-                    l.hold &= octets.is_empty();
-                    l.up.data_sink()
-                }
-                _ => &mut discard,
-            };
+            let sink = body_sink(link, txn.broken.is_none() && !faulted, octets, &mut discard);
             chunks.filter.feed(octets, sink);
             if !faulted && chunks.filter.fault().is_some() {
                 // abandon what the next hop has of the message: close without its end; a
@@ -682,13 +676,7 @@ impl Session {
         let Some(body) = txn.body.as_mut() else { return };
         let faulted = body.filter.fault().is_some();
         let mut discard = Vec::new();
-        let sink = match &mut *link {
-            Link::Up(l) if txn.broken.is_none() && !faulted => {
-                l.hold &= input.is_empty();
-                l.up.data_sink()
-            }
-            _ => &mut discard,
-        };
+        let sink = body_sink(link, txn.broken.is_none() && !faulted, input, &mut discard);
         let end = body.filter.feed(input, sink);
         let fault_now = !faulted && body.filter.fault().is_some();
         self.reader.pos = end.map_or(self.reader.input.len(), |n| self.reader.pos + n);
@@ -774,6 +762,19 @@ pub(super) fn hop_queue_id(reply: &Reply) -> Option<String> {
     let id = after_queued_as.or(id_equals)?.trim_end_matches([')', '.', ',', ';']);
     let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     (plain && (1..=64).contains(&id.len())).then(|| id.to_owned())
+}
+
+/// Where a message's bytes go, DATA's or BDAT's: the next hop's output while it can take
+/// them (`relaying`: the transaction is whole and the message not faulty), else `discard`.
+/// The trace header waits for the first of `input` to go out with it.
+fn body_sink<'a>(link: &'a mut Link, relaying: bool, input: &[u8], discard: &'a mut Vec<u8>) -> &'a mut Vec<u8> {
+    match link {
+        Link::Up(l) if relaying => {
+            l.hold &= input.is_empty();
+            l.up.data_sink()
+        }
+        _ => discard,
+    }
 }
 
 /// Appends `value` as RFC 3461 xtext: printable ASCII but "+" and "=" as they are, any
