@@ -401,6 +401,36 @@ fn postfix_sees_the_peer_through_xclient() {
     assert!(!postfix.log().contains("client=localhost[127.0.0.1]"), "{}", postfix.log());
 }
 
+/// A real Postfix offers DSN: once mxgate has heard its EHLO it offers DSN too, and
+/// Postfix takes the DSN parameters mxgate passes on verbatim (a malformed one it would
+/// refuse with 501).
+#[test]
+fn dsn_parameters_reach_postfix() {
+    let Some(postfix) = common::postfix::Postfix::start("") else { return };
+    let m = Mxgate::start(&config(&[postfix.addr], "").replace("threads = 2", "threads = 1"), &[], "uring");
+    let mut s = session(&m, "127.0.24.1");
+    assert!(transaction(&mut s, "", b"Subject: first\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0"));
+    send(&mut s, b"EHLO client.test\r\n");
+    assert!(read_replies(&mut s, 1).contains("250-DSN\r\n"), "Postfix's DSN learned");
+    send(&mut s, b"MAIL FROM:<sender@client.test> RET=HDRS ENVID=env+2B1\r\n");
+    // a positive reply is ours; a refusal would be Postfix's own, passed on
+    assert_eq!(read_replies(&mut s, 1), "250 2.1.0 sender OK\r\n", "Postfix took RET and ENVID");
+    send(&mut s, b"RCPT TO:<user@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user@example.com\r\n");
+    assert_eq!(read_replies(&mut s, 1), "250 2.1.5 recipient OK\r\n", "and NOTIFY and ORCPT");
+    send(&mut s, b"DATA\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("354 "));
+    send(&mut s, b"Subject: dsn\r\n\r\nhi\r\n.\r\n");
+    let reply = read_replies(&mut s, 1);
+    // our 250 names Postfix's queue id: its queue file carries the DSN fields
+    let id = reply.split("(next hop: ").nth(1).and_then(|r| r.strip_suffix(")\r\n")).expect("Postfix's id");
+    let records = postfix.postcat(id);
+    // ENVID's xtext decoded; RET=HDRS is 2, NOTIFY=SUCCESS,FAILURE 6 (Postfix's flags)
+    let fields = ["envelope_id=env+1", "ret_flags=2", "notify_flags=6", "dsn_orig_rcpt=rfc822;user@example.com"];
+    for field in fields {
+        assert!(records.contains(field), "{field}: {records}");
+    }
+}
+
 /// A real Postfix's `message_size_limit` becomes the SIZE mxgate offers (less room for its
 /// trace header) once a connection has heard Postfix's EHLO, and a MAIL declaring more is
 /// refused at once, before anything reaches Postfix.

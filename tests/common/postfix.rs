@@ -92,6 +92,13 @@ impl Postfix {
         std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
     }
 
+    /// A queued message's records as `postcat` prints them (its envelope and DSN fields).
+    pub fn postcat(&self, queue_id: &str) -> String {
+        let out = Command::new("postcat").args(["-c", &self.conf(), "-e", "-q", queue_id]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+            .unwrap_or_default()
+    }
+
     fn conf(&self) -> String {
         Path::new(self.dir.path()).join("conf").display().to_string()
     }
