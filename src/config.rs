@@ -187,7 +187,11 @@ pub struct Smtp {
 pub struct Relay {
     /// Lower-case domains; a leading `.` also matches every subdomain.
     pub domains: Vec<String>,
+    /// The next hops' addresses, in order (a name's addresses where it stood, once the
+    /// file is loaded: see `Config::load`).
     pub next_hops: Vec<SocketAddr>,
+    /// `next_hops` as written: addresses, and names to resolve.
+    pub next_hop_names: Vec<HopName>,
     /// Longest wait for a connection to the next hop to be made.
     pub connect_timeout: Duration,
     /// Longest wait for any reply of the next hop (its greeting too).
@@ -208,6 +212,14 @@ pub struct Relay {
     /// How the peer's identity is told to the next hop; `None`: whichever it offers
     /// (XCLIENT first).
     pub forward_client: Option<ForwardClient>,
+}
+
+/// A `[relay] next_hops` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HopName {
+    Addr(SocketAddr),
+    /// `host:port`, resolved when the file is loaded (at start and at each reload).
+    Name(String, u16),
 }
 
 /// `[relay] forward_client`: the peer's address, port and greeting told to the next hop
@@ -384,6 +396,9 @@ impl Config {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::parse(&text, file, &base)?;
         config.file = Some(file.to_owned());
+        config.relay.next_hops = resolve(&config.relay.next_hop_names).map_err(|fault| {
+            Problems(vec![Problem { key: Some("relay.next_hops".into()), ..Problem::in_file(file, fault) }])
+        })?;
         Ok(config)
     }
 
@@ -485,9 +500,10 @@ impl Config {
         let t = r.section(root, "relay", &keys_of("relay"));
         let relay = Relay {
             domains: r.value(t, "relay", "domains", domains).unwrap_or_default(),
-            next_hops: r
-                .value(t, "relay", "next_hops", socket_addrs)
-                .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 2526))]),
+            next_hop_names: r
+                .value(t, "relay", "next_hops", hop_names)
+                .unwrap_or_else(|| vec![HopName::Addr(SocketAddr::from(([127, 0, 0, 1], 2526)))]),
+            next_hops: Vec::new(),
             connect_timeout: r
                 .value(t, "relay", "connect_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(10)),
@@ -527,6 +543,17 @@ impl Config {
                 }),
             }),
         };
+
+        // the addresses written as such now; names once the file is loaded
+        let mut relay = relay;
+        relay.next_hops = relay
+            .next_hop_names
+            .iter()
+            .filter_map(|n| match n {
+                HopName::Addr(a) => Some(*a),
+                HopName::Name(..) => None,
+            })
+            .collect();
 
         let t = r.section(root, "tls", &keys_of("tls"));
         let given = |key| t.and_then(|t| find(t, key)).is_some();
@@ -930,6 +957,61 @@ fn ipv4_range(s: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), Inval
     Ok((lo, hi))
 }
 
+/// `[relay] next_hops`: socket addresses and `host:port` names, none twice.
+fn hop_names(v: &Value<'_>) -> Result<Vec<HopName>, Invalid> {
+    let names = list_of::<_, Invalid>(v, |s: &str| {
+        if let Ok(addr) = s.parse() {
+            return Ok(HopName::Addr(addr));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| Invalid::NotAHostPort(s.to_owned()))?;
+        let port = port.parse().map_err(|_| Invalid::NotAHostPort(s.to_owned()))?;
+        let host = valid_hostname(host).map_err(|_| Invalid::NotAHostPort(s.to_owned()))?;
+        Ok(HopName::Name(host.to_ascii_lowercase(), port))
+    })?;
+    if names.is_empty() {
+        return Err(Invalid::NoAddress);
+    }
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return Err(Invalid::Twice(match n {
+                HopName::Addr(a) => a.to_string(),
+                HopName::Name(h, p) => format!("{h}:{p}"),
+            }));
+        }
+    }
+    Ok(names)
+}
+
+/// The next hops' addresses: each address as it is, each name's addresses (A and AAAA,
+/// as the system's resolver orders them) where the name stood, none twice. Only
+/// `Config::load` resolves (the text alone never makes a query).
+pub fn resolve(names: &[HopName]) -> Result<Vec<SocketAddr>, Invalid> {
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for name in names {
+        let found: Vec<SocketAddr> = match name {
+            HopName::Addr(a) => vec![*a],
+            HopName::Name(host, port) => (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| Invalid::Unresolved { name: format!("{host}:{port}"), why: e.to_string() })?
+                .collect(),
+        };
+        if found.is_empty() {
+            let name = match name {
+                HopName::Addr(a) => a.to_string(),
+                HopName::Name(h, p) => format!("{h}:{p}"),
+            };
+            return Err(Invalid::Unresolved { name, why: "no address".into() });
+        }
+        for a in found {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+    }
+    Ok(addrs)
+}
+
 fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, Invalid> {
     let addrs = list_of(v, socket_addr)?;
     if addrs.is_empty() {
@@ -1168,5 +1250,32 @@ mod tests {
         let problems = parse("[listen]\naddresses = []\n[relay]\nnext_hops = [\"x\"]\n").unwrap_err().0;
         assert_eq!(problems.len(), 2);
         assert!(problems[1].fault.to_string().contains("element 1"), "{}", problems[1]);
+    }
+
+    #[test]
+    fn next_hops_by_address_or_name_resolved_only_when_the_file_is_loaded() {
+        let text = "[relay]\nnext_hops = [\"127.0.0.1:2525\", \"Localhost:2626\", \"[::1]:2727\"]\n";
+        let c = Config::parse(text, Path::new("m.toml"), Path::new(".")).unwrap();
+        assert_eq!(
+            c.relay.next_hop_names,
+            [
+                HopName::Addr("127.0.0.1:2525".parse().unwrap()),
+                HopName::Name("localhost".into(), 2626),
+                HopName::Addr("[::1]:2727".parse().unwrap()),
+            ]
+        );
+        assert_eq!(c.relay.next_hops.len(), 2, "parsing the text makes no query: the name waits");
+        // resolved in place (this machine's /etc/hosts has localhost), duplicates dropped
+        let addrs = resolve(&c.relay.next_hop_names).unwrap();
+        assert_eq!(addrs[0], "127.0.0.1:2525".parse().unwrap());
+        assert!(addrs[1..].contains(&"127.0.0.1:2626".parse().unwrap()), "{addrs:?}");
+        assert_eq!(addrs.last(), Some(&"[::1]:2727".parse().unwrap()));
+        for bad in
+            ["\"mail.internal\"", "\"mail internal:25\"", "\"mail.internal:99999\"", "\"a.test:25\", \"A.test:25\""]
+        {
+            let text = format!("[relay]\nnext_hops = [{bad}]\n");
+            let e = Config::parse(&text, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains("relay.next_hops"), "{bad}: {e}");
+        }
     }
 }

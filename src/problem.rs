@@ -157,6 +157,11 @@ pub enum Invalid {
     Twice(String),
     #[error("give at least one address")]
     NoAddress,
+    /// A next hop's name that does not resolve (the resolver's words).
+    #[error("`{name}` does not resolve: {why}")]
+    Unresolved { name: String, why: String },
+    #[error("`{0}` is neither a socket address nor host:port (e.g. \"mail.internal:25\")")]
+    NotAHostPort(String),
     /// `cluster.prefix`: a character it cannot have.
     #[error("`{0}`: letters, digits, `_`, `.` and `-` only")]
     KeyPrefix(String),

@@ -149,6 +149,19 @@ fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
     assert!(body.contains(&format!("mxgate_next_hop_failures_total{{next_hop=\"{hung_addr}\"}} 1\n")), "{body}");
 }
 
+/// A next hop given by name (`localhost:port`, from /etc/hosts: no query leaves the
+/// machine) is resolved when the file is loaded and relayed to.
+fn a_next_hop_by_name(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let by_name =
+        config(&[hop.addr], "").replace(&format!("\"{}\"", hop.addr), &format!("\"localhost:{}\"", hop.addr.port()));
+    assert!(by_name.contains("\"localhost:"), "{by_name}");
+    let m = Mxgate::start(&by_name, &[], io);
+    let mut s = session(&m, "127.0.10.12");
+    assert!(transaction(&mut s, "", b"Subject: by name\r\n\r\nx\r\n.\r\n").starts_with("250 2.0.0"));
+    assert_eq!(hop.wait_messages(1).len(), 1);
+}
+
 fn no_next_hop_means_451(io: &str) {
     let dead = common::unused_port();
     let m = Mxgate::start(&config(&[dead], ""), &[], io);
@@ -613,6 +626,7 @@ for_both_drivers!(
 );
 
 on_one_driver!(
+    a_next_hop_by_name,
     a_hung_next_hop_is_skipped_after_it_timed_out,
     a_real_exim_sends_with_chunking,
     next_hop_refusals_never_become_250,
