@@ -36,7 +36,8 @@ const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5
 const MAX_REPLY: usize = 600;
 
 /// The SMTP session driven by a peer's arbitrary bytes, against a scripted next hop, on
-/// a clock the input moves. Input: one byte of hop behaviour, then operations of one
+/// a clock the input moves. Input: one byte of hop behaviour (what it refuses, what it
+/// offers: PIPELINING and SIZE or not, CHUNKING, XCLIENT and DSN), then operations of one
 /// byte each (`op % 8`), some followed by a length byte and that many bytes:
 /// 0-3 peer bytes, 4 the clock moves by the next byte's seconds, 5 the peer's EOF,
 /// 6 the next hop's connection fails, 7 shutdown (drain).
@@ -46,14 +47,16 @@ pub fn session(data: &[u8]) {
 
 /// [`session`]'s run: how many messages the peer was told were queued.
 pub fn messages_acknowledged(data: &[u8]) -> usize {
-    static SETTINGS: std::sync::OnceLock<Arc<Settings>> = std::sync::OnceLock::new();
+    static CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
     let Some((&flags, mut ops)) = data.split_first() else { return 0 };
-    let settings = Arc::clone(SETTINGS.get_or_init(|| {
+    let config = CONFIG.get_or_init(|| {
         let Ok(config) = Config::parse(SESSION_CONFIG, Path::new("fuzz.toml"), Path::new(".")) else {
             panic!("the fuzz configuration is valid")
         };
-        Arc::new(Settings::new(&config, false))
-    }));
+        config
+    });
+    // fresh each run: what a run learns of its next hop (SIZE, DSN, health) is its own
+    let settings = Arc::new(Settings::new(config, false));
     let start = Instant::now();
     let mut now = start;
     let peer = PeerIp::new(IpAddr::from([192, 0, 2, 7]));
@@ -67,6 +70,12 @@ pub fn messages_acknowledged(data: &[u8]) -> usize {
     let ehlo: &[&'static str] =
         if flags & 16 == 0 { &["PIPELINING", "8BITMIME", "SIZE 100000"] } else { &["8BITMIME"] };
     let mut hop = ScriptedHop::offering(ehlo);
+    if flags & 64 != 0 {
+        hop.ehlo.push("CHUNKING");
+    }
+    if flags & 128 != 0 {
+        hop.ehlo.extend(["XCLIENT NAME ADDR PORT PROTO HELO", "DSN"]);
+    }
     hop.refuse_mail = (flags & 1 != 0).then_some("552 5.3.4 too big");
     hop.refuse_rcpt = (flags & 2 != 0).then_some(("", "550 5.1.1 no such user"));
     hop.rset_reply = (flags & 4 != 0).then_some("502 5.5.1 no");
