@@ -321,7 +321,11 @@ impl Connection {
         if let Some(report) = self.next_report() {
             return Some(Output::Report(report));
         }
-        if !self.ports.hop_closing && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Release {
+        // an idle link is released only once the session is over (`Link::poll`)
+        if !self.ports.hop_closing
+            && !self.session.is_open()
+            && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Release
+        {
             self.ports.hop_closing = true;
             let tls = self.hop_tls.take();
             let next_hops = &self.session.settings().relay.next_hops;
@@ -562,11 +566,9 @@ impl Connection {
                 *sent += n;
                 return;
             }
-            // the last words are out (or on their way, the socket closing behind them)
-            _ => {
-                self.stage = Stage::Close;
-                return;
-            }
+            // no send is asked in the other stages (a refusal's line is `PeerLast`, which
+            // completes with nothing)
+            _ => return,
         }
         match &mut self.transport {
             Transport::Plain => self.session.consume_output(n),

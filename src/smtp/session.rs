@@ -39,10 +39,10 @@ pub enum Transmit<'a> {
     /// Nothing until something else happens (the next hop answers, a timer fires).
     Wait,
     Close,
-    /// Send these bytes and close at once, without waiting for the send (then
-    /// `peer_sent`): one short line on a fresh connection, as the gate's refusal at
-    /// accept (a driver that hands it to the kernel keeps its own copy until the send is
-    /// done). Only a connection's front says it (the deny line after a balancer's PROXY
+    /// Send these bytes and close at once, without waiting for the send (nothing
+    /// completes: the peer's side is over): one short line on a fresh connection, as the
+    /// gate's refusal at accept (a driver that hands it to the kernel keeps its own copy
+    /// until the send is done). Only a connection's front says it (the deny line after a balancer's PROXY
     /// header); a session never does.
     Last(&'a [u8]),
 }
