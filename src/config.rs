@@ -187,11 +187,13 @@ pub struct Smtp {
 pub struct Relay {
     /// Lower-case domains; a leading `.` also matches every subdomain.
     pub domains: Vec<String>,
-    /// The next hops' addresses, in order (a name's addresses where it stood, once the
-    /// file is loaded: see `Config::load`).
+    /// Every next hop's address, once: the default route's in order first, then each
+    /// route's not already among them (a name's addresses where it stood, once the file
+    /// is loaded: see `Config::load`). A route names its next hops by their place here.
     pub next_hops: Vec<SocketAddr>,
-    /// `next_hops` as written: addresses, and names to resolve.
-    pub next_hop_names: Vec<HopName>,
+    /// The routes: `[relay] next_hops` (the default route, `routes[0]`, without domains),
+    /// then each `[[relay.route]]` in the file's order.
+    pub routes: Vec<Route>,
     /// Longest wait for a connection to the next hop to be made.
     pub connect_timeout: Duration,
     /// Longest wait for any reply of the next hop (its greeting too).
@@ -214,12 +216,41 @@ pub struct Relay {
     pub forward_client: Option<ForwardClient>,
 }
 
+/// A route: recipients of its domains go to its next hops (`[[relay.route]]`; the most
+/// specific domain wins, see `smtp::policy`), others to the default route's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Lower-case domains, each covered by `[relay] domains`; a leading `.` also matches
+    /// every subdomain. None for the default route.
+    pub domains: Vec<String>,
+    /// Its next hops as written: addresses, and names to resolve.
+    pub next_hop_names: Vec<HopName>,
+    /// Its next hops in order, as places in `Relay::next_hops`.
+    pub hops: Vec<usize>,
+}
+
+impl Route {
+    /// What the mail log calls it: its first domain as written, or `default`.
+    pub fn name(&self) -> &str {
+        self.domains.first().map_or("default", String::as_str)
+    }
+}
+
 /// A `[relay] next_hops` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HopName {
     Addr(SocketAddr),
     /// `host:port`, resolved when the file is loaded (at start and at each reload).
     Name(String, u16),
+}
+
+impl std::fmt::Display for HopName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HopName::Addr(a) => write!(f, "{a}"),
+            HopName::Name(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 /// `[relay] forward_client`: the peer's address, port and greeting told to the next hop
@@ -322,6 +353,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("relay", "tls_verify"),
     ("relay", "tls_name"),
     ("relay", "forward_client"),
+    ("relay", "route"),
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "min_version"),
@@ -396,8 +428,9 @@ impl Config {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Config::parse(&text, file, &base)?;
         config.file = Some(file.to_owned());
-        config.relay.next_hops = resolve(&config.relay.next_hop_names).map_err(|fault| {
-            Problems(vec![Problem { key: Some("relay.next_hops".into()), ..Problem::in_file(file, fault) }])
+        place_hops(&mut config.relay, resolve).map_err(|(route, fault)| {
+            let key = if route == 0 { "relay.next_hops" } else { "relay.route.next_hops" };
+            Problems(vec![Problem { key: Some(key.into()), ..Problem::in_file(file, fault) }])
         })?;
         Ok(config)
     }
@@ -498,12 +531,20 @@ impl Config {
         };
 
         let t = r.section(root, "relay", &keys_of("relay"));
-        let relay = Relay {
-            domains: r.value(t, "relay", "domains", domains).unwrap_or_default(),
+        let relay_domains = r.value(t, "relay", "domains", domains).unwrap_or_default();
+        let default_route = Route {
+            domains: Vec::new(),
             next_hop_names: r
                 .value(t, "relay", "next_hops", hop_names)
                 .unwrap_or_else(|| vec![HopName::Addr(SocketAddr::from(([127, 0, 0, 1], 2526)))]),
+            hops: Vec::new(),
+        };
+        let mut routes = vec![default_route];
+        routes.extend(r.routes(t, &relay_domains));
+        let mut relay = Relay {
+            domains: relay_domains,
             next_hops: Vec::new(),
+            routes,
             connect_timeout: r
                 .value(t, "relay", "connect_timeout", positive_duration)
                 .unwrap_or(Duration::from_secs(10)),
@@ -532,28 +573,31 @@ impl Config {
                     Err(_) => Err(Invalid::NotAServerName(name.to_owned())),
                 }
             }),
-            forward_client: r.value(t, "relay", "forward_client", |v| match str_of(v)? {
-                "xclient" => Ok(ForwardClient::Xclient),
-                "xforward" => Ok(ForwardClient::Xforward),
-                "off" => Ok(ForwardClient::Off),
-                other => Err(Invalid::NotOneOf {
-                    given: other.to_owned(),
-                    what: "a way to forward the client",
-                    choices: "\"xclient\", \"xforward\" or \"off\"",
-                }),
-            }),
+            forward_client: r
+                .value(t, "relay", "forward_client", |v| match str_of(v)? {
+                    "auto" => Ok(None),
+                    "xclient" => Ok(Some(ForwardClient::Xclient)),
+                    "xforward" => Ok(Some(ForwardClient::Xforward)),
+                    "off" => Ok(Some(ForwardClient::Off)),
+                    other => Err(Invalid::NotOneOf {
+                        given: other.to_owned(),
+                        what: "a way to forward the client",
+                        choices: "\"auto\", \"xclient\", \"xforward\" or \"off\"",
+                    }),
+                })
+                .flatten(),
         };
-
         // the addresses written as such now; names once the file is loaded
-        let mut relay = relay;
-        relay.next_hops = relay
-            .next_hop_names
-            .iter()
-            .filter_map(|n| match n {
-                HopName::Addr(a) => Some(*a),
-                HopName::Name(..) => None,
-            })
-            .collect();
+        let written = |names: &[HopName]| {
+            Ok(names
+                .iter()
+                .filter_map(|n| match n {
+                    HopName::Addr(a) => Some(*a),
+                    HopName::Name(..) => None,
+                })
+                .collect())
+        };
+        let Ok(()) = place_hops::<std::convert::Infallible>(&mut relay, written);
 
         let t = r.section(root, "tls", &keys_of("tls"));
         let given = |key| t.and_then(|t| find(t, key)).is_some();
@@ -741,23 +785,16 @@ impl Reader<'_> {
 
     /// `[[tls.sni]]`: an array of tables with `name`, `cert` and `key`.
     fn sni<'t>(&mut self, tls: Option<&'t Table<'t>>) -> Vec<SniCert> {
-        const SNI_KEYS: &[&str] = &["name", "cert", "key"];
-        let Some(value) = tls.and_then(|t| find(t, "sni")) else { return Vec::new() };
-        let DeValue::Array(items) = value.get_ref() else {
-            self.problem(Some(value.span()), "tls.sni", type_fault("`[[tls.sni]]` tables", value));
-            return Vec::new();
+        const SNI: Entries = Entries {
+            section: "tls.sni",
+            keys: &["name", "cert", "key"],
+            needed: &["name", "cert", "key"],
+            array: "`[[tls.sni]]` tables",
+            entry: "a table with name, cert and key",
+            needs: "name, cert and key",
         };
         let mut entries = Vec::new();
-        for item in items {
-            let DeValue::Table(t) = item.get_ref() else {
-                self.problem(Some(item.span()), "tls.sni", type_fault("a table with name, cert and key", item));
-                continue;
-            };
-            self.unknown_keys(Some(t), "tls.sni", SNI_KEYS);
-            if SNI_KEYS.iter().any(|k| find(t, k).is_none()) {
-                self.problem(Some(item.span()), "tls.sni", Fault::MissingKeys("name, cert and key"));
-                continue;
-            }
+        for (t, _) in self.entries(tls, "sni", &SNI) {
             let name = self.value(Some(t), "tls.sni", "name", |v| {
                 let s = str_of(v)?;
                 valid_hostname(s.strip_prefix("*.").unwrap_or(s)).map(|_| s.to_ascii_lowercase())
@@ -770,27 +807,86 @@ impl Reader<'_> {
         entries
     }
 
+    /// The tables of an array of tables (`key` in `parent`) as `spec` says they must be,
+    /// each with where it stands; a problem for each that is not.
+    fn entries<'t>(
+        &mut self,
+        parent: Option<&'t Table<'t>>,
+        key: &str,
+        spec: &Entries,
+    ) -> Vec<(&'t Table<'t>, Range<usize>)> {
+        let Some(value) = parent.and_then(|t| find(t, key)) else { return Vec::new() };
+        let DeValue::Array(items) = value.get_ref() else {
+            self.problem(Some(value.span()), spec.section, type_fault(spec.array, value));
+            return Vec::new();
+        };
+        let mut tables = Vec::new();
+        for item in items {
+            let DeValue::Table(t) = item.get_ref() else {
+                self.problem(Some(item.span()), spec.section, type_fault(spec.entry, item));
+                continue;
+            };
+            self.unknown_keys(Some(t), spec.section, spec.keys);
+            if spec.needed.iter().any(|k| find(t, k).is_none()) {
+                self.problem(Some(item.span()), spec.section, Fault::MissingKeys(spec.needs));
+                continue;
+            }
+            tables.push((t, item.span()));
+        }
+        tables
+    }
+
+    /// `[[relay.route]]` entries: `domains` (each covered by `relay_domains`, none in two
+    /// routes) and `next_hops` (as `[relay] next_hops`), both needed.
+    fn routes<'t>(&mut self, relay: Option<&'t Table<'t>>, relay_domains: &[String]) -> Vec<Route> {
+        const ROUTE: Entries = Entries {
+            section: "relay.route",
+            keys: &["domains", "next_hops"],
+            needed: &["domains", "next_hops"],
+            array: "`[[relay.route]]` tables",
+            entry: "a table with domains and next_hops",
+            needs: "domains and next_hops",
+        };
+        let mut routes: Vec<Route> = Vec::new();
+        for (t, _) in self.entries(relay, "route", &ROUTE) {
+            let taken: Vec<&String> = routes.iter().flat_map(|r| &r.domains).collect();
+            let domains = self.value(Some(t), "relay.route", "domains", |v| {
+                let list = domains(v)?;
+                if list.is_empty() {
+                    return Err(Invalid::NoDomain);
+                }
+                for (i, d) in list.iter().enumerate() {
+                    if list[..i].contains(d) || taken.contains(&d) {
+                        return Err(Invalid::Twice(d.clone()));
+                    }
+                    if !covered(relay_domains, d) {
+                        return Err(Invalid::NotARelayDomain(d.clone()));
+                    }
+                }
+                Ok(list)
+            });
+            let next_hop_names = self.value(Some(t), "relay.route", "next_hops", hop_names);
+            if let (Some(domains), Some(next_hop_names)) = (domains, next_hop_names) {
+                routes.push(Route { domains, next_hop_names, hops: Vec::new() });
+            }
+        }
+        routes
+    }
+
     /// `[[screen.dnsbl]]` entries: `zone` (a domain name), `weight` (a non-zero whole
     /// number, negative for allowlists), `match` (result addresses or ranges
     /// `a.b.c.d-e.f.g.h`; none: any result counts).
     fn dnsbl<'t>(&mut self, screen: Option<&'t Table<'t>>) -> Vec<Zone> {
-        const KEYS: &[&str] = &["zone", "weight", "match"];
-        let Some(value) = screen.and_then(|t| find(t, "dnsbl")) else { return Vec::new() };
-        let DeValue::Array(items) = value.get_ref() else {
-            self.problem(Some(value.span()), "screen.dnsbl", type_fault("`[[screen.dnsbl]]` tables", value));
-            return Vec::new();
+        const DNSBL: Entries = Entries {
+            section: "screen.dnsbl",
+            keys: &["zone", "weight", "match"],
+            needed: &["zone", "weight"],
+            array: "`[[screen.dnsbl]]` tables",
+            entry: "a table with zone and weight",
+            needs: "zone and weight",
         };
         let mut zones: Vec<Zone> = Vec::new();
-        for item in items {
-            let DeValue::Table(t) = item.get_ref() else {
-                self.problem(Some(item.span()), "screen.dnsbl", type_fault("a table with zone and weight", item));
-                continue;
-            };
-            self.unknown_keys(Some(t), "screen.dnsbl", KEYS);
-            if find(t, "zone").is_none() || find(t, "weight").is_none() {
-                self.problem(Some(item.span()), "screen.dnsbl", Fault::MissingKeys("zone and weight"));
-                continue;
-            }
+        for (t, span) in self.entries(screen, "dnsbl", &DNSBL) {
             let zone = self.value(Some(t), "screen.dnsbl", "zone", |v| {
                 let s = str_of(v)?.trim_end_matches('.');
                 valid_hostname(s).map(|_| s.to_ascii_lowercase())
@@ -802,7 +898,7 @@ impl Reader<'_> {
             let matches = self.value(Some(t), "screen.dnsbl", "match", |v| list_of(v, ipv4_range)).unwrap_or_default();
             if let (Some(zone), Some(weight)) = (zone, weight) {
                 if zones.iter().any(|z| z.zone == zone) {
-                    self.problem(Some(item.span()), "screen.dnsbl", Invalid::Twice(zone).into());
+                    self.problem(Some(span), "screen.dnsbl", Invalid::Twice(zone).into());
                     continue;
                 }
                 zones.push(Zone { zone, weight, matches });
@@ -821,6 +917,19 @@ impl Reader<'_> {
         });
         parsed.unwrap_or_else(|| ReplyTemplate::parse(DEFAULT_DENY_REPLY).unwrap_or_else(|e| unreachable!("{e}")))
     }
+}
+
+/// What the entries of an array of tables (`[[section]]`) must be.
+struct Entries {
+    section: &'static str,
+    /// Their keys, and those each needs.
+    keys: &'static [&'static str],
+    needed: &'static [&'static str],
+    /// The shape wanted, for a value that is not an array, and for an entry that is not a
+    /// table; the keys needed, in words.
+    array: &'static str,
+    entry: &'static str,
+    needs: &'static str,
 }
 
 fn find<'t>(table: &'t Table<'t>, key: &str) -> Option<&'t Value<'t>> {
@@ -973,10 +1082,7 @@ fn hop_names(v: &Value<'_>) -> Result<Vec<HopName>, Invalid> {
     }
     for (i, n) in names.iter().enumerate() {
         if names[..i].contains(n) {
-            return Err(Invalid::Twice(match n {
-                HopName::Addr(a) => a.to_string(),
-                HopName::Name(h, p) => format!("{h}:{p}"),
-            }));
+            return Err(Invalid::Twice(n.to_string()));
         }
     }
     Ok(names)
@@ -997,11 +1103,7 @@ pub fn resolve(names: &[HopName]) -> Result<Vec<SocketAddr>, Invalid> {
                 .collect(),
         };
         if found.is_empty() {
-            let name = match name {
-                HopName::Addr(a) => a.to_string(),
-                HopName::Name(h, p) => format!("{h}:{p}"),
-            };
-            return Err(Invalid::Unresolved { name, why: "no address".into() });
+            return Err(Invalid::Unresolved { name: name.to_string(), why: "no address".into() });
         }
         for a in found {
             if !addrs.contains(&a) {
@@ -1010,6 +1112,44 @@ pub fn resolve(names: &[HopName]) -> Result<Vec<SocketAddr>, Invalid> {
         }
     }
     Ok(addrs)
+}
+
+/// Gives each route its next hops' places in `relay.next_hops`, which becomes every
+/// route's addresses once each (the default route's first), as `addrs_of` finds them; an
+/// error names the route (its index in `relay.routes`).
+fn place_hops<E>(
+    relay: &mut Relay,
+    mut addrs_of: impl FnMut(&[HopName]) -> Result<Vec<SocketAddr>, E>,
+) -> Result<(), (usize, E)> {
+    let mut all: Vec<SocketAddr> = Vec::new();
+    for (i, route) in relay.routes.iter_mut().enumerate() {
+        let addrs = addrs_of(&route.next_hop_names).map_err(|e| (i, e))?;
+        route.hops = addrs
+            .into_iter()
+            .map(|a| match all.iter().position(|&b| b == a) {
+                Some(place) => place,
+                None => {
+                    all.push(a);
+                    all.len() - 1
+                }
+            })
+            .collect();
+    }
+    relay.next_hops = all;
+    Ok(())
+}
+
+/// Whether `[relay] domains` (`relay_domains`) accepts every recipient a route's domain
+/// `d` matches: `.x` needs an entry taking x's subdomains, `x` one taking x.
+fn covered(relay_domains: &[String], d: &str) -> bool {
+    let (name, below) = match d.strip_prefix('.') {
+        Some(name) => (name, true),
+        None => (d, false),
+    };
+    relay_domains.iter().any(|r| match r.strip_prefix('.') {
+        Some(parent) => name == parent || name.strip_suffix(parent).is_some_and(|head| head.ends_with('.')),
+        None => !below && r == name,
+    })
 }
 
 fn socket_addrs(v: &Value<'_>) -> Result<Vec<SocketAddr>, Invalid> {
@@ -1257,7 +1397,7 @@ mod tests {
         let text = "[relay]\nnext_hops = [\"127.0.0.1:2525\", \"Localhost:2626\", \"[::1]:2727\"]\n";
         let c = Config::parse(text, Path::new("m.toml"), Path::new(".")).unwrap();
         assert_eq!(
-            c.relay.next_hop_names,
+            c.relay.routes[0].next_hop_names,
             [
                 HopName::Addr("127.0.0.1:2525".parse().unwrap()),
                 HopName::Name("localhost".into(), 2626),
@@ -1266,7 +1406,7 @@ mod tests {
         );
         assert_eq!(c.relay.next_hops.len(), 2, "parsing the text makes no query: the name waits");
         // resolved in place (this machine's /etc/hosts has localhost), duplicates dropped
-        let addrs = resolve(&c.relay.next_hop_names).unwrap();
+        let addrs = resolve(&c.relay.routes[0].next_hop_names).unwrap();
         assert_eq!(addrs[0], "127.0.0.1:2525".parse().unwrap());
         assert!(addrs[1..].contains(&"127.0.0.1:2626".parse().unwrap()), "{addrs:?}");
         assert_eq!(addrs.last(), Some(&"[::1]:2727".parse().unwrap()));
@@ -1277,5 +1417,45 @@ mod tests {
             let e = Config::parse(&text, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
             assert!(e.contains("relay.next_hops"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn routes_name_their_domains_and_next_hops_and_share_the_hop_table() {
+        let text = "[relay]\ndomains = [\"example.com\", \".example.org\"]\n\
+                    next_hops = [\"127.0.0.1:2525\", \"127.0.0.1:2526\"]\nforward_client = \"auto\"\n\
+                    [[relay.route]]\ndomains = [\".Example.org\"]\nnext_hops = [\"127.0.0.1:2527\", \"127.0.0.1:2525\"]\n\
+                    [[relay.route]]\ndomains = [\"a.example.org\", \"example.com\"]\nnext_hops = [\"127.0.0.1:2528\"]\n";
+        let c = Config::parse(text, Path::new("m.toml"), Path::new(".")).unwrap();
+        let port = |hop: usize| c.relay.next_hops[hop].port();
+        let ports = |route: usize| c.relay.routes[route].hops.iter().map(|&h| port(h)).collect::<Vec<_>>();
+        assert_eq!(c.relay.next_hops.len(), 4, "each address once");
+        assert_eq!(ports(0), [2525, 2526]);
+        assert_eq!(ports(1), [2527, 2525]);
+        assert_eq!(ports(2), [2528]);
+        assert_eq!(c.relay.routes[1].domains, [".example.org"]);
+        assert_eq!((c.relay.routes[0].name(), c.relay.routes[2].name()), ("default", "a.example.org"));
+        assert_eq!(c.relay.forward_client, None, "auto: whichever the next hop offers");
+
+        let head = "[relay]\ndomains = [\"example.com\", \".example.org\", \"example.net\"]\n";
+        for (route, fault) in [
+            ("domains = [\"other.example\"]\nnext_hops = [\"127.0.0.1:1\"]", "not (wholly) among relay.domains"),
+            ("domains = [\".example.net\"]\nnext_hops = [\"127.0.0.1:1\"]", "not (wholly) among relay.domains"),
+            ("domains = [\"mail.example.com\"]\nnext_hops = [\"127.0.0.1:1\"]", "not (wholly) among relay.domains"),
+            ("domains = []\nnext_hops = [\"127.0.0.1:1\"]", "at least one domain"),
+            ("domains = [\"example.com\", \"Example.com\"]\nnext_hops = [\"127.0.0.1:1\"]", "given twice"),
+            ("domains = [\"example.com\"]", "each entry needs domains and next_hops"),
+            ("domains = [\"example.com\"]\nnext_hops = []", "at least one address"),
+            ("domains = [\"example.com\"]\nnext_hops = [\"127.0.0.1:1\"]\nweight = 1", "unknown key"),
+        ] {
+            let text = format!("{head}[[relay.route]]\n{route}\n");
+            let e = Config::parse(&text, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains("relay.route") && e.contains(fault), "{route}: {e}");
+        }
+        let twice = format!(
+            "{head}[[relay.route]]\ndomains = [\"example.net\"]\nnext_hops = [\"127.0.0.1:1\"]\n\
+             [[relay.route]]\ndomains = [\"sub.example.org\", \"example.net\"]\nnext_hops = [\"127.0.0.1:2\"]\n"
+        );
+        let e = Config::parse(&twice, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("`example.net` is given twice"), "a domain in two routes: {e}");
     }
 }

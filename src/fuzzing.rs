@@ -32,6 +32,10 @@ const SESSION_CONFIG: &str = "hostname = \"mx.test\"\n[smtp]\nmax_recipients = 5
     command_timeout = \"60s\"\ndata_timeout = \"30s\"\nmin_data_rate = \"0\"\n[abuse]\nmax_failed_commands = 8\n\
     max_failed_recipients = 4\n[relay]\ndomains = [\"example.com\"]\nnext_hops = [\"127.0.0.1:2526\"]\nreply_timeout = \"20s\"\n";
 
+/// The same, with a route: recipients of `.example.org` go to a next hop of their own
+/// (MAIL waits for the first recipient, whose route the transaction keeps).
+const ROUTED: &str = "[[relay.route]]\ndomains = [\".example.org\"]\nnext_hops = [\"127.0.0.1:2527\"]\n";
+
 /// Most bytes a session may answer a command line with (the EHLO reply is the longest).
 const MAX_REPLY: usize = 600;
 
@@ -40,21 +44,25 @@ const MAX_REPLY: usize = 600;
 /// offers: PIPELINING and SIZE or not, CHUNKING, XCLIENT and DSN), then operations of one
 /// byte each (`op % 8`), some followed by a length byte and that many bytes:
 /// 0-3 peer bytes, 4 the clock moves by the next byte's seconds, 5 the peer's EOF,
-/// 6 the next hop's connection fails, 7 shutdown (drain).
+/// 6 the next hop's connection fails, 7 shutdown (drain). An input of odd length runs
+/// under the configuration with a route (`ROUTED`).
 pub fn session(data: &[u8]) {
     messages_acknowledged(data);
 }
 
 /// [`session`]'s run: how many messages the peer was told were queued.
 pub fn messages_acknowledged(data: &[u8]) -> usize {
-    static CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    static CONFIGS: std::sync::OnceLock<[Config; 2]> = std::sync::OnceLock::new();
     let Some((&flags, mut ops)) = data.split_first() else { return 0 };
-    let config = CONFIG.get_or_init(|| {
-        let Ok(config) = Config::parse(SESSION_CONFIG, Path::new("fuzz.toml"), Path::new(".")) else {
-            panic!("the fuzz configuration is valid")
+    let configs = CONFIGS.get_or_init(|| {
+        let parse = |text: &str| match Config::parse(text, Path::new("fuzz.toml"), Path::new(".")) {
+            Ok(config) => config,
+            Err(e) => panic!("the fuzz configuration is valid: {e}"),
         };
-        config
+        let routed = SESSION_CONFIG.replace("[\"example.com\"]", "[\"example.com\", \".example.org\"]") + ROUTED;
+        [parse(SESSION_CONFIG), parse(&routed)]
     });
+    let config = &configs[data.len() % 2];
     // fresh each run: what a run learns of its next hop (SIZE, DSN, health) is its own
     let settings = Arc::new(Settings::new(config, false));
     let start = Instant::now();

@@ -157,6 +157,10 @@ pub enum Invalid {
     Twice(String),
     #[error("give at least one address")]
     NoAddress,
+    #[error("give at least one domain")]
+    NoDomain,
+    #[error("`{0}`: not (wholly) among relay.domains, whose recipients alone are accepted")]
+    NotARelayDomain(String),
     /// A next hop's name that does not resolve (the resolver's words).
     #[error("`{name}` does not resolve: {why}")]
     Unresolved { name: String, why: String },

@@ -162,6 +162,48 @@ fn a_next_hop_by_name(io: &str) {
     assert_eq!(hop.wait_messages(1).len(), 1);
 }
 
+/// `[[relay.route]]`: recipients of `.example.org` go to their own next hop, the rest to
+/// `next_hops`; one transaction goes to one of them (another route's recipient: 452, sent
+/// again in the next transaction), and a session switching routes gives its idle
+/// connection back to the pool and takes it again.
+fn routes_send_each_domain_to_its_next_hop(io: &str) {
+    let (default, routed) = (NextHop::start(AtDot::Accept), NextHop::start(AtDot::Accept));
+    let text = Config::new()
+        .relay_to(&[default.addr])
+        .set("relay", "domains", "[\"example.com\", \".example.org\"]")
+        .extra(&format!("[[relay.route]]\ndomains = [\".example.org\"]\nnext_hops = [\"{}\"]\n", routed.addr))
+        .to_string();
+    let mut m = Mxgate::start(&text, &[], io);
+    let mut s = session(&m, "127.0.10.13");
+    let mut deliver = |rcpts: &[&str]| {
+        send(&mut s, b"MAIL FROM:<sender@client.test>\r\n");
+        assert_eq!(read_replies(&mut s, 1), "250 2.1.0 sender OK\r\n");
+        let mut replies = Vec::new();
+        for rcpt in rcpts {
+            send(&mut s, format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+            replies.push(read_replies(&mut s, 1));
+        }
+        send(&mut s, b"DATA\r\n");
+        assert!(read_replies(&mut s, 1).starts_with("354 "));
+        send(&mut s, b"Subject: routed\r\n\r\nx\r\n.\r\n");
+        assert!(read_replies(&mut s, 1).starts_with("250 2.0.0 OK: queued as "));
+        replies
+    };
+    let replies = deliver(&["a@example.com", "b@mail.example.org", "c@example.com"]);
+    assert_eq!(replies[0], "250 2.1.5 recipient OK\r\n");
+    assert_eq!(replies[1], "452 4.5.3 recipient of another route: send it in another transaction\r\n");
+    assert_eq!(replies[2], "250 2.1.5 recipient OK\r\n");
+    deliver(&["b@mail.example.org"]);
+    deliver(&["d@example.com"]);
+    let to_default = default.wait_messages(2);
+    assert_eq!(to_default[0].rcpt_to, ["RCPT TO:<a@example.com>", "RCPT TO:<c@example.com>"]);
+    assert_eq!(to_default[1].rcpt_to, ["RCPT TO:<d@example.com>"]);
+    assert_eq!(routed.wait_messages(1)[0].rcpt_to, ["RCPT TO:<b@mail.example.org>"]);
+    assert_eq!(default.connections(), 1, "the default route's connection waited in the pool");
+    m.wait_for_log(&format!("route=.example.org next_hop={} ", routed.addr));
+    assert_eq!(default.messages().len() + routed.messages().len(), 3);
+}
+
 fn no_next_hop_means_451(io: &str) {
     let dead = common::unused_port();
     let m = Mxgate::start(&config(&[dead], ""), &[], io);
@@ -618,6 +660,7 @@ for_both_drivers!(
     bodies_are_relayed_byte_exact,
     a_silent_next_hop_times_out,
     failover_to_the_second_next_hop,
+    routes_send_each_domain_to_its_next_hop,
     no_next_hop_means_451,
     a_hundred_messages_reuse_one_connection,
     sessions_reuse_pooled_connections,

@@ -321,11 +321,9 @@ impl Connection {
         if let Some(report) = self.next_report() {
             return Some(Output::Report(report));
         }
-        // an idle link is released only once the session is over (`Link::poll`)
-        if !self.ports.hop_closing
-            && !self.session.is_open()
-            && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Release
-        {
+        // an idle link is released once the session is over, or needs another next hop
+        // (`Link::poll`)
+        if !self.ports.hop_closing && hop_wants(&self.session, &self.link, &self.hop_tls) == HopTransmit::Release {
             self.ports.hop_closing = true;
             let tls = self.hop_tls.take();
             let next_hops = &self.session.settings().relay.next_hops;

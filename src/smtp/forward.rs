@@ -1,6 +1,7 @@
 //! The session's side toward the next hop: asking its [`Link`] for a connection (pooled
-//! or new, next hops in order: link.rs), forwarding each command and answering the peer
-//! with the reply in the order owed, and streaming the body through the filter.
+//! or new, the transaction's route's next hops in order: link.rs), forwarding each
+//! command and answering the peer with the reply in the order owed, and streaming the
+//! body through the filter.
 //!
 //! Failures: a next hop that cannot be reached, breaks the protocol, closes or stays
 //! silent past `reply_timeout` gets its connection dropped. Before the next hop has
@@ -18,8 +19,10 @@
 //!                      └──► RSET answered 250 ──► clean;   anything else ──► dropped
 //! ```
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::address::Path;
 use super::client::{Command, Progress, Reply};
 use super::data::BodyFilter;
 use super::link::Link;
@@ -87,20 +90,55 @@ impl Session {
 
     // ---- forwarding commands -------------------------------------------------------------
 
-    /// MAIL was accepted here: send it on once a connection is ready.
-    pub(super) fn start_mail(&mut self, link: &mut Link, now: Instant) {
-        if self.settings.relay.next_hops.is_empty() {
-            return self.answer_failure(Waiting::Mail, HopFault::NoneConfigured, now);
+    /// MAIL was accepted here (no routes): it goes to the default route's next hop.
+    pub(super) fn send_sender(&mut self, link: &mut Link, now: Instant) {
+        if let Err(fault) = self.start_mail(link, now) {
+            self.answer_failure(Waiting::Mail, fault, now);
         }
-        if link.ready() {
-            return self.send_mail(link, now);
+    }
+
+    /// Routed: the transaction's first recipient passed, and fixed its route: MAIL and it
+    /// go to the route's next hop (behind a connection to it, when one must be made).
+    pub(super) fn send_first_recipient(&mut self, link: &mut Link, to: Path, dsn: Box<str>, now: Instant) {
+        if let Err(fault) = self.start_mail(link, now) {
+            tracing::debug!(peer = %self.peer, ?fault, "no next hop for the recipient's route");
+            if let Some(t) = &mut self.txn {
+                t.route = None;
+            }
+            return self.refuse_recipient(NEXT_HOP_FAILED);
         }
-        let Some(hop) = self.settings.hop_book.pick(0, now, self.probe_time()) else {
-            return self.answer_failure(Waiting::Mail, HopFault::AllDown, now);
+        match self.fwd.waiting.front() {
+            // refused here after all (8BITMIME): the transaction is over
+            _ if self.txn.is_none() => {}
+            Some(Waiting::Link { .. }) => self.fwd.waiting.push_back(Waiting::Rcpt(to, dsn)),
+            _ => self.forward_rcpt(link, to, dsn, now),
+        }
+    }
+
+    /// MAIL was accepted here, and the transaction's route is known: MAIL goes to the
+    /// route's next hop once a connection to it is ready (the one the session has, when it
+    /// is the route's). Err: no next hop of the route can be tried now.
+    fn start_mail(&mut self, link: &mut Link, now: Instant) -> Result<(), HopFault> {
+        let settings = Arc::clone(&self.settings);
+        let hops = settings.route_hops(self.txn.as_ref().and_then(|t| t.route).unwrap_or(0));
+        if hops.is_empty() {
+            return Err(HopFault::NoneConfigured);
+        }
+        match link.hop() {
+            Some(hop) if !hops.contains(&hop) => link.leave(),
+            _ if link.ready() => {
+                self.send_mail(link, now);
+                return Ok(());
+            }
+            _ => {}
+        }
+        let Some(hop) = settings.hop_book.pick(hops, now, self.probe_time()) else {
+            return Err(HopFault::AllDown);
         };
         self.fwd.waiting.push_back(Waiting::Link { hop, pooled_ok: true });
         link.want(hop, true);
         self.fwd.deadline = Some(now + self.settings.relay.connect_timeout);
+        Ok(())
     }
 
     /// A connection is ready: MAIL goes out, with what was pipelined behind it (commands
@@ -217,7 +255,7 @@ impl Session {
         out
     }
 
-    pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: super::address::Path, dsn: Box<str>, now: Instant) {
+    pub(super) fn forward_rcpt(&mut self, link: &mut Link, to: Path, dsn: Box<str>, now: Instant) {
         let hop_dsn = matches!(link, Link::Up(l) if l.up.extensions().dsn);
         let line = if hop_dsn { format!("RCPT TO:{to}{dsn}") } else { format!("RCPT TO:{to}") };
         self.forward(link, Command::Rcpt, line.as_bytes(), Waiting::Rcpt(to, dsn), now);
@@ -351,11 +389,25 @@ impl Session {
     }
 
     fn answer_mail(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
+        let routed = self.settings.routed();
         if reply.is_positive() {
             if let Some(t) = &mut self.txn {
                 t.open_upstream = true;
             }
-            return self.emit(MAIL_OK);
+            // routed: the peer had our 250 already
+            if !routed {
+                self.emit(MAIL_OK);
+            }
+            return;
+        }
+        if routed {
+            // the peer had our 250: each recipient gets this refusal instead
+            if let Some(t) = &mut self.txn {
+                let mut refusal = Vec::new();
+                reply.render(&mut refusal);
+                t.sender_refused = Some(refusal.into());
+            }
+            return self.reset_hop(link, now);
         }
         // what was pipelined behind MAIL gets the next hop's answers to it (503 or 5xx);
         // the connection is clean again only once the next hop said 250 to our RSET (a
@@ -365,7 +417,12 @@ impl Session {
         self.reset_hop(link, now);
     }
 
-    fn answer_rcpt(&mut self, link: &mut Link, to: super::address::Path, reply: &Reply) {
+    fn answer_rcpt(&mut self, link: &mut Link, to: Path, reply: &Reply) {
+        if let Some(refusal) = self.txn.as_ref().and_then(|t| t.sender_refused.clone()) {
+            // behind the sender the next hop refused (routed: after our 250 to MAIL)
+            self.count_refused();
+            return if reply.is_positive() { self.confused_hop(link, &refusal) } else { self.emit(&refusal) };
+        }
         match &mut self.txn {
             Some(t) if reply.is_positive() => {
                 t.accepted += 1;
@@ -492,13 +549,13 @@ impl Session {
             let why = if fault == HopFault::TimedOut { "timed out" } else { "connection failed" };
             self.settings.hop_book.failed(hop, addr, why, now);
         }
-        let mut failover = link.failover(self.settings.relay.next_hops.len());
-        if let Some((hop, pooled_ok)) = failover
-            && link.hop() != Some(hop)
-        {
-            // the next hop in order that is not down
-            failover = self.settings.hop_book.pick(hop, now, self.probe_time()).map(|hop| (hop, pooled_ok));
-        }
+        let settings = Arc::clone(&self.settings);
+        let failover = match link.failover(settings.route_hops(self.txn.as_ref().and_then(|t| t.route).unwrap_or(0))) {
+            Some((same, false)) => same.first().map(|&hop| (hop, false)),
+            // the route's next hop in order that is not down
+            Some((after, true)) => settings.hop_book.pick(after, now, self.probe_time()).map(|hop| (hop, true)),
+            None => None,
+        };
         link.drop();
         self.fwd.deadline = None;
         let mut owed = std::mem::take(&mut self.fwd.waiting);
@@ -559,6 +616,13 @@ impl Session {
                     None => self.reply(NEXT_HOP_FAILED),
                 }
                 self.end_transaction(Outcome::Undelivered(Undelivered::HopFailed(fault)), now);
+            }
+            Waiting::Link { .. } | Waiting::Mail if self.settings.routed() => {
+                // our 250 to MAIL was given: the recipients behind get the 451; the next
+                // one tries its route afresh
+                if let Some(t) = &mut self.txn {
+                    (t.route, t.broken) = (None, None);
+                }
             }
             Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => self.undelivered(Undelivered::HopFailed(fault), now),
             Waiting::Local { reply, .. } => self.reply(&reply),

@@ -14,6 +14,10 @@
 //!     └─────────────────────────────────────────────┴──► Dropped ──driver closes──► None
 //! ```
 //!
+//! `Release` (clean and idle) or `Close` comes when the session is over, or when it
+//! needs another next hop than this one (a transaction of another route: [`Link::leave`]);
+//! what it wants instead is taken from the session at `detach`.
+//!
 //! Failover: before the next hop acknowledged anything, a failed connection that came
 //! from the pool (maybe stale) is replaced by a new one to the same hop; any other, by
 //! the next hop in order ([`Link::failover`]).
@@ -69,6 +73,9 @@ pub struct UpLink {
     /// The trace header waits for the body's first bytes, to go out in one segment with
     /// them: a segment of its own costs a send here and a wakeup and an ACK at the next hop.
     pub(super) hold: bool,
+    /// The session needs another next hop (a transaction of another route): released to
+    /// the pool (clean and idle) or closed, as at the session's end.
+    pub(super) leaving: bool,
 }
 
 impl Link {
@@ -84,7 +91,7 @@ impl Link {
             Link::Wanted { .. } => HopTransmit::Idle,
             Link::Dialing { .. } if open => HopTransmit::Idle,
             Link::Dialing { .. } | Link::Dropped => HopTransmit::Close,
-            Link::Up(l) if !open => {
+            Link::Up(l) if !open || l.leaving => {
                 if l.clean && l.up.is_idle() {
                     HopTransmit::Release
                 } else {
@@ -119,7 +126,7 @@ impl Link {
             Link::Wanted { hop, .. } | Link::Dialing { hop } => hop,
             _ => 0,
         };
-        *self = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true, hold: false }));
+        *self = Link::Up(Box::new(UpLink { up, hop, untested: reused, clean: true, hold: false, leaving: false }));
     }
 
     /// Takes the connection for the driver (to pool after `Release`, to close after
@@ -146,6 +153,17 @@ impl Link {
             Link::None | Link::Wanted { .. } => Link::None,
             Link::Dialing { .. } | Link::Up(_) | Link::Dropped => Link::Dropped,
         };
+    }
+
+    /// The session needs a next hop other than this one: a connection goes (to the pool
+    /// when clean and idle), one being made is given up.
+    pub(super) fn leave(&mut self) {
+        match self {
+            Link::Up(l) => l.leaving = true,
+            Link::Wanted { .. } => *self = Link::None,
+            Link::Dialing { .. } => self.drop(),
+            Link::None | Link::Dropped => {}
+        }
     }
 
     /// The next hop (its index in `next_hops`) it is, or is to be, connected to.
@@ -196,16 +214,19 @@ impl Link {
     }
 
     /// The connection failed before the next hop acknowledged anything: where to try
-    /// next, within `hops` next hops. A pooled connection that failed untested may just
-    /// have been stale: a new one to the same hop; any other: the next hop in order.
-    pub(super) fn failover(&self, hops: usize) -> Option<(usize, bool)> {
+    /// next, within the route's `hops` (places in `next_hops`, in order). A pooled
+    /// connection that failed untested may just have been stale: a new one to the same
+    /// hop; any other: the route's next hop, and the ones after it (from the pool when
+    /// `true`).
+    pub(super) fn failover<'h>(&self, hops: &'h [usize]) -> Option<(&'h [usize], bool)> {
         let (hop, stale) = match self {
             Link::Up(l) => (l.hop, l.untested),
             Link::Wanted { hop, .. } | Link::Dialing { hop } => (*hop, false),
             Link::None | Link::Dropped => return None,
         };
-        let next = if stale { (hop, false) } else { (hop + 1, true) };
-        (next.0 < hops).then_some(next)
+        let at = hops.iter().position(|&h| h == hop)?;
+        let next = if stale { &hops[at..=at] } else { &hops[at + 1..] };
+        (!next.is_empty()).then_some((next, !stale))
     }
 }
 
@@ -221,13 +242,14 @@ mod tests {
         l.want(0, true);
         assert_eq!(l.poll(true, &hops), HopTransmit::Connect { addr: hops[0], pooled_ok: true });
         assert_eq!(l.poll(false, &hops), HopTransmit::Idle, "a session that ends dials nothing");
-        assert_eq!(l.failover(2), Some((1, true)), "hop 0 unreachable: the next one");
+        assert_eq!(l.failover(&[0, 1]), Some((&[1][..], true)), "hop 0 unreachable: the next one");
+        assert_eq!(l.failover(&[1, 0]), None, "in the route's order: none after it");
         l.attach(Upstream::new("mx.test", RelayTls::Off), true);
-        assert_eq!(l.failover(2), Some((0, false)), "pooled and untested: maybe stale, a new one");
+        assert_eq!(l.failover(&[0, 1]), Some((&[0][..], false)), "pooled and untested: maybe stale, a new one");
         let mut l = Link::Wanted { hop: 1, pooled_ok: true };
         l.dialing();
         assert!(matches!(l, Link::Dialing { hop: 1 }));
-        assert_eq!(l.failover(2), None, "no hop after the last");
+        assert_eq!(l.failover(&[0, 1]), None, "no hop after the last");
         l.drop();
         assert!(matches!(l, Link::Dropped));
         assert_eq!(l.poll(true, &hops), HopTransmit::Close);

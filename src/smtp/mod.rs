@@ -11,6 +11,16 @@
 //!   QUIT, idle, shutdown, improper pipelining: last reply, Closing ──► Closed   (next hop: DATA)
 //! ```
 //!
+//! Routes (`[[relay.route]]`, [`Settings::routed`]): the next hop follows the recipient's
+//! domain, so MAIL is answered `250` here and goes to the next hop with the first
+//! recipient that passes (`policy` picks its route); the transaction keeps that route
+//! and its next hop's answers from then on, as above. A recipient of another route gets
+//! `452 4.5.3` (one in-line transaction reaches one next hop; the peer sends it again in
+//! another), a sender the next hop refuses has that refusal given to each recipient, and
+//! a route none of whose next hops can be reached answers each recipient `451 4.4.1`
+//! (the next recipient tries its route afresh). Without routes the transaction's route
+//! is the default, fixed at MAIL.
+//!
 //! Draining ([`Session::shutdown`], on SIGTERM): a session outside a transaction says
 //! `421 4.3.2` and closes at once; one inside a transaction finishes it (its commands,
 //! its body, the next hop's final answer) and answers the command after it with the 421
@@ -170,10 +180,11 @@ impl HopBook {
         self.health.get(hop).map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// The first next hop from `from` on that may be tried at `now`: one that is up, or
-    /// one whose backoff is over (this try is its probe: the others skip it for `probe`).
-    pub fn pick(&self, from: usize, now: Instant, probe: Duration) -> Option<usize> {
-        (from..self.health.len()).find(|&hop| {
+    /// The first of `hops` (places in `next_hops`, in a route's order) that may be tried
+    /// at `now`: one that is up, or one whose backoff is over (this try is its probe: the
+    /// others skip it for `probe`).
+    pub fn pick(&self, hops: &[usize], now: Instant, probe: Duration) -> Option<usize> {
+        hops.iter().copied().find(|&hop| {
             let Some(mut h) = self.health(hop) else { return false };
             match h.down_until {
                 None => true,
@@ -241,6 +252,17 @@ impl HopBook {
 }
 
 impl Settings {
+    /// `[[relay.route]]`s are configured: a transaction's next hop follows its first
+    /// recipient, so MAIL is answered here and goes on with that recipient.
+    pub fn routed(&self) -> bool {
+        self.relay.routes.len() > 1
+    }
+
+    /// The next hops of route `route` (0: the default), as places in `relay.next_hops`.
+    pub fn route_hops(&self, route: usize) -> &[usize] {
+        self.relay.routes.get(route).map_or(&[], |r| r.hops.as_slice())
+    }
+
     pub fn new(config: &Config, starttls: bool) -> Self {
         Settings {
             starttls,
@@ -250,7 +272,7 @@ impl Settings {
             max_failed_commands: config.abuse.max_failed_commands,
             max_failed_recipients: config.abuse.max_failed_recipients,
             replies: Params::new(config, starttls),
-            relay_domains: RelayDomains::new(&config.relay.domains),
+            relay_domains: RelayDomains::new(&config.relay.domains, &config.relay.routes),
             hop_book: HopBook::new(config.relay.next_hops.len()),
         }
     }

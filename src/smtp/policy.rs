@@ -6,8 +6,15 @@
 //! domain: address literals (never local), and local parts holding `%`, `!` or (quoted)
 //! `@`, which are routing tricks, not mailboxes. `<postmaster>` is always accepted
 //! (RFC 5321 §4.5.1). Source routes were already dropped by the parser.
+//!
+//! An accepted recipient's route (`[[relay.route]]`) is the one with the most specific
+//! domain matching it: a plain entry naming its domain, else the `.` entry of its
+//! nearest parent (itself included); none: the default route (`[relay] next_hops`),
+//! which `<postmaster>` takes too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use crate::config::Route;
 
 use super::address::{Domain, Mailbox, Path};
 
@@ -26,11 +33,16 @@ pub struct RelayDomains {
     exact: HashSet<String>,
     /// Domains whose subdomains are accepted too.
     parents: HashSet<String>,
+    /// Routes by the domain a plain route entry names, and by the parent a `.` entry
+    /// names (its index in `relay.routes`).
+    route_exact: HashMap<String, usize>,
+    route_parents: HashMap<String, usize>,
 }
 
 impl RelayDomains {
-    /// From `[relay] domains` (already lower case, without trailing dots).
-    pub fn new(domains: &[String]) -> Self {
+    /// From `[relay] domains` (already lower case, without trailing dots) and the routes
+    /// (`routes[0]`: the default).
+    pub fn new(domains: &[String], routes: &[Route]) -> Self {
         let mut r = RelayDomains::default();
         for d in domains {
             match d.strip_prefix('.') {
@@ -43,19 +55,28 @@ impl RelayDomains {
                 }
             }
         }
+        for (i, route) in routes.iter().enumerate() {
+            for d in &route.domains {
+                match d.strip_prefix('.') {
+                    Some(parent) => r.route_parents.insert(parent.to_owned(), i),
+                    None => r.route_exact.insert(d.clone(), i),
+                };
+            }
+        }
         r
     }
 
-    /// Whether mail for `path` may be relayed.
-    pub fn judge(&self, path: &Path) -> Result<(), NotOurs> {
+    /// Whether mail for `path` may be relayed, and by which route (its index in
+    /// `relay.routes`; 0: the default).
+    pub fn judge(&self, path: &Path) -> Result<usize, NotOurs> {
         match path {
-            Path::Postmaster => Ok(()),
+            Path::Postmaster => Ok(0),
             Path::Null => Err(NotOurs::NotOurDomain),
             Path::Mailbox(m) => self.judge_mailbox(m),
         }
     }
 
-    fn judge_mailbox(&self, m: &Mailbox) -> Result<(), NotOurs> {
+    fn judge_mailbox(&self, m: &Mailbox) -> Result<usize, NotOurs> {
         let local = m.local_unquoted();
         if local.contains(['%', '!']) || (m.is_quoted() && local.contains('@')) {
             return Err(NotOurs::RoutingInLocalPart);
@@ -64,18 +85,24 @@ impl RelayDomains {
             Domain::Literal(_) => return Err(NotOurs::AddressLiteral),
             Domain::Name(n) => n.trim_end_matches('.').to_lowercase(),
         };
-        if self.exact.contains(&name) {
-            return Ok(());
+        let ours = self.exact.contains(&name) || parents(&name).any(|p| self.parents.contains(p));
+        if !ours {
+            return Err(NotOurs::NotOurDomain);
         }
-        let mut rest = name.as_str();
-        while let Some((_, parent)) = rest.split_once('.') {
-            if self.parents.contains(parent) {
-                return Ok(());
-            }
-            rest = parent;
+        if self.route_exact.is_empty() && self.route_parents.is_empty() {
+            return Ok(0);
         }
-        Err(NotOurs::NotOurDomain)
+        let route = self
+            .route_exact
+            .get(&name)
+            .or_else(|| std::iter::once(name.as_str()).chain(parents(&name)).find_map(|p| self.route_parents.get(p)));
+        Ok(route.copied().unwrap_or(0))
     }
+}
+
+/// The parent domains of `name`, nearest first: `a.b.c` gives `b.c`, then `c`.
+fn parents(name: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(name.split_once('.').map(|(_, p)| p), |rest| rest.split_once('.').map(|(_, p)| p))
 }
 
 #[cfg(test)]
@@ -91,9 +118,9 @@ mod tests {
     }
 
     fn judge(domains: &[&str], rcpt: &str) -> Result<(), Refused> {
-        let r = RelayDomains::new(&domains.iter().map(|d| d.to_string()).collect::<Vec<_>>());
+        let r = RelayDomains::new(&domains.iter().map(|d| d.to_string()).collect::<Vec<_>>(), &[]);
         match parse_path(rcpt.as_bytes(), true) {
-            Ok((path, _)) => r.judge(&path).map_err(Refused::Policy),
+            Ok((path, _)) => r.judge(&path).map(|_| ()).map_err(Refused::Policy),
             Err(_) => Err(Refused::Syntax),
         }
     }
@@ -154,5 +181,32 @@ mod tests {
     fn no_domains_accept_nothing_but_postmaster() {
         assert!(judge(&[], "<user@example.com>").is_err());
         assert_eq!(judge(&[], "<postmaster>"), Ok(()));
+    }
+
+    #[test]
+    fn the_most_specific_route_takes_a_recipient() {
+        let route = |domains: &[&str]| Route {
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            next_hop_names: Vec::new(),
+            hops: Vec::new(),
+        };
+        let routes = [route(&[]), route(&[".example.org"]), route(&["a.example.org"]), route(&[".b.example.org"])];
+        let ours = [".example.org".to_string(), "example.com".to_string()];
+        let r = RelayDomains::new(&ours, &routes);
+        let route_of = |rcpt: &str| r.judge(&parse_path(rcpt.as_bytes(), true).unwrap().0);
+        for (rcpt, want) in [
+            ("<u@example.com>", Ok(0)),
+            ("<postmaster>", Ok(0)),
+            ("<u@example.org>", Ok(1)),
+            ("<u@x.example.org>", Ok(1)),
+            ("<u@A.Example.Org.>", Ok(2)),
+            ("<u@x.a.example.org>", Ok(1)),
+            ("<u@b.example.org>", Ok(3)),
+            ("<u@x.y.b.example.org>", Ok(3)),
+            ("<u@outside.example>", Err(NotOurs::NotOurDomain)),
+            ("<u@mail.example.com>", Err(NotOurs::NotOurDomain)),
+        ] {
+            assert_eq!(route_of(rcpt), want, "{rcpt}");
+        }
     }
 }

@@ -35,6 +35,9 @@ pub fn chunk_taken(octets: u64) -> Vec<u8> {
     format!("250 2.0.0 {octets} octets received\r\n").into_bytes()
 }
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 too many recipients\r\n";
+/// A recipient whose route (`[[relay.route]]`) is not the transaction's: one in-line
+/// transaction goes to one next hop, so the peer sends it again in another.
+pub const OTHER_ROUTE: &[u8] = b"452 4.5.3 recipient of another route: send it in another transaction\r\n";
 /// A DSN parameter (RFC 3461) whose value is malformed, or given twice.
 pub const DSN_SYNTAX: &[u8] = b"501 5.5.4 malformed DSN parameter\r\n";
 /// EHLO's line offering DSN.

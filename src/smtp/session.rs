@@ -79,6 +79,9 @@ pub struct Transaction {
     pub accepted: u32,
     pub refused: u32,
     pub size: u64,
+    /// With `[[relay.route]]`s: the route it took (`Route::name`), once a recipient
+    /// fixed it.
+    pub route: Option<String>,
     pub next_hop: Option<SocketAddr>,
     /// The accepted recipients, the first `LOGGED_RECIPIENTS` of them (`accepted` says how
     /// many in all).
@@ -113,6 +116,9 @@ impl fmt::Display for Transaction {
                 to.push_str(&format!(",+{more}"));
             }
             write!(f, "to={} ", crate::logfmt::value(&to))?;
+        }
+        if let Some(route) = &self.route {
+            write!(f, "route={} ", crate::logfmt::value(route))?;
         }
         match self.next_hop {
             Some(h) => write!(f, "next_hop={h} ")?,
@@ -169,6 +175,12 @@ pub(super) struct Txn {
     /// The next hop failed mid-transaction, how: the rest gets 451.
     pub(super) broken: Option<HopFault>,
     pub(super) hop: Option<usize>,
+    /// Its route (its index in `relay.routes`): fixed at MAIL when no routes are
+    /// configured, else by the first recipient sent on (see `Settings::routed`).
+    pub(super) route: Option<usize>,
+    /// Routed: the next hop refused the sender after our 250 to MAIL; every recipient
+    /// gets this refusal.
+    pub(super) sender_refused: Option<Box<[u8]>>,
 }
 
 #[derive(Debug)]
@@ -754,6 +766,10 @@ impl Session {
     pub(super) fn end_transaction(&mut self, outcome: Outcome, now: Instant) {
         let Some(t) = self.txn.take() else { return };
         let next_hop = t.hop.and_then(|h| self.settings.relay.next_hops.get(h).copied());
+        let route = match (self.settings.routed(), t.route) {
+            (true, Some(r)) => self.settings.relay.routes.get(r).map(|r| r.name().to_owned()),
+            _ => None,
+        };
         self.events.push_back(Event::Transaction(Box::new(Transaction {
             id: t.id,
             peer: self.peer,
@@ -761,6 +777,7 @@ impl Session {
             accepted: t.accepted,
             refused: t.refused,
             size: t.body.map_or(0, |b| b.filter.size()) + t.chunks.map_or(0, |c| c.filter.size()),
+            route,
             next_hop,
             to: t.to,
             hop_id: t.hop_id,

@@ -23,7 +23,8 @@ struct Harness {
     dials: Vec<(usize, bool)>,
     /// Hops whose connection attempts fail.
     unreachable: Vec<usize>,
-    pool: Vec<Upstream>,
+    /// Idle connections, by next hop.
+    pool: Vec<(std::net::SocketAddr, Upstream)>,
     released: usize,
     closed: usize,
     /// When a pooled connection is handed out, it turns out dead.
@@ -97,9 +98,9 @@ impl Harness {
 
     /// Lets go of the next-hop connection, as the connection does after `Release` or
     /// `Close`.
-    fn detach(&mut self) -> Option<Upstream> {
+    fn detach(&mut self) -> Option<(Upstream, std::net::SocketAddr)> {
         let next_hops = &self.session.settings().relay.next_hops;
-        self.link.detach(next_hops, self.session.wanted_link()).map(|(up, _)| up)
+        self.link.detach(next_hops, self.session.wanted_link())
     }
 
     /// Serves both ports until neither has anything to do; returns what the peer got.
@@ -119,7 +120,8 @@ impl Harness {
                     // CONFIG's next hops are ports 2526 and 2527
                     let hop = usize::from(addr.port() - 2526);
                     self.dials.push((hop, pooled_ok));
-                    if pooled_ok && let Some(up) = self.pool.pop() {
+                    let pooled = self.pool.iter().rposition(|(a, _)| *a == addr);
+                    if pooled_ok && let Some((_, up)) = pooled.map(|i| self.pool.remove(i)) {
                         self.link.attach(up, true);
                         self.session.link_attached(&mut self.link, self.now);
                         if self.stale_pool {
@@ -148,8 +150,8 @@ impl Harness {
                 HopTransmit::Release => {
                     busy = true;
                     self.released += 1;
-                    let up = self.detach().unwrap();
-                    self.pool.push(up);
+                    let (up, addr) = self.detach().unwrap();
+                    self.pool.push((addr, up));
                 }
                 HopTransmit::Close => {
                     busy = true;
@@ -1546,4 +1548,118 @@ fn xforward_goes_ahead_of_mail_and_off_means_off() {
     off.greet();
     off.envelope();
     assert!(!off.hop.commands.iter().any(|c| c.starts_with("XCLIENT")), "{:?}", off.hop.commands);
+}
+
+// ---- routes ------------------------------------------------------------------------------
+
+/// CONFIG with a route: `.example.org` to 127.0.0.1:2528 (dialled as hop 2), then 2527.
+fn routed() -> Harness {
+    Harness::with_config(&format!(
+        "{CONFIG}[[relay.route]]\ndomains = [\".example.org\"]\nnext_hops = [\"127.0.0.1:2528\", \"127.0.0.1:2527\"]\n"
+    ))
+}
+
+const OTHER_ROUTE_452: &str = "452 4.5.3 recipient of another route: send it in another transaction\r\n";
+
+#[test]
+fn a_route_takes_the_transaction_of_its_first_recipient() {
+    let mut h = routed();
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert!(h.dials.is_empty(), "MAIL waits for its first recipient: the route follows it");
+    assert_eq!(h.send(b"RCPT TO:<u@mail.example.org>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert_eq!(h.dials, [(2, true)], "the route's first next hop");
+    assert_eq!(h.hop.commands[1..], ["MAIL FROM:<a@client.test>", "RCPT TO:<u@mail.example.org>"]);
+    assert_eq!(h.send(b"RCPT TO:<v@example.org>\r\n"), "250 2.1.5 recipient OK\r\n");
+    // another route's recipient: sent again by the peer, in a transaction of its own
+    assert_eq!(h.send(b"RCPT TO:<w@example.com>\r\n"), OTHER_ROUTE_452);
+    assert_eq!(h.send(b"RCPT TO:<postmaster>\r\n"), OTHER_ROUTE_452, "postmaster: the default route");
+    assert!(h.send(b"DATA\r\n").starts_with("354"));
+    assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
+    let events = h.events();
+    assert!(!events.iter().any(|e| matches!(e, Event::Failed(_))), "a 452 for a route is no failure");
+    assert_eq!(h.hop.envelopes[0].1, ["RCPT TO:<u@mail.example.org>", "RCPT TO:<v@example.org>"]);
+    let Some(Event::Transaction(first)) = events.last() else { panic!("{events:?}") };
+    let line = first.to_string();
+    assert!(line.contains(" rcpt=2/2 "), "{line}");
+    assert!(line.contains(" route=.example.org next_hop=127.0.0.1:2528 "), "{line}");
+
+    // the next transaction, to the default route: the connection goes back to the pool
+    assert!(h.deliver("w@example.com", b"y\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(h.dials, [(2, true), (0, true)]);
+    assert_eq!(h.released, 1);
+    // and back: the route's connection comes from the pool
+    assert!(h.deliver("u@example.org", b"z\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!((h.dials.len(), h.pool.len()), (3, 1), "the default route's connection is pooled now");
+    let line = h.transactions()[0].to_string();
+    assert!(line.contains(" route=default next_hop=127.0.0.1:2526 "), "{line}");
+}
+
+#[test]
+fn a_pipelined_routed_batch_goes_in_one_write_and_answers_in_order() {
+    let mut h = routed();
+    h.greet();
+    let got = h.send(
+        b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nRCPT TO:<v@example.org>\r\n\
+          RCPT TO:<x@elsewhere.test>\r\nRCPT TO:<w@example.com>\r\nDATA\r\n",
+    );
+    assert_eq!(
+        got,
+        format!(
+            "250 2.1.0 sender OK\r\n250 2.1.5 recipient OK\r\n{OTHER_ROUTE_452}550 5.7.1 relay access denied\r\n\
+             250 2.1.5 recipient OK\r\n{GO_AHEAD}"
+        )
+    );
+    assert_eq!(h.dials, [(0, true)]);
+    let batch = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nRCPT TO:<w@example.com>\r\nDATA\r\n";
+    assert!(h.hop.writes.iter().any(|w| w == batch), "one write: {:?}", h.hop.writes);
+    assert_eq!(h.hop.envelopes.len(), 0);
+    assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(h.hop.envelopes[0].1, ["RCPT TO:<u@example.com>", "RCPT TO:<w@example.com>"]);
+}
+
+#[test]
+fn a_sender_refused_after_our_250_refuses_each_recipient() {
+    let mut h = routed();
+    h.hop.refuse_mail = Some("550 5.7.1 sender refused");
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.org>\r\n"), "550 5.7.1 sender refused\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.com>\r\n"), "550 5.7.1 sender refused\r\n", "whatever the route");
+    assert_eq!(h.send(b"DATA\r\n"), "554 5.5.1 no valid recipients\r\n");
+    let refusals = h.events().iter().filter(|e| **e == Event::Failed(Failure::Recipient)).count();
+    assert_eq!(refusals, 2, "each recipient refused counts, as any refused recipient");
+    assert_eq!(h.hop.commands.last().map(String::as_str), Some("RSET"), "the connection is clean again");
+    // RSET and a new transaction: the next hop takes this sender
+    h.hop.refuse_mail = None;
+    assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 OK\r\n");
+    assert!(h.deliver("u@example.org", b"y\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(h.dials, [(2, true)], "one connection throughout");
+}
+
+#[test]
+fn a_routes_hops_fail_over_in_its_order_and_a_dead_route_is_451_per_recipient() {
+    let mut h = routed();
+    h.unreachable = vec![2];
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.org>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert_eq!(h.dials, [(2, true), (1, true)], "the route's second next hop, not the default's first");
+    assert!(h.send(b"DATA\r\n").starts_with("354"));
+    assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
+    assert_eq!(h.transactions()[0].next_hop, Some("127.0.0.1:2527".parse().unwrap()));
+
+    // both of the route's next hops unreachable: each recipient 451, the transaction
+    // stays, and a recipient of the default route may still open it
+    let mut h = routed();
+    h.unreachable = vec![2, 1];
+    h.greet();
+    assert_eq!(h.send(b"MAIL FROM:<a@client.test>\r\n"), "250 2.1.0 sender OK\r\n");
+    assert_eq!(h.send(b"RCPT TO:<u@example.org>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.send(b"RCPT TO:<v@example.org>\r\n"), "451 4.4.1 next hop unavailable, try again later\r\n");
+    assert_eq!(h.dials, [(2, true), (1, true)], "both down now: the second recipient tries none");
+    assert_eq!(h.send(b"RCPT TO:<w@example.com>\r\n"), "250 2.1.5 recipient OK\r\n");
+    assert!(h.send(b"DATA\r\n").starts_with("354"));
+    assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
+    assert!(!h.events().iter().any(|e| matches!(e, Event::Failed(_))), "451s are no failures");
 }

@@ -138,6 +138,8 @@ impl Session {
             introduced: false,
             broken: None,
             hop: None,
+            route: None,
+            sender_refused: None,
         };
         for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
             if dsn && let Some(valid) = dsn_parameter(param, &[b"RET", b"ENVID"], &mut txn.dsn) {
@@ -154,8 +156,14 @@ impl Session {
             return self.reply(TOO_BIG);
         }
         txn.id = self.transaction_id();
+        if self.settings.routed() {
+            // the next hop follows the first recipient: MAIL goes on with it
+            self.txn = Some(txn);
+            return self.reply(MAIL_OK);
+        }
+        txn.route = Some(0);
         self.txn = Some(txn);
-        self.start_mail(link, now);
+        self.send_sender(link, now);
     }
 
     fn rcpt(&mut self, link: &mut Link, args: &[u8], now: Instant) {
@@ -189,14 +197,32 @@ impl Session {
         if to == Path::Null {
             return self.refuse_recipient(NO_NULL_RECIPIENT);
         }
-        if let Err(why) = self.settings.relay_domains.judge(&to) {
-            tracing::debug!(peer = %self.peer, rcpt = %crate::logfmt::value(&to.to_string()), ?why, "relay denied");
-            return self.refuse_recipient(RELAY_DENIED);
-        }
-        if self.txn.as_ref().is_some_and(|t| t.broken.is_some()) {
+        let route = match self.settings.relay_domains.judge(&to) {
+            Ok(route) => route,
+            Err(why) => {
+                tracing::debug!(peer = %self.peer, rcpt = %crate::logfmt::value(&to.to_string()), ?why, "relay denied");
+                return self.refuse_recipient(RELAY_DENIED);
+            }
+        };
+        let Some(txn) = &mut self.txn else { return self.reply(MAIL_FIRST) };
+        if txn.broken.is_some() {
             return self.refuse_recipient(NEXT_HOP_FAILED);
         }
-        self.forward_rcpt(link, to, dsn_params.into(), now);
+        if let Some(refusal) = txn.sender_refused.clone() {
+            return self.refuse_recipient(&refusal);
+        }
+        match txn.route {
+            Some(r) if r == route => self.forward_rcpt(link, to, dsn_params.into(), now),
+            Some(_) => {
+                // one in-line transaction goes to one next hop: the peer sends these again
+                self.count_refused();
+                self.reply(OTHER_ROUTE);
+            }
+            None => {
+                txn.route = Some(route);
+                self.send_first_recipient(link, to, dsn_params.into(), now);
+            }
+        }
     }
 
     fn data(&mut self, link: &mut Link, args: &[u8], now: Instant) {
