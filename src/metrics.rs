@@ -58,12 +58,23 @@ fn text(shared: &Shared) -> String {
     let hops: Vec<_> = settings.relay.next_hops.iter().zip(settings.hop_book.report()).collect();
     if !hops.is_empty() {
         out.push_str("# TYPE mxgate_next_hop_up gauge\n");
-        for (addr, (up, _)) in &hops {
-            out.push_str(&format!("mxgate_next_hop_up{{next_hop=\"{addr}\"}} {}\n", u8::from(*up)));
+        for (addr, hop) in &hops {
+            out.push_str(&format!("mxgate_next_hop_up{{next_hop=\"{addr}\"}} {}\n", u8::from(hop.up)));
         }
         out.push_str("# TYPE mxgate_next_hop_failures_total counter\n");
-        for (addr, (_, failures)) in &hops {
-            out.push_str(&format!("mxgate_next_hop_failures_total{{next_hop=\"{addr}\"}} {failures}\n"));
+        for (addr, hop) in &hops {
+            out.push_str(&format!("mxgate_next_hop_failures_total{{next_hop=\"{addr}\"}} {}\n", hop.failures));
+        }
+        out.push_str("# TYPE mxgate_next_hop_replies_total counter\n");
+        for (addr, hop) in &hops {
+            out.push_str(&format!("mxgate_next_hop_replies_total{{next_hop=\"{addr}\"}} {}\n", hop.replies));
+        }
+        out.push_str("# TYPE mxgate_next_hop_reply_seconds_total counter\n");
+        for (addr, hop) in &hops {
+            out.push_str(&format!(
+                "mxgate_next_hop_reply_seconds_total{{next_hop=\"{addr}\"}} {:.6}\n",
+                hop.reply_seconds
+            ));
         }
     }
     let zones = shared.blocked_by_zone();

@@ -221,7 +221,7 @@ impl ScriptedHop {
                     continue;
                 }
                 "XCLIENT" => {
-                    // a new session for the client named: greeted again, EHLO expected
+                    // a new session for the client named: greeted again (EHLO may follow)
                     self.mail_open = false;
                     self.rcpts_ok = 0;
                     "220 hop.test ESMTP".into()

@@ -147,6 +147,11 @@ fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
     assert!(body.contains(&format!("mxgate_next_hop_up{{next_hop=\"{hung_addr}\"}} 0\n")), "{body}");
     assert!(body.contains(&format!("mxgate_next_hop_up{{next_hop=\"{}\"}} 1\n", hop.addr)), "{body}");
     assert!(body.contains(&format!("mxgate_next_hop_failures_total{{next_hop=\"{hung_addr}\"}} 1\n")), "{body}");
+    // the replies of the hop that took both messages: MAIL, RCPT, DATA and the dot each
+    let replies = format!("mxgate_next_hop_replies_total{{next_hop=\"{}\"}} ", hop.addr);
+    let count = body.lines().find_map(|l| l.strip_prefix(&replies)).and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(count, Some(8), "{body}");
+    assert!(body.contains(&format!("mxgate_next_hop_reply_seconds_total{{next_hop=\"{}\"}} ", hop.addr)));
 }
 
 /// A next hop given by name (`localhost:port`, from /etc/hosts: no query leaves the
@@ -438,22 +443,29 @@ fn peer_text_cannot_forge_log_fields(io: &str) {
 /// A real Postfix that trusts mxgate for XCLIENT (`smtpd_authorized_xclient_hosts`)
 /// logs the peer's own address for each message, not mxgate's: its checks judge the
 /// sender (Postfix offers XCLIENT only to the hosts it trusts so; to others nothing is sent).
+/// The HELO and PROTO that XCLIENT carries stand in Postfix's new session: MAIL follows its
+/// greeting without EHLO, even where Postfix requires HELO, and nothing is pipelined where
+/// Postfix would call it improper.
 #[test]
 fn postfix_sees_the_peer_through_xclient() {
-    let Some(postfix) = common::postfix::Postfix::start("smtpd_authorized_xclient_hosts = 127.0.0.0/8\n") else {
-        return;
-    };
-    let m = Mxgate::start(&config(&[postfix.addr], ""), &[], "uring");
+    let main_cf = "smtpd_authorized_xclient_hosts = 127.0.0.0/8\nsmtpd_helo_required = yes\n\
+                   smtpd_helo_restrictions = reject_invalid_helo_hostname\n";
+    let Some(postfix) = common::postfix::Postfix::start(main_cf) else { return };
+    let m = Mxgate::start(&config(&[postfix.addr], "").replace("threads = 2", "threads = 1"), &[], "uring");
     for i in 0..2 {
         let mut s = session(&m, &format!("127.0.23.{}", 5 + i));
-        assert!(transaction(&mut s, "", b"Subject: who\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0"));
+        for _ in 0..2 {
+            assert!(transaction(&mut s, "", b"Subject: who\r\n\r\nhi\r\n.\r\n").starts_with("250 2.0.0"));
+        }
     }
     for peer in ["127.0.23.5", "127.0.23.6"] {
-        common::wait_until("Postfix's log names the peer", || {
-            postfix.log().contains(&format!("client=unknown[{peer}]"))
+        common::wait_until("Postfix's log names the peer for both its messages", || {
+            postfix.log().matches(&format!("client=unknown[{peer}]")).count() == 2
         });
     }
-    assert!(!postfix.log().contains("client=localhost[127.0.0.1]"), "{}", postfix.log());
+    let log = postfix.log();
+    assert!(!log.contains("client=localhost[127.0.0.1]"), "{log}");
+    assert!(!log.contains("improper command pipelining"), "{log}");
 }
 
 /// A real Postfix offers DSN: once mxgate has heard its EHLO it offers DSN too, and

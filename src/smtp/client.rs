@@ -191,8 +191,10 @@ enum State {
     StartTls,
     /// 220 to STARTTLS: the TLS layer does the handshake.
     Handshake,
-    /// XCLIENT sent: the next hop greets again (220), then EHLO again.
-    Xclient,
+    /// XCLIENT sent: the next hop greets again (220), then EHLO again when `ehlo_again`.
+    Xclient {
+        ehlo_again: bool,
+    },
     Ready,
     Failed,
 }
@@ -303,12 +305,18 @@ impl Upstream {
                 self.state = State::Ready;
                 self.events.push_back(Progress::Ready);
             }
-            State::Xclient if reply.code == 220 => {
+            State::Xclient { ehlo_again: true } if reply.code == 220 => {
                 // a new session at the next hop, for the client named: greet it again
                 self.state = State::Hello { extended: true };
                 self.write_line(format!("EHLO {}", self.hostname).as_bytes());
             }
-            State::Xclient => {
+            State::Xclient { ehlo_again: false } if reply.code == 220 => {
+                // the client's HELO and PROTO stand at the next hop: ready for MAIL, with
+                // what its EHLO offered
+                self.state = State::Ready;
+                self.events.push_back(Progress::Ready);
+            }
+            State::Xclient { .. } => {
                 // refused (not authorized): on as ourselves
                 tracing::debug!(code = reply.code, "next hop refused XCLIENT");
                 self.state = State::Ready;
@@ -391,12 +399,14 @@ impl Upstream {
         self.pending.push_back(cmd);
     }
 
-    /// Sends XCLIENT (`line`, CRLF added): the next hop greets again and is asked EHLO
-    /// again; `Progress::Ready` comes when it is ready for MAIL (also when it refuses).
-    pub fn xclient(&mut self, line: &[u8]) {
+    /// Sends XCLIENT (`line`, CRLF added): the next hop greets again, and is asked EHLO
+    /// again when `ehlo_again` (else its greeting is enough: the line carried the client's
+    /// HELO and PROTO, which its new session keeps); `Progress::Ready` comes when it is
+    /// ready for MAIL (also when it refuses).
+    pub fn xclient(&mut self, line: &[u8], ehlo_again: bool) {
         debug_assert_eq!(self.state, State::Ready);
         self.write_line(line);
-        self.state = State::Xclient;
+        self.state = State::Xclient { ehlo_again };
     }
 
     /// Body bytes, already dot-stuffed, CRLF line ends only.
@@ -472,7 +482,7 @@ impl Upstream {
     /// A reply is expected: to the greeting, EHLO or a command sent.
     pub fn awaits_reply(&self) -> bool {
         match self.state {
-            State::Greeting | State::Hello { .. } | State::StartTls | State::Handshake | State::Xclient => true,
+            State::Greeting | State::Hello { .. } | State::StartTls | State::Handshake | State::Xclient { .. } => true,
             State::Ready => !self.pending.is_empty(),
             State::Failed => false,
         }

@@ -216,7 +216,12 @@ impl Session {
         };
         let line = format!("{verb}{}", self.client_attributes(offered));
         if verb == "XCLIENT" {
-            l.up.xclient(line.as_bytes());
+            // XCLIENT's new session keeps the HELO and PROTO it carried (Postfix's
+            // XCLIENT_README: they are not reset): MAIL may follow the greeting at once;
+            // without them (Exim offers neither) the next hop needs EHLO again
+            use super::client::attrs;
+            let carried = offered & attrs::HELO != 0 && offered & attrs::PROTO != 0 && self.helo.is_some();
+            l.up.xclient(line.as_bytes(), !carried);
             self.fwd.waiting.push_front(Waiting::Link { hop: l.hop, pooled_ok: false });
             self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
             return true;
@@ -315,6 +320,7 @@ impl Session {
     fn await_reply(&mut self, waiting: Waiting, now: Instant) {
         if self.fwd.waiting.is_empty() {
             self.fwd.deadline = Some(now + self.settings.relay.reply_timeout);
+            self.fwd.since = Some(now);
         }
         self.fwd.waiting.push_back(waiting);
     }
@@ -327,8 +333,11 @@ impl Session {
             let Some(event) = l.up.poll_event() else { return };
             match event {
                 Progress::Ready => {
-                    let addr = self.settings.relay.next_hops.get(l.hop).copied();
-                    self.settings.hop_book.learn(l.hop, addr, &l.up.extensions());
+                    // a new connection's EHLO (not the greeting after our XCLIENT)
+                    if !self.txn.as_ref().is_some_and(|t| t.introduced) {
+                        let addr = self.settings.relay.next_hops.get(l.hop).copied();
+                        self.settings.hop_book.learn(l.hop, addr, &l.up.extensions());
+                    }
                     self.link_ready(link, now);
                 }
                 // 421: the next hop is closing the connection
@@ -358,6 +367,10 @@ impl Session {
         let waiting = self.fwd.waiting.pop_front();
         let more = self.fwd.waiting.iter().any(Waiting::forwarded);
         self.fwd.deadline = more.then(|| now + self.settings.relay.reply_timeout);
+        if let (Some(since), Some(t)) = (std::mem::replace(&mut self.fwd.since, more.then_some(now)), &mut self.txn) {
+            t.hop_replies += 1;
+            t.hop_wait += now.saturating_duration_since(since);
+        }
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
             (Some(Waiting::Mail), Command::Mail) => self.answer_mail(link, reply, now),

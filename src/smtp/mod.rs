@@ -147,6 +147,22 @@ pub struct HopBook {
     health: Box<[Mutex<Health>]>,
     /// Per next hop: connections that failed or timed out (the metrics' failures).
     failures: Box<[AtomicU64]>,
+    /// Per next hop: replies to a transaction's commands, and the time waited for them
+    /// in microseconds (added once per transaction, not per reply).
+    replies: Box<[AtomicU64]>,
+    reply_micros: Box<[AtomicU64]>,
+}
+
+/// What the metrics show of a next hop.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HopReport {
+    /// Not down for a backoff.
+    pub up: bool,
+    /// Connections that failed or timed out.
+    pub failures: u64,
+    /// Replies to transactions' commands, and the seconds waited for them in all.
+    pub replies: u64,
+    pub reply_seconds: f64,
 }
 
 /// A next hop's health: down until when (none: up), and the backoff that put it there.
@@ -166,14 +182,30 @@ impl HopBook {
             dsn: (0..hops).map(|_| AtomicU8::new(0)).collect(),
             health: (0..hops).map(|_| Mutex::default()).collect(),
             failures: (0..hops).map(|_| AtomicU64::new(0)).collect(),
+            replies: (0..hops).map(|_| AtomicU64::new(0)).collect(),
+            reply_micros: (0..hops).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// Per next hop, in `next_hops` order: whether it is up (not down for a backoff), and
-    /// its failures so far (for the metrics).
-    pub fn report(&self) -> Vec<(bool, u64)> {
-        let up = (0..self.health.len()).map(|hop| self.health(hop).is_some_and(|h| h.down_until.is_none()));
-        up.zip(self.failures.iter().map(|f| f.load(Ordering::Relaxed))).collect()
+    /// Per next hop, in `next_hops` order: what the metrics show.
+    pub fn report(&self) -> Vec<HopReport> {
+        let load = |a: &[AtomicU64], hop: usize| a.get(hop).map_or(0, |v| v.load(Ordering::Relaxed));
+        (0..self.health.len())
+            .map(|hop| HopReport {
+                up: self.health(hop).is_some_and(|h| h.down_until.is_none()),
+                failures: load(&self.failures, hop),
+                replies: load(&self.replies, hop),
+                reply_seconds: load(&self.reply_micros, hop) as f64 / 1e6,
+            })
+            .collect()
+    }
+
+    /// A transaction's wait for next hop `hop`: `replies` replies, `waited` in all.
+    pub(super) fn waited(&self, hop: usize, replies: u32, waited: Duration) {
+        if let (Some(n), Some(micros)) = (self.replies.get(hop), self.reply_micros.get(hop)) {
+            n.fetch_add(u64::from(replies), Ordering::Relaxed);
+            micros.fetch_add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
     }
 
     fn health(&self, hop: usize) -> Option<std::sync::MutexGuard<'_, Health>> {

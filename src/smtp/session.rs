@@ -181,6 +181,10 @@ pub(super) struct Txn {
     /// Routed: the next hop refused the sender after our 250 to MAIL; every recipient
     /// gets this refusal.
     pub(super) sender_refused: Option<Box<[u8]>>,
+    /// The next hop's replies to its commands, and the time waited for them (its
+    /// `HopBook` adds them up at the end).
+    pub(super) hop_replies: u32,
+    pub(super) hop_wait: Duration,
 }
 
 #[derive(Debug)]
@@ -278,6 +282,9 @@ pub(super) struct Forward {
     pub(super) waiting: VecDeque<Waiting>,
     /// When the next hop must have answered (or taken more body) by.
     pub(super) deadline: Option<Instant>,
+    /// Since when the oldest reply owed by the next hop is awaited: its command went out,
+    /// or the reply before it came.
+    pub(super) since: Option<Instant>,
 }
 
 /// Failures of one conversation, against `max_failed_commands` and
@@ -347,7 +354,7 @@ impl Session {
             clock: WallClock { at: now, unix },
             helo: None,
             txn: None,
-            fwd: Forward { waiting: VecDeque::new(), deadline: None },
+            fwd: Forward { waiting: VecDeque::new(), deadline: None, since: None },
             events: VecDeque::new(),
             answering_rcpt: false,
             strikes: Strikes::default(),
@@ -765,6 +772,9 @@ impl Session {
     /// Ends the current transaction with a mail-log event.
     pub(super) fn end_transaction(&mut self, outcome: Outcome, now: Instant) {
         let Some(t) = self.txn.take() else { return };
+        if let Some(hop) = t.hop {
+            self.settings.hop_book.waited(hop, t.hop_replies, t.hop_wait);
+        }
         let next_hop = t.hop.and_then(|h| self.settings.relay.next_hops.get(h).copied());
         let route = match (self.settings.routed(), t.route) {
             (true, Some(r)) => self.settings.relay.routes.get(r).map(|r| r.name().to_owned()),

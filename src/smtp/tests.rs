@@ -1524,13 +1524,25 @@ fn the_peer_is_introduced_to_a_next_hop_by_xclient_before_each_transaction() {
     let commands = h.hop.commands.clone();
     let xclient = "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40007 HELO=client+2Bx.test PROTO=ESMTP";
     let at = commands.iter().position(|c| c == xclient).unwrap_or_else(|| panic!("{commands:?}"));
-    assert!(commands[at + 1].starts_with("EHLO "), "greeted again, EHLO again: {commands:?}");
-    assert!(commands[at + 2].starts_with("MAIL FROM:<a@client.test>"), "{commands:?}");
+    // the HELO and PROTO it carried stand in the next hop's new session: MAIL follows its
+    // greeting, one round trip in all
+    assert!(commands[at + 1].starts_with("MAIL FROM:<a@client.test>"), "{commands:?}");
     assert!(!commands.iter().any(|c| c.contains("LOGIN=")), "LOGIN never");
     assert!(h.send(b"BDAT 1 LAST\r\nx").starts_with(QUEUED));
     // the next transaction on the same connection is introduced again
     h.envelope();
     assert_eq!(h.hop.commands.iter().filter(|c| c.starts_with("XCLIENT ")).count(), 2);
+
+    // a next hop whose XCLIENT takes no HELO (Exim's) is greeted with EHLO again
+    let mut h = Harness::new();
+    h.hop.ehlo.push("XCLIENT ADDR NAME PORT LOGIN DESTADDR DESTPORT");
+    h.greet();
+    h.envelope();
+    let commands = h.hop.commands.clone();
+    let at = commands.iter().position(|c| c.starts_with("XCLIENT ")).unwrap_or_else(|| panic!("{commands:?}"));
+    assert_eq!(commands[at], "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7");
+    assert!(commands[at + 1].starts_with("EHLO "), "greeted again, EHLO again: {commands:?}");
+    assert!(commands[at + 2].starts_with("MAIL FROM:"), "{commands:?}");
 }
 
 #[test]
@@ -1662,4 +1674,26 @@ fn a_routes_hops_fail_over_in_its_order_and_a_dead_route_is_451_per_recipient() 
     assert!(h.send(b"DATA\r\n").starts_with("354"));
     assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
     assert!(!h.events().iter().any(|e| matches!(e, Event::Failed(_))), "451s are no failures");
+}
+
+#[test]
+fn a_next_hops_replies_and_the_time_waited_for_them_are_counted_per_transaction() {
+    let mut h = Harness::new();
+    h.greet();
+    h.envelope();
+    // the next hop takes 3 s to answer DATA
+    h.hop.hold_data_reply = true;
+    assert_eq!(h.send(b"DATA\r\n"), "");
+    h.now += Duration::from_secs(3);
+    let held = std::mem::take(&mut h.hop.held);
+    h.hop.hold_data_reply = false;
+    h.session.handle_relay_input(&mut h.link, &held, h.now);
+    assert!(h.drive().starts_with("354"));
+    let report = h.session.settings.hop_book.report();
+    assert_eq!(report[0].replies, 0, "added once the transaction ends, not per reply");
+    assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
+    let report = h.session.settings.hop_book.report();
+    assert_eq!(report[0].replies, 4, "MAIL, RCPT, DATA, the final dot");
+    assert_eq!(report[0].reply_seconds, 3.0, "the clock moved only while DATA was answered");
+    assert_eq!((report[1].replies, report[1].reply_seconds), (0, 0.0));
 }

@@ -140,6 +140,8 @@ impl Session {
             hop: None,
             route: None,
             sender_refused: None,
+            hop_replies: 0,
+            hop_wait: std::time::Duration::ZERO,
         };
         for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
             if dsn && let Some(valid) = dsn_parameter(param, &[b"RET", b"ENVID"], &mut txn.dsn) {
