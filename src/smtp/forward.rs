@@ -414,11 +414,16 @@ impl Session {
             return;
         }
         if routed {
-            // the peer had our 250: each recipient gets this refusal instead
+            // the peer had our 250: each recipient gets this refusal instead, and it
+            // counts once, as the refused sender it is (as without routes)
             if let Some(t) = &mut self.txn {
                 let mut refusal = Vec::new();
                 reply.render(&mut refusal);
                 t.sender_refused = Some(refusal.into());
+            }
+            if reply.code >= 500 {
+                self.answering_rcpt = false;
+                self.failed();
             }
             return self.reset_hop(link, now);
         }
@@ -432,9 +437,10 @@ impl Session {
 
     fn answer_rcpt(&mut self, link: &mut Link, to: Path, reply: &Reply) {
         if let Some(refusal) = self.txn.as_ref().and_then(|t| t.sender_refused.clone()) {
-            // behind the sender the next hop refused (routed: after our 250 to MAIL)
+            // behind the sender the next hop refused (routed: after our 250 to MAIL); that
+            // refusal was counted
             self.count_refused();
-            return if reply.is_positive() { self.confused_hop(link, &refusal) } else { self.emit(&refusal) };
+            return if reply.is_positive() { self.confused_hop(link, &refusal) } else { self.out.push(&refusal) };
         }
         match &mut self.txn {
             Some(t) if reply.is_positive() => {
@@ -602,10 +608,7 @@ impl Session {
         }
         for waiting in owed {
             match waiting {
-                Waiting::Local { reply, rcpt } => {
-                    self.answering_rcpt = rcpt;
-                    self.emit(&reply);
-                }
+                Waiting::Local { reply, rcpt, counted } => self.give(&reply, rcpt, counted),
                 forwarded => {
                     self.answering_rcpt = matches!(forwarded, Waiting::Rcpt(..));
                     self.answer_failure(forwarded, fault, now);
@@ -638,7 +641,7 @@ impl Session {
                 }
             }
             Waiting::Link { .. } | Waiting::Mail | Waiting::Dot => self.undelivered(Undelivered::HopFailed(fault), now),
-            Waiting::Local { reply, .. } => self.reply(&reply),
+            Waiting::Local { reply, counted, .. } => self.reply_counted(&reply, counted),
         }
     }
 

@@ -244,10 +244,12 @@ pub(super) enum Waiting {
     /// its connection is clean again: the reply goes to no one (250: clean; else the
     /// connection is dropped).
     Reset,
-    /// Our own reply to a pipelined command; `rcpt`: to RCPT (a 5xx is a failed recipient).
+    /// Our own reply to a pipelined command; `rcpt`: to RCPT (a 5xx is a failed recipient);
+    /// `counted`: a 5xx counts as a failure (not when it follows from one counted before).
     Local {
         reply: Box<[u8]>,
         rcpt: bool,
+        counted: bool,
     },
 }
 
@@ -545,10 +547,30 @@ impl Session {
     /// Our reply to the command being processed: given now, or, when replies to earlier
     /// commands are still owed (pipelined behind forwarded ones), after them.
     pub(super) fn reply(&mut self, bytes: &[u8]) {
+        self.reply_counted(bytes, true);
+    }
+
+    /// [`Session::reply`], for a refusal that follows from a failure counted already.
+    pub(super) fn reply_uncounted(&mut self, bytes: &[u8]) {
+        self.reply_counted(bytes, false);
+    }
+
+    pub(super) fn reply_counted(&mut self, bytes: &[u8], counted: bool) {
         if self.fwd.waiting.is_empty() {
+            self.give(bytes, self.answering_rcpt, counted);
+        } else {
+            let rcpt = self.answering_rcpt;
+            self.fwd.waiting.push_back(Waiting::Local { reply: bytes.into(), rcpt, counted });
+        }
+    }
+
+    /// Gives one of our replies now (`rcpt`: to RCPT), counted when `counted`.
+    pub(super) fn give(&mut self, bytes: &[u8], rcpt: bool, counted: bool) {
+        self.answering_rcpt = rcpt;
+        if counted {
             self.emit(bytes);
         } else {
-            self.fwd.waiting.push_back(Waiting::Local { reply: bytes.into(), rcpt: self.answering_rcpt });
+            self.out.push(bytes);
         }
     }
 
@@ -572,15 +594,14 @@ impl Session {
         while !self.strikes.dropping
             && let Some(Waiting::Local { .. }) = self.fwd.waiting.front()
         {
-            if let Some(Waiting::Local { reply, rcpt }) = self.fwd.waiting.pop_front() {
-                self.answering_rcpt = rcpt;
-                self.emit(&reply);
+            if let Some(Waiting::Local { reply, rcpt, counted }) = self.fwd.waiting.pop_front() {
+                self.give(&reply, rcpt, counted);
             }
         }
     }
 
     /// Counts a 5xx reply against the conversation's limits and the address.
-    fn failed(&mut self) {
+    pub(super) fn failed(&mut self) {
         let limits = &self.settings;
         let (failure, over) = if self.answering_rcpt {
             self.strikes.recipients += 1;

@@ -211,7 +211,8 @@ impl Session {
             return self.refuse_recipient(NEXT_HOP_FAILED);
         }
         if let Some(refusal) = txn.sender_refused.clone() {
-            return self.refuse_recipient(&refusal);
+            self.count_refused();
+            return self.reply_uncounted(&refusal);
         }
         match txn.route {
             Some(r) if r == route => self.forward_rcpt(link, to, dsn_params.into(), now),
