@@ -208,7 +208,7 @@ pub fn dns(data: &[u8]) {
     }
     let from = if data.get(2).is_some_and(|b| b & 1 == 1) { ([127, 0, 0, 1], 5353).into() } else { server };
     resolver.handle_datagram(from, &answer, now);
-    while let Some((token, _)) = resolver.poll_event() {
+    while let Some((token, _, _)) = resolver.poll_event() {
         assert_eq!(token, 1, "an answer only for the query asked");
         assert_eq!(from, server, "an answer only from the server asked");
     }

@@ -19,6 +19,7 @@ pub mod control;
 pub mod datetime;
 pub mod fuzzing;
 pub mod gate;
+pub mod histogram;
 pub mod logfmt;
 pub mod metrics;
 pub mod net;

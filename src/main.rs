@@ -347,7 +347,16 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
         }
     };
     let control = control_socket(&shared);
-    let metrics = shared.snapshot().config.metrics.as_ref().map(|m| m.listen);
+    // metrics first: /readyz says 503 until the listeners are up
+    if let Some(addr) = shared.snapshot().config.metrics.as_ref().map(|m| m.listen) {
+        match mxgate::metrics::serve(addr, Arc::clone(&shared)) {
+            Ok(bound) => tracing::info!("metrics at http://{bound}/metrics"),
+            Err(e) => {
+                tracing::error!("cannot serve metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let server = match Server::start(Arc::clone(&shared), io) {
         Ok(s) => s,
         Err(e) => {
@@ -360,15 +369,6 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
     {
         tracing::error!("cannot serve the control socket {}: {e}", path.display());
         return ExitCode::FAILURE;
-    }
-    if let Some(addr) = metrics {
-        match mxgate::metrics::serve(addr, Arc::clone(&shared)) {
-            Ok(bound) => tracing::info!("metrics at http://{bound}/metrics"),
-            Err(e) => {
-                tracing::error!("cannot serve metrics on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
     }
     let addresses: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
     tracing::info!(

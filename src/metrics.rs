@@ -1,9 +1,13 @@
 //! Prometheus text at `http://<[metrics] listen>/metrics`: what `mxgate stats` says, as
-//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges, and per next hop (label
-//! `next_hop`) whether it is up and its failures. One request a connection,
+//! `mxgate_<name>_total` counters and `mxgate_<name>` gauges, per next hop (label
+//! `next_hop`) whether it is up, its failures, its replies and the time waited for them,
+//! and the latency and size histograms (`histogram`). One request a connection,
 //! served as [`crate::service`] serves every operator's client (a thread each, a few at
-//! once, the whole request within a deadline); anything but `GET /metrics` is answered
-//! 404 (or 400).
+//! once, the whole request within a deadline). Beside it, for a balancer's or an
+//! orchestrator's probes: `GET /healthz`, 200 while every worker runs (503 once one
+//! died: a panic, a fatal error), and `GET /readyz`, 200 while listening and accepting
+//! (503 before the listeners are up and while draining). A query string is ignored;
+//! any other path is answered 404 (a malformed request 400).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -31,9 +35,16 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
-    let (status, body) = match (words.next(), words.next()) {
+    // the path, without a query string (a scraper may add one)
+    let path = |target: &[u8]| target.split(|&b| b == b'?').next().map(<[u8]>::to_vec).unwrap_or_default();
+    let (status, body) = match (words.next(), words.next().map(path).as_deref()) {
         (Some(b"GET"), Some(b"/metrics")) => ("200 OK", text(shared)),
-        (Some(_), Some(_)) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
+        (Some(b"GET"), Some(b"/healthz")) if shared.healthy() => ("200 OK", "ok\n".to_owned()),
+        (Some(b"GET"), Some(b"/healthz")) => ("503 Service Unavailable", "a worker died\n".to_owned()),
+        (Some(b"GET"), Some(b"/readyz")) if shared.ready() => ("200 OK", "ready\n".to_owned()),
+        (Some(b"GET"), Some(b"/readyz")) if shared.stopping() => ("503 Service Unavailable", "draining\n".to_owned()),
+        (Some(b"GET"), Some(b"/readyz")) => ("503 Service Unavailable", "starting\n".to_owned()),
+        (Some(_), Some(_)) => ("404 Not Found", "not found: try /metrics, /healthz or /readyz\n".to_owned()),
         _ => ("400 Bad Request", "bad request\n".to_owned()),
     };
     let reply = format!(
@@ -77,6 +88,7 @@ fn text(shared: &Shared) -> String {
             ));
         }
     }
+    shared.histograms(&mut out);
     let zones = shared.blocked_by_zone();
     if !zones.is_empty() {
         out.push_str("# TYPE mxgate_dnsbl_blocked_by_zone_total counter\n");

@@ -31,6 +31,10 @@ pub struct Shared {
     /// store the older files last.
     reloading: std::sync::Mutex<()>,
     stopping: AtomicBool,
+    /// Every listener is bound and every worker serves (`/readyz`).
+    serving: AtomicBool,
+    /// Workers that stopped before the server did: a panic or a fatal error (`/healthz`).
+    workers_died: AtomicU64,
     shadow: Shadow,
     passed: crate::screen::Passed,
     /// Peers each blocklist zone blocked (the heaviest listing of each), by zone name.
@@ -63,6 +67,8 @@ impl Shared {
             reloads: AtomicU64::new(0),
             reloading: std::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
+            workers_died: AtomicU64::new(0),
             shadow: Shadow::default(),
             passed: match &cache_file {
                 Some(path) => crate::screen::Passed::with_file(path, UnixTime::now())?,
@@ -122,6 +128,11 @@ impl Shared {
             lines.extend(cluster.stats());
         }
         lines
+    }
+
+    /// The histograms' exposition (`/metrics`), summed over the workers.
+    pub fn histograms(&self, out: &mut String) {
+        self.stats.histograms(out);
     }
 
     /// The current snapshot.
@@ -194,6 +205,40 @@ impl Shared {
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+
+    /// Every listener is bound and every worker serves.
+    pub fn set_serving(&self) {
+        self.serving.store(true, Ordering::Release);
+    }
+
+    /// Ready for new connections (`/readyz`): serving, and not draining.
+    pub fn ready(&self) -> bool {
+        self.serving.load(Ordering::Acquire) && !self.stopping()
+    }
+
+    /// A worker stopped before the server did (its thread's guard says so).
+    pub fn worker_died(&self) {
+        self.workers_died.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every worker that started still runs, or stopped because the server did
+    /// (`/healthz`).
+    pub fn healthy(&self) -> bool {
+        self.workers_died.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Held by a worker's thread for its life: when it ends (returns or unwinds) before the
+/// server stops, the worker died, and `/healthz` says so.
+pub struct WorkerAlive(pub Arc<Shared>, pub usize);
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        if !self.0.stopping() {
+            tracing::error!("worker {} stopped while the server runs: /healthz answers 503", self.1);
+            self.0.worker_died();
+        }
+    }
 }
 
 /// What a reload made current.
@@ -224,5 +269,28 @@ impl Reloaded {
             "{cause}: reloaded {}: new connections use it, open ones keep what they started with",
             self.from
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn ready_once_serving_until_the_drain_and_healthy_until_a_worker_dies() {
+        let shared = Shared::new(Snapshot::without_lists(Config::embedded())).unwrap();
+        assert!(!shared.ready(), "before the listeners are up");
+        shared.set_serving();
+        assert!(shared.ready() && shared.healthy());
+        drop(WorkerAlive(Arc::clone(&shared), 0));
+        assert!(!shared.healthy(), "a worker stopped while the server runs");
+        let shared = Shared::new(Snapshot::without_lists(Config::embedded())).unwrap();
+        shared.set_serving();
+        let alive = WorkerAlive(Arc::clone(&shared), 1);
+        shared.stop();
+        assert!(!shared.ready(), "draining");
+        drop(alive);
+        assert!(shared.healthy(), "a worker that ends with the server did not die");
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::abuse::Limit;
 use crate::gate::{Refusal, Verdict};
+use crate::histogram::{Hist, Histograms};
 use crate::smtp::Outcome;
 
 /// Everything counted, in the order `mxgate stats` prints it.
@@ -107,15 +108,18 @@ impl Count {
     }
 }
 
-/// One worker's counts. Only its worker adds to them.
+/// One worker's counts and histograms. Only its worker adds to them.
 #[repr(align(64))]
 #[derive(Debug, Default)]
-pub struct Counts([AtomicU64; Count::ALL.len()]);
+pub struct Counts {
+    counts: [AtomicU64; Count::ALL.len()],
+    pub hists: Histograms,
+}
 
 impl Counts {
     #[inline]
     pub fn add(&self, count: Count) {
-        let c = &self.0[count as usize];
+        let c = &self.counts[count as usize];
         // one writer: no read-modify-write needed, and readers see whole values
         c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
@@ -161,11 +165,19 @@ impl Stats {
         let workers = self.workers();
         let sums: Vec<(&'static str, u64)> = Count::ALL
             .iter()
-            .map(|&c| (c.name(), workers.iter().map(|w| w.0[c as usize].load(Ordering::Relaxed)).sum()))
+            .map(|&c| (c.name(), workers.iter().map(|w| w.counts[c as usize].load(Ordering::Relaxed)).sum()))
             .collect();
         let judged: u64 = sums[..=Count::Sessions as usize].iter().map(|(_, n)| n).sum();
         let accepted = judged + sums[Count::Vanished as usize].1 + sums[Count::RefusedProxyHeader as usize].1;
         std::iter::once(("connections_accepted", accepted)).chain(sums).collect()
+    }
+
+    /// Every histogram's exposition, summed over the workers.
+    pub fn histograms(&self, out: &mut String) {
+        let workers = self.workers();
+        for hist in Hist::ALL {
+            crate::histogram::expose(hist, workers.iter().map(|w| &w.hists), out);
+        }
     }
 
     fn workers(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Counts>>> {

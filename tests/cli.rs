@@ -217,3 +217,27 @@ fn ban_checks_its_arguments_before_asking() {
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("no running mxgate on "), "{out}");
 }
+
+/// `deploy/`'s probe examples ask what mxgate serves: HAProxy checks `/readyz` on the
+/// metrics port (and the real HAProxy takes its file), Kubernetes' liveness `/healthz`
+/// and readiness `/readyz`, with a grace period past the default drain.
+#[test]
+fn the_probe_examples_ask_for_health_and_readiness() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let read = |name: &str| std::fs::read_to_string(deploy.join(name)).expect(name);
+    let (haproxy, kubernetes) = (read("haproxy.cfg"), read("kubernetes.yaml"));
+    assert!(haproxy.contains("option httpchk GET /readyz\n") && haproxy.contains("check port 9425"), "{haproxy}");
+    assert!(haproxy.contains("send-proxy-v2"), "the peer's address reaches mxgate");
+    let liveness = kubernetes.split("livenessProbe:").nth(1).expect("a liveness probe");
+    assert!(liveness.trim_start().starts_with("httpGet:\n              path: /healthz"), "{kubernetes}");
+    let readiness = kubernetes.split("readinessProbe:").nth(1).expect("a readiness probe");
+    assert!(readiness.trim_start().starts_with("httpGet:\n              path: /readyz"), "{kubernetes}");
+    assert!(kubernetes.contains("terminationGracePeriodSeconds: 45\n"), "past the 30 s drain");
+    match std::process::Command::new("haproxy").arg("-c").arg("-f").arg(deploy.join("haproxy.cfg")).output() {
+        Ok(out) => assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr)),
+        Err(_) => {
+            assert!(std::env::var("CI").is_err(), "haproxy is not installed (.ci/run installs it)");
+            eprintln!("SKIPPED: haproxy -c (apt-get install haproxy)");
+        }
+    }
+}

@@ -152,6 +152,14 @@ fn a_hung_next_hop_is_skipped_after_it_timed_out(io: &str) {
     let count = body.lines().find_map(|l| l.strip_prefix(&replies)).and_then(|n| n.parse::<u64>().ok());
     assert_eq!(count, Some(8), "{body}");
     assert!(body.contains(&format!("mxgate_next_hop_reply_seconds_total{{next_hop=\"{}\"}} ", hop.addr)));
+    // the histograms: each reply, each message's relay time and size
+    for line in [
+        "mxgate_next_hop_reply_seconds_count 8\n",
+        "mxgate_relay_seconds_count 2\n",
+        "mxgate_message_size_bytes_count 2\n",
+    ] {
+        assert!(body.contains(line), "{line}{body}");
+    }
 }
 
 /// A next hop given by name (`localhost:port`, from /etc/hosts: no query leaves the

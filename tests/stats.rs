@@ -81,6 +81,13 @@ fn metrics_are_served_as_prometheus_text(io: &str) {
         body.contains("mxgate_sessions_total 1\n") && body.contains("# TYPE mxgate_bans_in_force gauge\n"),
         "{body}"
     );
+    // histograms: both verdicts, and the session once its connection is freed
+    assert!(body.contains("# TYPE mxgate_verdict_seconds histogram\n"), "{body}");
+    assert!(body.contains("mxgate_verdict_seconds_count 2\n"), "{body}");
+    assert!(body.contains("mxgate_verdict_seconds_bucket{le=\"0.00001\"} "), "{body}");
+    wait_until("the session's duration recorded", || {
+        http(&addr, "GET /metrics HTTP/1.1\r\n\r\n").contains("mxgate_session_seconds_count 1\n")
+    });
     assert!(http(&addr, "GET /metrics\r\n\r\n").starts_with("HTTP/1.1 200 OK\r\n"), "no version given");
     assert!(http(&addr, "GET /other HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 Not Found\r\n"));
     assert!(http(&addr, "\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request\r\n"));
@@ -153,4 +160,58 @@ fn connections_reset_at_once_are_counted(io: &str) {
 
 for_both_drivers!(every_connection_and_transaction_is_counted, connections_reset_at_once_are_counted,);
 
-on_one_driver!(metrics_are_served_as_prometheus_text, dripping_clients_hold_neither_metrics_nor_control,);
+/// `/healthz` and `/readyz` for a balancer's or an orchestrator's probes: both 200 while
+/// serving; during the drain (a message still in flight) readyz says 503 and healthz 200.
+fn health_and_readiness_probes(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let config = Config::new().relay_to(&[hop.addr]).set("metrics", "listen", "\"127.0.0.1:0\"");
+    let mut m = Mxgate::start(&config.to_string(), &[], io);
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address").to_owned();
+    let get = |path: &str| http(&addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert!(get("/healthz").starts_with("HTTP/1.1 200 OK\r\n"), "{}", get("/healthz"));
+    assert!(get("/readyz").starts_with("HTTP/1.1 200 OK\r\n"));
+    assert!(get("/metrics?name[]=x").starts_with("HTTP/1.1 200 OK\r\n"), "a query string is ignored");
+    // a message in flight holds the drain open
+    let mut s = connect_from("127.0.9.5", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    assert!(read_replies(&mut s, 4).ends_with("354 end data with <CR><LF>.<CR><LF>\r\n"));
+    send(&mut s, b"Subject: held\r\n");
+    m.signal(libc::SIGTERM);
+    wait_until("readyz says draining", || get("/readyz").starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+    assert!(get("/readyz").ends_with("draining\n"));
+    assert!(get("/healthz").starts_with("HTTP/1.1 200 OK\r\n"), "draining is not dying");
+    send(&mut s, b"\r\nx\r\n.\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("250 2.0.0 OK: queued as "));
+    send(&mut s, b"QUIT\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("221 "));
+    assert!(m.wait_exit().success());
+}
+
+on_one_driver!(
+    health_and_readiness_probes,
+    metrics_are_served_as_prometheus_text,
+    dripping_clients_hold_neither_metrics_nor_control,
+);
+
+/// A real Prometheus scrapes mxgate and stores its histograms: the verdict histogram's
+/// buckets come back from its query API with mxgate's `le` labels, and the target is up.
+#[test]
+fn a_real_prometheus_scrapes_the_histograms() {
+    let config = Config::new().set("access", "list", "\"access.list\"").set("metrics", "listen", "\"127.0.0.1:0\"");
+    let m = Mxgate::start(&config.to_string(), &[("access.list", "deny 127.0.9.1\n")], "uring");
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let target = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address");
+    assert_denied(&m, "127.0.9.1", 0);
+    let Some(prometheus) = common::prometheus::Prometheus::scraping(target) else { return };
+    wait_until("Prometheus stored the verdict histogram's count", || {
+        prometheus.query("mxgate_verdict_seconds_count").contains(r#""value":["#)
+    });
+    let buckets = prometheus.query("mxgate_verdict_seconds_bucket");
+    assert!(buckets.contains(r#""le":"+Inf""#) && buckets.contains(r#""le":"0.00001""#), "{buckets}");
+    let up = prometheus.query("up");
+    assert!(up.contains(r#""job":"mxgate""#) && up.contains(r#","1"]"#), "{up}");
+    let count = prometheus.query("mxgate_refused_denied_total");
+    assert!(count.contains(r#","1"]"#), "the refusal counted: {count}");
+}

@@ -23,6 +23,7 @@ use crate::abuse::{AbuseKey, Reason};
 use crate::access::{AccessList, Action};
 use crate::datetime::{UnixTime, WallClock};
 use crate::gate::{self, RefusalLines, Verdict};
+use crate::histogram::Hist;
 use crate::peer::PeerIp;
 use crate::proxy;
 use crate::screen::dnsbl::{Answer, LookupFailure, Resolver};
@@ -161,6 +162,8 @@ impl<I: Io> Host<I> {
         }
         let verdict = gate::admit(snapshot, self.shared.abuse(), peer, unix);
         self.counts.verdict(&verdict);
+        // from the loop turn that took the connection in
+        self.counts.hists.observe_duration(Hist::Verdict, Instant::now().saturating_duration_since(now));
         match verdict {
             Verdict::Refuse(refusal) => {
                 tracing::debug!(%peer, ?refusal, "refused");
@@ -269,6 +272,11 @@ impl<I: Io> Host<I> {
         }
         let Entry { conn, sockets, .. } = &mut *entry;
         if io.closed(sockets) && conn.finished() {
+            if conn.served() {
+                self.counts
+                    .hists
+                    .observe_duration(Hist::Session, now.saturating_duration_since(conn.session().opened()));
+            }
             self.conns.remove(key);
             return;
         }
@@ -342,8 +350,11 @@ impl<I: Io> Host<I> {
     fn dns_events(&mut self, now: Instant, io: &mut I) {
         let Some(dns) = &mut self.dns else { return };
         let mut touched = Vec::new();
-        while let Some(((id, zone), answer)) = dns.resolver.poll_event() {
+        while let Some(((id, zone), answer, took)) = dns.resolver.poll_event() {
             count_dns_failure(&self.counts, &answer);
+            if let Some(took) = took {
+                self.counts.hists.observe_duration(Hist::Dnsbl, took);
+            }
             if let Some(e) = self.conns.get_mut(id.0).filter(|e| e.conn.generation() == id.1) {
                 e.conn.handle(Input::DnsAnswer { zone, answer }, now);
                 touched.push(id.0);
@@ -470,6 +481,8 @@ fn judge(
     let snapshot = Arc::clone(conn.snapshot_arc());
     let verdict = gate::admit(&snapshot, shared.abuse(), peer, unix);
     counts.verdict(&verdict);
+    // from accept: the header's wait included
+    counts.hists.observe_duration(Hist::Verdict, now.saturating_duration_since(conn.session().opened()));
     match verdict {
         Verdict::Refuse(refusal) => {
             tracing::debug!(%peer, %balancer, ?refusal, "refused");
@@ -653,6 +666,12 @@ fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, n
     match event {
         Event::Transaction(t) => {
             counts.transaction(t.outcome);
+            if let Some(relay) = t.relay {
+                counts.hists.observe_duration(Hist::Relay, relay);
+            }
+            if t.outcome == crate::smtp::Outcome::Delivered {
+                counts.hists.observe(Hist::MessageSize, t.size);
+            }
             match conn.proxy_id() {
                 Some(id) => tracing::info!("mail {t} proxy_id={}", crate::logfmt::value(id)),
                 None => tracing::info!("mail {t}"),
@@ -665,9 +684,14 @@ fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, n
                 shadow_ban(key(), reason, now, shared, counts);
             }
         }
-        Event::Handshake { ok: true } => counts.add(Count::TlsHandshakes),
-        Event::Handshake { ok: false } => {
+        Event::HopReply(waited) => counts.hists.observe_duration(Hist::HopReply, waited),
+        Event::Handshake { ok: true, took } => {
+            counts.add(Count::TlsHandshakes);
+            counts.hists.observe_duration(Hist::Handshake, took);
+        }
+        Event::Handshake { ok: false, took } => {
             counts.add(Count::TlsFailed);
+            counts.hists.observe_duration(Hist::Handshake, took);
             tracing::debug!(peer = %session.peer(), "TLS handshake failed");
         }
         Event::Dropped => {

@@ -787,6 +787,11 @@ impl Connection {
         }
     }
 
+    /// The peer got a session (allowed, screened): its connection's life is a session's.
+    pub fn served(&self) -> bool {
+        matches!(self.stage, Stage::Session)
+    }
+
     /// Nothing left to do but free it, once the driver's sockets are closed: the peer's
     /// side is over and the next hop's socket given back.
     pub fn finished(&self) -> bool {

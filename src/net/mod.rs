@@ -96,6 +96,7 @@ impl Server {
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, listeners) in per_thread.into_iter().enumerate() {
             let shared = shared.clone();
+            let shared_for_guard = shared.clone();
             let ready = ready_tx.clone();
             let spawned = std::thread::Builder::new().name(format!("mxgate-{driver}-{i}")).spawn(move || {
                 let result = match driver {
@@ -106,6 +107,7 @@ impl Server {
                 };
                 match result {
                     Ok((waker, worker)) => {
+                        let _alive = crate::shared::WorkerAlive(Arc::clone(&shared_for_guard), i);
                         let _ = ready.send(Ok(waker));
                         worker.run();
                     }
@@ -127,6 +129,7 @@ impl Server {
                 }
             }
         }
+        shared.set_serving();
         Ok(server)
     }
 

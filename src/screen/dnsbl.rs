@@ -109,7 +109,8 @@ pub struct Resolver<T> {
     /// Query ids in the order they time out (one timeout for all).
     deadlines: VecDeque<(Instant, u16)>,
     out: VecDeque<(SocketAddr, Vec<u8>)>,
-    events: VecDeque<(T, Answer)>,
+    /// Answers, with how long an answered query took (none: timed out, not asked).
+    events: VecDeque<(T, Answer, Option<Duration>)>,
     cache: Box<[CacheSlot]>,
     hasher: ahash::RandomState,
     random: Box<dyn FnMut() -> u16 + Send>,
@@ -233,7 +234,8 @@ impl<T: Copy> Resolver<T> {
         if let Some(ttl) = ttl {
             self.remember(&query.name, &answer, now + ttl);
         }
-        self.events.push_back((query.token, answer));
+        let asked = query.deadline.checked_sub(self.timeout).unwrap_or(query.deadline);
+        self.events.push_back((query.token, answer, Some(now.saturating_duration_since(asked))));
     }
 
     /// The earliest deadline of a query in flight.
@@ -252,12 +254,13 @@ impl<T: Copy> Resolver<T> {
                 && q.deadline <= now
                 && let Some(q) = self.in_flight.remove(&id)
             {
-                self.events.push_back((q.token, Answer::Failed(LookupFailure::TimedOut)));
+                self.events.push_back((q.token, Answer::Failed(LookupFailure::TimedOut), None));
             }
         }
     }
 
-    pub fn poll_event(&mut self) -> Option<(T, Answer)> {
+    /// An answer for a lookup, with how long its query took when it was answered.
+    pub fn poll_event(&mut self) -> Option<(T, Answer, Option<Duration>)> {
         self.events.pop_front()
     }
 
@@ -321,7 +324,7 @@ pub fn ask_now(servers: &[SocketAddr], timeout: Duration, ip: IpAddr, zones: &[Z
     while answers.iter().any(Option::is_none) {
         let now = Instant::now();
         resolver.handle_timeout(now);
-        while let Some((i, answer)) = resolver.poll_event() {
+        while let Some((i, answer, _)) = resolver.poll_event() {
             answers[i] = Some(answer);
         }
         let Some(left) = resolver.poll_timeout().map(|t| t.saturating_duration_since(now)) else { break };
@@ -483,8 +486,11 @@ mod tests {
         r.handle_datagram(to, &other_name, now);
         r.handle_datagram(to, b"garbage", now);
         assert_eq!(r.poll_event(), None, "none of those is the answer");
-        r.handle_datagram(to, &answer(&query, &listed, ResponseCode::NoError), now);
-        assert_eq!(r.poll_event(), Some((1, Answer::Listed(listed.to_vec()))));
+        // answered 30 ms after it was asked: the time it took comes with the answer
+        let later = now + Duration::from_millis(30);
+        r.handle_datagram(to, &answer(&query, &listed, ResponseCode::NoError), later);
+        let took = Some(Duration::from_millis(30));
+        assert_eq!(r.poll_event(), Some((1, Answer::Listed(listed.to_vec()), took)));
         r.handle_datagram(to, &answer(&query, &listed, ResponseCode::NoError), now);
         assert_eq!(r.poll_event(), None, "once");
         // cached for its TTL
@@ -500,19 +506,19 @@ mod tests {
         r.lookup(1, ip, "bl.test", now);
         let (to, q) = r.poll_transmit().unwrap();
         r.handle_datagram(to, &answer(&q, &[], ResponseCode::NXDomain), now);
-        assert_eq!(r.poll_event(), Some((1, Answer::NotListed)));
+        assert_eq!(r.poll_event(), Some((1, Answer::NotListed, Some(Duration::ZERO))));
         assert_eq!(r.lookup(2, ip, "bl.test", now), Some(Answer::NotListed));
         r.lookup(3, ip, "other.test", now);
         let (to, q) = r.poll_transmit().unwrap();
         r.handle_datagram(to, &answer(&q, &[], ResponseCode::ServFail), now);
-        assert_eq!(r.poll_event(), Some((3, Answer::Failed(LookupFailure::ServerError))));
+        assert_eq!(r.poll_event(), Some((3, Answer::Failed(LookupFailure::ServerError), Some(Duration::ZERO))));
         assert_eq!(r.lookup(4, ip, "other.test", now), None, "a failure is asked again");
         // silence: timed out at dns_timeout
         assert_eq!(r.poll_timeout(), Some(now + Duration::from_secs(2)));
         r.handle_timeout(now + Duration::from_millis(1999));
         assert_eq!(r.poll_event(), None);
         r.handle_timeout(now + Duration::from_secs(2));
-        assert_eq!(r.poll_event(), Some((4, Answer::Failed(LookupFailure::TimedOut))));
+        assert_eq!(r.poll_event(), Some((4, Answer::Failed(LookupFailure::TimedOut), None)), "timeouts apart");
         assert_eq!((r.in_flight(), r.poll_timeout()), (0, None));
     }
 

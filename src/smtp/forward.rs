@@ -368,8 +368,10 @@ impl Session {
         let more = self.fwd.waiting.iter().any(Waiting::forwarded);
         self.fwd.deadline = more.then(|| now + self.settings.relay.reply_timeout);
         if let (Some(since), Some(t)) = (std::mem::replace(&mut self.fwd.since, more.then_some(now)), &mut self.txn) {
+            let waited = now.saturating_duration_since(since);
             t.hop_replies += 1;
-            t.hop_wait += now.saturating_duration_since(since);
+            t.hop_wait += waited;
+            self.events.push_back(super::session::Event::HopReply(waited));
         }
         self.answering_rcpt = cmd == Command::Rcpt;
         match (waiting, cmd) {
@@ -497,6 +499,7 @@ impl Session {
     fn answer_dot(&mut self, link: &mut Link, reply: &Reply, now: Instant) {
         if let Some(t) = &mut self.txn {
             t.open_upstream = false;
+            t.relay = t.data_end.map(|at| now.saturating_duration_since(at));
         }
         if reply.code == 250 {
             link.set_clean();
@@ -730,6 +733,9 @@ impl Session {
             return self.reply(&reply);
         }
         let Some(txn) = &mut self.txn else { return };
+        if chunk.last {
+            txn.data_end = Some(now);
+        }
         let Some(chunks) = &mut txn.chunks else { return };
         match (chunks.filter.fault(), txn.broken) {
             (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),
@@ -776,7 +782,8 @@ impl Session {
     }
 
     fn end_of_data(&mut self, link: &mut Link, now: Instant) {
-        let Some(txn) = &self.txn else { return };
+        let Some(txn) = &mut self.txn else { return };
+        txn.data_end = Some(now);
         let fault = txn.body.as_ref().and_then(|b| b.filter.fault());
         match (fault, txn.broken) {
             (Some(fault), _) => self.undelivered(Undelivered::Body(fault), now),

@@ -58,7 +58,10 @@ pub enum Event {
     /// being dropped with 421 (for `ban_on_drop`).
     Dropped,
     /// A STARTTLS handshake ended: done, or failed (then `Failed` follows).
-    Handshake { ok: bool },
+    Handshake { ok: bool, took: Duration },
+    /// The next hop replied to a command of a transaction, after this long (since the
+    /// command went out, or the reply before it came).
+    HopReply(Duration),
 }
 
 /// What failed.
@@ -88,6 +91,9 @@ pub struct Transaction {
     pub to: Vec<String>,
     /// The next hop's own id for the message, from its reply to the end of data.
     pub hop_id: Option<String>,
+    /// From the end of its data sent on to the next hop's final reply (a message the
+    /// next hop answered).
+    pub relay: Option<Duration>,
     /// The TLS version the message came under, if it did.
     pub tls: Option<&'static str>,
     pub outcome: Outcome,
@@ -185,6 +191,10 @@ pub(super) struct Txn {
     /// `HopBook` adds them up at the end).
     pub(super) hop_replies: u32,
     pub(super) hop_wait: Duration,
+    /// When the end of its data went to the next hop (the final dot, or the last chunk).
+    pub(super) data_end: Option<Instant>,
+    /// The next hop's final reply came this long after `data_end`.
+    pub(super) relay: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -337,6 +347,10 @@ pub struct Session {
     pub(super) tls_pending: bool,
     /// The session runs over TLS (after STARTTLS and a completed handshake).
     pub(super) tls: Option<Negotiated>,
+    /// When STARTTLS was answered 220 (the handshake's start, for its duration).
+    pub(super) tls_begun: Option<Instant>,
+    /// When the connection was accepted (for balancers': when its PROXY header began).
+    opened: Instant,
 }
 
 impl Session {
@@ -363,7 +377,14 @@ impl Session {
             draining: false,
             tls_pending: false,
             tls: None,
+            tls_begun: None,
+            opened: now,
         }
+    }
+
+    /// When the connection was accepted.
+    pub fn opened(&self) -> Instant {
+        self.opened
     }
 
     /// What the session is served by (its snapshot's part).
@@ -430,7 +451,8 @@ impl Session {
     /// The handshake is done: the session starts again as after the banner (RFC 3207 §4.2:
     /// the peer greets again, nothing from before is kept).
     pub fn tls_started(&mut self, negotiated: Negotiated, now: Instant) {
-        self.events.push_back(Event::Handshake { ok: true });
+        let took = self.tls_begun.take().map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        self.events.push_back(Event::Handshake { ok: true, took });
         self.tls = Some(negotiated);
         self.helo = None;
         self.discard_input();
@@ -441,7 +463,8 @@ impl Session {
     /// The handshake failed: one failed command of the address, and the connection is
     /// closed (nothing can be said to the peer in clear any more).
     pub fn tls_failed(&mut self, now: Instant) {
-        self.events.push_back(Event::Handshake { ok: false });
+        let took = self.tls_begun.take().map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        self.events.push_back(Event::Handshake { ok: false, took });
         self.answering_rcpt = false;
         self.failed();
         self.abandon_transaction("TLS handshake failed", now);
@@ -812,6 +835,7 @@ impl Session {
             next_hop,
             to: t.to,
             hop_id: t.hop_id,
+            relay: t.relay,
             tls: self.tls.map(|t| t.version),
             outcome,
             duration: now.saturating_duration_since(t.started),

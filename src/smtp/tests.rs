@@ -198,8 +198,9 @@ impl Harness {
             .collect()
     }
 
+    /// The session's events but the next hop's reply times (see `hop_replies`).
     fn events(&mut self) -> Vec<Event> {
-        std::iter::from_fn(|| self.session.poll_event()).collect()
+        std::iter::from_fn(|| self.session.poll_event()).filter(|e| !matches!(e, Event::HopReply(_))).collect()
     }
 
     fn greet(&mut self) {
@@ -1136,7 +1137,10 @@ fn mail_under_tls_says_esmtps_and_the_cipher() {
     h.send(b"EHLO client.test\r\n");
     h.send(b"STARTTLS\r\n");
     assert!(h.session.take_starttls());
+    h.now += Duration::from_millis(7);
     h.session.tls_started(TLS13, h.now);
+    let took = Duration::from_millis(7);
+    assert!(h.events().contains(&Event::Handshake { ok: true, took }), "from our 220 to its end");
     h.send(b"EHLO client.test\r\n");
     assert!(h.deliver("user@example.com", b"Subject: hi\r\n\r\nhello\r\n.\r\n").starts_with("250 "));
     let received = String::from_utf8_lossy(&h.hop.messages[0]).into_owned();
@@ -1694,9 +1698,18 @@ fn a_next_hops_replies_and_the_time_waited_for_them_are_counted_per_transaction(
     assert!(h.drive().starts_with("354"));
     let report = h.session.settings.hop_book.report();
     assert_eq!(report[0].replies, 0, "added once the transaction ends, not per reply");
+    let waits: Vec<Duration> = std::iter::from_fn(|| h.session.poll_event())
+        .filter_map(|e| match e {
+            Event::HopReply(waited) => Some(waited),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits, [Duration::ZERO, Duration::ZERO, Duration::from_secs(3)], "each reply, for the histogram");
     assert!(h.send(b"x\r\n.\r\n").starts_with(QUEUED));
     let report = h.session.settings.hop_book.report();
     assert_eq!(report[0].replies, 4, "MAIL, RCPT, DATA, the final dot");
     assert_eq!(report[0].reply_seconds, 3.0, "the clock moved only while DATA was answered");
+    let t = h.transactions().remove(0);
+    assert_eq!(t.relay, Some(Duration::ZERO), "the final reply came at once after the dot");
     assert_eq!((report[1].replies, report[1].reply_seconds), (0, 0.0));
 }

@@ -39,7 +39,7 @@ impl Session {
             Verb::Vrfy => self.reply(CANNOT_VERIFY),
             Verb::Help => self.reply(HELP),
             Verb::Quit => self.quit(args, now),
-            Verb::StartTls => self.starttls(args),
+            Verb::StartTls => self.starttls(args, now),
             Verb::NotImplemented => self.reply(NOT_IMPLEMENTED),
             Verb::Unknown => self.reply(UNRECOGNIZED),
         }
@@ -79,7 +79,7 @@ impl Session {
     /// RFC 3207. After the 220 the connection starts the handshake (`take_starttls`);
     /// whatever the peer sent after this line is dropped unread: it was sent in clear,
     /// before the handshake, and would otherwise run as if it came under TLS.
-    fn starttls(&mut self, args: &[u8]) {
+    fn starttls(&mut self, args: &[u8], now: Instant) {
         if !self.settings.starttls {
             return self.reply(NOT_IMPLEMENTED);
         }
@@ -92,6 +92,7 @@ impl Session {
         self.discard_input();
         self.emit(READY_FOR_TLS);
         self.tls_pending = true;
+        self.tls_begun = Some(now);
     }
 
     fn mail(&mut self, link: &mut Link, args: &[u8], now: Instant) {
@@ -142,6 +143,8 @@ impl Session {
             sender_refused: None,
             hop_replies: 0,
             hop_wait: std::time::Duration::ZERO,
+            data_end: None,
+            relay: None,
         };
         for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
             if dsn && let Some(valid) = dsn_parameter(param, &[b"RET", b"ENVID"], &mut txn.dsn) {

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod exim;
 pub mod nexthop;
 pub mod postfix;
+pub mod prometheus;
 pub mod redis_server;
 
 #[allow(unused_macros, reason = "not every test binary runs end-to-end behaviours")]
