@@ -47,16 +47,16 @@ impl Hist {
     pub const ALL: [Hist; 7] =
         [Hist::Verdict, Hist::Session, Hist::Relay, Hist::HopReply, Hist::Handshake, Hist::Dnsbl, Hist::MessageSize];
 
-    /// Its metric name, without `mxgate_`.
-    pub fn name(self) -> &'static str {
+    /// Its metric's name.
+    pub fn metric_name(self) -> &'static str {
         match self {
-            Hist::Verdict => "verdict_seconds",
-            Hist::Session => "session_seconds",
-            Hist::Relay => "relay_seconds",
-            Hist::HopReply => "next_hop_reply_seconds",
-            Hist::Handshake => "tls_handshake_seconds",
-            Hist::Dnsbl => "dnsbl_lookup_seconds",
-            Hist::MessageSize => "message_size_bytes",
+            Hist::Verdict => "mxgate_verdict_seconds",
+            Hist::Session => "mxgate_session_seconds",
+            Hist::Relay => "mxgate_relay_seconds",
+            Hist::HopReply => "mxgate_next_hop_reply_seconds",
+            Hist::Handshake => "mxgate_tls_handshake_seconds",
+            Hist::Dnsbl => "mxgate_dnsbl_lookup_seconds",
+            Hist::MessageSize => "mxgate_message_size_bytes",
         }
     }
 
@@ -213,7 +213,7 @@ pub fn expose<'a>(hist: Hist, workers: impl Iterator<Item = &'a Histograms>, out
         }
         sum = sum.wrapping_add(b.sum.load(Ordering::Relaxed));
     }
-    let name = format!("mxgate_{}", hist.name());
+    let name = hist.metric_name();
     let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", hist.help());
     let mut cumulative = 0u64;
     for (bound, count) in bounds.iter().zip(counts) {

@@ -130,6 +130,11 @@ impl Shared {
         lines
     }
 
+    /// When the process started, in seconds since the epoch.
+    pub fn started_unix(&self) -> u64 {
+        u64::try_from(UnixTime::now().0).unwrap_or(0).saturating_sub(self.started.elapsed().as_secs())
+    }
+
     /// The histograms' exposition (`/metrics`), summed over the workers.
     pub fn histograms(&self, out: &mut String) {
         self.stats.histograms(out);
