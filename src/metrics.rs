@@ -156,6 +156,13 @@ const METRICS: &[Metric] = &[
         when: "once a zone blocked a peer",
     },
     Metric {
+        name: "mxgate_tls_certificate_expiry_seconds",
+        kind: Kind::Gauge,
+        labels: "name",
+        help: "When each STARTTLS certificate ends, in seconds since the epoch (name: default or the SNI name).",
+        when: "with [tls]",
+    },
+    Metric {
         name: "mxgate_build_info",
         kind: Kind::Gauge,
         labels: "version",
@@ -220,6 +227,12 @@ fn text(shared: &Shared) -> String {
         header(&mut out, "mxgate_dnsbl_blocked_by_zone_total");
         for (zone, n) in zones {
             let _ = writeln!(out, "mxgate_dnsbl_blocked_by_zone_total{{zone=\"{zone}\"}} {n}");
+        }
+    }
+    if let Some(tls) = &snapshot.tls {
+        header(&mut out, "mxgate_tls_certificate_expiry_seconds");
+        for (name, end) in &tls.expiry {
+            let _ = writeln!(out, "mxgate_tls_certificate_expiry_seconds{{name=\"{name}\"}} {end}");
         }
     }
     header(&mut out, "mxgate_build_info");

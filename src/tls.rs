@@ -65,6 +65,9 @@ pub struct TlsSettings {
     pub server: Arc<ServerConfig>,
     /// Certificates near their end (`mxgate check` and the load log them).
     pub warnings: Vec<String>,
+    /// When each certificate ends (Unix seconds): `default` (`[tls] cert`), then each
+    /// `[[tls.sni]]` by its name (the metrics' expiry gauge).
+    pub expiry: Vec<(String, i64)>,
 }
 
 impl TlsSettings {
@@ -78,6 +81,14 @@ impl TlsSettings {
             .filter_map(|e| Some((e.name.clone(), certified_key(&e.cert, &e.key, now, problems, &mut warnings)?)))
             .collect();
         let default = default.filter(|_| by_name.len() == tls.sni.len())?;
+        let ends = |k: &CertifiedKey| {
+            let der = k.end_entity_cert().ok()?;
+            x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
+        };
+        let expiry = std::iter::once(("default".to_owned(), &default))
+            .chain(by_name.iter().map(|(n, k)| (n.clone(), k)))
+            .filter_map(|(name, k)| Some((name, ends(k)?)))
+            .collect();
         let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -100,7 +111,7 @@ impl TlsSettings {
         // handshake with two, 113-114 with one)
         server.send_tls13_tickets = 1;
         server.ignore_client_order = true;
-        Some(TlsSettings { server: Arc::new(server), warnings })
+        Some(TlsSettings { server: Arc::new(server), warnings, expiry })
     }
 }
 

@@ -300,6 +300,31 @@ fn sni_picks_the_certificate(io: &str) {
     assert_eq!(presented(&s, &roots, "mx.test"), default);
 }
 
+/// Each certificate's end is a gauge (`mxgate_tls_certificate_expiry_seconds`), for the
+/// alert that fires 14 days ahead: the default pair's and each SNI entry's, by name.
+fn certificate_ends_are_exported(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).expect("whole seconds");
+    let (soon, later) = (now + time::Duration::days(10), now + time::Duration::days(90));
+    let (cert, key, _) = certificate_ending(&["mx.test"], soon);
+    let (other_cert, other_key, _) = certificate_ending(&["other.test"], later);
+    let extra = "[[tls.sni]]\nname = \"other.test\"\ncert = \"other.pem\"\nkey = \"other.key\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let files =
+        [("cert.pem", cert.as_str()), ("key.pem", key.as_str()), ("other.pem", &other_cert), ("other.key", &other_key)];
+    let m = Mxgate::start(&config(hop.addr, extra), &files, io);
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let addr = line.split("http://").nth(1).and_then(|a| a.strip_suffix("/metrics")).expect("an address");
+    let mut c = connect_from("127.0.0.1", addr.parse().expect("an address"));
+    send(&mut c, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let body = common::read_to_end(&mut c).0;
+    let gauge = |name: &str, at: time::OffsetDateTime| {
+        format!("mxgate_tls_certificate_expiry_seconds{{name=\"{name}\"}} {}\n", at.unix_timestamp())
+    };
+    assert!(body.contains(&gauge("default", soon)), "{body}");
+    assert!(body.contains(&gauge("other.test", later)), "{body}");
+}
+
 /// `min_version = "1.3"`: a TLS 1.2 client cannot finish the handshake.
 fn min_version_refuses_older_clients(io: &str) {
     let s = start(io, "min_version = \"1.3\"\n");
@@ -495,6 +520,7 @@ on_one_driver!(
     nothing_pipelined_behind_starttls_runs,
     failed_handshakes_close_count_and_ban,
     sni_picks_the_certificate,
+    certificate_ends_are_exported,
     min_version_refuses_older_clients,
     reloads_certificates_or_keeps_the_old_one,
     tls_verify_and_tls_name,
