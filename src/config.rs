@@ -39,6 +39,7 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     pub control: Option<Control>,
     pub metrics: Option<Metrics>,
+    pub log: Log,
 }
 
 /// `[cluster]`: bans and failure counts shared through Redis (or Valkey).
@@ -305,6 +306,23 @@ pub struct Metrics {
     pub listen: SocketAddr,
 }
 
+/// `[log]`: how log lines are written, and which (read at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// The least severe level written: error, warn, info, debug or trace
+    /// (`MXGATE_LOG`, when set, takes its place: a filter with targets).
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line an event, logfmt-compatible (`key=value`, every outside value escaped).
+    Text,
+    /// One JSON object a line, with stable field names (docs/operations.md).
+    Json,
+}
+
 /// Every key, declared once: its section (`""`: the top level) and name. Parsing
 /// refuses any other key, and a test holds the key table of docs/operations.md against this list.
 pub const KEYS: &[(&str, &str)] = &[
@@ -373,6 +391,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("cluster", "flush_interval"),
     ("control", "socket"),
     ("metrics", "listen"),
+    ("log", "format"),
+    ("log", "level"),
 ];
 
 /// The keys a running instance reads once, at start: a reload that changes one warns
@@ -392,6 +412,8 @@ pub const READ_AT_START: &[&str] = &[
     "cluster.flush_interval",
     "control.socket",
     "metrics.listen",
+    "log.format",
+    "log.level",
 ];
 
 /// The keys of `section`.
@@ -666,11 +688,50 @@ impl Config {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9425))),
         });
 
+        let t = r.section(root, "log", &keys_of("log"));
+        let log = Log {
+            format: r
+                .value(t, "log", "format", |v| match str_of(v)? {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    other => Err(Invalid::NotOneOf {
+                        given: other.to_owned(),
+                        what: "a log format",
+                        choices: "\"text\" or \"json\"",
+                    }),
+                })
+                .unwrap_or(LogFormat::Text),
+            level: r
+                .value(t, "log", "level", |v| match str_of(v)? {
+                    l @ ("error" | "warn" | "info" | "debug" | "trace") => Ok(l.to_owned()),
+                    other => Err(Invalid::NotOneOf {
+                        given: other.to_owned(),
+                        what: "a log level",
+                        choices: "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
+                    }),
+                })
+                .unwrap_or_else(|| "info".to_owned()),
+        };
+
         if !r.problems.is_empty() {
             r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
             return Err(Problems(r.problems));
         }
-        Ok(Config { file: None, hostname, listen, access, abuse, smtp, relay, tls, screen, cluster, control, metrics })
+        Ok(Config {
+            file: None,
+            hostname,
+            listen,
+            access,
+            abuse,
+            smtp,
+            relay,
+            tls,
+            screen,
+            cluster,
+            control,
+            metrics,
+            log,
+        })
     }
 
     /// The keys read once at start ([`READ_AT_START`]) that `new` gives otherwise: a
@@ -698,6 +759,8 @@ impl Config {
             "abuse.counter_memory" => self.abuse.counter_memory == new.abuse.counter_memory,
             "control.socket" => self.control == new.control,
             "metrics.listen" => self.metrics == new.metrics,
+            "log.format" => self.log.format == new.log.format,
+            "log.level" => self.log.level == new.log.level,
             other => unreachable!("READ_AT_START names {other}, which is not compared here"),
         };
         READ_AT_START.iter().copied().filter(|key| !same(key)).collect()
@@ -1254,7 +1317,7 @@ mod tests {
             "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
              failure_window = \"1m\"\ncounter_memory = \"2MiB\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
              [cluster]\nredis = \"redis://x\"\nnode = \"n\"\nprefix = \"p\"\nflush_interval = \"1s\"\n\
-             password_file = \"{}/Cargo.toml\"\n"
+             password_file = \"{}/Cargo.toml\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n"
                 .replace("{}", env!("CARGO_MANIFEST_DIR"))
                 .as_str(),
         )
@@ -1457,5 +1520,16 @@ mod tests {
         );
         let e = Config::parse(&twice, Path::new("m.toml"), Path::new(".")).unwrap_err().to_string();
         assert!(e.contains("`example.net` is given twice"), "a domain in two routes: {e}");
+    }
+
+    #[test]
+    fn log_format_and_level() {
+        let c = parse("[log]\nformat = \"json\"\nlevel = \"warn\"\n").unwrap();
+        assert_eq!(c.log, Log { format: LogFormat::Json, level: "warn".into() });
+        assert_eq!(parse("").unwrap().log, Log { format: LogFormat::Text, level: "info".into() });
+        for bad in ["format = \"xml\"", "level = \"loud\"", "level = \"info,mxgate=debug\""] {
+            let e = parse(&format!("[log]\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("log."), "{bad}: {e}");
+        }
     }
 }

@@ -17,6 +17,21 @@
 //! ```
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Log lines are JSON objects (`[log] format = "json"`), set once at start.
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
+/// From now on, log lines are JSON objects: events that carry outside values give them
+/// as fields of their own (see [`json`]).
+pub fn set_json() {
+    JSON_LINES.store(true, Ordering::Relaxed);
+}
+
+/// Log lines are JSON objects.
+pub fn json_lines() -> bool {
+    JSON_LINES.load(Ordering::Relaxed)
+}
 
 /// `text` as a log field's value (see the module's rule).
 pub fn value<T: AsRef<[u8]> + ?Sized>(text: &T) -> Value<'_> {
@@ -36,24 +51,48 @@ impl fmt::Display for Value<'_> {
             return f.write_str(text);
         }
         f.write_char('"')?;
-        for chunk in self.0.utf8_chunks() {
-            for c in chunk.valid().chars() {
-                match c {
-                    '"' => f.write_str("\\\"")?,
-                    '\\' => f.write_str("\\\\")?,
-                    '\n' => f.write_str("\\n")?,
-                    '\r' => f.write_str("\\r")?,
-                    '\t' => f.write_str("\\t")?,
-                    c if hidden(c) => write!(f, "\\u{{{:04x}}}", u32::from(c))?,
-                    c => f.write_char(c)?,
-                }
-            }
-            for b in chunk.invalid() {
-                write!(f, "\\x{b:02x}")?;
-            }
-        }
+        escape(self.0, true, f)?;
         f.write_char('"')
     }
+}
+
+/// `text` as a JSON log field's string: the module's rule but for the quotes (JSON
+/// quotes the string, and escapes `"` and `\` once more): `\`, `\n` `\r` `\t`, any
+/// other hidden character as `\u{XXXX}`, each byte that is not UTF-8 as `\xNN`.
+pub fn json<T: AsRef<[u8]> + ?Sized>(text: &T) -> Json<'_> {
+    Json(text.as_ref())
+}
+
+/// A JSON log field's string, written by the module's rule (see [`json`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Json<'a>(&'a [u8]);
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        escape(self.0, false, f)
+    }
+}
+
+/// Writes `bytes` with the hidden characters, backslashes and bytes that are not UTF-8
+/// escaped (and `"` too when `quoted`).
+fn escape(bytes: &[u8], quoted: bool, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '"' if quoted => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                c if hidden(c) => write!(f, "\\u{{{:04x}}}", u32::from(c))?,
+                c => f.write_char(c)?,
+            }
+        }
+        for b in chunk.invalid() {
+            write!(f, "\\x{b:02x}")?;
+        }
+    }
+    Ok(())
 }
 
 /// A character a reader would not see as written: controls (C0, DEL, C1), the format

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use mxgate::abuse::AbuseKey;
 use mxgate::access::Action;
-use mxgate::config::{Config, IoMode};
+use mxgate::config::{Config, IoMode, LogFormat};
 use mxgate::datetime::UnixTime;
 use mxgate::net::Server;
 use mxgate::peer::PeerIp;
@@ -69,11 +69,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let config = match &cli.config {
         Some(file) => Config::load(file),
         None => Ok(Config::embedded()),
     };
+    // as the file says, or (a file with problems: they are logged) the defaults
+    init_logging(&config.as_ref().map_or_else(|_| Config::embedded().log, |c| c.log.clone()));
     let snapshot = config.and_then(Snapshot::load);
     match cli.command {
         Some(Command::Check) => check(snapshot),
@@ -95,14 +96,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = std::env::var("MXGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+/// Log lines to stderr, as `[log]` says (`MXGATE_LOG` or `RUST_LOG`, when set, is the
+/// filter instead of `level`).
+fn init_logging(log: &mxgate::config::Log) {
+    let filter =
+        std::env::var("MXGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| log.level.clone());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => {
+            mxgate::logfmt::set_json();
+            builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init()
+        }
+    }
 }
 
 fn check(snapshot: Result<Snapshot, Problems>) -> ExitCode {

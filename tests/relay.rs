@@ -448,6 +448,45 @@ fn peer_text_cannot_forge_log_fields(io: &str) {
     assert!(!line.contains('\u{2028}') && !line.contains('\u{202e}'), "{line}");
 }
 
+/// `[log] format = "json"`: every line is a JSON object; the mail log's has the
+/// transaction's fields by name, and peer text in them is escaped by the text format's
+/// rule (a quote cannot end a field, a bidirectional override is written as an escape).
+fn json_log_lines_name_each_field_and_escape_peer_text(io: &str) {
+    let hop = NextHop::start(AtDot::Accept);
+    let mut m = Mxgate::start(&config(&[hop.addr], "[log]\nformat = \"json\"\n"), &[], io);
+    let mut s = connect_from("127.0.10.14", m.addr());
+    read_replies(&mut s, 1);
+    send(&mut s, "EHLO bad\u{202e}helo.test\r\n".as_bytes());
+    let ehlo = read_replies(&mut s, 1);
+    if !ehlo.starts_with("250") {
+        // a HELO name we refuse: greet plainly instead
+        send(&mut s, b"EHLO client.test\r\n");
+        read_replies(&mut s, 1);
+    }
+    send(&mut s, "MAIL FROM:<\"x\\\" result=250\u{202e}\"@a.test> SMTPUTF8\r\n".as_bytes());
+    assert_eq!(read_replies(&mut s, 1), "250 2.1.0 sender OK\r\n");
+    send(&mut s, b"RCPT TO:<user@example.com>\r\nDATA\r\n");
+    assert_eq!(read_replies(&mut s, 2), "250 2.1.5 recipient OK\r\n354 end data with <CR><LF>.<CR><LF>\r\n");
+    send(&mut s, b"Subject: json\r\n\r\nx\r\n.\r\n");
+    assert!(read_replies(&mut s, 1).starts_with("250 2.0.0 OK: queued as "));
+    let line = m.wait_for_log(r#""message":"mail""#);
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(json["level"], "INFO");
+    assert_eq!(json["peer"], "127.0.10.14");
+    assert_eq!(json["rcpt_accepted"], 1);
+    assert_eq!(json["to"], "<user@example.com>");
+    assert_eq!(json["next_hop"], hop.addr.to_string());
+    assert_eq!(json["result"], "250");
+    assert_eq!(json["reply"], "delivered");
+    for field in ["id", "helo", "size", "tls", "ms", "timestamp", "fault", "hop_id", "route"] {
+        assert!(json.get(field).is_some(), "{field}: {line}");
+    }
+    // the sender as written, its quote and backslash kept, the override escaped
+    assert_eq!(json["from"], r#"<"x\\" result=250\u{202e}"@a.test>"#, "{line}");
+    assert!(!line.contains('\u{202e}'), "no raw override in the log: {line}");
+    assert!(m.saw("mxgate listening").is_some_and(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+}
+
 /// A real Postfix that trusts mxgate for XCLIENT (`smtpd_authorized_xclient_hosts`)
 /// logs the peer's own address for each message, not mxgate's: its checks judge the
 /// sender (Postfix offers XCLIENT only to the hosts it trusts so; to others nothing is sent).
@@ -697,5 +736,6 @@ on_one_driver!(
     a_nul_in_the_body_is_refused_and_reaches_nothing,
     improper_pipelining_is_refused_and_closed,
     peer_text_cannot_forge_log_fields,
+    json_log_lines_name_each_field_and_escape_peer_text,
     relay_is_refused_for_other_domains,
 );

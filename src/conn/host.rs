@@ -643,6 +643,40 @@ fn act<I: Io>(
 /// Records what a connection reports: a balancer's missing header, screening's findings
 /// and passes, and its session's events: one log line per transaction (the mail log),
 /// and failures counted against the peer's address (never a whitelisted one's).
+/// The mail log's line: logfmt text, or (`[log] format = "json"`) a JSON object whose
+/// fields are the transaction's (docs/operations.md), every outside value escaped by
+/// `logfmt`'s rule.
+fn log_transaction(t: &crate::smtp::Transaction, proxy_id: Option<&[u8]>) {
+    use crate::logfmt::{json, json_lines, value};
+    if !json_lines() {
+        return match proxy_id {
+            Some(id) => tracing::info!("mail {t} proxy_id={}", value(id)),
+            None => tracing::info!("mail {t}"),
+        };
+    }
+    let (result, reply, fault) = t.outcome.parts();
+    tracing::info!(
+        id = %t.id,
+        peer = %t.peer,
+        helo = %json(&t.helo),
+        from = %json(&t.from),
+        rcpt_accepted = t.accepted,
+        rcpt_refused = t.refused,
+        to = %json(&t.recipients().unwrap_or_default()),
+        size = t.size,
+        route = t.route.as_deref().unwrap_or(""),
+        next_hop = %t.next_hop.map(|h| h.to_string()).unwrap_or_default(),
+        hop_id = %json(t.hop_id.as_deref().unwrap_or("")),
+        tls = t.tls.unwrap_or(""),
+        result = %result,
+        reply = reply,
+        fault = %fault.map(|p| p.to_string()).unwrap_or_default(),
+        ms = u64::try_from(t.duration.as_millis()).unwrap_or(u64::MAX),
+        proxy_id = %json(proxy_id.unwrap_or_default()),
+        "mail"
+    );
+}
+
 fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now: UnixTime) {
     let session = conn.session();
     let config = &conn.snapshot().config;
@@ -672,10 +706,7 @@ fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, n
             if t.outcome == crate::smtp::Outcome::Delivered {
                 counts.hists.observe(Hist::MessageSize, t.size);
             }
-            match conn.proxy_id() {
-                Some(id) => tracing::info!("mail {t} proxy_id={}", crate::logfmt::value(id)),
-                None => tracing::info!("mail {t}"),
-            }
+            log_transaction(&t, conn.proxy_id());
         }
         Event::Failed(_) if conn.whitelisted() => counts.add(Count::Failures),
         Event::Failed(_) => {

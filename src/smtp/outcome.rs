@@ -144,6 +144,18 @@ impl Undelivered {
 }
 
 /// `result=<code> "<why>" fault=<party>`, or `result=250 delivered`, or `result=- "<why>"`.
+impl Outcome {
+    /// The mail log's result (the code the peer got, `-` for none), what it says, and
+    /// whose fault it was (none for a delivery or an abandonment).
+    pub fn parts(&self) -> (String, &'static str, Option<Party>) {
+        match self {
+            Outcome::Delivered => ("250".to_owned(), "delivered", None),
+            Outcome::Undelivered(u) => (u.code().to_string(), u.why(), Some(u.party())),
+            Outcome::Abandoned(why) => ("-".to_owned(), why, None),
+        }
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -78,6 +78,8 @@ pub enum Failure {
 pub struct Transaction {
     pub id: String,
     pub peer: PeerIp,
+    /// The peer's HELO or EHLO name (empty if none).
+    pub helo: String,
     pub from: String,
     pub accepted: u32,
     pub refused: u32,
@@ -100,6 +102,22 @@ pub struct Transaction {
     pub duration: Duration,
 }
 
+impl Transaction {
+    /// The accepted recipients as the mail log names them: the first
+    /// `LOGGED_RECIPIENTS`, then `+N` for the rest; none without any.
+    pub fn recipients(&self) -> Option<String> {
+        if self.to.is_empty() {
+            return None;
+        }
+        let more = (self.accepted as usize).saturating_sub(self.to.len());
+        let mut to = self.to.join(",");
+        if more > 0 {
+            to.push_str(&format!(",+{more}"));
+        }
+        Some(to)
+    }
+}
+
 /// Recipients a mail-log line names (the rest are counted).
 pub const LOGGED_RECIPIENTS: usize = 10;
 
@@ -107,20 +125,16 @@ impl fmt::Display for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "id={} peer={} from={} rcpt={}/{} size={} ",
+            "id={} peer={} helo={} from={} rcpt={}/{} size={} ",
             self.id,
             self.peer,
+            crate::logfmt::value(&self.helo),
             crate::logfmt::value(&self.from),
             self.accepted,
             self.refused,
             self.size
         )?;
-        if !self.to.is_empty() {
-            let more = (self.accepted as usize).saturating_sub(self.to.len());
-            let mut to = self.to.join(",");
-            if more > 0 {
-                to.push_str(&format!(",+{more}"));
-            }
+        if let Some(to) = self.recipients() {
             write!(f, "to={} ", crate::logfmt::value(&to))?;
         }
         if let Some(route) = &self.route {
@@ -827,6 +841,7 @@ impl Session {
         self.events.push_back(Event::Transaction(Box::new(Transaction {
             id: t.id,
             peer: self.peer,
+            helo: self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
             from: t.from.to_string(),
             accepted: t.accepted,
             refused: t.refused,

@@ -91,6 +91,14 @@ pub struct Mxgate {
     pub files: Files,
 }
 
+/// A field of a log line, text (`name=value`) or JSON (`"name":"value"`).
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    if let Some(rest) = line.split(&format!("\"{name}\":\"")).nth(1) {
+        return rest.split('"').next().map(str::to_owned);
+    }
+    line.split(&format!("{name}=")).nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_owned)
+}
+
 impl Mxgate {
     /// Starts `mxgate --config <config> --io <io>` and waits until it listens.
     pub fn start(config: &str, lists: &[(&str, &str)], io: &str) -> Self {
@@ -138,13 +146,10 @@ impl Mxgate {
         });
         let mut m = Mxgate { child, addrs: Vec::new(), log, seen: Vec::new(), files };
         let line = m.wait_for_log("mxgate listening");
-        let addrs = line
-            .split("addresses=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .expect("addresses= in the start-up line");
+        let addrs = log_field(&line, "addresses").expect("addresses in the start-up line");
         m.addrs = addrs.split(',').map(|a| a.parse().expect("a socket address")).collect();
-        assert!(line.contains(&format!("io={expect_driver}")), "driver {expect_driver} expected: {line}");
+        let io = log_field(&line, "io");
+        assert_eq!(io.as_deref(), Some(expect_driver), "driver {expect_driver} expected: {line}");
         m
     }
 
