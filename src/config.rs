@@ -130,6 +130,16 @@ pub struct Listen {
 }
 
 impl Listen {
+    /// The acceptor threads this setting makes: `threads`, or one per core for 0.
+    pub fn threads_in_force(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl Listen {
     /// `ip` (canonical) is a trusted balancer: its connections carry a PROXY header.
     #[inline]
     pub fn is_balancer(&self, ip: std::net::IpAddr) -> bool {
@@ -742,7 +752,8 @@ impl Config {
         }
         let same = |key: &str| match key {
             "listen.addresses" => self.listen.addresses == new.listen.addresses,
-            "listen.threads" => self.listen.threads == new.listen.threads,
+            // what is in force: 0 is one per core
+            "listen.threads" => self.listen.threads_in_force() == new.listen.threads_in_force(),
             "listen.io" => self.listen.io == new.listen.io,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
             "screen.cache_file" => self.screen.cache_file == new.screen.cache_file,
@@ -1531,5 +1542,15 @@ mod tests {
             let e = parse(&format!("[log]\n{bad}\n")).unwrap_err().to_string();
             assert!(e.contains("log."), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn threads_compare_as_they_are_in_force() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let zero = parse("[listen]\nthreads = 0\n").unwrap();
+        let same = parse(&format!("[listen]\nthreads = {cores}\n")).unwrap();
+        let other = parse(&format!("[listen]\nthreads = {}\n", cores + 1)).unwrap();
+        assert!(zero.fixed_at_start_changed(&same).is_empty(), "0 is one per core: nothing changed");
+        assert_eq!(zero.fixed_at_start_changed(&other), ["listen.threads"]);
     }
 }

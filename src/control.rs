@@ -128,7 +128,7 @@ pub fn parse_request(bytes: &[u8]) -> Request {
             if !(0..=MAX_BAN_SECS).contains(&secs) {
                 return Request::Bad(format!("SECONDS must be from 0 to {MAX_BAN_SECS} (100 years)"));
             }
-            let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the operator");
+            let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("no reason given");
             Request::Ban { ip, secs, reason: reason.to_owned() }
         }
         ("unban", key) => Request::Unban(key.trim().to_owned()),

@@ -69,6 +69,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() {
+        // a command's output piped into `head` and the like: end quietly when the reader
+        // has gone, as Unix tools do (the server itself keeps ignoring SIGPIPE)
+        // SAFETY: restores the default disposition of one signal, before any thread starts
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let config = match &cli.config {
         Some(file) => Config::load(file),
         None => Ok(Config::embedded()),
@@ -169,7 +175,14 @@ fn explain(snapshot: Result<Snapshot, Problems>, ip: IpAddr) -> ExitCode {
         println!("{ip} is IPv4-mapped: judged as {peer}");
     }
     let verdict = s.access.decide(peer.ip());
-    println!("{peer}: {}", verdict.action);
+    let whitelisted = s.whitelist.decide(peer.ip()).rule.is_some();
+    // the headline is what the peer gets: a ban in force refuses an address the lists allow
+    match (verdict.action, ban_in_file(&s, peer)) {
+        (Action::Allow, Ok(Some((key, ban)))) if !whitelisted => {
+            println!("{peer}: deny (banned: {key} until {})", UnixTime(ban.until).rfc3339())
+        }
+        (action, _) => println!("{peer}: {action}"),
+    }
     if s.config.listen.is_balancer(peer.ip()) {
         println!(
             "  a trusted balancer (listen.proxy_protocol_from): its connections are judged on the \
@@ -236,34 +249,39 @@ fn explain_screening(s: &Snapshot, peer: PeerIp) {
 }
 
 /// The ban file's entry for the address, and the running instance's live state.
-fn explain_bans(s: &Snapshot, peer: PeerIp) {
+/// The ban in force on the peer's address (or its prefix) in the ban file, if any; Err
+/// says why the file cannot tell.
+fn ban_in_file(s: &Snapshot, peer: PeerIp) -> Result<Option<(AbuseKey, mxgate::abuse::Ban)>, String> {
     let key = AbuseKey::new(peer, s.config.abuse.ipv6_prefix);
     let now = UnixTime::now();
-    match &s.config.abuse.ban_file {
-        None => println!("  ban file: none configured (bans live in memory only)"),
-        Some(path) => match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                println!("  not banned in {} (no ban written yet)", path.display())
+    let Some(path) = &s.config.abuse.ban_file else {
+        return Err("ban file: none configured (bans live in memory only)".into());
+    };
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("ban file {}: {e}", path.display())),
+        Ok(text) => match mxgate::abuse::file::parse(&text, path) {
+            Err(problem) => Err(format!("ban file unreadable: {problem}")),
+            Ok(bans) => {
+                Ok(bans.into_iter().find(|(k, b)| (*k == key || Some(*k) == key.escalation()) && b.until > now.0))
             }
-            Err(e) => println!("  ban file {}: {e}", path.display()),
-            Ok(text) => match mxgate::abuse::file::parse(&text, path) {
-                Err(problem) => println!("  ban file unreadable: {problem}"),
-                Ok(bans) => {
-                    let hit = bans.iter().find(|(k, b)| (*k == key || Some(*k) == key.escalation()) && b.until > now.0);
-                    match hit {
-                        Some((k, b)) => println!(
-                            "  banned: {k} until {} ({}, offence {}{}) in {}",
-                            UnixTime(b.until).rfc3339(),
-                            b.reason,
-                            b.offence,
-                            b.from.as_ref().map(|n| format!(", made by node {n}")).unwrap_or_default(),
-                            path.display()
-                        ),
-                        None => println!("  not banned in {}", path.display()),
-                    }
-                }
-            },
         },
+    }
+}
+
+fn explain_bans(s: &Snapshot, peer: PeerIp) {
+    match (ban_in_file(s, peer), &s.config.abuse.ban_file) {
+        (Err(why), _) => println!("  {why}"),
+        (Ok(Some((k, b))), Some(path)) => println!(
+            "  banned: {k} until {} ({}, offence {}{}) in {}",
+            UnixTime(b.until).rfc3339(),
+            b.reason,
+            b.offence,
+            b.from.as_ref().map(|n| format!(", made by node {n}")).unwrap_or_default(),
+            path.display()
+        ),
+        (Ok(_), Some(path)) => println!("  not banned in {}", path.display()),
+        (Ok(_), None) => {}
     }
     match &s.config.control {
         None => println!("  live state (failure count): needs [control] socket"),
@@ -380,12 +398,18 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let addresses: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
+    let config = &shared.snapshot().config;
+    let next_hops: Vec<String> = config.relay.next_hops.iter().map(ToString::to_string).collect();
+    let ban_file = config.abuse.ban_file.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string());
     tracing::info!(
         addresses = %addresses.join(","),
         threads = server.threads(),
         io = %server.driver(),
         access_entries,
         whitelist_entries,
+        relay_domains = %mxgate::logfmt::value(&config.relay.domains.join(",")),
+        next_hops = %next_hops.join(","),
+        ban_file = %mxgate::logfmt::value(&ban_file),
         "mxgate listening"
     );
     loop {

@@ -77,8 +77,22 @@ impl Snapshot {
     }
 
     /// What works but needs the operator's attention soon (a certificate near its end).
+    /// What is valid but likely not meant: a certificate near its end, a hostname that is
+    /// not fully qualified (peers see it in the banner and the trace header; the embedded
+    /// default is the machine's name), no relay domain (nothing will be relayed).
     pub fn warnings(&self) -> Vec<String> {
-        self.tls.as_ref().map(|t| t.warnings.clone()).unwrap_or_default()
+        let mut warnings = self.tls.as_ref().map(|t| t.warnings.clone()).unwrap_or_default();
+        let host = &self.config.hostname;
+        if !host.contains('.') {
+            warnings.push(format!(
+                "hostname \"{host}\" is not a fully qualified name: peers see it in the banner and \
+                 Received: headers (set hostname = \"mx.example.com\")"
+            ));
+        }
+        if self.config.relay.domains.is_empty() {
+            warnings.push("relay.domains is empty: no recipient is accepted, nothing will be relayed".into());
+        }
+        warnings
     }
 
     /// A snapshot of `config` with empty lists and no TLS.

@@ -172,6 +172,7 @@ fn explain_shows_the_failure_count_and_the_ban(io: &str) {
     assert_eq!(mode & 0o777, 0o600, "only its owner may talk to it");
     fail(&m, "127.0.5.10", 2);
     let out = explain(&m);
+    assert!(out.starts_with("127.0.5.10: allow\n"), "{out}");
     assert!(out.contains("live: counted as 127.0.5.10: 2 failures in the last 600s (ban at 5)"), "{out}");
     assert!(out.contains("live: not banned") && out.contains("not banned in "), "{out}");
     fail(&m, "127.0.5.10", 3);
@@ -179,6 +180,7 @@ fn explain_shows_the_failure_count_and_the_ban(io: &str) {
     let file = m.files.path("bans.list");
     wait_until("the ban written", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.5.10")));
     let out = explain(&m);
+    assert!(out.starts_with("127.0.5.10: deny (banned: 127.0.5.10 until "), "the verdict a peer gets first: {out}");
     assert!(out.contains("banned: 127.0.5.10 until ") && out.contains("(5 failures, offence 1)"), "{out}");
     assert!(
         out.contains("live: counted as 127.0.5.10: 5 failures") && out.contains("live: banned as 127.0.5.10 until "),
@@ -198,6 +200,11 @@ fn the_operator_bans_lists_and_unbans(io: &str) {
     assert!(out.starts_with("banned 127.0.5.20 until ") && out.ends_with(" (offence 1)\n"), "{out}");
     let logged = m.wait_for_log("IP address 127.0.5.20 banned");
     assert!(logged.contains("banned: spam run (by the operator), until "), "{logged}");
+    // without a reason: said so, once
+    let (code, out) = cli(&m, &["ban", "127.0.5.22"]);
+    assert_eq!(code, 0, "{out}");
+    let logged = m.wait_for_log("IP address 127.0.5.22 banned");
+    assert!(logged.contains("banned: no reason given (by the operator), until "), "{logged}");
     assert_denied(&m, "127.0.5.20", 0);
     wait_until("the ban written", || in_file("127.0.5.20 until=") && in_file("reason=\"spam run\" offence=1"));
     let (code, out) = cli(&m, &["bans"]);

@@ -304,3 +304,36 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
         }
     }
 }
+
+/// A command's output whose reader is gone (`mxgate explain ... | head -1`): the
+/// command ends quietly, as Unix tools do (SIGPIPE), never a panic (exit 101).
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = Files::new("", &[]);
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader); // gone before the first line is written
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["--config", &f.config().display().to_string(), "explain", "127.0.1.7"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("mxgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
+/// What is valid but likely not meant is said by `check` (and logged at start): a
+/// hostname that is not fully qualified, and no relay domain.
+#[test]
+fn check_warns_of_a_short_hostname_and_no_relay_domain() {
+    let f = Files::new("hostname = \"mx\"\n", &[]);
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert_eq!(code, 0, "valid: {out}");
+    assert!(out.contains("warning: hostname \"mx\" is not a fully qualified name"), "{out}");
+    assert!(out.contains("warning: relay.domains is empty: no recipient is accepted"), "{out}");
+    let f = Files::new("hostname = \"mx.example.com\"\n[relay]\ndomains = [\"example.com\"]\n", &[]);
+    let (code, out) = run_cli(&["check"], &f.config());
+    assert!(code == 0 && !out.contains("warning:"), "{out}");
+}

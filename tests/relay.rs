@@ -187,6 +187,9 @@ fn routes_send_each_domain_to_its_next_hop(io: &str) {
         .extra(&format!("[[relay.route]]\ndomains = [\".example.org\"]\nnext_hops = [\"{}\"]\n", routed.addr))
         .to_string();
     let mut m = Mxgate::start(&text, &[], io);
+    let start = m.saw("mxgate listening").expect("the start-up line").to_owned();
+    assert!(start.contains(" relay_domains=example.com,.example.org "), "{start}");
+    assert!(start.contains(&format!(" next_hops={},{} ", default.addr, routed.addr)), "{start}");
     let mut s = session(&m, "127.0.10.13");
     let mut deliver = |rcpts: &[&str]| {
         send(&mut s, b"MAIL FROM:<sender@client.test>\r\n");

@@ -348,11 +348,11 @@ fn worker(id_base: u64, slots: usize, plan: &Plan, progress: &Progress, started:
         for (i, done) in ended.drain(..) {
             // closing the socket takes it out of the poll set: no deregistering call
             let Some(mut conn) = conns[i].take() else { continue };
-            collect(&mut conn.peer, &mut tally);
+            let counted = collect(&mut conn.peer, &mut tally);
             drop(conn.stream);
             let again = done.is_ok() && conn.peer.same_source();
             match done {
-                Ok(_) => progress.ops.fetch_add(1, Ordering::Relaxed),
+                Ok(_) => progress.ops.fetch_add(counted, Ordering::Relaxed),
                 Err(kind) => {
                     *tally.errors.entry(kind).or_default() += 1;
                     progress.errors.fetch_add(1, Ordering::Relaxed)
@@ -554,9 +554,13 @@ fn step_tls(conn: &mut Conn, buf: &mut [u8], now: Instant) -> Result<bool, &'sta
     }
 }
 
-fn collect(peer: &mut Talker, tally: &mut Tally) {
+/// Takes a conversation's events into the tally; returns how many of them the summary's
+/// throughput counts (refusals and messages relayed), for the progress line.
+fn collect(peer: &mut Talker, tally: &mut Tally) -> u64 {
     let us = |d: Duration| d.as_micros().max(1) as u64;
+    let mut counted = 0;
     for event in peer.events().drain(..) {
+        counted += u64::from(matches!(event, Event::Denied(_) | Event::Accepted { .. }));
         match event {
             Event::Denied(latency) => {
                 tally.denied += 1;
@@ -585,4 +589,5 @@ fn collect(peer: &mut Talker, tally: &mut Tally) {
             }
         }
     }
+    counted
 }

@@ -557,7 +557,8 @@ fn dictionary_phases(tally: &engine::Tally) -> Vec<Phase> {
     vec![drop_phase, ban_phase]
 }
 
-/// A line a second: elapsed, conversations done, per second, errors.
+/// A line a second: elapsed, what the summary's throughput counts (refusals and messages
+/// relayed) so far and per second, conversations failed.
 fn show_progress<T>(run: &std::thread::ScopedJoinHandle<'_, T>, progress: &Progress) {
     let started = Instant::now();
     let mut last = 0;
@@ -568,7 +569,8 @@ fn show_progress<T>(run: &std::thread::ScopedJoinHandle<'_, T>, progress: &Progr
             last = elapsed;
             let ops = progress.ops.load(std::sync::atomic::Ordering::Relaxed);
             let errors = progress.errors.load(std::sync::atomic::Ordering::Relaxed);
-            eprintln!("{elapsed:>4}s  {ops:>9} done  {:>9.0}/s  {errors} errors", ops as f64 / elapsed as f64);
+            let rate = ops as f64 / elapsed as f64;
+            eprintln!("{elapsed:>4}s  {ops:>9} refused or relayed  {rate:>9.0}/s  {errors} errors");
         }
     }
 }

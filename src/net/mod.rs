@@ -85,10 +85,7 @@ impl Server {
                 }
             },
         };
-        let threads = match snapshot.config.listen.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let threads = snapshot.config.listen.threads_in_force();
         let (per_thread, local_addrs) = listen::bind(&snapshot.config.listen.addresses, threads)?;
 
         let mut server =
