@@ -127,6 +127,9 @@ pub struct Listen {
     pub proxy_protocol_from: Vec<IpNet>,
     /// Longest wait for that header.
     pub proxy_timeout: Duration,
+    /// Join another process's listener on the same address on purpose (SO_REUSEPORT);
+    /// false: an address another process listens on is an error at start.
+    pub share: bool,
 }
 
 impl Listen {
@@ -344,6 +347,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("listen", "max_connections"),
     ("listen", "proxy_protocol_from"),
     ("listen", "proxy_timeout"),
+    ("listen", "share"),
     ("access", "default"),
     ("access", "list"),
     ("access", "deny_reply"),
@@ -411,6 +415,7 @@ pub const READ_AT_START: &[&str] = &[
     "listen.addresses",
     "listen.threads",
     "listen.io",
+    "listen.share",
     "abuse.failure_window",
     "abuse.counter_memory",
     "abuse.ban_file",
@@ -495,6 +500,7 @@ impl Config {
             drain_timeout: r.value(t, "listen", "drain_timeout", duration).unwrap_or(Duration::from_secs(30)),
             proxy_protocol_from: r.value(t, "listen", "proxy_protocol_from", prefixes).unwrap_or_default(),
             proxy_timeout: r.value(t, "listen", "proxy_timeout", positive_duration).unwrap_or(Duration::from_secs(5)),
+            share: r.value(t, "listen", "share", boolean).unwrap_or(false),
         };
 
         let t = r.section(root, "access", &keys_of("access"));
@@ -755,6 +761,7 @@ impl Config {
             // what is in force: 0 is one per core
             "listen.threads" => self.listen.threads_in_force() == new.listen.threads_in_force(),
             "listen.io" => self.listen.io == new.listen.io,
+            "listen.share" => self.listen.share == new.listen.share,
             "abuse.ban_file" => self.abuse.ban_file == new.abuse.ban_file,
             "screen.cache_file" => self.screen.cache_file == new.screen.cache_file,
             "cluster.redis" => cluster(self).map(|c| &c.redis) == cluster(new).map(|c| &c.redis),
@@ -1325,7 +1332,7 @@ mod tests {
         let base = parse("").unwrap();
         assert!(base.fixed_at_start_changed(&base).is_empty());
         let changed = parse(
-            "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\n[abuse]\nban_file = \"b\"\n\
+            "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\nshare = true\n[abuse]\nban_file = \"b\"\n\
              failure_window = \"1m\"\ncounter_memory = \"2MiB\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
              [cluster]\nredis = \"redis://x\"\nnode = \"n\"\nprefix = \"p\"\nflush_interval = \"1s\"\n\
              password_file = \"{}/Cargo.toml\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n"

@@ -337,3 +337,43 @@ fn check_warns_of_a_short_hostname_and_no_relay_domain() {
     let (code, out) = run_cli(&["check"], &f.config());
     assert!(code == 0 && !out.contains("warning:"), "{out}");
 }
+
+/// A second instance started on an address the first listens on is refused ("address
+/// in use"), not joined to the first's SO_REUSEPORT group to take part of its traffic;
+/// `[listen] share = true` joins on purpose.
+#[test]
+fn a_second_instance_on_the_same_address_is_refused_unless_shared() {
+    let first = common::Mxgate::start("hostname = \"mx.test\"\n", &[], "epoll");
+    let addr = first.addr();
+    let second = |share: bool| {
+        let text =
+            format!("hostname = \"mx2.test\"\n[listen]\naddresses = [\"{addr}\"]\nshare = {share}\nio = \"epoll\"\n");
+        Files::new(&text, &[])
+    };
+    let f = second(false);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .arg("--config")
+        .arg(f.config())
+        .output()
+        .expect("mxgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on {addr}: address in use")), "{stderr}");
+    // the first still has its address to itself
+    let mut s = common::connect_from("127.0.1.9", addr);
+    assert!(common::read_replies(&mut s, 1).starts_with("220 mx.test "));
+    // shared on purpose: it starts
+    let f = second(true);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .arg("--config")
+        .arg(f.config())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mxgate");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().expect("stderr")));
+    let started = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("mxgate listening") || l.contains("ERROR")));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = started.expect("a start-up line").expect("text");
+    assert!(line.contains("mxgate listening"), "{line}");
+}

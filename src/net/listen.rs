@@ -14,7 +14,11 @@ const BACKLOG: i32 = 4096;
 /// Binds `threads` listeners for every address. Returns them per thread, and the bound
 /// addresses: for port 0 the kernel picks a port for the first listener and the others
 /// join it there.
-pub fn bind(addrs: &[SocketAddr], threads: usize) -> Result<(Vec<Vec<TcpListener>>, Vec<SocketAddr>), StartError> {
+pub fn bind(
+    addrs: &[SocketAddr],
+    threads: usize,
+    share: bool,
+) -> Result<(Vec<Vec<TcpListener>>, Vec<SocketAddr>), StartError> {
     let mut per_thread: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::with_capacity(addrs.len())).collect();
     let mut bound = Vec::with_capacity(addrs.len());
     for &addr in addrs {
@@ -23,6 +27,9 @@ pub fn bind(addrs: &[SocketAddr], threads: usize) -> Result<(Vec<Vec<TcpListener
         // configured too, which would then collide with it.
         let v4_elsewhere = addrs.iter().any(|a| a.is_ipv4() && a.ip().is_unspecified() && a.port() == addr.port());
         let only_v6 = !addr.ip().is_unspecified() || v4_elsewhere;
+        if !share && addr.port() != 0 && taken(addr, only_v6).map_err(err)? {
+            return Err(StartError::InUse(addr));
+        }
         let first = listener(addr, only_v6).map_err(err)?;
         let actual = first.local_addr().map_err(err)?;
         per_thread[0].push(first);
@@ -32,6 +39,23 @@ pub fn bind(addrs: &[SocketAddr], threads: usize) -> Result<(Vec<Vec<TcpListener
         bound.push(actual);
     }
     Ok((per_thread, bound))
+}
+
+/// Another socket listens on `addr` already: a probe bound without SO_REUSEPORT is
+/// refused (SO_REUSEADDR lets it past connections left in TIME_WAIT, never past a
+/// listener). Without this, our SO_REUSEPORT listeners would join another process's
+/// group and take part of its traffic.
+fn taken(addr: SocketAddr, only_v6: bool) -> io::Result<bool> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(only_v6)?;
+    }
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 fn listener(addr: SocketAddr, only_v6: bool) -> io::Result<TcpListener> {

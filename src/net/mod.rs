@@ -46,6 +46,10 @@ impl fmt::Display for Driver {
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error(
+        "cannot listen on {0}: address in use (another process listens on it; set [listen] share = true to join it on purpose)"
+    )]
+    InUse(SocketAddr),
     #[error("io_uring is not usable here ({0}); use `io = \"epoll\"` or `io = \"auto\"`")]
     UringUnavailable(uring::Unavailable),
     #[error("cannot start worker thread {thread}: {source}")]
@@ -86,7 +90,8 @@ impl Server {
             },
         };
         let threads = snapshot.config.listen.threads_in_force();
-        let (per_thread, local_addrs) = listen::bind(&snapshot.config.listen.addresses, threads)?;
+        let listen = &snapshot.config.listen;
+        let (per_thread, local_addrs) = listen::bind(&listen.addresses, threads, listen.share)?;
 
         let mut server =
             Server { shared: shared.clone(), local_addrs, driver, wakers: Vec::new(), threads: Vec::new() };
