@@ -77,7 +77,7 @@ fn answer(mut stream: UnixStream, shared: &Shared) -> io::Result<()> {
             }
             out
         }
-        Request::Ban { ip, secs, reason } => ban(shared, ip, secs, &reason),
+        Request::Ban { target, secs, reason } => ban(shared, target, secs, &reason),
         Request::Unban(key) => unban(shared, &key),
         Request::Bans => {
             let bans = shared.abuse().bans_in_force(UnixTime::now());
@@ -88,6 +88,32 @@ fn answer(mut stream: UnixStream, shared: &Shared) -> io::Result<()> {
     crate::service::write_answer(&mut stream, reply.as_bytes())
 }
 
+/// What an operator bans or unbans: an address (IPv6: its `ipv6_prefix`), or a prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Addr(IpAddr),
+    Net(ipnet::IpNet),
+}
+
+impl Target {
+    /// An address, or a prefix (`192.0.2.0/24`, `2001:db8::/48`; host bits are cleared).
+    pub fn parse(text: &str) -> Option<Target> {
+        match (text.parse::<IpAddr>(), text.parse::<ipnet::IpNet>()) {
+            (Ok(ip), _) => Some(Target::Addr(PeerIp::new(ip).ip())),
+            (_, Ok(net)) => Some(Target::Net(net.trunc())),
+            _ => None,
+        }
+    }
+
+    /// The key its ban is kept under.
+    fn key(self, ipv6_prefix: u8) -> AbuseKey {
+        match self {
+            Target::Addr(ip) => AbuseKey::new(PeerIp::new(ip), ipv6_prefix),
+            Target::Net(net) => AbuseKey::from_net(net),
+        }
+    }
+}
+
 /// A request on the control socket, read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -96,7 +122,7 @@ pub enum Request {
     Stats,
     /// SECONDS 0: the doubling `ban_duration`.
     Ban {
-        ip: IpAddr,
+        target: Target,
         secs: i64,
         reason: String,
     },
@@ -120,21 +146,22 @@ pub fn parse_request(bytes: &[u8]) -> Request {
         ("stats", "") => Request::Stats,
         ("ban", args) => {
             let mut words = args.trim().splitn(3, ' ');
-            let (Some(Ok(ip)), Some(Ok(secs))) =
-                (words.next().map(str::parse::<IpAddr>), words.next().map(str::parse::<i64>))
+            let (Some(Some(target)), Some(Ok(secs))) =
+                (words.next().map(Target::parse), words.next().map(str::parse::<i64>))
             else {
-                return Request::Bad("expected `ban IP SECONDS REASON`".into());
+                return Request::Bad("expected `ban IP|PREFIX SECONDS REASON`".into());
             };
             if !(0..=MAX_BAN_SECS).contains(&secs) {
                 return Request::Bad(format!("SECONDS must be from 0 to {MAX_BAN_SECS} (100 years)"));
             }
             let reason = words.next().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("no reason given");
-            Request::Ban { ip, secs, reason: reason.to_owned() }
+            Request::Ban { target, secs, reason: reason.to_owned() }
         }
         ("unban", key) => Request::Unban(key.trim().to_owned()),
         ("bans", "") => Request::Bans,
         _ => Request::Bad(
-            "unknown request (known: explain IP, reload, ban IP SECONDS REASON, unban IP|PREFIX, bans, stats)".into(),
+            "unknown request (known: explain IP, reload, ban IP|PREFIX SECONDS REASON, unban IP|PREFIX, bans, stats)"
+                .into(),
         ),
     }
 }
@@ -192,19 +219,30 @@ fn reload(shared: &Shared) -> String {
 }
 
 /// `ban IP SECONDS REASON`: SECONDS 0 for the doubling `ban_duration`.
-fn ban(shared: &Shared, ip: IpAddr, secs: i64, reason: &str) -> String {
+fn ban(shared: &Shared, target: Target, secs: i64, reason: &str) -> String {
     let snapshot = shared.snapshot();
-    let peer = PeerIp::new(ip);
-    if let (Some(rule), Some(file)) = (snapshot.whitelist.decide(peer.ip()).rule, snapshot.whitelist.file()) {
+    // an address the whitelist takes is never banned (a prefix's whitelisted addresses
+    // stay served: the gate asks the whitelist first)
+    if let Target::Addr(ip) = target
+        && let (Some(rule), Some(file)) = (snapshot.whitelist.decide(ip).rule, snapshot.whitelist.file())
+    {
         return format!(
-            "error: {peer} is whitelisted ({} at {}:{}): never banned\n",
+            "error: {ip} is whitelisted ({} at {}:{}): never banned\n",
             rule.net,
             file.display(),
             rule.line
         );
     }
     let config = &snapshot.config.abuse;
-    let key = AbuseKey::new(peer, config.ipv6_prefix);
+    if let Target::Net(ipnet::IpNet::V6(net)) = target
+        && net.prefix_len() > config.ipv6_prefix
+    {
+        return format!(
+            "error: IPv6 peers are counted and banned per /{} (abuse.ipv6_prefix): ban {net} as a /{} or a wider prefix\n",
+            config.ipv6_prefix, config.ipv6_prefix
+        );
+    }
+    let key = target.key(config.ipv6_prefix);
     let now = UnixTime::now();
     let until = (secs > 0).then(|| now.0.saturating_add(secs));
     match shared.abuse().impose(key, reason.to_owned(), until, now, config) {
@@ -213,20 +251,37 @@ fn ban(shared: &Shared, ip: IpAddr, secs: i64, reason: &str) -> String {
     }
 }
 
-/// `unban IP|PREFIX`: an address, or a prefix as `bans` lists it (an escalated /24).
+/// `unban IP|PREFIX`: an address, or a prefix: its own ban and every ban inside it (the
+/// addresses whose bans escalated to it, say), in one request.
 fn unban(shared: &Shared, text: &str) -> String {
     let snapshot = shared.snapshot();
-    let key = match (text.parse::<IpAddr>(), text.parse::<ipnet::IpNet>()) {
-        (Ok(ip), _) => AbuseKey::new(PeerIp::new(ip), snapshot.config.abuse.ipv6_prefix),
-        (_, Ok(net)) => AbuseKey::from_net(net.trunc()),
-        _ => return format!("error: `{text}` is neither an IP address nor a prefix\n"),
+    let Some(target) = Target::parse(text) else {
+        return format!("error: `{text}` is neither an IP address nor a prefix\n");
     };
+    let key = target.key(snapshot.config.abuse.ipv6_prefix);
     let now = UnixTime::now();
     let abuse = shared.abuse();
-    let mut out = match abuse.lift(key, now) {
-        Some(b) => format!("unbanned {key} (was until {})\n", UnixTime(b.until).rfc3339()),
-        None => format!("error: {key} is not banned\n"),
+    let inside: Vec<AbuseKey> = match target {
+        Target::Net(net) => abuse
+            .bans_in_force(now)
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| *k != key && net.contains(&k.net()))
+            .collect(),
+        Target::Addr(_) => Vec::new(),
     };
+    let mut out = String::new();
+    if let Some(b) = abuse.lift(key, now) {
+        out.push_str(&format!("unbanned {key} (was until {})\n", UnixTime(b.until).rfc3339()));
+    }
+    for k in inside {
+        if let Some(b) = abuse.lift(k, now) {
+            out.push_str(&format!("unbanned {k} (was until {})\n", UnixTime(b.until).rfc3339()));
+        }
+    }
+    if out.is_empty() {
+        out = format!("error: {key} is not banned\n");
+    }
     if let Some(prefix) = key.escalation()
         && let Some(until) = abuse.banned(prefix, now)
     {

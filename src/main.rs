@@ -42,11 +42,12 @@ enum Command {
     /// Have the running instance load its configuration and lists again (as SIGHUP does)
     /// over its control socket; the files are checked here first.
     Reload,
-    /// Ban an address on the running instance, over its control socket; recorded in the
-    /// ban file like every ban.
+    /// Ban an address or a prefix on the running instance, over its control socket;
+    /// recorded in the ban file like every ban.
     Ban {
-        /// An IPv4 or IPv6 address (IPv6: its `ipv6_prefix` is banned).
-        ip: IpAddr,
+        /// An IPv4 or IPv6 address (IPv6: its `ipv6_prefix` is banned), or a prefix
+        /// (`192.0.2.0/24`, `2001:db8::/48`).
+        target: String,
         /// How long (e.g. `2h`, `7d`; at most `36525d`, 100 years); without it,
         /// `ban_duration` doubled for each remembered offence, as for automatic bans.
         #[arg(long = "for", value_name = "DURATION", value_parser = mxgate::units::parse_ban_duration)]
@@ -88,7 +89,7 @@ fn main() -> ExitCode {
         Some(Command::Reload) => {
             ask_running(snapshot, "reload", "not reloaded (the running instance would refuse them)")
         }
-        Some(Command::Ban { ip, duration, reason }) => match ban_request(ip, duration, reason) {
+        Some(Command::Ban { target, duration, reason }) => match ban_request(&target, duration, reason) {
             Ok(request) => ask_running(snapshot, &request, "nothing asked"),
             Err(e) => {
                 println!("{e}");
@@ -323,23 +324,33 @@ fn ask_running(snapshot: Result<Snapshot, Problems>, request: &str, not_asked: &
     }
 }
 
-/// `mxgate ban --reason` that cannot go in one control request.
+/// `mxgate ban` arguments that cannot go in one control request.
 #[derive(Debug, thiserror::Error)]
-#[error("--reason: one line of at most 200 bytes")]
-struct ReasonTooLong;
+enum BanRequestError {
+    #[error("--reason: one line of at most 200 bytes")]
+    ReasonTooLong,
+    #[error("`{0}` is neither an IP address nor a prefix (e.g. 192.0.2.7 or 192.0.2.0/24)")]
+    NotATarget(String),
+}
 
-/// The control request for `mxgate ban`: a reason of one line, short enough for it.
+/// The control request for `mxgate ban`: an address or a prefix, a reason of one line,
+/// short enough for it.
 fn ban_request(
-    ip: IpAddr,
+    target: &str,
     duration: Option<std::time::Duration>,
     reason: Option<String>,
-) -> Result<String, ReasonTooLong> {
+) -> Result<String, BanRequestError> {
+    let target = match mxgate::control::Target::parse(target.trim()) {
+        Some(mxgate::control::Target::Addr(ip)) => ip.to_string(),
+        Some(mxgate::control::Target::Net(net)) => net.to_string(),
+        None => return Err(BanRequestError::NotATarget(target.to_owned())),
+    };
     let reason = reason.unwrap_or_default();
     if reason.chars().any(char::is_control) || reason.len() > 200 {
-        return Err(ReasonTooLong);
+        return Err(BanRequestError::ReasonTooLong);
     }
     let secs = duration.map_or(0, |d| d.as_secs().max(1));
-    Ok(format!("ban {} {secs} {reason}", PeerIp::new(ip).ip()))
+    Ok(format!("ban {target} {secs} {reason}"))
 }
 
 fn control_socket(shared: &Shared) -> Option<PathBuf> {

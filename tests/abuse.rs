@@ -289,7 +289,48 @@ fn a_spread_attack_bans_nobody_below_the_threshold() {
     assert_eq!(count_refused(fresh, port, 8).expect("the fresh addresses asked again"), 0);
 }
 
+/// An operator bans a prefix (IPv4 and IPv6, for a while): every address in it is
+/// refused, a whitelisted one still served; `unban PREFIX` lifts it and every ban inside
+/// it in one command.
+fn the_operator_bans_and_unbans_prefixes(io: &str) {
+    let config = config("ban_file = \"bans.list\"\n") + "[control]\nsocket = \"mxgate.sock\"\n";
+    let config = config.replace("addresses = [\"127.0.0.1:0\"]", "addresses = [\"127.0.0.1:0\", \"[::1]:0\"]");
+    let m = Mxgate::start(&config, &[("white.list", "127.0.30.9\n")], io);
+    let cli = |args: &[&str]| run_cli(args, &m.files.config());
+    let (code, out) = cli(&["ban", "127.0.30.0/24", "--for", "1h", "--reason", "a hosting range"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("banned 127.0.30.0/24 until "), "{out}");
+    assert_denied(&m, "127.0.30.7", 0);
+    assert_allowed(&m, "127.0.30.9", 0);
+    assert_allowed(&m, "127.0.31.7", 0);
+    let (code, out) = cli(&["ban", "::/120", "--for", "1h"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("banned per /64 (abuse.ipv6_prefix)"), "narrower than a peer's key: {out}");
+    let (code, out) = cli(&["ban", "::/40", "--for", "1h"]);
+    assert_eq!(code, 0, "{out}");
+    assert_denied(&m, "::1", 1);
+    // addresses banned one by one inside a prefix, and the prefix: one unban lifts all
+    for ip in ["127.0.32.5", "127.0.32.6"] {
+        assert_eq!(cli(&["ban", ip]).0, 0);
+    }
+    assert_eq!(cli(&["ban", "127.0.32.0/24"]).0, 0);
+    let (code, out) = cli(&["unban", "127.0.32.0/24"]);
+    assert_eq!(code, 0, "{out}");
+    for key in ["127.0.32.0/24", "127.0.32.5", "127.0.32.6"] {
+        assert!(out.contains(&format!("unbanned {key} (was until ")), "{key}: {out}");
+    }
+    assert_allowed(&m, "127.0.32.5", 0);
+    assert_allowed(&m, "127.0.32.6", 0);
+    let (_, out) = cli(&["bans"]);
+    assert!(out.contains("127.0.30.0/24 until=") && out.contains("::/40 until="), "{out}");
+    assert!(!out.contains("127.0.32."), "{out}");
+    let (code, out) = cli(&["ban", "127.0.33.0/33"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("neither an IP address nor a prefix"), "{out}");
+}
+
 on_one_driver!(
+    the_operator_bans_and_unbans_prefixes,
     concurrency_limits_spare_the_whitelist,
     bans_escalate_to_the_prefix_but_not_over_the_whitelist,
     the_threshold_is_exact_across_conversations,

@@ -80,18 +80,82 @@ type Untils = HashMap<AbuseKey, i64, ahash::RandomState>;
 pub struct BanSet {
     base: Arc<Untils>,
     recent: Untils,
+    /// The prefix lengths banned keys have (bit n: some key of length n), IPv4 and
+    /// IPv6: besides an address's own key and the prefix it escalates to, a peer is
+    /// looked up under each shorter length an operator banned a prefix of.
+    lengths_v4: u64,
+    lengths_v6: [u64; 3],
+    /// Some key has a length failures never make (an operator's prefix): only then are
+    /// the other lengths looked at.
+    others: bool,
 }
 
 impl BanSet {
-    /// When the ban on `key` (or on the prefix it escalates to) ends, if one is in force
-    /// at `now`.
+    /// When the ban on `key` (or on the prefix it escalates to, or on a prefix of it an
+    /// operator banned) ends, if one is in force at `now`.
     #[inline]
     pub fn banned(&self, key: AbuseKey, now: i64) -> Option<i64> {
         if self.base.is_empty() && self.recent.is_empty() {
             return None;
         }
         let until = |k: AbuseKey| self.recent.get(&k).or_else(|| self.base.get(&k)).copied().filter(|&u| u > now);
-        until(key).or_else(|| key.escalation().and_then(until))
+        if let Some(u) = until(key).or_else(|| key.escalation().and_then(until)) {
+            return Some(u);
+        }
+        if !self.others {
+            return None;
+        }
+        // the other lengths banned, shorter than the key's (none, unless an operator
+        // banned a prefix: then a bit each, visited by its set bits only)
+        let mut words = match key.net() {
+            ipnet::IpNet::V4(_) => [self.lengths_v4, 0, 0],
+            ipnet::IpNet::V6(_) => self.lengths_v6,
+        };
+        let len = usize::from(key.net().prefix_len());
+        let escalated = key.escalation().map(|e| usize::from(e.net().prefix_len()));
+        for (w, word) in words.iter_mut().enumerate() {
+            // the bits of this word for lengths below the key's
+            let first = w * 64;
+            *word &= match len.saturating_sub(first) {
+                0 => 0,
+                n if n >= 64 => u64::MAX,
+                n => (1 << n) - 1,
+            };
+            if let Some(e) = escalated.filter(|e| e / 64 == w) {
+                *word &= !(1 << (e % 64));
+            }
+        }
+        for (w, mut bits) in words.into_iter().enumerate() {
+            while bits != 0 {
+                let l = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(u) = u8::try_from(l).ok().and_then(|l| key.within(l)).and_then(until) {
+                    return Some(u);
+                }
+            }
+        }
+        None
+    }
+
+    #[cfg(test)]
+    fn has_length(&self, v6: bool, len: u8) -> bool {
+        let bit = usize::from(len);
+        if v6 { self.lengths_v6[bit / 64] >> (bit % 64) & 1 == 1 } else { self.lengths_v4 >> (bit % 64) & 1 == 1 }
+    }
+
+    fn mark_length(&mut self, key: AbuseKey) {
+        let bit = usize::from(key.net().prefix_len());
+        // an address (IPv4), an IPv6 peer's key (64 and longer by default), or the
+        // prefixes failures escalate to
+        let made_by_failures = match key.net() {
+            ipnet::IpNet::V4(_) => bit == 32 || bit == 24,
+            ipnet::IpNet::V6(_) => bit == 48 || bit >= 64,
+        };
+        self.others |= !made_by_failures;
+        match key.net() {
+            ipnet::IpNet::V4(_) => self.lengths_v4 |= 1 << (bit % 64),
+            ipnet::IpNet::V6(_) => self.lengths_v6[bit / 64] |= 1 << (bit % 64),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -263,6 +327,7 @@ impl BanBook {
 
     fn insert(&mut self, key: AbuseKey, ban: Ban) {
         self.set.recent.insert(key, ban.until);
+        self.set.mark_length(key);
         self.bans.insert(key, ban);
         if self.set.recent.len() > RECENT_MAX {
             self.rebuild();
@@ -272,6 +337,11 @@ impl BanBook {
     fn rebuild(&mut self) {
         self.set.base = Arc::new(self.bans.iter().map(|(k, b)| (*k, b.until)).collect());
         self.set.recent.clear();
+        (self.set.lengths_v4, self.set.lengths_v6, self.set.others) = (0, [0; 3], false);
+        let keys: Vec<AbuseKey> = self.bans.keys().copied().collect();
+        for key in keys {
+            self.set.mark_length(key);
+        }
     }
 
     /// Drops bans that ended and offences no longer remembered.
@@ -493,5 +563,25 @@ mod tests {
         assert!(set.banned(AbuseKey::new(PeerIp::new("10.0.39.15".parse().unwrap()), 64), T0).is_some());
         book.expire(T0 + 3600, &c);
         assert!(book.set().is_empty());
+    }
+
+    #[test]
+    fn a_prefix_an_operator_banned_refuses_every_address_in_it() {
+        let c = config();
+        let mut book = BanBook::default();
+        let net = |n: &str| AbuseKey::from_net(n.parse::<ipnet::IpNet>().unwrap().trunc());
+        book.impose(net("198.51.0.0/16"), Reason::Recorded("a hosting range".into()), Some(T0 + 3600), T0, &c);
+        book.impose(net("2001:db8::/32"), Reason::Recorded("a hosting range".into()), Some(T0 + 3600), T0, &c);
+        let set = book.set();
+        assert_eq!(set.banned(key("198.51.100.7"), T0), Some(T0 + 3600), "inside the /16");
+        assert_eq!(set.banned(key("198.52.0.1"), T0), None, "outside");
+        assert_eq!(set.banned(key("2001:db8:1:2::9"), T0), Some(T0 + 3600), "its /64 lies in the /32");
+        assert_eq!(set.banned(key("2001:db9::1"), T0), None);
+        assert_eq!(set.banned(key("198.51.100.7"), T0 + 3600), None, "ended");
+        // lifted: the lengths are forgotten once the set is rebuilt
+        book.lift(net("198.51.0.0/16"), T0);
+        book.rebuild();
+        assert_eq!(book.set().banned(key("198.51.100.7"), T0), None);
+        assert!(!book.set().has_length(false, 16));
     }
 }

@@ -397,6 +397,11 @@ impl AbuseKey {
         self.0
     }
 
+    /// The key of the prefix of length `len` holding this one (`len` no longer than its).
+    pub fn within(self, len: u8) -> Option<AbuseKey> {
+        (len <= self.0.prefix_len()).then(|| IpNet::new(self.0.addr(), len).ok()).flatten().map(|n| AbuseKey(n.trunc()))
+    }
+
     /// The prefix bans of this key escalate to, when it is longer than that.
     pub fn escalation(self) -> Option<AbuseKey> {
         let len = match self.0 {
