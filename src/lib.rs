@@ -23,6 +23,7 @@ pub mod histogram;
 pub mod logfmt;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod peer;
 pub mod problem;
 pub mod proxy;

@@ -423,6 +423,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
         ban_file = %mxgate::logfmt::value(&ban_file),
         "mxgate listening"
     );
+    mxgate::notify::notify(&format!("READY=1\nSTATUS=listening on {}", addresses.join(",")));
     loop {
         match signals::wait(&signals) {
             libc::SIGHUP => {
@@ -430,6 +431,7 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             }
             sig => {
                 tracing::info!("signal {sig}: draining connections, then exiting (send it again to exit at once)");
+                mxgate::notify::notify("STOPPING=1");
                 server.shutdown();
                 break;
             }

@@ -156,7 +156,9 @@ impl Shared {
     /// outcome is logged, naming `cause` (what asked for the reload).
     pub fn reload(&self, cause: &str) -> Result<Reloaded, Problems> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::notify::notify(&crate::notify::reloading());
         let outcome = self.load_again();
+        crate::notify::notify("READY=1");
         match &outcome {
             Ok(reloaded) => {
                 self.reloads.fetch_add(1, Ordering::Relaxed);

@@ -111,34 +111,57 @@ fn the_deploy_example_is_valid_and_fits_its_unit_and_container() {
     // the unit runs and checks the config where the container puts it too
     assert!(unit.contains("ExecStart=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml\n"), "{unit}");
     assert!(unit.contains("ExecStartPre=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml check\n"));
-    assert!(dockerfile.contains("COPY deploy/mxgate.toml /etc/mxgate/mxgate.toml\n"), "{dockerfile}");
-    for line in ["AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict", "StateDirectory=mxgate"] {
+    for line in [
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "ProtectSystem=strict",
+        "StateDirectory=mxgate",
+        // ready when listening (NOTIFY_SOCKET), a refused reload fails the unit's reload
+        "Type=notify",
+        "ExecReload=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml reload",
+    ] {
         assert!(unit.lines().any(|l| l == line), "{line}");
     }
-    // every path it names lies in the unit's folders: configuration (read-only), state, runtime
+    // every path it names lies in the unit's folders: configuration (read-only), state,
+    // runtime, and the credentials systemd hands over (each one loaded by the unit)
+    const CREDENTIALS: &str = "/run/credentials/mxgate.service/";
+    let folders = ["/etc/mxgate/", "/var/lib/mxgate/", "/run/mxgate/", CREDENTIALS];
     let paths: Vec<&str> = config.split('"').filter(|w| w.starts_with('/')).collect();
     assert!(!paths.is_empty());
     for path in &paths {
-        let folder = ["/etc/mxgate/", "/var/lib/mxgate/", "/run/mxgate/"].into_iter().find(|f| path.starts_with(f));
-        assert!(folder.is_some(), "{path} is outside the unit's folders");
+        assert!(folders.iter().any(|f| path.starts_with(f)), "{path} is outside the unit's folders");
+        if let Some(name) = path.strip_prefix(CREDENTIALS) {
+            let load = format!("LoadCredential={name}:/etc/mxgate/{name}");
+            assert!(unit.lines().any(|l| l == load), "{path}: the unit loads it ({load})");
+        }
     }
     assert!(config.contains("ban_file = \"/var/lib/mxgate/"), "the ban file in the writable state folder");
     // valid, with its folders in a temporary one
     let root = tempfile::tempdir().expect("a folder");
     let at = |folder: &str| root.path().join(folder.trim_matches('/').replace('/', "-"));
     let mut text = config.clone();
-    for folder in ["/etc/mxgate/", "/var/lib/mxgate/", "/run/mxgate/"] {
+    for folder in folders {
         std::fs::create_dir(at(folder)).expect("a folder");
         text = text.replace(folder, &format!("{}/", at(folder).display()));
     }
-    for name in ["access.list", "whitelist.list", "redis.pass"] {
+    for name in ["access.list", "whitelist.list"] {
         std::fs::write(at("/etc/mxgate/").join(name), "").expect("write");
     }
+    std::fs::write(at(CREDENTIALS).join("redis.pass"), "secret\n").expect("write");
     let file = at("/etc/mxgate/").join("mxgate.toml");
     std::fs::write(&file, text).expect("write");
     let (code, out) = run_cli(&["check"], &file);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(", node ") && out.contains(" of the fleet on Redis at redis.internal:6380)"), "{out}");
+
+    // the image starts on its own config, which needs no file the image lacks
+    assert!(dockerfile.contains("COPY deploy/container.toml /etc/mxgate/mxgate.toml\n"), "{dockerfile}");
+    let container = read("container.toml");
+    let text = container.replace("/var/lib/mxgate/", &format!("{}/", at("/var/lib/mxgate/").display()));
+    let file = root.path().join("container.toml");
+    std::fs::write(&file, &text).expect("write");
+    let (code, out) = run_cli(&["check"], &file);
+    assert_eq!(code, 0, "{out}");
+    assert!(!text.split('"').any(|w| w.starts_with("/etc/")), "no file from /etc/mxgate needed");
 }
 
 #[test]
@@ -376,4 +399,25 @@ fn a_second_instance_on_the_same_address_is_refused_unless_shared() {
     let _ = child.wait();
     let line = started.expect("a start-up line").expect("text");
     assert!(line.contains("mxgate listening"), "{line}");
+}
+
+/// The image's HEALTHCHECK (bash's /dev/tcp, as the slim image has no HTTP client) asks
+/// /healthz: run as written against a live mxgate's metrics listener it passes, and
+/// against a port nothing serves it fails.
+#[test]
+fn the_container_healthcheck_asks_healthz() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/Dockerfile")).unwrap();
+    let at = dockerfile.find("CMD [\"bash\", \"-c\", \"").expect("a HEALTHCHECK in bash");
+    let json = dockerfile[at + 4..].lines().next().expect("its line");
+    let cmd: Vec<String> = serde_json::from_str(json).expect("CMD's exec form is JSON");
+    assert!(cmd[2].contains("GET /healthz"), "{}", cmd[2]);
+    let m = common::Mxgate::start("[metrics]\nlisten = \"127.0.0.1:0\"\n", &[], "epoll");
+    let line = m.saw("metrics at http://").expect("the metrics address is logged");
+    let port = line.rsplit(':').next().and_then(|p| p.strip_suffix("/metrics")).expect("a port");
+    let run = |port: &str| {
+        let script = cmd[2].replace("9425", port);
+        std::process::Command::new(&cmd[0]).args(["-c", &script]).status().expect("bash").success()
+    };
+    assert!(run(port), "healthy: passes");
+    assert!(!run(&common::unused_port().port().to_string()), "nothing listening: fails");
 }

@@ -235,3 +235,30 @@ on_one_driver!(
     settings_apply_and_those_read_at_start_wait_for_the_next,
     mxgate_reload_asks_the_running_instance,
 );
+
+/// Under a service manager (`NOTIFY_SOCKET`, systemd's `Type=notify`): READY=1 once
+/// listening, RELOADING=1 then READY=1 around a reload, STOPPING=1 when the drain starts.
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().expect("a folder");
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let mut m = Mxgate::start_as(&config("mx.test", ""), &[("access.list", "")], "epoll", "epoll", |c| {
+        c.env("NOTIFY_SOCKET", &path);
+    });
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:"), "{ready}");
+    m.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+    assert_eq!(next(), "READY=1");
+    m.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
+    assert!(m.wait_exit().success());
+}
