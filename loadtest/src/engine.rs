@@ -591,3 +591,31 @@ fn collect(peer: &mut Talker, tally: &mut Tally) -> u64 {
     }
     counted
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::Relay;
+
+    /// The progress line counts what the summary's throughput counts: a connection
+    /// that relayed three messages adds three, not one.
+    #[test]
+    fn a_conversation_adds_its_messages_to_the_progress() {
+        let now = Instant::now();
+        let script = Arc::new(Script::Relay(Relay::new("u@example.com", true, 3, 100)));
+        let mut talker = Talker::new(&script, 1, now);
+        let Talker::Smtp(peer) = &mut talker else { panic!("an SMTP peer") };
+        peer.input(b"220 mx\r\n250 mx\r\n", now).expect("greeted");
+        for _ in 0..3 {
+            let n = peer.output().len();
+            peer.sent(n);
+            peer.input(b"250 ok\r\n250 ok\r\n354 go\r\n", now).expect("envelope");
+            let n = peer.output().len();
+            peer.sent(n);
+            peer.input(b"250 queued\r\n", now).expect("queued");
+        }
+        let mut tally = Tally::new();
+        assert_eq!(collect(&mut talker, &mut tally), 3);
+        assert_eq!(tally.accepted.len(), 3);
+    }
+}
