@@ -43,6 +43,40 @@ const MAX_BOUNDS: usize = 19;
 const MS: u64 = 1000;
 const S: u64 = 1_000_000;
 
+/// Every duration bound, microseconds, 1-2.5-5 steps from 10 µs to 10 s, then on to 30
+/// minutes; each duration histogram takes a stretch of it.
+const LADDER: [u64; 25] = [
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    MS,
+    2500,
+    5 * MS,
+    10 * MS,
+    25 * MS,
+    50 * MS,
+    100 * MS,
+    250 * MS,
+    500 * MS,
+    S,
+    2 * S + S / 2,
+    5 * S,
+    10 * S,
+    30 * S,
+    60 * S,
+    120 * S,
+    300 * S,
+    600 * S,
+    1800 * S,
+];
+
+/// Message size bounds, bytes: 1 KiB to 256 MiB in steps of 4.
+const SIZES: [u64; 10] =
+    [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20];
+
 impl Hist {
     pub const ALL: [Hist; 7] =
         [Hist::Verdict, Hist::Session, Hist::Relay, Hist::HopReply, Hist::Handshake, Hist::Dnsbl, Hist::MessageSize];
@@ -72,88 +106,20 @@ impl Hist {
         }
     }
 
-    /// Bucket bounds, ascending: microseconds, or bytes for `MessageSize`.
+    /// Bucket bounds, ascending: microseconds (a stretch of [`LADDER`] fitted to the
+    /// quantity), or bytes for `MessageSize`.
     fn bounds(self) -> &'static [u64] {
+        let from = |low: u64, high: u64| {
+            let start = LADDER.iter().position(|&b| b == low).unwrap_or(0);
+            let end = LADDER.iter().position(|&b| b == high).map_or(LADDER.len(), |e| e + 1);
+            &LADDER[start..end]
+        };
         match self {
-            Hist::Verdict => &[
-                10,
-                25,
-                50,
-                100,
-                250,
-                500,
-                MS,
-                2500,
-                5 * MS,
-                10 * MS,
-                25 * MS,
-                50 * MS,
-                100 * MS,
-                250 * MS,
-                500 * MS,
-                S,
-                2 * S + S / 2,
-                5 * S,
-            ],
-            Hist::Session => &[
-                10 * MS,
-                50 * MS,
-                100 * MS,
-                250 * MS,
-                500 * MS,
-                S,
-                2 * S + S / 2,
-                5 * S,
-                10 * S,
-                30 * S,
-                60 * S,
-                120 * S,
-                300 * S,
-                600 * S,
-                1800 * S,
-            ],
-            Hist::Relay | Hist::HopReply => &[
-                100,
-                250,
-                500,
-                MS,
-                2500,
-                5 * MS,
-                10 * MS,
-                25 * MS,
-                50 * MS,
-                100 * MS,
-                250 * MS,
-                500 * MS,
-                S,
-                2 * S + S / 2,
-                5 * S,
-                10 * S,
-                30 * S,
-                60 * S,
-                120 * S,
-            ],
-            Hist::Handshake | Hist::Dnsbl => &[
-                100,
-                250,
-                500,
-                MS,
-                2500,
-                5 * MS,
-                10 * MS,
-                25 * MS,
-                50 * MS,
-                100 * MS,
-                250 * MS,
-                500 * MS,
-                S,
-                2 * S,
-                5 * S,
-                10 * S,
-            ],
-            Hist::MessageSize => {
-                &[1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
-            }
+            Hist::Verdict => from(10, 5 * S),
+            Hist::Session => from(10 * MS, 1800 * S),
+            Hist::Relay | Hist::HopReply => from(100, 120 * S),
+            Hist::Handshake | Hist::Dnsbl => from(100, 10 * S),
+            Hist::MessageSize => &SIZES,
         }
     }
 
