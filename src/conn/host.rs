@@ -640,9 +640,6 @@ fn act<I: Io>(
     }
 }
 
-/// Records what a connection reports: a balancer's missing header, screening's findings
-/// and passes, and its session's events: one log line per transaction (the mail log),
-/// and failures counted against the peer's address (never a whitelisted one's).
 /// The mail log's line: logfmt text, or (`[log] format = "json"`) a JSON object whose
 /// fields are the transaction's (docs/operations.md), every outside value escaped by
 /// `logfmt`'s rule.
@@ -677,6 +674,10 @@ fn log_transaction(t: &crate::smtp::Transaction, proxy_id: Option<&[u8]>) {
     );
 }
 
+/// Records what a connection reports: a balancer's missing header, screening's findings
+/// and passes, and its session's events: one log line per transaction (the mail log),
+/// the histograms' observations, and failures counted against the peer's address (never
+/// a whitelisted one's).
 fn record(conn: &Connection, report: Report, shared: &Shared, counts: &Counts, now: UnixTime) {
     let session = conn.session();
     let config = &conn.snapshot().config;
