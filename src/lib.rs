@@ -20,6 +20,7 @@ pub mod datetime;
 pub mod fuzzing;
 pub mod gate;
 pub mod histogram;
+pub mod kernel;
 pub mod logfmt;
 pub mod metrics;
 pub mod net;

@@ -1,0 +1,66 @@
+//! nf_tables spoken over netlink by `mxgate::kernel`, against the real kernel: a table
+//! of mxgate's own with its two sets, prefixes added with timeouts and removed, the table
+//! removed; `nft` (Debian's nftables, which .ci/run installs) inspects what the kernel
+//! holds. Needs root (CAP_NET_ADMIN): skipped with a line elsewhere, failed under CI.
+
+use std::process::Command;
+use std::time::Duration;
+
+use mxgate::kernel::{Batch, SET_V4, SET_V6, Socket};
+
+fn nft(args: &[&str]) -> String {
+    let out = Command::new("nft").args(args).output().expect("nft (apt-get install nftables)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid reads the process's effective user id
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(std::env::var("CI").is_err(), "the kernel tests need root in CI");
+        eprintln!("SKIPPED: nf_tables needs root (CAP_NET_ADMIN)");
+    }
+    root
+}
+
+#[test]
+fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
+    if !root() {
+        return;
+    }
+    let table = format!("mxgate_test_{}", std::process::id());
+    let socket = Socket::open().expect("a netfilter netlink socket");
+    let mut b = Batch::new(1);
+    b.new_table(&table);
+    b.new_set(&table, SET_V4, false, 1);
+    b.new_set(&table, SET_V6, true, 2);
+    socket.apply(b).expect("table and sets");
+    let mut b = Batch::new(10);
+    let hour = Duration::from_secs(3600);
+    let prefixes = [
+        ("192.0.2.0/24".parse().unwrap(), hour),
+        ("198.51.100.7/32".parse().unwrap(), Duration::from_secs(60)),
+        ("2001:db8::/48".parse().unwrap(), hour),
+    ];
+    b.add_prefixes(&table, &prefixes);
+    socket.apply(b).expect("elements");
+    let v4 = nft(&["list", "set", "inet", &table, SET_V4]);
+    assert!(v4.contains("192.0.2.0/24 timeout 1h expires "), "{v4}");
+    assert!(v4.contains("198.51.100.7 timeout 1m expires "), "{v4}");
+    let v6 = nft(&["list", "set", "inet", &table, SET_V6]);
+    assert!(v6.contains("2001:db8::/48 timeout 1h expires "), "{v6}");
+    // removed again
+    let mut b = Batch::new(20);
+    b.del_prefixes(&table, &["192.0.2.0/24".parse().unwrap()]);
+    socket.apply(b).expect("removal");
+    let v4 = nft(&["list", "set", "inet", &table, SET_V4]);
+    assert!(!v4.contains("192.0.2.0/24") && v4.contains("198.51.100.7"), "{v4}");
+    // an error comes back as one: the element is not there any more
+    let mut b = Batch::new(30);
+    b.del_prefixes(&table, &["192.0.2.0/24".parse().unwrap()]);
+    assert!(socket.apply(b).is_err(), "removing what is not there is refused");
+    let mut b = Batch::new(40);
+    b.del_table(&table);
+    socket.apply(b).expect("the table removed");
+    assert!(!nft(&["list", "tables"]).contains(&table));
+}
