@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mxgate::kernel::{Batch, SET_V4, SET_V6, Socket};
+use mxgate::kernel::{ADDR4, Batch, NET4, NET6, SETS, Socket};
 
 fn nft(args: &[&str]) -> String {
     let out = Command::new("nft").args(args).output().expect("nft (apt-get install nftables)");
@@ -32,8 +32,9 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
     let socket = Socket::open().expect("a netfilter netlink socket");
     let mut b = Batch::new(1);
     b.new_table(&table);
-    b.new_set(&table, SET_V4, false, 1);
-    b.new_set(&table, SET_V6, true, 2);
+    for (id, set) in (1..).zip(SETS) {
+        b.new_set(&table, set, id);
+    }
     socket.apply(b).expect("table and sets");
     let mut b = Batch::new(10);
     let hour = Duration::from_secs(3600);
@@ -44,17 +45,19 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
     ];
     b.add_prefixes(&table, &prefixes);
     socket.apply(b).expect("elements");
-    let v4 = nft(&["list", "set", "inet", &table, SET_V4]);
-    assert!(v4.contains("192.0.2.0/24 timeout 1h expires "), "{v4}");
-    assert!(v4.contains("198.51.100.7 timeout 1m expires "), "{v4}");
-    let v6 = nft(&["list", "set", "inet", &table, SET_V6]);
+    let net4 = nft(&["list", "set", "inet", &table, NET4.name]);
+    assert!(net4.contains("192.0.2.0/24 timeout 1h expires "), "{net4}");
+    let addr4 = nft(&["list", "set", "inet", &table, ADDR4.name]);
+    assert!(addr4.contains("198.51.100.7 timeout 1m expires "), "an address in the hash set: {addr4}");
+    let v6 = nft(&["list", "set", "inet", &table, NET6.name]);
     assert!(v6.contains("2001:db8::/48 timeout 1h expires "), "{v6}");
     // removed again
     let mut b = Batch::new(20);
     b.del_prefixes(&table, &["192.0.2.0/24".parse().unwrap()]);
     socket.apply(b).expect("removal");
-    let v4 = nft(&["list", "set", "inet", &table, SET_V4]);
-    assert!(!v4.contains("192.0.2.0/24") && v4.contains("198.51.100.7"), "{v4}");
+    let net4 = nft(&["list", "set", "inet", &table, NET4.name]);
+    assert!(!net4.contains("192.0.2.0/24"), "{net4}");
+    assert!(nft(&["list", "set", "inet", &table, ADDR4.name]).contains("198.51.100.7"));
     // an error comes back as one: the element is not there any more
     let mut b = Batch::new(30);
     b.del_prefixes(&table, &["192.0.2.0/24".parse().unwrap()]);
