@@ -11,6 +11,9 @@
 //!  batch begin ─ NEWTABLE inet <table> ─ NEWSET addr4 (ipv4_addr, timeout)
 //!              ─ NEWSET net4 (ipv4_addr, interval|timeout) ─ NEWSET net6 (ipv6_addr,
 //!                interval|timeout) ─ batch end
+//!              ─ NEWCHAIN refuse (prerouting, raw priority, policy accept)
+//!              ─ NEWRULE per set: meta nfproto, meta l4proto tcp, tcp dport, source
+//!                address looked up in the set: drop, or reject with a TCP reset
 //!  batch begin ─ NEWSETELEM addr4 { address (timeout) } ...
 //!              ─ NEWSETELEM net4 { start (timeout), end (interval end) } ... ─ batch end
 //! ```
@@ -34,6 +37,7 @@ use ipnet::IpNet;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 2;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
@@ -41,6 +45,8 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFPROTO_INET: u8 = 1;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
@@ -63,6 +69,59 @@ const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NF_INET_PRE_ROUTING: u32 = 0;
+/// The raw priority: before connection tracking.
+const NF_IP_PRI_RAW: i32 = -300;
+const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_META_L4PROTO: u32 = 16;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+
+/// What the kernel does with a banned address's packets to a listening port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Silently: the peer's SYN goes unanswered.
+    Drop,
+    /// With a TCP reset: the peer learns at once.
+    Reset,
+}
 /// nft's data types for the sets' keys (nftables' datatype.h).
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
@@ -144,6 +203,99 @@ impl Batch {
         self.attr_u32(NFTA_SET_KEY_LEN, if kind.v6 { 16 } else { 4 });
         self.attr_u32(NFTA_SET_ID, id);
         self.finish_message(at);
+    }
+
+    /// mxgate's base chain: on prerouting at raw priority (before connection tracking),
+    /// accepting what its rules do not stop.
+    pub fn new_chain(&mut self, table: &str, chain: &str) {
+        let at = self.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
+        self.attr_str(NFTA_CHAIN_TABLE, table);
+        self.attr_str(NFTA_CHAIN_NAME, chain);
+        let hook = self.nest(NFTA_CHAIN_HOOK);
+        self.attr_u32(NFTA_HOOK_HOOKNUM, NF_INET_PRE_ROUTING);
+        self.attr_u32(NFTA_HOOK_PRIORITY, NF_IP_PRI_RAW as u32);
+        self.end_nest(hook);
+        self.attr_u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
+        self.attr_str(NFTA_CHAIN_TYPE, "filter");
+        self.finish_message(at);
+    }
+
+    /// A rule: TCP to `port` from an address in `set`: `action`.
+    pub fn new_rule(&mut self, table: &str, chain: &str, set: SetKind, port: u16, action: Action) {
+        let at = self.message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
+        self.attr_str(NFTA_RULE_TABLE, table);
+        self.attr_str(NFTA_RULE_CHAIN, chain);
+        let list = self.nest(NFTA_RULE_EXPRESSIONS);
+        // the family (an inet table sees both), TCP, the port, the source in the set
+        self.expr_meta(NFT_META_NFPROTO);
+        self.expr_cmp(&[if set.v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }]);
+        self.expr_meta(NFT_META_L4PROTO);
+        self.expr_cmp(&[IPPROTO_TCP]);
+        self.expr_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2);
+        self.expr_cmp(&port.to_be_bytes());
+        let (offset, len) = if set.v6 { (8, 16) } else { (12, 4) };
+        self.expr_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len);
+        let e = self.expr("lookup");
+        self.attr_str(NFTA_LOOKUP_SET, set.name);
+        self.attr_u32(NFTA_LOOKUP_SREG, NFT_REG_1);
+        self.end_expr(e);
+        match action {
+            Action::Drop => {
+                let e = self.expr("immediate");
+                self.attr_u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+                let data = self.nest(NFTA_IMMEDIATE_DATA);
+                let verdict = self.nest(NFTA_DATA_VERDICT);
+                self.attr_u32(NFTA_VERDICT_CODE, NF_DROP);
+                self.end_nest(verdict);
+                self.end_nest(data);
+                self.end_expr(e);
+            }
+            Action::Reset => {
+                let e = self.expr("reject");
+                self.attr_u32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST);
+                self.end_expr(e);
+            }
+        }
+        self.end_nest(list);
+        self.finish_message(at);
+    }
+
+    /// An expression named `name`: its list element and data nest, ended by `end_expr`.
+    fn expr(&mut self, name: &str) -> (usize, usize) {
+        let elem = self.nest(NFTA_LIST_ELEM);
+        self.attr_str(NFTA_EXPR_NAME, name);
+        (elem, self.nest(NFTA_EXPR_DATA))
+    }
+
+    fn end_expr(&mut self, (elem, data): (usize, usize)) {
+        self.end_nest(data);
+        self.end_nest(elem);
+    }
+
+    fn expr_meta(&mut self, key: u32) {
+        let e = self.expr("meta");
+        self.attr_u32(NFTA_META_KEY, key);
+        self.attr_u32(NFTA_META_DREG, NFT_REG_1);
+        self.end_expr(e);
+    }
+
+    fn expr_cmp(&mut self, value: &[u8]) {
+        let e = self.expr("cmp");
+        self.attr_u32(NFTA_CMP_SREG, NFT_REG_1);
+        self.attr_u32(NFTA_CMP_OP, NFT_CMP_EQ);
+        let data = self.nest(NFTA_CMP_DATA);
+        self.attr(NFTA_DATA_VALUE, value);
+        self.end_nest(data);
+        self.end_expr(e);
+    }
+
+    fn expr_payload(&mut self, base: u32, offset: u32, len: u32) {
+        let e = self.expr("payload");
+        self.attr_u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        self.attr_u32(NFTA_PAYLOAD_BASE, base);
+        self.attr_u32(NFTA_PAYLOAD_OFFSET, offset);
+        self.attr_u32(NFTA_PAYLOAD_LEN, len);
+        self.end_expr(e);
     }
 
     /// Prefixes into their family's set, each for its timeout (at least 1 ms).

@@ -67,3 +67,52 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
     socket.apply(b).expect("the table removed");
     assert!(!nft(&["list", "tables"]).contains(&table));
 }
+
+/// The chain on prerouting and a rule per set: TCP from a banned address to the port is
+/// dropped (its connect never completes) or reset (refused at once); a neighbour still
+/// connects; the table removed, the banned address connects again.
+#[test]
+fn banned_sources_are_dropped_or_reset_by_the_kernel() {
+    use mxgate::kernel::{Action, NET6};
+    use std::net::{SocketAddr, TcpListener};
+    if !root() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let port = listener.local_addr().expect("addr").port();
+    let connect = |source: &str| -> std::io::Result<()> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source.parse().expect("source"), 0).into())?;
+        let to: SocketAddr = ([127, 0, 0, 1], port).into();
+        socket.connect_timeout(&to.into(), Duration::from_millis(300))
+    };
+    for (action, n) in [(Action::Drop, 0u32), (Action::Reset, 1)] {
+        let table = format!("mxgate_rule_{}_{n}", std::process::id());
+        let socket = Socket::open().expect("a netfilter netlink socket");
+        let mut b = Batch::new(1);
+        b.new_table(&table);
+        for (id, set) in (1..).zip(SETS) {
+            b.new_set(&table, set, id);
+        }
+        b.new_chain(&table, "refuse");
+        for set in [ADDR4, NET4, NET6] {
+            b.new_rule(&table, "refuse", set, port, action);
+        }
+        socket.apply(b).unwrap_or_else(|e| panic!("{action:?}: {e}\n{}", nft(&["list", "ruleset"])));
+        let mut b = Batch::new(100);
+        b.add_prefixes(&table, &[("127.0.40.7/32".parse().unwrap(), Duration::from_secs(60))]);
+        socket.apply(b).expect("the banned address");
+        let refused = connect("127.0.40.7").expect_err("the kernel stops it");
+        match action {
+            Action::Drop => assert_eq!(refused.kind(), std::io::ErrorKind::TimedOut, "{refused}"),
+            Action::Reset => assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}"),
+        }
+        connect("127.0.40.8").expect("a neighbour connects");
+        let rules = nft(&["list", "chain", "inet", &table, "refuse"]);
+        assert!(rules.contains(&format!("tcp dport {port} ip saddr @addr4")), "{rules}");
+        let mut b = Batch::new(200);
+        b.del_table(&table);
+        socket.apply(b).expect("the table removed");
+        connect("127.0.40.7").expect("no table, no refusal");
+    }
+}
