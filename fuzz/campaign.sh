@@ -14,7 +14,7 @@ rustup toolchain list | grep -q '^nightly' || { echo "cargo-fuzz needs a nightly
 secs=${1:-1800} runs=${2:-10000000} jobs=${3:-2}
 shift $(( $# < 3 ? $# : 3 ))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(session dns config upstream proxy control fleet)
+[ ${#targets[@]} -gt 0 ] || targets=(session dns config upstream proxy control fleet netlink)
 cargo +nightly fuzz build -O -a
 out=$(mktemp -d)
 run() {

@@ -180,6 +180,14 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
+/// The kernel's netlink answer to a batch (`kernel::acknowledgements`), from arbitrary
+/// bytes: at most one acknowledgement per 16 bytes, and never a panic.
+pub fn netlink(data: &[u8]) {
+    if let Ok(acks) = crate::kernel::acknowledgements(data) {
+        assert!(acks as usize <= data.len() / 16, "{acks} acknowledgements in {} bytes", data.len());
+    }
+}
+
 /// A balancer's PROXY header, v1 or v2, read from arbitrary bytes.
 pub fn proxy(data: &[u8]) {
     if let crate::proxy::Parsed::Done { consumed, header } = crate::proxy::parse(data) {
@@ -290,7 +298,7 @@ pub fn fleet(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (for the corpus replay).
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("session", session),
     ("proxy", proxy),
     ("dns", dns),
@@ -298,4 +306,5 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("config", config),
     ("control", control),
     ("fleet", fleet),
+    ("netlink", netlink),
 ];

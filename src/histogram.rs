@@ -109,16 +109,15 @@ impl Hist {
     /// Bucket bounds, ascending: microseconds (a stretch of [`LADDER`] fitted to the
     /// quantity), or bytes for `MessageSize`.
     fn bounds(self) -> &'static [u64] {
-        let from = |low: u64, high: u64| {
-            let start = LADDER.iter().position(|&b| b == low).unwrap_or(0);
-            let end = LADDER.iter().position(|&b| b == high).map_or(LADDER.len(), |e| e + 1);
-            &LADDER[start..end]
-        };
         match self {
-            Hist::Verdict => from(10, 5 * S),
-            Hist::Session => from(10 * MS, 1800 * S),
-            Hist::Relay | Hist::HopReply => from(100, 120 * S),
-            Hist::Handshake | Hist::Dnsbl => from(100, 10 * S),
+            // 10 us to 5 s
+            Hist::Verdict => &LADDER[0..18],
+            // 10 ms to 30 min
+            Hist::Session => &LADDER[9..25],
+            // 100 us to 2 min
+            Hist::Relay | Hist::HopReply => &LADDER[3..22],
+            // 100 us to 10 s
+            Hist::Handshake | Hist::Dnsbl => &LADDER[3..19],
             Hist::MessageSize => &SIZES,
         }
     }
@@ -203,6 +202,11 @@ mod tests {
             assert!(b.len() <= MAX_BOUNDS, "{h:?}");
             assert!(b.windows(2).all(|w| w[0] < w[1]), "{h:?} ascending");
         }
+        let ends = |h: Hist| (h.bounds()[0], h.bounds()[h.bounds().len() - 1]);
+        assert_eq!(ends(Hist::Verdict), (10, 5 * S));
+        assert_eq!(ends(Hist::Session), (10 * MS, 1800 * S));
+        assert_eq!(ends(Hist::Relay), (100, 120 * S));
+        assert_eq!(ends(Hist::Dnsbl), (100, 10 * S));
     }
 
     #[test]

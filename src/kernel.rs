@@ -185,6 +185,14 @@ impl Batch {
         self.finish_message(at);
     }
 
+    /// The table (family inet) with every set of [`SETS`] in it.
+    pub fn new_table_with_sets(&mut self, table: &str) {
+        self.new_table(table);
+        for (id, set) in (1..).zip(SETS) {
+            self.new_set(table, set, id);
+        }
+    }
+
     /// The table and all in it, removed.
     pub fn del_table(&mut self, table: &str) {
         let at = self.message(NFT_MSG_DELTABLE, 0);
@@ -490,25 +498,35 @@ impl Socket {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut rest = buf.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default();
-            while rest.len() >= 16 {
-                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                if len < 16 || len > rest.len() {
-                    return Err(io::Error::other("a malformed netlink answer"));
-                }
-                if kind == NLMSG_ERROR {
-                    let code = rest.get(16..20).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
-                    }
-                    awaited -= 1;
-                }
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-            }
+            let answer = buf.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default();
+            awaited = awaited.saturating_sub(acknowledgements(answer)?);
         }
         Ok(())
     }
+}
+
+/// Reads one netlink answer from the kernel: how many acknowledgements it holds, or the
+/// first error it reports (or that it is malformed).
+pub fn acknowledgements(answer: &[u8]) -> io::Result<u32> {
+    let mut acks = 0u32;
+    let mut rest = answer;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < 16 || len > rest.len() {
+            return Err(io::Error::other("a malformed netlink answer"));
+        }
+        if kind == NLMSG_ERROR {
+            let code = rest.get(16..20).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+            if code != 0 {
+                // the kernel sends the error negated
+                return Err(io::Error::from_raw_os_error(code.checked_neg().unwrap_or(i32::MAX)));
+            }
+            acks = acks.saturating_add(1);
+        }
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    Ok(acks)
 }
 
 #[cfg(test)]
@@ -532,6 +550,25 @@ mod tests {
             rest = &rest[len..];
         }
         assert_eq!(seqs, [101, 102, 103, 104]);
+    }
+
+    #[test]
+    fn answers_are_counted_and_errors_and_garbage_refused() {
+        let message = |kind: u16, code: i32| {
+            let mut m = 36u32.to_ne_bytes().to_vec();
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0; 10]);
+            m.extend_from_slice(&code.to_ne_bytes());
+            m.extend_from_slice(&[0; 16]);
+            m
+        };
+        let two = [message(NLMSG_ERROR, 0), message(NLMSG_ERROR, 0)].concat();
+        assert_eq!(acknowledgements(&two).unwrap(), 2);
+        let refused = acknowledgements(&message(NLMSG_ERROR, -libc::ENOENT)).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ENOENT));
+        assert!(acknowledgements(&message(NLMSG_ERROR, i32::MIN)).is_err(), "no overflow");
+        assert!(acknowledgements(&[0xff; 20]).is_err(), "a length past the answer");
+        assert_eq!(acknowledgements(&[0; 10]).unwrap(), 0, "too short for a header: nothing");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mxgate::kernel::{ADDR4, Batch, NET4, NET6, SETS, Socket};
+use mxgate::kernel::{ADDR4, Batch, NET4, NET6, Socket};
 
 fn nft(args: &[&str]) -> String {
     let out = Command::new("nft").args(args).output().expect("nft (apt-get install nftables)");
@@ -31,10 +31,7 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
     let table = format!("mxgate_test_{}", std::process::id());
     let socket = Socket::open().expect("a netfilter netlink socket");
     let mut b = Batch::new(1);
-    b.new_table(&table);
-    for (id, set) in (1..).zip(SETS) {
-        b.new_set(&table, set, id);
-    }
+    b.new_table_with_sets(&table);
     socket.apply(b).expect("table and sets");
     let mut b = Batch::new(10);
     let hour = Duration::from_secs(3600);
@@ -90,10 +87,7 @@ fn banned_sources_are_dropped_or_reset_by_the_kernel() {
         let table = format!("mxgate_rule_{}_{n}", std::process::id());
         let socket = Socket::open().expect("a netfilter netlink socket");
         let mut b = Batch::new(1);
-        b.new_table(&table);
-        for (id, set) in (1..).zip(SETS) {
-            b.new_set(&table, set, id);
-        }
+        b.new_table_with_sets(&table);
         b.new_chain(&table, "refuse");
         for set in [ADDR4, NET4, NET6] {
             b.new_rule(&table, "refuse", set, port, action);

@@ -91,6 +91,17 @@ pub struct Mxgate {
     pub files: Files,
 }
 
+/// Whether `program` runs (`program --version`); where it does not, a skip line naming
+/// the Debian `package`, and a failure under CI (`CI` set: `.ci/run` installs it).
+pub fn installed(program: &str, package: &str) -> bool {
+    let found = Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").is_err(), "{program} is not installed (.ci/run installs {package})");
+        eprintln!("SKIPPED: {program} is not installed (apt-get install {package})");
+    }
+    found
+}
+
 /// A field of a log line, text (`name=value`) or JSON (`"name":"value"`).
 pub fn log_field(line: &str, name: &str) -> Option<String> {
     if let Some(rest) = line.split(&format!("\"{name}\":\"")).nth(1) {

@@ -20,10 +20,7 @@ impl Prometheus {
     /// Scraping `target` (`host:port`, path `/metrics`) as job `mxgate`; `None` (with a
     /// skip line) where Prometheus is not installed.
     pub fn scraping(target: &str) -> Option<Self> {
-        let found = Command::new("prometheus").arg("--version").output().is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(std::env::var("CI").is_err(), "prometheus is not installed (.ci/run installs it)");
-            eprintln!("SKIPPED: prometheus is not installed (apt-get install prometheus)");
+        if !super::installed("prometheus", "prometheus") {
             return None;
         }
         let dir = tempfile::tempdir().expect("a folder");

@@ -24,10 +24,7 @@ impl RedisServer {
     /// Speaking TLS only (its certificate, for 127.0.0.1, is [`RedisServer::ca_file`]),
     /// and asking for `password` when given.
     pub fn start_with(tls: bool, password: Option<&str>) -> Option<Self> {
-        let found = Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(std::env::var("CI").is_err(), "redis-server is not installed (.ci/run installs it)");
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        if !super::installed("redis-server", "redis-server") {
             return None;
         }
         let dir = tempfile::tempdir().expect("a folder");
