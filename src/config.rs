@@ -40,6 +40,7 @@ pub struct Config {
     pub control: Option<Control>,
     pub metrics: Option<Metrics>,
     pub log: Log,
+    pub kernel: Kernel,
 }
 
 /// `[cluster]`: bans and failure counts shared through Redis (or Valkey).
@@ -328,6 +329,18 @@ pub struct Log {
     pub level: String,
 }
 
+/// `[kernel]`: banned floods refused by the kernel (nftables), not in user space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// `None`: off (read at start).
+    pub mode: Option<crate::kernel::Action>,
+    /// The nftables table (family inet) mxgate owns (read at start).
+    pub table: String,
+    /// Refusals of a banned key within a minute before it enters the kernel's set (0: as
+    /// soon as the ban is made).
+    pub after_refusals: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     /// One line an event, logfmt-compatible (`key=value`, every outside value escaped).
@@ -407,6 +420,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("metrics", "listen"),
     ("log", "format"),
     ("log", "level"),
+    ("kernel", "mode"),
+    ("kernel", "table"),
+    ("kernel", "after_refusals"),
 ];
 
 /// The keys a running instance reads once, at start: a reload that changes one warns
@@ -429,6 +445,8 @@ pub const READ_AT_START: &[&str] = &[
     "metrics.listen",
     "log.format",
     "log.level",
+    "kernel.mode",
+    "kernel.table",
 ];
 
 /// The keys of `section`.
@@ -729,6 +747,34 @@ impl Config {
                 .unwrap_or_else(|| "info".to_owned()),
         };
 
+        let t = r.section(root, "kernel", &keys_of("kernel"));
+        let kernel = Kernel {
+            mode: r
+                .value(t, "kernel", "mode", |v| match str_of(v)? {
+                    "off" => Ok(None),
+                    "drop" => Ok(Some(crate::kernel::Action::Drop)),
+                    "reset" => Ok(Some(crate::kernel::Action::Reset)),
+                    other => Err(Invalid::NotOneOf {
+                        given: other.to_owned(),
+                        what: "a kernel mode",
+                        choices: "\"off\", \"drop\" or \"reset\"",
+                    }),
+                })
+                .flatten(),
+            table: r
+                .value(t, "kernel", "table", |v| {
+                    let name = str_of(v)?;
+                    let ok = (1..=64).contains(&name.len())
+                        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+                    if ok { Ok(name.to_owned()) } else { Err(Invalid::TableName(name.to_owned())) }
+                })
+                .unwrap_or_else(|| "mxgate".into()),
+            after_refusals: r
+                .value(t, "kernel", "after_refusals", |v| int_in(v, 0, 1_000_000))
+                .map_or(3, |n| u32::try_from(n).unwrap_or(3)),
+        };
+
         if !r.problems.is_empty() {
             r.problems.sort_by_key(|p| p.line.unwrap_or(u32::MAX)); // stable: file order, then the rest
             return Err(Problems(r.problems));
@@ -747,6 +793,7 @@ impl Config {
             control,
             metrics,
             log,
+            kernel,
         })
     }
 
@@ -779,6 +826,8 @@ impl Config {
             "metrics.listen" => self.metrics == new.metrics,
             "log.format" => self.log.format == new.log.format,
             "log.level" => self.log.level == new.log.level,
+            "kernel.mode" => self.kernel.mode == new.kernel.mode,
+            "kernel.table" => self.kernel.table == new.kernel.table,
             other => unreachable!("READ_AT_START names {other}, which is not compared here"),
         };
         READ_AT_START.iter().copied().filter(|key| !same(key)).collect()
@@ -1335,7 +1384,8 @@ mod tests {
             "[listen]\naddresses = [\"127.0.0.1:1\"]\nthreads = 3\nio = \"epoll\"\nshare = true\n[abuse]\nban_file = \"b\"\n\
              failure_window = \"1m\"\ncounter_memory = \"2MiB\"\n[screen]\ncache_file = \"p\"\n[control]\nsocket = \"c\"\n[metrics]\n\
              [cluster]\nredis = \"redis://x\"\nnode = \"n\"\nprefix = \"p\"\nflush_interval = \"1s\"\n\
-             password_file = \"{}/Cargo.toml\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n"
+             password_file = \"{}/Cargo.toml\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n\
+             [kernel]\nmode = \"drop\"\ntable = \"t\"\n"
                 .replace("{}", env!("CARGO_MANIFEST_DIR"))
                 .as_str(),
         )
@@ -1549,6 +1599,23 @@ mod tests {
             let e = parse(&format!("[log]\n{bad}\n")).unwrap_err().to_string();
             assert!(e.contains("log."), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn kernel_mode_table_and_refusals() {
+        let c = parse("[kernel]\nmode = \"reset\"\ntable = \"edge_1\"\nafter_refusals = 0\n").unwrap();
+        let want = Kernel { mode: Some(crate::kernel::Action::Reset), table: "edge_1".into(), after_refusals: 0 };
+        assert_eq!(c.kernel, want);
+        let off = Kernel { mode: None, table: "mxgate".into(), after_refusals: 3 };
+        assert_eq!(parse("").unwrap().kernel, off, "off by default");
+        assert_eq!(parse("[kernel]\nmode = \"drop\"\n").unwrap().kernel.mode, Some(crate::kernel::Action::Drop));
+        for bad in ["mode = \"block\"", "table = \"1x\"", "table = \"a b\"", "table = \"\"", "after_refusals = -1"] {
+            let e = parse(&format!("[kernel]\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("kernel."), "{bad}: {e}");
+        }
+        // the mode and the table are read at start; the refusals follow a reload
+        let changed = parse("[kernel]\nafter_refusals = 9\n").unwrap();
+        assert!(parse("").unwrap().fixed_at_start_changed(&changed).is_empty());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Hist {
     Dnsbl,
     /// A message delivered, as it reached the next hop.
     MessageSize,
+    /// A banned key's way into the kernel's set (`[kernel]`): from the refusal (or the
+    /// ban) that decided it to the kernel's acknowledgement.
+    KernelBan,
 }
 
 /// Most bounds a quantity has (its `+Inf` bucket comes after them).
@@ -78,8 +81,16 @@ const SIZES: [u64; 10] =
     [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20];
 
 impl Hist {
-    pub const ALL: [Hist; 7] =
-        [Hist::Verdict, Hist::Session, Hist::Relay, Hist::HopReply, Hist::Handshake, Hist::Dnsbl, Hist::MessageSize];
+    pub const ALL: [Hist; 8] = [
+        Hist::Verdict,
+        Hist::Session,
+        Hist::Relay,
+        Hist::HopReply,
+        Hist::Handshake,
+        Hist::Dnsbl,
+        Hist::MessageSize,
+        Hist::KernelBan,
+    ];
 
     /// Its metric's name.
     pub fn metric_name(self) -> &'static str {
@@ -91,6 +102,7 @@ impl Hist {
             Hist::Handshake => "mxgate_tls_handshake_seconds",
             Hist::Dnsbl => "mxgate_dnsbl_lookup_seconds",
             Hist::MessageSize => "mxgate_message_size_bytes",
+            Hist::KernelBan => "mxgate_kernel_ban_seconds",
         }
     }
 
@@ -103,6 +115,9 @@ impl Hist {
             Hist::Handshake => "A STARTTLS handshake with a peer, done or failed.",
             Hist::Dnsbl => "A DNS blocklist query, to its answer (timeouts apart).",
             Hist::MessageSize => "Size of a message delivered, as the next hop got it.",
+            Hist::KernelBan => {
+                "A banned key's refusal (or ban) that sent it to the kernel, to the kernel's acknowledgement."
+            }
         }
     }
 
@@ -111,7 +126,7 @@ impl Hist {
     fn bounds(self) -> &'static [u64] {
         match self {
             // 10 us to 5 s
-            Hist::Verdict => &LADDER[0..18],
+            Hist::Verdict | Hist::KernelBan => &LADDER[0..18],
             // 10 ms to 30 min
             Hist::Session => &LADDER[9..25],
             // 100 us to 2 min

@@ -402,6 +402,10 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = shared.start_kernel(server.local_addrs()) {
+        tracing::error!("cannot start the kernel keeper thread: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(path) = control
         && let Err(e) = mxgate::control::serve(&path, Arc::clone(&shared))
     {
@@ -437,13 +441,16 @@ fn run(snapshot: Result<Snapshot, Problems>, io: Option<IoMode>) -> ExitCode {
             }
         }
     }
+    let drained = Arc::clone(&shared);
     std::thread::spawn(move || {
         server.join();
+        drained.stop_kernel();
         tracing::info!("mxgate stopped");
         std::process::exit(0);
     });
     let sig = signals::wait(&signals);
     tracing::warn!("signal {sig} while draining: exiting now");
+    shared.stop_kernel();
     ExitCode::FAILURE
 }
 

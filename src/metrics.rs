@@ -100,6 +100,10 @@ const fn fleet(name: &'static str, kind: Kind, help: &'static str) -> Metric {
     Metric { name, kind, labels: "", help, when: "with [cluster]" }
 }
 
+const fn kernel(name: &'static str, kind: Kind, help: &'static str) -> Metric {
+    Metric { name, kind, labels: "", help, when: "with [kernel] on" }
+}
+
 const fn per_hop(name: &'static str, kind: Kind, help: &'static str) -> Metric {
     Metric { name, kind, labels: "next_hop", help, when: "" }
 }
@@ -144,6 +148,24 @@ const METRICS: &[Metric] = &[
     fleet("mxgate_cluster_failures_sent_total", Kind::Counter, "Failures handed to the fleet's counts."),
     fleet("mxgate_cluster_commands_total", Kind::Counter, "Redis commands sent."),
     fleet("mxgate_cluster_commands_refused_total", Kind::Counter, "Pipelines holding a command Redis refused."),
+    kernel("mxgate_kernel_active", Kind::Gauge, "1 while mxgate's nftables table is up (0: refused, see the log)."),
+    kernel(
+        "mxgate_kernel_set_elements",
+        Kind::Gauge,
+        "Elements in the kernel's sets (those whose bans ended leave within 10 s).",
+    ),
+    kernel("mxgate_kernel_elements_added_total", Kind::Counter, "Elements added to the kernel's sets."),
+    kernel(
+        "mxgate_kernel_elements_removed_total",
+        Kind::Counter,
+        "Elements removed from the kernel's sets (lifts, new ends).",
+    ),
+    kernel("mxgate_kernel_errors_total", Kind::Counter, "Changes the kernel refused (each loads the sets afresh)."),
+    kernel(
+        "mxgate_kernel_events_dropped_total",
+        Kind::Counter,
+        "Refusals or bans not handed to the keeper: its queue was full.",
+    ),
     per_hop("mxgate_next_hop_up", Kind::Gauge, "1 while the next hop is up, 0 while down for a backoff."),
     per_hop("mxgate_next_hop_failures_total", Kind::Counter, "Connections to the next hop that failed or timed out."),
     per_hop("mxgate_next_hop_replies_total", Kind::Counter, "The next hop's replies to transactions' commands."),

@@ -169,6 +169,8 @@ pub enum Invalid {
     /// `cluster.prefix`: a character it cannot have.
     #[error("`{0}`: letters, digits, `_`, `.` and `-` only")]
     KeyPrefix(String),
+    #[error("`{0}` is not a table name: a letter, then letters, digits, `_` or `-`; at most 64")]
+    TableName(String),
     /// A reply line.
     #[error(transparent)]
     Template(#[from] TemplateError),

@@ -43,6 +43,8 @@ pub struct Shared {
     cluster: Option<crate::cluster::Cluster>,
     /// The mail log's transaction ids, unique to the process.
     transaction_ids: Arc<crate::smtp::TransactionIds>,
+    /// The kernel fast path, with `[kernel]` on (read at start).
+    kernel: Option<Arc<crate::kernel::Kernel>>,
 }
 
 impl Shared {
@@ -55,6 +57,10 @@ impl Shared {
         let (outbox, inbox) = cluster_config.as_ref().map(|_| crate::cluster::channels()).unzip();
         let fleet = outbox.map(|o| Box::new(o) as Box<dyn crate::abuse::Fleet>);
         let abuse = Abuse::start(Arc::clone(&snapshot), fleet)?;
+        let kernel = crate::kernel::Kernel::new(&snapshot.load().config.kernel);
+        if let Some(kernel) = &kernel {
+            abuse.tell_kernel(Arc::clone(kernel));
+        }
         let cluster = match (&cluster_config, inbox) {
             (Some(config), Some(inbox)) => Some(crate::cluster::start(config, inbox, &abuse, Arc::clone(&snapshot))?),
             _ => None,
@@ -77,7 +83,29 @@ impl Shared {
             blocked_by_zone: std::sync::Mutex::default(),
             cluster,
             transaction_ids: Arc::new(crate::smtp::TransactionIds::new(UnixTime::now())),
+            kernel,
         }))
+    }
+
+    /// The kernel fast path, while its table is up.
+    #[inline]
+    pub fn kernel(&self) -> Option<&crate::kernel::Kernel> {
+        self.kernel.as_deref().filter(|k| k.active())
+    }
+
+    /// Starts the kernel fast path (with `[kernel]` on) for the listening `addrs`.
+    pub fn start_kernel(&self, addrs: &[std::net::SocketAddr]) -> io::Result<()> {
+        let Some(kernel) = &self.kernel else { return Ok(()) };
+        let now = UnixTime::now();
+        let bans = self.abuse.bans_in_force(now).into_iter().map(|(k, b)| (k, b.until)).collect();
+        kernel.start(addrs, Arc::clone(&self.snapshot), bans, self.stats.worker())
+    }
+
+    /// Removes the kernel's table (with `[kernel]` on), waiting a few seconds at most.
+    pub fn stop_kernel(&self) {
+        if let Some(kernel) = &self.kernel {
+            kernel.stop();
+        }
     }
 
     /// A peer was blocked using `zone` (rare: a lock is fine).
@@ -126,6 +154,9 @@ impl Shared {
         ]);
         if let Some(cluster) = &self.cluster {
             lines.extend(cluster.stats());
+        }
+        if let Some(kernel) = &self.kernel {
+            lines.extend(kernel.stats());
         }
         lines
     }

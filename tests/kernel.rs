@@ -1,10 +1,20 @@
-//! nf_tables spoken over netlink by `mxgate::kernel`, against the real kernel: a table
-//! of mxgate's own with its two sets, prefixes added with timeouts and removed, the table
-//! removed; `nft` (Debian's nftables, which .ci/run installs) inspects what the kernel
-//! holds. Needs root (CAP_NET_ADMIN): skipped with a line elsewhere, failed under CI.
+//! The kernel fast path against the real kernel: nf_tables spoken over netlink by
+//! `mxgate::kernel` (a table of mxgate's own, its sets, prefixes with timeouts, rules that
+//! drop or reset), and `[kernel]` end to end on the real binary: a banned address's first
+//! refusals in user space, then its SYNs dropped; a neighbour served; unban, expiry,
+//! prefixes and the whitelist; the table removed at exit; without CAP_NET_ADMIN (capsh
+//! drops it) one warning and refusals in user space. `nft` (Debian's nftables, which
+//! .ci/run installs) inspects what the kernel holds. Needs root (CAP_NET_ADMIN): skipped
+//! with a line elsewhere, failed under CI.
 
+mod common;
+
+use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use common::config::Config;
+use common::{Mxgate, assert_allowed, assert_denied, run_cli, wait_until};
 
 use mxgate::kernel::{ADDR4, Batch, NET4, NET6, Socket};
 
@@ -109,4 +119,155 @@ fn banned_sources_are_dropped_or_reset_by_the_kernel() {
         socket.apply(b).expect("the table removed");
         connect("127.0.40.7").expect("no table, no refusal");
     }
+}
+
+/// A connection attempt from `source` to `to`, waiting `patience` for the handshake.
+fn attempt(source: &str, to: SocketAddr, patience: Duration) -> std::io::Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source.parse().expect("source"), 0).into())?;
+    socket.connect_timeout(&to.into(), patience)?;
+    Ok(socket.into())
+}
+
+/// Whether the kernel drops `source`'s SYNs to `to` now: its connect times out.
+fn dropped(source: &str, to: SocketAddr) -> bool {
+    matches!(attempt(source, to, Duration::from_millis(60)), Err(e) if e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+fn kernel_config(table: &str, mode: &str, after_refusals: u32) -> Config {
+    Config::new()
+        .set("kernel", "mode", format!("\"{mode}\""))
+        .set("kernel", "table", format!("\"{table}\""))
+        .set("kernel", "after_refusals", after_refusals)
+        .set("abuse", "whitelist", "\"white.list\"")
+        .set("control", "socket", "\"mxgate.sock\"")
+}
+
+fn cli(m: &Mxgate, args: &[&str]) -> String {
+    let (code, out) = run_cli(args, &m.files.config());
+    assert_eq!(code, 0, "mxgate {args:?}: {out}");
+    out
+}
+
+/// The acceptance test of `[kernel] mode = "drop"`.
+#[test]
+fn a_banned_flood_moves_into_the_kernel_and_out_again() {
+    if !root() {
+        return;
+    }
+    let table = format!("mxgate_e2e_{}", std::process::id());
+    let config = kernel_config(&table, "drop", 2).to_string();
+    let mut m = Mxgate::start(&config, &[("white.list", "127.0.82.9\n")], "uring");
+    m.wait_for_log_once("kernel fast path on");
+    let to = m.addr();
+    cli(&m, &["ban", "127.0.81.7"]);
+    // its first refusals are the 530 line, in user space
+    assert_denied(&m, "127.0.81.7", 0);
+    assert_denied(&m, "127.0.81.7", 0);
+    let decided = Instant::now();
+    let mut refused_after = 0;
+    while !dropped("127.0.81.7", to) {
+        refused_after += 1; // an attempt that reached user space before the kernel had it
+        assert!(decided.elapsed() < Duration::from_secs(2), "not dropped within 2 s");
+    }
+    let took = decided.elapsed();
+    assert!(
+        took < Duration::from_millis(200),
+        "SYNs dropped {took:?} after the last refusal counted ({refused_after} more refused)"
+    );
+    assert_allowed(&m, "127.0.81.8", 0);
+    let set = nft(&["list", "set", "inet", &table, "addr4"]);
+    assert!(set.contains("127.0.81.7 timeout"), "{set}");
+    let stats = cli(&m, &["stats"]);
+    assert!(stats.contains("kernel_active 1") && stats.contains("kernel_set_elements 1"), "{stats}");
+
+    // unban lifts it from the kernel too
+    cli(&m, &["unban", "127.0.81.7"]);
+    wait_until("127.0.81.7 out of the kernel", || !dropped("127.0.81.7", to));
+    assert_allowed(&m, "127.0.81.7", 0);
+
+    // a prefix: its addresses refused twice in all bring it in, the whitelisted one never
+    cli(&m, &["ban", "127.0.82.0/24"]);
+    assert_denied(&m, "127.0.82.5", 0);
+    assert_denied(&m, "127.0.82.6", 0);
+    wait_until("127.0.82.0/24 in the kernel", || dropped("127.0.82.77", to));
+    assert_allowed(&m, "127.0.82.9", 0);
+    let set = nft(&["list", "set", "inet", &table, "net4"]);
+    assert!(set.contains("127.0.82.0-127.0.82.8") && set.contains("127.0.82.10-127.0.82.255"), "{set}");
+
+    // a short ban: the kernel lets it go when the ban ends
+    cli(&m, &["ban", "127.0.83.7", "--for", "3s"]);
+    assert_denied(&m, "127.0.83.7", 0);
+    assert_denied(&m, "127.0.83.7", 0);
+    wait_until("127.0.83.7 in the kernel", || dropped("127.0.83.7", to));
+    wait_until("127.0.83.7's ban ended", || !dropped("127.0.83.7", to));
+    assert_allowed(&m, "127.0.83.7", 0);
+
+    // at exit the table goes
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit().success());
+    assert!(!nft(&["list", "tables"]).contains(&table), "{}", nft(&["list", "tables"]));
+}
+
+/// `reset` with `after_refusals = 0`: the ban goes in as it is made (a ban made before the
+/// start too), and an attempt is refused at once; a leftover table of the same name is
+/// replaced.
+#[test]
+fn reset_mode_refuses_banned_attempts_at_once() {
+    if !root() {
+        return;
+    }
+    let table = format!("mxgate_reset_{}", std::process::id());
+    // a previous run's leftover, with an element
+    let socket = Socket::open().expect("a netfilter netlink socket");
+    let mut b = Batch::new(1);
+    b.new_table_with_sets(&table);
+    socket.apply(b).expect("a leftover table");
+    let mut b = Batch::new(10);
+    b.add_prefixes(&table, &[("127.0.84.99/32".parse().unwrap(), Duration::from_secs(600))]);
+    socket.apply(b).expect("a leftover element");
+    let config = kernel_config(&table, "reset", 0).to_string();
+    let mut m = Mxgate::start(&config, &[("white.list", "")], "epoll");
+    m.wait_for_log_once("kernel fast path on");
+    let set = nft(&["list", "set", "inet", &table, "addr4"]);
+    assert!(!set.contains("127.0.84.99"), "leftovers flushed: {set}");
+    cli(&m, &["ban", "127.0.84.7"]);
+    let to = m.addr();
+    wait_until(
+        "127.0.84.7 reset by the kernel",
+        || matches!(attempt("127.0.84.7", to, Duration::from_secs(1)), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+    );
+    assert_allowed(&m, "127.0.84.8", 0);
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit().success());
+    assert!(!nft(&["list", "tables"]).contains(&table));
+}
+
+/// Without CAP_NET_ADMIN (capsh drops it from the bounding set, so the process has it
+/// nowhere): one warning naming the cause, and every refusal stays the 530 line.
+#[test]
+fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
+    if !root() {
+        return;
+    }
+    if !Command::new("capsh").arg("--print").output().is_ok_and(|o| o.status.success()) {
+        assert!(std::env::var("CI").is_err(), "capsh is not installed (.ci/run installs libcap2-bin)");
+        eprintln!("SKIPPED: capsh is not installed (apt-get install libcap2-bin)");
+        return;
+    }
+    let table = format!("mxgate_nocap_{}", std::process::id());
+    let config = kernel_config(&table, "drop", 1).to_string();
+    let wrapper = ["capsh", "--drop=cap_net_admin", "--", "-c", "exec \"$0\" \"$@\""];
+    let mut m = Mxgate::start_under(&wrapper, &config, &[("white.list", "")], "uring");
+    let warning = m.wait_for_log_once("kernel fast path off");
+    assert!(warning.contains("no CAP_NET_ADMIN") && warning.contains("refused in user space"), "{warning}");
+    cli(&m, &["ban", "127.0.85.7"]);
+    for _ in 0..5 {
+        assert_denied(&m, "127.0.85.7", 0);
+    }
+    let stats = cli(&m, &["stats"]);
+    assert!(stats.contains("kernel_active 0"), "{stats}");
+    assert!(!nft(&["list", "tables"]).contains(&table));
+    m.drain_log();
+    assert_eq!(m.seen.iter().filter(|l| l.contains("kernel fast path")).count(), 1, "one warning");
 }

@@ -95,10 +95,19 @@ impl BanSet {
     /// operator banned) ends, if one is in force at `now`.
     #[inline]
     pub fn banned(&self, key: AbuseKey, now: i64) -> Option<i64> {
+        self.banned_by(key, now).map(|(_, until)| until)
+    }
+
+    /// The key whose ban refuses `key` (its own, the prefix it escalates to, or an
+    /// operator's prefix holding it) and when that ban ends.
+    #[inline]
+    pub fn banned_by(&self, key: AbuseKey, now: i64) -> Option<(AbuseKey, i64)> {
         if self.base.is_empty() && self.recent.is_empty() {
             return None;
         }
-        let until = |k: AbuseKey| self.recent.get(&k).or_else(|| self.base.get(&k)).copied().filter(|&u| u > now);
+        let until = |k: AbuseKey| {
+            self.recent.get(&k).or_else(|| self.base.get(&k)).copied().filter(|&u| u > now).map(|u| (k, u))
+        };
         if let Some(u) = until(key).or_else(|| key.escalation().and_then(until)) {
             return Some(u);
         }

@@ -64,6 +64,8 @@ pub struct Abuse {
     changes: Option<Sender<Change>>,
     /// To the fleet's threads, with `[cluster]`.
     fleet: Option<Box<dyn Fleet>>,
+    /// To the kernel's keeper, with `[kernel]`: told what the ban-file writer is told.
+    kernel: std::sync::OnceLock<Arc<crate::kernel::Kernel>>,
     /// Closed when the `Abuse` is dropped, which ends the housekeeping thread.
     _alive: Sender<()>,
 }
@@ -106,6 +108,7 @@ impl Abuse {
             book: Mutex::new(book),
             changes,
             fleet,
+            kernel: std::sync::OnceLock::new(),
             _alive: alive,
         });
         let weak = Arc::downgrade(&abuse);
@@ -122,6 +125,17 @@ impl Abuse {
     #[inline]
     pub fn banned(&self, key: AbuseKey, now: UnixTime) -> Option<i64> {
         self.bans.load().banned(key, now.0)
+    }
+
+    /// The key whose ban refuses `key`, and when it ends, if one is in force.
+    #[inline]
+    pub fn banned_by(&self, key: AbuseKey, now: UnixTime) -> Option<(AbuseKey, i64)> {
+        self.bans.load().banned_by(key, now.0)
+    }
+
+    /// Tells `kernel` each ban made (here, by the operator, adopted) and lifted from now on.
+    pub fn tell_kernel(&self, kernel: Arc<crate::kernel::Kernel>) {
+        let _ = self.kernel.set(kernel);
     }
 
     /// Counts a failure of `key`; bans it when it reaches `failure_threshold`. With
@@ -302,6 +316,9 @@ impl Abuse {
     }
 
     fn tell_writer(&self, change: Change) {
+        if let Some(kernel) = self.kernel.get() {
+            kernel.changed(&change);
+        }
         if let Some(changes) = &self.changes {
             let _ = changes.send(change);
         }
@@ -324,7 +341,7 @@ type Records = HashMap<AbuseKey, Ban, ahash::RandomState>;
 /// How often bans that ended are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
-/// What the ban-file writer (and the fleet's thread) is told.
+/// What the ban-file writer (and the fleet's thread, and the kernel's keeper) is told.
 #[derive(Clone, Debug)]
 pub enum Change {
     Made(AbuseKey, Ban),

@@ -138,8 +138,31 @@ impl Mxgate {
         Mxgate::spawn(files, io, io, |_| {})
     }
 
+    /// Starts mxgate as `wrapper` runs it (`wrapper` then mxgate's path and arguments:
+    /// e.g. capsh dropping a capability).
+    pub fn start_under(wrapper: &[&str], config: &str, lists: &[(&str, &str)], io: &str) -> Self {
+        Mxgate::spawn_as(Files::new(config, lists), wrapper, io, io, |_| {})
+    }
+
     fn spawn(files: Files, io: &str, expect_driver: &str, prepare: impl FnOnce(&mut Command)) -> Self {
-        let mut command = Command::new(mxgate_bin());
+        Mxgate::spawn_as(files, &[], io, expect_driver, prepare)
+    }
+
+    fn spawn_as(
+        files: Files,
+        wrapper: &[&str],
+        io: &str,
+        expect_driver: &str,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(mxgate_bin());
+                c
+            }
+            None => Command::new(mxgate_bin()),
+        };
         command.arg("--config").arg(files.config()).args(["--io", io]).env("MXGATE_LOG", "info");
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         prepare(&mut command);

@@ -1,32 +1,32 @@
-//! The kernel's side of bans (issue 23, begun): nf_tables over netlink, spoken directly.
+//! nf_tables over netlink, spoken directly: the messages mxgate's table needs, built as
+//! bytes (sans-IO), and a socket that sends a batch and reads its acknowledgements.
 //!
 //! Why hand-written: the pure-Rust nftables crate (rustables) is GPL-3.0, and the others
 //! (nftnl) bind libnftnl, a GPL-2.0 C library; mxgate is MIT or Apache-2.0. What mxgate
-//! needs of nf_tables is small: a table of its own, an interval + timeout set for IPv4
-//! and one for IPv6, and elements added and removed in batches. This module builds those
-//! messages (sans-IO: bytes out) and sends a batch on a netfilter netlink socket, reading
-//! one acknowledgement per message.
+//! needs of nf_tables is small: a table of its own, sets with timeouts, a chain with a
+//! rule per set and listening port, and elements added and removed in batches.
 //!
 //! ```text
 //!  batch begin ─ NEWTABLE inet <table> ─ NEWSET addr4 (ipv4_addr, timeout)
 //!              ─ NEWSET net4 (ipv4_addr, interval|timeout) ─ NEWSET net6 (ipv6_addr,
-//!                interval|timeout) ─ batch end
+//!                interval|timeout)
 //!              ─ NEWCHAIN refuse (prerouting, raw priority, policy accept)
-//!              ─ NEWRULE per set: meta nfproto, meta l4proto tcp, tcp dport, source
-//!                address looked up in the set: drop, or reject with a TCP reset
-//!  batch begin ─ NEWSETELEM addr4 { address (timeout) } ...
+//!              ─ NEWRULE per set and port: meta nfproto, meta l4proto tcp, tcp dport,
+//!                source address looked up in the set: drop, or reject with a TCP reset
+//!              ─ batch end
+//!  batch begin ─ DELSETELEM ... ─ NEWSETELEM addr4 { address (timeout) } ...
 //!              ─ NEWSETELEM net4 { start (timeout), end (interval end) } ... ─ batch end
 //! ```
 //!
-//! An interval set keeps a prefix as two elements: its first address (with the timeout)
+//! An interval set keeps a range as two elements: its first address (with the timeout)
 //! and the address after its last, flagged as an interval's end. Batches are kept under
-//! the socket's send buffer ([`PER_BATCH`] prefixes).
+//! the socket's send buffer ([`PER_BATCH`] elements).
 //!
-//! Not yet wired to the server (`[kernel]` comes next). Measured on this VM (kernel
-//! 6.18, a throwaway test): 1,000,000 IPv4 addresses into an interval set took 55 s in
-//! batches of 1,500 (its rbtree's insertions); into a hash set ([`ADDR4`]) 0.85 s, with
-//! the kernel's slab 64.5 MiB larger. So addresses go to the hash set, and prefixes
-//! alone (few: operators' and escalations) to the interval sets.
+//! Measured on this VM (kernel 6.18, a throwaway test): 1,000,000 IPv4 addresses into an
+//! interval set took 55 s in batches of 1,500 (its rbtree's insertions); into a hash set
+//! ([`ADDR4`]) 0.85 s, with the kernel's slab 64.5 MiB larger. So addresses go to the
+//! hash set, and ranges alone (few: operators' prefixes and escalations) to the interval
+//! sets.
 
 use std::io;
 use std::time::Duration;
@@ -153,10 +153,45 @@ pub const SETS: [SetKind; 3] = [ADDR4, NET4, NET6];
 
 /// The set a prefix goes to.
 pub fn set_for(net: IpNet) -> SetKind {
-    match net {
-        IpNet::V4(n) if n.prefix_len() == 32 => ADDR4,
-        IpNet::V4(_) => NET4,
-        IpNet::V6(_) => NET6,
+    Elem::of(net).set()
+}
+
+/// One element of mxgate's sets: an IPv4 address (the hash set), or a range of
+/// addresses, from its first to the one after its last (`None`: to the end of the
+/// address space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Elem {
+    Addr4(u32),
+    Range4(u32, Option<u32>),
+    Range6(u128, Option<u128>),
+}
+
+impl Elem {
+    /// A prefix as an element: an IPv4 /32 an address, any other a range.
+    pub fn of(net: IpNet) -> Elem {
+        match net {
+            IpNet::V4(n) if n.prefix_len() == 32 => Elem::Addr4(u32::from(n.addr())),
+            IpNet::V4(n) => Elem::Range4(u32::from(n.network()), u32::from(n.broadcast()).checked_add(1)),
+            IpNet::V6(n) => Elem::Range6(u128::from(n.network()), u128::from(n.broadcast()).checked_add(1)),
+        }
+    }
+
+    /// The set it goes to.
+    pub fn set(self) -> SetKind {
+        match self {
+            Elem::Addr4(_) => ADDR4,
+            Elem::Range4(..) => NET4,
+            Elem::Range6(..) => NET6,
+        }
+    }
+
+    /// Its key, and the interval's end's key (none for an address, or a range to the end).
+    fn keys(self) -> (Vec<u8>, Option<Vec<u8>>) {
+        match self {
+            Elem::Addr4(a) => (a.to_be_bytes().to_vec(), None),
+            Elem::Range4(a, end) => (a.to_be_bytes().to_vec(), end.map(|e| e.to_be_bytes().to_vec())),
+            Elem::Range6(a, end) => (a.to_be_bytes().to_vec(), end.map(|e| e.to_be_bytes().to_vec())),
+        }
     }
 }
 
@@ -308,18 +343,38 @@ impl Batch {
 
     /// Prefixes into their family's set, each for its timeout (at least 1 ms).
     pub fn add_prefixes(&mut self, table: &str, prefixes: &[(IpNet, Duration)]) {
-        self.elements(NFT_MSG_NEWSETELEM, NLM_F_CREATE, table, prefixes.iter().map(|&(net, t)| (net, Some(t))));
+        let elems: Vec<_> = prefixes.iter().map(|&(net, t)| (Elem::of(net), t)).collect();
+        self.add_elements(table, &elems);
     }
 
     /// Prefixes out of their family's set.
     pub fn del_prefixes(&mut self, table: &str, prefixes: &[IpNet]) {
-        self.elements(NFT_MSG_DELSETELEM, 0, table, prefixes.iter().map(|&net| (net, None)));
+        let elems: Vec<_> = prefixes.iter().map(|&net| Elem::of(net)).collect();
+        self.del_elements(table, &elems);
     }
 
-    fn elements(&mut self, kind: u16, flags: u16, table: &str, items: impl Iterator<Item = (IpNet, Option<Duration>)>) {
+    /// Every element of `set` removed (a removal naming no element).
+    pub fn flush_set(&mut self, table: &str, set: SetKind) {
+        let at = self.message(NFT_MSG_DELSETELEM, 0);
+        self.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        self.attr_str(NFTA_SET_ELEM_LIST_SET, set.name);
+        self.finish_message(at);
+    }
+
+    /// Elements into their sets, each for its timeout (at least 1 ms).
+    pub fn add_elements(&mut self, table: &str, elems: &[(Elem, Duration)]) {
+        self.elements(NFT_MSG_NEWSETELEM, NLM_F_CREATE, table, elems.iter().map(|&(e, t)| (e, Some(t))));
+    }
+
+    /// Elements out of their sets (the kernel refuses the batch if one is not there).
+    pub fn del_elements(&mut self, table: &str, elems: &[Elem]) {
+        self.elements(NFT_MSG_DELSETELEM, 0, table, elems.iter().map(|&e| (e, None)));
+    }
+
+    fn elements(&mut self, kind: u16, flags: u16, table: &str, items: impl Iterator<Item = (Elem, Option<Duration>)>) {
         let items: Vec<_> = items.collect();
         for set in SETS {
-            let of_set: Vec<_> = items.iter().copied().filter(|(net, _)| set_for(*net) == set).collect();
+            let of_set: Vec<_> = items.iter().copied().filter(|(e, _)| e.set() == set).collect();
             // an attribute's length is 16 bits: a message holds a few hundred elements
             for chunk in of_set.chunks(PER_MESSAGE) {
                 self.element_list(kind, flags, table, set, chunk);
@@ -327,13 +382,13 @@ impl Batch {
         }
     }
 
-    fn element_list(&mut self, kind: u16, flags: u16, table: &str, set: SetKind, items: &[(IpNet, Option<Duration>)]) {
+    fn element_list(&mut self, kind: u16, flags: u16, table: &str, set: SetKind, items: &[(Elem, Option<Duration>)]) {
         let at = self.message(kind, flags);
         self.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
         self.attr_str(NFTA_SET_ELEM_LIST_SET, set.name);
         let list = self.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
-        for &(net, timeout) in items {
-            let (start, end) = bounds(net);
+        for &(elem, timeout) in items {
+            let (start, end) = elem.keys();
             let elem = self.nest(NFTA_LIST_ELEM);
             self.key(&start);
             if let Some(t) = timeout {
@@ -429,23 +484,6 @@ impl Batch {
     fn end_nest(&mut self, at: usize) {
         let len = u16::try_from(self.buf.len() - at).unwrap_or(u16::MAX);
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-}
-
-/// A prefix's first address, and the address after its last (none when it ends the
-/// address space: the interval runs to its end).
-fn bounds(net: IpNet) -> (Vec<u8>, Option<Vec<u8>>) {
-    match net {
-        IpNet::V4(n) => {
-            let first = u32::from(n.network());
-            let after = u32::from(n.broadcast()).checked_add(1);
-            (first.to_be_bytes().to_vec(), after.map(|a| a.to_be_bytes().to_vec()))
-        }
-        IpNet::V6(n) => {
-            let first = u128::from(n.network());
-            let after = u128::from(n.broadcast()).checked_add(1);
-            (first.to_be_bytes().to_vec(), after.map(|a| a.to_be_bytes().to_vec()))
-        }
     }
 }
 
@@ -573,11 +611,13 @@ mod tests {
 
     #[test]
     fn a_prefix_is_its_first_address_and_the_one_after_its_last() {
-        let (start, end) = bounds("192.0.2.0/24".parse().unwrap());
+        let bounds = |net: &str| Elem::of(net.parse().unwrap()).keys();
+        let (start, end) = bounds("192.0.2.0/24");
         assert_eq!((start, end), (vec![192, 0, 2, 0], Some(vec![192, 0, 3, 0])));
-        let (_, end) = bounds("255.255.255.0/24".parse().unwrap());
+        let (_, end) = bounds("255.255.255.0/24");
         assert_eq!(end, None, "to the end of the address space");
-        let (start, end) = bounds("2001:db8::/32".parse().unwrap());
+        assert_eq!(bounds("192.0.2.7/32"), (vec![192, 0, 2, 7], None), "an address: no interval");
+        let (start, end) = bounds("2001:db8::/32");
         assert_eq!(start[..4], [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(end.unwrap()[..4], [0x20, 0x01, 0x0d, 0xb9]);
     }
