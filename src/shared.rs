@@ -97,8 +97,7 @@ impl Shared {
     pub fn start_kernel(&self, addrs: &[std::net::SocketAddr]) -> io::Result<()> {
         let Some(kernel) = &self.kernel else { return Ok(()) };
         let now = UnixTime::now();
-        let bans = self.abuse.bans_in_force(now).into_iter().map(|(k, b)| (k, b.until)).collect();
-        kernel.start(addrs, Arc::clone(&self.snapshot), bans, self.stats.worker())
+        kernel.start(addrs, Arc::clone(&self.snapshot), self.abuse.ends_in_force(now), self.stats.worker())
     }
 
     /// Removes the kernel's table (with `[kernel]` on), waiting a few seconds at most.

@@ -134,6 +134,16 @@ fn dropped(source: &str, to: SocketAddr) -> bool {
     matches!(attempt(source, to, Duration::from_millis(60)), Err(e) if e.kind() == std::io::ErrorKind::TimedOut)
 }
 
+/// Removes the test's table when dropped, so that a failing test (whose mxgate is killed
+/// without its exit) leaves nothing behind.
+struct Table(String);
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).output();
+    }
+}
+
 fn kernel_config(table: &str, mode: &str, after_refusals: u32) -> Config {
     Config::new()
         .set("kernel", "mode", format!("\"{mode}\""))
@@ -156,6 +166,7 @@ fn a_banned_flood_moves_into_the_kernel_and_out_again() {
         return;
     }
     let table = format!("mxgate_e2e_{}", std::process::id());
+    let _cleanup = Table(table.clone());
     let config = kernel_config(&table, "drop", 2).to_string();
     let mut m = Mxgate::start(&config, &[("white.list", "127.0.82.9\n")], "uring");
     m.wait_for_log_once("kernel fast path on");
@@ -218,6 +229,7 @@ fn reset_mode_refuses_banned_attempts_at_once() {
         return;
     }
     let table = format!("mxgate_reset_{}", std::process::id());
+    let _cleanup = Table(table.clone());
     // a previous run's leftover, with an element
     let socket = Socket::open().expect("a netfilter netlink socket");
     let mut b = Batch::new(1);
@@ -256,6 +268,7 @@ fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
         return;
     }
     let table = format!("mxgate_nocap_{}", std::process::id());
+    let _cleanup = Table(table.clone());
     let config = kernel_config(&table, "drop", 1).to_string();
     let wrapper = ["capsh", "--drop=cap_net_admin", "--", "-c", "exec \"$0\" \"$@\""];
     let mut m = Mxgate::start_under(&wrapper, &config, &[("white.list", "")], "uring");

@@ -141,3 +141,31 @@ for_both_drivers!(
     relayed_messages_arrive_byte_exact_once,
     a_next_hop_that_loses_mail_fails_the_run,
 );
+
+/// `banned-flood` with the kernel off: every attempt from a banned address gets the deny
+/// line; with `reset` (root only: the kernel's table), the flood phase is the kernel's and
+/// the keys' way into it is read from the metrics.
+#[test]
+fn a_banned_flood_is_refused_in_user_space_then_by_the_kernel() {
+    let opts = Options {
+        rate: 2000,
+        warmup: Duration::from_millis(1500),
+        sources: Some("127.89.0.0/26".into()),
+        ..options(Scenario::BannedFlood, "uring")
+    };
+    let report = scenario::run(&opts).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["warm-up", "flood"]);
+    assert!(report.phases[1].ops > 500, "{}", report.table());
+    assert!(report.phases[1].server_cpu_us.is_some(), "{}", report.table());
+    // SAFETY: geteuid reads the process's effective user id
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "the kernel needs root in CI");
+        return;
+    }
+    let report = scenario::run(&Options { kernel: "reset".into(), ..opts }).expect("a run");
+    assert!(report.passed(), "{}", report.table());
+    let kernel = report.phases[1].checks.iter().any(|(what, ok)| *ok && what.contains("keys into the kernel"));
+    assert!(kernel, "{}", report.table());
+}

@@ -17,6 +17,7 @@
 
 pub mod attack;
 pub mod engine;
+pub mod flood;
 pub mod peer;
 pub mod plot;
 pub mod prefixes;

@@ -21,3 +21,14 @@ pub fn line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     r.read_line(&mut l)?;
     Ok(l)
 }
+
+/// `GET path` over HTTP/1.1 from `addr` (a scrape of mxgate's metrics): the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text.split_once("\r\n\r\n").map_or(text.clone(), |(_, body)| body.to_owned()))
+}

@@ -16,6 +16,12 @@
 //!   `--reload-every`: no connection errors.
 //! - `drain`: relay while the spawned mxgate gets SIGTERM: every message that got 250
 //!   arrived; the rest got a 4xx or a closed connection.
+//! - `banned-flood`: connection attempts at a fixed rate (`--rate`) from banned addresses
+//!   (the spawned mxgate's ban file bans each of `--sources`, default 127.88.0.0/20), with
+//!   `[kernel] mode = --kernel` (off, drop or reset): each attempt must be refused, by the
+//!   deny line, a reset or an unanswered SYN; after `--warmup` the flood phase measures
+//!   the whole machine's CPU per attempt (and mxgate's), and with the kernel on, how long
+//!   each key took to reach the kernel (`mxgate_kernel_ban_seconds`, p99 under 50 ms).
 //! - `tls`: `relay` three times: in clear, over STARTTLS with a full handshake on every
 //!   connection, and with resumed ones (TLS 1.3 tickets); the relay checks in each, and
 //!   (spawned) mxgate's CPU per message in each.
@@ -45,6 +51,10 @@ pub const RCPT_DOMAIN: &str = "loadtest.test";
 pub const ATTACK_SOURCES: &str = "127.44.0.0/16";
 /// Whitelisted attackers come from here (the spawned mxgate whitelists it).
 pub const WHITELISTED_SOURCES: &str = "127.45.0.0/24";
+/// Banned flooders come from here by default (`banned-flood`: each address banned).
+pub const BANNED_SOURCES: &str = "127.88.0.0/20";
+/// How long a flooder's SYN waits for an answer before it counts as dropped.
+pub const FLOOD_PATIENCE: Duration = Duration::from_millis(100);
 /// Slow peers come from here.
 pub const SLOW_SOURCES: &str = "127.46.0.0/16";
 /// The spawned mxgate's `command_timeout` in the slowloris scenario.
@@ -60,10 +70,11 @@ pub enum Scenario {
     Reload,
     Drain,
     Tls,
+    BannedFlood,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::DenyStorm,
         Scenario::Relay,
         Scenario::Dictionary,
@@ -72,6 +83,7 @@ impl Scenario {
         Scenario::Reload,
         Scenario::Drain,
         Scenario::Tls,
+        Scenario::BannedFlood,
     ];
 
     pub fn parse(name: &str) -> Result<Self, String> {
@@ -91,17 +103,18 @@ impl Scenario {
             Scenario::Reload => "reload",
             Scenario::Drain => "drain",
             Scenario::Tls => "tls",
+            Scenario::BannedFlood => "banned-flood",
         }
     }
 
     /// Needs a relay sink.
     fn relays(self) -> bool {
-        self != Scenario::DenyStorm
+        !matches!(self, Scenario::DenyStorm | Scenario::BannedFlood)
     }
 
-    /// Signals the server, so it must be the spawned one.
+    /// Signals the server (or writes its ban file), so it must be the spawned one.
     fn signals(self) -> bool {
-        matches!(self, Scenario::Reload | Scenario::Drain)
+        matches!(self, Scenario::Reload | Scenario::Drain | Scenario::BannedFlood)
     }
 }
 
@@ -150,6 +163,12 @@ pub struct Options {
     /// Every connection first sends a PROXY header carrying its own address, as a load
     /// balancer would (a spawned mxgate trusts 127.0.0.0/8 for it).
     pub proxy: Option<crate::proxy::Version>,
+    /// `banned-flood`: the spawned mxgate's `[kernel] mode` (off, drop, reset).
+    pub kernel: String,
+    /// `banned-flood`: attempts a second.
+    pub rate: u64,
+    /// `banned-flood`: the flood before the measured phase (keys move into the kernel).
+    pub warmup: Duration,
 }
 
 /// The spawned mxgate's hostname, and its certificate's name.
@@ -181,6 +200,9 @@ impl Default for Options {
             tls_root: None,
             tls_name: SPAWNED_NAME.into(),
             proxy: None,
+            kernel: "off".into(),
+            rate: 20_000,
+            warmup: Duration::from_secs(3),
         }
     }
 }
@@ -335,6 +357,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             }
             phases
         }
+        Scenario::BannedFlood => {
+            let metrics = spawned.as_ref().and_then(|s| s.metrics).ok_or("banned-flood needs --spawn")?;
+            banned_flood(opts, target, metrics, server)?
+        }
         Scenario::Drain => {
             let pid = spawned.as_ref().map(|s| s.child.id());
             let tally = go(opts, std::slice::from_ref(&groups.relay), pid.map(|p| (opts.duration / 2, p)))?.remove(0);
@@ -349,6 +375,90 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     };
     drop(spawned);
     Ok(Report { scenario: opts.scenario.name().into(), phases })
+}
+
+/// Every address of an IPv4 prefix in 127.0.0.0/8 but its first and last.
+fn addresses(prefix: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let (addr, len) = prefix.split_once('/').unwrap_or((prefix, "32"));
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| format!("`{prefix}`: not an IPv4 prefix"))?;
+    let len: u32 = len.parse().ok().filter(|l| (12..=32).contains(l)).ok_or(format!("`{prefix}`: length 12 to 32"))?;
+    if addr.octets()[0] != 127 {
+        return Err(format!("`{prefix}`: peers come from loopback only"));
+    }
+    let size = 1u32 << (32 - len);
+    let base = u32::from(addr) & !(size.wrapping_sub(1));
+    let inner = if size > 2 { (base + 1)..(base + size - 1) } else { base..base + size };
+    Ok(inner.map(|a| std::net::IpAddr::V4(a.into())).collect())
+}
+
+/// `banned-flood`: the warm-up, then the measured flood.
+fn banned_flood(
+    opts: &Options,
+    target: SocketAddr,
+    metrics: SocketAddr,
+    server: Option<u32>,
+) -> Result<Vec<Phase>, String> {
+    let sources = addresses(opts.sources.as_deref().unwrap_or(BANNED_SOURCES))?;
+    let flood =
+        |duration| crate::flood::run(target, &sources, opts.rate, duration, opts.threads, FLOOD_PATIENCE, &opts.expect);
+    let warm = flood(opts.warmup);
+    let before = (crate::flood::machine_busy_ticks(), server.and_then(cpu_ticks), cpu_ticks(std::process::id()));
+    let measured = flood(opts.duration);
+    let after = (crate::flood::machine_busy_ticks(), server.and_then(cpu_ticks), cpu_ticks(std::process::id()));
+    let mut phases = Vec::new();
+    for (name, o) in [("warm-up", &warm), ("flood", &measured)] {
+        let mut phase = Phase::new(name, o.elapsed, o.refused(), &o.latency);
+        phase.errors = o.errors.clone();
+        phase.check(
+            format!(
+                "{} attempts refused: {} by the deny line, {} reset, {} dropped; {} started late",
+                o.refused(),
+                o.user_space,
+                o.reset,
+                o.dropped,
+                o.late
+            ),
+            o.errors.is_empty() && o.refused() > 0,
+        );
+        phases.push(phase);
+    }
+    let per = |a: Option<u64>, b: Option<u64>| {
+        a.zip(b).map(|(a, b)| ticks_to_us(b.saturating_sub(a)) / measured.refused().max(1) as f64)
+    };
+    let machine = per(before.0, after.0);
+    let (mxgate, harness) = (per(before.1, after.1), per(before.2, after.2));
+    let flood_phase = phases.last_mut().ok_or("no phase")?;
+    flood_phase.server_cpu_us = mxgate;
+    flood_phase.harness_cpu_us = harness;
+    if let Some(m) = machine {
+        let less = harness.map_or(String::new(), |h| format!(", less the harness's own {:.1} us: {:.1} us", h, m - h));
+        flood_phase.check(format!("whole machine's CPU per attempt: {m:.1} us{less} (kernel {})", opts.kernel), true);
+    }
+    if opts.kernel == "off" {
+        // a SYN unanswered here is a full backlog: more than user space takes at this rate
+        flood_phase.check(
+            format!(
+                "every attempt answered by the deny line ({} not: lower --rate)",
+                measured.reset + measured.dropped
+            ),
+            measured.reset + measured.dropped == 0,
+        );
+    } else {
+        let kept = measured.reset + measured.dropped;
+        flood_phase.check(
+            format!("{kept} of {} attempts refused by the kernel (at least 99 %)", measured.refused()),
+            kept * 100 >= measured.refused() * 99,
+        );
+        let text = crate::probe::http_get(metrics, "/metrics").map_err(|e| format!("metrics: {e}"))?;
+        match crate::flood::p99_bound(&text, "mxgate_kernel_ban_seconds") {
+            Some((p99, n)) => flood_phase.check(
+                format!("{n} keys into the kernel; p99 from the decision to the kernel's acknowledgement <= {} ms (under 50 ms)", p99 * 1000.0),
+                n > 0 && p99 <= 0.05,
+            ),
+            None => flood_phase.check("mxgate_kernel_ban_seconds in the metrics".into(), false),
+        }
+    }
+    Ok(phases)
 }
 
 /// A process's CPU time so far (user + system), in clock ticks.
@@ -580,6 +690,8 @@ fn show_progress<T>(run: &std::thread::ScopedJoinHandle<'_, T>, progress: &Progr
 struct Spawned {
     child: Child,
     addr: SocketAddr,
+    /// `banned-flood`: where its metrics are served.
+    metrics: Option<SocketAddr>,
     /// `tls`: the generated certificate (its own root).
     tls_root: Option<rustls::pki_types::CertificateDer<'static>>,
     _dir: TempDir,
@@ -611,6 +723,24 @@ impl Spawned {
             // the harness is the balancer: its headers carry the addresses judged
             config = config.replace("[listen]\n", "[listen]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n");
         }
+        let mut metrics = None;
+        if opts.scenario == Scenario::BannedFlood {
+            let mut bans = String::new();
+            for ip in addresses(opts.sources.as_deref().unwrap_or(BANNED_SOURCES))? {
+                bans.push_str(&format!("{ip} until=2100-01-01T00:00:00Z reason=\"loadtest\" offence=1\n"));
+            }
+            write("bans.list", &bans)?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no port for the metrics: {e}"))?;
+            metrics = Some(port);
+            config = config.replace("[abuse]\n", "[abuse]\nban_file = \"bans.list\"\n");
+            config.push_str(&format!(
+                "[metrics]\nlisten = \"{port}\"\n[kernel]\nmode = \"{}\"\ntable = \"mxgate_flood_{}\"\n",
+                opts.kernel,
+                std::process::id()
+            ));
+        }
         write("access.list", &format!("deny {deny}\n"))?;
         write("whitelist.list", &format!("{WHITELISTED_SOURCES}\n"))?;
         let mut tls_root = None;
@@ -640,7 +770,7 @@ impl Spawned {
                 }
             }
         });
-        let mut spawned = Spawned { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), tls_root, _dir: dir };
+        let mut spawned = Spawned { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), metrics, tls_root, _dir: dir };
         let line =
             rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "the spawned mxgate did not start listening")?;
         spawned.addr = line

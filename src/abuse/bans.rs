@@ -334,6 +334,16 @@ impl BanBook {
         self.insert(key, ban);
     }
 
+    /// Takes in every ban of a ban file at once: the set the gate reads is built once at
+    /// the end (ban by ban, a million would rebuild it a thousand times: 50 s).
+    pub fn restore_all(&mut self, bans: impl IntoIterator<Item = (AbuseKey, Ban)>) {
+        for (key, ban) in bans {
+            self.offences.insert(key, (ban.offence, ban.until));
+            self.bans.insert(key, ban);
+        }
+        self.rebuild();
+    }
+
     fn insert(&mut self, key: AbuseKey, ban: Ban) {
         self.set.recent.insert(key, ban.until);
         self.set.mark_length(key);
@@ -403,6 +413,26 @@ mod tests {
     use std::path::Path;
 
     const T0: i64 = 1_795_894_760;
+
+    #[test]
+    fn a_ban_file_is_restored_whole_and_read_as_ban_by_ban() {
+        let mut book = BanBook::default();
+        let bans = (0..3000u32).map(|i| {
+            let key = AbuseKey::from_net(ipnet::IpNet::from(std::net::IpAddr::from((0xc000_0000 + i).to_be_bytes())));
+            (key, Ban { until: T0 + 60 + i64::from(i), reason: Reason::Recorded("r".into()), offence: 1, from: None })
+        });
+        book.restore_all(bans.clone());
+        let set = book.set();
+        assert_eq!(set.len(), 3000);
+        for (key, ban) in bans {
+            assert_eq!(set.banned(key, T0), Some(ban.until));
+        }
+        let prefix = AbuseKey::from_net("198.51.100.0/22".parse().unwrap());
+        let ban = Ban { until: T0 + 60, reason: Reason::Recorded("r".into()), offence: 1, from: None };
+        book.restore_all([(prefix, ban)]);
+        let inside = AbuseKey::from_net("198.51.101.7/32".parse().unwrap());
+        assert_eq!(book.set().banned(inside, T0), Some(T0 + 60), "an operator's prefix: its length looked up");
+    }
 
     fn config() -> AbuseConfig {
         let text = "[abuse]\nban_duration = \"1h\"\nmax_ban_duration = \"5h\"\n";

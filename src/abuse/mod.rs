@@ -87,9 +87,7 @@ impl Abuse {
                 if !restored.is_empty() {
                     tracing::info!("{} bans in force restored from {}", restored.len(), path.display());
                 }
-                for (key, ban) in restored {
-                    book.restore(key, ban);
-                }
+                book.restore_all(restored);
                 let (changes, received) = crossbeam_channel::unbounded();
                 let records: Records = book.iter().map(|(k, b)| (*k, b.clone())).collect();
                 let path = path.clone();
@@ -293,6 +291,11 @@ impl Abuse {
             self.book().iter().filter(|(_, b)| b.until > now.0).map(|(k, b)| (*k, b.clone())).collect();
         bans.sort_by_key(|(k, _)| *k);
         bans
+    }
+
+    /// Every ban in force at `now`: its key and end (no order).
+    pub fn ends_in_force(&self, now: UnixTime) -> Vec<(AbuseKey, i64)> {
+        self.book().iter().filter(|(_, b)| b.until > now.0).map(|(k, b)| (*k, b.until)).collect()
     }
 
     /// How many bans are in force at `now`.

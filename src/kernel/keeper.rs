@@ -39,14 +39,6 @@ pub const MAX_COUNTED: usize = 100_000;
 /// The window refusals are counted in.
 pub const WINDOW_MS: i64 = 60_000;
 
-/// A key that elements of which are in the kernel, and until when.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Inside {
-    /// The ban's end, seconds since the epoch (the elements' timeout ends with it).
-    until: i64,
-    elems: Vec<Elem>,
-}
-
 /// Changes for the kernel, in the order to apply: removals, then additions.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -82,7 +74,12 @@ pub struct Keeper {
     excluded: Excluded,
     /// Refusals per ban key: the count, and when its minute began (ms since the epoch).
     counted: HashMap<AbuseKey, (u32, i64), ahash::RandomState>,
-    inside: HashMap<AbuseKey, Inside, ahash::RandomState>,
+    /// Keys with elements in the kernel, and their bans' ends (seconds since the epoch:
+    /// the elements' timeouts end with them). The elements are worked out again when
+    /// they leave (the exclusions they were cut by are those in force: new ones rebuild).
+    inside: HashMap<AbuseKey, i64, ahash::RandomState>,
+    /// Elements the keys inside have.
+    elements: usize,
     /// The range keys inside, by family and first address (none holds another).
     ranges: BTreeMap<(bool, u128), AbuseKey>,
     pending: Changes,
@@ -108,7 +105,7 @@ impl Keeper {
 
     /// Keys with elements inside, and elements inside.
     pub fn len(&self) -> (usize, usize) {
-        (self.inside.len(), self.inside.values().map(|i| i.elems.len()).sum())
+        (self.inside.len(), self.elements)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -123,7 +120,7 @@ impl Keeper {
     /// A peer under the ban on `key` (ending at `until`) was refused at `now_ms`; `at`
     /// is when, for the latency of what follows.
     pub fn refused(&mut self, key: AbuseKey, until: i64, now_ms: i64, at: Instant) {
-        if self.inside.get(&key).is_some_and(|i| i.until == until) {
+        if self.inside.get(&key) == Some(&until) {
             return; // a connection that was on its way before the kernel took the key
         }
         if !self.counted.contains_key(&key) && self.counted.len() >= MAX_COUNTED {
@@ -146,7 +143,7 @@ impl Keeper {
     /// A ban was made (here, by the operator, or adopted from the fleet): in at once with
     /// `after_refusals = 0`, and a key inside follows its new end.
     pub fn made(&mut self, key: AbuseKey, until: i64, now_ms: i64, at: Instant) {
-        let moved = self.inside.get(&key).is_some_and(|i| i.until != until);
+        let moved = self.inside.get(&key).is_some_and(|&u| u != until);
         if self.after_refusals == 0 || moved {
             self.promote(key, until, now_ms, at);
         }
@@ -185,7 +182,8 @@ impl Keeper {
         let timeout = Duration::from_millis(u64::try_from(until.saturating_mul(1000) - now_ms).unwrap_or(1));
         self.pending.add.extend(elems.iter().map(|&e| (e, timeout)));
         self.pending.since.push(at);
-        self.inside.insert(key, Inside { until, elems });
+        self.elements += elems.len();
+        self.inside.insert(key, until);
     }
 
     /// A range inside holds `key` already (a range key's own entry is not counted).
@@ -200,18 +198,20 @@ impl Keeper {
     /// Takes `key`'s elements out (those whose timeout has not run out: the kernel
     /// removed those itself, and refuses a removal of what it does not hold).
     fn remove(&mut self, key: AbuseKey, now_ms: i64) {
-        let Some(inside) = self.inside.remove(&key) else { return };
+        let Some(until) = self.inside.remove(&key) else { return };
         let (v6, first, _) = span(key.net());
         if self.ranges.get(&(v6, first)) == Some(&key) {
             self.ranges.remove(&(v6, first));
         }
+        let elems = self.elements(key);
+        self.elements = self.elements.saturating_sub(elems.len());
         // a second's margin: an element about to time out is left to it
-        if inside.until.saturating_mul(1000) > now_ms.saturating_add(1000) {
+        if until.saturating_mul(1000) > now_ms.saturating_add(1000) {
             // an addition still pending is withdrawn instead
             let pending_before = self.pending.add.len();
-            self.pending.add.retain(|(e, _)| !inside.elems.contains(e));
+            self.pending.add.retain(|(e, _)| !elems.contains(e));
             if self.pending.add.len() == pending_before {
-                self.pending.remove.extend(inside.elems);
+                self.pending.remove.extend(elems);
             }
         }
     }
@@ -265,7 +265,7 @@ impl Keeper {
     /// Keys whose bans ended: forgotten (the kernel timed their elements out).
     pub fn expire(&mut self, now_ms: i64) {
         let ended: Vec<AbuseKey> =
-            self.inside.iter().filter(|(_, i)| i.until.saturating_mul(1000) <= now_ms).map(|(k, _)| *k).collect();
+            self.inside.iter().filter(|(_, u)| u.saturating_mul(1000) <= now_ms).map(|(k, _)| *k).collect();
         for key in ended {
             self.remove(key, now_ms);
         }
@@ -278,9 +278,10 @@ impl Keeper {
     pub fn rebuild(&mut self, excluded: Excluded, now_ms: i64) -> Vec<(Elem, Duration)> {
         self.excluded = excluded;
         self.pending = Changes::default();
-        let keys: Vec<(AbuseKey, i64)> = self.inside.iter().map(|(k, i)| (*k, i.until)).collect();
+        let keys: Vec<(AbuseKey, i64)> = self.inside.iter().map(|(k, u)| (*k, *u)).collect();
         self.inside.clear();
         self.ranges.clear();
+        self.elements = 0;
         let now = Instant::now();
         // shortest prefixes first: a covered key then stays out
         let mut keys = keys;

@@ -284,6 +284,11 @@ impl Run {
             self.keeper.made(key, until, now, at);
         }
         self.send_changes();
+        let (keys, elements) = self.keeper.len();
+        if keys > 0 {
+            let ms = at.elapsed().as_millis();
+            tracing::info!("{keys} bans in force loaded into the kernel ({elements} elements) in {ms} ms");
+        }
         let mut expired = Instant::now();
         loop {
             let first = match rx.recv_timeout(Duration::from_secs(1)) {

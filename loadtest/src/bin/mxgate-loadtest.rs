@@ -53,6 +53,15 @@ struct Cli {
     /// Bytes of each message's content.
     #[arg(long, default_value_t = 2048)]
     body_size: usize,
+    /// banned-flood: the spawned mxgate's [kernel] mode: off, drop or reset.
+    #[arg(long, default_value = "off", value_parser = ["off", "drop", "reset"])]
+    kernel: String,
+    /// banned-flood: connection attempts a second.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// banned-flood: how long to flood before the measured phase.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    warmup: std::time::Duration,
     /// What the deny line starts with.
     #[arg(long, default_value = "530")]
     expect: String,
@@ -141,6 +150,9 @@ fn main() -> ExitCode {
         tls_root: cli.tls_root,
         tls_name: cli.tls_name,
         proxy: cli.proxy,
+        kernel: cli.kernel,
+        rate: cli.rate,
+        warmup: cli.warmup,
     };
     let report = match scenario::run(&opts) {
         Ok(r) => r,
