@@ -111,8 +111,12 @@ fn the_deploy_example_is_valid_and_fits_its_unit_and_container() {
     // the unit runs and checks the config where the container puts it too
     assert!(unit.contains("ExecStart=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml\n"), "{unit}");
     assert!(unit.contains("ExecStartPre=/usr/local/bin/mxgate --config /etc/mxgate/mxgate.toml check\n"));
+    // the kernel fast path it turns on needs CAP_NET_ADMIN and netlink
+    assert!(config.contains("[kernel]\nmode = \"drop\""), "{config}");
     for line in [
-        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "ProtectSystem=strict",
         "StateDirectory=mxgate",
         // ready when listening (NOTIFY_SOCKET), a refused reload fails the unit's reload

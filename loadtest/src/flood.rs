@@ -251,7 +251,12 @@ fn progress(a: &mut Attempt, expect: &str, out: &mut Outcomes) -> bool {
     if let Stage::Connecting = a.stage {
         match a.socket.take_error() {
             // refused, or reset as the handshake ended (the kernel took the key meanwhile)
-            Ok(Some(e)) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset) => {
+            Ok(Some(e))
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                ) =>
+            {
                 out.reset += 1;
                 let _ = out.latency.record(a.started.elapsed().as_micros() as u64);
                 return true;

@@ -241,7 +241,7 @@ impl Run {
                 kernel.active.store(true, Ordering::Relaxed);
                 tracing::info!(
                     table = %kernel.table,
-                    mode = ?kernel.action,
+                    mode = kernel.action.name(),
                     ports = ?run.ports,
                     "kernel fast path on: banned floods refused in nftables"
                 );

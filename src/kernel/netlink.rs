@@ -122,6 +122,16 @@ pub enum Action {
     /// With a TCP reset: the peer learns at once.
     Reset,
 }
+impl Action {
+    /// As `[kernel] mode` writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Drop => "drop",
+            Action::Reset => "reset",
+        }
+    }
+}
+
 /// nft's data types for the sets' keys (nftables' datatype.h).
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
