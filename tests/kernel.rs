@@ -81,18 +81,14 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
 #[test]
 fn banned_sources_are_dropped_or_reset_by_the_kernel() {
     use mxgate::kernel::{Action, NET6};
-    use std::net::{SocketAddr, TcpListener};
+    use std::net::TcpListener;
     if !root() {
         return;
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let port = listener.local_addr().expect("addr").port();
-    let connect = |source: &str| -> std::io::Result<()> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(source.parse().expect("source"), 0).into())?;
-        let to: SocketAddr = ([127, 0, 0, 1], port).into();
-        socket.connect_timeout(&to.into(), Duration::from_millis(300))
-    };
+    let to: SocketAddr = ([127, 0, 0, 1], port).into();
+    let connect = |source: &str| attempt(source, to, Duration::from_millis(300)).map(drop);
     for (action, n) in [(Action::Drop, 0u32), (Action::Reset, 1)] {
         let table = format!("mxgate_rule_{}_{n}", std::process::id());
         let socket = Socket::open().expect("a netfilter netlink socket");
