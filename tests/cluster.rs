@@ -419,3 +419,43 @@ fn a_node_runs_under_the_acl_the_docs_recommend() {
     a.drain_log();
     assert!(a.saw("cluster: lost Redis").is_none() && a.saw("refused").is_none());
 }
+
+/// Bans adopted from the fleet follow `[kernel]` on the node that adopts them: node a bans
+/// an address by hand, node b (kernel `reset`, `after_refusals = 0`) resets its attempts
+/// in the kernel; a's unban lifts it from b's kernel too.
+#[test]
+fn a_fleet_ban_reaches_another_node_s_kernel_and_its_lift_too() {
+    // SAFETY: geteuid reads the process's effective user id
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "the kernel needs root in CI");
+        eprintln!("SKIPPED: nf_tables needs root (CAP_NET_ADMIN)");
+        return;
+    }
+    let Some(redis) = RedisServer::start() else { return };
+    let table = format!("mxgate_fleet_{}", std::process::id());
+    struct Table(String);
+    impl Drop for Table {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.0]).output();
+        }
+    }
+    let _cleanup = Table(table.clone());
+    let a = node(&redis, "a", "");
+    let kernel = format!("[kernel]\nmode = \"reset\"\ntable = \"{table}\"\nafter_refusals = 0\n");
+    let mut b = node_with(&(config(&redis, "b") + &kernel), "b", "");
+    b.wait_for_log_once("kernel fast path on");
+    let source = "127.0.14.40";
+    let reset = |m: &Mxgate| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&std::net::SocketAddr::new(source.parse().expect("ip"), 0).into()).expect("bind");
+        matches!(socket.connect_timeout(&m.addr().into(), Duration::from_secs(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    let (code, out) = run_cli(&["ban", source], &a.files.config());
+    assert_eq!(code, 0, "{out}");
+    wait_until("the fleet's ban in b's kernel", || reset(&b));
+    assert!(refuses(&a, source), "a, without [kernel], refuses it in user space");
+    let (code, out) = run_cli(&["unban", source], &a.files.config());
+    assert_eq!(code, 0, "{out}");
+    wait_until("lifted from b's kernel", || !reset(&b) && !refuses(&b, source));
+}

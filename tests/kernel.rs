@@ -280,3 +280,36 @@ fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
     m.drain_log();
     assert_eq!(m.seen.iter().filter(|l| l.contains("kernel fast path")).count(), 1, "one warning");
 }
+
+/// Bans that failures make reach the kernel too: with `after_refusals = 0` each as it is
+/// made, and the /24 they escalate to, less the whitelisted address inside it.
+#[test]
+fn failures_escalate_to_a_prefix_the_kernel_takes_but_never_the_whitelisted() {
+    use common::{connect_from, read_replies, read_to_end, send};
+    if !root() {
+        return;
+    }
+    let table = format!("mxgate_esc_{}", std::process::id());
+    let _cleanup = Table(table.clone());
+    let config = kernel_config(&table, "drop", 0)
+        .set("abuse", "failure_threshold", 1)
+        .set("abuse", "escalate_after", 2)
+        .to_string();
+    let mut m = Mxgate::start(&config, &[("white.list", "127.0.86.9\n")], "epoll");
+    m.wait_for_log_once("kernel fast path on");
+    let to = m.addr();
+    for source in ["127.0.86.1", "127.0.86.2"] {
+        let mut s = connect_from(source, to);
+        assert_eq!(read_replies(&mut s, 1), "220 mx.test ESMTP mxgate\r\n", "{source}");
+        send(&mut s, b"BOGUS\r\n");
+        assert!(read_replies(&mut s, 1).starts_with('5'), "{source}: a failure");
+        send(&mut s, b"QUIT\r\n");
+        read_to_end(&mut s);
+    }
+    m.wait_for_log("IP address 127.0.86.0/24 banned");
+    wait_until("the /24 in the kernel", || dropped("127.0.86.77", to));
+    assert!(dropped("127.0.86.1", to), "the first address, banned by its own failure");
+    assert_allowed(&m, "127.0.86.9", 0);
+    let set = nft(&["list", "set", "inet", &table, "net4"]);
+    assert!(set.contains("127.0.86.0-127.0.86.8") && set.contains("127.0.86.10-127.0.86.255"), "{set}");
+}
