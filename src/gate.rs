@@ -29,8 +29,9 @@ pub enum Verdict {
 pub enum Refusal {
     /// The access list denies it: the deny line.
     Deny,
-    /// A ban is in force: the ban line.
-    Banned,
+    /// A ban is in force: the ban line. `by` is the ban's own key (the peer's, the
+    /// prefix it escalated to, or an operator's prefix holding it), ending at `until`.
+    Banned { by: AbuseKey, until: i64 },
     /// A concurrency limit: its 421 line.
     Limit(Limit),
 }
@@ -45,8 +46,8 @@ pub fn admit(snapshot: &Snapshot, abuse: &Abuse, peer: PeerIp, now: UnixTime) ->
     let config = &snapshot.config;
     let whitelisted = snapshot.whitelist.action(peer.ip()) == Action::Allow;
     let key = AbuseKey::new(peer, config.abuse.ipv6_prefix);
-    if !whitelisted && abuse.banned(key, now).is_some() {
-        return Verdict::Refuse(Refusal::Banned);
+    if !whitelisted && let Some((by, until)) = abuse.banned_by(key, now) {
+        return Verdict::Refuse(Refusal::Banned { by, until });
     }
     let limits = (config.listen.max_connections, config.abuse.max_connections_per_ip);
     match abuse.connections.admit(key, whitelisted, limits.0, limits.1) {
@@ -75,7 +76,7 @@ impl RefusalLines {
     pub fn line(&mut self, refusal: Refusal, snapshot: &Snapshot, now: UnixTime) -> &[u8] {
         match refusal {
             Refusal::Deny => self.deny.line(snapshot, now),
-            Refusal::Banned => self.ban.line(snapshot, now),
+            Refusal::Banned { .. } => self.ban.line(snapshot, now),
             Refusal::Limit(Limit::PerAddress) => replies::TOO_MANY_FROM_ADDRESS,
             Refusal::Limit(Limit::Total) => replies::BUSY,
         }

@@ -130,7 +130,7 @@ impl Counts {
         self.add(match verdict {
             Verdict::Allow { .. } => Count::Sessions,
             Verdict::Refuse(Refusal::Deny) => Count::Denied,
-            Verdict::Refuse(Refusal::Banned) => Count::Banned,
+            Verdict::Refuse(Refusal::Banned { .. }) => Count::Banned,
             Verdict::Refuse(Refusal::Limit(Limit::PerAddress)) => Count::TooManyFromAddress,
             Verdict::Refuse(Refusal::Limit(Limit::Total)) => Count::Busy,
         });

@@ -425,21 +425,12 @@ fn a_node_runs_under_the_acl_the_docs_recommend() {
 /// in the kernel; a's unban lifts it from b's kernel too.
 #[test]
 fn a_fleet_ban_reaches_another_node_s_kernel_and_its_lift_too() {
-    // SAFETY: geteuid reads the process's effective user id
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var("CI").is_err(), "the kernel needs root in CI");
-        eprintln!("SKIPPED: nf_tables needs root (CAP_NET_ADMIN)");
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let Some(redis) = RedisServer::start() else { return };
     let table = format!("mxgate_fleet_{}", std::process::id());
-    struct Table(String);
-    impl Drop for Table {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.0]).output();
-        }
-    }
-    let _cleanup = Table(table.clone());
+    let _cleanup = common::NftTable(table.clone());
     let a = node(&redis, "a", "");
     let kernel = format!("[kernel]\nmode = \"reset\"\ntable = \"{table}\"\nafter_refusals = 0\n");
     let mut b = node_with(&(config(&redis, "b") + &kernel), "b", "");

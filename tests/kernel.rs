@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::config::Config;
-use common::{Mxgate, assert_allowed, assert_denied, run_cli, wait_until};
+use common::{Mxgate, NftTable, assert_allowed, assert_denied, run_cli, wait_until};
 
 use mxgate::kernel::{ADDR4, Batch, NET4, NET6, Socket};
 
@@ -23,22 +23,13 @@ fn nft(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-fn root() -> bool {
-    // SAFETY: geteuid reads the process's effective user id
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(std::env::var("CI").is_err(), "the kernel tests need root in CI");
-        eprintln!("SKIPPED: nf_tables needs root (CAP_NET_ADMIN)");
-    }
-    root
-}
-
 #[test]
 fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let table = format!("mxgate_test_{}", std::process::id());
+    let _cleanup = NftTable(table.clone());
     let socket = Socket::open().expect("a netfilter netlink socket");
     let mut b = Batch::new(1);
     b.new_table_with_sets(&table);
@@ -82,7 +73,7 @@ fn a_table_its_sets_and_prefixes_with_timeouts_reach_the_kernel() {
 fn banned_sources_are_dropped_or_reset_by_the_kernel() {
     use mxgate::kernel::{Action, NET6};
     use std::net::TcpListener;
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
@@ -91,6 +82,7 @@ fn banned_sources_are_dropped_or_reset_by_the_kernel() {
     let connect = |source: &str| attempt(source, to, Duration::from_millis(300)).map(drop);
     for (action, n) in [(Action::Drop, 0u32), (Action::Reset, 1)] {
         let table = format!("mxgate_rule_{}_{n}", std::process::id());
+        let _cleanup = NftTable(table.clone());
         let socket = Socket::open().expect("a netfilter netlink socket");
         let mut b = Batch::new(1);
         b.new_table_with_sets(&table);
@@ -130,16 +122,6 @@ fn dropped(source: &str, to: SocketAddr) -> bool {
     matches!(attempt(source, to, Duration::from_millis(60)), Err(e) if e.kind() == std::io::ErrorKind::TimedOut)
 }
 
-/// Removes the test's table when dropped, so that a failing test (whose mxgate is killed
-/// without its exit) leaves nothing behind.
-struct Table(String);
-
-impl Drop for Table {
-    fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).output();
-    }
-}
-
 fn kernel_config(table: &str, mode: &str, after_refusals: u32) -> Config {
     Config::new()
         .set("kernel", "mode", format!("\"{mode}\""))
@@ -158,11 +140,11 @@ fn cli(m: &Mxgate, args: &[&str]) -> String {
 /// The acceptance test of `[kernel] mode = "drop"`.
 #[test]
 fn a_banned_flood_moves_into_the_kernel_and_out_again() {
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let table = format!("mxgate_e2e_{}", std::process::id());
-    let _cleanup = Table(table.clone());
+    let _cleanup = NftTable(table.clone());
     let config = kernel_config(&table, "drop", 2).to_string();
     let mut m = Mxgate::start(&config, &[("white.list", "127.0.82.9\n")], "uring");
     m.wait_for_log_once("kernel fast path on");
@@ -221,11 +203,11 @@ fn a_banned_flood_moves_into_the_kernel_and_out_again() {
 /// replaced.
 #[test]
 fn reset_mode_refuses_banned_attempts_at_once() {
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let table = format!("mxgate_reset_{}", std::process::id());
-    let _cleanup = Table(table.clone());
+    let _cleanup = NftTable(table.clone());
     // a previous run's leftover, with an element
     let socket = Socket::open().expect("a netfilter netlink socket");
     let mut b = Batch::new(1);
@@ -255,7 +237,7 @@ fn reset_mode_refuses_banned_attempts_at_once() {
 /// nowhere): one warning naming the cause, and every refusal stays the 530 line.
 #[test]
 fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     if !Command::new("capsh").arg("--print").output().is_ok_and(|o| o.status.success()) {
@@ -264,7 +246,7 @@ fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
         return;
     }
     let table = format!("mxgate_nocap_{}", std::process::id());
-    let _cleanup = Table(table.clone());
+    let _cleanup = NftTable(table.clone());
     let config = kernel_config(&table, "drop", 1).to_string();
     let wrapper = ["capsh", "--drop=cap_net_admin", "--", "-c", "exec \"$0\" \"$@\""];
     let mut m = Mxgate::start_under(&wrapper, &config, &[("white.list", "")], "uring");
@@ -286,11 +268,11 @@ fn without_cap_net_admin_it_warns_and_refuses_in_user_space() {
 #[test]
 fn failures_escalate_to_a_prefix_the_kernel_takes_but_never_the_whitelisted() {
     use common::{connect_from, read_replies, read_to_end, send};
-    if !root() {
+    if !common::root("nf_tables (CAP_NET_ADMIN)") {
         return;
     }
     let table = format!("mxgate_esc_{}", std::process::id());
-    let _cleanup = Table(table.clone());
+    let _cleanup = NftTable(table.clone());
     let config = kernel_config(&table, "drop", 0)
         .set("abuse", "failure_threshold", 1)
         .set("abuse", "escalate_after", 2)

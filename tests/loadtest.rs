@@ -159,9 +159,7 @@ fn a_banned_flood_is_refused_in_user_space_then_by_the_kernel() {
     assert_eq!(names, ["warm-up", "flood"]);
     assert!(report.phases[1].ops > 500, "{}", report.table());
     assert!(report.phases[1].server_cpu_us.is_some(), "{}", report.table());
-    // SAFETY: geteuid reads the process's effective user id
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var("CI").is_err(), "the kernel needs root in CI");
+    if !common::root("banned-flood with the kernel (CAP_NET_ADMIN)") {
         return;
     }
     let report = scenario::run(&Options { kernel: "reset".into(), ..opts }).expect("a run");

@@ -125,7 +125,7 @@ impl Tally {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub fn new_histogram() -> Histogram<u64> {
     // 1 µs to 10 min, 3 significant digits: allocated once, fixed size
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid")
 }

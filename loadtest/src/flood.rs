@@ -20,12 +20,21 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 /// Attempts in flight at most, all threads together (past it an attempt due is counted
-/// late and not made): the descriptors the process may open, less a margin.
+/// late and not made): the descriptors the process may open, raised to the hard limit
+/// first, less a margin.
 fn max_in_flight() -> usize {
-    // SAFETY: a valid pointer to an rlimit
+    // SAFETY: valid pointers to an rlimit
     let limit = unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 { lim.rlim_cur as usize } else { 1024 }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max
+            && libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: lim.rlim_max, ..lim }) == 0
+        {
+            lim.rlim_cur = lim.rlim_max;
+        }
+        lim.rlim_cur as usize
     };
     limit.saturating_sub(256).max(64)
 }
@@ -56,7 +65,7 @@ impl Outcomes {
             dropped: 0,
             errors: BTreeMap::new(),
             late: 0,
-            latency: histogram(),
+            latency: crate::engine::new_histogram(),
             elapsed: Duration::ZERO,
         }
     }
@@ -82,14 +91,6 @@ impl Outcomes {
     }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable()))
-}
-
-fn unreachable() -> ! {
-    panic!("a histogram with constant bounds")
-}
-
 /// Floods `target` from `sources` (in turn) at `rate` attempts a second for `duration`,
 /// on `threads` threads; an attempt unanswered after `patience` counts as dropped.
 pub fn run(
@@ -101,7 +102,6 @@ pub fn run(
     patience: Duration,
     expect: &str,
 ) -> Outcomes {
-    raise_fd_limit();
     let threads = threads.max(1);
     let per_thread = (rate / threads as u64).max(1);
     let in_flight = max_in_flight() / threads;
@@ -303,18 +303,6 @@ fn progress(a: &mut Attempt, expect: &str, out: &mut Outcomes) -> bool {
                 out.error(&format!("read: {}", e.kind()));
                 return true;
             }
-        }
-    }
-}
-
-/// Attempts in flight are descriptors: use all the kernel allows.
-fn raise_fd_limit() {
-    // SAFETY: valid pointers to an rlimit
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -377,18 +377,13 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     Ok(Report { scenario: opts.scenario.name().into(), phases })
 }
 
-/// Every address of an IPv4 prefix in 127.0.0.0/8 but its first and last.
-fn addresses(prefix: &str) -> Result<Vec<std::net::IpAddr>, String> {
-    let (addr, len) = prefix.split_once('/').unwrap_or((prefix, "32"));
-    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| format!("`{prefix}`: not an IPv4 prefix"))?;
-    let len: u32 = len.parse().ok().filter(|l| (12..=32).contains(l)).ok_or(format!("`{prefix}`: length 12 to 32"))?;
-    if addr.octets()[0] != 127 {
-        return Err(format!("`{prefix}`: peers come from loopback only"));
+/// `banned-flood`'s sources, each banned in the spawned mxgate's ban file: at most a /12.
+fn banned_sources(opts: &Options) -> Result<Vec<std::net::IpAddr>, String> {
+    let all = Sources::parse(opts.sources.as_deref().unwrap_or(BANNED_SOURCES))?.all();
+    if all.len() > 1 << 20 {
+        return Err("banned-flood: at most a /12 of sources (each is a line of the ban file)".into());
     }
-    let size = 1u32 << (32 - len);
-    let base = u32::from(addr) & !(size.wrapping_sub(1));
-    let inner = if size > 2 { (base + 1)..(base + size - 1) } else { base..base + size };
-    Ok(inner.map(|a| std::net::IpAddr::V4(a.into())).collect())
+    Ok(all)
 }
 
 /// `banned-flood`: the warm-up, then the measured flood.
@@ -398,7 +393,7 @@ fn banned_flood(
     metrics: SocketAddr,
     server: Option<u32>,
 ) -> Result<Vec<Phase>, String> {
-    let sources = addresses(opts.sources.as_deref().unwrap_or(BANNED_SOURCES))?;
+    let sources = banned_sources(opts)?;
     let flood =
         |duration| crate::flood::run(target, &sources, opts.rate, duration, opts.threads, FLOOD_PATIENCE, &opts.expect);
     let warm = flood(opts.warmup);
@@ -736,7 +731,7 @@ impl Spawned {
         let mut metrics = None;
         if opts.scenario == Scenario::BannedFlood {
             let mut bans = String::new();
-            for ip in addresses(opts.sources.as_deref().unwrap_or(BANNED_SOURCES))? {
+            for ip in banned_sources(opts)? {
                 bans.push_str(&format!("{ip} until=2100-01-01T00:00:00Z reason=\"loadtest\" offence=1\n"));
             }
             write("bans.list", &bans)?;

@@ -47,6 +47,14 @@ impl Sources {
         Ok(Sources { first, count, v6: false, next: AtomicU32::new(0), start: random_start() })
     }
 
+    /// Every address of the range, in order (`::1` alone for IPv6).
+    pub fn all(&self) -> Vec<IpAddr> {
+        if self.v6 {
+            return vec![IpAddr::V6(Ipv6Addr::LOCALHOST)];
+        }
+        (self.first..self.first + self.count).map(|a| IpAddr::V4(Ipv4Addr::from(a))).collect()
+    }
+
     /// The next address, in turn (any port).
     pub fn next(&self) -> IpAddr {
         self.next_with_port().ip()

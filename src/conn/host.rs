@@ -167,14 +167,11 @@ impl<I: Io> Host<I> {
         match verdict {
             Verdict::Refuse(refusal) => {
                 tracing::debug!(%peer, ?refusal, "refused");
-                if refusal == gate::Refusal::Banned
+                // a direct peer: the kernel sees its address (never one behind a balancer)
+                if let gate::Refusal::Banned { by, until } = refusal
                     && let Some(kernel) = self.shared.kernel()
                 {
-                    // a direct peer: the kernel sees its address (never one behind a balancer)
-                    let key = AbuseKey::new(peer, snapshot.config.abuse.ipv6_prefix);
-                    if let Some((by, until)) = self.shared.abuse().banned_by(key, unix) {
-                        kernel.refused(by, until);
-                    }
+                    kernel.refused(by, until);
                 }
                 Admit::Refuse(self.refusals.line(refusal, snapshot, unix))
             }

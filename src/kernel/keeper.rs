@@ -277,13 +277,11 @@ impl Keeper {
     pub fn rebuild(&mut self, excluded: Excluded, now_ms: i64) -> Vec<(Elem, Duration)> {
         self.excluded = excluded;
         self.pending = Changes::default();
-        let keys: Vec<(AbuseKey, i64)> = self.inside.iter().map(|(k, u)| (*k, *u)).collect();
-        self.inside.clear();
+        let mut keys: Vec<(AbuseKey, i64)> = self.inside.drain().collect();
         self.ranges.clear();
         self.elements = 0;
         let now = Instant::now();
         // shortest prefixes first: a covered key then stays out
-        let mut keys = keys;
         keys.sort_by_key(|(k, _)| k.net().prefix_len());
         for (key, until) in keys {
             self.promote(key, until, now_ms, now);

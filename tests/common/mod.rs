@@ -102,6 +102,28 @@ pub fn installed(program: &str, package: &str) -> bool {
     found
 }
 
+/// Whether the tests run as root; where not, a skip line saying `what` needs it, and a
+/// failure under CI (`.ci/run` runs as root).
+pub fn root(what: &str) -> bool {
+    // SAFETY: geteuid reads the process's effective user id
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(std::env::var("CI").is_err(), "{what} needs root in CI");
+        eprintln!("SKIPPED: {what} needs root");
+    }
+    root
+}
+
+/// An nftables table (family inet) a test made or had mxgate make, removed when dropped:
+/// a failing test (whose mxgate is killed without its exit) leaves nothing behind.
+pub struct NftTable(pub String);
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).output();
+    }
+}
+
 /// A field of a log line, text (`name=value`) or JSON (`"name":"value"`).
 pub fn log_field(line: &str, name: &str) -> Option<String> {
     if let Some(rest) = line.split(&format!("\"{name}\":\"")).nth(1) {
